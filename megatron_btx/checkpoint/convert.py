@@ -1,0 +1,225 @@
+"""HF Llama/Mixtral <-> megatron-core torch_dist checkpoints, as one process without a GPU.
+
+megatron-core's distributed checkpoints hold global tensors and reshard on load, so one
+conversion serves every TP/PP/EP layout: `--tp/--pp/--ep` are checked against the model (heads,
+layers, experts) and recorded in the manifest as the intended layout. The model is held once;
+source tensors are read one at a time from memory-mapped safetensors.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from megatron_btx.checkpoint import manifest
+from megatron_btx.checkpoint.hf import HFReader, HFShardWriter, copy_tokenizer
+from megatron_btx.checkpoint.mapping import check_hf_keys, hf_to_mcore, mcore_to_hf
+from megatron_btx.checkpoint.megatron_io import (
+    atomic_folder,
+    check_target,
+    load_model,
+    read_args,
+    save_model,
+)
+from megatron_btx.errors import BTXError
+from megatron_btx.models.llama import LlamaArgs, build_model, check_parallel, to_dtype
+
+log = logging.getLogger(__name__)
+
+_ST_DTYPES = {"F32": "fp32", "BF16": "bf16", "F16": "fp16"}
+_DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
+TOKENIZER_DIR = "tokenizer"
+
+
+def _progress(total: int, desc: str):
+    try:
+        from tqdm import tqdm
+
+        return tqdm(total=total, desc=desc, unit="tensor", file=sys.stderr, leave=False)
+    except ImportError:  # tqdm is a dependency, but a progress bar is not worth a crash
+        return None
+
+
+class _single_process:
+    """A one-process runtime for tools, unless the caller already set one up."""
+
+    def __enter__(self):
+        from megatron_btx import runtime
+
+        self.owned = runtime._RUNTIME is None
+        if self.owned:
+            runtime.init(device="cpu")
+        return self
+
+    def __exit__(self, *exc):
+        from megatron_btx import runtime
+
+        if self.owned:
+            runtime.teardown()
+        return False
+
+
+def build_unsharded(args: LlamaArgs, dtype: torch.dtype) -> torch.nn.Module:
+    """The whole model in one process (TP=PP=EP=1), parameters allocated but not initialised."""
+    return build_model(args, dtype=dtype, perform_initialization=False, spec="local", fused=False)
+
+
+def hf_to_megatron(
+    load: str | Path,
+    save: str | Path,
+    tp: int = 1,
+    pp: int = 1,
+    ep: int = 1,
+    dtype: str | None = None,
+    overwrite: bool = False,
+) -> dict:
+    """Convert an HF Llama (or Mixtral) folder to a torch_dist checkpoint; return the manifest."""
+    t0 = time.time()
+    load, save = Path(load), Path(save)
+    reader = HFReader(load)
+    args = LlamaArgs.from_hf_config_file(reader.config_path())
+    check_parallel(args, tp, pp, ep)
+    check_hf_keys(reader.keys(), args, str(load))
+    src_dtype = _ST_DTYPES.get(reader.dtype("model.embed_tokens.weight"), "fp32")
+    dt = to_dtype(dtype or src_dtype)
+    check_target(save, overwrite)
+    with _single_process():
+        model = build_unsharded(args, dt)
+        params = model.state_dict(keep_vars=True)
+        bar = _progress(len(params), f"import {load.name}")
+        for name, t in hf_to_mcore(reader.get, args):
+            p = params.get(name)
+            if p is None or tuple(p.shape) != tuple(t.shape):
+                raise BTXError(
+                    f"{load}: tensor for {name} has shape {tuple(t.shape)}, the model expects "
+                    f"{None if p is None else tuple(p.shape)}; config.json does not match weights"
+                )
+            with torch.no_grad():
+                p.copy_(t.to(dt))
+            if bar:
+                bar.update(1)
+        if bar:
+            bar.close()
+        with atomic_folder(save, overwrite) as tmp:
+            save_model(model, tmp)
+            tok = copy_tokenizer(load, tmp / TOKENIZER_DIR)
+            (tmp / "hf_config.json").write_text(json.dumps(args.to_hf_dict(), indent=2))
+            m = manifest.write(
+                tmp,
+                kind="megatron_torch_dist",
+                model=args.to_dict(),
+                dtype=_DTYPE_NAMES[dt],
+                layout={"tp": tp, "pp": pp, "ep": ep},
+                padded_vocab_size=args.padded_vocab_size,
+                sources=[{"path": str(load.resolve()), "format": "hf_safetensors",
+                          "sha256": manifest.sha256_folder(load, "*.safetensors")}],
+                tokenizer={"files": tok,
+                           "sha256": manifest.sha256_folder(tmp / TOKENIZER_DIR) if tok else {}},
+            )  # fmt: skip
+    log.info("converted %s -> %s in %.1fs", load, save, time.time() - t0)
+    return m
+
+
+def megatron_to_hf(
+    load: str | Path,
+    save: str | Path,
+    dtype: str | None = None,
+    overwrite: bool = False,
+    max_shard_bytes: int = 2 * 1024**3,
+    tp: int = 1,
+    pp: int = 1,
+    ep: int = 1,
+) -> dict:
+    """Export a torch_dist checkpoint (dense Llama or MoE) as an HF Llama / Mixtral folder."""
+    t0 = time.time()
+    load, save = Path(load), Path(save)
+    args = read_args(load)
+    check_parallel(args, tp, pp, ep)
+    src = manifest.read(load)
+    dt = to_dtype(dtype or src.get("dtype", "fp32"))
+    check_target(save, overwrite)
+    with _single_process():
+        model = build_unsharded(args, to_dtype(src.get("dtype", "fp32")))
+        load_model(model, load)
+        sd = model.state_dict()
+        n = sum(1 for k in sd if not k.endswith("_extra_state"))
+        with atomic_folder(save, overwrite) as tmp:
+            writer = HFShardWriter(tmp, max_shard_bytes)
+            bar = _progress(n, f"export {load.name}")
+            for name, t in mcore_to_hf(sd.__getitem__, args):
+                writer.add(name, t.to(dt))
+                if bar:
+                    bar.update(1)
+            if bar:
+                bar.close()
+            writer.close()
+            cfg = args.to_hf_dict()
+            cfg["torch_dtype"] = cfg["dtype"] = {"fp32": "float32", "bf16": "bfloat16",
+                                                 "fp16": "float16"}[_DTYPE_NAMES[dt]]  # fmt: skip
+            (tmp / "config.json").write_text(json.dumps(cfg, indent=2))
+            tok_dir = load / TOKENIZER_DIR
+            tok = copy_tokenizer(tok_dir, tmp) if tok_dir.is_dir() else []
+            m = manifest.write(
+                tmp,
+                kind="hf_mixtral" if args.is_moe else "hf_llama",
+                model=args.to_dict(),
+                dtype=_DTYPE_NAMES[dt],
+                sources=[{"path": str(load.resolve()), "format": "megatron_torch_dist",
+                          "manifest": src}],
+                tokenizer={"files": tok},
+            )  # fmt: skip
+    log.info("exported %s -> %s in %.1fs", load, save, time.time() - t0)
+    return m
+
+
+# ---- command lines ---------------------------------------------------------------------------
+def _parser(desc: str) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=desc)
+    p.add_argument("--load", required=True, help="source checkpoint folder")
+    p.add_argument("--save", required=True, help="output folder (written atomically)")
+    p.add_argument("--tp", type=int, default=1, help="tensor-parallel size to check and record")
+    p.add_argument("--pp", type=int, default=1, help="pipeline-parallel size to check and record")
+    p.add_argument("--ep", type=int, default=1, help="expert-parallel size to check and record")
+    p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default=None,
+                   help="output dtype (default: the source's)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    return p
+
+
+def run_cli(fn, argv: list[str] | None, desc: str, extra=None) -> int:
+    p = _parser(desc)
+    if extra:
+        extra(p)
+    a = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    kwargs = {k: v for k, v in vars(a).items()}
+    if "max_shard_gb" in kwargs:
+        kwargs["max_shard_bytes"] = int(kwargs.pop("max_shard_gb") * 1024**3)
+    try:
+        fn(**kwargs)
+    except BTXError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def hf_to_megatron_main(argv: list[str] | None = None) -> int:
+    return run_cli(hf_to_megatron, argv, "Convert an HF Llama/Mixtral checkpoint to megatron-core "
+                   "torch_dist (loads at any TP/PP/EP).")  # fmt: skip
+
+
+def megatron_to_hf_main(argv: list[str] | None = None) -> int:
+    def extra(p):
+        p.add_argument("--max-shard-gb", type=float, default=2.0, help="safetensors shard size")
+
+    return run_cli(megatron_to_hf, argv, "Export a megatron-core torch_dist checkpoint (dense or "
+                   "MoE) to HF Llama / Mixtral safetensors.", extra)  # fmt: skip
+
+
+__all__ = ["hf_to_megatron", "megatron_to_hf"]

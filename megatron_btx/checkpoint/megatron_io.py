@@ -1,0 +1,164 @@
+"""megatron-core distributed checkpoints (`torch_dist`): atomic save and layout-free load.
+
+A checkpoint folder holds megatron-core's files, our manifest and the tokenizer. It is written
+under a temporary name and renamed into place only when complete, so a crash mid-write never
+leaves a partial checkpoint under the final name.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from megatron_btx.checkpoint import manifest
+from megatron_btx.errors import BTXError
+from megatron_btx.models.llama import LlamaArgs
+
+#: megatron-core writes this into every distributed checkpoint folder.
+MCORE_METADATA = "metadata.json"
+
+
+def is_checkpoint(folder: str | Path) -> bool:
+    return (Path(folder) / MCORE_METADATA).is_file()
+
+
+def _rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def _barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def check_target(save: str | Path, overwrite: bool) -> Path:
+    """Refuse to replace an existing checkpoint unless asked to."""
+    save = Path(save)
+    if save.exists() and any(save.iterdir()) and not overwrite:
+        raise BTXError(
+            f"{save}: already exists and is not empty; pass --overwrite to replace it, or "
+            f"choose another --save folder"
+        )
+    return save
+
+
+@contextlib.contextmanager
+def atomic_folder(final: str | Path, overwrite: bool = False) -> Iterator[Path]:
+    """Yield a temporary folder beside `final`; on success rename it to `final`.
+
+    On an exception the temporary folder is removed and `final` is untouched. Collective-safe:
+    every rank gets the same path; rank 0 creates, renames and cleans up."""
+    final = Path(final)
+    check_target(final, overwrite)
+    tmp = final.parent / f".{final.name}.tmp"
+    if _rank() == 0:
+        final.parent.mkdir(parents=True, exist_ok=True)
+        if tmp.exists():
+            shutil.rmtree(tmp)  # left over from a crash: never trusted
+        tmp.mkdir()
+    _barrier()
+    try:
+        yield tmp
+        _barrier()
+    except BaseException:
+        if _rank() == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if _rank() == 0:
+        if final.exists():
+            old = final.parent / f".{final.name}.old"
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(final, old)
+            os.replace(tmp, final)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, final)
+    _barrier()
+
+
+def save_model(
+    model: torch.nn.Module | list[torch.nn.Module],
+    folder: str | Path,
+    extra_state: dict[str, Any] | None = None,
+) -> None:
+    """Save the model's sharded state dict (plus `extra_state`, replicated) into an existing
+    folder with megatron-core's torch_dist format. Call on every rank."""
+    from megatron.core import dist_checkpointing
+
+    state = sharded_state_dict(model)
+    if extra_state:
+        state.update(extra_state)
+    try:
+        dist_checkpointing.save(state, str(folder), async_sharded_save=False)
+    finally:
+        _stop_writer_manager()
+
+
+def _stop_writer_manager() -> None:
+    """megatron-core's file writer starts a multiprocessing Manager (a separate process) for its
+    results queue and keeps it for the life of the process. It holds the parent's output pipes
+    open, so `btx ... | tail` and subprocess-based tests hang until it is gone: stop it after
+    every save (the next save starts a new one)."""
+    from megatron.core.dist_checkpointing.strategies import filesystem_async as fa
+
+    q = getattr(fa, "_results_queue", None)
+    if q is None:
+        return
+    fa._results_queue = None
+    mgr = getattr(q, "_manager", None)
+    if mgr is not None:
+        with contextlib.suppress(Exception):
+            mgr.shutdown()
+
+
+def sharded_state_dict(model: torch.nn.Module | list[torch.nn.Module]) -> dict[str, Any]:
+    """The model's sharded state dict; with virtual pipeline stages, one entry per chunk."""
+    models = model if isinstance(model, list) else [model]
+    if len(models) == 1:
+        return {"model": unwrap(models[0]).sharded_state_dict()}
+    return {f"model{i}": unwrap(m).sharded_state_dict() for i, m in enumerate(models)}
+
+
+def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    while hasattr(model, "module"):
+        model = model.module
+    return model
+
+
+def load_model(
+    model: torch.nn.Module | list[torch.nn.Module], folder: str | Path, strict: bool = True
+) -> None:
+    """Load a torch_dist checkpoint into `model` at whatever layout `model` was built with."""
+    from megatron.core import dist_checkpointing
+
+    folder = Path(folder)
+    if not is_checkpoint(folder):
+        raise BTXError(
+            f"{folder}: not a megatron-core distributed checkpoint (no {MCORE_METADATA}); "
+            f"convert HF checkpoints with tools/convert_hf_to_megatron.py first"
+        )
+    models = model if isinstance(model, list) else [model]
+    state = sharded_state_dict(models)
+    loaded = dist_checkpointing.load(state, str(folder))
+    for i, m in enumerate(models):
+        key = "model" if len(models) == 1 else f"model{i}"
+        missing, unexpected = unwrap(m).load_state_dict(loaded[key], strict=False)
+        missing = [k for k in missing if not k.endswith("_extra_state")]
+        if strict and missing:
+            raise BTXError(f"{folder}: checkpoint lacks {missing[0]!r} ({len(missing)} missing)")
+
+
+def read_args(folder: str | Path) -> LlamaArgs:
+    """The model hyper-parameters recorded in a checkpoint's manifest."""
+    m = manifest.read(folder)
+    try:
+        return LlamaArgs.from_dict(m["model"])
+    except (KeyError, TypeError) as e:
+        raise BTXError(f"{folder}/{manifest.MANIFEST}: no valid 'model' entry ({e})") from e

@@ -1,0 +1,383 @@
+"""Llama hyper-parameters -> megatron-core TransformerConfig and GPTModel (dense or MoE).
+
+`LlamaArgs` carries the fields of an HF `LlamaConfig` (and `MixtralConfig` for MoE), so the HF
+config.json is the one description of a model that every stage shares.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from megatron_btx.errors import BTXError
+
+log = logging.getLogger(__name__)
+
+#: Vocabulary is padded to a multiple of this, independent of TP, so one checkpoint loads at
+#: every TP size (TP must divide it).
+VOCAB_PAD_MULTIPLE = 128
+
+
+@dataclass
+class LlamaArgs:
+    """The fields of an HF LlamaConfig that define the function (plus MoE fields)."""
+
+    hidden_size: int = 256
+    intermediate_size: int = 688
+    num_hidden_layers: int = 4
+    num_attention_heads: int = 8
+    num_key_value_heads: int | None = None
+    head_dim: int | None = None
+    vocab_size: int = 8192
+    rms_norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    rope_scaling: dict[str, Any] | None = None
+    max_position_embeddings: int = 2048
+    tie_word_embeddings: bool = False
+    # MoE (HF Mixtral naming). num_local_experts == 0 means dense.
+    num_local_experts: int = 0
+    num_experts_per_tok: int = 2
+    router_aux_loss_coef: float = 0.01
+    bos_token_id: int | None = 1
+    eos_token_id: int | None = 2
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.num_key_value_heads is None:
+            self.num_key_value_heads = self.num_attention_heads
+        if self.head_dim is None:
+            if self.hidden_size % self.num_attention_heads:
+                raise BTXError(
+                    f"hidden_size {self.hidden_size} is not divisible by num_attention_heads "
+                    f"{self.num_attention_heads}"
+                )
+            self.head_dim = self.hidden_size // self.num_attention_heads
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise BTXError(
+                f"num_attention_heads {self.num_attention_heads} is not a multiple of "
+                f"num_key_value_heads {self.num_key_value_heads}"
+            )
+        if self.rope_scaling is not None:
+            kind = self.rope_scaling.get("rope_type", self.rope_scaling.get("type"))
+            if kind in (None, "default"):
+                self.rope_scaling = None
+            elif kind != "llama3":
+                raise BTXError(
+                    f"rope_scaling type {kind!r} is not supported (supported: llama3, none)"
+                )
+
+    @property
+    def is_moe(self) -> bool:
+        return self.num_local_experts > 0
+
+    @property
+    def padded_vocab_size(self) -> int:
+        return int(math.ceil(self.vocab_size / VOCAB_PAD_MULTIPLE) * VOCAB_PAD_MULTIPLE)
+
+    def num_params(self, active: bool = False) -> int:
+        """Parameter count (active=True: per token, counting top-k experts only)."""
+        h, f, L = self.hidden_size, self.intermediate_size, self.num_hidden_layers
+        qkv = h * self.head_dim * (self.num_attention_heads + 2 * self.num_key_value_heads)
+        proj = self.num_attention_heads * self.head_dim * h
+        ffn = 3 * h * f
+        n_exp = 1
+        if self.is_moe:
+            n_exp = self.num_experts_per_tok if active else self.num_local_experts
+        router = h * self.num_local_experts if self.is_moe else 0
+        per_layer = qkv + proj + n_exp * ffn + router + 2 * h
+        emb = self.vocab_size * h * (1 if self.tie_word_embeddings else 2)
+        return L * per_layer + emb + h
+
+    # ---- HF config.json -----------------------------------------------------------------
+    @classmethod
+    def from_hf_dict(cls, cfg: dict[str, Any], source: str = "config.json") -> "LlamaArgs":
+        arch = cfg.get("model_type")
+        if arch not in ("llama", "mixtral"):
+            raise BTXError(
+                f"{source}: model_type is {arch!r}, not a Llama (expected 'llama' or 'mixtral'); "
+                f"only Llama-architecture checkpoints are supported"
+            )
+        if cfg.get("attention_bias") or cfg.get("mlp_bias"):
+            raise BTXError(f"{source}: attention_bias/mlp_bias are not supported (Llama has none)")
+        act = cfg.get("hidden_act", "silu")
+        if act != "silu":
+            raise BTXError(f"{source}: hidden_act {act!r} is not supported (Llama uses silu)")
+        rope = cfg.get("rope_parameters") or {}
+        theta = cfg.get("rope_theta", rope.get("rope_theta", 10000.0))
+        scaling = cfg.get("rope_scaling")
+        if scaling is None and rope.get("rope_type", "default") != "default":
+            scaling = {k: v for k, v in rope.items() if k != "rope_theta"}
+        known = {f.name for f in dataclasses.fields(cls)} - {"extra", "rope_scaling", "rope_theta"}
+        kwargs = {k: cfg[k] for k in known if k in cfg and cfg[k] is not None}
+        if arch == "llama":
+            kwargs["num_local_experts"] = 0
+        eos = kwargs.get("eos_token_id")
+        if isinstance(eos, list):
+            kwargs["eos_token_id"] = eos[0]
+        try:
+            return cls(rope_theta=float(theta), rope_scaling=scaling, **kwargs)
+        except TypeError as e:
+            raise BTXError(f"{source}: {e}") from e
+
+    @classmethod
+    def from_hf_config_file(cls, path: str | Path) -> "LlamaArgs":
+        path = Path(path)
+        if not path.is_file():
+            raise BTXError(f"{path}: config.json not found; an HF checkpoint folder needs one")
+        try:
+            cfg = json.loads(path.read_text())
+        except json.JSONDecodeError as e:
+            raise BTXError(f"{path}: not valid JSON ({e}); re-save the config") from e
+        return cls.from_hf_dict(cfg, str(path))
+
+    def to_hf_dict(self) -> dict[str, Any]:
+        """An HF config.json for LlamaForCausalLM or, for MoE, MixtralForCausalLM."""
+        rope: dict[str, Any] = {"rope_theta": self.rope_theta, "rope_type": "default"}
+        if self.rope_scaling:
+            rope = {"rope_theta": self.rope_theta, **self.rope_scaling}
+        d: dict[str, Any] = {
+            "hidden_size": self.hidden_size,
+            "intermediate_size": self.intermediate_size,
+            "num_hidden_layers": self.num_hidden_layers,
+            "num_attention_heads": self.num_attention_heads,
+            "num_key_value_heads": self.num_key_value_heads,
+            "head_dim": self.head_dim,
+            "vocab_size": self.vocab_size,
+            "rms_norm_eps": self.rms_norm_eps,
+            "rope_theta": self.rope_theta,
+            "rope_scaling": self.rope_scaling,
+            "rope_parameters": rope,
+            "max_position_embeddings": self.max_position_embeddings,
+            "tie_word_embeddings": self.tie_word_embeddings,
+            "hidden_act": "silu",
+            "attention_bias": False,
+            "attention_dropout": 0.0,
+            "bos_token_id": self.bos_token_id,
+            "eos_token_id": self.eos_token_id,
+            "torch_dtype": "float32",
+        }
+        if self.is_moe:
+            d.update(
+                model_type="mixtral",
+                architectures=["MixtralForCausalLM"],
+                num_local_experts=self.num_local_experts,
+                num_experts_per_tok=self.num_experts_per_tok,
+                router_aux_loss_coef=self.router_aux_loss_coef,
+                output_router_logits=False,
+                sliding_window=None,
+            )
+        else:
+            d.update(model_type="llama", architectures=["LlamaForCausalLM"], mlp_bias=False)
+        d.update(self.extra)
+        return d
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "LlamaArgs":
+        return cls(**d)
+
+
+@dataclass
+class MoEOptions:
+    """megatron-core MoE settings beyond the Llama fields."""
+
+    dispatcher: str = "alltoall"  # alltoall | allgather
+    aux_loss_coeff: float = 0.01
+    load_balancing: str = "aux_loss"  # aux_loss | none | sinkhorn | seq_aux_loss
+    capacity_factor: float | None = None
+    drop_policy: str = "probs"
+    pad_to_capacity: bool = False
+    router_dtype: str | None = "fp32"
+
+
+def check_parallel(args: LlamaArgs, tp: int = 1, pp: int = 1, ep: int = 1) -> None:
+    """Refuse layouts that cannot shard this model, naming the size at fault."""
+    if args.num_attention_heads % tp:
+        raise BTXError(
+            f"TP={tp} does not divide num_attention_heads={args.num_attention_heads}; "
+            f"choose a TP that divides the heads"
+        )
+    if args.num_key_value_heads % tp:
+        raise BTXError(
+            f"TP={tp} does not divide num_key_value_heads={args.num_key_value_heads}; "
+            f"choose a TP that divides the key-value heads"
+        )
+    if args.intermediate_size % tp:
+        raise BTXError(f"TP={tp} does not divide intermediate_size={args.intermediate_size}")
+    if args.padded_vocab_size % tp:
+        raise BTXError(f"TP={tp} does not divide the padded vocabulary {args.padded_vocab_size}")
+    if args.num_hidden_layers % pp:
+        raise BTXError(
+            f"PP={pp} does not divide num_hidden_layers={args.num_hidden_layers}; "
+            f"choose a PP that divides the layers"
+        )
+    if ep > 1 and (not args.is_moe or args.num_local_experts % ep):
+        raise BTXError(
+            f"EP={ep} needs an MoE whose expert count is a multiple of EP "
+            f"(num_local_experts={args.num_local_experts})"
+        )
+
+
+_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def to_dtype(name: str | torch.dtype) -> torch.dtype:
+    if isinstance(name, torch.dtype):
+        return name
+    key = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}.get(name, name)
+    if key not in _DTYPES:
+        raise BTXError(f"unknown dtype {name!r}; use one of fp32, bf16, fp16")
+    return _DTYPES[key]
+
+
+def transformer_config(
+    args: LlamaArgs,
+    tp: int = 1,
+    pp: int = 1,
+    ep: int = 1,
+    etp: int | None = None,
+    vpp: int | None = None,
+    dtype: str | torch.dtype = "fp32",
+    moe: MoEOptions | None = None,
+    fused: bool | None = None,
+    recompute: bool = False,
+    cpu_init: bool = True,
+    init_method_std: float = 0.02,
+    perform_initialization: bool = True,
+    **overrides: Any,
+):
+    """A megatron-core TransformerConfig equal in function to the HF Llama/Mixtral config."""
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    from megatron_btx.models.specs import fused_kernels_available
+
+    check_parallel(args, tp, pp, ep)
+    dt = to_dtype(dtype)
+    fused = fused_kernels_available() if fused is None else fused
+    moe = moe or MoEOptions()
+    kw: dict[str, Any] = dict(
+        num_layers=args.num_hidden_layers,
+        hidden_size=args.hidden_size,
+        ffn_hidden_size=args.intermediate_size,
+        num_attention_heads=args.num_attention_heads,
+        num_query_groups=args.num_key_value_heads,
+        kv_channels=args.head_dim,
+        normalization="RMSNorm",
+        layernorm_epsilon=args.rms_norm_eps,
+        gated_linear_unit=True,
+        activation_func=F.silu,
+        add_bias_linear=False,
+        add_qkv_bias=False,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        tensor_model_parallel_size=tp,
+        pipeline_model_parallel_size=pp,
+        virtual_pipeline_model_parallel_size=vpp,
+        expert_model_parallel_size=ep,
+        expert_tensor_parallel_size=etp if etp is not None else tp,
+        sequence_parallel=tp > 1 and (args.is_moe or overrides.pop("sequence_parallel", False)),
+        params_dtype=dt,
+        bf16=dt == torch.bfloat16,
+        fp16=dt == torch.float16,
+        pipeline_dtype=dt,
+        use_cpu_initialization=cpu_init,
+        perform_initialization=perform_initialization,
+        init_method_std=init_method_std,
+        attention_softmax_in_fp32=True,
+        apply_rope_fusion=False,
+        masked_softmax_fusion=fused,
+        bias_activation_fusion=fused,
+        bias_dropout_fusion=fused,
+        gradient_accumulation_fusion=False,
+        persist_layer_norm=False,
+        recompute_granularity="full" if recompute else None,
+        recompute_method="uniform" if recompute else None,
+        recompute_num_layers=1 if recompute else None,
+    )
+    if args.is_moe:
+        kw.update(
+            num_moe_experts=args.num_local_experts,
+            moe_ffn_hidden_size=args.intermediate_size,
+            moe_router_topk=args.num_experts_per_tok,
+            moe_token_dispatcher_type=moe.dispatcher,
+            moe_router_load_balancing_type=moe.load_balancing,
+            moe_aux_loss_coeff=moe.aux_loss_coeff if moe.load_balancing != "none" else 0.0,
+            moe_grouped_gemm=False,
+            moe_router_pre_softmax=False,
+            moe_expert_capacity_factor=moe.capacity_factor,
+            moe_token_drop_policy=moe.drop_policy,
+            moe_pad_expert_input_to_capacity=moe.pad_to_capacity,
+            moe_router_dtype=moe.router_dtype,
+            moe_permute_fusion=False,
+        )
+    kw.update(overrides)
+    return TransformerConfig(**kw)
+
+
+def llama3_inv_freq(args: LlamaArgs) -> torch.Tensor:
+    """RoPE inverse frequencies with Llama-3 scaling, for any low/high/original values."""
+    dim = args.head_dim
+    inv = 1.0 / (args.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
+    s = args.rope_scaling
+    if not s:
+        return inv
+    factor = float(s["factor"])
+    low = float(s.get("low_freq_factor", 1.0))
+    high = float(s.get("high_freq_factor", 4.0))
+    old = float(s.get("original_max_position_embeddings", 8192))
+    wavelen = 2 * math.pi / inv
+    out = torch.where(wavelen > old / low, inv / factor, inv)
+    smooth = (old / wavelen - low) / (high - low)
+    smoothed = (1 - smooth) * out / factor + smooth * out
+    medium = ~(wavelen < old / high) & ~(wavelen > old / low)
+    return torch.where(medium, smoothed, out)
+
+
+def build_model(
+    args: LlamaArgs,
+    config=None,
+    pre_process: bool | None = None,
+    post_process: bool | None = None,
+    vp_stage: int | None = None,
+    spec: str | None = None,
+    **config_kwargs: Any,
+):
+    """A megatron-core GPTModel for this rank's pipeline stage (call after runtime.init)."""
+    from megatron.core import parallel_state as ps
+    from megatron.core.models.gpt import GPTModel
+
+    from megatron_btx.models.specs import layer_spec
+
+    if config is None:
+        config = transformer_config(args, **config_kwargs)
+    if pre_process is None:
+        pre_process = ps.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage)
+    if post_process is None:
+        post_process = ps.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage)
+    model = GPTModel(
+        config=config,
+        transformer_layer_spec=layer_spec(config, spec),
+        vocab_size=args.padded_vocab_size,
+        max_sequence_length=args.max_position_embeddings,
+        pre_process=pre_process,
+        post_process=post_process,
+        share_embeddings_and_output_weights=args.tie_word_embeddings,
+        position_embedding_type="rope",
+        rotary_base=int(args.rope_theta) if float(args.rope_theta).is_integer() else args.rope_theta,
+        rotary_percent=1.0,
+        vp_stage=vp_stage,
+    )
+    if args.rope_scaling:
+        rope = model.rotary_pos_emb
+        rope.inv_freq = llama3_inv_freq(args).to(rope.inv_freq.device, rope.inv_freq.dtype)
+    return model

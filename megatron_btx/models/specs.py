@@ -1,0 +1,59 @@
+"""Layer-spec choice: Transformer Engine on a GPU when TE imports, megatron-core's local otherwise.
+
+Chosen once per process and logged, so a run's log says which implementation it used.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+import logging
+
+import torch
+
+log = logging.getLogger(__name__)
+
+
+@functools.cache
+def te_available() -> bool:
+    """True when a GPU is present and Transformer Engine imports."""
+    if not torch.cuda.is_available() or importlib.util.find_spec("transformer_engine") is None:
+        return False
+    try:
+        import transformer_engine.pytorch  # noqa: F401
+    except Exception as e:  # a broken TE install must not stop a run: fall back, and say so
+        log.warning("Transformer Engine is installed but does not import (%s); using local", e)
+        return False
+    return True
+
+
+def fused_kernels_available() -> bool:
+    """Fused softmax/bias kernels need a GPU."""
+    return torch.cuda.is_available()
+
+
+@functools.cache
+def chosen_spec(requested: str | None = None) -> str:
+    """`te` or `local`; `requested` forces one (asking for te without TE is an error)."""
+    from megatron_btx.errors import BTXError
+
+    if requested == "te" and not te_available():
+        raise BTXError("spec 'te' requested but Transformer Engine or a GPU is missing")
+    spec = requested or ("te" if te_available() else "local")
+    log.info("layer spec: %s (Transformer Engine %s)", spec,
+             "available" if te_available() else "not available")
+    return spec
+
+
+def layer_spec(config, requested: str | None = None):
+    """The megatron-core ModuleSpec for one transformer layer of this config."""
+    from megatron.core.models.gpt import gpt_layer_specs as specs
+
+    num_experts = config.num_moe_experts
+    if chosen_spec(requested) == "te":
+        return specs.get_gpt_layer_with_transformer_engine_spec(
+            num_experts=num_experts, moe_grouped_gemm=config.moe_grouped_gemm
+        )
+    return specs.get_gpt_layer_local_spec(
+        num_experts=num_experts, moe_grouped_gemm=False, normalization="RMSNorm"
+    )

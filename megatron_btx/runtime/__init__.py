@@ -1,0 +1,156 @@
+"""Distributed start-up and tear-down: torch.distributed + megatron-core parallel_state.
+
+One function for every way we run: under torchrun on GPUs (NCCL), under torchrun on CPUs (gloo),
+or as a single process with no launcher at all (tools, tests, notebooks).
+"""
+
+from __future__ import annotations
+
+import datetime
+import logging
+import os
+import socket
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from megatron_btx.errors import BTXError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Runtime:
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+    backend: str
+    tp: int
+    pp: int
+    ep: int
+    etp: int
+    dp: int
+
+    @property
+    def on_gpu(self) -> bool:
+        return self.device.type == "cuda"
+
+
+_RUNTIME: Runtime | None = None
+
+
+def use_gpu(requested: str = "auto") -> bool:
+    """`auto` uses a GPU when torch sees one; `cpu` forces CPU; `cuda` insists on a GPU."""
+    if requested == "cpu":
+        return False
+    if requested == "cuda":
+        if not torch.cuda.is_available():
+            raise BTXError("device 'cuda' was requested but torch sees no GPU; use --device cpu")
+        return True
+    return torch.cuda.is_available()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def init(
+    tp: int = 1,
+    pp: int = 1,
+    ep: int = 1,
+    etp: int | None = None,
+    vpp: int | None = None,
+    device: str = "auto",
+    seed: int = 1234,
+    timeout_s: int = 1800,
+) -> Runtime:
+    """Start torch.distributed from torchrun's environment (or as one process) and set up
+    megatron-core's parallel_state with TP, PP, EP and expert-TP sizes; seed the RNG tracker."""
+    global _RUNTIME
+    if _RUNTIME is not None:
+        raise RuntimeError("megatron_btx.runtime.init called twice without teardown()")
+    gpu = use_gpu(device)
+    if not gpu:
+        from megatron_btx.runtime import cpu
+
+        cpu.apply()
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    etp = tp if etp is None else etp
+    if world % (tp * pp) != 0:
+        raise BTXError(
+            f"world size {world} is not divisible by tensor x pipeline parallel {tp}x{pp}; "
+            f"launch a multiple of {tp * pp} processes"
+        )
+    if world % (etp * ep * pp) != 0:
+        raise BTXError(
+            f"world size {world} is not divisible by expert-TP x EP x PP = {etp}x{ep}x{pp}"
+        )
+    backend = "nccl" if gpu else "gloo"
+    if gpu:
+        torch.cuda.set_device(local_rank)
+        dev = torch.device("cuda", local_rank)
+    else:
+        dev = torch.device("cpu")
+    if not dist.is_initialized():
+        if "MASTER_ADDR" not in os.environ:  # a single process without torchrun
+            os.environ["MASTER_ADDR"] = "127.0.0.1"
+            os.environ["MASTER_PORT"] = str(_free_port())
+        dist.init_process_group(
+            backend=backend,
+            world_size=world,
+            rank=rank,
+            timeout=datetime.timedelta(seconds=timeout_s),
+        )
+    from megatron.core import parallel_state as ps
+    from megatron.core import tensor_parallel
+
+    ps.initialize_model_parallel(
+        tensor_model_parallel_size=tp,
+        pipeline_model_parallel_size=pp,
+        virtual_pipeline_model_parallel_size=vpp,
+        expert_model_parallel_size=ep,
+        expert_tensor_parallel_size=etp,
+    )
+    tensor_parallel.model_parallel_cuda_manual_seed(seed)
+    _RUNTIME = Runtime(
+        rank=rank,
+        world_size=world,
+        local_rank=local_rank,
+        device=dev,
+        backend=backend,
+        tp=tp,
+        pp=pp,
+        ep=ep,
+        etp=etp,
+        dp=world // (tp * pp),
+    )
+    if rank == 0:
+        log.info(
+            "runtime: %d process(es), backend %s, TP=%d PP=%d EP=%d ETP=%d DP=%d",
+            world, backend, tp, pp, ep, etp, _RUNTIME.dp,
+        )  # fmt: skip
+    return _RUNTIME
+
+
+def get() -> Runtime:
+    if _RUNTIME is None:
+        raise RuntimeError("megatron_btx.runtime.init() has not been called")
+    return _RUNTIME
+
+
+def teardown() -> None:
+    """Destroy megatron-core's groups and the process group, so a process can init again."""
+    global _RUNTIME
+    from megatron.core import parallel_state as ps
+
+    if ps.model_parallel_is_initialized():
+        ps.destroy_model_parallel()
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    _RUNTIME = None

@@ -1,0 +1,357 @@
+"""Every adjustment megatron-core needs to run on a CPU with the gloo backend.
+
+megatron-core is written for CUDA devices and NCCL. Running the very same model, optimizer,
+pipeline schedules and checkpointing on CPU (tests, CI, the small default run) needs the eight
+adjustments below, each with a one-line reason. They are applied only when no GPU is used, by
+:func:`apply` (called from :func:`megatron_btx.runtime.init`), and nothing else in the package
+knows they exist.
+
+Each adjustment can be switched off by name through the environment variable ``BTX_CPU_SKIP``
+(comma-separated names): the test suite uses it to prove that every adjustment is needed.
+
+Three adjustments touch megatron-core symbols directly (``rng``, ``router_gemm``, ``sp_norm``);
+they are the most likely to change between versions, so a megatron-core version other than the
+ones listed in :data:`CHECKED_VERSIONS` gives a warning.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import logging
+import os
+import warnings
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+import torch.distributed as dist
+
+log = logging.getLogger(__name__)
+
+#: megatron-core versions these adjustments were written and tested against.
+CHECKED_VERSIONS = ("0.16.0", "0.16.1")
+
+_CPU = torch.device("cpu")
+
+
+@dataclass(frozen=True)
+class Adjustment:
+    name: str
+    reason: str
+    apply: Callable[[], None]
+
+
+# --------------------------------------------------------------------------------------------
+# 1. torch.cuda.current_device() used as a device.
+# --------------------------------------------------------------------------------------------
+def _current_device() -> None:
+    torch.cuda.current_device = lambda: _CPU  # type: ignore[assignment]
+    torch.cuda.set_device = lambda *a, **k: None  # type: ignore[assignment]
+    torch.cuda.device_count = lambda: 0  # type: ignore[assignment]
+
+
+# --------------------------------------------------------------------------------------------
+# 2. Literal "cuda" devices, .cuda(), .to("cuda"), and param.type() == 'torch.cuda.FloatTensor'.
+# --------------------------------------------------------------------------------------------
+def _is_cuda_device(dev: Any) -> bool:
+    if isinstance(dev, torch.device):
+        return dev.type == "cuda"
+    if isinstance(dev, str):
+        return dev.startswith("cuda")
+    return isinstance(dev, int) and not isinstance(dev, bool)
+
+
+def _map_device(dev: Any) -> Any:
+    return _CPU if _is_cuda_device(dev) else dev
+
+
+def _wrap_device_kwarg(fn: Callable) -> Callable:
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        if "device" in kwargs:
+            kwargs["device"] = _map_device(kwargs["device"])
+        return fn(*args, **kwargs)
+
+    wrapper.__btx_wrapped__ = True  # type: ignore[attr-defined]
+    return wrapper
+
+
+_FACTORIES = (
+    "empty", "zeros", "ones", "full", "tensor", "arange", "rand", "randn", "randint", "randperm",
+    "empty_like", "zeros_like", "ones_like", "full_like", "rand_like", "randn_like", "as_tensor",
+    "linspace", "eye", "empty_strided", "ones_like", "tril_indices", "triu_indices",
+)  # fmt: skip
+_TENSOR_FACTORIES = ("new_empty", "new_zeros", "new_ones", "new_full", "new_tensor")
+
+
+def _tensor_to(orig: Callable) -> Callable:
+    @functools.wraps(orig)
+    def to(self, *args, **kwargs):
+        if args and _is_cuda_device(args[0]):
+            args = (_CPU,) + args[1:]
+        if "device" in kwargs:
+            kwargs["device"] = _map_device(kwargs["device"])
+        return orig(self, *args, **kwargs)
+
+    return to
+
+
+def _cuda_devices() -> None:
+    for name in _FACTORIES:
+        fn = getattr(torch, name)
+        if not getattr(fn, "__btx_wrapped__", False):
+            setattr(torch, name, _wrap_device_kwarg(fn))
+    for name in _TENSOR_FACTORIES:
+        fn = getattr(torch.Tensor, name)
+        if not getattr(fn, "__btx_wrapped__", False):
+            setattr(torch.Tensor, name, _wrap_device_kwarg(fn))
+    torch.Tensor.to = _tensor_to(torch.Tensor.to)  # type: ignore[method-assign]
+    torch.nn.Module.to = _tensor_to(torch.nn.Module.to)  # type: ignore[method-assign]
+    torch.Tensor.cuda = lambda self, *a, **k: self  # type: ignore[method-assign]
+    torch.nn.Module.cuda = lambda self, *a, **k: self  # type: ignore[method-assign]
+
+    orig_type = torch.Tensor.type
+
+    @functools.wraps(orig_type)
+    def type_(self, *args, **kwargs):
+        # The optimizers check param.type() == 'torch.cuda.FloatTensor': report CPU tensors as such.
+        out = orig_type(self, *args, **kwargs)
+        if not args and not kwargs and isinstance(out, str) and out.startswith("torch."):
+            return out.replace("torch.", "torch.cuda.", 1)
+        return out
+
+    torch.Tensor.type = type_  # type: ignore[method-assign]
+
+
+# --------------------------------------------------------------------------------------------
+# 3. CUDA streams, events and synchronize.
+# --------------------------------------------------------------------------------------------
+class _InertStream:
+    """Stands in for torch.cuda.Stream: on CPU all work is synchronous, in one stream."""
+
+    def __init__(self, *args, **kwargs):
+        pass
+
+    def wait_stream(self, *a, **k):
+        pass
+
+    def wait_event(self, *a, **k):
+        pass
+
+    def record_event(self, event=None):
+        return event if event is not None else _InertEvent()
+
+    def synchronize(self):
+        pass
+
+    def query(self):
+        return True
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+class _InertEvent:
+    """Stands in for torch.cuda.Event."""
+
+    def __init__(self, *args, **kwargs):
+        pass
+
+    def record(self, *a, **k):
+        pass
+
+    def wait(self, *a, **k):
+        pass
+
+    def synchronize(self):
+        pass
+
+    def query(self):
+        return True
+
+    def elapsed_time(self, other):
+        return 0.0
+
+
+_DEFAULT_STREAM = _InertStream()
+
+
+def _streams() -> None:
+    torch.cuda.Stream = _InertStream  # type: ignore[assignment,misc]
+    torch.cuda.Event = _InertEvent  # type: ignore[assignment,misc]
+    torch.cuda.current_stream = lambda *a, **k: _DEFAULT_STREAM  # type: ignore[assignment]
+    torch.cuda.default_stream = lambda *a, **k: _DEFAULT_STREAM  # type: ignore[assignment]
+    torch.cuda.stream = lambda *a, **k: contextlib.nullcontext()  # type: ignore[assignment]
+    torch.cuda.set_stream = lambda *a, **k: None  # type: ignore[assignment]
+    torch.cuda.synchronize = lambda *a, **k: None  # type: ignore[assignment]
+    torch.cuda.empty_cache = lambda *a, **k: None  # type: ignore[assignment]
+    torch.Tensor.record_stream = lambda self, *a, **k: None  # type: ignore[method-assign]
+
+
+# --------------------------------------------------------------------------------------------
+# 4. The tensor/expert-parallel RNG tracker.
+# --------------------------------------------------------------------------------------------
+def _rng() -> None:
+    from megatron.core.tensor_parallel import random as mrandom
+
+    def get_state(device: Any = "cuda", clone: bool = False, graph_safe: bool = False):
+        return torch.get_rng_state()
+
+    def set_state(new_state: torch.Tensor, device: Any = -1, graph_safe: bool = False):
+        torch.set_rng_state(new_state)
+
+    # torch.manual_seed itself calls torch.cuda.manual_seed_all: seed the generator directly.
+    torch.cuda.manual_seed = lambda seed: torch.default_generator.manual_seed(int(seed))  # type: ignore[assignment]
+    torch.cuda.get_rng_state = lambda *a, **k: torch.get_rng_state()  # type: ignore[assignment]
+    torch.cuda.set_rng_state = lambda s, *a, **k: torch.set_rng_state(s)  # type: ignore[assignment]
+    # The CPU build's lazy-call machinery silently drops set_state: replace megatron's helpers.
+    mrandom._get_cuda_rng_state = get_state
+    mrandom._set_cuda_rng_state = set_state
+    # The forked state *is* the CPU state here, so megatron's "CPU RNG state changed" warning
+    # fires on every fork; it is meaningless on CPU.
+    logging.getLogger(mrandom.__name__).setLevel(logging.ERROR)
+
+
+# --------------------------------------------------------------------------------------------
+# 5. all_to_all_single with tensor split sizes.
+# --------------------------------------------------------------------------------------------
+def _all_to_all_split_sizes() -> None:
+    orig = dist.all_to_all_single
+
+    @functools.wraps(orig)
+    def all_to_all_single(output, input, output_split_sizes=None, input_split_sizes=None, **kw):
+        # gloo's binding needs list[int]; the MoE dispatcher passes tensors when not on CUDA.
+        if isinstance(output_split_sizes, torch.Tensor):
+            output_split_sizes = output_split_sizes.tolist()
+        if isinstance(input_split_sizes, torch.Tensor):
+            input_split_sizes = input_split_sizes.tolist()
+        return orig(output, input, output_split_sizes, input_split_sizes, **kw)
+
+    dist.all_to_all_single = all_to_all_single
+
+
+# --------------------------------------------------------------------------------------------
+# 6. all_gather with unequal first dimensions.
+# --------------------------------------------------------------------------------------------
+def _uneven_all_gather() -> None:
+    orig = dist.all_gather
+
+    @functools.wraps(orig)
+    def all_gather(tensor_list, tensor, group=None, async_op=False):
+        shapes = [t.shape for t in tensor_list]
+        if all(s == tensor.shape for s in shapes) or async_op:
+            return orig(tensor_list, tensor, group=group, async_op=async_op)
+        # NCCL gathers tensors of different first dimension; gloo needs equal ones: pad to the
+        # largest, gather, and copy each rank's real rows back.
+        rows = max(max(s[0] for s in shapes), tensor.shape[0])
+        padded = tensor.new_zeros((rows,) + tuple(tensor.shape[1:]))
+        padded[: tensor.shape[0]].copy_(tensor)
+        bufs = [padded.new_empty(padded.shape) for _ in tensor_list]
+        orig(bufs, padded, group=group)
+        for out, buf in zip(tensor_list, bufs):
+            out.copy_(buf[: out.shape[0]])
+        return None
+
+    dist.all_gather = all_gather
+
+
+# --------------------------------------------------------------------------------------------
+# 7. megatron-core 0.16 refers to te_general_gemm in the router without Transformer Engine.
+# --------------------------------------------------------------------------------------------
+def _router_gemm() -> None:
+    from megatron.core.transformer.moe import moe_utils
+
+    if not hasattr(moe_utils, "te_general_gemm"):
+        moe_utils.te_general_gemm = None
+
+
+# --------------------------------------------------------------------------------------------
+# 8. Sequence parallel with the torch-native norm.
+# --------------------------------------------------------------------------------------------
+def _sp_norm() -> None:
+    import copy
+
+    from megatron.core.transformer import torch_norm
+
+    cls = torch_norm.WrappedTorchNorm
+    if getattr(cls, "__btx_sp__", False):
+        return
+    orig_new = cls.__new__
+
+    def __new__(klass, config, hidden_size, eps=1e-5, *args, **kwargs):
+        # WrappedTorchNorm refuses sequence parallel, which megatron-core requires for MoE with
+        # TP. Build it with SP off and mark its parameters sequence_parallel, as the fused norms
+        # do, so DDP still all-reduces their gradients over the TP group.
+        if not config.sequence_parallel:
+            return orig_new(klass, config, hidden_size, eps, *args, **kwargs)
+        cfg = copy.copy(config)
+        cfg.sequence_parallel = False
+        norm = orig_new(klass, cfg, hidden_size, eps, *args, **kwargs)
+        for p in norm.parameters():
+            p.sequence_parallel = True
+        return norm
+
+    cls.__new__ = staticmethod(__new__)
+    cls.__btx_sp__ = True
+
+
+ADJUSTMENTS: tuple[Adjustment, ...] = (
+    Adjustment("current_device", "torch.cuda.current_device() is used as a device in ~175 places",
+               _current_device),
+    Adjustment("cuda_devices", "literal 'cuda' devices, .cuda() and cuda tensor-type checks",
+               _cuda_devices),
+    Adjustment("streams", "DDP, the MoE dispatcher, p2p and checkpointing use CUDA streams/events",
+               _streams),
+    Adjustment("rng", "the TP/EP RNG tracker forks 'the CUDA generator' (megatron-core symbol)",
+               _rng),
+    Adjustment("all_to_all_split_sizes", "gloo's all_to_all_single needs list split sizes",
+               _all_to_all_split_sizes),
+    Adjustment("uneven_all_gather", "gloo's all_gather needs equal shapes; NCCL does not",
+               _uneven_all_gather),
+    Adjustment("router_gemm", "megatron-core 0.16 names te_general_gemm without TE (NameError)",
+               _router_gemm),
+    Adjustment("sp_norm", "WrappedTorchNorm asserts not sequence_parallel (megatron-core symbol)",
+               _sp_norm),
+)  # fmt: skip
+
+_applied: list[str] = []
+
+
+def skipped() -> set[str]:
+    """Adjustments switched off through BTX_CPU_SKIP (for the tests that prove each is needed)."""
+    names = {n.strip() for n in os.environ.get("BTX_CPU_SKIP", "").split(",") if n.strip()}
+    unknown = names - {a.name for a in ADJUSTMENTS}
+    if unknown:
+        raise ValueError(f"BTX_CPU_SKIP names unknown adjustments: {sorted(unknown)}")
+    return names
+
+
+def apply() -> list[str]:
+    """Apply every CPU adjustment once (idempotent). Returns the names applied."""
+    if _applied:
+        return list(_applied)
+    from megatron.core import package_info
+
+    if package_info.__version__ not in CHECKED_VERSIONS:
+        warnings.warn(
+            f"megatron-core {package_info.__version__} was not checked with megatron_btx's CPU "
+            f"adjustments (checked: {', '.join(CHECKED_VERSIONS)}); CPU runs may fail.",
+            stacklevel=2,
+        )
+    skip = skipped()
+    for adj in ADJUSTMENTS:
+        if adj.name in skip:
+            log.warning("CPU adjustment %s skipped (BTX_CPU_SKIP)", adj.name)
+            continue
+        adj.apply()
+        _applied.append(adj.name)
+    log.info("CPU mode: applied %d megatron-core adjustments", len(_applied))
+    return list(_applied)
+
+
+def applied() -> list[str]:
+    return list(_applied)
