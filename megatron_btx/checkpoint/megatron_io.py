@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import queue
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
@@ -95,27 +96,20 @@ def save_model(
     state = sharded_state_dict(model)
     if extra_state:
         state.update(extra_state)
+    from megatron.core.dist_checkpointing.strategies import filesystem_async as fa
+
+    # megatron-core's file writer reports results through a queue that it creates, on first
+    # use, in a spawned multiprocessing Manager process kept for the life of the process. That
+    # process re-imports the caller's __main__ (failing in unguarded scripts) and holds the
+    # parent's output pipes open, so `btx ... | tail` and subprocess-based tests hang until it is
+    # gone. Saves here are synchronous: the result is put and taken in this very process, so an
+    # in-process queue does the same job without the extra process.
+    saved_queue = fa._results_queue
+    fa._results_queue = queue.Queue()
     try:
         dist_checkpointing.save(state, str(folder), async_sharded_save=False)
     finally:
-        _stop_writer_manager()
-
-
-def _stop_writer_manager() -> None:
-    """megatron-core's file writer starts a multiprocessing Manager (a separate process) for its
-    results queue and keeps it for the life of the process. It holds the parent's output pipes
-    open, so `btx ... | tail` and subprocess-based tests hang until it is gone: stop it after
-    every save (the next save starts a new one)."""
-    from megatron.core.dist_checkpointing.strategies import filesystem_async as fa
-
-    q = getattr(fa, "_results_queue", None)
-    if q is None:
-        return
-    fa._results_queue = None
-    mgr = getattr(q, "_manager", None)
-    if mgr is not None:
-        with contextlib.suppress(Exception):
-            mgr.shutdown()
+        fa._results_queue = saved_queue
 
 
 def sharded_state_dict(model: torch.nn.Module | list[torch.nn.Module]) -> dict[str, Any]:

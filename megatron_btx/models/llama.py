@@ -377,7 +377,25 @@ def build_model(
         rotary_percent=1.0,
         vp_stage=vp_stage,
     )
+    if not config.perform_initialization:
+        _mark_tensor_parallel(model)
     if args.rope_scaling:
         rope = model.rotary_pos_emb
         rope.inv_freq = llama3_inv_freq(args).to(rope.inv_freq.device, rope.inv_freq.dtype)
     return model
+
+
+def _mark_tensor_parallel(model: torch.nn.Module) -> None:
+    """megatron-core sets the `tensor_model_parallel` attributes of a sharded weight only inside
+    its initialisers, so a model built with perform_initialization=False (to be loaded from a
+    checkpoint) lacks them, and the grad norm then skips every sharded weight on TP ranks > 0.
+    Set them as the initialisers would."""
+    from megatron.core import tensor_parallel as tpl
+
+    dims = ((tpl.ColumnParallelLinear, 0), (tpl.RowParallelLinear, 1),
+            (tpl.VocabParallelEmbedding, 0))  # fmt: skip
+    for mod in model.modules():
+        for cls, dim in dims:
+            w = getattr(mod, "weight", None)
+            if isinstance(mod, cls) and w is not None and not getattr(w, "tensor_model_parallel", False):
+                tpl.set_tensor_model_parallel_attributes(w, True, dim, 1)

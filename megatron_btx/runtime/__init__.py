@@ -98,11 +98,12 @@ def init(
     else:
         dev = torch.device("cpu")
     if not dist.is_initialized():
-        if "MASTER_ADDR" not in os.environ:  # a single process without torchrun
-            os.environ["MASTER_ADDR"] = "127.0.0.1"
-            os.environ["MASTER_PORT"] = str(_free_port())
+        # Without torchrun, a private rendezvous: os.environ is left alone so that child
+        # processes (torchrun jobs started by this one) do not inherit a stale port.
+        init_method = None if "MASTER_ADDR" in os.environ else f"tcp://127.0.0.1:{_free_port()}"
         dist.init_process_group(
             backend=backend,
+            init_method=init_method,
             world_size=world,
             rank=rank,
             timeout=datetime.timedelta(seconds=timeout_s),

@@ -98,6 +98,12 @@ def _tensor_to(orig: Callable) -> Callable:
 
 
 def _cuda_devices() -> None:
+    # torch's device context managers (`with torch.device("meta")`, used by transformers to
+    # build models) recognise factories by identity in a cached set: fill the cache with the
+    # original functions before wrapping them, or those factories escape the context.
+    from torch.utils._device import _device_constructors
+
+    _device_constructors()
     for name in _FACTORIES:
         fn = getattr(torch, name)
         if not getattr(fn, "__btx_wrapped__", False):
