@@ -1,0 +1,1 @@
+from megatron_btx.cli import main; import sys; sys.exit(main())

@@ -1,0 +1,59 @@
+"""The `btx` command. Each subcommand lives in its own module and is imported only when used,
+so `btx --help` is instant and a broken optional dependency only affects its own subcommand."""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+import megatron_btx
+
+# name -> (module:function taking argv and returning an exit code, one-line help)
+COMMANDS: dict[str, tuple[str, str]] = {
+    "prepare-data": ("megatron_btx.data.preprocess:main",
+                     "text/JSONL (or the built-in corpora) -> SentencePiece + indexed datasets"),
+    "train": ("megatron_btx.training.cli:main",
+              "train a dense expert or the MoE from a YAML config (under torchrun)"),
+    "merge": ("megatron_btx.checkpoint.merge:main",
+              "merge N dense checkpoints into one MoE checkpoint (BTX MiX step)"),
+    "import-hf": ("megatron_btx.checkpoint.convert:hf_to_megatron_main",
+                  "HF Llama/Mixtral safetensors -> megatron-core torch_dist"),
+    "export-hf": ("megatron_btx.checkpoint.convert:megatron_to_hf_main",
+                  "megatron-core torch_dist -> HF Llama/Mixtral safetensors"),
+}  # fmt: skip
+
+
+def usage() -> str:
+    lines = [f"usage: btx COMMAND [ARGS]   (megatron_btx {megatron_btx.__version__})", "",
+             "commands:"]  # fmt: skip
+    width = max(len(n) for n in COMMANDS)
+    for name, (_, help_) in COMMANDS.items():
+        lines.append(f"  {name.ljust(width)}  {help_}")
+    lines += ["", "btx COMMAND --help shows a command's options."]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(usage())
+        return 0
+    if argv[0] in ("-V", "--version", "version"):
+        print(megatron_btx.__version__)
+        return 0
+    name, rest = argv[0], argv[1:]
+    if name not in COMMANDS:
+        print(f"btx: unknown command {name!r}\n\n{usage()}", file=sys.stderr)
+        return 2
+    target, _ = COMMANDS[name]
+    mod, fn = target.split(":")
+    try:
+        func = getattr(importlib.import_module(mod), fn)
+    except (ImportError, AttributeError) as e:
+        print(f"btx {name}: not available in this installation ({e})", file=sys.stderr)
+        return 2
+    return int(func(rest) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
