@@ -5,7 +5,6 @@ Chosen once per process and logged, so a run's log says which implementation it 
 
 from __future__ import annotations
 
-import functools
 import importlib.util
 import logging
 
@@ -14,10 +13,9 @@ import torch
 log = logging.getLogger(__name__)
 
 
-@functools.cache
 def te_available() -> bool:
-    """True when a GPU is present and Transformer Engine imports."""
-    if not torch.cuda.is_available() or importlib.util.find_spec("transformer_engine") is None:
+    """True when a GPU is present and used, and Transformer Engine imports."""
+    if not fused_kernels_available() or importlib.util.find_spec("transformer_engine") is None:
         return False
     try:
         import transformer_engine.pytorch  # noqa: F401
@@ -28,20 +26,30 @@ def te_available() -> bool:
 
 
 def fused_kernels_available() -> bool:
-    """Fused softmax/bias kernels need a GPU."""
+    """Fused softmax/bias kernels need a GPU, and the run must be using it (a CPU run on a GPU
+    machine must not pick them)."""
+    from megatron_btx import runtime
+
+    if runtime._RUNTIME is not None:
+        return runtime._RUNTIME.on_gpu
     return torch.cuda.is_available()
 
 
-@functools.cache
+_LOGGED: set[str] = set()
+
+
 def chosen_spec(requested: str | None = None) -> str:
     """`te` or `local`; `requested` forces one (asking for te without TE is an error)."""
     from megatron_btx.errors import BTXError
 
-    if requested == "te" and not te_available():
+    te = te_available()
+    if requested == "te" and not te:
         raise BTXError("spec 'te' requested but Transformer Engine or a GPU is missing")
-    spec = requested or ("te" if te_available() else "local")
-    log.info("layer spec: %s (Transformer Engine %s)", spec,
-             "available" if te_available() else "not available")
+    spec = requested or ("te" if te else "local")
+    if spec not in _LOGGED:
+        _LOGGED.add(spec)
+        log.info("layer spec: %s (Transformer Engine %s)", spec,
+                 "available" if te else "not available")
     return spec
 
 

@@ -78,6 +78,10 @@ def init(
         from megatron_btx.runtime import cpu
 
         cpu.apply()
+    elif "router_gemm" not in os.environ.get("BTX_CPU_SKIP", ""):
+        from megatron_btx.runtime import compat
+
+        compat.apply()
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))

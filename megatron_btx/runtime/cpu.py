@@ -269,10 +269,11 @@ def _uneven_all_gather() -> None:
 # 7. megatron-core 0.16 refers to te_general_gemm in the router without Transformer Engine.
 # --------------------------------------------------------------------------------------------
 def _router_gemm() -> None:
-    from megatron.core.transformer.moe import moe_utils
+    # Not CPU-specific (a GPU without TE needs it too): runtime/compat.py holds the fix, which
+    # runtime.init applies on every device. Listed here because no CPU run works without it.
+    from megatron_btx.runtime import compat
 
-    if not hasattr(moe_utils, "te_general_gemm"):
-        moe_utils.te_general_gemm = None
+    compat.router_gemm_without_te()
 
 
 # --------------------------------------------------------------------------------------------

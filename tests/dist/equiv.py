@@ -26,6 +26,8 @@ def main() -> None:
     p.add_argument("--dispatcher", default="alltoall")
     p.add_argument("--micro", type=int, default=2, help="micro-batch size")
     p.add_argument("--distributed-optimizer", action="store_true")
+    p.add_argument("--device", default="cpu", help="cpu | cuda | auto")
+    p.add_argument("--dtype", default="fp32", help="fp32 | bf16")
     a = p.parse_args()
 
     from megatron.core import parallel_state as ps
@@ -39,11 +41,11 @@ def main() -> None:
     from megatron_btx.checkpoint.megatron_io import load_model, read_args
     from megatron_btx.models.llama import MoEOptions, build_model
 
-    rt = runtime.init(tp=a.tp, pp=a.pp, ep=a.ep, etp=a.etp, device="cpu")
+    rt = runtime.init(tp=a.tp, pp=a.pp, ep=a.ep, etp=a.etp, device=a.device)
     args = read_args(a.ckpt)
     moe = MoEOptions(dispatcher=a.dispatcher, load_balancing="none")
-    model = build_model(args, tp=a.tp, pp=a.pp, ep=a.ep, etp=a.etp, moe=moe,
-                        perform_initialization=False)  # fmt: skip
+    model = build_model(args, tp=a.tp, pp=a.pp, ep=a.ep, etp=a.etp, moe=moe, dtype=a.dtype,
+                        perform_initialization=False).to(rt.device)  # fmt: skip
     load_model(model, a.ckpt)
     config = model.config
     ddp = DDP(
@@ -56,17 +58,18 @@ def main() -> None:
     config.finalize_model_grads_func = finalize_model_grads
     opt = get_megatron_optimizer(
         OptimizerConfig(optimizer="adam", lr=1e-4, clip_grad=0.0, weight_decay=0.0,
+                        bf16=a.dtype == "bf16", params_dtype=model.config.params_dtype,
                         use_distributed_optimizer=a.distributed_optimizer),
         [ddp],
     )  # fmt: skip
 
-    data = torch.load(a.batch, weights_only=True)
+    data = torch.load(a.batch, weights_only=True).to(rt.device)
     B, S = data.shape[0], data.shape[1] - 1
     dp, dp_rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
     local = data[dp_rank * (B // dp) : (dp_rank + 1) * (B // dp)]
     n_micro = local.shape[0] // a.micro
     micro = [(local[i * a.micro : (i + 1) * a.micro]) for i in range(n_micro)]
-    pos = torch.arange(S).unsqueeze(0).expand(a.micro, -1)
+    pos = torch.arange(S, device=rt.device).unsqueeze(0).expand(a.micro, -1)
     logits_out: list[torch.Tensor] = []
 
     def forward_step(it, m):
@@ -109,14 +112,14 @@ def main() -> None:
         torch.distributed.all_reduce(loss, group=ps.get_data_parallel_group())
         loss /= dp
         res["loss"] = float(loss)
-        logits = torch.cat(logits_out)[..., : args.vocab_size]
+        logits = torch.cat(logits_out)[..., : args.vocab_size].float().contiguous()
         # Gather the DP shards of the batch so every layout returns the whole batch's logits.
         parts = [torch.empty_like(logits) for _ in range(dp)]
         torch.distributed.all_gather(parts, logits, group=ps.get_data_parallel_group())
         logits = torch.cat(parts)
         if ps.get_tensor_model_parallel_rank() == 0 and dp_rank == 0:
             res["rank"] = rt.rank
-            torch.save(logits, a.out + ".logits.pt")
+            torch.save(logits.cpu(), a.out + ".logits.pt")
             with open(a.out, "w") as f:
                 json.dump(res, f)
     torch.distributed.barrier()
