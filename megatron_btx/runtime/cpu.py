@@ -46,6 +46,9 @@ class Adjustment:
 # 1. torch.cuda.current_device() used as a device.
 # --------------------------------------------------------------------------------------------
 def _current_device() -> None:
+    # A CPU run on a machine that has a GPU must not let anything take a CUDA path with the CPU
+    # as "the current device" (torch.compile's triton check looks up device properties by it).
+    torch.cuda.is_available = lambda: False  # type: ignore[assignment]
     torch.cuda.current_device = lambda: _CPU  # type: ignore[assignment]
     torch.cuda.set_device = lambda *a, **k: None  # type: ignore[assignment]
     torch.cuda.device_count = lambda: 0  # type: ignore[assignment]

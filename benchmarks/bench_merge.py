@@ -1,0 +1,285 @@
+"""Benchmark the BTX merge against mergekit-moe and the disk floor.
+
+Makes 4 HF Llama checkpoints (bf16, random weights written directly with safetensors: 3 experts +
+seed) of a TinyLlama-1.1B shape by default, then runs, each as its own process:
+- `cat` of the inputs to /dev/null (the read floor),
+- our converter (tools/convert_dense_to_moe.py) to torch_dist, and again with --export-hf,
+- mergekit-moe (`gate_mode: random`, from a separate venv, --mk-python) writing HF Mixtral,
+and records wall time and peak resident memory (the process tree's RSS, sampled every 20 ms, and
+the kernel's ru_maxrss of the largest child as a cross-check). Then our converter alone on models
+of 8 and 16 layers of the same width, to show that peak memory does not grow with depth.
+
+    python benchmarks/bench_merge.py --work /tmp/bench --mk-python /tmp/mk-venv/bin/python
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import psutil
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def make_llama(path: Path, layers: int, hidden: int, inter: int, heads: int, kv: int, vocab: int,
+               seed: int, pool: torch.Tensor) -> None:  # fmt: skip
+    """An HF Llama folder with pseudo-random bf16 weights (slices of a random pool, so making
+    4 x 1B models takes seconds), sharded like transformers does (~2 GB per shard)."""
+    from safetensors.torch import save_file
+
+    if (path / "done").is_file():
+        return
+    path.mkdir(parents=True, exist_ok=True)
+    hd = hidden // heads
+    shapes = {"model.embed_tokens.weight": (vocab, hidden)}
+    for i in range(layers):
+        p = f"model.layers.{i}."
+        shapes.update({
+            p + "input_layernorm.weight": (hidden,),
+            p + "self_attn.q_proj.weight": (heads * hd, hidden),
+            p + "self_attn.k_proj.weight": (kv * hd, hidden),
+            p + "self_attn.v_proj.weight": (kv * hd, hidden),
+            p + "self_attn.o_proj.weight": (hidden, heads * hd),
+            p + "post_attention_layernorm.weight": (hidden,),
+            p + "mlp.gate_proj.weight": (inter, hidden),
+            p + "mlp.up_proj.weight": (inter, hidden),
+            p + "mlp.down_proj.weight": (hidden, inter),
+        })  # fmt: skip
+    shapes["model.norm.weight"] = (hidden,)
+    shapes["lm_head.weight"] = (vocab, hidden)
+    shards, cur, size = [], {}, 0
+    for name, shape in shapes.items():
+        n = 1
+        for s in shape:
+            n *= s
+        h = int(hashlib.md5(f"{seed}/{name}".encode()).hexdigest()[:8], 16)
+        off = h % (pool.numel() - 1)
+        idx = (torch.arange(n, dtype=torch.int64) + off) % pool.numel() if n > pool.numel() - off \
+            else None
+        t = (pool[idx] if idx is not None else pool[off:off + n]).reshape(shape).clone()
+        if len(shape) == 1:
+            t = torch.ones(shape, dtype=torch.bfloat16)
+        if size + 2 * n > 2 * 1024**3 and cur:
+            shards.append(cur)
+            cur, size = {}, 0
+        cur[name] = t
+        size += 2 * n
+    shards.append(cur)
+    wm = {}
+    for k, sd in enumerate(shards):
+        fname = f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors"
+        save_file(sd, str(path / fname), metadata={"format": "pt"})
+        wm.update({n: fname for n in sd})
+    total = sum(2 * t.numel() for sd in shards for t in sd.values())
+    (path / "model.safetensors.index.json").write_text(
+        json.dumps({"metadata": {"total_size": total}, "weight_map": wm}))
+    cfg = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": hidden,
+           "intermediate_size": inter, "num_hidden_layers": layers, "num_attention_heads": heads,
+           "num_key_value_heads": kv, "vocab_size": vocab, "max_position_embeddings": 2048,
+           "rms_norm_eps": 1e-5, "rope_theta": 10000.0, "hidden_act": "silu",
+           "tie_word_embeddings": False, "torch_dtype": "bfloat16", "bos_token_id": 1,
+           "eos_token_id": 2}  # fmt: skip
+    (path / "config.json").write_text(json.dumps(cfg, indent=2))
+    _write_tokenizer(path, vocab)
+    (path / "done").write_text("")
+
+
+def _write_tokenizer(path: Path, vocab: int) -> None:
+    """A word-level tokenizer.json of the right size (mergekit-moe loads the base's tokenizer)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    words = {"<unk>": 0, "<s>": 1, "</s>": 2, **{f"w{i}": i for i in range(3, vocab)}}
+    tok = Tokenizer(models.WordLevel(vocab=words, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.save(str(path / "tokenizer.json"))
+    (path / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<s>", "eos_token": "</s>",
+        "unk_token": "<unk>"}))  # fmt: skip
+
+
+def measure(cmd: list[str], env: dict | None = None) -> dict:
+    """Wall time and peak RSS: the process tree's summed RSS sampled every 20 ms, and the
+    kernel's exact peak (ru_maxrss) of the main process as GNU time reports it (run through
+    /usr/bin/time so the child's high-water mark does not inherit this process's size)."""
+    mfile = Path(f"/tmp/.bench_maxrss_{os.getpid()}")
+    if Path("/usr/bin/time").is_file():
+        cmd = ["/usr/bin/time", "-o", str(mfile), "-f", "%M", *cmd]
+    t0 = time.time()
+    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env,
+                         cwd=ROOT, stdin=subprocess.DEVNULL)  # fmt: skip
+    peak = [0]
+    out = []
+
+    def drain():
+        for line in p.stdout:
+            out.append(line.decode(errors="replace")[-2000:])
+            del out[:-200]  # keep the tail only
+
+    th = threading.Thread(target=drain, daemon=True)
+    th.start()
+    proc = psutil.Process(p.pid)
+    rusage = None
+    while True:
+        pid, status, ru = os.wait4(p.pid, os.WNOHANG)
+        if pid:
+            rusage = ru
+            p.returncode = os.waitstatus_to_exitcode(status)
+            break
+        try:
+            rss = proc.memory_info().rss
+            for c in proc.children(recursive=True):
+                try:
+                    rss += c.memory_info().rss
+                except psutil.Error:
+                    pass
+            peak[0] = max(peak[0], rss)
+        except psutil.Error:
+            pass
+        time.sleep(0.02)
+    th.join()
+    wall = time.time() - t0
+    res = {"cmd": " ".join(map(str, cmd)), "rc": p.returncode, "wall_s": round(wall, 2),
+           "peak_rss_gb": round(peak[0] / 1024**3, 3),
+           "ru_maxrss_gb": None}  # fmt: skip
+    del rusage
+    if mfile.is_file():
+        try:
+            res["ru_maxrss_gb"] = round(int(mfile.read_text().split()[-1]) / 1024**2, 3)
+        except ValueError:
+            pass
+        mfile.unlink()
+    if p.returncode != 0:
+        res["tail"] = "".join(out)[-3000:]
+    return res
+
+
+def du(path: Path) -> float:
+    return round(sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) / 1024**3, 3)
+
+
+def drop_caches() -> bool:
+    try:
+        os.sync()
+        Path("/proc/sys/vm/drop_caches").write_text("3\n")
+        return True
+    except OSError:
+        return False
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--work", default="/tmp/btx-bench", help="scratch folder (needs ~40 GB)")
+    ap.add_argument("--mk-python", default="/tmp/mk-venv/bin/python",
+                    help="python of a venv with mergekit installed")
+    ap.add_argument("--layers", type=int, default=22)
+    ap.add_argument("--hidden", type=int, default=2048)
+    ap.add_argument("--intermediate", type=int, default=5632)
+    ap.add_argument("--heads", type=int, default=32)
+    ap.add_argument("--kv-heads", type=int, default=4)
+    ap.add_argument("--vocab", type=int, default=32000)
+    ap.add_argument("--depths", type=int, nargs="*", default=[8, 16],
+                    help="extra depths for the peak-RSS-vs-layers runs")
+    ap.add_argument("--cold", action="store_true", help="drop the page cache before each run")
+    ap.add_argument("--json", default=None, help="results file (default: WORK/bench_merge.json)")
+    ap.add_argument("--keep", action="store_true", help="keep outputs")
+    a = ap.parse_args()
+    work = Path(a.work)
+    work.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(0)
+    pool = (torch.randn(64 * 1024 * 1024) * 0.02).to(torch.bfloat16)
+    shape = {"hidden": a.hidden, "inter": a.intermediate, "heads": a.heads, "kv": a.kv_heads,
+             "vocab": a.vocab}
+
+    def models(layers: int) -> list[Path]:
+        out = []
+        for i, name in enumerate(["e0", "e1", "e2", "seed"]):
+            p = work / f"L{layers}" / name
+            make_llama(p, layers, seed=i, pool=pool, **shape)
+            out.append(p)
+        return out
+
+    results: dict = {"machine": {"cpus": os.cpu_count(),
+                                 "ram_gb": round(psutil.virtual_memory().total / 1024**3, 1)},
+                     "shape": {**shape, "layers": a.layers}, "runs": []}  # fmt: skip
+    t = time.time()
+    srcs = models(a.layers)
+    print(f"made 4 sources of {du(srcs[0])} GB each in {time.time() - t:.0f}s", flush=True)
+    files = [str(f) for s in srcs for f in sorted(s.glob("*.safetensors"))]
+    env = dict(os.environ, OMP_NUM_THREADS=str(os.cpu_count()), PYTHONWARNINGS="ignore")
+    ours = [sys.executable, str(ROOT / "tools" / "convert_dense_to_moe.py"), "--experts",
+            *map(str, srcs[:3]), "--seed", str(srcs[3]), "--no-progress", "--overwrite"]  # fmt: skip
+
+    def run(name: str, cmd: list[str], out: Path | None = None, layers: int = a.layers) -> dict:
+        if a.cold:
+            drop_caches()
+        r = measure(cmd, env)
+        r.update(name=name, layers=layers)
+        if out is not None and out.exists():
+            r["output_gb"] = du(out)
+            if not a.keep:
+                shutil.rmtree(out, ignore_errors=True)
+        results["runs"].append(r)
+        print(json.dumps({k: v for k, v in r.items() if k != "cmd"}), flush=True)
+        return r
+
+    # warm the page cache once so every run reads the same way (unless --cold)
+    subprocess.run(["cat", *files], stdout=subprocess.DEVNULL, check=True)
+    run("cat inputs > /dev/null", ["sh", "-c", 'exec cat "$@" > /dev/null', "cat", *files])
+    r = run("btx merge -> torch_dist", ours + ["--save", str(work / "out_btx")], work / "out_btx")
+    # the write floor: as many bytes as our output, written and fsync'd by dd
+    mb = int((r.get("output_gb") or 1) * 1024)
+    dd = work / "dd.bin"
+    run(f"dd {mb} MB to disk (write floor)",
+        ["dd", "if=/dev/zero", f"of={dd}", "bs=1M", f"count={mb}", "conv=fsync", "status=none"])
+    dd.unlink(missing_ok=True)
+    run("btx merge -> torch_dist + HF Mixtral",
+        ours + ["--save", str(work / "out_btx2"), "--export-hf", str(work / "out_btx2_hf")],
+        work / "out_btx2")  # fmt: skip
+    shutil.rmtree(work / "out_btx2_hf", ignore_errors=True)
+    mk_ok = Path(a.mk_python).is_file()
+    if mk_ok:
+        cfg = work / "mergekit_moe.yml"
+        cfg.write_text(json.dumps({
+            "base_model": str(srcs[3]), "gate_mode": "random", "dtype": "bfloat16",
+            "experts_per_token": 2,
+            "experts": [{"source_model": str(s)} for s in srcs],
+        }, indent=2))  # fmt: skip
+        mk = [a.mk_python, "-m", "mergekit.scripts.moe", str(cfg), str(work / "out_mk"),
+              "--i-understand-this-is-not-useful-without-training", "--no-copy-tokenizer",
+              "--device", "cpu", "--out-shard-size", "1B", "--lazy-unpickle"]  # fmt: skip
+        run("mergekit-moe (gate_mode random) -> HF", mk, work / "out_mk")
+    else:
+        results["mergekit"] = f"not run: {a.mk_python} not found"
+    for L in a.depths:
+        s = models(L)
+        ours_l = [sys.executable, str(ROOT / "tools" / "convert_dense_to_moe.py"), "--experts",
+                  *map(str, s[:3]), "--seed", str(s[3]), "--no-progress", "--overwrite"]  # fmt: skip
+        subprocess.run(["cat", *[str(f) for x in s for f in x.glob("*.safetensors")]],
+                       stdout=subprocess.DEVNULL, check=True)  # fmt: skip
+        run(f"btx merge -> torch_dist ({L} layers)", ours_l + ["--save", str(work / f"out_L{L}")],
+            work / f"out_L{L}", layers=L)  # fmt: skip
+    out = Path(a.json) if a.json else work / "bench_merge.json"
+    out.write_text(json.dumps(results, indent=2))
+    print()
+    print(f"{'run':44s} {'layers':>6s} {'wall s':>8s} {'peak RSS GB':>12s} {'maxrss GB':>10s} "
+          f"{'output GB':>10s}")  # fmt: skip
+    for r in results["runs"]:
+        print(f"{r['name']:44s} {r['layers']:6d} {r['wall_s']:8.1f} {r['peak_rss_gb']:12.3f} "
+              f"{r['ru_maxrss_gb'] or 0:10.3f} {r.get('output_gb', 0) or 0:10.2f}"
+              + ("" if r["rc"] == 0 else f"  FAILED rc={r['rc']}"))
+    print(f"\nresults: {out}")
+    return 0 if all(r["rc"] == 0 for r in results["runs"]) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
