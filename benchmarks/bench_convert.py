@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import resource
 import shutil
 import subprocess
 import sys
@@ -66,17 +65,24 @@ def make_llama(folder: Path, layers: int) -> int:
     return n
 
 
+_MEASURE = """
+import resource, subprocess, sys, time
+t0 = time.perf_counter()
+r = subprocess.run(sys.argv[1:] if len(sys.argv) > 2 else sys.argv[1], shell=len(sys.argv) == 2)
+dt = time.perf_counter() - t0
+print(dt, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss, r.returncode)
+"""
+
+
 def timed(cmd: list[str] | str, shell: bool = False) -> dict:
-    before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-    t0 = time.perf_counter()
-    r = subprocess.run(cmd, shell=shell, capture_output=True, text=True)
-    dt = time.perf_counter() - t0
-    if r.returncode:
+    """Wall time and peak RSS of one command, measured by a small fresh process that starts it
+    (ru_maxrss of children read in this big process would include the fork of this process)."""
+    args = [cmd] if shell else list(cmd)
+    r = subprocess.run([sys.executable, "-c", _MEASURE, *args], capture_output=True, text=True)
+    dt, peak_kb, rc = r.stdout.strip().splitlines()[-1].split()
+    if int(rc):
         raise SystemExit(f"{cmd} failed:\n{r.stderr[-3000:]}")
-    peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-    # ru_maxrss of children is the max over all children so far: run the biggest last or read
-    # it per process; here each measured command is larger than the ones before it.
-    return {"seconds": round(dt, 2), "peak_rss_mb": round(max(peak, before) / 1024, 1)}
+    return {"seconds": round(float(dt), 2), "peak_rss_mb": round(int(peak_kb) / 1024, 1)}
 
 
 def main() -> None:

@@ -138,14 +138,21 @@ def test_crash_mid_write_leaves_nothing(tmp_path, hf_llama, mg_llama, monkeypatc
     """A failure after megatron-core has written part of the files leaves neither a partial
     checkpoint under the final name nor temporary debris; an existing checkpoint survives."""
 
-    def save_then_crash(model, folder, extra_state=None):
-        (folder / "__0_0.distcp").write_bytes(b"partial")
-        raise KeyboardInterrupt  # what Ctrl-C or a kill-triggered exception looks like
+    real = convert.stream_to_torch_dist
 
-    monkeypatch.setattr(convert, "save_model", save_then_crash)
+    def write_half_then_crash(tensors, args, dtype, folder, source):
+        def half():
+            for i, item in enumerate(tensors):
+                if i == 10:
+                    raise KeyboardInterrupt  # what Ctrl-C or a kill-triggered exception looks like
+                yield item
+
+        return real(half(), args, dtype, folder, source)
+
+    monkeypatch.setattr(convert, "stream_to_torch_dist", write_half_then_crash)
     with pytest.raises(KeyboardInterrupt):
         hf_to_megatron(hf_llama, tmp_path / "new")
-    assert list(tmp_path.iterdir()) == []
+    assert list(tmp_path.iterdir()) == []  # the layers already written were removed too
     old = tmp_path / "old"
     shutil.copytree(mg_llama, old)
     with pytest.raises(KeyboardInterrupt):

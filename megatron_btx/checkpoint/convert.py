@@ -13,6 +13,7 @@ import json
 import logging
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -70,6 +71,76 @@ def build_unsharded(args: LlamaArgs, dtype: torch.dtype) -> torch.nn.Module:
     return build_model(args, dtype=dtype, perform_initialization=False, spec="local", fused=False)
 
 
+def stream_to_torch_dist(
+    tensors: Iterator[tuple[str, torch.Tensor]],
+    args: LlamaArgs,
+    dtype: torch.dtype,
+    folder: Path,
+    source: str,
+) -> int:
+    """Write (megatron name, tensor) pairs of an unsharded model as a torch_dist checkpoint,
+    one layer at a time: the keys, shapes and chunks come from megatron-core's own sharded state
+    dict of the model built on the meta device (no memory), so megatron-core loads the result at
+    any layout, and memory holds one layer, not the model. Returns the number of tensors."""
+    from megatron.core.dist_checkpointing.mapping import ShardedObject
+
+    from megatron_btx.checkpoint.dcp_stream import StreamingDCPWriter
+    from megatron_btx.checkpoint.merge import _fill, _flat_template, build_gpt
+
+    template = _flat_template(build_gpt(args, dtype, meta=True))
+    writer = StreamingDCPWriter(folder)
+    done: set[str] = set()
+    group: dict[str, torch.Tensor] = {}
+    group_id: str | None = None
+    bar = _progress(args.num_hidden_layers + 2, f"import {Path(source).name}")
+
+    def group_of(name: str) -> str:
+        parts = name.split(".")
+        return ".".join(parts[:3]) if name.startswith("decoder.layers.") else "globals"
+
+    def flush() -> None:
+        if not group:
+            return
+        prefix = group_id + "." if group_id != "globals" else ""
+        entries = {k: v for k, v in template.items()
+                   if (k.startswith(prefix) if prefix else k in group)}  # fmt: skip
+        short = {k[len(prefix):]: t for k, t in group.items()}
+        for k, v in entries.items():
+            t = group.get(k)
+            if not isinstance(v, ShardedObject) and t is not None and tuple(t.shape) != tuple(v.data.shape):
+                raise BTXError(
+                    f"{source}: tensor for {k} has shape {tuple(t.shape)}, the model expects "
+                    f"{tuple(v.data.shape)}; config.json does not match the weights"
+                )
+        writer.write(_fill(entries, prefix, short, source))
+        done.update(entries)
+        group.clear()
+        if bar:
+            bar.update(1)
+
+    n = 0
+    for name, t in tensors:
+        if name not in template:
+            raise BTXError(f"{source}: no place for {name} in the model; config.json mismatch")
+        g = group_of(name)
+        if g != group_id:
+            flush()
+            group_id = g
+        group[name] = t.to(dtype)
+        n += 1
+    flush()
+    rest = {k: v for k, v in template.items() if k not in done}
+    if any(not isinstance(v, ShardedObject) for v in rest.values()):
+        missing = next(k for k, v in rest.items() if not isinstance(v, ShardedObject))
+        raise BTXError(f"{source}: nothing was converted into {missing}")
+    if rest:  # extra state of modules outside the layers
+        writer.write(rest)
+    writer.finish()
+    if bar:
+        bar.close()
+    return n
+
+
 def hf_to_megatron(
     load: str | Path,
     save: str | Path,
@@ -90,24 +161,8 @@ def hf_to_megatron(
     dt = to_dtype(dtype or src_dtype)
     check_target(save, overwrite)
     with _single_process():
-        model = build_unsharded(args, dt)
-        params = model.state_dict(keep_vars=True)
-        bar = _progress(len(params), f"import {load.name}")
-        for name, t in hf_to_mcore(reader.get, args):
-            p = params.get(name)
-            if p is None or tuple(p.shape) != tuple(t.shape):
-                raise BTXError(
-                    f"{load}: tensor for {name} has shape {tuple(t.shape)}, the model expects "
-                    f"{None if p is None else tuple(p.shape)}; config.json does not match weights"
-                )
-            with torch.no_grad():
-                p.copy_(t.to(dt))
-            if bar:
-                bar.update(1)
-        if bar:
-            bar.close()
         with atomic_folder(save, overwrite) as tmp:
-            save_model(model, tmp)
+            n = stream_to_torch_dist(hf_to_mcore(reader.get, args), args, dt, tmp, str(load))
             tok = copy_tokenizer(load, tmp / TOKENIZER_DIR)
             (tmp / "hf_config.json").write_text(json.dumps(args.to_hf_dict(), indent=2))
             m = manifest.write(
@@ -117,6 +172,7 @@ def hf_to_megatron(
                 dtype=_DTYPE_NAMES[dt],
                 layout={"tp": tp, "pp": pp, "ep": ep},
                 padded_vocab_size=args.padded_vocab_size,
+                num_tensors=n,
                 sources=[{"path": str(load.resolve()), "format": "hf_safetensors",
                           "sha256": manifest.sha256_folder(load, "*.safetensors")}],
                 tokenizer={"files": tok,

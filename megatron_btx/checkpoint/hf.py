@@ -7,15 +7,15 @@ holds the source in RAM.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
 import struct
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import save_file
 
 from megatron_btx.errors import BTXError
@@ -31,8 +31,12 @@ INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
 
 
-def _check_safetensors_file(path: Path) -> None:
-    """Validate the header and the data length, so a truncated file is named, not mis-read."""
+ST_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
+
+
+def _read_header(path: Path) -> tuple[int, dict]:
+    """Validate the header and the data length, so a truncated file is named, not mis-read.
+    Returns (byte offset of the data, header)."""
     try:
         size = path.stat().st_size
         with open(path, "rb") as f:
@@ -51,54 +55,24 @@ def _check_safetensors_file(path: Path) -> None:
         raise BTXError(
             f"{path}: corrupt or truncated safetensors file ({e}); re-download or re-save it"
         ) from e
+    return 8 + n, header
 
 
-class HFReader:
-    """Tensors of an HF checkpoint folder (sharded or not), read lazily one at a time."""
+class PreadSafetensors:
+    """Tensors of safetensors files read with plain file reads, not memory maps: resident memory
+    holds only the tensor asked for, never the pages of everything read so far (a memory-mapped
+    reader's RSS grows to the size of the checkpoint)."""
 
-    def __init__(self, folder: str | Path):
-        self.folder = Path(folder)
-        if not self.folder.is_dir():
-            raise BTXError(f"{self.folder}: not a folder; --load needs an HF checkpoint folder")
-        index = self.folder / INDEX_NAME
-        single = self.folder / SINGLE_NAME
-        if index.is_file():
-            try:
-                weight_map = json.loads(index.read_text())["weight_map"]
-            except (json.JSONDecodeError, KeyError) as e:
-                raise BTXError(f"{index}: not a valid safetensors index ({e})") from e
-            files = sorted(set(weight_map.values()))
-        elif single.is_file():
-            files, weight_map = [SINGLE_NAME], None
-        else:
-            found = sorted(p.name for p in self.folder.glob("*.safetensors"))
-            if not found:
-                bins = list(self.folder.glob("*.bin"))
-                hint = " (found .bin files: re-save with safe_serialization=True)" if bins else ""
-                raise BTXError(f"{self.folder}: no model.safetensors or {INDEX_NAME}{hint}")
-            files, weight_map = found, None
-        self.files = [self.folder / f for f in files]
-        for f in self.files:
-            if not f.is_file():
-                raise BTXError(f"{f}: listed in {INDEX_NAME} but missing; the download is partial")
-            _check_safetensors_file(f)
-        self._handles = {}
-        self._where: dict[str, Path] = {}
-        for f in self.files:
-            try:
-                h = safe_open(str(f), framework="pt")
-            except Exception as e:  # safetensors raises its own error types
-                raise BTXError(f"{f}: cannot open safetensors file ({e})") from e
-            self._handles[f] = h
-            for k in h.keys():
-                self._where[k] = f
-        if weight_map:
-            missing = [k for k, f in weight_map.items() if k not in self._where]
-            if missing:
-                raise BTXError(
-                    f"{index}: tensor {missing[0]!r} (and {len(missing) - 1} more) listed in the "
-                    f"index is missing from its shard"
-                )
+    def __init__(self, files: Sequence[Path]):
+        self._where: dict[str, tuple[Path, int, int, str, list[int]]] = {}
+        for f in files:
+            base, header = _read_header(Path(f))
+            for k, v in header.items():
+                if k == "__metadata__":
+                    continue
+                b, e = v["data_offsets"]
+                self._where[k] = (Path(f), base + b, e - b, v["dtype"], list(v["shape"]))
+        self._fds: dict[Path, int] = {}
 
     def keys(self) -> list[str]:
         return sorted(self._where)
@@ -106,16 +80,86 @@ class HFReader:
     def __contains__(self, key: str) -> bool:
         return key in self._where
 
+    def file_of(self, key: str) -> Path:
+        return self._where[key][0]
+
     def shape(self, key: str) -> list[int]:
-        return list(self._handles[self._where[key]].get_slice(key).get_shape())
+        return list(self._where[key][4])
 
     def dtype(self, key: str) -> str:
-        return self._handles[self._where[key]].get_slice(key).get_dtype()
+        return self._where[key][3]
 
     def get(self, key: str) -> torch.Tensor:
-        if key not in self._where:
+        f, off, length, dt, shape = self._where[key]
+        if dt not in ST_DTYPES:
+            raise BTXError(f"{f}: tensor {key!r} has dtype {dt}; only F32/BF16/F16 are supported")
+        fd = self._fds.get(f)
+        if fd is None:
+            fd = self._fds[f] = os.open(f, os.O_RDONLY)
+        buf = bytearray(length)
+        view = memoryview(buf)
+        got = 0
+        while got < length:
+            n = os.preadv(fd, [view[got:]], off + got)
+            if n <= 0:
+                raise BTXError(f"{f}: unexpected end of file reading {key!r}; the file is truncated")
+            got += n
+        if not length:
+            return torch.empty(shape, dtype=ST_DTYPES[dt])
+        return torch.frombuffer(buf, dtype=ST_DTYPES[dt]).reshape(shape)
+
+    def close(self) -> None:
+        for fd in self._fds.values():
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        self._fds.clear()
+
+    def __del__(self) -> None:
+        self.close()
+
+
+class HFReader(PreadSafetensors):
+    """Tensors of an HF checkpoint folder (sharded or not), validated up front (so a truncated or
+    corrupt file fails before anything is written) and read one at a time."""
+
+    def __init__(self, folder: str | Path):
+        self.folder = Path(folder)
+        if not self.folder.is_dir():
+            raise BTXError(f"{self.folder}: not a folder; --load needs an HF checkpoint folder")
+        index = self.folder / INDEX_NAME
+        single = self.folder / SINGLE_NAME
+        weight_map = None
+        if index.is_file():
+            try:
+                weight_map = json.loads(index.read_text())["weight_map"]
+            except (json.JSONDecodeError, KeyError) as e:
+                raise BTXError(f"{index}: not a valid safetensors index ({e})") from e
+            files = sorted(set(weight_map.values()))
+        elif single.is_file():
+            files = [SINGLE_NAME]
+        else:
+            files = sorted(p.name for p in self.folder.glob("*.safetensors"))
+            if not files:
+                bins = list(self.folder.glob("*.bin"))
+                hint = " (found .bin files: re-save with safe_serialization=True)" if bins else ""
+                raise BTXError(f"{self.folder}: no model.safetensors or {INDEX_NAME}{hint}")
+        self.files = [self.folder / f for f in files]
+        for f in self.files:
+            if not f.is_file():
+                raise BTXError(f"{f}: listed in {INDEX_NAME} but missing; the download is partial")
+        super().__init__(self.files)
+        if weight_map:
+            missing = [k for k in weight_map if k not in self]
+            if missing:
+                raise BTXError(
+                    f"{index}: tensor {missing[0]!r} (and {len(missing) - 1} more) listed in the "
+                    f"index is missing from its shard"
+                )
+
+    def get(self, key: str) -> torch.Tensor:
+        if key not in self:
             raise BTXError(f"{self.folder}: tensor {key!r} is missing from the checkpoint")
-        return self._handles[self._where[key]].get_tensor(key)
+        return super().get(key)
 
     def config_path(self) -> Path:
         return self.folder / "config.json"

@@ -46,7 +46,14 @@ import torch
 
 from megatron_btx.checkpoint import manifest
 from megatron_btx.checkpoint.dcp_stream import PartialReader, StreamingDCPWriter, read_metadata
-from megatron_btx.checkpoint.hf import INDEX_NAME, SINGLE_NAME, TOKENIZER_FILES, HFReader
+from megatron_btx.checkpoint.hf import (
+    INDEX_NAME,
+    SINGLE_NAME,
+    ST_DTYPES,
+    TOKENIZER_FILES,
+    HFReader,
+    PreadSafetensors,
+)
 from megatron_btx.checkpoint.mapping import (
     check_hf_keys,
     hf_layer_names,
@@ -62,7 +69,7 @@ log = logging.getLogger(__name__)
 
 TOKENIZER_DIR = "tokenizer"
 _DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
-_ST_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
+_ST_DTYPES = ST_DTYPES
 _ST_NAMES = {v: k for k, v in _ST_DTYPES.items()}
 
 # Per-layer tensors of a dense source, by megatron-core (local spec, unsharded) name.
@@ -85,47 +92,7 @@ _ARCH_FIELDS = [f.name for f in dataclasses.fields(LlamaArgs) if f.name != "extr
 # =============================================================================================
 # Sources
 # =============================================================================================
-class _PreadSafetensors:
-    """Tensors of safetensors files read with plain file reads (no mmap): resident memory holds
-    only the tensor asked for, never the pages of the files read so far."""
-
-    def __init__(self, files: Sequence[Path]):
-        self._where: dict[str, tuple[Path, int, int, str, list[int]]] = {}
-        for f in files:
-            with open(f, "rb") as fh:
-                (n,) = struct.unpack("<Q", fh.read(8))
-                header = json.loads(fh.read(n))
-            base = 8 + n
-            for k, v in header.items():
-                if k == "__metadata__":
-                    continue
-                b, e = v["data_offsets"]
-                self._where[k] = (f, base + b, e - b, v["dtype"], list(v["shape"]))
-        self._fds: dict[Path, int] = {}
-
-    def get(self, key: str) -> torch.Tensor:
-        f, off, length, dt, shape = self._where[key]
-        if dt not in _ST_DTYPES:
-            raise BTXError(f"{f}: tensor {key!r} has dtype {dt}; only F32/BF16/F16 are supported")
-        fd = self._fds.get(f)
-        if fd is None:
-            fd = self._fds[f] = os.open(f, os.O_RDONLY)
-        buf = bytearray(length)
-        view = memoryview(buf)
-        got = 0
-        while got < length:
-            n = os.preadv(fd, [view[got:]], off + got)
-            if n <= 0:
-                raise BTXError(f"{f}: unexpected end of file reading {key!r}; the file is truncated")
-            got += n
-        t = torch.frombuffer(buf, dtype=_ST_DTYPES[dt]) if length else torch.empty(0, dtype=_ST_DTYPES[dt])
-        return t.reshape(shape)
-
-    def close(self) -> None:
-        for fd in self._fds.values():
-            with contextlib.suppress(OSError):
-                os.close(fd)
-        self._fds.clear()
+_PreadSafetensors = PreadSafetensors
 
 
 def _tokenizer_info(folder: Path | None) -> tuple[Path | None, str | None, list[str]]:
