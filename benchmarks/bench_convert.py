@@ -100,13 +100,16 @@ def main() -> None:
         conv = timed([sys.executable, str(ROOT / "tools/convert_hf_to_megatron.py"), "--load",
                       str(tmp / "hf"), "--save", str(tmp / "mg"), "--tp", str(a.tp)])  # fmt: skip
         rows.append({"what": f"convert_hf_to_megatron --tp {a.tp}", **conv})
+        exp = timed([sys.executable, str(ROOT / "tools/convert_megatron_to_hf.py"), "--load",
+                     str(tmp / "mg"), "--save", str(tmp / "back")])  # fmt: skip
+        rows.append({"what": "convert_megatron_to_hf", **exp})
         out_size = sum(f.stat().st_size for f in (tmp / "mg").rglob("*") if f.is_file())
         res = {"date": time.strftime("%Y-%m-%d"), "machine": f"{platform.machine()}, "
                f"{subprocess.run(['nproc'], capture_output=True, text=True).stdout.strip()} cores",
                "params": n, "input_gb": round(size / 1e9, 2), "output_gb": round(out_size / 1e9, 2),
                "layers": a.layers, "rows": rows,
                "time_ratio_vs_cat": round(rows[1]["seconds"] / max(rows[0]["seconds"], 1e-3), 1),
-               "rss_over_input": round(rows[1]["peak_rss_mb"] * 1e6 / 1024**0 / size / 1.048576, 2)}  # fmt: skip
+               "rss_over_input": round(rows[1]["peak_rss_mb"] * 1024**2 / size, 2)}  # fmt: skip
         print(f"{n / 1e9:.2f}B params, {size / 1e9:.2f} GB bf16 in, {out_size / 1e9:.2f} GB out")
         print(f"{'command':40} {'seconds':>8} {'peak RSS MB':>12}")
         for r in rows:

@@ -15,6 +15,7 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -24,7 +25,7 @@ from megatron_btx.checkpoint.mapping import check_hf_keys, hf_to_mcore, mcore_to
 from megatron_btx.checkpoint.megatron_io import (
     atomic_folder,
     check_target,
-    load_model,
+    is_checkpoint,
     read_args,
     save_model,
 )
@@ -201,35 +202,64 @@ def megatron_to_hf(
     dt = to_dtype(dtype or src.get("dtype", "fp32"))
     check_target(save, overwrite)
     with _single_process():
-        model = build_unsharded(args, to_dtype(src.get("dtype", "fp32")))
-        load_model(model, load)
-        sd = model.state_dict()
-        n = sum(1 for k in sd if not k.endswith("_extra_state"))
-        with atomic_folder(save, overwrite) as tmp:
-            writer = HFShardWriter(tmp, max_shard_bytes)
-            bar = _progress(n, f"export {load.name}")
-            for name, t in mcore_to_hf(sd.__getitem__, args):
-                writer.add(name, t.to(dt))
+        from megatron_btx.checkpoint.dcp_stream import PartialReader
+        from megatron_btx.checkpoint.merge import StreamingSafetensorsWriter, build_gpt
+
+        # Keys, shapes and chunks from megatron-core's own sharded state dict of the model on
+        # the meta device; tensors read one layer at a time from whatever layout was saved.
+        template = dict(build_gpt(args, to_dtype(src.get("dtype", "fp32")), meta=True)
+                        .sharded_state_dict())  # fmt: skip
+        if not is_checkpoint(load):
+            raise BTXError(f"{load}: not a megatron-core distributed checkpoint (no metadata.json)")
+        reader = PartialReader(load)
+        cache: dict[str, Any] = {"group": None, "tensors": {}}
+
+        def get(name: str) -> torch.Tensor:
+            parts = name.split(".")
+            group = ".".join(parts[:3]) + "." if name.startswith("decoder.layers.") else name
+            if cache["group"] != group:
+                entries = {k: v for k, v in template.items()
+                           if (k.startswith(group) if group.endswith(".") else k == group)}  # fmt: skip
+                if not entries:
+                    raise BTXError(f"{load}: the checkpoint has no {name}")
+                cache["tensors"] = {}  # drop the previous layer before reading the next
+                cache["tensors"] = reader.load(entries)
+                cache["group"] = group
+            return cache["tensors"][name]
+
+        def get_meta(name: str) -> torch.Tensor:
+            v = template[name]
+            return torch.empty(tuple(v.data.shape), dtype=dt, device="meta")
+
+        plan = [(n, tuple(t.shape), dt) for n, t in mcore_to_hf(get_meta, args)]
+        try:
+            with atomic_folder(save, overwrite) as tmp:
+                writer = StreamingSafetensorsWriter(tmp, plan, max_shard_bytes)
+                bar = _progress(len(plan), f"export {load.name}")
+                for name, t in mcore_to_hf(get, args):
+                    writer.add(name, t.to(dt))
+                    if bar:
+                        bar.update(1)
                 if bar:
-                    bar.update(1)
-            if bar:
-                bar.close()
-            writer.close()
-            cfg = args.to_hf_dict()
-            cfg["torch_dtype"] = cfg["dtype"] = {"fp32": "float32", "bf16": "bfloat16",
-                                                 "fp16": "float16"}[_DTYPE_NAMES[dt]]  # fmt: skip
-            (tmp / "config.json").write_text(json.dumps(cfg, indent=2))
-            tok_dir = load / TOKENIZER_DIR
-            tok = copy_tokenizer(tok_dir, tmp) if tok_dir.is_dir() else []
-            m = manifest.write(
-                tmp,
-                kind="hf_mixtral" if args.is_moe else "hf_llama",
-                model=args.to_dict(),
-                dtype=_DTYPE_NAMES[dt],
-                sources=[{"path": str(load.resolve()), "format": "megatron_torch_dist",
-                          "manifest": src}],
-                tokenizer={"files": tok},
-            )  # fmt: skip
+                    bar.close()
+                writer.close()
+                cfg = args.to_hf_dict()
+                cfg["torch_dtype"] = cfg["dtype"] = {"fp32": "float32", "bf16": "bfloat16",
+                                                     "fp16": "float16"}[_DTYPE_NAMES[dt]]  # fmt: skip
+                (tmp / "config.json").write_text(json.dumps(cfg, indent=2))
+                tok_dir = load / TOKENIZER_DIR
+                tok = copy_tokenizer(tok_dir, tmp) if tok_dir.is_dir() else []
+                m = manifest.write(
+                    tmp,
+                    kind="hf_mixtral" if args.is_moe else "hf_llama",
+                    model=args.to_dict(),
+                    dtype=_DTYPE_NAMES[dt],
+                    sources=[{"path": str(load.resolve()), "format": "megatron_torch_dist",
+                              "manifest": src}],
+                    tokenizer={"files": tok},
+                )  # fmt: skip
+        finally:
+            reader.close()
     log.info("exported %s -> %s in %.1fs", load, save, time.time() - t0)
     return m
 

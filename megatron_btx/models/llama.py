@@ -327,7 +327,9 @@ def transformer_config(
 def llama3_inv_freq(args: LlamaArgs) -> torch.Tensor:
     """RoPE inverse frequencies with Llama-3 scaling, for any low/high/original values."""
     dim = args.head_dim
-    inv = 1.0 / (args.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
+    # explicit CPU device: also right inside a `with torch.device("meta")` model build
+    steps = torch.arange(0, dim, 2, dtype=torch.int64, device="cpu").float()
+    inv = 1.0 / (args.rope_theta ** (steps / dim))
     s = args.rope_scaling
     if not s:
         return inv
