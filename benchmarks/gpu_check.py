@@ -40,7 +40,6 @@ def main() -> None:
     a = p.parse_args()
     from conftest import make_hf_llama, make_hf_mixtral
 
-    from megatron_btx.checkpoint.convert import hf_to_megatron
 
     tmp = Path(tempfile.mkdtemp())
     rows = []

@@ -1,1 +1,7 @@
-from megatron_btx.cli import main; import sys; sys.exit(main())
+"""`python -m megatron_btx` is the `btx` command."""
+
+import sys
+
+from megatron_btx.cli import main
+
+sys.exit(main())

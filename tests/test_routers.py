@@ -472,9 +472,7 @@ def test_bad_config_names_the_key(cfg, key):
 
 
 def test_topk_with_k1_and_dense_model_are_refused():
-    from megatron_btx.models.llama import LlamaArgs, build_model
-
-    from megatron_btx.models.llama import transformer_config
+    from megatron_btx.models.llama import LlamaArgs, build_model, transformer_config
 
     args = llama_args(k=1)
     top1 = build_model(args, transformer_config(args, moe_router_pre_softmax=True))

@@ -19,15 +19,15 @@ from typing import Any
 
 import torch
 
+from megatron_btx import progress, runtime
 from megatron_btx.checkpoint import manifest
-from megatron_btx.checkpoint.hf import HFReader, HFShardWriter, copy_tokenizer
+from megatron_btx.checkpoint.hf import HFReader, copy_tokenizer
 from megatron_btx.checkpoint.mapping import check_hf_keys, hf_to_mcore, mcore_to_hf
 from megatron_btx.checkpoint.megatron_io import (
     atomic_folder,
     check_target,
     is_checkpoint,
     read_args,
-    save_model,
 )
 from megatron_btx.errors import BTXError
 from megatron_btx.models.llama import LlamaArgs, build_model, check_parallel, to_dtype
@@ -40,31 +40,7 @@ TOKENIZER_DIR = "tokenizer"
 
 
 def _progress(total: int, desc: str):
-    try:
-        from tqdm import tqdm
-
-        return tqdm(total=total, desc=desc, unit="tensor", file=sys.stderr, leave=False)
-    except ImportError:  # tqdm is a dependency, but a progress bar is not worth a crash
-        return None
-
-
-class _single_process:
-    """A one-process runtime for tools, unless the caller already set one up."""
-
-    def __enter__(self):
-        from megatron_btx import runtime
-
-        self.owned = runtime._RUNTIME is None
-        if self.owned:
-            runtime.init(device="cpu")
-        return self
-
-    def __exit__(self, *exc):
-        from megatron_btx import runtime
-
-        if self.owned:
-            runtime.teardown()
-        return False
+    return progress.bar(total, desc, unit="layer")
 
 
 def build_unsharded(args: LlamaArgs, dtype: torch.dtype) -> torch.nn.Module:
@@ -161,7 +137,7 @@ def hf_to_megatron(
     src_dtype = _ST_DTYPES.get(reader.dtype("model.embed_tokens.weight"), "fp32")
     dt = to_dtype(dtype or src_dtype)
     check_target(save, overwrite)
-    with _single_process():
+    with runtime.single_process():
         with atomic_folder(save, overwrite) as tmp:
             n = stream_to_torch_dist(hf_to_mcore(reader.get, args), args, dt, tmp, str(load))
             tok = copy_tokenizer(load, tmp / TOKENIZER_DIR)
@@ -201,7 +177,7 @@ def megatron_to_hf(
     src = manifest.read(load)
     dt = to_dtype(dtype or src.get("dtype", "fp32"))
     check_target(save, overwrite)
-    with _single_process():
+    with runtime.single_process():
         from megatron_btx.checkpoint.dcp_stream import PartialReader
         from megatron_btx.checkpoint.merge import StreamingSafetensorsWriter, build_gpt
 

@@ -44,7 +44,7 @@ def write(folder: str | Path, **fields: Any) -> dict[str, Any]:
         "format_version": FORMAT_VERSION,
         "tool": "megatron_btx",
         "tool_version": megatron_btx.__version__,
-        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         **fields,
     }
     path = Path(folder) / MANIFEST

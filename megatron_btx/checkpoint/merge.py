@@ -44,6 +44,7 @@ from typing import Any
 
 import torch
 
+from megatron_btx import progress, runtime
 from megatron_btx.checkpoint import manifest
 from megatron_btx.checkpoint.dcp_stream import PartialReader, StreamingDCPWriter, read_metadata
 from megatron_btx.checkpoint.hf import (
@@ -53,6 +54,7 @@ from megatron_btx.checkpoint.hf import (
     TOKENIZER_FILES,
     HFReader,
     PreadSafetensors,
+    copy_tokenizer,
 )
 from megatron_btx.checkpoint.mapping import (
     check_hf_keys,
@@ -832,33 +834,10 @@ def _routed_expert_sources(plan: MergePlan) -> list[int]:
 # The merge
 # =============================================================================================
 def _progress(total: int, desc: str, enabled: bool):
-    if not enabled:
-        return None
-    try:
-        from tqdm import tqdm
-
-        return tqdm(total=total, desc=desc, unit="layer", file=sys.stderr, leave=False)
-    except ImportError:
-        return None
+    return progress.bar(total, desc, unit="layer", enabled=enabled)
 
 
-class _single_process:
-    """A one-process megatron runtime unless the caller already has one."""
-
-    def __enter__(self):
-        from megatron_btx import runtime
-
-        self.owned = runtime._RUNTIME is None
-        if self.owned:
-            runtime.init(device="cpu")
-        return self
-
-    def __exit__(self, *exc):
-        from megatron_btx import runtime
-
-        if self.owned:
-            runtime.teardown()
-        return False
+_single_process = runtime.single_process
 
 
 def _parse_layers(spec: str | None, L: int) -> list[int] | None:
@@ -1210,16 +1189,7 @@ def _partial_keys(template: dict[str, Any]) -> set[str]:
             if isinstance(v, (ShardedTensor, ShardedTensorFactory))}  # fmt: skip
 
 
-def _copy_tokenizer(src: Path, dst: Path) -> list[str]:
-    import shutil
-
-    out = []
-    for name in TOKENIZER_FILES:
-        if (src / name).is_file():
-            dst.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(src / name, dst / name)
-            out.append(name)
-    return out
+_copy_tokenizer = copy_tokenizer
 
 
 def _source_entry(s: Source, i: int, plan: MergePlan, sha: dict[str, str], has_seed: bool):

@@ -159,3 +159,19 @@ def teardown() -> None:
     if dist.is_initialized():
         dist.destroy_process_group()
     _RUNTIME = None
+
+
+class single_process:
+    """A one-process CPU runtime for tools (converters, merge, evaluation), unless the caller
+    already set one up: `with runtime.single_process(): ...`."""
+
+    def __enter__(self) -> "single_process":
+        self.owned = _RUNTIME is None
+        if self.owned:
+            init(device="cpu")
+        return self
+
+    def __exit__(self, *exc) -> bool:
+        if self.owned:
+            teardown()
+        return False

@@ -1,0 +1,16 @@
+"""Progress bars for long single-process work (conversion, merge, evaluation), on stderr."""
+
+from __future__ import annotations
+
+import sys
+
+
+def bar(total: int, desc: str, unit: str = "it", enabled: bool = True):
+    """A tqdm bar, or None when disabled or tqdm is missing (callers check for None)."""
+    if not enabled:
+        return None
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        return None
+    return tqdm(total=total, desc=desc, unit=unit, file=sys.stderr, leave=False)
