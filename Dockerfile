@@ -2,6 +2,8 @@
 # the fast path (TE layer specs, fused kernels, bf16) is chosen automatically on GPUs.
 #   docker build -t megatron-btx:0.1.0 .
 #   srun --container-image=megatron-btx:0.1.0 btx train CONFIG      (pyxis/enroot)
+#   btx launch CONFIG --executor slurm --container-image IMAGE ...   (the whole BTX plan, from the
+#   login node: jobs run `python -m megatron_btx ...` inside the image; examples/paper_7b)
 FROM nvcr.io/nvidia/pytorch:25.10-py3
 
 ARG BTX_VERSION=0.1.0

@@ -20,6 +20,15 @@ COMMANDS: dict[str, tuple[str, str]] = {
                   "HF Llama/Mixtral safetensors -> megatron-core torch_dist"),
     "export-hf": ("megatron_btx.checkpoint.convert:megatron_to_hf_main",
                   "megatron-core torch_dist -> HF Llama/Mixtral safetensors"),
+    "launch": ("megatron_btx.pipeline.launch:main",
+               "submit the BTX plan to Slurm as dependent sbatch jobs (srun + torchrun, requeue)"),
+    "run": ("megatron_btx.pipeline.cli:run_main",
+            "run a whole BTX experiment from one config (seed, experts, merge, finetune, "
+            "baselines, evaluation); re-run to resume"),
+    "status": ("megatron_btx.pipeline.cli:status_main",
+               "show each stage of a BTX run directory (done/running/failed/pending)"),
+    "evaluate": ("megatron_btx.eval.cli:main",
+                 "per-domain held-out perplexity table and routing analysis of a BTX run"),
 }  # fmt: skip
 
 

@@ -1,20 +1,21 @@
 #!/usr/bin/env bash
-# The main job, on built-in defaults, on a CPU: set up .venv, fetch and tokenise the four
-# built-in domains (code, math, prose, legal), train a small dense Llama expert on the code
-# domain with megatron-core, and export it to an HF Llama checkpoint.
-# (The full BTX run -- seed, N experts, merge, MoE finetune, evaluation -- replaces this once
-# the pipeline lands; see the README's status section.)
+# The README's main command: the whole Branch-Train-MiX method in miniature, on a CPU, from one
+# config (examples/small_btx.yaml) and one command (`btx run`):
+#   data      the four built-in domains (code, math, prose, legal) -> SentencePiece + datasets
+#   seed      a small Llama pretrained briefly on their mix
+#   branch    one dense expert per domain, continued on its own domain (two at a time)
+#   MiX       merge: the experts' FFNs + the seed's as MoE experts, the rest averaged, new routers
+#   finetune  the top-2 MoE on the blend of all domains (load balancing, alpha 0.01)
+#   baselines dense (the seed continued) and sparse upcycling at the same training FLOPs; BTM
+#   evaluate  per-domain held-out perplexity of every model, routing tables and heatmaps
+# Re-running skips finished stages and resumes interrupted ones; `btx status runs/small_btx`
+# shows where a run is. Extra arguments go to `btx run` (e.g. --parallel 1, --experts.steps 50).
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 bash "$ROOT/scripts/setup_venv.sh" tensorboard
 cd "$ROOT"
-export OMP_NUM_THREADS="${OMP_NUM_THREADS:-2}" PYTHONWARNINGS="${PYTHONWARNINGS:-ignore}"
-BTX="$ROOT/.venv/bin/btx"
-echo "== [1/3] data: built-in corpora -> SentencePiece + indexed datasets (data/small)"
-"$BTX" prepare-data --builtin-domains all --output-dir data/small
-echo "== [2/3] train: small dense Llama on the code domain (runs/small_dense)"
-"$BTX" train examples/small_dense.yaml "$@"
-echo "== [3/3] export: latest checkpoint -> HF Llama (runs/small_dense/hf)"
-LATEST="runs/small_dense/checkpoints/$(cat runs/small_dense/checkpoints/latest)"
-"$BTX" export-hf --load "$LATEST" --save runs/small_dense/hf --overwrite
-echo "done: checkpoints in runs/small_dense/checkpoints, HF export in runs/small_dense/hf"
+# One thread per stage and two stages at a time: for models this small, two single-threaded
+# processes train faster than one process with two threads.
+export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}" PYTHONWARNINGS="${PYTHONWARNINGS:-ignore}"
+"$ROOT/.venv/bin/btx" run examples/small_btx.yaml --parallel "${BTX_PARALLEL:-2}" "$@"
+echo "table: runs/small_btx/eval/results.md; routing: runs/small_btx/eval/routing.md, routing*.png"

@@ -1,0 +1,539 @@
+"""The training configuration: one YAML file of dataclass sections, with dotted overrides.
+
+A run is described by a single YAML file with the sections below (every key optional unless
+said otherwise; the defaults are the BTX paper's where it gives one):
+
+```yaml
+run_dir: runs/small_dense         # checkpoints/, metrics.jsonl, tensorboard/, config.yaml
+model:                            # one of init_from / hf_config / inline fields
+  init_from: null                 # a megatron_btx checkpoint folder (converted or trained):
+                                  #   architecture from its manifest, weights loaded, no optimizer
+  hf_config: null                 # an HF config.json (or a folder with one): architecture only
+  hidden_size: 256                # ... any LlamaArgs field inline (vocab_size defaults to the
+                                  #   tokenizer's); num_local_experts > 0 makes an MoE
+  init_method_std: 0.02
+  spec: auto                      # auto | local | te (Transformer Engine layer spec)
+  recompute: false                # full activation recompute
+parallel: {tp: 1, pp: 1, ep: 1, etp: null, vpp: null, sequence_parallel: false,
+           distributed_optimizer: false, overlap_grad_reduce: false}
+data:
+  path: data/small                # a folder prepared by `btx prepare-data` (manifest.json)
+  domains: null                   # null: every domain, weighted by train tokens; a list of
+                                  #   names; or {name: weight}
+  blend: null                     # or explicit [[prefix, weight], ...] (then `tokenizer` needed)
+  tokenizer: null                 # default: <path>/tokenizer.model
+  valid_domains: null             # domains for per-domain validation (default: the blend's)
+  seq_length: 256
+  micro_batch_size: 4
+  global_batch_size: 8            # = micro_batch_size x microbatches x data-parallel size
+  cache_dir: null                 # megatron's dataset index cache (default <run_dir>/data_cache)
+optimizer: {weight_decay: 0.1, adam_beta1: 0.9, adam_beta2: 0.95, adam_eps: 1.0e-8,
+            clip_grad: 1.0}
+train:
+  steps: 1000
+  lr: 1.0e-4
+  min_lr_ratio: 0.1               # cosine decays to lr * min_lr_ratio
+  warmup_steps: 100
+  lr_decay_style: cosine          # cosine | linear | constant
+  lr_decay_steps: null            # default: steps
+  eval_interval: 100
+  eval_iters: 4                   # global batches per domain per evaluation
+  save_interval: 500
+  keep_last: 2
+  log_interval: 10
+  exit_after: null                # stop (with a checkpoint) after this step; schedule unchanged
+  seed: 1234
+  device: auto                    # auto | cpu | cuda
+  dtype: auto                     # auto (bf16 on GPU, fp32 on CPU) | fp32 | bf16
+  resume: auto                    # auto (if RUN/checkpoints/latest exists) | true | false
+moe:
+  dispatcher: alltoall            # alltoall | allgather
+  aux_loss_coeff: 0.01
+  load_balancing: aux_loss        # aux_loss | seq_aux_loss | sinkhorn | none
+  capacity_factor: null
+  router: null                    # {type: topk|switch|sample_top1|soft, ...}: passed through to
+                                  #   megatron_btx.models.routers.install
+logging: {tensorboard: true, wandb: false, wandb_project: megatron_btx, wandb_name: null,
+          wandb_mode: null}
+```
+
+Command-line overrides are ``--section.key VALUE`` (or ``--section.key=VALUE``); the value is
+parsed as YAML and then coerced to the field's type (so ``3e-4`` is a float). Unknown sections
+or keys, wrong types and inconsistent settings raise :class:`BTXError` naming the key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from megatron_btx.errors import BTXError
+
+# ---------------------------------------------------------------------------------------------
+# Sections
+# ---------------------------------------------------------------------------------------------
+
+#: LlamaArgs fields that may be given inline in the model section.
+LLAMA_FIELDS = (
+    "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+    "num_key_value_heads", "head_dim", "vocab_size", "rms_norm_eps", "rope_theta",
+    "rope_scaling", "max_position_embeddings", "tie_word_embeddings", "num_local_experts",
+    "num_experts_per_tok", "router_aux_loss_coef", "bos_token_id", "eos_token_id",
+)  # fmt: skip
+
+
+@dataclass
+class ModelConfig:
+    init_from: str | None = None
+    hf_config: str | None = None
+    hidden_size: int | None = None
+    intermediate_size: int | None = None
+    num_hidden_layers: int | None = None
+    num_attention_heads: int | None = None
+    num_key_value_heads: int | None = None
+    head_dim: int | None = None
+    vocab_size: int | None = None
+    rms_norm_eps: float | None = None
+    rope_theta: float | None = None
+    rope_scaling: dict[str, Any] | None = None
+    max_position_embeddings: int | None = None
+    tie_word_embeddings: bool | None = None
+    num_local_experts: int | None = None
+    num_experts_per_tok: int | None = None
+    router_aux_loss_coef: float | None = None
+    bos_token_id: int | None = None
+    eos_token_id: int | None = None
+    init_method_std: float = 0.02
+    spec: str = "auto"
+    recompute: bool = False
+
+    def inline_fields(self) -> dict[str, Any]:
+        return {k: getattr(self, k) for k in LLAMA_FIELDS if getattr(self, k) is not None}
+
+
+@dataclass
+class ParallelConfig:
+    tp: int = 1
+    pp: int = 1
+    ep: int = 1
+    etp: int | None = None
+    vpp: int | None = None
+    sequence_parallel: bool = False
+    distributed_optimizer: bool = False
+    overlap_grad_reduce: bool = False
+
+
+@dataclass
+class DataConfig:
+    path: str | None = None
+    domains: list[str] | dict[str, float] | None = None
+    blend: list[list[Any]] | None = None
+    tokenizer: str | None = None
+    valid_domains: list[str] | None = None
+    seq_length: int = 256
+    micro_batch_size: int = 4
+    global_batch_size: int = 8
+    cache_dir: str | None = None
+
+
+@dataclass
+class OptimizerConfig:
+    weight_decay: float = 0.1
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.95
+    adam_eps: float = 1e-8
+    clip_grad: float = 1.0
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 1000
+    lr: float = 1e-4
+    min_lr_ratio: float = 0.1
+    warmup_steps: int = 100
+    lr_decay_style: str = "cosine"
+    lr_decay_steps: int | None = None
+    eval_interval: int = 100
+    eval_iters: int = 4
+    save_interval: int = 500
+    keep_last: int = 2
+    log_interval: int = 10
+    exit_after: int | None = None
+    seed: int = 1234
+    device: str = "auto"
+    dtype: str = "auto"
+    resume: str | bool = "auto"
+
+
+@dataclass
+class MoEConfig:
+    dispatcher: str = "alltoall"
+    aux_loss_coeff: float = 0.01
+    load_balancing: str = "aux_loss"
+    capacity_factor: float | None = None
+    router: dict[str, Any] | None = None
+
+
+@dataclass
+class LoggingConfig:
+    tensorboard: bool = True
+    wandb: bool = False
+    wandb_project: str = "megatron_btx"
+    wandb_name: str | None = None
+    wandb_mode: str | None = None
+
+
+@dataclass
+class Config:
+    run_dir: str = "runs/default"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    moe: MoEConfig = field(default_factory=MoEConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+    # ---- (de)serialisation -----------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False, default_flow_style=False)
+
+    def save(self, path: str | os.PathLike[str]) -> None:
+        path = Path(path)
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(self.to_yaml())
+        os.replace(tmp, path)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any], source: str = "config") -> Config:
+        return _build(cls, d, "", source)
+
+    # ---- consistency -------------------------------------------------------------------------
+    def validate(self, world_size: int | None = None) -> None:
+        """Check everything that does not need the model architecture or the data on disk;
+        with `world_size`, also the parallel layout against it."""
+        p, t, d, m = self.parallel, self.train, self.data, self.moe
+        for key, val in (("parallel.tp", p.tp), ("parallel.pp", p.pp), ("parallel.ep", p.ep)):
+            if val < 1:
+                raise BTXError(f"{key}={val} must be >= 1")
+        if p.etp is not None and p.etp < 1:
+            raise BTXError(f"parallel.etp={p.etp} must be >= 1 (or null: same as tp)")
+        if p.vpp is not None:
+            if p.vpp < 2:
+                raise BTXError(f"parallel.vpp={p.vpp}: virtual pipeline needs vpp >= 2 (or null)")
+            if p.pp < 2:
+                raise BTXError(f"parallel.vpp={p.vpp} needs parallel.pp >= 2 (got {p.pp})")
+        _one_of("train.device", t.device, ("auto", "cpu", "cuda"))
+        _one_of("train.dtype", t.dtype, ("auto", "fp32", "bf16"))
+        _one_of("train.lr_decay_style", t.lr_decay_style, ("cosine", "linear", "constant"))
+        _one_of("train.resume", t.resume, ("auto", True, False))
+        _one_of("moe.dispatcher", m.dispatcher, ("alltoall", "allgather"))
+        _one_of("moe.load_balancing", m.load_balancing,
+                ("aux_loss", "seq_aux_loss", "sinkhorn", "none"))  # fmt: skip
+        _one_of("model.spec", self.model.spec, ("auto", "local", "te"))
+        for key in ("steps", "warmup_steps"):
+            if getattr(t, key) < 0:
+                raise BTXError(f"train.{key}={getattr(t, key)} must be >= 0")
+        for key in ("eval_interval", "eval_iters", "save_interval", "keep_last", "log_interval"):
+            if getattr(t, key) < 1:
+                raise BTXError(f"train.{key}={getattr(t, key)} must be >= 1")
+        if t.lr <= 0:
+            raise BTXError(f"train.lr={t.lr} must be positive")
+        if not 0.0 <= t.min_lr_ratio <= 1.0:
+            raise BTXError(f"train.min_lr_ratio={t.min_lr_ratio} must be in [0, 1]")
+        if t.lr_decay_steps is not None and t.lr_decay_steps < 1:
+            raise BTXError(f"train.lr_decay_steps={t.lr_decay_steps} must be >= 1 (or null)")
+        if t.exit_after is not None and t.exit_after < 0:
+            raise BTXError(f"train.exit_after={t.exit_after} must be >= 0 (or null)")
+        if self.optimizer.clip_grad < 0:
+            raise BTXError(f"optimizer.clip_grad={self.optimizer.clip_grad} must be >= 0")
+        for key in ("seq_length", "micro_batch_size", "global_batch_size"):
+            if getattr(d, key) < 1:
+                raise BTXError(f"data.{key}={getattr(d, key)} must be >= 1")
+        if d.global_batch_size % d.micro_batch_size:
+            raise BTXError(
+                f"data.global_batch_size={d.global_batch_size} is not a multiple of "
+                f"data.micro_batch_size={d.micro_batch_size}"
+            )
+        if d.path is None and d.blend is None:
+            raise BTXError("data.path (a prepared data folder) or data.blend must be set")
+        if d.blend is not None:
+            if d.domains is not None:
+                raise BTXError("data.blend and data.domains are exclusive; set only one")
+            for i, item in enumerate(d.blend):
+                if not (isinstance(item, (list, tuple)) and len(item) == 2):
+                    raise BTXError(f"data.blend[{i}] must be [prefix, weight], got {item!r}")
+            if d.tokenizer is None and d.path is None:
+                raise BTXError("data.blend needs data.tokenizer (the tokenizer.model path)")
+        if self.model.init_from and self.model.hf_config:
+            raise BTXError("model.init_from and model.hf_config are exclusive; set only one")
+        if m.router is not None:
+            if not isinstance(m.router, dict) or "type" not in m.router:
+                raise BTXError("moe.router must be a mapping with a 'type' (e.g. {type: topk})")
+        if world_size is not None:
+            self.validate_world(world_size)
+
+    def validate_world(self, world_size: int) -> None:
+        p, d = self.parallel, self.data
+        if world_size % (p.tp * p.pp):
+            raise BTXError(
+                f"parallel.tp x parallel.pp = {p.tp}x{p.pp} does not divide the world size "
+                f"{world_size}; launch a multiple of {p.tp * p.pp} processes"
+            )
+        etp = p.etp if p.etp is not None else p.tp
+        if world_size % (etp * p.ep * p.pp):
+            raise BTXError(
+                f"parallel.etp x parallel.ep x parallel.pp = {etp}x{p.ep}x{p.pp} does not "
+                f"divide the world size {world_size}"
+            )
+        dp = world_size // (p.tp * p.pp)
+        if d.global_batch_size % (d.micro_batch_size * dp):
+            raise BTXError(
+                f"data.global_batch_size={d.global_batch_size} is not a multiple of "
+                f"data.micro_batch_size x data-parallel size = {d.micro_batch_size}x{dp}"
+            )
+
+    def validate_model(self, args: Any) -> None:
+        """Checks that need the resolved architecture (a LlamaArgs)."""
+        p = self.parallel
+        if args.num_attention_heads % p.tp:
+            raise BTXError(
+                f"parallel.tp={p.tp} does not divide model.num_attention_heads="
+                f"{args.num_attention_heads}"
+            )
+        if args.num_key_value_heads % p.tp:
+            raise BTXError(
+                f"parallel.tp={p.tp} does not divide model.num_key_value_heads="
+                f"{args.num_key_value_heads}"
+            )
+        if args.intermediate_size % p.tp:
+            raise BTXError(
+                f"parallel.tp={p.tp} does not divide model.intermediate_size="
+                f"{args.intermediate_size}"
+            )
+        stages = p.pp * (p.vpp or 1)
+        if args.num_hidden_layers % stages:
+            raise BTXError(
+                f"parallel.pp x parallel.vpp = {stages} does not divide "
+                f"model.num_hidden_layers={args.num_hidden_layers}"
+            )
+        if p.ep > 1 and (not args.is_moe or args.num_local_experts % p.ep):
+            raise BTXError(
+                f"parallel.ep={p.ep} needs an MoE whose model.num_local_experts "
+                f"({args.num_local_experts}) is a multiple of it"
+            )
+        if args.is_moe and args.num_experts_per_tok > args.num_local_experts:
+            raise BTXError(
+                f"model.num_experts_per_tok={args.num_experts_per_tok} exceeds "
+                f"model.num_local_experts={args.num_local_experts}"
+            )
+        if self.data.seq_length > args.max_position_embeddings:
+            raise BTXError(
+                f"data.seq_length={self.data.seq_length} exceeds "
+                f"model.max_position_embeddings={args.max_position_embeddings}"
+            )
+        if self.moe.router is not None and not args.is_moe:
+            raise BTXError("moe.router is set but the model is dense (num_local_experts = 0)")
+
+
+def _one_of(key: str, value: Any, allowed: tuple) -> None:
+    if value not in allowed:
+        raise BTXError(f"{key}={value!r} must be one of {', '.join(map(str, allowed))}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Building dataclasses from plain dicts, with type checks that name the key
+# ---------------------------------------------------------------------------------------------
+def _build(cls: type, d: Any, prefix: str, source: str) -> Any:
+    if d is None:
+        d = {}
+    if not isinstance(d, dict):
+        raise BTXError(f"{source}: {prefix.rstrip('.') or 'the top level'} must be a mapping")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in d.items():
+        full = f"{prefix}{key}"
+        if key not in names:
+            close = _close_match(str(key), names)
+            hint = f" (did you mean {prefix}{close}?)" if close else ""
+            raise BTXError(f"{source}: unknown key {full!r}{hint}")
+        typ = hints[key]
+        if dataclasses.is_dataclass(typ):
+            kwargs[key] = _build(typ, value, f"{full}.", source)
+        else:
+            kwargs[key] = _coerce(value, typ, full, source)
+    return cls(**kwargs)
+
+
+def _close_match(key: str, names: set[str]) -> str | None:
+    import difflib
+
+    m = difflib.get_close_matches(key, sorted(names), n=1, cutoff=0.6)
+    return m[0] if m else None
+
+
+def _coerce(value: Any, typ: Any, key: str, source: str) -> Any:
+    """Check `value` against the annotation `typ`, converting where YAML is ambiguous
+    (``3e-4`` is a string to YAML 1.1, an int where a float is wanted)."""
+    origin = typing.get_origin(typ)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(typ)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for a in args:
+            if a is type(None):
+                continue
+            try:
+                return _coerce(value, a, key, source)
+            except BTXError as e:
+                errors.append(str(e))
+        raise BTXError(errors[0] if len(errors) == 1 else
+                       f"{source}: {key}={value!r} has the wrong type (expected {_tname(typ)})")
+    if typ is Any:
+        return value
+    if typ is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "on", "off"):
+            return value.lower() in ("true", "yes", "on")
+    elif typ is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        if isinstance(value, str):
+            try:
+                f = float(value)
+            except ValueError:
+                pass
+            else:
+                if f.is_integer():
+                    return int(f)
+    elif typ is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+    elif typ is str:
+        if isinstance(value, str):
+            return value
+        if isinstance(value, os.PathLike):
+            return os.fspath(value)
+    elif origin is list:
+        (item,) = typing.get_args(typ) or (Any,)
+        if isinstance(value, (list, tuple)):
+            return [_coerce(v, item, f"{key}[{i}]", source) for i, v in enumerate(value)]
+    elif origin is dict:
+        kt, vt = typing.get_args(typ) or (Any, Any)
+        if isinstance(value, dict):
+            return {_coerce(k, kt, key, source): _coerce(v, vt, f"{key}.{k}", source)
+                    for k, v in value.items()}  # fmt: skip
+    raise BTXError(f"{source}: {key}={value!r} has the wrong type (expected {_tname(typ)})")
+
+
+def _tname(typ: Any) -> str:
+    if isinstance(typ, type):
+        return typ.__name__
+    return str(typ).replace("typing.", "")
+
+
+# ---------------------------------------------------------------------------------------------
+# YAML and overrides
+# ---------------------------------------------------------------------------------------------
+def read_yaml(path: str | os.PathLike[str]) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise BTXError(f"{path}: config file not found")
+    try:
+        d = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise BTXError(f"{path}: not valid YAML ({e})") from e
+    if d is None:
+        return {}
+    if not isinstance(d, dict):
+        raise BTXError(f"{path}: the top level must be a mapping of sections")
+    return d
+
+
+def parse_overrides(argv: list[str]) -> list[tuple[str, Any]]:
+    """``["--train.lr", "3e-4", "--parallel.tp=2"]`` -> ``[("train.lr", "3e-4"), ...]``
+    (values parsed as YAML; typing happens when the config is built)."""
+    out: list[tuple[str, Any]] = []
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        if not arg.startswith("--") or len(arg) == 2:
+            raise BTXError(f"override {arg!r} must look like --section.key VALUE")
+        key = arg[2:]
+        if "=" in key:
+            key, raw = key.split("=", 1)
+            i += 1
+        else:
+            if i + 1 >= len(argv):
+                raise BTXError(f"override --{key} has no value")
+            raw = argv[i + 1]
+            i += 2
+        try:
+            value = yaml.safe_load(raw) if raw != "" else ""
+        except yaml.YAMLError:
+            value = raw
+        out.append((key, value))
+    return out
+
+
+def apply_overrides(d: dict[str, Any], overrides: list[tuple[str, Any]]) -> dict[str, Any]:
+    """Set dotted keys in the raw dict (keys are checked when the dataclasses are built;
+    a key that walks into a non-mapping is reported here)."""
+    d = json.loads(json.dumps(d, default=str)) if d else {}
+    for key, value in overrides:
+        parts = key.split(".")
+        if any(not p for p in parts):
+            raise BTXError(f"override --{key}: empty key part")
+        node = d
+        for j, part in enumerate(parts[:-1]):
+            nxt = node.get(part)
+            if nxt is None:
+                nxt = node[part] = {}
+            elif not isinstance(nxt, dict):
+                raise BTXError(
+                    f"override --{key}: {'.'.join(parts[: j + 1])} is not a section"
+                )
+            node = nxt
+        node[parts[-1]] = value
+    return d
+
+
+def load(
+    path: str | os.PathLike[str] | None = None,
+    overrides: list[str] | list[tuple[str, Any]] | None = None,
+    base: dict[str, Any] | None = None,
+) -> Config:
+    """Read a YAML config (or start from `base`), apply overrides, build and validate it."""
+    d = dict(base or {})
+    source = "config"
+    if path is not None:
+        d.update(read_yaml(path))
+        source = str(path)
+    if overrides:
+        pairs = (parse_overrides(overrides)  # type: ignore[arg-type]
+                 if overrides and isinstance(overrides[0], str) else overrides)  # fmt: skip
+        d = apply_overrides(d, pairs)  # type: ignore[arg-type]
+    cfg = Config.from_dict(d, source)
+    cfg.validate()
+    return cfg

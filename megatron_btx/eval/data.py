@@ -1,0 +1,85 @@
+"""Held-out evaluation windows and training-document samples, read from prepared datasets.
+
+Evaluation data of a domain: its held-out split (``<domain>_test_text_document``; documents never
+straddle splits), concatenated in document order and cut into non-overlapping windows of
+``seq_length + 1`` tokens; ``tokens_per_domain / seq_length`` windows are taken evenly spaced over
+the whole split (so every held-out document contributes, not just the first), each scored
+independently on its last ``seq_length`` tokens. Every scored token remembers the document it
+belongs to, which is what BTM's per-document expert choice needs.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import numpy as np
+
+from megatron_btx.data.preprocess import split_prefix
+from megatron_btx.errors import BTXError
+
+
+@dataclass
+class EvalSet:
+    domain: str
+    windows: np.ndarray  # [n, seq_length + 1] int64 token ids
+    doc_of_target: np.ndarray  # [n, seq_length] document index of each scored token
+    docs: list[np.ndarray]  # token ids of each held-out document (BTM routing input)
+
+    @property
+    def n_tokens(self) -> int:
+        return int(self.doc_of_target.size)
+
+
+def _dataset(prefix: str):
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+    if not os.path.isfile(prefix + ".idx"):
+        raise BTXError(f"{prefix}.idx: no such dataset (prepare the data with btx prepare-data)")
+    return IndexedDataset(prefix, mmap=True)
+
+
+def documents(prefix: str, max_docs: int | None = None, max_tokens: int | None = None,
+              ) -> list[np.ndarray]:  # fmt: skip
+    """The documents (sequences) of an indexed dataset, optionally a spread-out subset."""
+    ds = _dataset(prefix)
+    n = len(ds.sequence_lengths)
+    idx = np.arange(n)
+    if max_docs is not None and n > max_docs:
+        idx = np.linspace(0, n - 1, max_docs).round().astype(int)
+    out: list[np.ndarray] = []
+    total = 0
+    for i in idx:
+        d = np.asarray(ds[int(i)], dtype=np.int64)
+        if max_tokens is not None and total + len(d) > max_tokens:
+            d = d[: max(0, max_tokens - total)]
+        if len(d):
+            out.append(d)
+        total += len(d)
+        if max_tokens is not None and total >= max_tokens:
+            break
+    return out
+
+
+def eval_set(data_dir: str, domain: str, split: str, seq_length: int,
+             tokens_per_domain: int) -> EvalSet:  # fmt: skip
+    prefix = split_prefix(os.path.join(data_dir, domain), split)
+    docs = documents(prefix)
+    if not docs:
+        raise BTXError(f"{prefix}: the {split} split of {domain} is empty")
+    flat = np.concatenate(docs)
+    doc_id = np.concatenate([np.full(len(d), i, dtype=np.int64) for i, d in enumerate(docs)])
+    w = seq_length + 1
+    n_avail = len(flat) // w
+    if n_avail == 0:
+        raise BTXError(
+            f"{prefix}: {len(flat)} held-out tokens, fewer than one window of {w}; lower "
+            f"data.seq_length or hold out more documents (data.split)"
+        )
+    n_want = max(1, tokens_per_domain // seq_length)
+    pick = (np.arange(n_avail) if n_want >= n_avail else
+            np.linspace(0, n_avail - 1, n_want).round().astype(int))  # fmt: skip
+    starts = pick * w
+    windows = np.stack([flat[s : s + w] for s in starts])
+    doc_of_target = np.stack([doc_id[s + 1 : s + w] for s in starts])
+    return EvalSet(domain, windows, doc_of_target, docs)

@@ -1,0 +1,173 @@
+"""``btx run CONFIG`` (execute a BTX plan locally) and ``btx status RUN_DIR``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+from megatron_btx.errors import BTXError
+
+
+def _run_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="btx run",
+        usage="btx run CONFIG [--parallel N] [--run-dir DIR] [--only STAGE ...] [--dry-run] "
+        "[--section.key VALUE ...]",
+        description="Run a whole Branch-Train-MiX experiment from one BTX config (see "
+        "examples/small_btx.yaml): data, seed, experts, merge, MoE finetune, baselines, "
+        "evaluation. Re-running skips finished stages and resumes interrupted ones.",
+    )
+    p.add_argument("config", help="BTX YAML config")
+    p.add_argument("--run-dir", help="override the config's run_dir")
+    p.add_argument("--parallel", type=int, default=1,
+                   help="stages run at the same time (independent experts/baselines), default 1")
+    p.add_argument("--threads", type=int, default=None,
+                   help="OMP_NUM_THREADS of each stage (default: $OMP_NUM_THREADS, else "
+                   "CPU cores / running stages)")  # fmt: skip
+    p.add_argument("--only", nargs="+", metavar="STAGE", help="run only these stages")
+    p.add_argument("--dry-run", action="store_true", help="write and print the plan, run nothing")
+    p.add_argument("--quiet", action="store_true", help="no stage output on the console")
+    return p
+
+
+def run_main(argv: list[str] | None = None) -> int:
+    from megatron_btx.pipeline import local, plan
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args, rest = _run_parser().parse_known_args(argv)
+    try:
+        from megatron_btx.pipeline import config as btx_config
+
+        cfg = btx_config.load(args.config, rest or None)
+        stages = plan.build_plan(cfg, args.run_dir)
+        run_dir = cfg.run_dir
+        if args.only:
+            unknown = [n for n in args.only if n not in {s.name for s in stages}]
+            if unknown:
+                raise BTXError(f"--only {unknown[0]}: no such stage (stages: "
+                               f"{', '.join(s.name for s in stages)})")  # fmt: skip
+        print(f"[btx run] plan: {len(stages)} stages in {run_dir} (btx status {run_dir})",
+              flush=True)  # fmt: skip
+        for s in stages:
+            extra = (f"  {s.steps} steps, {s.tokens:,} tokens, {plan.fmt_flops(s.flops)} FLOPs"
+                     if s.kind == "train" else "")  # fmt: skip
+            dep = f" <- {', '.join(s.deps)}" if s.deps else ""
+            print(f"  {s.name:<26} {s.kind:<6}{extra}{dep}", flush=True)
+        if args.dry_run:
+            for s in stages:
+                print(f"btx {' '.join(s.argv)}")
+            return 0
+        ex = local.LocalExecutor(stages, run_dir, args.parallel, args.threads, args.quiet)
+        rc = ex.execute(args.only)
+    except BTXError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    table = Path(run_dir) / "eval" / "results.md"
+    if rc == 0 and table.is_file() and not args.only:
+        print("\n" + table.read_text(), flush=True)
+    return rc
+
+
+# ---------------------------------------------------------------------------------------------
+# status
+# ---------------------------------------------------------------------------------------------
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _progress(stage, run_dir: Path) -> str:
+    """'step 40/80' from a train stage's metrics.jsonl."""
+    if stage.kind != "train" or not stage.workdir:
+        return ""
+    step = None
+    try:
+        with open(Path(stage.workdir) / "metrics.jsonl") as f:
+            for line in f:
+                ev = json.loads(line)
+                if ev.get("event") in ("train", "checkpoint", "end"):
+                    step = ev.get("step", step)
+    except (OSError, ValueError):
+        return ""
+    return f"step {step}/{stage.steps}" if step is not None else ""
+
+
+def stage_states(run_dir: str | os.PathLike[str]) -> list[dict]:
+    """Each stage's state (done | running | failed | interrupted | pending | stale) and times."""
+    import socket
+
+    from megatron_btx.pipeline import local, plan
+
+    run = Path(run_dir)
+    stages = plan.read_plan(run)
+    valid = local.done_stages(stages, run)
+    out = []
+    for s in stages:
+        d = run / "stages"
+        row = {"stage": s.name, "kind": s.kind, "state": "pending", "started": None,
+               "seconds": None, "flops": s.flops, "group": s.group, "detail": ""}  # fmt: skip
+        marker = plan.read_marker(s, run)
+        running = _read(d / f"{s.name}.running")
+        failed = _read(d / f"{s.name}.failed")
+        if s.name in valid and marker:
+            row.update(state="done", started=marker.get("started"), seconds=marker.get("seconds"))
+        elif running:
+            alive = running.get("host") != socket.gethostname() or _pid_alive(running["pid"])
+            row.update(state="running" if alive else "interrupted",
+                       started=running.get("started"),
+                       seconds=round(time.time() - running.get("start_time", time.time()), 1),
+                       detail=_progress(s, run))  # fmt: skip
+        elif failed:
+            row.update(state="failed", seconds=failed.get("seconds"),
+                       detail=f"{failed.get('reason')} (log {failed.get('log')})")  # fmt: skip
+        elif marker:
+            row.update(state="stale", detail="done before a stage it needs was redone")
+        else:
+            row["detail"] = _progress(s, run)
+            if row["detail"]:
+                row["state"] = "interrupted"
+        out.append(row)
+    return out
+
+
+def _read(path: Path) -> dict | None:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def status_main(argv: list[str] | None = None) -> int:
+    from megatron_btx.pipeline import plan
+
+    p = argparse.ArgumentParser(prog="btx status", description="Show each stage of a BTX run.")
+    p.add_argument("run_dir")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    args = p.parse_args(argv)
+    try:
+        rows = stage_states(args.run_dir)
+    except BTXError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    if args.json:
+        print(json.dumps(rows, indent=1))
+        return 0
+    print(f"{'stage':<26} {'kind':<7} {'state':<12} {'started':<21} {'time':>8} {'FLOPs':>9}  detail")
+    for r in rows:
+        secs = "" if r["seconds"] is None else f"{float(r['seconds']):.0f}s"
+        print(f"{r['stage']:<26} {r['kind']:<7} {r['state']:<12} {r['started'] or '':<21} "
+              f"{secs:>8} {plan.fmt_flops(r['flops']):>9}  {r['detail']}")  # fmt: skip
+    counts: dict[str, int] = {}
+    for r in rows:
+        counts[r["state"]] = counts.get(r["state"], 0) + 1
+    print(", ".join(f"{v} {k}" for k, v in counts.items()))
+    return 0

@@ -1,0 +1,325 @@
+"""The BTX run configuration: one YAML file describing a whole Branch-Train-MiX run.
+
+```yaml
+run_dir: runs/small_btx            # everything of the run lives here (see megatron_btx.pipeline.plan)
+data:
+  prepared: null                   # an existing `btx prepare-data` folder: skip preparation
+  vocab_size: 8000                 # SentencePiece vocabulary trained on the domains
+  tokenizer: null                  # or an existing SentencePiece .model (e.g. the seed's)
+  max_mb: 4.0                      # built-in corpora: MB of text kept per domain (0 = all)
+  split: test=0.02,valid=0.02      # held-out document fractions (by a stable hash of the key)
+  txt_separator: null              # text files: a line equal to this separates documents
+  seq_length: 256
+domains:                           # name -> a built-in corpus, or folders/files of text
+  code: builtin                    #   short form: `builtin` / a path / a list of paths
+  math: {source: builtin, weight: 0.3}   # weight: finetune (and dense baseline) sampling weight;
+  mine: {source: [notes/, a.txt]}  #   default: uniform
+model: {hidden_size: 128, ...}     # the dense architecture (LlamaArgs fields); ignored with seed.init_from
+seed:
+  init_from: null                  # an existing seed: megatron checkpoint folder, a run dir with
+                                   #   checkpoints/latest, or an HF Llama folder (imported first)
+  pretrain: {steps: 200, lr: 2e-3} # else: pretrain one on the mix of all domains (train-stage keys)
+experts:                           # train-stage keys (below), applied to every domain expert
+  steps: 150
+merge:
+  seed_as_expert: true             # keep the seed as the generalist expert (paper: yes)
+  router_init: random              # random | zero | centroid
+  top_k: 2
+  extra_args: []                   # more `btx merge` flags (e.g. [--split-chunks, 2])
+finetune:                          # train-stage keys for the MoE finetune, plus:
+  steps: 60
+  router: {type: topk}             # topk | switch | sample_top1 | soft (megatron_btx.models.routers)
+  load_balancing: aux_loss         # aux_loss | seq_aux_loss | sinkhorn | none
+  aux_loss_coeff: 0.01             # alpha
+baselines:
+  dense: true                      # the seed continued on the blend
+  sparse_upcycling: true           # N copies of the seed -> MoE, trained on the blend
+  btm: true                        # experts kept separate, tf-idf routed ensembles at eval
+  compute_match: true              # dense/upcycling steps chosen to equal the BTX FLOPs budget
+evaluation:
+  split: test                      # held-out split to score (test | valid)
+  tokens_per_domain: 16384         # scored tokens per domain (whole sequences of seq_length)
+  btm_top_k: [1, 2]
+  routing: true                    # routing tables and heatmaps for the BTX MoE
+train: {}                          # defaults for every train stage: any key of the training
+                                   #   config's train section (eval_interval, log_interval, ...)
+optimizer: {}                      # the training config's optimizer section, for every stage
+logging: {tensorboard: false}      # the training config's logging section, for every stage
+```
+
+Train-stage keys (seed.pretrain, experts, finetune, and each baseline's optional override):
+``steps, lr, warmup_steps, min_lr_ratio, micro_batch_size, global_batch_size, nproc,
+parallel: {tp, pp, ep, ...}, train: {...any training-config train key}``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from megatron_btx.config import _close_match, _coerce, read_yaml  # same checks as `btx train`
+from megatron_btx.errors import BTXError
+
+BUILTIN = "builtin"
+
+
+@dataclass
+class StageTrain:
+    """How one training stage runs (steps, schedule, batch, processes, parallel layout)."""
+
+    steps: int | None = None
+    lr: float | None = None
+    warmup_steps: int | None = None
+    min_lr_ratio: float | None = None
+    micro_batch_size: int | None = None
+    global_batch_size: int | None = None
+    nproc: int = 1
+    parallel: dict[str, Any] | None = None
+    train: dict[str, Any] | None = None
+
+
+@dataclass
+class FinetuneConfig(StageTrain):
+    router: dict[str, Any] | None = None
+    load_balancing: str = "aux_loss"
+    aux_loss_coeff: float = 0.01
+
+
+@dataclass
+class DataSection:
+    prepared: str | None = None
+    vocab_size: int = 8000
+    tokenizer: str | None = None
+    max_mb: float = 4.0
+    split: str = "test=0.02,valid=0.02"
+    txt_separator: str | None = None
+    seq_length: int = 256
+
+
+@dataclass
+class DomainConfig:
+    source: str | list[str] = BUILTIN
+    weight: float | None = None
+
+    @property
+    def is_builtin(self) -> bool:
+        return self.source == BUILTIN
+
+    @property
+    def paths(self) -> list[str]:
+        return [self.source] if isinstance(self.source, str) else list(self.source)
+
+
+@dataclass
+class SeedConfig:
+    init_from: str | None = None
+    pretrain: StageTrain | None = None
+
+
+@dataclass
+class MergeConfig:
+    seed_as_expert: bool = True
+    router_init: str = "random"
+    top_k: int = 2
+    extra_args: list[str] = field(default_factory=list)
+
+
+@dataclass
+class BaselinesConfig:
+    dense: bool = True
+    sparse_upcycling: bool = True
+    btm: bool = True
+    compute_match: bool = True
+    dense_train: StageTrain | None = None
+    sparse_upcycling_train: StageTrain | None = None
+
+
+@dataclass
+class EvalConfig:
+    split: str = "test"
+    tokens_per_domain: int = 16384
+    btm_top_k: list[int] = field(default_factory=lambda: [1, 2])
+    routing: bool = True
+    micro_batch_size: int = 8
+
+
+@dataclass
+class BTXConfig:
+    run_dir: str = "runs/btx"
+    data: DataSection = field(default_factory=DataSection)
+    domains: dict[str, Any] = field(default_factory=dict)
+    model: dict[str, Any] = field(default_factory=dict)
+    seed: SeedConfig = field(default_factory=SeedConfig)
+    experts: StageTrain = field(default_factory=StageTrain)
+    merge: MergeConfig = field(default_factory=MergeConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    baselines: BaselinesConfig = field(default_factory=BaselinesConfig)
+    evaluation: EvalConfig = field(default_factory=EvalConfig)
+    train: dict[str, Any] = field(default_factory=dict)
+    optimizer: dict[str, Any] = field(default_factory=dict)
+    logging: dict[str, Any] = field(default_factory=lambda: {"tensorboard": False})
+    #: where the YAML was read from (relative data paths are resolved against its folder)
+    source: str | None = None
+
+    # ---- derived --------------------------------------------------------------------------
+    def domain(self, name: str) -> DomainConfig:
+        return self._domains[name]
+
+    @property
+    def domain_names(self) -> list[str]:
+        return list(self._domains)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d.pop("source", None)
+        return d
+
+    def validate(self) -> None:
+        if not self.domains:
+            raise BTXError(f"{self.source or 'config'}: `domains` must name at least one domain")
+        doms: dict[str, DomainConfig] = {}
+        for name, spec in self.domains.items():
+            if not isinstance(name, str) or not name or not all(
+                c.isalnum() or c in "-_" for c in name
+            ):
+                raise BTXError(f"domains.{name}: a domain name is letters, digits, '-' or '_'")
+            if isinstance(spec, (str, list)):
+                spec = {"source": spec}
+            dom = _build(DomainConfig, spec, f"domains.{name}.", self.source or "config")
+            if dom.weight is not None and dom.weight < 0:
+                raise BTXError(f"domains.{name}.weight={dom.weight} must be >= 0")
+            if not dom.is_builtin:
+                dom.source = [self._resolve(p) for p in dom.paths]
+                for p in dom.source:
+                    if not os.path.exists(p):
+                        raise BTXError(
+                            f"domains.{name}.source: {p} does not exist (give a folder or files "
+                            f"of text, or `builtin` for a built-in corpus)"
+                        )
+            else:
+                from megatron_btx.data.corpora import DOMAINS
+
+                if name not in DOMAINS and self.data.prepared is None:
+                    raise BTXError(
+                        f"domains.{name}: `builtin` only exists for {', '.join(DOMAINS)}; give "
+                        f"a folder or files of text as domains.{name}.source"
+                    )
+            doms[name] = dom
+        self._domains = doms
+        weights = [d.weight for d in doms.values()]
+        if any(w is not None for w in weights) and not any(w for w in weights if w):
+            raise BTXError("domains: at least one weight must be positive")
+        if self.data.prepared:
+            self.data.prepared = self._resolve(self.data.prepared)
+        if self.data.tokenizer:
+            self.data.tokenizer = self._resolve(self.data.tokenizer)
+        if self.seed.init_from:
+            self.seed.init_from = self._resolve(self.seed.init_from)
+        elif self.seed.pretrain is None:
+            raise BTXError("seed: give seed.init_from (a checkpoint) or seed.pretrain: {steps: N}")
+        if self.merge.router_init not in ("random", "zero", "centroid"):
+            raise BTXError(f"merge.router_init={self.merge.router_init!r}: random | zero | centroid")
+        n_experts = len(doms) + (1 if self.merge.seed_as_expert else 0)
+        if not 1 <= self.merge.top_k <= n_experts:
+            raise BTXError(f"merge.top_k={self.merge.top_k} must be in 1..{n_experts}")
+        if self.evaluation.split not in ("test", "valid"):
+            raise BTXError(f"evaluation.split={self.evaluation.split!r}: test | valid")
+        if self.evaluation.tokens_per_domain < self.data.seq_length:
+            raise BTXError(
+                f"evaluation.tokens_per_domain={self.evaluation.tokens_per_domain} must be at "
+                f"least data.seq_length={self.data.seq_length}"
+            )
+        for k in self.evaluation.btm_top_k:
+            if not 1 <= k <= len(doms):
+                raise BTXError(f"evaluation.btm_top_k: {k} must be in 1..{len(doms)}")
+        for key, st in (("experts", self.experts), ("finetune", self.finetune),
+                        ("seed.pretrain", self.seed.pretrain)):  # fmt: skip
+            if st is not None:
+                if st.steps is None and key != "seed.pretrain" or (st.steps or 0) < 0:
+                    raise BTXError(f"{key}.steps must be set (>= 0)")
+                if st.nproc < 1:
+                    raise BTXError(f"{key}.nproc={st.nproc} must be >= 1")
+        if self.seed.pretrain is not None and self.seed.pretrain.steps is None:
+            raise BTXError("seed.pretrain.steps must be set")
+
+    def _resolve(self, p: str) -> str:
+        """Paths in the YAML are relative to the current directory if they exist there, else
+        to the YAML's folder."""
+        path = Path(os.path.expanduser(p))
+        if path.is_absolute() or path.exists() or self.source is None:
+            return str(path.resolve()) if path.exists() else str(path)
+        alt = Path(self.source).resolve().parent / path
+        return str(alt.resolve()) if alt.exists() else str(path)
+
+    def weights(self) -> dict[str, float]:
+        """Finetune (and dense-baseline) sampling weights: the given ones (a domain without one
+        gets 0 when any is given), else uniform; normalised to sum to 1. Deliberately not derived
+        from the prepared data, so the plan is the same before and after preparation."""
+        given = {n: d.weight for n, d in self._domains.items()}
+        if any(w is not None for w in given.values()):
+            w = {n: float(v or 0.0) for n, v in given.items()}
+        else:
+            w = {n: 1.0 for n in self._domains}
+        tot = sum(w.values()) or 1.0
+        return {n: v / tot for n, v in w.items()}
+
+
+def _build(cls: type, d: Any, prefix: str, source: str) -> Any:
+    """A dataclass from a plain dict, recursing into (optional) dataclass fields; unknown keys
+    and wrong types raise BTXError naming the key."""
+    if d is None:
+        d = {}
+    if not isinstance(d, dict):
+        raise BTXError(f"{source}: {prefix.rstrip('.') or 'the top level'} must be a mapping")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls) if not (cls is BTXConfig and f.name == "source")]
+    kwargs = {}
+    for key, value in d.items():
+        full = f"{prefix}{key}"
+        if key not in names:
+            close = _close_match(str(key), set(names))
+            hint = f" (did you mean {prefix}{close}?)" if close else ""
+            raise BTXError(f"{source}: unknown key {full!r}{hint}")
+        typ = hints[key]
+        inner = [a for a in typing.get_args(typ) if dataclasses.is_dataclass(a)]
+        if dataclasses.is_dataclass(typ):
+            kwargs[key] = _build(typ, value, f"{full}.", source)
+        elif inner:
+            kwargs[key] = None if value is None else _build(inner[0], value, f"{full}.", source)
+        else:
+            kwargs[key] = _coerce(value, typ, full, source)
+    return cls(**kwargs)
+
+
+def from_dict(d: dict[str, Any], source: str | None = None) -> BTXConfig:
+    d = dict(d or {})
+    for key in ("domains", "model", "train", "optimizer", "logging"):
+        if d.get(key) is None and key in d:
+            d.pop(key)
+    cfg = _build(BTXConfig, d, "", source or "config")
+    cfg.source = source
+    cfg.validate()
+    return cfg
+
+
+def load(path_or_obj: str | os.PathLike[str] | dict[str, Any] | BTXConfig,
+         overrides: list[str] | None = None) -> BTXConfig:  # fmt: skip
+    """A BTXConfig from a YAML path, a dict or an existing config; `overrides` are
+    ``--section.key VALUE`` pairs as for `btx train`."""
+    if isinstance(path_or_obj, BTXConfig):
+        if overrides:
+            return load(path_or_obj.to_dict() | {}, overrides)
+        return path_or_obj
+    from megatron_btx.config import apply_overrides, parse_overrides
+
+    if isinstance(path_or_obj, dict):
+        d, source = path_or_obj, None
+    else:
+        d, source = read_yaml(path_or_obj), os.fspath(path_or_obj)
+    if overrides:
+        d = apply_overrides(d, parse_overrides(overrides))
+    return from_dict(d, source)

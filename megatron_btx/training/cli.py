@@ -1,0 +1,107 @@
+"""``btx train CONFIG [--resume|--no-resume] [--nproc-per-node N] [--section.key VALUE ...]``.
+
+Run it under ``torchrun`` for several processes (``torchrun --nproc-per-node 4 -m
+megatron_btx.training CONFIG ...`` or ``torchrun $(which btx) train CONFIG ...``), or pass
+``--nproc-per-node N`` to have it start ``torchrun --standalone`` itself. Without either it is
+one process. Exit code 0 when training finished, stopped at ``train.exit_after`` or was preempted
+by SIGTERM/SIGUSR1 (after saving a checkpoint); 1 on a configuration or data error (printed
+without a traceback).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import shutil
+import sys
+
+from megatron_btx.errors import BTXError
+
+USAGE = "btx train CONFIG [--resume | --no-resume] [--nproc-per-node N] [--print-config] " \
+        "[--section.key VALUE ...]"  # fmt: skip
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="btx train",
+        usage=USAGE,
+        description="Train a dense Llama or a Llama MoE with megatron-core (see "
+        "megatron_btx.config for every key). Overrides: --train.lr 3e-4 --parallel.tp 2 ...",
+    )
+    p.add_argument("config", help="YAML config file")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--resume", dest="resume", action="store_const", const=True, default=None,
+                   help="continue from RUN/checkpoints/latest (error if there is none)")
+    g.add_argument("--no-resume", dest="resume", action="store_const", const=False,
+                   help="start fresh (error if the run directory already has checkpoints)")
+    p.add_argument("--nproc-per-node", type=int, default=None,
+                   help="start this many processes with torchrun --standalone")
+    p.add_argument("--print-config", action="store_true",
+                   help="print the resolved config as YAML and exit")
+    return p
+
+
+def _setup_logging() -> None:
+    rank = int(os.environ.get("RANK", "0"))
+    logging.basicConfig(
+        level=logging.INFO if rank == 0 else logging.WARNING,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s" if rank == 0
+        else f"[rank {rank}] %(levelname)s %(name)s: %(message)s",
+    )
+    # megatron-core logs its whole config at INFO: keep the console to our progress lines.
+    for name in ("megatron", "megatron.core"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+
+def _relaunch(nproc: int, argv: list[str]) -> int:
+    """Replace this process by ``torchrun --standalone --nproc-per-node N`` running us."""
+    torchrun = shutil.which("torchrun") or os.path.join(os.path.dirname(sys.executable), "torchrun")
+    rest = []
+    skip = False
+    for a in argv:
+        if skip:
+            skip = False
+            continue
+        if a == "--nproc-per-node":
+            skip = True
+            continue
+        if a.startswith("--nproc-per-node="):
+            continue
+        rest.append(a)
+    cmd = [torchrun, "--standalone", f"--nproc-per-node={nproc}", "-m", "megatron_btx.training",
+           *rest]  # fmt: skip
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execv(cmd[0], cmd)
+    return 1  # not reached
+
+
+def main(argv: list[str] | None = None) -> int:
+    from megatron_btx import config as config_mod
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args, rest = _parser().parse_known_args(argv)
+    try:
+        cfg = config_mod.load(args.config, rest)
+        if args.resume is not None:
+            cfg.train.resume = args.resume
+        if args.print_config:
+            print(cfg.to_yaml(), end="")
+            return 0
+        if args.nproc_per_node and "LOCAL_RANK" not in os.environ and args.nproc_per_node > 1:
+            return _relaunch(args.nproc_per_node, argv)
+        _setup_logging()
+        from megatron_btx.training.loop import train
+
+        train(cfg)
+    except BTXError as e:
+        rank = int(os.environ.get("RANK", "0"))
+        if rank == 0:
+            print(f"error: {e}", file=sys.stderr, flush=True)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

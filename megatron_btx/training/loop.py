@@ -1,0 +1,638 @@
+"""The training loop: megatron-core DDP, optimizer, pipeline schedules; one code path on CPU/GPU.
+
+One step is megatron-LM's ``train_step``: zero the DDP grad buffers, run
+``get_forward_backward_func()`` over the step's microbatches (no pipelining, 1F1B, or interleaved
+1F1B, chosen by megatron from PP/VPP), set the learning rate for the step, and
+``optimizer.step()`` (gradient all-reduce/reduce-scatter in ``finalize_model_grads``, clipping
+and the grad norm inside megatron's optimizer). The MoE load-balancing loss is added by megatron's
+MoE layers themselves (``MoEAuxLossAutoScaler`` attaches it to the router output, scaled by the
+schedule to ``1/num_microbatches`` like the LM loss); the loop only reads megatron's aux-loss
+tracker to log it.
+
+The reported loss of a step is the token-weighted mean LM loss over the whole global batch
+(summed on the last pipeline stage over microbatches, all-reduced over data parallel ranks and
+sent to every rank), so it does not depend on TP/PP/DP. Its gradient is megatron's: the mean over
+microbatches of each microbatch's token-mean, which is the same thing when, as here, every
+microbatch has the same number of tokens.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import json
+import logging
+import math
+import os
+import signal
+import time
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from megatron_btx import runtime
+from megatron_btx.config import Config
+from megatron_btx.errors import BTXError
+from megatron_btx.training import checkpointing as ckpt
+from megatron_btx.training.data import BatchLoader, build_datasets, resolve_sources
+from megatron_btx.training.logger import MetricsLogger
+
+log = logging.getLogger(__name__)
+
+#: Test hook: ``BTX_FAULT=kill_in_save@STEP`` SIGKILLs the process in the middle of the save of
+#: checkpoint STEP (after the tensors are written, before the folder is renamed into place).
+FAULT_ENV = "BTX_FAULT"
+
+
+@dataclasses.dataclass
+class TrainResult:
+    step: int
+    exit_reason: str  # finished | exit_after | signal
+    last_loss: float | None
+    valid: dict[str, float]
+    checkpoint: str | None
+
+
+# ---------------------------------------------------------------------------------------------
+# Model architecture
+# ---------------------------------------------------------------------------------------------
+def resolve_model_args(cfg: Config, tokenizer_vocab: int | None):
+    """The LlamaArgs of this run (init_from's manifest, an HF config.json, or inline fields)."""
+    from megatron_btx.checkpoint.megatron_io import read_args
+    from megatron_btx.models.llama import LlamaArgs
+
+    mc = cfg.model
+    inline = mc.inline_fields()
+    if mc.init_from:
+        folder = Path(mc.init_from)
+        if not folder.is_dir():
+            raise BTXError(f"model.init_from={mc.init_from}: no such checkpoint folder")
+        args = read_args(folder)
+        for k, v in inline.items():
+            if getattr(args, k) != v:
+                raise BTXError(
+                    f"model.{k}={v!r} conflicts with model.init_from={mc.init_from} "
+                    f"({k}={getattr(args, k)!r}); remove model.{k} or use another checkpoint"
+                )
+    elif mc.hf_config:
+        path = Path(mc.hf_config)
+        if path.is_dir():
+            path = path / "config.json"
+        args = LlamaArgs.from_hf_config_file(path)
+        if inline:
+            args = dataclasses.replace(args, **inline)
+    else:
+        fields = dict(inline)
+        if "vocab_size" not in fields:
+            if tokenizer_vocab is None:
+                raise BTXError("model.vocab_size is not set and there is no tokenizer to take it from")
+            fields["vocab_size"] = tokenizer_vocab
+        try:
+            args = LlamaArgs(**fields)
+        except TypeError as e:
+            raise BTXError(f"model: {e}") from e
+    if tokenizer_vocab is not None and tokenizer_vocab > args.padded_vocab_size:
+        raise BTXError(
+            f"the tokenizer has {tokenizer_vocab} tokens but model.vocab_size is "
+            f"{args.vocab_size}; token ids would overflow the embedding"
+        )
+    return args
+
+
+def _routers_module():
+    """megatron_btx.models.routers when this installation has it (another part of BTX)."""
+    if importlib.util.find_spec("megatron_btx.models.routers") is None:
+        return None
+    from megatron_btx.models import routers
+
+    return routers if hasattr(routers, "install") else None
+
+
+def router_overrides(router_cfg: dict[str, Any] | None, num_experts: int) -> dict[str, Any]:
+    """TransformerConfig overrides the configured router asks for before the build."""
+    mod = _routers_module()
+    if router_cfg is None or mod is None or not hasattr(mod, "config_overrides"):
+        return {}
+    return dict(mod.config_overrides(dict(router_cfg), num_experts=num_experts))
+
+
+def install_router(chunks: list[torch.nn.Module], router_cfg: dict[str, Any] | None, tconf) -> str:
+    """Hand the model to ``megatron_btx.models.routers.install`` when a router is configured
+    (after the build, before DDP and the optimizer).
+
+    The default top-k routing is megatron-core's own router and needs nothing."""
+    if router_cfg is None:
+        return "megatron top-k"
+    rtype = router_cfg.get("type")
+    mod = _routers_module()
+    if mod is None:
+        if rtype in ("topk", "top_k"):
+            return "megatron top-k"
+        raise BTXError(
+            f"moe.router.type={rtype!r} needs megatron_btx.models.routers.install, which this "
+            f"installation lacks; use moe.router.type: topk (megatron's router) or update"
+        )
+    mod.install(chunks, dict(router_cfg), tconf)
+    return str(rtype)
+
+
+# ---------------------------------------------------------------------------------------------
+# Signals (Slurm preemption)
+# ---------------------------------------------------------------------------------------------
+class PreemptionFlag:
+    """SIGTERM / SIGUSR1 set a flag; the loop agrees on it across ranks at step boundaries."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+    def __init__(self) -> None:
+        self.received: int | None = None
+        self._old: dict[int, Any] = {}
+
+    def __enter__(self) -> PreemptionFlag:
+        for s in self.SIGNALS:
+            try:
+                self._old[s] = signal.signal(s, self._handle)
+            except ValueError:  # not the main thread
+                pass
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        self.received = signum
+
+    def __exit__(self, *exc) -> None:
+        for s, h in self._old.items():
+            signal.signal(s, h)
+
+    def agreed(self, device: torch.device) -> int:
+        """The signal any rank received (0 if none): every rank stops at the same step."""
+        flag = torch.tensor([self.received or 0], dtype=torch.int64, device=device)
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return int(flag.item())
+
+
+# ---------------------------------------------------------------------------------------------
+# The trainer
+# ---------------------------------------------------------------------------------------------
+class Trainer:
+    def __init__(self, cfg: Config) -> None:
+        self.cfg = cfg
+        self.run_dir = Path(cfg.run_dir)
+        self.fault = os.environ.get(FAULT_ENV) or None
+
+    # ---- set-up ---------------------------------------------------------------------------
+    def setup(self) -> None:
+        from megatron_btx.data.tokenizer import Tokenizer
+
+        cfg = self.cfg
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        cfg.validate(world)
+        p, t = cfg.parallel, cfg.train
+        self.sources = resolve_sources(cfg)
+        self.tokenizer = Tokenizer.load(self.sources.tokenizer)
+        self.args = resolve_model_args(cfg, self.tokenizer.vocab_size)
+        cfg.validate_model(self.args)
+
+        # Decide about resuming before the (slow) distributed start-up, so a wrong flag fails fast.
+        latest = ckpt.read_latest(self.run_dir)
+        if t.resume is True and latest is None:
+            raise BTXError(f"train.resume is true but {self.run_dir}/checkpoints has no 'latest'")
+        if t.resume is False and latest is not None:
+            raise BTXError(
+                f"{self.run_dir} already has checkpoints (latest: {latest.name}); resume it "
+                f"(--resume) or choose another run_dir"
+            )
+        self.resume_from = latest if t.resume in ("auto", True) else None
+
+        self.rt = runtime.init(tp=p.tp, pp=p.pp, ep=p.ep, etp=p.etp, vpp=p.vpp, device=t.device,
+                               seed=t.seed)  # fmt: skip
+        self.device = self.rt.device
+        self.rank = self.rt.rank
+        self.dtype_name = t.dtype if t.dtype != "auto" else ("bf16" if self.rt.on_gpu else "fp32")
+        torch.manual_seed(t.seed)
+        if self.rank == 0:
+            ckpt.clean_stale(self.run_dir)  # a save killed half-way left a temporary folder
+        dist.barrier()
+
+        self._build_model()
+        self._build_optimizer()
+        self.step = 0
+        consumed = 0
+        self.loaded_from: str | None = None
+        optimizer_loaded = False
+        if self.resume_from is not None:
+            state = ckpt.load(self.resume_from, self.model, self.optimizer, self.layout())
+            self.step = int(state.get("step", 0))
+            consumed = int(state.get("consumed_samples", 0))
+            if "scheduler" in state:
+                self.scheduler.load_state_dict(state["scheduler"])
+            optimizer_loaded = state["optimizer_loaded"]
+            self.loaded_from = str(self.resume_from)
+        elif cfg.model.init_from:
+            from megatron_btx.checkpoint.megatron_io import load_model
+
+            load_model(self.model, cfg.model.init_from)
+            self.loaded_from = cfg.model.init_from
+        if self.loaded_from is not None and not optimizer_loaded:
+            # The optimizer's fp32 main parameters were copied from the model when it was built;
+            # refresh them from the loaded weights. (Never after loading optimizer state: that
+            # holds the exact fp32 main parameters, which bf16 model weights would truncate.)
+            self.optimizer.reload_model_params()
+
+        from megatron.core import parallel_state as ps
+
+        cache = Path(cfg.data.cache_dir) if cfg.data.cache_dir else self.run_dir / "data_cache"
+        self.train_ds, self.valid_ds = build_datasets(cfg, self.sources, cache)
+        self.loader = BatchLoader(
+            self.train_ds, cfg.data.micro_batch_size, cfg.data.global_batch_size,
+            ps.get_data_parallel_rank(), ps.get_data_parallel_world_size(), self.device,
+            consumed_samples=consumed,
+        )  # fmt: skip
+        from megatron.core.pipeline_parallel import get_forward_backward_func
+
+        self.fwd_bwd = get_forward_backward_func()
+        self.logger = MetricsLogger(cfg, self.run_dir, self.rank, resumed_step=self.step)
+        if self.rank == 0:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            cfg.save(self.run_dir / "config.yaml")
+
+    def layout(self) -> dict[str, Any]:
+        p = self.cfg.parallel
+        return {"tp": p.tp, "pp": p.pp, "ep": p.ep, "etp": self.rt.etp, "vpp": p.vpp,
+                "dp": self.rt.dp, "distributed_optimizer": p.distributed_optimizer,
+                "moe": self.args.is_moe}  # fmt: skip
+
+    def _build_model(self) -> None:
+        from megatron.core import tensor_parallel
+        from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+        from megatron.core.transformer.module import Float16Module
+
+        from megatron_btx.models.llama import MoEOptions, build_model, transformer_config
+
+        cfg, p = self.cfg, self.cfg.parallel
+        overrides: dict[str, Any] = {}
+        if p.sequence_parallel and p.tp > 1:
+            overrides["sequence_parallel"] = True
+        if self.args.is_moe:
+            overrides.update(router_overrides(cfg.moe.router, self.args.num_local_experts))
+        if self.rt.on_gpu and importlib.util.find_spec("scaled_masked_softmax_cuda") is None:
+            # megatron's fused masked softmax is a compiled extension (Megatron-LM/apex build);
+            # without it the local spec's attention must use the unfused softmax.
+            overrides["masked_softmax_fusion"] = False
+        loading = self.resume_from is not None or bool(cfg.model.init_from)
+        self.tconf = transformer_config(
+            self.args, tp=p.tp, pp=p.pp, ep=p.ep, etp=p.etp, vpp=p.vpp, dtype=self.dtype_name,
+            moe=MoEOptions(dispatcher=cfg.moe.dispatcher, aux_loss_coeff=cfg.moe.aux_loss_coeff,
+                           load_balancing=cfg.moe.load_balancing,
+                           capacity_factor=cfg.moe.capacity_factor),
+            recompute=cfg.model.recompute, cpu_init=not self.rt.on_gpu,
+            init_method_std=cfg.model.init_method_std, perform_initialization=not loading,
+            **overrides,
+        )  # fmt: skip
+        spec = None if cfg.model.spec == "auto" else cfg.model.spec
+        chunks = []
+        for i in range(p.vpp or 1):
+            chunk = build_model(self.args, config=self.tconf, vp_stage=i if p.vpp else None,
+                                spec=spec)  # fmt: skip
+            for param in chunk.parameters():
+                tensor_parallel.set_defaults_if_not_set_tensor_model_parallel_attributes(param)
+            chunks.append(chunk)
+        self.router_name = install_router(chunks, cfg.moe.router, self.tconf) if \
+            self.args.is_moe else None  # fmt: skip
+        # The BTX routers (when configured) want the step and report routing statistics.
+        self.routers = _routers_module() if (self.args.is_moe and cfg.moe.router) else None
+        if self.rt.on_gpu:
+            chunks = [c.cuda(torch.cuda.current_device()) for c in chunks]
+        if self.tconf.bf16 or self.tconf.fp16:
+            chunks = [Float16Module(self.tconf, c) for c in chunks]
+        self.ddp_config = DistributedDataParallelConfig(
+            grad_reduce_in_fp32=True,
+            overlap_grad_reduce=p.overlap_grad_reduce,
+            use_distributed_optimizer=p.distributed_optimizer,
+            check_for_nan_in_grad=True,
+        )
+        self.model = [
+            DistributedDataParallel(config=self.tconf, ddp_config=self.ddp_config, module=c,
+                                    disable_bucketing=i > 0)  # fmt: skip
+            for i, c in enumerate(chunks)
+        ]
+        for m in self.model:
+            m.broadcast_params()  # every DP replica starts from DP rank 0's weights
+        n_local = sum(param.numel() for m in self.model for param in m.parameters())
+        self.n_params = self.args.num_params()
+        self.n_local_params = n_local
+
+    def _build_optimizer(self) -> None:
+        from megatron.core.distributed import finalize_model_grads
+        from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+        from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+
+        cfg, t, o = self.cfg, self.cfg.train, self.cfg.optimizer
+        bf16 = self.dtype_name == "bf16"
+        oc = OptimizerConfig(
+            optimizer="adam", lr=t.lr, min_lr=t.lr * t.min_lr_ratio,
+            weight_decay=o.weight_decay, adam_beta1=o.adam_beta1, adam_beta2=o.adam_beta2,
+            adam_eps=o.adam_eps, clip_grad=o.clip_grad, bf16=bf16,
+            params_dtype=torch.bfloat16 if bf16 else torch.float32,
+            use_distributed_optimizer=cfg.parallel.distributed_optimizer,
+        )  # fmt: skip
+        self.optimizer = get_megatron_optimizer(oc, self.model)
+        decay_steps = max(t.lr_decay_steps or t.steps, t.warmup_steps + 1, 1)
+        self.scheduler = OptimizerParamScheduler(
+            self.optimizer, init_lr=0.0, max_lr=t.lr, min_lr=t.lr * t.min_lr_ratio,
+            lr_warmup_steps=t.warmup_steps, lr_decay_steps=decay_steps,
+            lr_decay_style=t.lr_decay_style, start_wd=o.weight_decay, end_wd=o.weight_decay,
+            wd_incr_steps=decay_steps, wd_incr_style="constant",
+            use_checkpoint_opt_param_scheduler=False, override_opt_param_scheduler=True,
+        )  # fmt: skip
+        self.tconf.grad_scale_func = self.optimizer.scale_loss
+        self.tconf.finalize_model_grads_func = finalize_model_grads
+        if cfg.parallel.overlap_grad_reduce:
+            nosync = [m.no_sync for m in self.model]
+            self.tconf.no_sync_func = nosync[0] if len(nosync) == 1 else nosync
+
+    # ---- one step -------------------------------------------------------------------------
+    def _forward_step(self, data_iterator, model):
+        batch = next(data_iterator)
+        output = model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"])
+        return output, partial(self._loss_func, batch["loss_mask"])
+
+    @staticmethod
+    def _loss_func(loss_mask: torch.Tensor, output: torch.Tensor):
+        mask = loss_mask.reshape(-1).float()
+        loss = torch.sum(output.float().reshape(-1) * mask)
+        ntok = mask.sum()
+        return loss, ntok.to(torch.int), {"lm": torch.stack([loss.detach(), ntok.detach()])}
+
+    def _run_schedule(self, batch: list[dict[str, torch.Tensor]], forward_only: bool):
+        d = self.cfg.data
+        iters = [iter(batch) for _ in self.model]
+        return self.fwd_bwd(
+            forward_step_func=self._forward_step, data_iterator=iters, model=self.model,
+            num_microbatches=len(batch), seq_length=d.seq_length,
+            micro_batch_size=d.micro_batch_size, decoder_seq_length=d.seq_length,
+            forward_only=forward_only,
+        )  # fmt: skip
+
+    def _reduce_loss(self, outputs: list[dict[str, torch.Tensor]]) -> torch.Tensor:
+        """(sum, tokens) over the global batch, on every rank."""
+        from megatron.core import parallel_state as ps
+
+        tot = torch.zeros(2, dtype=torch.float64, device=self.device)
+        if ps.is_pipeline_last_stage(ignore_virtual=True):
+            for out in outputs:
+                tot += out["lm"].to(torch.float64)
+            # TP ranks of the last stage hold the same value: count them once.
+            if ps.get_tensor_model_parallel_rank() != 0:
+                tot.zero_()
+        dist.all_reduce(tot)
+        # every (DP, last-stage, TP-rank-0) replica added its share exactly once
+        return tot
+
+    def _moe_metrics(self, num_microbatches: int) -> dict[str, float]:
+        if not self.args.is_moe:
+            return {}
+        from megatron.core.transformer.moe import moe_utils
+
+        tracker = moe_utils.get_moe_layer_wise_logging_tracker()
+        out: dict[str, float] = {}
+        if tracker:
+            moe_utils.reduce_aux_losses_tracker_across_ranks()
+            for name in sorted(tracker):
+                vals = tracker[name]["values"].float() / num_microbatches
+                out[name] = float(vals.mean())
+            moe_utils.clear_aux_losses_tracker()
+        return out
+
+    def train_step(self) -> dict[str, Any]:
+        batch = self.loader.next()
+        temperature = None
+        if self.routers is not None and hasattr(self.routers, "set_step"):
+            temperature = self.routers.set_step(self.model, self.step)
+        for m in self.model:
+            m.zero_grad_buffer()
+        self.optimizer.zero_grad()
+        outputs = self._run_schedule(batch, forward_only=False)
+        self.scheduler.step(1)  # the lr of step s is the schedule at s (1-based)
+        ok, grad_norm, _ = self.optimizer.step()
+        tot = self._reduce_loss(outputs)
+        metrics = {
+            "loss": float(tot[0] / tot[1].clamp(min=1)),
+            "lr": float(self.optimizer.param_groups[0]["lr"]),
+            "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
+            "tokens": int(tot[1]),
+        }
+        if not ok:
+            metrics["skipped"] = 1
+        if temperature is not None:
+            metrics["router_temperature"] = float(temperature)
+        metrics.update(self._moe_metrics(len(batch)))
+        return metrics
+
+    def routing_stats(self) -> dict[str, Any]:
+        """Per-layer expert load and router entropy from the BTX routers since the last call,
+        summed over data-parallel ranks and gathered over pipeline stages (all ranks call)."""
+        if self.routers is None or not hasattr(self.routers, "routing_stats"):
+            return {}
+        from megatron.core import parallel_state as ps
+
+        stats = self.routers.routing_stats(self.model, reset=True,
+                                           group=ps.get_data_parallel_group())  # fmt: skip
+        if ps.get_pipeline_model_parallel_world_size() > 1:
+            parts: list[Any] = [None] * ps.get_pipeline_model_parallel_world_size()
+            dist.all_gather_object(parts, stats, group=ps.get_pipeline_model_parallel_group())
+            stats = {k: v for part in parts for k, v in (part or {}).items()}
+        out: dict[str, Any] = {}
+        entropies = []
+        for layer in sorted(stats):
+            st = stats[layer]
+            for key, val in st.items():
+                if isinstance(val, torch.Tensor):
+                    val = val.tolist()
+                out[f"router_{key}_l{layer}"] = val
+            if isinstance(st.get("entropy"), (int, float)):
+                entropies.append(float(st["entropy"]))
+        if entropies:
+            out["router_entropy"] = sum(entropies) / len(entropies)
+        return out
+
+    # ---- validation -----------------------------------------------------------------------
+    def evaluate(self) -> dict[str, float]:
+        d, t = self.cfg.data, self.cfg.train
+        for m in self.model:
+            m.eval()
+        out: dict[str, float] = {}
+        total = torch.zeros(2, dtype=torch.float64, device=self.device)
+        with torch.no_grad():
+            for name, ds in self.valid_ds.items():
+                loader = BatchLoader(ds, d.micro_batch_size, d.global_batch_size,
+                                     self.loader.dp_rank, self.loader.dp_size, self.device)  # fmt: skip
+                iters = min(t.eval_iters, max(1, len(ds) // d.global_batch_size))
+                acc = torch.zeros(2, dtype=torch.float64, device=self.device)
+                for i in range(iters):
+                    outputs = self._run_schedule(loader.batch_at(i * d.global_batch_size), True)
+                    acc += self._reduce_loss(outputs)
+                out[name] = float(acc[0] / acc[1].clamp(min=1))
+                total += acc
+        for m in self.model:
+            m.train()
+        if self.args.is_moe:
+            from megatron.core.transformer.moe import moe_utils
+
+            moe_utils.clear_aux_losses_tracker()
+            if self.routers is not None and hasattr(self.routers, "reset_stats"):
+                self.routers.reset_stats(self.model)
+        if out:
+            out["all"] = float(total[0] / total[1].clamp(min=1))
+        return out
+
+    # ---- checkpoints ----------------------------------------------------------------------
+    def save(self, reason: str) -> Path:
+        t0 = time.perf_counter()
+        train_state = {"step": self.step, "consumed_samples": self.loader.consumed_samples,
+                       "layout": self.layout()}  # fmt: skip
+        fields = {
+            "kind": "megatron_torch_dist",
+            "model": self.args.to_dict(),
+            "dtype": self.dtype_name,
+            "layout": self.layout(),
+            "padded_vocab_size": self.args.padded_vocab_size,
+            "tokenizer": {"files": ["tokenizer.model"], "sha256": self.tokenizer.sha256},
+            "training": {"run_dir": str(self.run_dir.resolve()), "step": self.step,
+                         "consumed_samples": self.loader.consumed_samples,
+                         "init_from": self.cfg.model.init_from,
+                         "data": [[p, w] for p, w in self.sources.blend],
+                         "router": self.router_name},
+        }  # fmt: skip
+        fault = None
+        if self.fault and self.fault == f"kill_in_save@{self.step}":
+            fault = "kill_in_save"
+        folder = ckpt.save(
+            self.run_dir, self.step, self.model, self.optimizer, self.scheduler, train_state,
+            fields, self.sources.tokenizer,
+            {"config.yaml": self.cfg.to_yaml(),
+             "hf_config.json": json.dumps(self.args.to_hf_dict(), indent=2)},
+            self.cfg.train.keep_last, fault=fault,
+        )  # fmt: skip
+        dt = time.perf_counter() - t0
+        self.logger.event("checkpoint", self.step, path=str(folder), reason=reason,
+                          seconds=round(dt, 3))  # fmt: skip
+        self.logger.console(f"saved checkpoint {folder} ({reason}, {dt:.1f}s)")
+        self.last_saved = self.step
+        return folder
+
+    # ---- the loop -------------------------------------------------------------------------
+    def describe(self) -> str:
+        a, p = self.args, self.cfg.parallel
+        kind = (f"MoE {a.num_local_experts} experts top-{a.num_experts_per_tok} "
+                f"({self.router_name} router)" if a.is_moe else "dense")  # fmt: skip
+        from megatron_btx.models.specs import chosen_spec
+
+        spec = chosen_spec(None if self.cfg.model.spec == "auto" else self.cfg.model.spec)
+        return (
+            f"model: Llama {kind}, {a.num_hidden_layers} layers, hidden {a.hidden_size}, "
+            f"{self.n_params / 1e6:.2f}M params, vocab {a.vocab_size} (padded "
+            f"{a.padded_vocab_size})\n"
+            f"layout: TP={p.tp} PP={p.pp} VPP={p.vpp or 1} EP={p.ep} ETP={self.rt.etp} "
+            f"DP={self.rt.dp} on {self.rt.world_size} {self.device.type} process(es), "
+            f"{self.dtype_name}, {spec} layer spec, "
+            f"{'distributed' if p.distributed_optimizer else 'regular'} optimizer\n"
+            f"data: {self.sources.describe()}; {len(self.train_ds)} train samples of "
+            f"{self.cfg.data.seq_length} tokens; validation on {', '.join(self.valid_ds) or '-'}"
+        )
+
+    def run(self) -> TrainResult:
+        cfg, t = self.cfg, self.cfg.train
+        self.last_saved = self.step if self.resume_from is not None else -1
+        start_step = self.step
+        if self.loaded_from:
+            self.logger.console(f"loaded {self.loaded_from} (step {self.step})")
+        self.logger.console(self.describe())
+        self.logger.event("start", self.step, resumed=self.resume_from is not None,
+                          world_size=self.rt.world_size, layout=self.layout(),
+                          params=self.n_params)  # fmt: skip
+        stop_at = t.steps if t.exit_after is None else min(t.steps, t.exit_after)
+        valid: dict[str, float] = {}
+        last_loss = None
+        reason = "finished"
+        tokens_per_step = cfg.data.global_batch_size * cfg.data.seq_length
+
+        if self.step == 0 and self.valid_ds and stop_at > 0:
+            valid = self.evaluate()
+            self._log_eval(valid)
+        window: list[dict[str, Any]] = []
+        window_t0 = time.perf_counter()
+        run_t0 = time.perf_counter()
+        with PreemptionFlag() as flag:
+            while self.step < stop_at:
+                metrics = self.train_step()
+                self.step += 1
+                last_loss = metrics["loss"]
+                window.append(metrics)
+                if not math.isfinite(last_loss):
+                    raise BTXError(
+                        f"loss is {last_loss} at step {self.step}; lower train.lr or check data"
+                    )
+                if self.step % t.log_interval == 0 or self.step == stop_at:
+                    now = time.perf_counter()
+                    avg = {k: sum(w[k] for w in window) / len(window) for k in window[0]
+                           if isinstance(window[0][k], float)}  # fmt: skip
+                    avg["lr"] = metrics["lr"]
+                    avg["tokens_per_s"] = tokens_per_step * len(window) / max(now - window_t0, 1e-9)
+                    avg["seconds_per_step"] = (now - window_t0) / len(window)
+                    avg["consumed_samples"] = self.loader.consumed_samples
+                    avg.update(self.routing_stats())
+                    self.logger.event("train", self.step, **avg)
+                    self.logger.train_line(self.step, t.steps, avg, now - run_t0,
+                                           self.step - start_step)  # fmt: skip
+                    window = []
+                    window_t0 = time.perf_counter()
+                if self.step % t.eval_interval == 0 or self.step == stop_at:
+                    if self.valid_ds:
+                        valid = self.evaluate()
+                        self._log_eval(valid)
+                        window_t0 = time.perf_counter()
+                sig = flag.agreed(self.device)
+                if sig:
+                    reason = "signal"
+                    self.logger.console(
+                        f"received {signal.Signals(sig).name}: saving a checkpoint at step "
+                        f"{self.step} and exiting"
+                    )
+                    self.save(f"signal {signal.Signals(sig).name}")
+                    break
+                if self.step % t.save_interval == 0 and self.step < stop_at:
+                    self.save("interval")
+                    window_t0 = time.perf_counter()
+        if reason != "signal":
+            if self.step < t.steps:
+                reason = "exit_after"
+            if self.last_saved != self.step:
+                self.save("final" if reason == "finished" else reason)
+        self.logger.event("end", self.step, reason=reason, loss=last_loss, valid=valid)
+        self.logger.console(f"training stopped at step {self.step} ({reason})")
+        self.logger.close()
+        latest = ckpt.read_latest(self.run_dir)
+        return TrainResult(self.step, reason, last_loss, valid, str(latest) if latest else None)
+
+    def _log_eval(self, valid: dict[str, float]) -> None:
+        self.logger.event("eval", self.step, **{f"loss_{k}": v for k, v in valid.items()})
+        parts = " | ".join(f"{k} {v:.4f}" for k, v in valid.items())
+        self.logger.console(f"validation at step {self.step}: {parts}")
+
+
+def train(cfg: Config) -> TrainResult:
+    """Run (or resume) the training described by `cfg` in this process group; tears the
+    runtime down afterwards."""
+    trainer = Trainer(cfg)
+    try:
+        trainer.setup()
+        return trainer.run()
+    finally:
+        try:
+            runtime.teardown()
+        except Exception:  # pragma: no cover - never mask the real error
+            pass
