@@ -62,6 +62,11 @@ def layer_spec(config, requested: str | None = None):
         return specs.get_gpt_layer_with_transformer_engine_spec(
             num_experts=num_experts, moe_grouped_gemm=config.moe_grouped_gemm
         )
-    return specs.get_gpt_layer_local_spec(
+    spec = specs.get_gpt_layer_local_spec(
         num_experts=num_experts, moe_grouped_gemm=False, normalization="RMSNorm"
     )
+    if config.attention_dropout == 0 and config.context_parallel_size == 1:
+        from megatron_btx.models.attention import TorchSDPAttention
+
+        spec.submodules.self_attention.submodules.core_attention = TorchSDPAttention
+    return spec
