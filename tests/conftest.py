@@ -94,3 +94,19 @@ def batch_file(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("batch") / "batch.pt"
     torch.save(torch.randint(0, LLAMA_KW["vocab_size"], (4, 17), generator=g), path)
     return path
+
+
+# ---- training tests (tests/test_train_*.py) -----------------------------------------------------
+@pytest.fixture(scope="session")
+def base(tmp_path_factory) -> Path:
+    return tmp_path_factory.getbasetemp()
+
+
+@pytest.fixture(scope="session")
+def data(base) -> Path:
+    """The built-in code corpus prepared once per session for the training tests (a module may
+    define its own `data`, as test_slurm.py does)."""
+    sys.path.insert(0, str(DIST))
+    import train_common as tc
+
+    return tc.prepare_data(base)

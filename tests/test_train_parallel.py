@@ -28,16 +28,6 @@ LOSS_ATOL = 2e-5
 NORM_RTOL = 1e-4
 
 
-@pytest.fixture(scope="session")
-def base(tmp_path_factory) -> Path:
-    return tmp_path_factory.getbasetemp()
-
-
-@pytest.fixture(scope="session")
-def data(base) -> Path:
-    return tc.prepare_data(base)
-
-
 def _compare(ref_dir: Path, run_dir: Path, steps: range) -> None:
     ref, got = tc.losses(ref_dir), tc.losses(run_dir)
     ref_n, got_n = tc.grad_norms(ref_dir), tc.grad_norms(run_dir)

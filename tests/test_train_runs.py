@@ -16,16 +16,6 @@ sys.path.insert(0, str(Path(__file__).parent / "dist"))
 import train_common as tc  # noqa: E402
 
 
-@pytest.fixture(scope="session")
-def base(tmp_path_factory) -> Path:
-    return tmp_path_factory.getbasetemp()
-
-
-@pytest.fixture(scope="session")
-def data(base) -> Path:
-    return tc.prepare_data(base)
-
-
 def test_loss_falls_on_code(tmp_path, data):
     """A small dense Llama on the built-in code corpus: validation loss falls by >= 1 nat in a
     CPU budget of seconds; validation is reported per domain; logs land in all sinks."""

@@ -30,7 +30,7 @@ from megatron_btx.checkpoint.megatron_io import (
     read_args,
 )
 from megatron_btx.errors import BTXError
-from megatron_btx.models.llama import LlamaArgs, build_model, check_parallel, to_dtype
+from megatron_btx.models.llama import LlamaArgs, check_parallel, to_dtype
 
 log = logging.getLogger(__name__)
 
@@ -41,11 +41,6 @@ TOKENIZER_DIR = "tokenizer"
 
 def _progress(total: int, desc: str):
     return progress.bar(total, desc, unit="layer")
-
-
-def build_unsharded(args: LlamaArgs, dtype: torch.dtype) -> torch.nn.Module:
-    """The whole model in one process (TP=PP=EP=1), parameters allocated but not initialised."""
-    return build_model(args, dtype=dtype, perform_initialization=False, spec="local", fused=False)
 
 
 def stream_to_torch_dist(

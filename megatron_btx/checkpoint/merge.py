@@ -94,9 +94,6 @@ _ARCH_FIELDS = [f.name for f in dataclasses.fields(LlamaArgs) if f.name != "extr
 # =============================================================================================
 # Sources
 # =============================================================================================
-_PreadSafetensors = PreadSafetensors
-
-
 def _tokenizer_info(folder: Path | None) -> tuple[Path | None, str | None, list[str]]:
     """(folder, sha256 of the tokenizer's defining file, files present)."""
     if folder is None or not folder.is_dir():
@@ -124,7 +121,7 @@ class Source:
     hash_files: list[Path]
     source_manifest: dict[str, Any] | None = None
     # runtime handles
-    _st: _PreadSafetensors | None = None
+    _st: PreadSafetensors | None = None
     _hf_keys: dict[str, list[int]] | None = None
     _template: dict[str, Any] | None = None
     _ckpt_md: Any = None
@@ -284,7 +281,7 @@ def open_source(path: str | Path) -> Source:
     tok_dir, tok_sha, tok_files = _tokenizer_info(given)
     src = Source(given, given, "hf", args, dt, step, tok_dir, tok_sha, tok_files,
                  list(reader.files))  # fmt: skip
-    src._st = _PreadSafetensors(reader.files)
+    src._st = PreadSafetensors(reader.files)
     src._hf_keys = {k: reader.shape(k) for k in keys}
     return src
 
@@ -837,9 +834,6 @@ def _progress(total: int, desc: str, enabled: bool):
     return progress.bar(total, desc, unit="layer", enabled=enabled)
 
 
-_single_process = runtime.single_process
-
-
 def _parse_layers(spec: str | None, L: int) -> list[int] | None:
     """`all` | `0,2,5` | `every:2` (layers 0,2,4,..) | `last:4`."""
     if spec is None or spec == "all":
@@ -1089,7 +1083,7 @@ def _merge_write(sources, save, plan, a, out_args, overrides, variant, out_dt, a
                  router_init, centroid_data, centroid_tokens, export_hf, hf_shard_gb, verify,
                  overwrite, progress, t0) -> dict[str, Any]:  # fmt: skip
     """Write the checkpoint (and HF export) under temporary names, verify, commit."""
-    with _single_process(), atomic_folder(save, overwrite) as tmp:
+    with runtime.single_process(), atomic_folder(save, overwrite) as tmp:
         for s in sources:
             if s.fmt == "megatron" and s._template is None:
                 s._template = _flat_template(build_gpt(s.args, s.dtype, meta=True))
@@ -1124,10 +1118,10 @@ def _merge_write(sources, save, plan, a, out_args, overrides, variant, out_dt, a
                                                      "fp16": "float16"}[plan.dtype]  # fmt: skip
                 (hf_tmp / "config.json").write_text(json.dumps(cfg, indent=2))
                 if tok_src is not None:
-                    _copy_tokenizer(tok_src.tokenizer_dir, hf_tmp)
+                    copy_tokenizer(tok_src.tokenizer_dir, hf_tmp)
             tok_files = []
             if tok_src is not None:
-                tok_files = _copy_tokenizer(tok_src.tokenizer_dir, tmp / TOKENIZER_DIR)
+                tok_files = copy_tokenizer(tok_src.tokenizer_dir, tmp / TOKENIZER_DIR)
             if not variant:
                 (tmp / "hf_config.json").write_text(json.dumps(out_args.to_hf_dict(), indent=2))
             hashes = {u: j.result() for u, j in hash_jobs.items()}
@@ -1187,9 +1181,6 @@ def _partial_keys(template: dict[str, Any]) -> set[str]:
 
     return {v.key for v in template.values()
             if isinstance(v, (ShardedTensor, ShardedTensorFactory))}  # fmt: skip
-
-
-_copy_tokenizer = copy_tokenizer
 
 
 def _source_entry(s: Source, i: int, plan: MergePlan, sha: dict[str, str], has_seed: bool):
@@ -1591,7 +1582,7 @@ def verify_hf_export(hf_folder: Path, mcore_folder: Path, out_args: LlamaArgs,
 
     template = _flat_template(build_gpt(out_args, out_dt, meta=True))
     reader = PartialReader(mcore_folder)
-    st = _PreadSafetensors(HFReader(hf_folder).files)
+    st = PreadSafetensors(HFReader(hf_folder).files)
     a = out_args
     n = 0
 
