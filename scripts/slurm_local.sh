@@ -24,6 +24,7 @@ HOST="$(hostname -s)"
 CPUS="${BTX_SLURM_CPUS:-$(nproc)}"
 PORT="${BTX_SLURM_PORT:-16817}"
 CRED_EXPIRE="${BTX_SLURM_CRED_EXPIRE:-5}"
+MUNGE_PID=/run/munge/munged.pid
 
 log() { echo "slurm_local: $*" >&2; }
 
@@ -71,11 +72,13 @@ start_munge() {
     mkdir -p /run/munge /var/lib/munge /var/log/munge
     chown munge:munge /run/munge /var/lib/munge /var/log/munge
     chmod 0755 /run/munge
-    # munged daemonises itself and writes its own PID file.
+    # munged daemonises itself and writes its own PID file. It runs as user munge, so the PID file
+    # lives in munge's own run directory: DIR may sit under a folder only root can enter (pytest's
+    # /tmp/pytest-of-root is mode 0700), where munged could not even check the file's directory.
     if command -v runuser >/dev/null; then
-        runuser -u munge -- munged --force --pid-file="$DIR/munged.pid"
+        runuser -u munge -- munged --force --pid-file="$MUNGE_PID"
     else
-        su -s /bin/sh munge -c "munged --force --pid-file=$DIR/munged.pid"
+        su -s /bin/sh munge -c "munged --force --pid-file=$MUNGE_PID"
     fi
     for _ in $(seq 50); do
         munge_ok && return 0
@@ -201,7 +204,7 @@ stop() {
     # munged is left running: another cluster started by this script (another test session) may
     # share it. BTX_SLURM_STOP_MUNGE=1 stops it too, if this script started it.
     if [[ "${BTX_SLURM_STOP_MUNGE:-0}" == 1 ]]; then
-        stop_pidfile "$DIR/munged.pid"
+        stop_pidfile "$MUNGE_PID"
     fi
     log "stopped"
 }
