@@ -29,7 +29,44 @@ from typing import Any
 
 import torch
 
+from megatron_btx.checkpoint.direct_io import DirectWriter
 from megatron_btx.errors import BTXError
+
+
+@contextlib.contextmanager
+def _no_zip_crc32():
+    """torch.save without the zip records' CRC32 (torch's documented `set_crc32_options`).
+
+    The CRC was the largest single cost of writing a checkpoint (a software CRC at ~1 GB/s, more
+    than the write itself), and it protects nothing here: `torch.load`, and so DCP and
+    megatron-core, never checks it (a flipped data byte loads silently with or without it).
+    Integrity is the manifest's sha256 and `--verify`'s job."""
+    get = getattr(torch.serialization, "get_crc32_options", None)
+    if get is None:  # torch < 2.6: always computes it
+        yield
+        return
+    old = get()
+    torch.serialization.set_crc32_options(False)
+    try:
+        yield
+    finally:
+        torch.serialization.set_crc32_options(old)
+
+
+def _own_storage(t: torch.Tensor) -> torch.Tensor:
+    """`t` (contiguous) on a storage of exactly its bytes, sharing memory, not copied.
+
+    torch.save writes a view's whole storage (e.g. both halves of a SwiGLU fc1 for each half);
+    a slice of the storage holds only this chunk's bytes, as megatron-core writes them."""
+    nbytes = t.numel() * t.element_size()
+    st = t.untyped_storage()
+    if st.nbytes() == nbytes:
+        return t
+    start = t.storage_offset() * t.element_size()
+    sub = st[start:start + nbytes]
+    if sub.data_ptr() != t.data_ptr():  # not a view on this torch: fall back to a copy
+        return t.clone()
+    return torch.empty(0, dtype=t.dtype).set_(sub, 0, t.shape, t.stride())
 
 
 class StreamingDCPWriter:
@@ -95,7 +132,7 @@ class StreamingDCPWriter:
         self._nfiles += 1
         transforms = _StorageWriterTransforms()
         start = self.bytes_written
-        with open(self.folder / name, "wb") as stream:
+        with DirectWriter(self.folder / name) as stream, _no_zip_crc32():
             for obj in objects:  # bytes first, then tensors: megatron-core's order
                 fqn = obj.unique_key
                 if fqn in self._bytes_md:
@@ -115,10 +152,7 @@ class StreamingDCPWriter:
                 if data.device.type != "cpu":
                     data = data.cpu()
                 data = data.contiguous().reshape(sizes)
-                if data.untyped_storage().nbytes() != data.numel() * data.element_size():
-                    # torch.save writes a view's whole storage (e.g. both halves of a SwiGLU
-                    # fc1 for each half): write only this chunk's bytes, as megatron-core does
-                    data = data.clone()
+                data = _own_storage(data)
                 gsize = torch.Size(sh.global_shape)
                 md = self._tensor_md.get(fqn)
                 if md is None:

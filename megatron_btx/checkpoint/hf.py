@@ -89,30 +89,39 @@ class PreadSafetensors:
     def dtype(self, key: str) -> str:
         return self._where[key][3]
 
-    def get(self, key: str) -> torch.Tensor:
+    def get(self, key: str, out: torch.Tensor | None = None) -> torch.Tensor:
+        """The tensor `key`, read into `out` when given (a contiguous tensor of its shape and
+        dtype, e.g. a buffer reused layer after layer, or one half of a fused weight): reading
+        into memory that is already mapped avoids the page faults of a fresh buffer, which cost
+        as much as the copy itself on multi-GB checkpoints."""
         f, off, length, dt, shape = self._where[key]
         if dt not in ST_DTYPES:
             raise BTXError(f"{f}: tensor {key!r} has dtype {dt}; only F32/BF16/F16 are supported")
+        if out is None:
+            out = torch.empty(shape, dtype=ST_DTYPES[dt])
+        elif (list(out.shape) != list(shape) or out.dtype != ST_DTYPES[dt]
+              or not out.is_contiguous()):  # fmt: skip
+            raise ValueError(f"{key}: cannot read {dt}{shape} into {out.dtype}{list(out.shape)}")
+        if not length:
+            return out
         fd = self._fds.get(f)
         if fd is None:
             fd = self._fds[f] = os.open(f, os.O_RDONLY)
-        buf = bytearray(length)
-        view = memoryview(buf)
+        view = memoryview(out.reshape(-1).view(torch.uint8).numpy())
         got = 0
         while got < length:
             n = os.preadv(fd, [view[got:]], off + got)
             if n <= 0:
                 raise BTXError(f"{f}: unexpected end of file reading {key!r}; the file is truncated")
             got += n
-        if not length:
-            return torch.empty(shape, dtype=ST_DTYPES[dt])
-        return torch.frombuffer(buf, dtype=ST_DTYPES[dt]).reshape(shape)
+        return out
 
     def close(self) -> None:
-        for fd in self._fds.values():
+        fds = getattr(self, "_fds", {})  # absent when __init__ failed
+        for fd in fds.values():
             with contextlib.suppress(OSError):
                 os.close(fd)
-        self._fds.clear()
+        fds.clear()
 
     def __del__(self) -> None:
         self.close()
@@ -156,10 +165,10 @@ class HFReader(PreadSafetensors):
                     f"index is missing from its shard"
                 )
 
-    def get(self, key: str) -> torch.Tensor:
+    def get(self, key: str, out: torch.Tensor | None = None) -> torch.Tensor:
         if key not in self:
             raise BTXError(f"{self.folder}: tensor {key!r} is missing from the checkpoint")
-        return super().get(key)
+        return super().get(key, out)
 
     def config_path(self) -> Path:
         return self.folder / "config.json"

@@ -24,13 +24,19 @@ from megatron_btx.models.llama import LlamaArgs
 IGNORED_HF_SUFFIXES = ("rotary_emb.inv_freq",)
 
 
-def qkv_to_mcore(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, a: LlamaArgs) -> torch.Tensor:
+def qkv_to_mcore(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, a: LlamaArgs,
+                 out: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
+    """HF q, k, v -> megatron's fused QKV (per KV group: its query heads, then k, then v);
+    into `out` (shape [(heads + 2 * kv_heads) * head_dim, hidden]) when given."""
     g, d = a.num_key_value_heads, a.head_dim
     hpg = a.num_attention_heads // g
     q = q.reshape(g, hpg * d, -1)
     k = k.reshape(g, d, -1)
     v = v.reshape(g, d, -1)
-    return torch.cat([q, k, v], dim=1).reshape(-1, q.shape[-1])
+    if out is None:
+        return torch.cat([q, k, v], dim=1).reshape(-1, q.shape[-1])
+    torch.cat([q, k, v], dim=1, out=out.view(g, (hpg + 2) * d, -1))
+    return out
 
 
 def qkv_from_mcore(qkv: torch.Tensor, a: LlamaArgs) -> tuple[torch.Tensor, ...]:

@@ -47,6 +47,7 @@ import torch
 from megatron_btx import progress, runtime
 from megatron_btx.checkpoint import manifest
 from megatron_btx.checkpoint.dcp_stream import PartialReader, StreamingDCPWriter, read_metadata
+from megatron_btx.checkpoint.direct_io import DirectWriter
 from megatron_btx.checkpoint.hf import (
     INDEX_NAME,
     SINGLE_NAME,
@@ -126,24 +127,66 @@ class Source:
     _template: dict[str, Any] | None = None
     _ckpt_md: Any = None
     _reader: PartialReader | None = None
+    #: per-layer read buffers, reused from one layer to the next (see `reuse_buffers`)
+    _bufs: dict[str, torch.Tensor] | None = None
 
     @property
     def name(self) -> str:
         return str(self.given)
 
     # ---- reading (megatron names, unsharded) ----------------------------------------------
+    @contextlib.contextmanager
+    def reused_buffers(self) -> Iterator[None]:
+        """Within this, `layer(i)` of an HF source returns the same buffers for every layer,
+        overwritten by the next call: the caller must be done with layer i (written, averaged)
+        before it asks for layer i+1. Every layer has the same shapes, so the memory is mapped
+        once; a fresh allocation per tensor cost more in page faults than the read itself."""
+        self._bufs = {}
+        try:
+            yield
+        finally:
+            self._bufs = None
+
+    def _buf(self, name: str, shape: Sequence[int], dtype: torch.dtype) -> torch.Tensor | None:
+        if self._bufs is None:
+            return None
+        b = self._bufs.get(name)
+        if b is None or list(b.shape) != list(shape) or b.dtype != dtype:
+            b = self._bufs[name] = torch.empty(tuple(shape), dtype=dtype)
+        return b
+
     def layer(self, i: int) -> dict[str, torch.Tensor]:
         """Layer i's tensors by short megatron name (see DENSE_LAYER)."""
         if self.fmt == "hf":
             a, n = self.args, hf_layer_names(self.args, i)
-            g = self._hf_get
+
+            def g(role: str, out: torch.Tensor | None = None) -> torch.Tensor:
+                key = n[role]
+                if out is None and self._bufs is not None and key in self._st:
+                    out = self._buf(role, self._st.shape(key), ST_DTYPES[self._st.dtype(key)])
+                return self._hf_get(key, out)
+
+            gate_shape = self._st.shape(n["gate"]) if n["gate"] in self._st else None
+            up_shape = self._st.shape(n["up"]) if n["up"] in self._st else None
+            fc1 = None
+            if gate_shape and gate_shape == up_shape and self._bufs is not None:
+                # gate and up read straight into the two halves of the fused fc1
+                dt = ST_DTYPES[self._st.dtype(n["gate"])]
+                fc1 = self._buf(FC1, [2 * gate_shape[0], gate_shape[1]], dt)
+                g("gate", fc1[: gate_shape[0]])
+                g("up", fc1[gate_shape[0]:])
+            else:
+                fc1 = torch.cat([g("gate"), g("up")])
+            q, k, v = g("q"), g("k"), g("v")
+            qkv = qkv_to_mcore(q, k, v, a, out=self._buf(QKV, [q.shape[0] + k.shape[0] +
+                                                                 v.shape[0], q.shape[1]], q.dtype))
             return {
-                LN1: g(n["ln1"]),
-                QKV: qkv_to_mcore(g(n["q"]), g(n["k"]), g(n["v"]), a),
-                PROJ: g(n["o"]),
-                LN2: g(n["ln2"]),
-                FC1: torch.cat([g(n["gate"]), g(n["up"])]),
-                FC2: g(n["down"]),
+                LN1: g("ln1"),
+                QKV: qkv,
+                PROJ: g("o"),
+                LN2: g("ln2"),
+                FC1: fc1,
+                FC2: g("down"),
             }
         prefix = f"decoder.layers.{i}."
         got = self._mcore_load(prefix)
@@ -160,9 +203,9 @@ class Source:
             return pad_vocab(self._hf_get("lm_head.weight"), a)
         return self._mcore_load(name)[name]
 
-    def _hf_get(self, key: str) -> torch.Tensor:
+    def _hf_get(self, key: str, out: torch.Tensor | None = None) -> torch.Tensor:
         try:
-            return self._st.get(key)
+            return self._st.get(key, out)
         except KeyError as e:
             raise BTXError(f"{self.folder}: tensor {key!r} is missing") from e
 
@@ -507,25 +550,62 @@ def random_router(plan: MergePlan, layer: int, shape: tuple[int, int]) -> torch.
     return torch.randn(shape, generator=g, dtype=torch.float32) * plan.router_std
 
 
+class BufferPool:
+    """Tensors reused from one layer to the next, by name: every layer has the same shapes, so
+    each buffer's memory is mapped once. Writing into mapped memory is several times faster than
+    into a fresh allocation, whose page faults (the kernel zeroing every page) dominated the
+    merge's time. A buffer is valid until the next `get` of its name."""
+
+    def __init__(self):
+        self._bufs: dict[str, torch.Tensor] = {}
+
+    def get(self, name: str, shape: Sequence[int], dtype: torch.dtype) -> torch.Tensor:
+        b = self._bufs.get(name)
+        if b is None or tuple(b.shape) != tuple(shape) or b.dtype != dtype:
+            b = self._bufs[name] = torch.empty(tuple(shape), dtype=dtype)
+        return b
+
+    def cast(self, name: str, t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """`t.to(dtype)` into buffer `name` (t itself when it already has that dtype)."""
+        if t.dtype == dtype:
+            return t
+        return self.get(name, t.shape, dtype).copy_(t)
+
+
+def _accumulate(acc: torch.Tensor | None, t: torch.Tensor, w: float,
+                pool: BufferPool | None = None, name: str = "") -> torch.Tensor:  # fmt: skip
+    """acc + w * fp32(t), in place; a new accumulator (from `pool` when given) when acc is None.
+    Same bits as `acc += t.float() * w` (bf16/fp16 -> fp32 is exact)."""
+    if acc is None:
+        if pool is None:
+            x = t.to(torch.float32)
+            x = x.clone() if x is t else x
+        else:
+            x = pool.get("acc." + name, t.shape, torch.float32).copy_(t)
+        return x.mul_(w) if w != 1.0 else x
+    if pool is None or t.dtype == torch.float32:
+        x = t.to(torch.float32)
+    else:
+        x = pool.get("cast." + name, t.shape, torch.float32).copy_(t)
+    if w == 1.0:
+        return acc.add_(x)
+    return acc.add_(x * w if x is t else x.mul_(w))
+
+
 class _Averager:
     """Weighted fp32 average of the same tensor across sources, accumulated one at a time."""
 
-    def __init__(self, weights: Sequence[float]):
+    def __init__(self, weights: Sequence[float], pool: BufferPool | None = None):
         self.weights = list(weights)
         self.total = float(sum(w for w in weights))
         self.acc: dict[str, torch.Tensor] = {}
+        self.pool = pool
 
     def add(self, s: int, name: str, t: torch.Tensor) -> None:
         w = self.weights[s]
         if w == 0:
             return
-        x = t.to(torch.float32)
-        if w != 1.0:
-            x = x * w
-        if name in self.acc:
-            self.acc[name].add_(x)
-        else:
-            self.acc[name] = x if x is not t else x.clone()
+        self.acc[name] = _accumulate(self.acc.get(name), t, w, self.pool, name)
 
     def result(self, name: str) -> torch.Tensor:
         a = self.acc.pop(name)
@@ -533,10 +613,12 @@ class _Averager:
 
 
 def merge_layer(plan: MergePlan, layer_of: Callable[[int], dict[str, torch.Tensor]], i: int,
-                sources_order: Sequence[int]) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:  # fmt: skip
+                sources_order: Sequence[int], pool: BufferPool | None = None,
+                ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:  # fmt: skip
     """Layer i of the MoE (fp32 averages, native-dtype experts; router not included) and the
-    fp32 averaged FFN of a dense layer. `layer_of(s)` reads source s's layer i."""
-    avg = _Averager(plan.weights)
+    fp32 averaged FFN of a dense layer. `layer_of(s)` reads source s's layer i. With `pool`, the
+    averages live in its buffers (valid until the next layer's merge)."""
+    avg = _Averager(plan.weights, pool)
     ffn: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
     moe = plan.is_moe_layer(i)
     need_ffn = set(plan.expert_sources) | ({plan.shared_source} - {None})
@@ -611,7 +693,7 @@ class StreamingSafetensorsWriter:
             off += nb
         hb = json.dumps(header, separators=(",", ":")).encode()
         hb += b" " * (-len(hb) % 8)
-        self._fh = open(self.folder / (self.names[self._shard] + ".tmp"), "wb")  # noqa: SIM115
+        self._fh = DirectWriter(self.folder / (self.names[self._shard] + ".tmp"))
         self._fh.write(struct.pack("<Q", len(hb)))
         self._fh.write(hb)
         self._left = [n for n, _, _ in items]
@@ -636,7 +718,7 @@ class StreamingSafetensorsWriter:
 
     def _close_current(self) -> None:
         if self._fh is not None:
-            self._fh.close()  # fsync'd in close(), once, so write-back overlaps the merge
+            self._fh.close()  # fsync'd in close(), once
             self._fh = None
 
     def close(self) -> None:
@@ -1239,6 +1321,36 @@ def _lineage(samples: list[torch.Tensor], sources: list[Source]) -> list[float]:
     return out
 
 
+def _merge_write_layer(i, sources, first_of, order, plan, plan_u, a, out_args, out_dt, template,
+                       writer, written, hfw, centroid, pool) -> None:  # fmt: skip
+    """Merge layer i of the sources and write it (checkpoint part, and HF export when asked)."""
+
+    def layer_of(u: int):
+        return sources[first_of[u]].layer(i)
+
+    merged, _ = merge_layer(plan_u, layer_of, i, order, pool)
+    cast = list(AVERAGED_LAYER)
+    if not plan.is_moe_layer(i) and plan.dense_ffn == "average":
+        cast += [FC1, FC2]
+    for n in cast:
+        merged[n] = pool.cast("out." + n, merged[n], out_dt)
+    if plan.is_moe_layer(i):
+        E = plan.num_experts
+        if centroid is not None:
+            merged["mlp.router.weight"] = centroid.run_layer(i, merged).to(out_dt)
+        else:
+            merged["mlp.router.weight"] = random_router(plan, i, (E, a.hidden_size)).to(out_dt)
+    elif centroid is not None:
+        centroid.run_layer(i, merged)
+    part = _fill(_layer_entries(template, i), f"decoder.layers.{i}.", merged, f"layer {i}")
+    writer.write(part)
+    written.update(part)
+    del part
+    if hfw is not None:
+        for name, t in hf_layer_tensors(out_args, i, merged):
+            hfw.add(name, t.to(out_dt))
+
+
 def _merge_globals_and_layers(sources, alias, first_of, plan, out_args, template, writer,
                               written, hfw, centroid, progress) -> list[float]:  # fmt: skip
     """The streaming loop: embedding, layers 0..L-1, final norm and output layer."""
@@ -1249,7 +1361,10 @@ def _merge_globals_and_layers(sources, alias, first_of, plan, out_args, template
     for i, u in enumerate(alias):
         weights_u[u] += plan.weights[i]
 
+    pool = BufferPool()
+
     def avg_global(name: str, lineage: bool = False):
+        """fp32 average of a global tensor, in `pool`'s "global" buffer (one at a time)."""
         acc = None
         samples = []
         g = torch.Generator().manual_seed(0)
@@ -1263,12 +1378,7 @@ def _merge_globals_and_layers(sources, alias, first_of, plan, out_args, template
                     rows = torch.randperm(min(a.vocab_size, t.shape[0]), generator=g)[:1024]
                 samples.append(t[rows].to(torch.float32))
             if weights_u[u]:
-                x = t.to(torch.float32)
-                x = x * weights_u[u] if weights_u[u] != 1.0 else x
-                if acc is None:
-                    acc = x.clone() if x is t else x
-                else:
-                    acc.add_(x)
+                acc = _accumulate(acc, t, weights_u[u], pool, "global")
             del t
         tot = sum(weights_u)
         if tot != 1.0:
@@ -1303,37 +1413,14 @@ def _merge_globals_and_layers(sources, alias, first_of, plan, out_args, template
         if last != len(order) - 1:
             raise BTXError("--dense-ffn seed: the seed must not also be given as an expert")
     bar = _progress(L, "merge", progress)
-    for i in range(L):
-        cache: dict[int, dict[str, torch.Tensor]] = {}
-
-        def layer_of(u: int, i=i):
-            return sources[first_of[u]].layer(i)
-
-        merged, _ = merge_layer(plan_u, layer_of, i, order)
-        del cache
-        for n in AVERAGED_LAYER:
-            merged[n] = merged[n].to(out_dt)
-        if not plan.is_moe_layer(i) and plan.dense_ffn == "average":
-            merged[FC1], merged[FC2] = merged[FC1].to(out_dt), merged[FC2].to(out_dt)
-        if plan.is_moe_layer(i):
-            E = plan.num_experts
-            if centroid is not None:
-                merged["mlp.router.weight"] = centroid.run_layer(i, merged).to(out_dt)
-            else:
-                merged["mlp.router.weight"] = random_router(plan, i, (E, a.hidden_size)).to(out_dt)
-        elif centroid is not None:
-            centroid.run_layer(i, merged)
-        prefix = f"decoder.layers.{i}."
-        part = _fill(_layer_entries(template, i), prefix, merged, f"layer {i}")
-        writer.write(part)
-        written.update(part)
-        del part
-        if hfw is not None:
-            for name, t in hf_layer_tensors(out_args, i, merged):
-                hfw.add(name, t.to(out_dt))
-        del merged
-        if bar:
-            bar.update(1)
+    with contextlib.ExitStack() as reuse:
+        for u in order:
+            reuse.enter_context(sources[first_of[u]].reused_buffers())
+        for i in range(L):
+            _merge_write_layer(i, sources, first_of, order, plan, plan_u, a, out_args, out_dt,
+                               template, writer, written, hfw, centroid, pool)  # fmt: skip
+            if bar:
+                bar.update(1)
     if bar:
         bar.close()
     fin, _ = avg_global(FINAL_LN)
