@@ -239,8 +239,13 @@ def main() -> int:
     # the write floor: as many bytes as our output, written and fsync'd by dd
     mb = int((r.get("output_gb") or 1) * 1024)
     dd = work / "dd.bin"
-    run(f"dd {mb} MB to disk (write floor)",
+    run(f"dd {mb} MB to disk, page cache + fsync",
         ["dd", "if=/dev/zero", f"of={dd}", "bs=1M", f"count={mb}", "conv=fsync", "status=none"])
+    dd.unlink(missing_ok=True)
+    # the same bytes around the page cache, as our writers do (O_DIRECT): the lower floor
+    run(f"dd {mb} MB to disk, O_DIRECT + fsync",
+        ["dd", "if=/dev/zero", f"of={dd}", "bs=8M", f"count={max(1, mb // 8)}", "oflag=direct",
+         "conv=fsync", "status=none"])  # fmt: skip
     dd.unlink(missing_ok=True)
     run("btx merge -> torch_dist + HF Mixtral",
         ours + ["--save", str(work / "out_btx2"), "--export-hf", str(work / "out_btx2_hf")],
@@ -277,6 +282,20 @@ def main() -> int:
         print(f"{r['name']:44s} {r['layers']:6d} {r['wall_s']:8.1f} {r['peak_rss_gb']:12.3f} "
               f"{r['ru_maxrss_gb'] or 0:10.3f} {r.get('output_gb', 0) or 0:10.2f}"
               + ("" if r["rc"] == 0 else f"  FAILED rc={r['rc']}"))
+    by = {r["name"]: r for r in results["runs"]}
+    cat = next(r for r in results["runs"] if r["name"].startswith("cat"))["wall_s"]
+    dds = [r["wall_s"] for r in results["runs"] if r["name"].startswith("dd ")]
+    ours = by.get("btx merge -> torch_dist", {}).get("wall_s")
+    if ours and dds:
+        floor = cat + min(dds)
+        results["floor_s"] = round(floor, 2)
+        results["ours_over_floor"] = round(ours / floor, 2)
+        print(f"\nfloor (cat + fastest dd) {floor:.1f} s; ours / floor = {ours / floor:.2f}")
+        mk = by.get("mergekit-moe (gate_mode random) -> HF", {}).get("wall_s")
+        if mk:
+            results["mergekit_over_ours"] = round(mk / ours, 2)
+            print(f"mergekit-moe / ours = {mk / ours:.2f}")
+        out.write_text(json.dumps(results, indent=2))
     print(f"\nresults: {out}")
     return 0 if all(r["rc"] == 0 for r in results["runs"]) else 1
 
