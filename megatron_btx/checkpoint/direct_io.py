@@ -14,6 +14,7 @@ instead, with the same result on disk.
 from __future__ import annotations
 
 import contextlib
+import errno
 import mmap
 import os
 import queue
@@ -76,7 +77,7 @@ class DirectWriter:
                 try:
                     self._pwrite_all(self._dfd, view[:aligned], offset)
                 except OSError as e:
-                    if e.errno != 22:  # EINVAL: O_DIRECT accepted at open, refused at write
+                    if e.errno != errno.EINVAL:  # O_DIRECT accepted at open, refused at write
                         raise
                     os.close(self._dfd)
                     self._dfd = -1

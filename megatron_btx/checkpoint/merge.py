@@ -127,8 +127,8 @@ class Source:
     _template: dict[str, Any] | None = None
     _ckpt_md: Any = None
     _reader: PartialReader | None = None
-    #: per-layer read buffers, reused from one layer to the next (see `reuse_buffers`)
-    _bufs: dict[str, torch.Tensor] | None = None
+    #: per-layer read buffers, reused from one layer to the next (see `reused_buffers`)
+    _pool: BufferPool | None = None
 
     @property
     def name(self) -> str:
@@ -141,45 +141,37 @@ class Source:
         overwritten by the next call: the caller must be done with layer i (written, averaged)
         before it asks for layer i+1. Every layer has the same shapes, so the memory is mapped
         once; a fresh allocation per tensor cost more in page faults than the read itself."""
-        self._bufs = {}
+        self._pool = BufferPool()
         try:
             yield
         finally:
-            self._bufs = None
-
-    def _buf(self, name: str, shape: Sequence[int], dtype: torch.dtype) -> torch.Tensor | None:
-        if self._bufs is None:
-            return None
-        b = self._bufs.get(name)
-        if b is None or list(b.shape) != list(shape) or b.dtype != dtype:
-            b = self._bufs[name] = torch.empty(tuple(shape), dtype=dtype)
-        return b
+            self._pool = None
 
     def layer(self, i: int) -> dict[str, torch.Tensor]:
         """Layer i's tensors by short megatron name (see DENSE_LAYER)."""
         if self.fmt == "hf":
-            a, n = self.args, hf_layer_names(self.args, i)
+            a, n, pool = self.args, hf_layer_names(self.args, i), self._pool
 
             def g(role: str, out: torch.Tensor | None = None) -> torch.Tensor:
                 key = n[role]
-                if out is None and self._bufs is not None and key in self._st:
-                    out = self._buf(role, self._st.shape(key), ST_DTYPES[self._st.dtype(key)])
+                if out is None and pool is not None and key in self._st:
+                    out = pool.get(role, self._st.shape(key), ST_DTYPES[self._st.dtype(key)])
                 return self._hf_get(key, out)
 
             gate_shape = self._st.shape(n["gate"]) if n["gate"] in self._st else None
             up_shape = self._st.shape(n["up"]) if n["up"] in self._st else None
-            fc1 = None
-            if gate_shape and gate_shape == up_shape and self._bufs is not None:
+            if gate_shape and gate_shape == up_shape and pool is not None:
                 # gate and up read straight into the two halves of the fused fc1
                 dt = ST_DTYPES[self._st.dtype(n["gate"])]
-                fc1 = self._buf(FC1, [2 * gate_shape[0], gate_shape[1]], dt)
+                fc1 = pool.get(FC1, [2 * gate_shape[0], gate_shape[1]], dt)
                 g("gate", fc1[: gate_shape[0]])
                 g("up", fc1[gate_shape[0]:])
             else:
                 fc1 = torch.cat([g("gate"), g("up")])
             q, k, v = g("q"), g("k"), g("v")
-            qkv = qkv_to_mcore(q, k, v, a, out=self._buf(QKV, [q.shape[0] + k.shape[0] +
-                                                                 v.shape[0], q.shape[1]], q.dtype))
+            qkv_out = None if pool is None else pool.get(
+                QKV, [q.shape[0] + k.shape[0] + v.shape[0], q.shape[1]], q.dtype)
+            qkv = qkv_to_mcore(q, k, v, a, out=qkv_out)
             return {
                 LN1: g("ln1"),
                 QKV: qkv,
