@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import io
 import os
+import threading
 from pathlib import Path
 
 import pytest
@@ -13,7 +14,7 @@ import torch
 
 from megatron_btx.checkpoint import manifest
 from megatron_btx.checkpoint.dcp_stream import _no_zip_crc32, _own_storage
-from megatron_btx.checkpoint.direct_io import DirectWriter
+from megatron_btx.checkpoint.direct_io import DirectWriter, WriteBehind
 
 
 def _pieces(seed: int, sizes: list[int]) -> list[bytes]:
@@ -139,3 +140,55 @@ def test_sha256_file_matches_hashlib(tmp_path: Path, size: int):
     p = tmp_path / "f"
     p.write_bytes(os.urandom(size))
     assert manifest.sha256_file(p, window=1024 * 1024) == hashlib.sha256(p.read_bytes()).hexdigest()
+
+
+def test_files_sharing_a_write_behind_round_trip_without_waiting_at_close(tmp_path: Path):
+    """Many files through one WriteBehind of 3 buffers: close() returns while their bytes may
+    still be queued; after drain() every file holds exactly its bytes, and the buffers used stay
+    the same 3 however many files and bytes went through."""
+    files = {tmp_path / f"part{i}.bin": _pieces(i, [70000 * (i % 3), 5, 4096 * i + 3])
+             for i in range(12)}  # fmt: skip
+    with WriteBehind(chunk=16384, depth=2) as wb:
+        bufs = {id(b) for b in wb._bufs}
+        for path, data in files.items():
+            w = DirectWriter(path, behind=wb)
+            for b in data:
+                w.write(b)
+            w.close()
+            with pytest.raises(ValueError):
+                w.write(b"late")
+        wb.drain()
+        for path, data in files.items():
+            assert path.read_bytes() == b"".join(data)
+        assert {id(b) for b in wb._bufs} == bufs and len(bufs) == 3
+    assert not wb._thread.is_alive()
+
+
+def test_shared_write_behind_reports_a_failed_file_at_drain_and_next_write(tmp_path: Path):
+    wb = WriteBehind(chunk=4096, depth=1)
+    bad = DirectWriter(tmp_path / "bad.bin", behind=wb)
+    os.close(bad._fd)  # its tail write fails in the background
+    if bad._dfd >= 0:
+        os.close(bad._dfd)
+    bad.write(b"x" * 100)
+    bad.close()  # queued: does not raise yet
+    with pytest.raises(OSError):
+        wb.drain()
+    good = DirectWriter(tmp_path / "good.bin", behind=wb)
+    with pytest.raises(OSError):
+        good.write(b"y" * 10000)  # the first error sticks: nothing more is written
+    good.close()
+    with pytest.raises(OSError):
+        wb.close()
+    assert not wb._thread.is_alive()
+
+
+def test_streaming_dcp_writer_stops_its_thread_when_the_caller_fails(tmp_path: Path):
+    from megatron_btx.checkpoint.dcp_stream import StreamingDCPWriter
+
+    before = {t.ident for t in threading.enumerate()}
+    with pytest.raises(RuntimeError, match="caller failed"):
+        with StreamingDCPWriter(tmp_path):
+            raise RuntimeError("caller failed")
+    left = [t for t in threading.enumerate() if t.ident not in before and t.is_alive()]
+    assert left == []

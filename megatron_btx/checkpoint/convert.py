@@ -60,56 +60,57 @@ def stream_to_torch_dist(
     from megatron_btx.checkpoint.merge import _fill, _flat_template, build_gpt
 
     template = _flat_template(build_gpt(args, dtype, meta=True))
-    writer = StreamingDCPWriter(folder)
-    done: set[str] = set()
-    group: dict[str, torch.Tensor] = {}
-    group_id: str | None = None
-    bar = _progress(args.num_hidden_layers + 2, f"import {Path(source).name}")
+    with StreamingDCPWriter(folder) as writer:
+        done: set[str] = set()
+        group: dict[str, torch.Tensor] = {}
+        group_id: str | None = None
+        bar = _progress(args.num_hidden_layers + 2, f"import {Path(source).name}")
 
-    def group_of(name: str) -> str:
-        parts = name.split(".")
-        return ".".join(parts[:3]) if name.startswith("decoder.layers.") else "globals"
+        def group_of(name: str) -> str:
+            parts = name.split(".")
+            return ".".join(parts[:3]) if name.startswith("decoder.layers.") else "globals"
 
-    def flush() -> None:
-        if not group:
-            return
-        prefix = group_id + "." if group_id != "globals" else ""
-        entries = {k: v for k, v in template.items()
-                   if (k.startswith(prefix) if prefix else k in group)}  # fmt: skip
-        short = {k[len(prefix):]: t for k, t in group.items()}
-        for k, v in entries.items():
-            t = group.get(k)
-            if not isinstance(v, ShardedObject) and t is not None and tuple(t.shape) != tuple(v.data.shape):
-                raise BTXError(
-                    f"{source}: tensor for {k} has shape {tuple(t.shape)}, the model expects "
-                    f"{tuple(v.data.shape)}; config.json does not match the weights"
-                )
-        writer.write(_fill(entries, prefix, short, source))
-        done.update(entries)
-        group.clear()
+        def flush() -> None:
+            if not group:
+                return
+            prefix = group_id + "." if group_id != "globals" else ""
+            entries = {k: v for k, v in template.items()
+                       if (k.startswith(prefix) if prefix else k in group)}  # fmt: skip
+            short = {k[len(prefix):]: t for k, t in group.items()}
+            for k, v in entries.items():
+                t = group.get(k)
+                if (not isinstance(v, ShardedObject) and t is not None
+                        and tuple(t.shape) != tuple(v.data.shape)):
+                    raise BTXError(
+                        f"{source}: tensor for {k} has shape {tuple(t.shape)}, the model expects "
+                        f"{tuple(v.data.shape)}; config.json does not match the weights"
+                    )
+            writer.write(_fill(entries, prefix, short, source))
+            done.update(entries)
+            group.clear()
+            if bar:
+                bar.update(1)
+
+        n = 0
+        for name, t in tensors:
+            if name not in template:
+                raise BTXError(f"{source}: no place for {name} in the model; config.json mismatch")
+            g = group_of(name)
+            if g != group_id:
+                flush()
+                group_id = g
+            group[name] = t.to(dtype)
+            n += 1
+        flush()
+        rest = {k: v for k, v in template.items() if k not in done}
+        if any(not isinstance(v, ShardedObject) for v in rest.values()):
+            missing = next(k for k, v in rest.items() if not isinstance(v, ShardedObject))
+            raise BTXError(f"{source}: nothing was converted into {missing}")
+        if rest:  # extra state of modules outside the layers
+            writer.write(rest)
+        writer.finish()
         if bar:
-            bar.update(1)
-
-    n = 0
-    for name, t in tensors:
-        if name not in template:
-            raise BTXError(f"{source}: no place for {name} in the model; config.json mismatch")
-        g = group_of(name)
-        if g != group_id:
-            flush()
-            group_id = g
-        group[name] = t.to(dtype)
-        n += 1
-    flush()
-    rest = {k: v for k, v in template.items() if k not in done}
-    if any(not isinstance(v, ShardedObject) for v in rest.values()):
-        missing = next(k for k, v in rest.items() if not isinstance(v, ShardedObject))
-        raise BTXError(f"{source}: nothing was converted into {missing}")
-    if rest:  # extra state of modules outside the layers
-        writer.write(rest)
-    writer.finish()
-    if bar:
-        bar.close()
+            bar.close()
     return n
 
 

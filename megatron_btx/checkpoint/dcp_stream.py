@@ -29,7 +29,7 @@ from typing import Any
 
 import torch
 
-from megatron_btx.checkpoint.direct_io import DirectWriter
+from megatron_btx.checkpoint.direct_io import DirectWriter, WriteBehind
 from megatron_btx.errors import BTXError
 
 
@@ -70,10 +70,17 @@ def _own_storage(t: torch.Tensor) -> torch.Tensor:
 
 
 class StreamingDCPWriter:
-    """A torch_dist checkpoint written part by part into `folder` (which must exist)."""
+    """A torch_dist checkpoint written part by part into `folder` (which must exist).
 
-    def __init__(self, folder: str | Path):
+    Each part is one `.distcp` file. The files share one write-behind thread with
+    `write_behind_mb` of staging buffers, so a part's bytes go to disk while the caller computes
+    the next part; :meth:`finish` waits for them. Use it as a context manager (or call
+    :meth:`close`) so that the thread also stops when the caller fails half way."""
+
+    def __init__(self, folder: str | Path, write_behind_mb: int = 128):
         self.folder = Path(folder)
+        chunk = 16 * 1024 * 1024
+        self._behind = WriteBehind(chunk, depth=max(1, write_behind_mb * 1024 * 1024 // chunk - 1))
         self._tensor_md: dict[str, Any] = {}
         self._bytes_md: dict[str, Any] = {}
         self._storage: dict[Any, Any] = {}
@@ -132,7 +139,7 @@ class StreamingDCPWriter:
         self._nfiles += 1
         transforms = _StorageWriterTransforms()
         start = self.bytes_written
-        with DirectWriter(self.folder / name) as stream, _no_zip_crc32():
+        with DirectWriter(self.folder / name, behind=self._behind) as stream, _no_zip_crc32():
             for obj in objects:  # bytes first, then tensors: megatron-core's order
                 fqn = obj.unique_key
                 if fqn in self._bytes_md:
@@ -211,6 +218,7 @@ class StreamingDCPWriter:
         from torch.distributed.checkpoint.filesystem import CURRENT_DCP_VERSION
         from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
 
+        self._behind.close()  # every part's bytes written, descriptors closed; raises errors
         for f in self._files:
             fd = os.open(f, os.O_RDONLY)
             try:
@@ -235,6 +243,17 @@ class StreamingDCPWriter:
         (self.folder / "common.pt").write_bytes(buf.getvalue())
         save_config(CheckpointingConfig("torch_dist", 1), str(self.folder))
         self._finished = True
+
+    def close(self) -> None:
+        """Stop the write-behind thread without finishing (after a failure); idempotent."""
+        with contextlib.suppress(BaseException):
+            self._behind.close()
+
+    def __enter__(self) -> StreamingDCPWriter:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
     @property
     def keys(self) -> list[str]:

@@ -6,7 +6,10 @@ first: measured on the 2-core CI machine, `dd bs=8M conv=fsync` of 6.3 GB took 1
 it system time, against 3.3-3.7 s (0.7-0.9 s system) with `oflag=direct`. :class:`DirectWriter`
 is the file object the checkpoint writers use: bytes are staged into page-aligned buffers, and a
 background thread writes each full buffer with O_DIRECT while the caller goes on computing the
-next tensors. The file's last partial block goes through an ordinary descriptor. Where O_DIRECT
+next tensors. The file's last partial block goes through an ordinary descriptor. Several files may
+share one :class:`WriteBehind` (one thread, one bounded set of buffers): then closing a file does
+not wait for its writes, so a checkpoint written part by part keeps the disk busy while the next
+part is computed, and :meth:`WriteBehind.drain` waits for all of them. Where O_DIRECT
 is not available (tmpfs, some network file systems, other OSes) it writes through the page cache
 instead, with the same result on disk.
 """
@@ -19,48 +22,147 @@ import mmap
 import os
 import queue
 import threading
+from collections.abc import Callable
 from pathlib import Path
 
 _ALIGN = 4096  # the largest logical block size O_DIRECT asks for on Linux
 
 
+class WriteBehind:
+    """One background writer thread and `depth + 1` page-aligned staging buffers of `chunk` bytes,
+    shared by the :class:`DirectWriter` files given it; the memory used is (depth + 1) * chunk
+    however many files and bytes go through. Jobs run in order. The first error is kept: later
+    data jobs are skipped, and the error is raised to the caller on its next buffer request,
+    :meth:`drain` or :meth:`close`."""
+
+    def __init__(self, chunk: int = 16 * 1024 * 1024, depth: int = 2):
+        if chunk % _ALIGN or chunk <= 0:
+            raise ValueError(f"chunk must be a positive multiple of {_ALIGN}")
+        if depth < 1:
+            raise ValueError("depth must be at least 1")
+        self.chunk = chunk
+        self._bufs = [mmap.mmap(-1, chunk) for _ in range(depth + 1)]  # page-aligned
+        self._free: queue.Queue[mmap.mmap] = queue.Queue()
+        for b in self._bufs:
+            self._free.put(b)
+        self._todo: queue.Queue[tuple[Callable[[], None], mmap.mmap | None, bool] | None] = (
+            queue.Queue()
+        )
+        self._error: BaseException | None = None
+        self._closed = False
+        self._thread = threading.Thread(target=self._run, name="btx-write-behind", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while True:
+            job = self._todo.get()
+            if job is None:
+                return
+            fn, buf, always = job
+            try:
+                if always or self._error is None:
+                    fn()
+            except BaseException as e:  # reported to the caller
+                if self._error is None:
+                    self._error = e
+            finally:
+                if buf is not None:
+                    self._free.put(buf)
+
+    def check(self) -> None:
+        if self._error is not None:
+            raise self._error
+
+    def buffer(self) -> mmap.mmap:
+        """A free staging buffer; waits while `depth` buffers are being written."""
+        if self._closed:
+            raise ValueError("WriteBehind is closed")
+        buf = self._free.get()
+        if self._error is not None:
+            self._free.put(buf)
+            raise self._error
+        return buf
+
+    def release(self, buf: mmap.mmap) -> None:
+        """Give back a buffer that has nothing to write."""
+        self._free.put(buf)
+
+    def submit(self, fn: Callable[[], None], buf: mmap.mmap | None = None,
+               always: bool = False) -> None:  # fmt: skip
+        """Run `fn` on the writer thread, then free `buf`. `always`: run it even after an error
+        (closing descriptors); otherwise it is skipped once a job has failed."""
+        if self._closed:
+            raise ValueError("WriteBehind is closed")
+        self._todo.put((fn, buf, always))
+
+    def drain(self) -> None:
+        """Wait until every job submitted so far has run; raise the first error."""
+        if not self._closed:
+            done = threading.Event()
+            self._todo.put((done.set, None, True))
+            done.wait()
+        self.check()
+
+    def close(self) -> None:
+        """Run what is queued, stop the thread, free the buffers; raise the first error."""
+        if not self._closed:
+            self._closed = True
+            self._todo.put(None)
+            self._thread.join()
+            for b in self._bufs:
+                with contextlib.suppress(BufferError):
+                    b.close()
+        self.check()
+
+    def __enter__(self) -> WriteBehind:
+        return self
+
+    def __exit__(self, exc_type, *exc) -> None:
+        if exc_type is None:
+            self.close()
+        else:  # the caller's error wins; still stop the thread
+            with contextlib.suppress(BaseException):
+                self.close()
+
+
 class DirectWriter:
     """A write-only, sequential binary file (write/tell/flush/close), `with`-able.
 
-    `chunk` bytes are staged per write-behind request; `depth` requests may be in flight, so the
-    memory used is (depth + 1) * chunk whatever the file's size."""
+    Alone it has its own :class:`WriteBehind` (`chunk` bytes per request, `depth` in flight) and
+    `close` waits for its data. Given a shared `behind`, `close` only queues the file's last
+    writes and the closing of its descriptors: call `behind.drain()` before relying on the file
+    (errors are raised there, or by the next write through the same `behind`)."""
 
-    def __init__(self, path: str | Path, chunk: int = 16 * 1024 * 1024, depth: int = 2):
-        if chunk % _ALIGN:
-            raise ValueError(f"chunk must be a multiple of {_ALIGN}")
+    def __init__(self, path: str | Path, chunk: int = 16 * 1024 * 1024, depth: int = 2,
+                 behind: WriteBehind | None = None):  # fmt: skip
         self.path = Path(path)
-        self._chunk = chunk
+        self._own = behind is None
+        self._behind = WriteBehind(chunk, depth) if behind is None else behind
+        self._chunk = self._behind.chunk
         flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC
-        self._fd = os.open(self.path, flags, 0o644)  # the ordinary descriptor
+        try:
+            self._fd = os.open(self.path, flags, 0o644)  # the ordinary descriptor
+        except BaseException:
+            if self._own:
+                self._behind.close()
+            raise
         self._dfd = -1  # the O_DIRECT one, when the file system takes it
         if hasattr(os, "O_DIRECT"):
             try:
                 self._dfd = os.open(self.path, os.O_WRONLY | os.O_DIRECT | os.O_CLOEXEC)
             except OSError:
                 self._dfd = -1
-        self._free: queue.Queue[mmap.mmap] = queue.Queue()
-        for _ in range(depth + 1):
-            self._free.put(mmap.mmap(-1, chunk))  # anonymous maps are page-aligned
-        self._todo: queue.Queue[tuple[mmap.mmap, int, int] | None] = queue.Queue()
-        self._error: BaseException | None = None
-        self._buf = self._free.get()
+        self._buf: mmap.mmap | None = None
         self._fill = 0  # bytes staged in self._buf
         self._base = 0  # file offset of self._buf[0]
         self._closed = False
-        self._thread = threading.Thread(target=self._run, name="btx-direct-writer", daemon=True)
-        self._thread.start()
 
     @property
     def direct(self) -> bool:
         """Whether data goes around the page cache (False: the file system refused O_DIRECT)."""
         return self._dfd >= 0
 
-    # ---- background side ------------------------------------------------------------------
+    # ---- writer-thread side ----------------------------------------------------------------
     def _pwrite_all(self, fd: int, view: memoryview, offset: int) -> None:
         done = 0
         while done < len(view):
@@ -85,34 +187,25 @@ class DirectWriter:
             if aligned < n:
                 self._pwrite_all(self._fd, view[aligned:], offset + aligned)
 
-    def _run(self) -> None:
-        while True:
-            job = self._todo.get()
-            if job is None:
-                return
-            buf, n, offset = job
-            try:
-                if self._error is None:
-                    self._write_block(buf, n, offset)
-            except BaseException as e:  # reported to the caller on its next write or close
-                self._error = e
-            finally:
-                self._free.put(buf)
+    def _close_fds(self) -> None:
+        for fd in (self._dfd, self._fd):
+            if fd >= 0:
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+        self._dfd = self._fd = -1
 
     # ---- caller side ----------------------------------------------------------------------
     def _check(self) -> None:
         if self._closed:
             raise ValueError(f"{self.path}: write to a closed file")
-        if self._error is not None:
-            raise self._error
+        self._behind.check()
 
     def _submit(self) -> None:
-        if self._fill:
-            self._todo.put((self._buf, self._fill, self._base))
-            self._base += self._fill
-            self._fill = 0
-            self._buf = self._free.get()  # waits while `depth` blocks are in flight
-            self._check()
+        buf, n, offset = self._buf, self._fill, self._base
+        self._buf = None
+        self._base += n
+        self._fill = 0
+        self._behind.submit(lambda: self._write_block(buf, n, offset), buf)
 
     def write(self, b) -> int:
         self._check()
@@ -120,6 +213,8 @@ class DirectWriter:
             n = len(v)
             pos = 0
             while pos < n:
+                if self._buf is None:
+                    self._buf = self._behind.buffer()  # waits while `depth` are in flight
                 take = min(n - pos, self._chunk - self._fill)
                 self._buf[self._fill : self._fill + take] = v[pos : pos + take]
                 self._fill += take
@@ -138,23 +233,22 @@ class DirectWriter:
         """Nothing to do: data reaches the file on `close` (or as buffers fill)."""
 
     def close(self) -> None:
-        """Write what is staged, wait for the background writes, close; raise what failed."""
+        """Queue what is staged and the closing of the file. Alone: wait for it and raise what
+        failed. With a shared `behind`: return at once (see the class docstring)."""
         if self._closed:
             return
+        self._closed = True
         try:
-            if self._error is None:
-                self._submit()
+            if self._buf is not None:
+                if self._fill and self._behind._error is None:
+                    self._submit()
+                else:
+                    self._behind.release(self._buf)
+                    self._buf = None
         finally:
-            self._closed = True
-            self._todo.put(None)
-            self._thread.join()
-            for fd in (self._dfd, self._fd):
-                if fd >= 0:
-                    with contextlib.suppress(OSError):
-                        os.close(fd)
-            self._dfd = self._fd = -1
-        if self._error is not None:
-            raise self._error
+            self._behind.submit(self._close_fds, always=True)
+            if self._own:
+                self._behind.close()
 
     def __enter__(self) -> DirectWriter:
         return self
