@@ -425,3 +425,25 @@ def test_tp2_sources_and_ep2_output(branches, ids, tmp_path):
     with _Runtime():
         ref = mcore_logits(moe_model(tmp_path / "b"), ids)
     torch.testing.assert_close(torch.load(tmp_path / "ep2.pt"), ref, atol=1e-5, rtol=1e-5)
+
+
+def test_torch_threads_leave_a_core_to_the_source_hashing(monkeypatch):
+    """While the sources' sha256 runs on its own thread, torch's intra-op pool is sized to the
+    cores left (on 2 cores its second thread spin-waited on the hashing's core), then restored."""
+    import concurrent.futures
+
+    from megatron_btx.checkpoint import merge
+
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2}, raising=False)
+    before = torch.get_num_threads()
+    torch.set_num_threads(3)
+    try:
+        running = concurrent.futures.Future()
+        with merge._threads_beside_hashing({0: running}):
+            assert torch.get_num_threads() == 2
+        assert torch.get_num_threads() == 3
+        running.set_result({})
+        with merge._threads_beside_hashing({0: running}):
+            assert torch.get_num_threads() == 3  # hashing done: nothing to leave room for
+    finally:
+        torch.set_num_threads(before)

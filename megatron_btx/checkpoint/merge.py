@@ -184,15 +184,19 @@ class Source:
         got = self._mcore_load(prefix)
         return {k[len(prefix):]: v for k, v in got.items()}
 
-    def globals_(self, name: str) -> torch.Tensor:
-        """EMB / FINAL_LN / OUT (embedding and output padded to the padded vocabulary)."""
+    def globals_(self, name: str, pool: BufferPool | None = None) -> torch.Tensor:
+        """EMB / FINAL_LN / OUT (embedding and output padded to the padded vocabulary). With
+        `pool`, an HF tensor is read into its buffer "read.global" (valid until the next call)."""
         if self.fmt == "hf":
             a = self.args
-            if name == EMB:
-                return pad_vocab(self._hf_get("model.embed_tokens.weight"), a)
-            if name == FINAL_LN:
-                return self._hf_get("model.norm.weight")
-            return pad_vocab(self._hf_get("lm_head.weight"), a)
+            key = {EMB: "model.embed_tokens.weight", FINAL_LN: "model.norm.weight",
+                   OUT: "lm_head.weight"}[name]  # fmt: skip
+            out = None
+            if pool is not None and key in self._st:
+                out = pool.get("read.global", self._st.shape(key),
+                               ST_DTYPES[self._st.dtype(key)])  # fmt: skip
+            t = self._hf_get(key, out)
+            return t if name == FINAL_LN else pad_vocab(t, a)
         return self._mcore_load(name)[name]
 
     def _hf_get(self, key: str, out: torch.Tensor | None = None) -> torch.Tensor:
@@ -556,6 +560,11 @@ class BufferPool:
         if b is None or tuple(b.shape) != tuple(shape) or b.dtype != dtype:
             b = self._bufs[name] = torch.empty(tuple(shape), dtype=dtype)
         return b
+
+    def drop(self, *names: str) -> None:
+        """Free these buffers (the memory goes back to the system when nothing else holds it)."""
+        for n in names:
+            self._bufs.pop(n, None)
 
     def cast(self, name: str, t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         """`t.to(dtype)` into buffer `name` (t itself when it already has that dtype)."""
@@ -931,6 +940,23 @@ def _parse_layers(spec: str | None, L: int) -> list[int] | None:
     return None if len(layers) == L else layers
 
 
+@contextlib.contextmanager
+def _threads_beside_hashing(hash_jobs: dict[int, concurrent.futures.Future]) -> Iterator[None]:
+    """torch's intra-op threads limited to the cores the sources' hashing leaves free, while it
+    runs. On 2 cores, torch's second thread spin-waited between the loop's many small ops on the
+    core the hashing needs: 3 s of CPU and 1.5 s of a 10 s merge."""
+    old = torch.get_num_threads()
+    if all(j.done() for j in hash_jobs.values()):
+        yield
+        return
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    torch.set_num_threads(max(1, min(old, (cores or 1) - 1)))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
+
+
 def _sha256_files(files: Sequence[Path]) -> dict[str, str]:
     return {p.name: manifest.sha256_file(p) for p in files}
 
@@ -1164,10 +1190,10 @@ def _merge_write(sources, save, plan, a, out_args, overrides, variant, out_dt, a
                 _check_megatron_keys(s)
         template = _flat_template(build_gpt(out_args, out_dt, overrides, meta=True))
         written: set[str] = set()
-        writer = StreamingDCPWriter(tmp)
         hf_tmp = None
         hfw = None
         hf_ctx = contextlib.ExitStack()
+        writer = hf_ctx.enter_context(StreamingDCPWriter(tmp))
         if export_hf is not None:
             hf_tmp = hf_ctx.enter_context(atomic_folder(export_hf, overwrite))
             hfw = StreamingSafetensorsWriter(hf_tmp, hf_export_plan(out_args, out_dt),
@@ -1176,9 +1202,10 @@ def _merge_write(sources, save, plan, a, out_args, overrides, variant, out_dt, a
             centroid = None
             if router_init == "centroid":
                 centroid = CentroidRouter(a, out_args, plan, centroid_tokens_by_src, overrides)
-            lineage = _merge_globals_and_layers(
-                sources, alias, first_of, plan, out_args, template, writer, written, hfw,
-                centroid, progress)  # fmt: skip
+            with _threads_beside_hashing(hash_jobs):
+                lineage = _merge_globals_and_layers(
+                    sources, alias, first_of, plan, out_args, template, writer, written, hfw,
+                    centroid, progress)  # fmt: skip
             missing = [k for k in template if k not in written]
             if missing:
                 raise RuntimeError(f"merge wrote no data for {missing[0]} ({len(missing)} missing)")
@@ -1364,7 +1391,7 @@ def _merge_globals_and_layers(sources, alias, first_of, plan, out_args, template
         for u in order:
             if weights_u[u] == 0 and not lineage:
                 continue
-            t = sources[first_of[u]].globals_(name)
+            t = sources[first_of[u]].globals_(name, pool)
             if lineage:
                 if rows is None:
                     rows = torch.randperm(min(a.vocab_size, t.shape[0]), generator=g)[:1024]
@@ -1388,11 +1415,12 @@ def _merge_globals_and_layers(sources, alias, first_of, plan, out_args, template
     lineage = _lineage(samples, [sources[first_of[u]] for u in order]) if samples else [1.0]
     if centroid is not None:
         centroid.embed(emb[: a.vocab_size].to(out_dt))
-    emb = emb.to(out_dt)
+    emb = pool.cast("out.emb", emb, out_dt)
     put({EMB: emb})
     if hfw is not None:
         hfw.add("model.embed_tokens.weight", emb[: a.vocab_size])
     del emb
+    pool.drop("read.global", "acc.global", "cast.global", "out.emb")  # not held through the layers
 
     plan_u = dataclasses.replace(
         plan, weights=weights_u,
@@ -1420,7 +1448,7 @@ def _merge_globals_and_layers(sources, alias, first_of, plan, out_args, template
     globals_ = {FINAL_LN: fin}
     if not a.tie_word_embeddings:
         out, _ = avg_global(OUT)
-        globals_[OUT] = out.to(out_dt)
+        globals_[OUT] = pool.cast("out.emb", out, out_dt)  # the embedding's is written: reuse
         del out
     put(globals_)
     if hfw is not None:
