@@ -8,6 +8,8 @@ seed) of a TinyLlama-1.1B shape by default, then runs, each as its own process:
 and records wall time and peak resident memory (the process tree's RSS, sampled every 20 ms, and
 the kernel's ru_maxrss of the largest child as a cross-check). Then our converter alone on models
 of 8 and 16 layers of the same width, to show that peak memory does not grow with depth.
+The disk's speed here varies from minute to minute, so `cat`, ours and an O_DIRECT `dd` of the
+output's size run back to back in --rounds rounds, and ours / (cat + dd) is reported per round.
 
     python benchmarks/bench_merge.py --work /tmp/bench --mk-python /tmp/mk-venv/bin/python
 """
@@ -19,6 +21,7 @@ import hashlib
 import json
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import threading
@@ -190,6 +193,9 @@ def main() -> int:
     ap.add_argument("--depths", type=int, nargs="*", default=[8, 16],
                     help="extra depths for the peak-RSS-vs-layers runs")
     ap.add_argument("--cold", action="store_true", help="drop the page cache before each run")
+    ap.add_argument("--rounds", type=int, default=3,
+                    help="rounds of (cat, ours, O_DIRECT dd), each giving ours / floor: the disk's "
+                         "speed varies from minute to minute here, so the ratio is taken per round")
     ap.add_argument("--json", default=None, help="results file (default: WORK/bench_merge.json)")
     ap.add_argument("--keep", action="store_true", help="keep outputs")
     a = ap.parse_args()
@@ -247,6 +253,17 @@ def main() -> int:
         ["dd", "if=/dev/zero", f"of={dd}", "bs=8M", f"count={max(1, mb // 8)}", "oflag=direct",
          "conv=fsync", "status=none"])  # fmt: skip
     dd.unlink(missing_ok=True)
+    rounds = [(results["runs"][0]["wall_s"], r["wall_s"], results["runs"][-1]["wall_s"])]
+    for k in range(2, a.rounds + 1):
+        c = run(f"cat inputs > /dev/null (round {k})",
+                ["sh", "-c", 'exec cat "$@" > /dev/null', "cat", *files])  # fmt: skip
+        o = run(f"btx merge -> torch_dist (round {k})", ours + ["--save", str(work / "out_btx")],
+                work / "out_btx")  # fmt: skip
+        d = run(f"dd {mb} MB to disk, O_DIRECT + fsync (round {k})",
+                ["dd", "if=/dev/zero", f"of={dd}", "bs=8M", f"count={max(1, mb // 8)}",
+                 "oflag=direct", "conv=fsync", "status=none"])  # fmt: skip
+        dd.unlink(missing_ok=True)
+        rounds.append((c["wall_s"], o["wall_s"], d["wall_s"]))
     run("btx merge -> torch_dist + HF Mixtral",
         ours + ["--save", str(work / "out_btx2"), "--export-hf", str(work / "out_btx2_hf")],
         work / "out_btx2")  # fmt: skip
@@ -276,26 +293,28 @@ def main() -> int:
     out = Path(a.json) if a.json else work / "bench_merge.json"
     out.write_text(json.dumps(results, indent=2))
     print()
-    print(f"{'run':44s} {'layers':>6s} {'wall s':>8s} {'peak RSS GB':>12s} {'maxrss GB':>10s} "
+    print(f"{'run':48s} {'layers':>6s} {'wall s':>8s} {'peak RSS GB':>12s} {'maxrss GB':>10s} "
           f"{'output GB':>10s}")  # fmt: skip
     for r in results["runs"]:
-        print(f"{r['name']:44s} {r['layers']:6d} {r['wall_s']:8.1f} {r['peak_rss_gb']:12.3f} "
+        print(f"{r['name']:48s} {r['layers']:6d} {r['wall_s']:8.1f} {r['peak_rss_gb']:12.3f} "
               f"{r['ru_maxrss_gb'] or 0:10.3f} {r.get('output_gb', 0) or 0:10.2f}"
               + ("" if r["rc"] == 0 else f"  FAILED rc={r['rc']}"))
     by = {r["name"]: r for r in results["runs"]}
-    cat = next(r for r in results["runs"] if r["name"].startswith("cat"))["wall_s"]
-    dds = [r["wall_s"] for r in results["runs"] if r["name"].startswith("dd ")]
-    ours = by.get("btx merge -> torch_dist", {}).get("wall_s")
-    if ours and dds:
-        floor = cat + min(dds)
-        results["floor_s"] = round(floor, 2)
-        results["ours_over_floor"] = round(ours / floor, 2)
-        print(f"\nfloor (cat + fastest dd) {floor:.1f} s; ours / floor = {ours / floor:.2f}")
-        mk = by.get("mergekit-moe (gate_mode random) -> HF", {}).get("wall_s")
-        if mk:
-            results["mergekit_over_ours"] = round(mk / ours, 2)
-            print(f"mergekit-moe / ours = {mk / ours:.2f}")
-        out.write_text(json.dumps(results, indent=2))
+    ratios = sorted(o / (c + d) for c, o, d in rounds)
+    results["rounds"] = [{"cat_s": c, "ours_s": o, "dd_direct_s": d, "floor_s": round(c + d, 2),
+                          "ours_over_floor": round(o / (c + d), 2)} for c, o, d in rounds]  # fmt: skip
+    results["ours_over_floor_median"] = round(ratios[len(ratios) // 2], 2)
+    print(f"\n{'round':>5s} {'cat s':>6s} {'O_DIRECT dd s':>14s} {'floor s':>8s} {'ours s':>7s} "
+          f"{'ours / floor':>13s}")  # fmt: skip
+    for k, (c, o, d) in enumerate(rounds, 1):
+        print(f"{k:5d} {c:6.1f} {d:14.1f} {c + d:8.1f} {o:7.1f} {o / (c + d):13.2f}")
+    print(f"median ours / floor = {results['ours_over_floor_median']:.2f}")
+    ours = statistics.median(o for _, o, _ in rounds)
+    mk = by.get("mergekit-moe (gate_mode random) -> HF", {}).get("wall_s")
+    if mk:
+        results["mergekit_over_ours"] = round(mk / ours, 2)
+        print(f"mergekit-moe / ours (median) = {mk / ours:.2f}")
+    out.write_text(json.dumps(results, indent=2))
     print(f"\nresults: {out}")
     return 0 if all(r["rc"] == 0 for r in results["runs"]) else 1
 
