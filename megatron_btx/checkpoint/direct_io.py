@@ -69,6 +69,11 @@ class WriteBehind:
                 if buf is not None:
                     self._free.put(buf)
 
+    @property
+    def failed(self) -> bool:
+        """Whether a job has failed (its error is raised by :meth:`check`)."""
+        return self._error is not None
+
     def check(self) -> None:
         if self._error is not None:
             raise self._error
@@ -240,7 +245,7 @@ class DirectWriter:
         self._closed = True
         try:
             if self._buf is not None:
-                if self._fill and self._behind._error is None:
+                if self._fill and not self._behind.failed:
                     self._submit()
                 else:
                     self._behind.release(self._buf)
