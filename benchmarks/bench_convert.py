@@ -28,11 +28,22 @@ def make_llama(folder: Path, layers: int) -> int:
     """TinyLlama-1.1B's shape, random bf16 weights, one safetensors shard per 4 layers."""
     h, f, heads, kv, vocab = 2048, 5632, 32, 4, 32000
     d = h // heads
-    cfg = dict(model_type="llama", architectures=["LlamaForCausalLM"], hidden_size=h,
-               intermediate_size=f, num_hidden_layers=layers, num_attention_heads=heads,
-               num_key_value_heads=kv, vocab_size=vocab, rms_norm_eps=1e-5, rope_theta=10000.0,
-               max_position_embeddings=2048, tie_word_embeddings=False, hidden_act="silu",
-               torch_dtype="bfloat16")  # fmt: skip
+    cfg = dict(
+        model_type="llama",
+        architectures=["LlamaForCausalLM"],
+        hidden_size=h,
+        intermediate_size=f,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv,
+        vocab_size=vocab,
+        rms_norm_eps=1e-5,
+        rope_theta=10000.0,
+        max_position_embeddings=2048,
+        tie_word_embeddings=False,
+        hidden_act="silu",
+        torch_dtype="bfloat16",
+    )
     folder.mkdir(parents=True)
     (folder / "config.json").write_text(json.dumps(cfg))
     g = torch.Generator().manual_seed(0)
@@ -46,17 +57,25 @@ def make_llama(folder: Path, layers: int) -> int:
         t = {}
         for i in group:
             p = f"model.layers.{i}."
-            t.update({p + "input_layernorm.weight": torch.ones(h, dtype=torch.bfloat16),
-                      p + "post_attention_layernorm.weight": torch.ones(h, dtype=torch.bfloat16),
-                      p + "self_attn.q_proj.weight": rnd(h, h),
-                      p + "self_attn.k_proj.weight": rnd(kv * d, h),
-                      p + "self_attn.v_proj.weight": rnd(kv * d, h),
-                      p + "self_attn.o_proj.weight": rnd(h, h),
-                      p + "mlp.gate_proj.weight": rnd(f, h), p + "mlp.up_proj.weight": rnd(f, h),
-                      p + "mlp.down_proj.weight": rnd(h, f)})  # fmt: skip
+            t.update(
+                {
+                    p + "input_layernorm.weight": torch.ones(h, dtype=torch.bfloat16),
+                    p + "post_attention_layernorm.weight": torch.ones(h, dtype=torch.bfloat16),
+                    p + "self_attn.q_proj.weight": rnd(h, h),
+                    p + "self_attn.k_proj.weight": rnd(kv * d, h),
+                    p + "self_attn.v_proj.weight": rnd(kv * d, h),
+                    p + "self_attn.o_proj.weight": rnd(h, h),
+                    p + "mlp.gate_proj.weight": rnd(f, h),
+                    p + "mlp.up_proj.weight": rnd(f, h),
+                    p + "mlp.down_proj.weight": rnd(h, f),
+                }
+            )
         if not group:
-            t = {"model.embed_tokens.weight": rnd(vocab, h), "lm_head.weight": rnd(vocab, h),
-                 "model.norm.weight": torch.ones(h, dtype=torch.bfloat16)}  # fmt: skip
+            t = {
+                "model.embed_tokens.weight": rnd(vocab, h),
+                "lm_head.weight": rnd(vocab, h),
+                "model.norm.weight": torch.ones(h, dtype=torch.bfloat16),
+            }
         name = f"model-{gi + 1:05d}-of-{len(groups) + 1:05d}.safetensors"
         save_file(t, str(folder / name), metadata={"format": "pt"})
         weight_map.update({k: name for k in t})
@@ -95,21 +114,49 @@ def main() -> None:
     try:
         n = make_llama(tmp / "hf", a.layers)
         size = sum(f.stat().st_size for f in (tmp / "hf").glob("*.safetensors"))
-        rows = [{"what": "cat *.safetensors > /dev/null",
-                 **timed(f"cat {tmp}/hf/*.safetensors > /dev/null", shell=True)}]  # fmt: skip
-        conv = timed([sys.executable, str(ROOT / "tools/convert_hf_to_megatron.py"), "--load",
-                      str(tmp / "hf"), "--save", str(tmp / "mg"), "--tp", str(a.tp)])  # fmt: skip
+        rows = [
+            {
+                "what": "cat *.safetensors > /dev/null",
+                **timed(f"cat {tmp}/hf/*.safetensors > /dev/null", shell=True),
+            }
+        ]
+        conv = timed(
+            [
+                sys.executable,
+                str(ROOT / "tools/convert_hf_to_megatron.py"),
+                "--load",
+                str(tmp / "hf"),
+                "--save",
+                str(tmp / "mg"),
+                "--tp",
+                str(a.tp),
+            ]
+        )
         rows.append({"what": f"convert_hf_to_megatron --tp {a.tp}", **conv})
-        exp = timed([sys.executable, str(ROOT / "tools/convert_megatron_to_hf.py"), "--load",
-                     str(tmp / "mg"), "--save", str(tmp / "back")])  # fmt: skip
+        exp = timed(
+            [
+                sys.executable,
+                str(ROOT / "tools/convert_megatron_to_hf.py"),
+                "--load",
+                str(tmp / "mg"),
+                "--save",
+                str(tmp / "back"),
+            ]
+        )
         rows.append({"what": "convert_megatron_to_hf", **exp})
         out_size = sum(f.stat().st_size for f in (tmp / "mg").rglob("*") if f.is_file())
-        res = {"date": time.strftime("%Y-%m-%d"), "machine": f"{platform.machine()}, "
-               f"{subprocess.run(['nproc'], capture_output=True, text=True).stdout.strip()} cores",
-               "params": n, "input_gb": round(size / 1e9, 2), "output_gb": round(out_size / 1e9, 2),
-               "layers": a.layers, "rows": rows,
-               "time_ratio_vs_cat": round(rows[1]["seconds"] / max(rows[0]["seconds"], 1e-3), 1),
-               "rss_over_input": round(rows[1]["peak_rss_mb"] * 1024**2 / size, 2)}  # fmt: skip
+        res = {
+            "date": time.strftime("%Y-%m-%d"),
+            "machine": f"{platform.machine()}, "
+            f"{subprocess.run(['nproc'], capture_output=True, text=True).stdout.strip()} cores",
+            "params": n,
+            "input_gb": round(size / 1e9, 2),
+            "output_gb": round(out_size / 1e9, 2),
+            "layers": a.layers,
+            "rows": rows,
+            "time_ratio_vs_cat": round(rows[1]["seconds"] / max(rows[0]["seconds"], 1e-3), 1),
+            "rss_over_input": round(rows[1]["peak_rss_mb"] * 1024**2 / size, 2),
+        }
         print(f"{n / 1e9:.2f}B params, {size / 1e9:.2f} GB bf16 in, {out_size / 1e9:.2f} GB out")
         print(f"{'command':40} {'seconds':>8} {'peak RSS MB':>12}")
         for r in rows:

@@ -34,8 +34,17 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def make_llama(path: Path, layers: int, hidden: int, inter: int, heads: int, kv: int, vocab: int,
-               seed: int, pool: torch.Tensor) -> None:  # fmt: skip
+def make_llama(
+    path: Path,
+    layers: int,
+    hidden: int,
+    inter: int,
+    heads: int,
+    kv: int,
+    vocab: int,
+    seed: int,
+    pool: torch.Tensor,
+) -> None:
     """An HF Llama folder with pseudo-random bf16 weights (slices of a random pool, so making
     4 x 1B models takes seconds), sharded like transformers does (~2 GB per shard)."""
     from safetensors.torch import save_file
@@ -47,17 +56,19 @@ def make_llama(path: Path, layers: int, hidden: int, inter: int, heads: int, kv:
     shapes = {"model.embed_tokens.weight": (vocab, hidden)}
     for i in range(layers):
         p = f"model.layers.{i}."
-        shapes.update({
-            p + "input_layernorm.weight": (hidden,),
-            p + "self_attn.q_proj.weight": (heads * hd, hidden),
-            p + "self_attn.k_proj.weight": (kv * hd, hidden),
-            p + "self_attn.v_proj.weight": (kv * hd, hidden),
-            p + "self_attn.o_proj.weight": (hidden, heads * hd),
-            p + "post_attention_layernorm.weight": (hidden,),
-            p + "mlp.gate_proj.weight": (inter, hidden),
-            p + "mlp.up_proj.weight": (inter, hidden),
-            p + "mlp.down_proj.weight": (hidden, inter),
-        })  # fmt: skip
+        shapes.update(
+            {
+                p + "input_layernorm.weight": (hidden,),
+                p + "self_attn.q_proj.weight": (heads * hd, hidden),
+                p + "self_attn.k_proj.weight": (kv * hd, hidden),
+                p + "self_attn.v_proj.weight": (kv * hd, hidden),
+                p + "self_attn.o_proj.weight": (hidden, heads * hd),
+                p + "post_attention_layernorm.weight": (hidden,),
+                p + "mlp.gate_proj.weight": (inter, hidden),
+                p + "mlp.up_proj.weight": (inter, hidden),
+                p + "mlp.down_proj.weight": (hidden, inter),
+            }
+        )
     shapes["model.norm.weight"] = (hidden,)
     shapes["lm_head.weight"] = (vocab, hidden)
     shards, cur, size = [], {}, 0
@@ -67,9 +78,12 @@ def make_llama(path: Path, layers: int, hidden: int, inter: int, heads: int, kv:
             n *= s
         h = int(hashlib.md5(f"{seed}/{name}".encode()).hexdigest()[:8], 16)
         off = h % (pool.numel() - 1)
-        idx = (torch.arange(n, dtype=torch.int64) + off) % pool.numel() if n > pool.numel() - off \
+        idx = (
+            (torch.arange(n, dtype=torch.int64) + off) % pool.numel()
+            if n > pool.numel() - off
             else None
-        t = (pool[idx] if idx is not None else pool[off:off + n]).reshape(shape).clone()
+        )
+        t = (pool[idx] if idx is not None else pool[off : off + n]).reshape(shape).clone()
         if len(shape) == 1:
             t = torch.ones(shape, dtype=torch.bfloat16)
         if size + 2 * n > 2 * 1024**3 and cur:
@@ -85,13 +99,26 @@ def make_llama(path: Path, layers: int, hidden: int, inter: int, heads: int, kv:
         wm.update({n: fname for n in sd})
     total = sum(2 * t.numel() for sd in shards for t in sd.values())
     (path / "model.safetensors.index.json").write_text(
-        json.dumps({"metadata": {"total_size": total}, "weight_map": wm}))
-    cfg = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": hidden,
-           "intermediate_size": inter, "num_hidden_layers": layers, "num_attention_heads": heads,
-           "num_key_value_heads": kv, "vocab_size": vocab, "max_position_embeddings": 2048,
-           "rms_norm_eps": 1e-5, "rope_theta": 10000.0, "hidden_act": "silu",
-           "tie_word_embeddings": False, "torch_dtype": "bfloat16", "bos_token_id": 1,
-           "eos_token_id": 2}  # fmt: skip
+        json.dumps({"metadata": {"total_size": total}, "weight_map": wm})
+    )
+    cfg = {
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "hidden_size": hidden,
+        "intermediate_size": inter,
+        "num_hidden_layers": layers,
+        "num_attention_heads": heads,
+        "num_key_value_heads": kv,
+        "vocab_size": vocab,
+        "max_position_embeddings": 2048,
+        "rms_norm_eps": 1e-5,
+        "rope_theta": 10000.0,
+        "hidden_act": "silu",
+        "tie_word_embeddings": False,
+        "torch_dtype": "bfloat16",
+        "bos_token_id": 1,
+        "eos_token_id": 2,
+    }
     (path / "config.json").write_text(json.dumps(cfg, indent=2))
     _write_tokenizer(path, vocab)
     (path / "done").write_text("")
@@ -105,9 +132,16 @@ def _write_tokenizer(path: Path, vocab: int) -> None:
     tok = Tokenizer(models.WordLevel(vocab=words, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
     tok.save(str(path / "tokenizer.json"))
-    (path / "tokenizer_config.json").write_text(json.dumps({
-        "tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<s>", "eos_token": "</s>",
-        "unk_token": "<unk>"}))  # fmt: skip
+    (path / "tokenizer_config.json").write_text(
+        json.dumps(
+            {
+                "tokenizer_class": "PreTrainedTokenizerFast",
+                "bos_token": "<s>",
+                "eos_token": "</s>",
+                "unk_token": "<unk>",
+            }
+        )
+    )
 
 
 def measure(cmd: list[str], env: dict | None = None) -> dict:
@@ -118,8 +152,14 @@ def measure(cmd: list[str], env: dict | None = None) -> dict:
     if Path("/usr/bin/time").is_file():
         cmd = ["/usr/bin/time", "-o", str(mfile), "-f", "%M", *cmd]
     t0 = time.time()
-    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env,
-                         cwd=ROOT, stdin=subprocess.DEVNULL)  # fmt: skip
+    p = subprocess.Popen(
+        cmd,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        env=env,
+        cwd=ROOT,
+        stdin=subprocess.DEVNULL,
+    )
     peak = [0]
     out = []
 
@@ -151,9 +191,13 @@ def measure(cmd: list[str], env: dict | None = None) -> dict:
         time.sleep(0.02)
     th.join()
     wall = time.time() - t0
-    res = {"cmd": " ".join(map(str, cmd)), "rc": p.returncode, "wall_s": round(wall, 2),
-           "peak_rss_gb": round(peak[0] / 1024**3, 3),
-           "ru_maxrss_gb": None}  # fmt: skip
+    res = {
+        "cmd": " ".join(map(str, cmd)),
+        "rc": p.returncode,
+        "wall_s": round(wall, 2),
+        "peak_rss_gb": round(peak[0] / 1024**3, 3),
+        "ru_maxrss_gb": None,
+    }
     del rusage
     if mfile.is_file():
         try:
@@ -182,20 +226,32 @@ def drop_caches() -> bool:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--work", default="/tmp/btx-bench", help="scratch folder (needs ~40 GB)")
-    ap.add_argument("--mk-python", default="/tmp/mk-venv/bin/python",
-                    help="python of a venv with mergekit installed")
+    ap.add_argument(
+        "--mk-python",
+        default="/tmp/mk-venv/bin/python",
+        help="python of a venv with mergekit installed",
+    )
     ap.add_argument("--layers", type=int, default=22)
     ap.add_argument("--hidden", type=int, default=2048)
     ap.add_argument("--intermediate", type=int, default=5632)
     ap.add_argument("--heads", type=int, default=32)
     ap.add_argument("--kv-heads", type=int, default=4)
     ap.add_argument("--vocab", type=int, default=32000)
-    ap.add_argument("--depths", type=int, nargs="*", default=[8, 16],
-                    help="extra depths for the peak-RSS-vs-layers runs")
+    ap.add_argument(
+        "--depths",
+        type=int,
+        nargs="*",
+        default=[8, 16],
+        help="extra depths for the peak-RSS-vs-layers runs",
+    )
     ap.add_argument("--cold", action="store_true", help="drop the page cache before each run")
-    ap.add_argument("--rounds", type=int, default=3,
-                    help="rounds of (cat, ours, O_DIRECT dd), each giving ours / floor: the disk's "
-                         "speed varies from minute to minute here, so the ratio is taken per round")
+    ap.add_argument(
+        "--rounds",
+        type=int,
+        default=3,
+        help="rounds of (cat, ours, O_DIRECT dd), each giving ours / floor: the disk's "
+        "speed varies from minute to minute here, so the ratio is taken per round",
+    )
     ap.add_argument("--json", default=None, help="results file (default: WORK/bench_merge.json)")
     ap.add_argument("--keep", action="store_true", help="keep outputs")
     a = ap.parse_args()
@@ -203,8 +259,13 @@ def main() -> int:
     work.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(0)
     pool = (torch.randn(64 * 1024 * 1024) * 0.02).to(torch.bfloat16)
-    shape = {"hidden": a.hidden, "inter": a.intermediate, "heads": a.heads, "kv": a.kv_heads,
-             "vocab": a.vocab}
+    shape = {
+        "hidden": a.hidden,
+        "inter": a.intermediate,
+        "heads": a.heads,
+        "kv": a.kv_heads,
+        "vocab": a.vocab,
+    }
 
     def models(layers: int) -> list[Path]:
         out = []
@@ -214,16 +275,29 @@ def main() -> int:
             out.append(p)
         return out
 
-    results: dict = {"machine": {"cpus": os.cpu_count(),
-                                 "ram_gb": round(psutil.virtual_memory().total / 1024**3, 1)},
-                     "shape": {**shape, "layers": a.layers}, "runs": []}  # fmt: skip
+    results: dict = {
+        "machine": {
+            "cpus": os.cpu_count(),
+            "ram_gb": round(psutil.virtual_memory().total / 1024**3, 1),
+        },
+        "shape": {**shape, "layers": a.layers},
+        "runs": [],
+    }
     t = time.time()
     srcs = models(a.layers)
     print(f"made 4 sources of {du(srcs[0])} GB each in {time.time() - t:.0f}s", flush=True)
     files = [str(f) for s in srcs for f in sorted(s.glob("*.safetensors"))]
     env = dict(os.environ, OMP_NUM_THREADS=str(os.cpu_count()), PYTHONWARNINGS="ignore")
-    ours = [sys.executable, str(ROOT / "tools" / "convert_dense_to_moe.py"), "--experts",
-            *map(str, srcs[:3]), "--seed", str(srcs[3]), "--no-progress", "--overwrite"]  # fmt: skip
+    ours = [
+        sys.executable,
+        str(ROOT / "tools" / "convert_dense_to_moe.py"),
+        "--experts",
+        *map(str, srcs[:3]),
+        "--seed",
+        str(srcs[3]),
+        "--no-progress",
+        "--overwrite",
+    ]
 
     def run(name: str, cmd: list[str], out: Path | None = None, layers: int = a.layers) -> dict:
         if a.cold:
@@ -247,68 +321,144 @@ def main() -> int:
     # the write floor: as many bytes as our output, written and fsync'd by dd
     mb = int((r.get("output_gb") or 1) * 1024)
     dd = work / "dd.bin"
-    run(f"dd {mb} MB to disk, page cache + fsync",
-        ["dd", "if=/dev/zero", f"of={dd}", "bs=1M", f"count={mb}", "conv=fsync", "status=none"])
+    run(
+        f"dd {mb} MB to disk, page cache + fsync",
+        ["dd", "if=/dev/zero", f"of={dd}", "bs=1M", f"count={mb}", "conv=fsync", "status=none"],
+    )
     dd.unlink(missing_ok=True)
     # the same bytes around the page cache, as our writers do (O_DIRECT): the lower floor
-    run(f"dd {mb} MB to disk, O_DIRECT + fsync",
-        ["dd", "if=/dev/zero", f"of={dd}", "bs=8M", f"count={max(1, mb // 8)}", "oflag=direct",
-         "conv=fsync", "status=none"])  # fmt: skip
+    run(
+        f"dd {mb} MB to disk, O_DIRECT + fsync",
+        [
+            "dd",
+            "if=/dev/zero",
+            f"of={dd}",
+            "bs=8M",
+            f"count={max(1, mb // 8)}",
+            "oflag=direct",
+            "conv=fsync",
+            "status=none",
+        ],
+    )
     dd.unlink(missing_ok=True)
     rounds = [(results["runs"][0]["wall_s"], r["wall_s"], results["runs"][-1]["wall_s"])]
     for k in range(2, a.rounds + 1):
-        c = run(f"cat inputs > /dev/null (round {k})",
-                ["sh", "-c", 'exec cat "$@" > /dev/null', "cat", *files])  # fmt: skip
-        o = run(f"btx merge -> torch_dist (round {k})", ours + ["--save", str(work / "out_btx")],
-                work / "out_btx")  # fmt: skip
-        d = run(f"dd {mb} MB to disk, O_DIRECT + fsync (round {k})",
-                ["dd", "if=/dev/zero", f"of={dd}", "bs=8M", f"count={max(1, mb // 8)}",
-                 "oflag=direct", "conv=fsync", "status=none"])  # fmt: skip
+        c = run(
+            f"cat inputs > /dev/null (round {k})",
+            ["sh", "-c", 'exec cat "$@" > /dev/null', "cat", *files],
+        )
+        o = run(
+            f"btx merge -> torch_dist (round {k})",
+            ours + ["--save", str(work / "out_btx")],
+            work / "out_btx",
+        )
+        d = run(
+            f"dd {mb} MB to disk, O_DIRECT + fsync (round {k})",
+            [
+                "dd",
+                "if=/dev/zero",
+                f"of={dd}",
+                "bs=8M",
+                f"count={max(1, mb // 8)}",
+                "oflag=direct",
+                "conv=fsync",
+                "status=none",
+            ],
+        )
         dd.unlink(missing_ok=True)
         rounds.append((c["wall_s"], o["wall_s"], d["wall_s"]))
-    run("btx merge -> torch_dist + HF Mixtral",
+    run(
+        "btx merge -> torch_dist + HF Mixtral",
         ours + ["--save", str(work / "out_btx2"), "--export-hf", str(work / "out_btx2_hf")],
-        work / "out_btx2")  # fmt: skip
+        work / "out_btx2",
+    )
     shutil.rmtree(work / "out_btx2_hf", ignore_errors=True)
     mk_ok = Path(a.mk_python).is_file()
     if mk_ok:
         cfg = work / "mergekit_moe.yml"
-        cfg.write_text(json.dumps({
-            "base_model": str(srcs[3]), "gate_mode": "random", "dtype": "bfloat16",
-            "experts_per_token": 2,
-            "experts": [{"source_model": str(s)} for s in srcs],
-        }, indent=2))  # fmt: skip
-        mk = [a.mk_python, "-m", "mergekit.scripts.moe", str(cfg), str(work / "out_mk"),
-              "--i-understand-this-is-not-useful-without-training", "--no-copy-tokenizer",
-              "--device", "cpu", "--out-shard-size", "1B", "--lazy-unpickle"]  # fmt: skip
+        cfg.write_text(
+            json.dumps(
+                {
+                    "base_model": str(srcs[3]),
+                    "gate_mode": "random",
+                    "dtype": "bfloat16",
+                    "experts_per_token": 2,
+                    "experts": [{"source_model": str(s)} for s in srcs],
+                },
+                indent=2,
+            )
+        )
+        mk = [
+            a.mk_python,
+            "-m",
+            "mergekit.scripts.moe",
+            str(cfg),
+            str(work / "out_mk"),
+            "--i-understand-this-is-not-useful-without-training",
+            "--no-copy-tokenizer",
+            "--device",
+            "cpu",
+            "--out-shard-size",
+            "1B",
+            "--lazy-unpickle",
+        ]
         run("mergekit-moe (gate_mode random) -> HF", mk, work / "out_mk")
     else:
         results["mergekit"] = f"not run: {a.mk_python} not found"
     for L in a.depths:
         s = models(L)
-        ours_l = [sys.executable, str(ROOT / "tools" / "convert_dense_to_moe.py"), "--experts",
-                  *map(str, s[:3]), "--seed", str(s[3]), "--no-progress", "--overwrite"]  # fmt: skip
+        ours_l = [
+            sys.executable,
+            str(ROOT / "tools" / "convert_dense_to_moe.py"),
+            "--experts",
+            *map(str, s[:3]),
+            "--seed",
+            str(s[3]),
+            "--no-progress",
+            "--overwrite",
+        ]
         if not a.cold:
-            subprocess.run(["cat", *[str(f) for x in s for f in x.glob("*.safetensors")]],
-                           stdout=subprocess.DEVNULL, check=True)  # fmt: skip
-        run(f"btx merge -> torch_dist ({L} layers)", ours_l + ["--save", str(work / f"out_L{L}")],
-            work / f"out_L{L}", layers=L)  # fmt: skip
+            subprocess.run(
+                ["cat", *[str(f) for x in s for f in x.glob("*.safetensors")]],
+                stdout=subprocess.DEVNULL,
+                check=True,
+            )
+        run(
+            f"btx merge -> torch_dist ({L} layers)",
+            ours_l + ["--save", str(work / f"out_L{L}")],
+            work / f"out_L{L}",
+            layers=L,
+        )
     out = Path(a.json) if a.json else work / "bench_merge.json"
     out.write_text(json.dumps(results, indent=2))
     print()
-    print(f"{'run':48s} {'layers':>6s} {'wall s':>8s} {'peak RSS GB':>12s} {'maxrss GB':>10s} "
-          f"{'output GB':>10s}")  # fmt: skip
+    print(
+        f"{'run':48s} {'layers':>6s} {'wall s':>8s} {'peak RSS GB':>12s} {'maxrss GB':>10s} "
+        f"{'output GB':>10s}"
+    )
     for r in results["runs"]:
-        print(f"{r['name']:48s} {r['layers']:6d} {r['wall_s']:8.1f} {r['peak_rss_gb']:12.3f} "
-              f"{r['ru_maxrss_gb'] or 0:10.3f} {r.get('output_gb', 0) or 0:10.2f}"
-              + ("" if r["rc"] == 0 else f"  FAILED rc={r['rc']}"))
+        print(
+            f"{r['name']:48s} {r['layers']:6d} {r['wall_s']:8.1f} {r['peak_rss_gb']:12.3f} "
+            f"{r['ru_maxrss_gb'] or 0:10.3f} {r.get('output_gb', 0) or 0:10.2f}"
+            + ("" if r["rc"] == 0 else f"  FAILED rc={r['rc']}")
+        )
     by = {r["name"]: r for r in results["runs"]}
     ratios = sorted(o / (c + d) for c, o, d in rounds)
-    results["rounds"] = [{"cat_s": c, "ours_s": o, "dd_direct_s": d, "floor_s": round(c + d, 2),
-                          "ours_over_floor": round(o / (c + d), 2)} for c, o, d in rounds]  # fmt: skip
+    results["rounds"] = [
+        {
+            "cat_s": c,
+            "ours_s": o,
+            "dd_direct_s": d,
+            "floor_s": round(c + d, 2),
+            "ours_over_floor": round(o / (c + d), 2),
+        }
+        for c, o, d in rounds
+    ]
     results["ours_over_floor_median"] = round(ratios[len(ratios) // 2], 2)
-    print(f"\n{'round':>5s} {'cat s':>6s} {'O_DIRECT dd s':>14s} {'floor s':>8s} {'ours s':>7s} "
-          f"{'ours / floor':>13s}")  # fmt: skip
+    print(
+        f"\n{'round':>5s} {'cat s':>6s} {'O_DIRECT dd s':>14s} {'floor s':>8s} {'ours s':>7s} "
+        f"{'ours / floor':>13s}"
+    )
     for k, (c, o, d) in enumerate(rounds, 1):
         print(f"{k:5d} {c:6.1f} {d:14.1f} {c + d:8.1f} {o:7.1f} {o / (c + d):13.2f}")
     print(f"median ours / floor = {results['ours_over_floor_median']:.2f}")

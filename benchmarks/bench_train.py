@@ -50,20 +50,30 @@ def _args() -> argparse.ArgumentParser:
     p.add_argument("--topk", type=int, default=2)
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--warmup", type=int, default=3)
-    p.add_argument("--rounds", type=int, default=3,
-                   help="alternate ours/peer this many times (a shared machine's load only "
-                        "ever adds time: the best step is the cleanest comparison)")  # fmt: skip
+    p.add_argument(
+        "--rounds",
+        type=int,
+        default=3,
+        help="alternate ours/peer this many times (a shared machine's load only "
+        "ever adds time: the best step is the cleanest comparison)",
+    )
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: all)")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"])
     p.add_argument("--kinds", default="dense,moe")
     p.add_argument("--impls", default="ours,hf")
-    p.add_argument("--sdpa", action="store_true",
-                   help="experiment: replace megatron's unfused local-spec core attention in our "
-                        "model by torch's scaled_dot_product_attention (as transformers uses)")
-    p.add_argument("--data", default=None,
-                   help="prepared data folder for ours (default: prepare the built-in code "
-                        "corpus in a temporary folder)")  # fmt: skip
+    p.add_argument(
+        "--sdpa",
+        action="store_true",
+        help="experiment: replace megatron's unfused local-spec core attention in our "
+        "model by torch's scaled_dot_product_attention (as transformers uses)",
+    )
+    p.add_argument(
+        "--data",
+        default=None,
+        help="prepared data folder for ours (default: prepare the built-in code "
+        "corpus in a temporary folder)",
+    )
     p.add_argument("--out", default=str(ROOT / "runs" / "bench" / "bench_train.json"))
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     p.add_argument("--kind", default=None, help=argparse.SUPPRESS)
@@ -86,20 +96,41 @@ def worker_ours(a: argparse.Namespace, moe: bool) -> list[float]:
     from megatron_btx.training.loop import Trainer
 
     run_dir = Path(tempfile.mkdtemp(prefix="bench_ours_"))
-    model = dict(hidden_size=a.hidden, intermediate_size=a.ffn, num_hidden_layers=a.layers,
-                 num_attention_heads=a.heads, num_key_value_heads=a.kv_heads or a.heads,
-                 vocab_size=a.vocab, max_position_embeddings=max(a.seq, 128))  # fmt: skip
+    model = dict(
+        hidden_size=a.hidden,
+        intermediate_size=a.ffn,
+        num_hidden_layers=a.layers,
+        num_attention_heads=a.heads,
+        num_key_value_heads=a.kv_heads or a.heads,
+        vocab_size=a.vocab,
+        max_position_embeddings=max(a.seq, 128),
+    )
     if moe:
         model.update(num_local_experts=a.experts, num_experts_per_tok=a.topk)
-    cfg = C.Config.from_dict({
-        "run_dir": str(run_dir), "model": model,
-        "data": {"path": a.data, "domains": ["code"], "valid_domains": [], "seq_length": a.seq,
-                 "micro_batch_size": a.batch, "global_batch_size": a.batch},
-        "train": {"steps": a.warmup + a.steps, "lr": 1e-4, "warmup_steps": 1,
-                  "device": a.device, "dtype": a.dtype, "save_interval": 10**9},
-        "optimizer": {"weight_decay": 0.1, "clip_grad": 1.0},
-        "logging": {"tensorboard": False},
-    })  # fmt: skip
+    cfg = C.Config.from_dict(
+        {
+            "run_dir": str(run_dir),
+            "model": model,
+            "data": {
+                "path": a.data,
+                "domains": ["code"],
+                "valid_domains": [],
+                "seq_length": a.seq,
+                "micro_batch_size": a.batch,
+                "global_batch_size": a.batch,
+            },
+            "train": {
+                "steps": a.warmup + a.steps,
+                "lr": 1e-4,
+                "warmup_steps": 1,
+                "device": a.device,
+                "dtype": a.dtype,
+                "save_interval": 10**9,
+            },
+            "optimizer": {"weight_decay": 0.1, "clip_grad": 1.0},
+            "logging": {"tensorboard": False},
+        }
+    )
     cfg.validate()
     trainer = Trainer(cfg)
     trainer.setup()
@@ -126,8 +157,16 @@ def _use_sdpa(model) -> None:
     from megatron.core.transformer.dot_product_attention import DotProductAttention
 
     class SDPA(torch.nn.Module):
-        def forward(self, query, key, value, attention_mask, attn_mask_type=None,
-                    attention_bias=None, packed_seq_params=None):  # fmt: skip
+        def forward(
+            self,
+            query,
+            key,
+            value,
+            attention_mask,
+            attn_mask_type=None,
+            attention_bias=None,
+            packed_seq_params=None,
+        ):
             q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))  # [b, h, s, d]
             if k.shape[1] != q.shape[1]:
                 k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
@@ -148,28 +187,42 @@ def worker_hf(a: argparse.Namespace, moe: bool) -> list[float]:
 
     dev = torch.device(a.device)
     dtype = torch.bfloat16 if a.dtype == "bf16" else torch.float32
-    common = dict(hidden_size=a.hidden, intermediate_size=a.ffn, num_hidden_layers=a.layers,
-                  num_attention_heads=a.heads, num_key_value_heads=a.kv_heads or a.heads,
-                  vocab_size=a.vocab, max_position_embeddings=max(a.seq, 128),
-                  tie_word_embeddings=False)  # fmt: skip
+    common = dict(
+        hidden_size=a.hidden,
+        intermediate_size=a.ffn,
+        num_hidden_layers=a.layers,
+        num_attention_heads=a.heads,
+        num_key_value_heads=a.kv_heads or a.heads,
+        vocab_size=a.vocab,
+        max_position_embeddings=max(a.seq, 128),
+        tie_word_embeddings=False,
+    )
     torch.manual_seed(0)
     with dev:  # build on the device: a 1B model initialised on the CPU takes minutes
         if moe:
             from transformers import MixtralConfig, MixtralForCausalLM
 
-            model = MixtralForCausalLM(MixtralConfig(
-                **common, num_local_experts=a.experts, num_experts_per_tok=a.topk,
-                output_router_logits=True, router_aux_loss_coef=0.01))  # fmt: skip
+            model = MixtralForCausalLM(
+                MixtralConfig(
+                    **common,
+                    num_local_experts=a.experts,
+                    num_experts_per_tok=a.topk,
+                    output_router_logits=True,
+                    router_aux_loss_coef=0.01,
+                )
+            )
         else:
             from transformers import LlamaConfig, LlamaForCausalLM
 
             model = LlamaForCausalLM(LlamaConfig(**common))
     model = model.to(device=dev, dtype=dtype).train()
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), eps=1e-8,
-                            weight_decay=0.1)  # fmt: skip
+    opt = torch.optim.AdamW(
+        model.parameters(), lr=1e-4, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1
+    )
     g = torch.Generator().manual_seed(0)
-    batches = [torch.randint(0, a.vocab, (a.batch, a.seq + 1), generator=g).to(dev)
-               for _ in range(4)]  # fmt: skip
+    batches = [
+        torch.randint(0, a.vocab, (a.batch, a.seq + 1), generator=g).to(dev) for _ in range(4)
+    ]
     times = []
     for i in range(a.warmup + a.steps):
         x = batches[i % len(batches)]
@@ -197,14 +250,28 @@ def _prepare_data() -> str:
 
 def _child(a: argparse.Namespace, impl: str, kind: str, argv: list[str]) -> list[float] | str:
     """Step times of one child run, or its error output."""
-    env = dict(os.environ, PYTHONWARNINGS="ignore",
-               PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
+    env = dict(
+        os.environ,
+        PYTHONWARNINGS="ignore",
+        PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
+    )
     if a.threads:
         env["OMP_NUM_THREADS"] = str(a.threads)
     with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as f:
         result_path = f.name
-    cmd = [sys.executable, __file__, *argv, "--worker", impl, "--kind", kind, "--out",
-           result_path, "--data", a.data or ""]  # fmt: skip
+    cmd = [
+        sys.executable,
+        __file__,
+        *argv,
+        "--worker",
+        impl,
+        "--kind",
+        kind,
+        "--out",
+        result_path,
+        "--data",
+        a.data or "",
+    ]
     r = subprocess.run(cmd, env=env, capture_output=True, text=True, stdin=subprocess.DEVNULL)
     if r.returncode:
         return (r.stdout + r.stderr)[-3000:]
@@ -218,9 +285,16 @@ def _summary(a: argparse.Namespace, impl: str, kind: str, runs: list[list[float]
     medians = [statistics.median(t) for t in runs]
     med = statistics.median(medians)
     best = min(min(t) for t in runs)
-    res = {"impl": impl, "kind": kind, "tokens_per_s": tokens / med,
-           "tokens_per_s_best": tokens / best, "step_s_median": med, "step_s_best": best,
-           "round_medians_s": medians, "steps_timed": sum(len(t) for t in runs)}  # fmt: skip
+    res = {
+        "impl": impl,
+        "kind": kind,
+        "tokens_per_s": tokens / med,
+        "tokens_per_s_best": tokens / best,
+        "step_s_median": med,
+        "step_s_best": best,
+        "round_medians_s": medians,
+        "steps_timed": sum(len(t) for t in runs),
+    }
     if a.device == "cuda":
         peak = {"fp32": 67e12, "bf16": 989e12}.get(a.dtype)  # H100 SXM dense peaks
         flops = model_flops_per_token(a, kind == "moe") * res["tokens_per_s"]
@@ -269,23 +343,45 @@ def main(argv: list[str] | None = None) -> int:
                     errors[(kind, impl)] = res
                 else:
                     runs.setdefault((kind, impl), []).append(res)
-                print(f"round {rnd + 1}/{a.rounds} {kind} {impl}: " + (
-                    "error" if isinstance(res, str) else
-                    f"median step {statistics.median(res):.3f}s"), file=sys.stderr, flush=True)  # fmt: skip
+                print(
+                    f"round {rnd + 1}/{a.rounds} {kind} {impl}: "
+                    + (
+                        "error"
+                        if isinstance(res, str)
+                        else f"median step {statistics.median(res):.3f}s"
+                    ),
+                    file=sys.stderr,
+                    flush=True,
+                )
     rows = [_summary(a, impl, kind, r) for (kind, impl), r in runs.items()]
     rows += [{"impl": impl, "kind": kind, "error": e} for (kind, impl), e in errors.items()]
     import torch
 
     meta = {
         "rounds": a.rounds,
-        "device": (torch.cuda.get_device_name(0) if a.device == "cuda" else
-                   f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores"),
-        "torch": torch.__version__, "threads": a.threads or torch.get_num_threads(),
-        "model": {"hidden": a.hidden, "ffn": a.ffn, "layers": a.layers, "heads": a.heads,
-                  "kv_heads": a.kv_heads or a.heads, "vocab": a.vocab, "experts": a.experts,
-                  "topk": a.topk},
-        "batch": a.batch, "seq": a.seq, "dtype": a.dtype, "steps": a.steps, "warmup": a.warmup,
-    }  # fmt: skip
+        "device": (
+            torch.cuda.get_device_name(0)
+            if a.device == "cuda"
+            else f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores"
+        ),
+        "torch": torch.__version__,
+        "threads": a.threads or torch.get_num_threads(),
+        "model": {
+            "hidden": a.hidden,
+            "ffn": a.ffn,
+            "layers": a.layers,
+            "heads": a.heads,
+            "kv_heads": a.kv_heads or a.heads,
+            "vocab": a.vocab,
+            "experts": a.experts,
+            "topk": a.topk,
+        },
+        "batch": a.batch,
+        "seq": a.seq,
+        "dtype": a.dtype,
+        "steps": a.steps,
+        "warmup": a.warmup,
+    }
     try:
         import megatron.core
         import transformers
@@ -294,8 +390,10 @@ def main(argv: list[str] | None = None) -> int:
         meta["transformers"] = transformers.__version__
     except Exception:
         pass
-    print(f"\ntraining throughput, {meta['device']}, {a.dtype}, batch {a.batch} x seq {a.seq}, "
-          f"hidden {a.hidden}, {a.layers} layers, vocab {a.vocab}")  # fmt: skip
+    print(
+        f"\ntraining throughput, {meta['device']}, {a.dtype}, batch {a.batch} x seq {a.seq}, "
+        f"hidden {a.hidden}, {a.layers} layers, vocab {a.vocab}"
+    )
     print("tokens/s from the median over rounds of each run's median step; [best step]")
     print(f"{'model':<14}{'ours tok/s':>22}{'transformers tok/s':>24}{'ours / peer':>14}")
     by = {(r["kind"], r["impl"]): r for r in rows}
@@ -314,8 +412,10 @@ def main(argv: list[str] | None = None) -> int:
             if "error" in r:
                 print(f"  {r['impl']} {kind} failed:\n{r['error']}")
             if r.get("mfu") is not None:
-                print(f"  {r['impl']} {kind}: {r['model_tflops']:.1f} model TFLOP/s, "
-                      f"MFU {r['mfu']:.1%}")  # fmt: skip
+                print(
+                    f"  {r['impl']} {kind}: {r['model_tflops']:.1f} model TFLOP/s, "
+                    f"MFU {r['mfu']:.1%}"
+                )
     out = Path(a.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"meta": meta, "results": rows}, indent=2))

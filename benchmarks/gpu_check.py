@@ -23,8 +23,20 @@ sys.path.insert(0, str(ROOT / "tests"))
 
 
 def run(ckpt: Path, batch: Path, out: Path, device: str, dtype: str, nproc: int = 1) -> dict:
-    cmd = [sys.executable, str(ROOT / "tests/dist/equiv.py"), "--ckpt", str(ckpt), "--batch",
-           str(batch), "--out", str(out), "--device", device, "--dtype", dtype]  # fmt: skip
+    cmd = [
+        sys.executable,
+        str(ROOT / "tests/dist/equiv.py"),
+        "--ckpt",
+        str(ckpt),
+        "--batch",
+        str(batch),
+        "--out",
+        str(out),
+        "--device",
+        device,
+        "--dtype",
+        dtype,
+    ]
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
     r = subprocess.run(cmd, env=env, capture_output=True, text=True)
     if r.returncode:
@@ -40,7 +52,6 @@ def main() -> None:
     a = p.parse_args()
     from conftest import make_hf_llama, make_hf_mixtral
 
-
     tmp = Path(tempfile.mkdtemp())
     rows = []
     g = torch.Generator().manual_seed(7)
@@ -49,8 +60,18 @@ def main() -> None:
     for name, maker in (("dense-llama-gqa", make_hf_llama), ("moe-mixtral-4x2", make_hf_mixtral)):
         hf = maker(tmp / f"hf-{name}")
         mg = tmp / f"mg-{name}"
-        subprocess.run([sys.executable, str(ROOT / "tools/convert_hf_to_megatron.py"), "--load",
-                        str(hf), "--save", str(mg)], check=True, capture_output=True)  # fmt: skip
+        subprocess.run(
+            [
+                sys.executable,
+                str(ROOT / "tools/convert_hf_to_megatron.py"),
+                "--load",
+                str(hf),
+                "--save",
+                str(mg),
+            ],
+            check=True,
+            capture_output=True,
+        )
         from transformers import AutoModelForCausalLM
 
         ref_model = AutoModelForCausalLM.from_pretrained(hf, dtype=torch.float32).cuda().eval()
@@ -65,24 +86,35 @@ def main() -> None:
             if "error" in gpu:
                 rows.append({"model": name, "dtype": dtype, "error": gpu["error"]})
                 continue
-            rows.append({
-                "model": name, "dtype": dtype, "device": torch.cuda.get_device_name(),
-                "loss_gpu": gpu["loss"], "loss_cpu": cpu["loss"],
-                "loss_rel_diff": abs(gpu["loss"] - cpu["loss"]) / cpu["loss"],
-                "grad_norm_gpu": gpu["grad_norm"], "grad_norm_cpu": cpu["grad_norm"],
-                "grad_norm_rel_diff": abs(gpu["grad_norm"] - cpu["grad_norm"]) / cpu["grad_norm"],
-                "max_abs_logit_diff_vs_hf_gpu": float((gpu["logits"] - ref).abs().max()),
-                "max_abs_logit_diff_vs_cpu": float((gpu["logits"] - cpu["logits"]).abs().max()),
-            })  # fmt: skip
-    print(f"{'model':18} {'dtype':5} {'loss gpu':>10} {'loss cpu':>10} {'rel':>9} "
-          f"{'gnorm rel':>9} {'|dlogit| vs HF':>15}")  # fmt: skip
+            rows.append(
+                {
+                    "model": name,
+                    "dtype": dtype,
+                    "device": torch.cuda.get_device_name(),
+                    "loss_gpu": gpu["loss"],
+                    "loss_cpu": cpu["loss"],
+                    "loss_rel_diff": abs(gpu["loss"] - cpu["loss"]) / cpu["loss"],
+                    "grad_norm_gpu": gpu["grad_norm"],
+                    "grad_norm_cpu": cpu["grad_norm"],
+                    "grad_norm_rel_diff": abs(gpu["grad_norm"] - cpu["grad_norm"])
+                    / cpu["grad_norm"],
+                    "max_abs_logit_diff_vs_hf_gpu": float((gpu["logits"] - ref).abs().max()),
+                    "max_abs_logit_diff_vs_cpu": float((gpu["logits"] - cpu["logits"]).abs().max()),
+                }
+            )
+    print(
+        f"{'model':18} {'dtype':5} {'loss gpu':>10} {'loss cpu':>10} {'rel':>9} "
+        f"{'gnorm rel':>9} {'|dlogit| vs HF':>15}"
+    )
     for r in rows:
         if "error" in r:
             print(f"{r['model']:18} {r['dtype']:5} ERROR {r['error'][-300:]}")
             continue
-        print(f"{r['model']:18} {r['dtype']:5} {r['loss_gpu']:10.6f} {r['loss_cpu']:10.6f} "
-              f"{r['loss_rel_diff']:9.2e} {r['grad_norm_rel_diff']:9.2e} "
-              f"{r['max_abs_logit_diff_vs_hf_gpu']:15.3e}")  # fmt: skip
+        print(
+            f"{r['model']:18} {r['dtype']:5} {r['loss_gpu']:10.6f} {r['loss_cpu']:10.6f} "
+            f"{r['loss_rel_diff']:9.2e} {r['grad_norm_rel_diff']:9.2e} "
+            f"{r['max_abs_logit_diff_vs_hf_gpu']:15.3e}"
+        )
     Path(a.out).write_text(json.dumps(rows, indent=2))
 
 

@@ -10,31 +10,52 @@ import megatron_btx
 
 # name -> (module:function taking argv and returning an exit code, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
-    "prepare-data": ("megatron_btx.data.preprocess:main",
-                     "text/JSONL (or the built-in corpora) -> SentencePiece + indexed datasets"),
-    "train": ("megatron_btx.training.cli:main",
-              "train a dense expert or the MoE from a YAML config (under torchrun)"),
-    "merge": ("megatron_btx.checkpoint.merge:main",
-              "merge N dense checkpoints into one MoE checkpoint (BTX MiX step)"),
-    "import-hf": ("megatron_btx.checkpoint.convert:hf_to_megatron_main",
-                  "HF Llama/Mixtral safetensors -> megatron-core torch_dist"),
-    "export-hf": ("megatron_btx.checkpoint.convert:megatron_to_hf_main",
-                  "megatron-core torch_dist -> HF Llama/Mixtral safetensors"),
-    "launch": ("megatron_btx.pipeline.launch:main",
-               "submit the BTX plan to Slurm as dependent sbatch jobs (srun + torchrun, requeue)"),
-    "run": ("megatron_btx.pipeline.cli:run_main",
-            "run a whole BTX experiment from one config (seed, experts, merge, finetune, "
-            "baselines, evaluation); re-run to resume"),
-    "status": ("megatron_btx.pipeline.cli:status_main",
-               "show each stage of a BTX run directory (done/running/failed/pending)"),
-    "evaluate": ("megatron_btx.eval.cli:main",
-                 "per-domain held-out perplexity table and routing analysis of a BTX run"),
-}  # fmt: skip
+    "prepare-data": (
+        "megatron_btx.data.preprocess:main",
+        "text/JSONL (or the built-in corpora) -> SentencePiece + indexed datasets",
+    ),
+    "train": (
+        "megatron_btx.training.cli:main",
+        "train a dense expert or the MoE from a YAML config (under torchrun)",
+    ),
+    "merge": (
+        "megatron_btx.checkpoint.merge:main",
+        "merge N dense checkpoints into one MoE checkpoint (BTX MiX step)",
+    ),
+    "import-hf": (
+        "megatron_btx.checkpoint.convert:hf_to_megatron_main",
+        "HF Llama/Mixtral safetensors -> megatron-core torch_dist",
+    ),
+    "export-hf": (
+        "megatron_btx.checkpoint.convert:megatron_to_hf_main",
+        "megatron-core torch_dist -> HF Llama/Mixtral safetensors",
+    ),
+    "launch": (
+        "megatron_btx.pipeline.launch:main",
+        "submit the BTX plan to Slurm as dependent sbatch jobs (srun + torchrun, requeue)",
+    ),
+    "run": (
+        "megatron_btx.pipeline.cli:run_main",
+        "run a whole BTX experiment from one config (seed, experts, merge, finetune, "
+        "baselines, evaluation); re-run to resume",
+    ),
+    "status": (
+        "megatron_btx.pipeline.cli:status_main",
+        "show each stage of a BTX run directory (done/running/failed/pending)",
+    ),
+    "evaluate": (
+        "megatron_btx.eval.cli:main",
+        "per-domain held-out perplexity table and routing analysis of a BTX run",
+    ),
+}
 
 
 def usage() -> str:
-    lines = [f"usage: btx COMMAND [ARGS]   (megatron_btx {megatron_btx.__version__})", "",
-             "commands:"]  # fmt: skip
+    lines = [
+        f"usage: btx COMMAND [ARGS]   (megatron_btx {megatron_btx.__version__})",
+        "",
+        "commands:",
+    ]
     width = max(len(n) for n in COMMANDS)
     for name, (_, help_) in COMMANDS.items():
         lines.append(f"  {name.ljust(width)}  {help_}")

@@ -83,11 +83,24 @@ from megatron_btx.errors import BTXError
 
 #: LlamaArgs fields that may be given inline in the model section.
 LLAMA_FIELDS = (
-    "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-    "num_key_value_heads", "head_dim", "vocab_size", "rms_norm_eps", "rope_theta",
-    "rope_scaling", "max_position_embeddings", "tie_word_embeddings", "num_local_experts",
-    "num_experts_per_tok", "router_aux_loss_coef", "bos_token_id", "eos_token_id",
-)  # fmt: skip
+    "hidden_size",
+    "intermediate_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "head_dim",
+    "vocab_size",
+    "rms_norm_eps",
+    "rope_theta",
+    "rope_scaling",
+    "max_position_embeddings",
+    "tie_word_embeddings",
+    "num_local_experts",
+    "num_experts_per_tok",
+    "router_aux_loss_coef",
+    "bos_token_id",
+    "eos_token_id",
+)
 
 
 @dataclass
@@ -239,8 +252,9 @@ class Config:
         _one_of("train.lr_decay_style", t.lr_decay_style, ("cosine", "linear", "constant"))
         _one_of("train.resume", t.resume, ("auto", True, False))
         _one_of("moe.dispatcher", m.dispatcher, ("alltoall", "allgather"))
-        _one_of("moe.load_balancing", m.load_balancing,
-                ("aux_loss", "seq_aux_loss", "sinkhorn", "none"))  # fmt: skip
+        _one_of(
+            "moe.load_balancing", m.load_balancing, ("aux_loss", "seq_aux_loss", "sinkhorn", "none")
+        )
         _one_of("model.spec", self.model.spec, ("auto", "local", "te"))
         for key in ("steps", "warmup_steps"):
             if getattr(t, key) < 0:
@@ -400,8 +414,11 @@ def _coerce(value: Any, typ: Any, key: str, source: str) -> Any:
                 return _coerce(value, a, key, source)
             except BTXError as e:
                 errors.append(str(e))
-        raise BTXError(errors[0] if len(errors) == 1 else
-                       f"{source}: {key}={value!r} has the wrong type (expected {_tname(typ)})")
+        raise BTXError(
+            errors[0]
+            if len(errors) == 1
+            else f"{source}: {key}={value!r} has the wrong type (expected {_tname(typ)})"
+        )
     if typ is Any:
         return value
     if typ is bool:
@@ -442,8 +459,10 @@ def _coerce(value: Any, typ: Any, key: str, source: str) -> Any:
     elif origin is dict:
         kt, vt = typing.get_args(typ) or (Any, Any)
         if isinstance(value, dict):
-            return {_coerce(k, kt, key, source): _coerce(v, vt, f"{key}.{k}", source)
-                    for k, v in value.items()}  # fmt: skip
+            return {
+                _coerce(k, kt, key, source): _coerce(v, vt, f"{key}.{k}", source)
+                for k, v in value.items()
+            }
     raise BTXError(f"{source}: {key}={value!r} has the wrong type (expected {_tname(typ)})")
 
 
@@ -511,9 +530,7 @@ def apply_overrides(d: dict[str, Any], overrides: list[tuple[str, Any]]) -> dict
             if nxt is None:
                 nxt = node[part] = {}
             elif not isinstance(nxt, dict):
-                raise BTXError(
-                    f"override --{key}: {'.'.join(parts[: j + 1])} is not a section"
-                )
+                raise BTXError(f"override --{key}: {'.'.join(parts[: j + 1])} is not a section")
             node = nxt
         node[parts[-1]] = value
     return d
@@ -531,8 +548,11 @@ def load(
         d.update(read_yaml(path))
         source = str(path)
     if overrides:
-        pairs = (parse_overrides(overrides)  # type: ignore[arg-type]
-                 if overrides and isinstance(overrides[0], str) else overrides)  # fmt: skip
+        pairs = (
+            parse_overrides(overrides)  # type: ignore[arg-type]
+            if overrides and isinstance(overrides[0], str)
+            else overrides
+        )
         d = apply_overrides(d, pairs)  # type: ignore[arg-type]
     cfg = Config.from_dict(d, source)
     cfg.validate()

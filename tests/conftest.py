@@ -16,9 +16,16 @@ DIST = ROOT / "tests" / "dist"
 
 # Small but not degenerate: GQA (4 query heads, 2 key-value heads), a vocabulary that needs
 # padding (300 -> 384), layers divisible by PP=2.
-LLAMA_KW = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=4, num_attention_heads=4,
-                num_key_value_heads=2, vocab_size=300, max_position_embeddings=128,
-                rms_norm_eps=1e-5)  # fmt: skip
+LLAMA_KW = dict(
+    hidden_size=64,
+    intermediate_size=96,
+    num_hidden_layers=4,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    vocab_size=300,
+    max_position_embeddings=128,
+    rms_norm_eps=1e-5,
+)
 MIXTRAL_KW = dict(LLAMA_KW, num_hidden_layers=2, num_local_experts=4, num_experts_per_tok=2)
 
 
@@ -29,17 +36,36 @@ def run_env(**extra: str) -> dict[str, str]:
     return env
 
 
-def run_script(script: Path, args: list[str], nproc: int = 1, timeout: int = 300,
-               env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+def run_script(
+    script: Path,
+    args: list[str],
+    nproc: int = 1,
+    timeout: int = 300,
+    env: dict[str, str] | None = None,
+) -> subprocess.CompletedProcess:
     """Run a script as one process, or under `torchrun --standalone` with `nproc` processes.
     Output goes to files, not pipes held by children, so a leftover worker cannot hang us."""
     if nproc == 1:
         cmd = [sys.executable, str(script), *args]
     else:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-               f"--nproc-per-node={nproc}", str(script), *args]  # fmt: skip
-    return subprocess.run(cmd, cwd=ROOT, env=env or run_env(), capture_output=True, text=True,
-                          timeout=timeout, stdin=subprocess.DEVNULL)  # fmt: skip
+        cmd = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            f"--nproc-per-node={nproc}",
+            str(script),
+            *args,
+        ]
+    return subprocess.run(
+        cmd,
+        cwd=ROOT,
+        env=env or run_env(),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        stdin=subprocess.DEVNULL,
+    )
 
 
 def make_hf_llama(path: Path, seed: int = 0, dtype=torch.float32, **kw) -> Path:

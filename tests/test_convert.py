@@ -57,12 +57,24 @@ def test_random_megatron_moe_exports_to_mixtral(tmp_path):
     from megatron_btx.checkpoint.megatron_io import atomic_folder, save_model
     from megatron_btx.models.llama import LlamaArgs, build_model
 
-    args = LlamaArgs(hidden_size=64, intermediate_size=80, num_hidden_layers=2,
-                     num_attention_heads=4, num_key_value_heads=1, vocab_size=250,
-                     num_local_experts=4, num_experts_per_tok=2, rope_theta=500000.0,
-                     rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
-                                   "high_freq_factor": 4.0,
-                                   "original_max_position_embeddings": 16})  # fmt: skip
+    args = LlamaArgs(
+        hidden_size=64,
+        intermediate_size=80,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=1,
+        vocab_size=250,
+        num_local_experts=4,
+        num_experts_per_tok=2,
+        rope_theta=500000.0,
+        rope_scaling={
+            "rope_type": "llama3",
+            "factor": 8.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 16,
+        },
+    )
     ids = torch.randint(0, 250, (2, 24), generator=torch.Generator().manual_seed(1))
     runtime.init(device="cpu", seed=5)
     try:
@@ -168,9 +180,22 @@ def test_converter_cli_as_a_tool(tmp_path, hf_llama):
 
     from conftest import ROOT, run_env
 
-    r = subprocess.run([sys.executable, str(ROOT / "tools" / "convert_hf_to_megatron.py"),
-                        "--load", str(hf_llama), "--save", str(tmp_path / "mg"), "--dtype", "bf16"],
-                       capture_output=True, text=True, env=run_env(), timeout=300)  # fmt: skip
+    r = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "tools" / "convert_hf_to_megatron.py"),
+            "--load",
+            str(hf_llama),
+            "--save",
+            str(tmp_path / "mg"),
+            "--dtype",
+            "bf16",
+        ],
+        capture_output=True,
+        text=True,
+        env=run_env(),
+        timeout=300,
+    )
     assert r.returncode == 0, r.stderr[-2000:]
     assert manifest.read(tmp_path / "mg")["dtype"] == "bf16"
     back = tmp_path / "back"

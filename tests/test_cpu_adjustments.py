@@ -32,10 +32,18 @@ def test_every_adjustment_has_a_case():
 def test_run_fails_without_adjustment(name, request, batch_file, tmp_path):
     fixture, nproc, layout, signature = CASES[name]
     ckpt = request.getfixturevalue(fixture)
-    args = ["--ckpt", str(ckpt), "--batch", str(batch_file), "--out", str(tmp_path / "r.json"),
-            *layout]  # fmt: skip
-    r = run_script(DIST / "equiv.py", args, nproc=nproc, env=run_env(BTX_CPU_SKIP=name),
-                   timeout=180)  # fmt: skip
+    args = [
+        "--ckpt",
+        str(ckpt),
+        "--batch",
+        str(batch_file),
+        "--out",
+        str(tmp_path / "r.json"),
+        *layout,
+    ]
+    r = run_script(
+        DIST / "equiv.py", args, nproc=nproc, env=run_env(BTX_CPU_SKIP=name), timeout=180
+    )
     assert r.returncode != 0, f"{name} removed, yet the run passed"
     assert signature in r.stdout + r.stderr
     assert not (tmp_path / "r.json").exists()
@@ -67,8 +75,12 @@ def test_adjustments_leave_transformers_untouched(hf_llama, batch_file):
     outs = []
     for flag in ("0", "1"):
         out = batch_file.parent / f"hf_logits_{flag}.pt"
-        r = subprocess.run([sys.executable, "-c", code, flag, str(hf_llama), str(batch_file),
-                            str(out)], capture_output=True, text=True, env=run_env())  # fmt: skip
+        r = subprocess.run(
+            [sys.executable, "-c", code, flag, str(hf_llama), str(batch_file), str(out)],
+            capture_output=True,
+            text=True,
+            env=run_env(),
+        )
         assert r.returncode == 0, r.stderr[-2000:]
         outs.append(torch.load(out, weights_only=True))
     assert torch.equal(outs[0], outs[1])

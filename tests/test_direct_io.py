@@ -19,7 +19,9 @@ from megatron_btx.checkpoint.direct_io import DirectWriter, WriteBehind
 
 def _pieces(seed: int, sizes: list[int]) -> list[bytes]:
     g = torch.Generator().manual_seed(seed)
-    return [bytes(torch.randint(0, 256, (n,), dtype=torch.uint8, generator=g).numpy()) for n in sizes]
+    return [
+        bytes(torch.randint(0, 256, (n,), dtype=torch.uint8, generator=g).numpy()) for n in sizes
+    ]
 
 
 @pytest.mark.parametrize(
@@ -146,8 +148,9 @@ def test_files_sharing_a_write_behind_round_trip_without_waiting_at_close(tmp_pa
     """Many files through one WriteBehind of 3 buffers: close() returns while their bytes may
     still be queued; after drain() every file holds exactly its bytes, and the buffers used stay
     the same 3 however many files and bytes went through."""
-    files = {tmp_path / f"part{i}.bin": _pieces(i, [70000 * (i % 3), 5, 4096 * i + 3])
-             for i in range(12)}  # fmt: skip
+    files = {
+        tmp_path / f"part{i}.bin": _pieces(i, [70000 * (i % 3), 5, 4096 * i + 3]) for i in range(12)
+    }
     with WriteBehind(chunk=16384, depth=2) as wb:
         bufs = {id(b) for b in wb._bufs}
         for path, data in files.items():

@@ -53,8 +53,12 @@ def test_eval_windows_cover_the_split_and_track_documents(tmp_path):
         d.mkdir(parents=True)
         for i in range(30):
             (d / f"{i}.txt").write_text(f"{word} {i} " * (40 + i))
-    prepare_domains({n: [str(tmp_path / "text" / n)] for n in ("a", "b")}, tmp_path / "data",
-                    vocab_size=300, split="test=0.3,valid=0.1")  # fmt: skip
+    prepare_domains(
+        {n: [str(tmp_path / "text" / n)] for n in ("a", "b")},
+        tmp_path / "data",
+        vocab_size=300,
+        split="test=0.3,valid=0.1",
+    )
     es = edata.eval_set(str(tmp_path / "data"), "a", "test", 16, 64)
     assert es.windows.shape == (4, 17) and es.doc_of_target.shape == (4, 16)
     flat = np.concatenate(es.docs)
@@ -70,18 +74,40 @@ def test_eval_windows_cover_the_split_and_track_documents(tmp_path):
 def _fake_result(own: float = 0.6) -> dict:
     doms = ["code", "math"]
     ppl = {
-        "seed": [10, 10], "expert_code": [6, 12], "expert_math": [12, 6], "dense": [8, 8],
-        "btm_top1": [6.5, 6.5], "btm_top2": [7, 7], "sparse_upcycling": [7.5, 7.5],
+        "seed": [10, 10],
+        "expert_code": [6, 12],
+        "expert_math": [12, 6],
+        "dense": [8, 8],
+        "btm_top1": [6.5, 6.5],
+        "btm_top2": [7, 7],
+        "sparse_upcycling": [7.5, 7.5],
         "btx": [6, 6],
-    }  # fmt: skip
-    models = {k: {"perplexity": dict(zip(doms, v)), "mean": float(np.mean(v)),
-                  "active_params": 1000, "train_flops": 1e9, "train_tokens": 100,
-                  "train_seconds": 1.0, "kind": "dense"} for k, v in ppl.items()}  # fmt: skip
+    }
+    models = {
+        k: {
+            "perplexity": dict(zip(doms, v)),
+            "mean": float(np.mean(v)),
+            "active_params": 1000,
+            "train_flops": 1e9,
+            "train_tokens": 100,
+            "train_seconds": 1.0,
+            "kind": "dense",
+        }
+        for k, v in ppl.items()
+    }
     rest = (1 - own) / 2
     load = {"code": [own, rest, rest], "math": [rest, own, rest]}
     routing = {"btx": {d: {"0": {"load": load[d]}, "1": {"load": load[d]}} for d in doms}}
-    r = {"split": "test", "domains": doms, "tokens": {d: 64 for d in doms}, "models": models,
-         "missing": {}, "btm": {}, "experts": ["code", "math", "seed"], "routing": routing}  # fmt: skip
+    r = {
+        "split": "test",
+        "domains": doms,
+        "tokens": {d: 64 for d in doms},
+        "models": models,
+        "missing": {},
+        "btm": {},
+        "experts": ["code", "math", "seed"],
+        "routing": routing,
+    }
     r["claims"] = report.check_claims(r)
     return r
 

@@ -28,15 +28,21 @@ print(json.dumps({
 
 def _probe(env_extra: dict[str, str]) -> dict:
     env = {**os.environ, **env_extra}
-    out = subprocess.run([sys.executable, "-c", _PROBE], env=env, capture_output=True, text=True,
-                         check=True).stdout  # fmt: skip
+    out = subprocess.run(
+        [sys.executable, "-c", _PROBE], env=env, capture_output=True, text=True, check=True
+    ).stdout
     return json.loads(out.strip().splitlines()[-1])
 
 
 def test_megatron_import_skips_dynamo_and_restores_torch_compile():
     got = _probe({})
-    assert got == {**got, "dynamo": False, "deferred": True, "compile_restored": True,
-                   "gc_enabled": True}  # fmt: skip
+    assert got == {
+        **got,
+        "dynamo": False,
+        "deferred": True,
+        "compile_restored": True,
+        "gc_enabled": True,
+    }
     assert got["frozen"] > 10000  # the import's objects moved out of the collector's way
     # the ablation: megatron-core imported untouched compiles (imports TorchDynamo) at import
     plain = _probe({"BTX_LAZY_COMPILE": "0"})

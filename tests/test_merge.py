@@ -16,9 +16,15 @@ from megatron_btx.errors import BTXError
 
 ROOT = Path(__file__).resolve().parents[1]
 DIST = ROOT / "tests" / "dist"
-KW = {"hidden_size": 64, "intermediate_size": 96, "num_hidden_layers": 2,
-      "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 300,
-      "max_position_embeddings": 128}
+KW = {
+    "hidden_size": 64,
+    "intermediate_size": 96,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "vocab_size": 300,
+    "max_position_embeddings": 128,
+}
 V = KW["vocab_size"]
 
 
@@ -95,10 +101,25 @@ def all_tensors(ckpt: Path) -> dict[str, torch.Tensor]:
 
 def run(script: Path, args: list[str], nproc: int) -> None:
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-           f"--nproc-per-node={nproc}", str(script), *map(str, args)]  # fmt: skip
-    r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
-                       stdin=subprocess.DEVNULL, check=False)  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc-per-node={nproc}",
+        str(script),
+        *map(str, args),
+    ]
+    r = subprocess.run(
+        cmd,
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        stdin=subprocess.DEVNULL,
+        check=False,
+    )
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-6000:]
 
 
@@ -122,8 +143,14 @@ def test_upcycling_copies_of_one_model_equal_dense(branches, ids, tmp_path):
     from megatron_btx.checkpoint.merge import merge
 
     src = branches[0]
-    m = merge([src, src, src], tmp_path / "moe", router_init="random", router_std=1.0,
-              progress=False, verify=True)  # fmt: skip
+    m = merge(
+        [src, src, src],
+        tmp_path / "moe",
+        router_init="random",
+        router_std=1.0,
+        progress=False,
+        verify=True,
+    )
     assert m["verify"]["logits"]["upcycled_check"] == "passed"
     ref = hf_logits(src, ids)
     with _Runtime():
@@ -163,15 +190,15 @@ def test_experts_bit_identical_and_averages_fp32(branches, tmp_path):
     root = tmp_path / "bf16"
     seed = make_llama(root / "s", 0, dtype=torch.bfloat16)
     srcs = [make_llama(root / f"e{i}", 10 + i, dtype=torch.bfloat16) for i in range(2)]
-    merge(srcs, tmp_path / "moe", seed=seed, average_weights=[1, 1, 2], progress=False,
-          verify=True)  # fmt: skip
+    merge(srcs, tmp_path / "moe", seed=seed, average_weights=[1, 1, 2], progress=False, verify=True)
     t = all_tensors(tmp_path / "moe")
     sd = [load_file(str(p / "model.safetensors")) for p in [*srcs, seed]]
     fc1 = t["decoder.layers.mlp.experts.experts.linear_fc1.weight"]
     assert fc1.dtype == torch.bfloat16 and fc1.shape == (2, 3, 2 * 96, 64)
     for e, s in enumerate(sd):
-        gate_up = torch.cat([s["model.layers.1.mlp.gate_proj.weight"],
-                             s["model.layers.1.mlp.up_proj.weight"]])  # fmt: skip
+        gate_up = torch.cat(
+            [s["model.layers.1.mlp.gate_proj.weight"], s["model.layers.1.mlp.up_proj.weight"]]
+        )
         assert torch.equal(fc1[1, e], gate_up)
         fc2 = t["decoder.layers.mlp.experts.experts.linear_fc2.weight"][1, e]
         assert torch.equal(fc2, s["model.layers.1.mlp.down_proj.weight"])
@@ -189,9 +216,24 @@ def test_hf_export_matches_megatron_and_manifest(branches, ids, tmp_path):
     from megatron_btx.checkpoint import manifest
     from megatron_btx.checkpoint.merge import main
 
-    rc = main(["--experts", *map(str, branches[:3]), "--seed", str(branches[3]), "--save",
-               str(tmp_path / "moe"), "--export-hf", str(tmp_path / "hf"), "--hf-shard-gb",
-               "0.0002", "--ep", "2", "--verify", "--no-progress"])  # fmt: skip
+    rc = main(
+        [
+            "--experts",
+            *map(str, branches[:3]),
+            "--seed",
+            str(branches[3]),
+            "--save",
+            str(tmp_path / "moe"),
+            "--export-hf",
+            str(tmp_path / "hf"),
+            "--hf-shard-gb",
+            "0.0002",
+            "--ep",
+            "2",
+            "--verify",
+            "--no-progress",
+        ]
+    )
     assert rc == 0
     assert (tmp_path / "hf" / "model.safetensors.index.json").is_file()  # several shards
     ref = hf_logits(tmp_path / "hf", ids, "MixtralForCausalLM")
@@ -261,8 +303,9 @@ def test_variants_load_in_megatron(branches, ids, tmp_path):
     tp = all_tensors(tmp_path / "partial")
     seed = load_file(str(branches[3] / "model.safetensors"))
     # heterogeneous layers: megatron-core keys them per layer, not stacked
-    assert torch.equal(tp["decoder.layers.0.mlp.linear_fc2.weight"],
-                       seed["model.layers.0.mlp.down_proj.weight"])  # fmt: skip
+    assert torch.equal(
+        tp["decoder.layers.0.mlp.linear_fc2.weight"], seed["model.layers.0.mlp.down_proj.weight"]
+    )
     with _Runtime():
         for name in cases:
             out = mcore_logits(moe_model(tmp_path / name), ids)
@@ -287,21 +330,35 @@ def test_centroid_router(branches, tmp_path):
             b.add_document(torch.randint(lo, lo + 60, (40,), generator=g).numpy(), [40])
         b.finalize(str(prefix) + ".idx")
         prefixes.append(str(prefix))
-    merge(branches[:3], tmp_path / "moe", seed=branches[3], router_init="centroid",
-          centroid_data=prefixes, centroid_tokens=256, centroid_seq_len=32, progress=False,
-          verify=True)  # fmt: skip
+    merge(
+        branches[:3],
+        tmp_path / "moe",
+        seed=branches[3],
+        router_init="centroid",
+        centroid_data=prefixes,
+        centroid_tokens=256,
+        centroid_seq_len=32,
+        progress=False,
+        verify=True,
+    )
     from megatron.core.datasets.indexed_dataset import IndexedDataset
 
     with _Runtime():
         model = moe_model(tmp_path / "moe")
         for e, prefix in enumerate(prefixes):
             ds = IndexedDataset(prefix)
-            toks = torch.tensor(np.concatenate([ds[i] for i in range(len(ds))])[:256],
-                                dtype=torch.long).reshape(8, 32)  # fmt: skip
+            toks = torch.tensor(
+                np.concatenate([ds[i] for i in range(len(ds))])[:256], dtype=torch.long
+            ).reshape(8, 32)
             seen = {}
-            hooks = [layer.mlp.router.register_forward_pre_hook(
-                lambda mod, inp, i=i, seen=seen: seen.__setitem__(i, inp[0].reshape(-1, 64).mean(0)))
-                for i, layer in enumerate(model.decoder.layers)]  # fmt: skip
+            hooks = [
+                layer.mlp.router.register_forward_pre_hook(
+                    lambda mod, inp, i=i, seen=seen: seen.__setitem__(
+                        i, inp[0].reshape(-1, 64).mean(0)
+                    )
+                )
+                for i, layer in enumerate(model.decoder.layers)
+            ]
             mcore_logits(model, toks)
             for h in hooks:
                 h.remove()
@@ -335,7 +392,9 @@ def test_error_missing_layer(branches, tmp_path):
     sd = load_file(str(bad / "model.safetensors"))
     sd = {k: v for k, v in sd.items() if not k.startswith("model.layers.1.")}
     save_file(sd, str(bad / "model.safetensors"), metadata={"format": "pt"})
-    _expect_error(tmp_path, [branches[0], bad], r"missing.*model\.layers\.1\.|model\.layers\.1\..*missing")
+    _expect_error(
+        tmp_path, [branches[0], bad], r"missing.*model\.layers\.1\.|model\.layers\.1\..*missing"
+    )
 
 
 def test_error_truncated_safetensors(branches, tmp_path):
@@ -359,8 +418,16 @@ def test_error_bad_layout_and_cli_exit(branches, tmp_path, capsys):
     from megatron_btx.checkpoint.merge import main
 
     _expect_error(tmp_path, branches[:3], r"EP=2", ep=2)  # 3 experts, EP=2
-    rc = main(["--experts", str(branches[0]), str(tmp_path / "nope"), "--save",
-               str(tmp_path / "out"), "--no-progress"])  # fmt: skip
+    rc = main(
+        [
+            "--experts",
+            str(branches[0]),
+            str(tmp_path / "nope"),
+            "--save",
+            str(tmp_path / "out"),
+            "--no-progress",
+        ]
+    )
     assert rc == 2 and "does not exist" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
 
@@ -381,10 +448,12 @@ def test_streaming_safetensors_writer(tmp_path):
 
     from megatron_btx.checkpoint.merge import StreamingSafetensorsWriter
 
-    ts = {f"t{i}": torch.randn(10, 7).to(torch.bfloat16 if i % 2 else torch.float32)
-          for i in range(5)}  # fmt: skip
-    w = StreamingSafetensorsWriter(tmp_path, [(k, tuple(v.shape), v.dtype) for k, v in ts.items()],
-                                   max_shard_bytes=300)  # fmt: skip
+    ts = {
+        f"t{i}": torch.randn(10, 7).to(torch.bfloat16 if i % 2 else torch.float32) for i in range(5)
+    }
+    w = StreamingSafetensorsWriter(
+        tmp_path, [(k, tuple(v.shape), v.dtype) for k, v in ts.items()], max_shard_bytes=300
+    )
     for k, v in ts.items():
         w.add(k, v)
     w.close()
@@ -419,7 +488,8 @@ def test_tp2_sources_and_ep2_output(branches, ids, tmp_path):
     ta, tb = all_tensors(tmp_path / "a"), all_tensors(tmp_path / "b")
     assert ta.keys() == tb.keys() and all(torch.equal(ta[k], tb[k]) for k in ta)
     assert (tmp_path / "a_hf" / "model.safetensors").read_bytes() == (
-        tmp_path / "b_hf" / "model.safetensors").read_bytes()
+        tmp_path / "b_hf" / "model.safetensors"
+    ).read_bytes()
     torch.save(ids, tmp_path / "ids.pt")
     run(DIST / "merge_ep_logits.py", [tmp_path / "b", tmp_path / "ids.pt", tmp_path / "ep2.pt"], 2)
     with _Runtime():

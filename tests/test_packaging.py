@@ -15,8 +15,13 @@ import megatron_btx
 
 
 def setup_version() -> str:
-    out = subprocess.run([sys.executable, "setup.py", "--version"], cwd=ROOT, capture_output=True,
-                         text=True, check=True)  # fmt: skip
+    out = subprocess.run(
+        [sys.executable, "setup.py", "--version"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     return out.stdout.strip().splitlines()[-1]
 
 
@@ -37,11 +42,13 @@ def test_hadolint_clean():
 
 
 def test_cli_help_and_unknown_command():
-    r = subprocess.run([sys.executable, "-m", "megatron_btx", "--help"], capture_output=True,
-                       text=True)  # fmt: skip
+    r = subprocess.run(
+        [sys.executable, "-m", "megatron_btx", "--help"], capture_output=True, text=True
+    )
     assert r.returncode == 0 and "merge" in r.stdout and "train" in r.stdout
-    r = subprocess.run([sys.executable, "-m", "megatron_btx", "nope"], capture_output=True,
-                       text=True)  # fmt: skip
+    r = subprocess.run(
+        [sys.executable, "-m", "megatron_btx", "nope"], capture_output=True, text=True
+    )
     assert r.returncode == 2 and "unknown command 'nope'" in r.stderr
 
 

@@ -63,7 +63,9 @@ def test_single_process_matches_transformers(dense_ref, hf_llama, batch_file):
     assert 4.0 < dense_ref["loss"] < 7.0 and dense_ref["grad_norm"] > 0.1
 
 
-def test_tp2_pp2_matches_transformers_and_single(dense_ref, mg_llama, hf_llama, batch_file, tmp_path):
+def test_tp2_pp2_matches_transformers_and_single(
+    dense_ref, mg_llama, hf_llama, batch_file, tmp_path
+):
     res = run_layout(mg_llama, batch_file, tmp_path, nproc=4, tp=2, pp=2)
     torch.testing.assert_close(res["logits"], hf_logits(hf_llama, batch_file), rtol=RTOL, atol=RTOL)
     assert_same(res, dense_ref)
@@ -75,8 +77,9 @@ def test_tp2_and_pp2_match_single(dense_ref, mg_llama, batch_file, tmp_path, lay
 
 
 def test_moe_single_matches_transformers_mixtral(moe_ref, hf_mixtral, batch_file):
-    torch.testing.assert_close(moe_ref["logits"], hf_logits(hf_mixtral, batch_file),
-                               rtol=RTOL, atol=RTOL)  # fmt: skip
+    torch.testing.assert_close(
+        moe_ref["logits"], hf_logits(hf_mixtral, batch_file), rtol=RTOL, atol=RTOL
+    )
 
 
 @pytest.mark.parametrize("dispatcher", ["alltoall", "allgather"])

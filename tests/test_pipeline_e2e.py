@@ -24,14 +24,17 @@ ROOT = Path(__file__).resolve().parents[1]
 
 WORDS = {
     "code": "def return self if else for in range import class lambda yield none true false "
-            "print len list dict".split(),
+    "print len list dict".split(),
     "math": "theorem lemma proof integer prime sum equals implies forall exists group ring "
-            "field zero one".split(),
+    "field zero one".split(),
     "prose": "the a river morning bright walked quietly under old tree she he garden light "
-             "wind story".split(),
-}  # fmt: skip
-SEPS = {"code": ["(", ")", ":", "\n    ", " = ", ", "], "math": [" + ", " = ", " ; ", "\n"],
-        "prose": [" ", " ", ", ", ". ", "\n"]}  # fmt: skip
+    "wind story".split(),
+}
+SEPS = {
+    "code": ["(", ")", ":", "\n    ", " = ", ", "],
+    "math": [" + ", " = ", " ; ", "\n"],
+    "prose": [" ", " ", ", ", ". ", "\n"],
+}
 
 
 def make_text_domains(root: Path, n_files: int = 30, words: int = 300) -> dict[str, Path]:
@@ -57,14 +60,19 @@ def tiny_config(tmp_path: Path) -> Path:
         "run_dir": str(tmp_path / "run"),
         "data": {"vocab_size": 300, "split": "test=0.15,valid=0.1", "seq_length": 64},
         "domains": {n: {"source": str(p)} for n, p in doms.items()},
-        "model": {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
-                  "num_attention_heads": 2, "max_position_embeddings": 64},
+        "model": {
+            "hidden_size": 32,
+            "intermediate_size": 64,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 2,
+            "max_position_embeddings": 64,
+        },
         "seed": {"pretrain": {"steps": 8, "lr": 3e-3, "warmup_steps": 1, **small}},
         "experts": {"steps": 6, "lr": 2e-3, "warmup_steps": 1, **small},
         "finetune": {"steps": 4, "lr": 2e-3, "warmup_steps": 1, **small},
         "evaluation": {"tokens_per_domain": 256, "micro_batch_size": 4},
         "train": {"log_interval": 2, "eval_iters": 1},
-    }  # fmt: skip
+    }
     p = tmp_path / "tiny_btx.yaml"
     p.write_text(yaml.safe_dump(cfg))
     return p
@@ -89,9 +97,15 @@ def test_btx_run_end_to_end_killed_and_resumed(tmp_path):
 
     # -- 1. start, and SIGKILL everything once the first expert is done ---------------------
     with open(tmp_path / "run1.log", "w") as log:
-        proc = subprocess.Popen(_btx("run", str(cfg), "--parallel", "2"), cwd=tmp_path,
-                                env=_env(), stdout=log, stderr=subprocess.STDOUT,
-                                stdin=subprocess.DEVNULL, start_new_session=True)  # fmt: skip
+        proc = subprocess.Popen(
+            _btx("run", str(cfg), "--parallel", "2"),
+            cwd=tmp_path,
+            env=_env(),
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+        )
         deadline = time.time() + 240
         try:
             while time.time() < deadline and proc.poll() is None:
@@ -106,17 +120,26 @@ def test_btx_run_end_to_end_killed_and_resumed(tmp_path):
     done_before = {p.stem: json.loads(p.read_text()) for p in stages_dir.glob("*.done")}
     experts_done = [n for n in done_before if n.startswith("expert_")]
     assert experts_done and "evaluate" not in done_before
-    ckpts_before = {n: _tree_mtimes(run / "experts" / n[len("expert_"):] / "checkpoints")
-                    for n in experts_done}  # fmt: skip
+    ckpts_before = {
+        n: _tree_mtimes(run / "experts" / n[len("expert_") :] / "checkpoints") for n in experts_done
+    }
 
-    st = subprocess.run(_btx("status", str(run)), env=_env(), capture_output=True, text=True,
-                        timeout=60)  # fmt: skip
+    st = subprocess.run(
+        _btx("status", str(run)), env=_env(), capture_output=True, text=True, timeout=60
+    )
     assert st.returncode == 0, st.stderr
     assert "done" in st.stdout and ("pending" in st.stdout or "interrupted" in st.stdout)
 
     # -- 2. re-run: finishes, without redoing what was done --------------------------------
-    r = subprocess.run(_btx("run", str(cfg), "--parallel", "2"), cwd=tmp_path, env=_env(),
-                       capture_output=True, text=True, timeout=400, stdin=subprocess.DEVNULL)  # fmt: skip
+    r = subprocess.run(
+        _btx("run", str(cfg), "--parallel", "2"),
+        cwd=tmp_path,
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=400,
+        stdin=subprocess.DEVNULL,
+    )
     assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-2000:]
     assert "already done: " in r.stdout
     for n, info in done_before.items():
@@ -124,7 +147,7 @@ def test_btx_run_end_to_end_killed_and_resumed(tmp_path):
         assert after["finished_ts"] == info["finished_ts"], f"{n} was redone"
         assert f"start {n} " not in r.stdout
     for n, mt in ckpts_before.items():
-        assert _tree_mtimes(run / "experts" / n[len("expert_"):] / "checkpoints") == mt
+        assert _tree_mtimes(run / "experts" / n[len("expert_") :] / "checkpoints") == mt
 
     # -- 3. every stage's outputs and the table ---------------------------------------------
     stages = plan.read_plan(run)
@@ -136,8 +159,18 @@ def test_btx_run_end_to_end_killed_and_resumed(tmp_path):
         if s.kind == "train":
             assert m["flops"] == 6 * s.active_params * s.tokens > 0
     res = json.loads((run / "eval" / "results.json").read_text())
-    want = {"seed", "expert_code", "expert_math", "expert_prose", "dense", "btm_top1",
-            "btm_top2", "sparse_upcycling", "btx_merge_only", "btx"}  # fmt: skip
+    want = {
+        "seed",
+        "expert_code",
+        "expert_math",
+        "expert_prose",
+        "dense",
+        "btm_top1",
+        "btm_top2",
+        "sparse_upcycling",
+        "btx_merge_only",
+        "btx",
+    }
     assert set(res["models"]) == want
     for name, row in res["models"].items():
         for d in ("code", "math", "prose"):
@@ -161,6 +194,7 @@ def test_btx_run_end_to_end_killed_and_resumed(tmp_path):
     assert "# BTX evaluation" in r.stdout  # the run ends with the table
 
     # -- 4. a third run has nothing to do ---------------------------------------------------
-    r3 = subprocess.run(_btx("run", str(cfg)), cwd=tmp_path, env=_env(), capture_output=True,
-                        text=True, timeout=120)  # fmt: skip
+    r3 = subprocess.run(
+        _btx("run", str(cfg)), cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=120
+    )
     assert r3.returncode == 0 and "nothing to do" in r3.stdout

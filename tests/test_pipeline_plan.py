@@ -33,12 +33,17 @@ def _config(tmp_path: Path, **over) -> dict:
         "run_dir": str(tmp_path / "run"),
         "data": {"vocab_size": 300, "seq_length": 64},
         "domains": {n: {"source": p} for n, p in doms.items()},
-        "model": {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
-                  "num_attention_heads": 2, "max_position_embeddings": 64},
+        "model": {
+            "hidden_size": 32,
+            "intermediate_size": 64,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 2,
+            "max_position_embeddings": 64,
+        },
         "seed": {"pretrain": {"steps": 10, "global_batch_size": 4, "micro_batch_size": 4}},
         "experts": {"steps": 8, "global_batch_size": 4, "micro_batch_size": 4},
         "finetune": {"steps": 6, "global_batch_size": 4, "micro_batch_size": 4},
-    }  # fmt: skip
+    }
     for k, v in over.items():
         d[k] = {**d.get(k, {}), **v} if isinstance(v, dict) else v
     return d
@@ -47,9 +52,19 @@ def _config(tmp_path: Path, **over) -> dict:
 def test_plan_stages_and_configs(tmp_path):
     stages = plan.build_plan(_config(tmp_path))
     names = [s.name for s in stages]
-    assert names == ["prepare_data", "seed", "expert_alpha", "expert_beta", "expert_gamma",
-                     "merge", "finetune", "baseline_dense", "upcycle_merge",
-                     "baseline_sparse_upcycling", "evaluate"]  # fmt: skip
+    assert names == [
+        "prepare_data",
+        "seed",
+        "expert_alpha",
+        "expert_beta",
+        "expert_gamma",
+        "merge",
+        "finetune",
+        "baseline_dense",
+        "upcycle_merge",
+        "baseline_sparse_upcycling",
+        "evaluate",
+    ]
     by = {s.name: s for s in stages}
     run = tmp_path / "run"
     # arbitrary folders of text go to prepare-data as --domain NAME=PATH
@@ -62,8 +77,9 @@ def test_plan_stages_and_configs(tmp_path):
         tc = yaml.safe_load(Path(s.argv[1]).read_text())
         assert tc["model"]["init_from"] == str(run / "seed" / "checkpoints" / "iter_0000010")
         assert tc["data"]["domains"] == [n]
-        assert s.outputs == [str(run / "experts" / n / "checkpoints" / "iter_0000008" /
-                                 "metadata.json")]  # fmt: skip
+        assert s.outputs == [
+            str(run / "experts" / n / "checkpoints" / "iter_0000008" / "metadata.json")
+        ]
     # the merge keeps the seed as the generalist (last) expert, top-2
     m = by["merge"].argv
     assert m[m.index("--seed") + 1].endswith("seed/checkpoints/iter_0000010")
@@ -103,20 +119,26 @@ def test_compute_matching(tmp_path):
 
 
 def test_plan_without_baselines_and_with_existing_seed_dir(tmp_path):
-    cfg = _config(tmp_path, baselines={"dense": False, "sparse_upcycling": False, "btm": False},
-                  merge={"seed_as_expert": False, "top_k": 1})  # fmt: skip
+    cfg = _config(
+        tmp_path,
+        baselines={"dense": False, "sparse_upcycling": False, "btm": False},
+        merge={"seed_as_expert": False, "top_k": 1},
+    )
     names = [s.name for s in plan.build_plan(cfg)]
     assert "baseline_dense" not in names and "upcycle_merge" not in names
     assert names[-1] == "evaluate"
 
 
-@pytest.mark.parametrize("mutate, needle", [
-    (lambda d: d["domains"]["alpha"].update(source="/no/such/folder"), "domains.alpha.source"),
-    (lambda d: d.update(seed={}), "seed.init_from"),
-    (lambda d: d["experts"].update(stepz=3), "experts.stepz"),
-    (lambda d: d.update(domains={"new": "builtin"}), "domains.new"),
-    (lambda d: d.update(merge={"top_k": 9}), "merge.top_k"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "mutate, needle",
+    [
+        (lambda d: d["domains"]["alpha"].update(source="/no/such/folder"), "domains.alpha.source"),
+        (lambda d: d.update(seed={}), "seed.init_from"),
+        (lambda d: d["experts"].update(stepz=3), "experts.stepz"),
+        (lambda d: d.update(domains={"new": "builtin"}), "domains.new"),
+        (lambda d: d.update(merge={"top_k": 9}), "merge.top_k"),
+    ],
+)
 def test_config_errors_name_the_key(tmp_path, mutate, needle):
     d = _config(tmp_path)
     mutate(d)
@@ -137,7 +159,11 @@ def test_small_example_config_plans():
     root = Path(__file__).resolve().parents[1]
     stages = plan.build_plan(root / "examples" / "small_btx.yaml", "/tmp/unused", write=False)
     assert [s.name for s in stages if s.name.startswith("expert_")] == [
-        "expert_code", "expert_math", "expert_prose", "expert_legal"]
+        "expert_code",
+        "expert_math",
+        "expert_prose",
+        "expert_legal",
+    ]
     assert "--builtin-domains" in stages[0].argv
 
 
@@ -151,8 +177,12 @@ def _fake(tmp_path: Path, name: str, deps: list[str], ok: bool = True) -> plan.S
 
 def test_executor_failure_isolated_and_retried(tmp_path, capsys):
     run = tmp_path / "run"
-    stages = [_fake(tmp_path, "a", []), _fake(tmp_path, "b1", ["a"], ok=False),
-              _fake(tmp_path, "b2", ["a"]), _fake(tmp_path, "c", ["b1", "b2"])]  # fmt: skip
+    stages = [
+        _fake(tmp_path, "a", []),
+        _fake(tmp_path, "b1", ["a"], ok=False),
+        _fake(tmp_path, "b2", ["a"]),
+        _fake(tmp_path, "c", ["b1", "b2"]),
+    ]
     rc = local.LocalExecutor(stages, run, parallel=2, quiet=True).execute()
     assert rc == 1
     done = local.done_stages(stages, run)
@@ -196,14 +226,20 @@ def test_status_reports_states(tmp_path, capsys):
     from megatron_btx.pipeline import cli
 
     run = tmp_path / "run"
-    stages = [_fake(tmp_path, "a", []), _fake(tmp_path, "b", ["a"], ok=False),
-              _fake(tmp_path, "c", ["b"])]  # fmt: skip
+    stages = [
+        _fake(tmp_path, "a", []),
+        _fake(tmp_path, "b", ["a"], ok=False),
+        _fake(tmp_path, "c", ["b"]),
+    ]
     run.mkdir()
     (run / "plan.json").write_text(json.dumps([s.to_dict() for s in stages]))
     local.LocalExecutor(stages, run, quiet=True).execute()
     # a stage that was running when its executor was killed
-    (run / "stages" / "c.running").write_text(json.dumps(
-        {"pid": 2**22 + 12345, "host": os.uname().nodename, "start_time": 0, "started": "t"}))
+    (run / "stages" / "c.running").write_text(
+        json.dumps(
+            {"pid": 2**22 + 12345, "host": os.uname().nodename, "start_time": 0, "started": "t"}
+        )
+    )
     capsys.readouterr()
     assert cli.status_main([str(run)]) == 0
     out = capsys.readouterr().out
@@ -230,8 +266,14 @@ def test_plan_with_an_hf_seed_imports_it_first(tmp_path):
 
     hf = tmp_path / "hf_seed"
     hf.mkdir()
-    args = LlamaArgs(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                     num_attention_heads=2, vocab_size=300, max_position_embeddings=64)  # fmt: skip
+    args = LlamaArgs(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        vocab_size=300,
+        max_position_embeddings=64,
+    )
     (hf / "config.json").write_text(json.dumps(args.to_hf_dict()))
     d = _config(tmp_path)
     d["seed"] = {"init_from": str(hf)}

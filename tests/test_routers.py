@@ -43,9 +43,15 @@ def llama_args(k: int = 2, layers: int = 2):
     from megatron_btx.models.llama import LlamaArgs
 
     return LlamaArgs(
-        hidden_size=H, intermediate_size=128, num_hidden_layers=layers, num_attention_heads=4,
-        num_key_value_heads=2, vocab_size=V, num_local_experts=E, num_experts_per_tok=k,
-    )  # fmt: skip
+        hidden_size=H,
+        intermediate_size=128,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=V,
+        num_local_experts=E,
+        num_experts_per_tok=k,
+    )
 
 
 def build(router_cfg: dict, k: int = 2, dispatcher: str = "alltoall", layers: int = 2):
@@ -55,9 +61,10 @@ def build(router_cfg: dict, k: int = 2, dispatcher: str = "alltoall", layers: in
     torch.manual_seed(0)
     args = llama_args(k, layers)
     config = transformer_config(
-        args, moe=MoEOptions(dispatcher=dispatcher),
+        args,
+        moe=MoEOptions(dispatcher=dispatcher),
         **routers.config_overrides(router_cfg, num_experts=E),
-    )  # fmt: skip
+    )
     model = build_model(args, config)
     routers.install(model, router_cfg, config)
     return model
@@ -130,9 +137,7 @@ def test_topk_weights_sum_to_one_and_only_k_experts_get_each_token():
     assert torch.all(probs[~rmap] == 0)
     # The chosen experts are the two largest logits, weighted by the softmax over those two.
     top = HAND_LOGITS.topk(2, dim=1)
-    torch.testing.assert_close(
-        probs.gather(1, top.indices), torch.softmax(top.values, dim=1)
-    )  # fmt: skip
+    torch.testing.assert_close(probs.gather(1, top.indices), torch.softmax(top.values, dim=1))
     layer(unit_tokens(T))
     assert sum(counts[-1]) == 2 * T  # the experts process exactly T*k token copies
     assert counts[-1] == rmap.sum(dim=0).tolist()
@@ -162,7 +167,7 @@ def test_load_balancing_gradient_is_the_gradient_of_the_formula():
     got = router.weight.grad.clone()
 
     w = router.weight.detach().clone().requires_grad_(True)
-    logits = (x.reshape(8, H) @ w.T)
+    logits = x.reshape(8, H) @ w.T
     p = torch.softmax(logits, dim=1)
     top = logits.topk(2, dim=1)
     g = torch.zeros_like(logits).scatter(1, top.indices, torch.softmax(top.values, dim=1))
@@ -290,8 +295,7 @@ def test_sample_top1_samples_and_is_differentiable_in_train():
 
 
 def test_sample_top1_temperature_schedule_and_floor():
-    cfg = {"type": "sample_top1", "temperature": 2.0, "temperature_floor": 0.5,
-           "anneal_steps": 100}  # fmt: skip
+    cfg = {"type": "sample_top1", "temperature": 2.0, "temperature_floor": 0.5, "anneal_steps": 100}
     model = build(cfg)
     expect = {0: 2.0, 50: 1.25, 100: 0.5, 1000: 0.5}
     for step, tau in expect.items():
@@ -317,8 +321,15 @@ def test_sample_top1_first_layer_routes_softly():
 
 def test_temperature_shapes_the_gradient():
     """The soft sample's gradient is sharper at a lower temperature (it is really used)."""
-    model = build({"type": "sample_top1", "load_balancing": False, "anneal_steps": 10,
-                   "temperature": 5.0, "temperature_floor": 0.5})  # fmt: skip
+    model = build(
+        {
+            "type": "sample_top1",
+            "load_balancing": False,
+            "anneal_steps": 10,
+            "temperature": 5.0,
+            "temperature_floor": 0.5,
+        }
+    )
     layer = model.decoder.layers[1].mlp
     set_logits(layer.router, HAND_LOGITS)
     norms = []
@@ -445,7 +456,7 @@ def test_config_overrides_build_valid_configs():
     for kind in routers.ROUTER_TYPES:
         cfg = transformer_config(
             args, **routers.config_overrides({"type": kind, "capacity_factor": 2.0}, E)
-        )  # fmt: skip
+        )
         k = {"topk": 2, "switch": 1, "sample_top1": 1, "soft": E}[kind]
         assert cfg.moe_router_topk == k
     assert routers.config_overrides({"type": "switch"})["moe_expert_capacity_factor"] == 1.5
@@ -478,8 +489,15 @@ def test_topk_with_k1_and_dense_model_are_refused():
     top1 = build_model(args, transformer_config(args, moe_router_pre_softmax=True))
     with pytest.raises(BTXError, match="switch"):
         routers.install(top1, {"type": "topk"}, None)
-    dense = build_model(LlamaArgs(hidden_size=H, intermediate_size=128, num_hidden_layers=1,
-                                  num_attention_heads=4, vocab_size=V))  # fmt: skip
+    dense = build_model(
+        LlamaArgs(
+            hidden_size=H,
+            intermediate_size=128,
+            num_hidden_layers=1,
+            num_attention_heads=4,
+            vocab_size=V,
+        )
+    )
     with pytest.raises(BTXError, match="no MoE layer"):
         routers.install(dense, {"type": "topk"}, None)
 
@@ -491,8 +509,15 @@ def test_topk_with_k1_and_dense_model_are_refused():
 @pytest.mark.dist
 def test_routers_under_expert_parallelism():
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-           str(REPO / "tests" / "dist" / "routers_ep.py")]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc-per-node",
+        "2",
+        str(REPO / "tests" / "dist" / "routers_ep.py"),
+    ]
     res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-5000:]
     assert res.stdout.count("EP-OK") == 2 * 2 * len(routers.ROUTER_TYPES), res.stdout[-3000:]

@@ -53,8 +53,9 @@ def slurm(tmp_path_factory):
     """A running single-node Slurm; yields the environment its clients need."""
     d = tmp_path_factory.mktemp("slurm")
     env = dict(os.environ, BTX_SLURM_PORT=str(_free_port_pair()))
-    start = subprocess.run(["bash", str(SCRIPT), "start", str(d)], env=env, capture_output=True,
-                           text=True, timeout=600)  # fmt: skip
+    start = subprocess.run(
+        ["bash", str(SCRIPT), "start", str(d)], env=env, capture_output=True, text=True, timeout=600
+    )
     if start.returncode == 3:
         pytest.skip(f"cannot install slurm-wlm/munge with apt: {start.stderr.strip()[-500:]}")
     assert start.returncode == 0, start.stdout + start.stderr + _tail(d / "log" / "slurmctld.log")
@@ -62,8 +63,9 @@ def slurm(tmp_path_factory):
     try:
         yield env
     finally:
-        subprocess.run(["bash", str(SCRIPT), "stop", str(d)], env=env, capture_output=True,
-                       timeout=120)  # fmt: skip
+        subprocess.run(
+            ["bash", str(SCRIPT), "stop", str(d)], env=env, capture_output=True, timeout=120
+        )
 
 
 @pytest.fixture(scope="module")
@@ -87,20 +89,44 @@ def btx_config(tmp: Path, data: Path, expert_steps: int, seed: Path | None = Non
         "data": {"prepared": str(data), "seq_length": 64},
         "domains": {"code": "builtin", "toy": "builtin"},
         "model": dict(tc.MODEL),
-        "seed": {"init_from": str(seed)} if seed else
-                {"pretrain": {"steps": 4, "lr": 3e-3, "warmup_steps": 1, "micro_batch_size": 4,
-                              "global_batch_size": 8}},
-        "experts": {"steps": expert_steps, "lr": 3e-3, "warmup_steps": 2, "micro_batch_size": 2,
-                    "global_batch_size": 8, "nproc": 2, "train": {"save_interval": 4}},
+        "seed": {"init_from": str(seed)}
+        if seed
+        else {
+            "pretrain": {
+                "steps": 4,
+                "lr": 3e-3,
+                "warmup_steps": 1,
+                "micro_batch_size": 4,
+                "global_batch_size": 8,
+            }
+        },
+        "experts": {
+            "steps": expert_steps,
+            "lr": 3e-3,
+            "warmup_steps": 2,
+            "micro_batch_size": 2,
+            "global_batch_size": 8,
+            "nproc": 2,
+            "train": {"save_interval": 4},
+        },
         "merge": {"seed_as_expert": True, "top_k": 2},
-        "finetune": {"steps": 4, "lr": 1e-3, "warmup_steps": 1, "micro_batch_size": 4,
-                     "global_batch_size": 8},
-        "baselines": {"dense": False, "sparse_upcycling": False, "btm": False,
-                      "compute_match": False},
+        "finetune": {
+            "steps": 4,
+            "lr": 1e-3,
+            "warmup_steps": 1,
+            "micro_batch_size": 4,
+            "global_batch_size": 8,
+        },
+        "baselines": {
+            "dense": False,
+            "sparse_upcycling": False,
+            "btm": False,
+            "compute_match": False,
+        },
         "evaluation": {"split": "test", "tokens_per_domain": 256, "btm_top_k": [1]},
         "train": {"log_interval": 1, "eval_iters": 1},
         "logging": {"tensorboard": False},
-    }  # fmt: skip
+    }
     path = tmp / "btx.yaml"
     path.write_text(yaml.safe_dump(cfg))
     return path
@@ -110,9 +136,14 @@ STAGES = {"seed", "expert_code", "expert_toy", "merge", "finetune", "evaluate"}
 
 
 def launch(cfg: Path, env: dict[str, str], stages: set[str] = STAGES) -> dict[str, str]:
-    proc = subprocess.run([sys.executable, "-m", "megatron_btx", "launch", str(cfg),
-                           "--executor", "slurm"], cwd=cfg.parent, env=env, capture_output=True,
-                          text=True, timeout=300)  # fmt: skip
+    proc = subprocess.run(
+        [sys.executable, "-m", "megatron_btx", "launch", str(cfg), "--executor", "slurm"],
+        cwd=cfg.parent,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     (cfg.parent / "run" / "slurm" / "launch.out").write_text(proc.stdout)
     jobs = json.loads((cfg.parent / "run" / "slurm" / "jobs.json").read_text())
@@ -121,8 +152,9 @@ def launch(cfg: Path, env: dict[str, str], stages: set[str] = STAGES) -> dict[st
 
 
 def job_info(job: str, env: dict[str, str]) -> dict[str, str]:
-    out = subprocess.run(["scontrol", "show", "job", job], env=env, capture_output=True,
-                         text=True).stdout  # fmt: skip
+    out = subprocess.run(
+        ["scontrol", "show", "job", job], env=env, capture_output=True, text=True
+    ).stdout
     return dict(re.findall(r"(\w+)=(\S+)", out))
 
 
@@ -131,11 +163,15 @@ def wait_all(jobs: dict[str, str], env: dict[str, str], run: Path, timeout: floa
     t0 = time.time()
     while time.time() - t0 < timeout:
         states = {s: job_info(j, env).get("JobState", "?") for s, j in jobs.items()}
-        bad = {s: st for s, st in states.items()
-               if st in ("FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY")}  # fmt: skip
+        bad = {
+            s: st
+            for s, st in states.items()
+            if st in ("FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY")
+        }
         if bad:
-            logs = "\n".join(f"--- {p.name}\n{_tail(p)}" for p in
-                             sorted((run / "slurm" / "logs").glob("*.out")))  # fmt: skip
+            logs = "\n".join(
+                f"--- {p.name}\n{_tail(p)}" for p in sorted((run / "slurm" / "logs").glob("*.out"))
+            )
             raise AssertionError(f"jobs failed: {bad}\n{logs}")
         if all(st == "COMPLETED" for st in states.values()):
             return
@@ -151,8 +187,10 @@ def events(run: Path, stage: str) -> list[dict]:
 def span(run: Path, stage: str) -> tuple[float, float]:
     """(first start, last end) of a stage's job, from the records its script writes."""
     ev = events(run, stage)
-    return (min(e["time"] for e in ev if e["event"] == "start"),
-            max(e["time"] for e in ev if e["event"] == "end"))  # fmt: skip
+    return (
+        min(e["time"] for e in ev if e["event"] == "start"),
+        max(e["time"] for e in ev if e["event"] == "end"),
+    )
 
 
 def check_plan_completed(run: Path, jobs: dict[str, str], env: dict[str, str]) -> None:
@@ -199,8 +237,13 @@ def test_launch_runs_the_plan(slurm, data, tmp_path):
         assert re.search(rf"{name}\s+train x2\s+{jobs[name]}\s+afterok seed$", graph, re.M), graph
     assert re.search(r"merge\s+merge\s+\d+\s+afterok expert_code, expert_toy, seed$", graph, re.M)
     # a second launch finds everything done
-    proc = subprocess.run([sys.executable, "-m", "megatron_btx", "launch", str(cfg)],
-                          cwd=tmp_path, env=slurm, capture_output=True, text=True)  # fmt: skip
+    proc = subprocess.run(
+        [sys.executable, "-m", "megatron_btx", "launch", str(cfg)],
+        cwd=tmp_path,
+        env=slurm,
+        capture_output=True,
+        text=True,
+    )
     assert proc.returncode == 0 and "0 job(s) queued" in proc.stdout, proc.stdout + proc.stderr
     print(f"plan of 6 jobs completed in {elapsed:.0f}s")
 

@@ -24,19 +24,53 @@ ROOT = Path(__file__).resolve().parents[1]
 def tiny_plan(tmp: Path) -> list[Stage]:
     R = str(tmp)
     return [
-        Stage("seed", "train", ["train", f"{R}/configs/seed.yaml"], [], 1,
-              [f"{R}/seed/done"], True),
-        Stage("expert_a", "train", ["train", f"{R}/configs/expert_a.yaml"], ["seed"], 2,
-              [f"{R}/a/done"], True),
-        Stage("expert_b", "train", ["train", f"{R}/configs/expert_b.yaml"], ["seed"], 2,
-              [f"{R}/b/done"], True),
-        Stage("merge", "merge", ["merge", "--experts", f"{R}/a", f"{R}/b", "--save", f"{R}/m"],
-              ["expert_a", "expert_b"], 1, [f"{R}/m/done"]),
-        Stage("finetune", "train", ["train", f"{R}/configs/finetune.yaml"], ["merge"], 2,
-              [f"{R}/f/done"], True),
-        Stage("evaluate", "eval", ["evaluate", "--run-dir", R], ["finetune", "expert_a"], 1,
-              [f"{R}/eval/results.md"]),
-    ]  # fmt: skip
+        Stage(
+            "seed", "train", ["train", f"{R}/configs/seed.yaml"], [], 1, [f"{R}/seed/done"], True
+        ),
+        Stage(
+            "expert_a",
+            "train",
+            ["train", f"{R}/configs/expert_a.yaml"],
+            ["seed"],
+            2,
+            [f"{R}/a/done"],
+            True,
+        ),
+        Stage(
+            "expert_b",
+            "train",
+            ["train", f"{R}/configs/expert_b.yaml"],
+            ["seed"],
+            2,
+            [f"{R}/b/done"],
+            True,
+        ),
+        Stage(
+            "merge",
+            "merge",
+            ["merge", "--experts", f"{R}/a", f"{R}/b", "--save", f"{R}/m"],
+            ["expert_a", "expert_b"],
+            1,
+            [f"{R}/m/done"],
+        ),
+        Stage(
+            "finetune",
+            "train",
+            ["train", f"{R}/configs/finetune.yaml"],
+            ["merge"],
+            2,
+            [f"{R}/f/done"],
+            True,
+        ),
+        Stage(
+            "evaluate",
+            "eval",
+            ["evaluate", "--run-dir", R],
+            ["finetune", "expert_a"],
+            1,
+            [f"{R}/eval/results.md"],
+        ),
+    ]
 
 
 def bash_n(text: str, tmp: Path) -> None:
@@ -52,18 +86,37 @@ def sbatch_opts(text: str) -> list[str]:
 
 def test_train_script_multinode_torchrun_and_preemption(tmp_path):
     st = tiny_plan(tmp_path)[1]
-    opts = SlurmOptions(partition="gpu", account="proj", time="2-00:00:00", nodes_per_expert=4,
-                        gpus_per_node=8, cpus_per_task=32, extra_sbatch=["--exclusive"],
-                        setup=["module load cuda"], env={"NCCL_DEBUG": "WARN"},
-                        python="/opt/py/bin/python", workdir="/shared/w")  # fmt: skip
+    opts = SlurmOptions(
+        partition="gpu",
+        account="proj",
+        time="2-00:00:00",
+        nodes_per_expert=4,
+        gpus_per_node=8,
+        cpus_per_task=32,
+        extra_sbatch=["--exclusive"],
+        setup=["module load cuda"],
+        env={"NCCL_DEBUG": "WARN"},
+        python="/opt/py/bin/python",
+        workdir="/shared/w",
+    )
     st.nproc = 8
     text = render_script(st, tmp_path, opts)
     bash_n(text, tmp_path)
     o = sbatch_opts(text)
-    for want in ("--nodes=4", "--ntasks-per-node=1", "--gpus-per-node=8", "--cpus-per-task=32",
-                 "--partition=gpu", "--account=proj", "--time=2-00:00:00", "--exclusive",
-                 "--requeue", "--open-mode=append", "--signal=B:USR1@120",
-                 "--job-name=btx-expert_a"):  # fmt: skip
+    for want in (
+        "--nodes=4",
+        "--ntasks-per-node=1",
+        "--gpus-per-node=8",
+        "--cpus-per-task=32",
+        "--partition=gpu",
+        "--account=proj",
+        "--time=2-00:00:00",
+        "--exclusive",
+        "--requeue",
+        "--open-mode=append",
+        "--signal=B:USR1@120",
+        "--job-name=btx-expert_a",
+    ):
         assert want in o, (want, o)
     assert f"--output={tmp_path}/slurm/logs/expert_a.%j.out" in o
     assert 'MASTER_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)' in text
@@ -90,20 +143,32 @@ def test_non_train_script_and_containers(tmp_path):
     assert f"-m megatron_btx merge --experts {tmp_path}/a" in text
 
     st = tiny_plan(tmp_path)[1]
-    pyx = render_script(st, tmp_path, SlurmOptions(container_image="nvcr.io#me/btx:0.1.0",
-                                                   container_mounts="/lus:/lus",
-                                                   workdir="/lus/w"))  # fmt: skip
+    pyx = render_script(
+        st,
+        tmp_path,
+        SlurmOptions(
+            container_image="nvcr.io#me/btx:0.1.0", container_mounts="/lus:/lus", workdir="/lus/w"
+        ),
+    )
     bash_n(pyx, tmp_path)
     train = next(ln for ln in pyx.splitlines() if "torchrun" in ln)
     assert "'--container-image=nvcr.io#me/btx:0.1.0'" in train
     assert "--container-mounts=/lus:/lus" in train and "--container-workdir=/lus/w" in train
     assert "bash -c 'python -m megatron_btx.pipeline.slurm torchrun" in train  # image's python
     # the bookkeeping helper runs inside the container too
-    assert re.search(r"srun --nodes=1 --ntasks=1 '--container-image=\S+' .* python -m "
-                     r"megatron_btx.pipeline.slurm --run-dir", pyx)  # fmt: skip
+    assert re.search(
+        r"srun --nodes=1 --ntasks=1 '--container-image=\S+' .* python -m "
+        r"megatron_btx.pipeline.slurm --run-dir",
+        pyx,
+    )
 
-    app = render_script(st, tmp_path, SlurmOptions(apptainer="/c/btx.sif", gpus_per_node=4,
-                                                   container_mounts="/lus", workdir="/lus/w"))  # fmt: skip
+    app = render_script(
+        st,
+        tmp_path,
+        SlurmOptions(
+            apptainer="/c/btx.sif", gpus_per_node=4, container_mounts="/lus", workdir="/lus/w"
+        ),
+    )
     bash_n(app, tmp_path)
     train = next(ln for ln in app.splitlines() if "torchrun" in ln)
     assert "apptainer exec --nv --bind /lus --pwd /lus/w /c/btx.sif bash -c" in train
@@ -125,10 +190,7 @@ def fake_sbatch(tmp_path, monkeypatch):
     bindir.mkdir()
     log = tmp_path / "sbatch.log"
     (bindir / "sbatch").write_text(
-        "#!/bin/bash\n"
-        f'echo "$@" >> {log}\n'
-        f"n=$(wc -l < {log})\n"
-        'echo "$((100 + n));cluster"\n'
+        f'#!/bin/bash\necho "$@" >> {log}\nn=$(wc -l < {log})\necho "$((100 + n));cluster"\n'
     )
     (bindir / "squeue").write_text("#!/bin/bash\nexit 0\n")
     for f in bindir.iterdir():
@@ -146,8 +208,14 @@ def test_submission_order_dependencies_and_skipping(tmp_path, fake_sbatch):
     mark_done(stages[0], run)
     out: list[str] = []
     status = launch(stages, run, SlurmOptions(), print_fn=out.append)
-    assert status == {"seed": "done", "expert_a": "101", "expert_b": "102", "merge": "103",
-                      "finetune": "104", "evaluate": "105"}  # fmt: skip
+    assert status == {
+        "seed": "done",
+        "expert_a": "101",
+        "expert_b": "102",
+        "merge": "103",
+        "finetune": "104",
+        "evaluate": "105",
+    }
     calls = fake_sbatch.read_text().splitlines()
     assert calls[0] == f"--parsable {run}/slurm/expert_a.sbatch"  # independent of each other
     assert calls[1] == f"--parsable {run}/slurm/expert_b.sbatch"
@@ -173,9 +241,13 @@ def test_dry_run_prints_and_submits_nothing(tmp_path, fake_sbatch):
 
 def _helper(run: Path, *args: str, env: dict | None = None) -> int:
     e = {**os.environ, "SLURM_JOB_ID": "7", "SLURM_RESTART_COUNT": "0", **(env or {})}
-    return subprocess.run([sys.executable, "-m", "megatron_btx.pipeline.slurm", "--run-dir",
-                           str(run), *args], env=e, cwd=ROOT, capture_output=True,
-                          text=True).returncode  # fmt: skip
+    return subprocess.run(
+        [sys.executable, "-m", "megatron_btx.pipeline.slurm", "--run-dir", str(run), *args],
+        env=e,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    ).returncode
 
 
 def test_job_helper_done_requeue_failed(tmp_path):
@@ -191,8 +263,20 @@ def test_job_helper_done_requeue_failed(tmp_path):
     assert _helper(run, "--stage", "expert_a", "finish", "--rc", "0") == 3
     assert not (run / "stages" / "expert_a.running").exists()
     # ... but not forever
-    assert _helper(run, "--stage", "expert_a", "finish", "--rc", "0", "--max-requeues", "3",
-                   env={"SLURM_RESTART_COUNT": "3"}) == 1  # fmt: skip
+    assert (
+        _helper(
+            run,
+            "--stage",
+            "expert_a",
+            "finish",
+            "--rc",
+            "0",
+            "--max-requeues",
+            "3",
+            env={"SLURM_RESTART_COUNT": "3"},
+        )
+        == 1
+    )
     failed = json.loads((run / "stages" / "expert_a.failed").read_text())
     assert "after 3 requeues" in failed["reason"]
     # a crash of a non-resumable stage fails
@@ -215,8 +299,14 @@ def test_paper_example_scripts_are_valid(tmp_path):
     d = ROOT / "examples" / "paper_7b" / "sbatch"
     scripts = sorted(d.glob("*.sbatch"))
     names = {p.stem for p in scripts}
-    assert {"expert_math", "expert_code", "expert_wikipedia", "merge", "finetune",
-            "evaluate"} <= names  # fmt: skip
+    assert {
+        "expert_math",
+        "expert_code",
+        "expert_wikipedia",
+        "merge",
+        "finetune",
+        "evaluate",
+    } <= names
     for p in scripts:
         bash_n(p.read_text(), tmp_path)
     ex = (d / "expert_code.sbatch").read_text()
@@ -224,8 +314,12 @@ def test_paper_example_scripts_are_valid(tmp_path):
         assert want in sbatch_opts(ex)
     assert "--nproc-per-node=8" in ex and "--container-image=" in ex
     graph = (d / "GRAPH.txt").read_text()
-    assert re.search(r"^\s+merge\s+merge\s+\S+\s+afterok expert_math, expert_code, "
-                     r"expert_wikipedia", graph, re.M)  # fmt: skip
+    assert re.search(
+        r"^\s+merge\s+merge\s+\S+\s+afterok expert_math, expert_code, "
+        r"expert_wikipedia",
+        graph,
+        re.M,
+    )
     assert re.search(r"^\s+finetune\s+train x8\s+\S+\s+afterok merge$", graph, re.M)
     ft = (d / "configs" / "finetune.yaml").read_text()
     assert "aux_loss_coeff: 0.01" in ft and "type: topk" in ft
@@ -233,6 +327,7 @@ def test_paper_example_scripts_are_valid(tmp_path):
 
 @pytest.mark.skipif(shutil.which("bash") is None, reason="needs bash")
 def test_slurm_local_script_usage():
-    r = subprocess.run(["bash", str(ROOT / "scripts" / "slurm_local.sh")], capture_output=True,
-                       text=True)  # fmt: skip
+    r = subprocess.run(
+        ["bash", str(ROOT / "scripts" / "slurm_local.sh")], capture_output=True, text=True
+    )
     assert r.returncode == 2 and "start [DIR]" in r.stdout

@@ -36,10 +36,25 @@ def test_defaults_are_the_papers():
 
 
 def test_overrides_are_parsed_as_yaml_and_typed():
-    cfg = load(["--train.lr", "3e-4", "--parallel.tp=2", "--train.steps", "50",
-                "--moe.router.type", "switch", "--moe.router.capacity_factor", "1.5",
-                "--data.domains", "{code: 0.7, math: 0.3}", "--parallel.sequence_parallel",
-                "true", "--optimizer.clip_grad", "0"])  # fmt: skip
+    cfg = load(
+        [
+            "--train.lr",
+            "3e-4",
+            "--parallel.tp=2",
+            "--train.steps",
+            "50",
+            "--moe.router.type",
+            "switch",
+            "--moe.router.capacity_factor",
+            "1.5",
+            "--data.domains",
+            "{code: 0.7, math: 0.3}",
+            "--parallel.sequence_parallel",
+            "true",
+            "--optimizer.clip_grad",
+            "0",
+        ]
+    )
     assert cfg.train.lr == 3e-4 and isinstance(cfg.train.lr, float)  # YAML 1.1 reads a str
     assert cfg.parallel.tp == 2 and cfg.train.steps == 50
     assert cfg.moe.router == {"type": "switch", "capacity_factor": 1.5}
@@ -48,11 +63,14 @@ def test_overrides_are_parsed_as_yaml_and_typed():
     assert load(["--data.domains", "[code, math]"]).data.domains == ["code", "math"]
 
 
-@pytest.mark.parametrize("args, key", [
-    (["--train.lrr", "1e-3"], "'train.lrr'"),
-    (["--trian.lr", "1e-3"], "'trian'"),
-    (["--model.hiden_size", "64"], "'model.hiden_size'"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "args, key",
+    [
+        (["--train.lrr", "1e-3"], "'train.lrr'"),
+        (["--trian.lr", "1e-3"], "'trian'"),
+        (["--model.hiden_size", "64"], "'model.hiden_size'"),
+    ],
+)
 def test_unknown_keys_are_named(args, key):
     with pytest.raises(BTXError, match=f"unknown key {key}"):
         load(args)
@@ -61,24 +79,31 @@ def test_unknown_keys_are_named(args, key):
 def test_unknown_key_suggests_the_close_one(tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text(yaml.safe_dump({**BASE, "train": {"lrr": 0.1}}))
-    with pytest.raises(BTXError, match=r"c.yaml: unknown key 'train.lrr' \(did you mean train.lr\?\)"):
+    with pytest.raises(
+        BTXError, match=r"c.yaml: unknown key 'train.lrr' \(did you mean train.lr\?\)"
+    ):
         C.load(path)
 
 
-@pytest.mark.parametrize("args, message", [
-    (["--train.steps", "many"], "train.steps='many' has the wrong type"),
-    (["--parallel.tp", "1.5"], "parallel.tp=1.5 has the wrong type"),
-    (["--train.lr", "-1"], "train.lr=-1.0 must be positive"),
-    (["--train.dtype", "fp8"], "train.dtype='fp8' must be one of"),
-    (["--data.global_batch_size", "6", "--data.micro_batch_size", "4"],
-     "data.global_batch_size=6 is not a multiple of data.micro_batch_size=4"),
-    (["--parallel.vpp", "2"], "parallel.vpp=2 needs parallel.pp >= 2"),
-    (["--train.lr"], "override --train.lr has no value"),
-    (["train.lr", "1"], "must look like --section.key VALUE"),
-    (["--train.lr.x", "1"], "train.lr={'x': 1} has the wrong type"),
-    (["--moe.router", "topk"], "moe.router='topk' has the wrong type"),
-    (["--moe.router.capacity_factor", "2"], "moe.router must be a mapping with a 'type'"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--train.steps", "many"], "train.steps='many' has the wrong type"),
+        (["--parallel.tp", "1.5"], "parallel.tp=1.5 has the wrong type"),
+        (["--train.lr", "-1"], "train.lr=-1.0 must be positive"),
+        (["--train.dtype", "fp8"], "train.dtype='fp8' must be one of"),
+        (
+            ["--data.global_batch_size", "6", "--data.micro_batch_size", "4"],
+            "data.global_batch_size=6 is not a multiple of data.micro_batch_size=4",
+        ),
+        (["--parallel.vpp", "2"], "parallel.vpp=2 needs parallel.pp >= 2"),
+        (["--train.lr"], "override --train.lr has no value"),
+        (["train.lr", "1"], "must look like --section.key VALUE"),
+        (["--train.lr.x", "1"], "train.lr={'x': 1} has the wrong type"),
+        (["--moe.router", "topk"], "moe.router='topk' has the wrong type"),
+        (["--moe.router.capacity_factor", "2"], "moe.router must be a mapping with a 'type'"),
+    ],
+)
 def test_bad_values_name_the_key(args, message):
     with pytest.raises(BTXError, match=re.escape(message)):
         load(args)
@@ -86,22 +111,30 @@ def test_bad_values_name_the_key(args, message):
 
 def test_world_size_and_model_consistency():
     cfg = load(["--parallel.tp", "2", "--parallel.pp", "2"])
-    with pytest.raises(BTXError, match=r"parallel.tp x parallel.pp = 2x2 does not divide the "
-                                       r"world size 6"):  # fmt: skip
+    with pytest.raises(
+        BTXError,
+        match=r"parallel.tp x parallel.pp = 2x2 does not divide the "
+        r"world size 6",
+    ):
         cfg.validate_world(6)
     cfg.validate_world(8)
-    with pytest.raises(BTXError, match=r"global_batch_size=8 is not a multiple of "
-                                       r"data.micro_batch_size x data-parallel size = 4x4"):  # fmt: skip
+    with pytest.raises(
+        BTXError,
+        match=r"global_batch_size=8 is not a multiple of "
+        r"data.micro_batch_size x data-parallel size = 4x4",
+    ):
         load(["--data.micro_batch_size", "4"]).validate_world(4)
 
     from megatron_btx.models.llama import LlamaArgs
 
-    args = LlamaArgs(hidden_size=96, num_attention_heads=6, num_hidden_layers=3,
-                     intermediate_size=128)  # fmt: skip
+    args = LlamaArgs(
+        hidden_size=96, num_attention_heads=6, num_hidden_layers=3, intermediate_size=128
+    )
     with pytest.raises(BTXError, match="parallel.tp=4 does not divide model.num_attention_heads=6"):
         load(["--parallel.tp", "4"]).validate_model(args)
-    with pytest.raises(BTXError, match="parallel.pp x parallel.vpp = 2 does not divide "
-                                       "model.num_hidden_layers=3"):  # fmt: skip
+    with pytest.raises(
+        BTXError, match="parallel.pp x parallel.vpp = 2 does not divide model.num_hidden_layers=3"
+    ):
         load(["--parallel.pp", "2"]).validate_model(args)
     with pytest.raises(BTXError, match="parallel.ep=2 needs an MoE"):
         load(["--parallel.ep", "2"]).validate_model(args)
@@ -154,8 +187,9 @@ def test_resolve_sources(tmp_path):
     src = resolve_sources(load(data={"path": str(data)}))
     assert src.blend == [(str(data / "code"), 300.0), (str(data / "math"), 100.0)]
     assert set(src.valid) == {"code", "math"} and src.tokenizer == str(data / "tokenizer.model")
-    src = resolve_sources(load(data={"path": str(data), "domains": {"math": 1.0},
-                                     "valid_domains": ["code"]}))  # fmt: skip
+    src = resolve_sources(
+        load(data={"path": str(data), "domains": {"math": 1.0}, "valid_domains": ["code"]})
+    )
     assert src.blend == [(str(data / "math"), 1.0)] and list(src.valid) == ["code"]
     with pytest.raises(BTXError, match="data.domains: 'prose' is not a domain of"):
         resolve_sources(load(data={"path": str(data), "domains": ["prose"]}))
@@ -173,8 +207,12 @@ class _Numbers:
         import torch
 
         t = torch.full((4,), i, dtype=torch.int64)
-        return {"tokens": t, "labels": t, "loss_mask": torch.ones(4),
-                "position_ids": torch.arange(4)}  # fmt: skip
+        return {
+            "tokens": t,
+            "labels": t,
+            "loss_mask": torch.ones(4),
+            "position_ids": torch.arange(4),
+        }
 
 
 def test_batch_loader_splits_global_batch_and_resumes_exactly():
@@ -277,7 +315,9 @@ def test_router_hook_without_routers_module(monkeypatch):
     monkeypatch.setattr(loop, "_routers_module", lambda: None)
     assert loop.install_router([], None, None) == "megatron top-k"
     assert loop.install_router([], {"type": "topk"}, None) == "megatron top-k"
-    with pytest.raises(BTXError, match="moe.router.type='switch' needs megatron_btx.models.routers"):
+    with pytest.raises(
+        BTXError, match="moe.router.type='switch' needs megatron_btx.models.routers"
+    ):
         loop.install_router([], {"type": "switch"}, None)
 
     seen = {}

@@ -36,13 +36,13 @@ def _compare(ref_dir: Path, run_dir: Path, steps: range) -> None:
         assert got_n[s] == pytest.approx(ref_n[s], rel=NORM_RTOL), (s, got_n[s], ref_n[s])
 
 
-@pytest.mark.parametrize("layout", [["--parallel.tp", "2"], ["--parallel.pp", "2"]],
-                         ids=["tp2", "pp2"])  # fmt: skip
+@pytest.mark.parametrize(
+    "layout", [["--parallel.tp", "2"], ["--parallel.pp", "2"]], ids=["tp2", "pp2"]
+)
 def test_dense_layouts_match_single_process(tmp_path, base, data, layout):
     cfg, ref_dir = tc.reference_run(base, data)
     run_dir = tmp_path / "run"
-    tc.check(tc.run(cfg, ["--run_dir", str(run_dir), "--train.exit_after", "5", *layout],
-                    nproc=2))  # fmt: skip
+    tc.check(tc.run(cfg, ["--run_dir", str(run_dir), "--train.exit_after", "5", *layout], nproc=2))
     _compare(ref_dir, run_dir, range(1, 6))
 
 
@@ -51,13 +51,19 @@ def test_moe_ep2_matches_ep1(tmp_path, base, data):
     EP=1, including megatron's load-balancing loss, which is part of the gradient."""
     cfg, ref_dir = tc.reference_run(base, data, moe=True)
     run_dir = tmp_path / "run"
-    tc.check(tc.run(cfg, ["--run_dir", str(run_dir), "--train.exit_after", "5",
-                          "--parallel.ep", "2"], nproc=2))  # fmt: skip
+    tc.check(
+        tc.run(
+            cfg,
+            ["--run_dir", str(run_dir), "--train.exit_after", "5", "--parallel.ep", "2"],
+            nproc=2,
+        )
+    )
     _compare(ref_dir, run_dir, range(1, 6))
     ref = {r["step"]: r for r in tc.records(ref_dir, "train")}
     for r in tc.records(run_dir, "train"):
-        assert r["load_balancing_loss"] == pytest.approx(ref[r["step"]]["load_balancing_loss"],
-                                                         rel=1e-5)  # fmt: skip
+        assert r["load_balancing_loss"] == pytest.approx(
+            ref[r["step"]]["load_balancing_loss"], rel=1e-5
+        )
 
 
 def test_moe_aux_loss_is_in_the_gradient(tmp_path, base, data):
@@ -65,8 +71,12 @@ def test_moe_aux_loss_is_in_the_gradient(tmp_path, base, data):
     loss of the first step."""
     cfg, ref_dir = tc.reference_run(base, data, moe=True)
     run_dir = tmp_path / "run"
-    tc.check(tc.run(cfg, ["--run_dir", str(run_dir), "--train.exit_after", "1",
-                          "--moe.aux_loss_coeff", "1.0"]))  # fmt: skip
+    tc.check(
+        tc.run(
+            cfg,
+            ["--run_dir", str(run_dir), "--train.exit_after", "1", "--moe.aux_loss_coeff", "1.0"],
+        )
+    )
     ref, got = tc.records(ref_dir, "train")[0], tc.records(run_dir, "train")[0]
     assert got["loss"] == ref["loss"]
     assert abs(got["grad_norm"] - ref["grad_norm"]) > 1e-3
@@ -77,11 +87,36 @@ def test_distributed_optimizer_dp2_then_resume_at_tp2(tmp_path, base, data):
     (optimizer state in the fully reshardable format) resumes at TP=2 and the curve continues."""
     cfg, ref_dir = tc.reference_run(base, data)
     run_dir = tmp_path / "run"
-    tc.check(tc.run(cfg, ["--run_dir", str(run_dir), "--train.exit_after", "4",
-                          "--parallel.distributed_optimizer", "true"], nproc=2))  # fmt: skip
-    proc = tc.check(tc.run(cfg, ["--run_dir", str(run_dir), "--train.exit_after", "6",
-                                 "--parallel.distributed_optimizer", "true",
-                                 "--parallel.tp", "2"], nproc=2))  # fmt: skip
+    tc.check(
+        tc.run(
+            cfg,
+            [
+                "--run_dir",
+                str(run_dir),
+                "--train.exit_after",
+                "4",
+                "--parallel.distributed_optimizer",
+                "true",
+            ],
+            nproc=2,
+        )
+    )
+    proc = tc.check(
+        tc.run(
+            cfg,
+            [
+                "--run_dir",
+                str(run_dir),
+                "--train.exit_after",
+                "6",
+                "--parallel.distributed_optimizer",
+                "true",
+                "--parallel.tp",
+                "2",
+            ],
+            nproc=2,
+        )
+    )
     assert "resharding model and optimizer state" in proc.stderr
     _compare(ref_dir, run_dir, range(1, 7))
 
@@ -93,20 +128,32 @@ def test_resume_at_other_layout_keeps_or_drops_optimizer(tmp_path, base, data):
     a warning; the weights still load and training goes on."""
     cfg, ref_dir = tc.reference_run(base, data)
     run_dir = tmp_path / "dense"
-    shutil.copytree(ref_dir / "checkpoints" / "iter_0000004",
-                    run_dir / "checkpoints" / "iter_0000004")  # fmt: skip
+    shutil.copytree(
+        ref_dir / "checkpoints" / "iter_0000004", run_dir / "checkpoints" / "iter_0000004"
+    )
     (run_dir / "checkpoints" / "latest").write_text("iter_0000004\n")
-    tc.check(tc.run(cfg, ["--run_dir", str(run_dir), "--train.exit_after", "6",
-                          "--parallel.pp", "2"], nproc=2))  # fmt: skip
+    tc.check(
+        tc.run(
+            cfg,
+            ["--run_dir", str(run_dir), "--train.exit_after", "6", "--parallel.pp", "2"],
+            nproc=2,
+        )
+    )
     _compare(ref_dir, run_dir, range(5, 7))
 
     mcfg, mref_dir = tc.reference_run(base, data, moe=True)
     run_dir = tmp_path / "moe"
-    shutil.copytree(mref_dir / "checkpoints" / "iter_0000004",
-                    run_dir / "checkpoints" / "iter_0000004")  # fmt: skip
+    shutil.copytree(
+        mref_dir / "checkpoints" / "iter_0000004", run_dir / "checkpoints" / "iter_0000004"
+    )
     (run_dir / "checkpoints" / "latest").write_text("iter_0000004\n")
-    proc = tc.check(tc.run(mcfg, ["--run_dir", str(run_dir), "--train.exit_after", "6",
-                                  "--parallel.ep", "2"], nproc=2))  # fmt: skip
+    proc = tc.check(
+        tc.run(
+            mcfg,
+            ["--run_dir", str(run_dir), "--train.exit_after", "6", "--parallel.ep", "2"],
+            nproc=2,
+        )
+    )
     assert "optimizer state dropped: expert parallelism changed from EP=1 to EP=2" in proc.stderr
     got, ref = tc.losses(run_dir), tc.losses(mref_dir)
     # step 5's loss is computed from the loaded weights before any update: identical

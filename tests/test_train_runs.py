@@ -20,13 +20,26 @@ def test_loss_falls_on_code(tmp_path, data):
     """A small dense Llama on the built-in code corpus: validation loss falls by >= 1 nat in a
     CPU budget of seconds; validation is reported per domain; logs land in all sinks."""
     cfg = tc.write_config(
-        tmp_path / "c.yaml", tmp_path / "run", data,
-        data={"domains": {"code": 1.0}, "valid_domains": ["code", "toy"], "seq_length": 128,
-              "micro_batch_size": 8, "global_batch_size": 8},
-        train={"steps": 40, "eval_interval": 20, "eval_iters": 4, "log_interval": 10,
-               "save_interval": 20, "keep_last": 1},
+        tmp_path / "c.yaml",
+        tmp_path / "run",
+        data,
+        data={
+            "domains": {"code": 1.0},
+            "valid_domains": ["code", "toy"],
+            "seq_length": 128,
+            "micro_batch_size": 8,
+            "global_batch_size": 8,
+        },
+        train={
+            "steps": 40,
+            "eval_interval": 20,
+            "eval_iters": 4,
+            "log_interval": 10,
+            "save_interval": 20,
+            "keep_last": 1,
+        },
         logging={"tensorboard": True},
-    )  # fmt: skip
+    )
     proc = tc.check(tc.run(cfg))
     evals = tc.records(tmp_path / "run", "eval")
     assert [e["step"] for e in evals] == [0, 20, 40]
@@ -57,10 +70,14 @@ def test_kill9_then_resume_matches_and_sigterm_saves(tmp_path, base, data):
     init = tc.init_checkpoint(base, data)
     run_dir = tmp_path / "run"
     # Checkpoints every 6 steps; the kill lands 1-2 steps after one, far from the next save.
-    cfg = tc.write_config(tmp_path / "c.yaml", run_dir, data,
-                          model=dict(tc.MODEL, init_from=str(init)),
-                          data={"seq_length": 128},
-                          train={"steps": 1000, "save_interval": 6, "keep_last": 2})  # fmt: skip
+    cfg = tc.write_config(
+        tmp_path / "c.yaml",
+        run_dir,
+        data,
+        model=dict(tc.MODEL, init_from=str(init)),
+        data={"seq_length": 128},
+        train={"steps": 1000, "save_interval": 6, "keep_last": 2},
+    )
 
     def just_after_a_checkpoint() -> bool:
         saved = [r["step"] for r in tc.records(run_dir, "checkpoint")]
@@ -80,8 +97,12 @@ def test_kill9_then_resume_matches_and_sigterm_saves(tmp_path, base, data):
 
     p2 = tc.start(cfg, log=tmp_path / "run2.log")
     try:
-        tc.wait_for(lambda: max(tc.losses(run_dir)) > max(killed) + 1, 180, p2,
-                    "the resumed run to pass the killed run")  # fmt: skip
+        tc.wait_for(
+            lambda: max(tc.losses(run_dir)) > max(killed) + 1,
+            180,
+            p2,
+            "the resumed run to pass the killed run",
+        )
     finally:
         rc = tc.stop(p2, signal.SIGTERM, timeout=120)
     log2 = (tmp_path / "run2.log").read_text()
@@ -103,9 +124,13 @@ def test_kill_during_save_keeps_previous_checkpoint(tmp_path, base, data):
     _, ref_dir = tc.reference_run(base, data)
     init = tc.init_checkpoint(base, data)
     run_dir = tmp_path / "run"
-    cfg = tc.write_config(tmp_path / "c.yaml", run_dir, data,
-                          model=dict(tc.MODEL, init_from=str(init)),
-                          train={"save_interval": 2, "keep_last": 5})  # fmt: skip
+    cfg = tc.write_config(
+        tmp_path / "c.yaml",
+        run_dir,
+        data,
+        model=dict(tc.MODEL, init_from=str(init)),
+        train={"save_interval": 2, "keep_last": 5},
+    )
     proc = tc.run(cfg, BTX_FAULT="kill_in_save@4")
     assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
     ckpts = run_dir / "checkpoints"
@@ -125,8 +150,9 @@ def test_kill_during_save_keeps_previous_checkpoint(tmp_path, base, data):
 def test_exit_after_and_resume_flags(tmp_path, base, data):
     """train.exit_after stops with a checkpoint, keeping the schedule of train.steps; --no-resume
     refuses to overwrite a run; --resume without a checkpoint is an error."""
-    cfg = tc.write_config(tmp_path / "c.yaml", tmp_path / "run", data,
-                          train={"steps": 6, "exit_after": 2})  # fmt: skip
+    cfg = tc.write_config(
+        tmp_path / "c.yaml", tmp_path / "run", data, train={"steps": 6, "exit_after": 2}
+    )
     tc.check(tc.run(cfg))
     assert tc.latest(tmp_path / "run") == "iter_0000002"
     assert tc.records(tmp_path / "run", "end")[-1]["reason"] == "exit_after"
@@ -147,22 +173,45 @@ def test_init_from_converted_hf_checkpoint(tmp_path, data):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
-    hf = LlamaForCausalLM(LlamaConfig(
-        hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, vocab_size=1024, max_position_embeddings=128))  # fmt: skip
+    hf = LlamaForCausalLM(
+        LlamaConfig(
+            hidden_size=64,
+            intermediate_size=96,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            vocab_size=1024,
+            max_position_embeddings=128,
+        )
+    )
     with torch.no_grad():  # a recognisable function: strongly prefer token 7 everywhere
         hf.lm_head.weight.zero_()
         hf.lm_head.bias = None
         hf.lm_head.weight[7] = 1.0
         hf.model.norm.weight.fill_(50.0)
     hf.save_pretrained(tmp_path / "hf")
-    conv = subprocess.run([sys.executable, str(tc.ROOT / "tools/convert_hf_to_megatron.py"),
-                           "--load", str(tmp_path / "hf"), "--save", str(tmp_path / "mg")],
-                          env=tc.env(), capture_output=True, text=True, timeout=120)  # fmt: skip
+    conv = subprocess.run(
+        [
+            sys.executable,
+            str(tc.ROOT / "tools/convert_hf_to_megatron.py"),
+            "--load",
+            str(tmp_path / "hf"),
+            "--save",
+            str(tmp_path / "mg"),
+        ],
+        env=tc.env(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert conv.returncode == 0, conv.stderr[-3000:]
-    cfg = tc.write_config(tmp_path / "c.yaml", tmp_path / "run", data,
-                          model={"init_from": str(tmp_path / "mg")},
-                          train={"steps": 2, "eval_interval": 2})  # fmt: skip
+    cfg = tc.write_config(
+        tmp_path / "c.yaml",
+        tmp_path / "run",
+        data,
+        model={"init_from": str(tmp_path / "mg")},
+        train={"steps": 2, "eval_interval": 2},
+    )
     proc = tc.check(tc.run(cfg))
     assert f"loaded {tmp_path / 'mg'} (step 0)" in proc.stdout
     first = tc.records(tmp_path / "run", "eval")[0]
@@ -173,8 +222,9 @@ def test_init_from_converted_hf_checkpoint(tmp_path, data):
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(os.environ.get("BTX_SLOW") != "1",
-                    reason="minutes on a CPU; set BTX_SLOW=1 to run it")  # fmt: skip
+@pytest.mark.skipif(
+    os.environ.get("BTX_SLOW") != "1", reason="minutes on a CPU; set BTX_SLOW=1 to run it"
+)
 def test_example_small_dense_learns(tmp_path):
     """The shipped example (the default small budget) on the built-in code corpus, unchanged but
     for its run and data directories: validation loss falls by >= 1 nat."""
@@ -183,8 +233,13 @@ def test_example_small_dense_learns(tmp_path):
 
     data = tmp_path / "data"
     prepare_domains({"code": [fetch_corpora(["code"])["code"]]}, data, vocab_size=8000)
-    proc = tc.check(tc.run(Path(tc.ROOT) / "examples" / "small_dense.yaml",
-                           ["--run_dir", str(tmp_path / "run"), "--data.path", str(data)],
-                           timeout=900, OMP_NUM_THREADS="2"))  # fmt: skip
+    proc = tc.check(
+        tc.run(
+            Path(tc.ROOT) / "examples" / "small_dense.yaml",
+            ["--run_dir", str(tmp_path / "run"), "--data.path", str(data)],
+            timeout=900,
+            OMP_NUM_THREADS="2",
+        )
+    )
     evals = tc.records(tmp_path / "run", "eval")
     assert evals[0]["loss_code"] - evals[-1]["loss_code"] >= 1.0, proc.stdout[-2000:]

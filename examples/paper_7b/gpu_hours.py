@@ -36,8 +36,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--mfu-dense", type=float, default=0.40)
     ap.add_argument("--mfu-moe", type=float, default=0.30)
     ap.add_argument("--gpus-per-node", type=int, default=8)
-    ap.add_argument("--nodes-per-expert", type=int, default=4,
-                    help="nodes per training job (for the wall-clock column)")  # fmt: skip
+    ap.add_argument(
+        "--nodes-per-expert",
+        type=int,
+        default=4,
+        help="nodes per training job (for the wall-clock column)",
+    )
     a = ap.parse_args(argv)
 
     stages = [s for s in load(a.target) if s.kind == "train"]
@@ -49,18 +53,35 @@ def main(argv: list[str] | None = None) -> int:
         rate = a.peak_tflops * 1e12 * (a.mfu_moe if moe else a.mfu_dense)
         gpu_h = s.flops / rate / 3600
         totals[s.group] = totals.get(s.group, 0.0) + gpu_h
-        rows.append((s.name, s.group, "MoE" if moe else "dense", s.steps, s.tokens,
-                     s.active_params, s.flops, gpu_h, gpu_h / gpus / 24))  # fmt: skip
-    print(f"| stage | group | model | steps | tokens | active params | FLOPs (6ND) | GPU-hours "
-          f"| days on {gpus} GPUs |")  # fmt: skip
+        rows.append(
+            (
+                s.name,
+                s.group,
+                "MoE" if moe else "dense",
+                s.steps,
+                s.tokens,
+                s.active_params,
+                s.flops,
+                gpu_h,
+                gpu_h / gpus / 24,
+            )
+        )
+    print(
+        f"| stage | group | model | steps | tokens | active params | FLOPs (6ND) | GPU-hours "
+        f"| days on {gpus} GPUs |"
+    )
     print("|---|---|---|---:|---:|---:|---:|---:|---:|")
     for name, grp, kind, steps, toks, act, fl, gh, days in rows:
-        print(f"| {name} | {grp} | {kind} | {steps:,} | {toks / 1e9:.1f}B | {act / 1e9:.2f}B | "
-              f"{fl:.2e} | {gh:,.0f} | {days:.1f} |")  # fmt: skip
+        print(
+            f"| {name} | {grp} | {kind} | {steps:,} | {toks / 1e9:.1f}B | {act / 1e9:.2f}B | "
+            f"{fl:.2e} | {gh:,.0f} | {days:.1f} |"
+        )
     for grp, gh in sorted(totals.items()):
         print(f"| **total {grp}** | | | | | | | **{gh:,.0f}** ({gh / 24:,.0f} GPU-days) | |")
-    print(f"\nassumed: {a.peak_tflops:g} TFLOP/s peak, MFU {a.mfu_dense:.0%} dense, "
-          f"{a.mfu_moe:.0%} MoE")  # fmt: skip
+    print(
+        f"\nassumed: {a.peak_tflops:g} TFLOP/s peak, MFU {a.mfu_dense:.0%} dense, "
+        f"{a.mfu_moe:.0%} MoE"
+    )
     return 0
 
 

@@ -74,13 +74,19 @@ def stream_to_torch_dist(
             if not group:
                 return
             prefix = group_id + "." if group_id != "globals" else ""
-            entries = {k: v for k, v in template.items()
-                       if (k.startswith(prefix) if prefix else k in group)}  # fmt: skip
-            short = {k[len(prefix):]: t for k, t in group.items()}
+            entries = {
+                k: v
+                for k, v in template.items()
+                if (k.startswith(prefix) if prefix else k in group)
+            }
+            short = {k[len(prefix) :]: t for k, t in group.items()}
             for k, v in entries.items():
                 t = group.get(k)
-                if (not isinstance(v, ShardedObject) and t is not None
-                        and tuple(t.shape) != tuple(v.data.shape)):
+                if (
+                    not isinstance(v, ShardedObject)
+                    and t is not None
+                    and tuple(t.shape) != tuple(v.data.shape)
+                ):
                     raise BTXError(
                         f"{source}: tensor for {k} has shape {tuple(t.shape)}, the model expects "
                         f"{tuple(v.data.shape)}; config.json does not match the weights"
@@ -146,11 +152,18 @@ def hf_to_megatron(
                 layout={"tp": tp, "pp": pp, "ep": ep},
                 padded_vocab_size=args.padded_vocab_size,
                 num_tensors=n,
-                sources=[{"path": str(load.resolve()), "format": "hf_safetensors",
-                          "sha256": manifest.sha256_folder(load, "*.safetensors")}],
-                tokenizer={"files": tok,
-                           "sha256": manifest.sha256_folder(tmp / TOKENIZER_DIR) if tok else {}},
-            )  # fmt: skip
+                sources=[
+                    {
+                        "path": str(load.resolve()),
+                        "format": "hf_safetensors",
+                        "sha256": manifest.sha256_folder(load, "*.safetensors"),
+                    }
+                ],
+                tokenizer={
+                    "files": tok,
+                    "sha256": manifest.sha256_folder(tmp / TOKENIZER_DIR) if tok else {},
+                },
+            )
     log.info("converted %s -> %s in %.1fs", load, save, time.time() - t0)
     return m
 
@@ -179,8 +192,9 @@ def megatron_to_hf(
 
         # Keys, shapes and chunks from megatron-core's own sharded state dict of the model on
         # the meta device; tensors read one layer at a time from whatever layout was saved.
-        template = dict(build_gpt(args, to_dtype(src.get("dtype", "fp32")), meta=True)
-                        .sharded_state_dict())  # fmt: skip
+        template = dict(
+            build_gpt(args, to_dtype(src.get("dtype", "fp32")), meta=True).sharded_state_dict()
+        )
         if not is_checkpoint(load):
             raise BTXError(f"{load}: not a megatron-core distributed checkpoint (no metadata.json)")
         reader = PartialReader(load)
@@ -190,8 +204,11 @@ def megatron_to_hf(
             parts = name.split(".")
             group = ".".join(parts[:3]) + "." if name.startswith("decoder.layers.") else name
             if cache["group"] != group:
-                entries = {k: v for k, v in template.items()
-                           if (k.startswith(group) if group.endswith(".") else k == group)}  # fmt: skip
+                entries = {
+                    k: v
+                    for k, v in template.items()
+                    if (k.startswith(group) if group.endswith(".") else k == group)
+                }
                 if not entries:
                     raise BTXError(f"{load}: the checkpoint has no {name}")
                 cache["tensors"] = {}  # drop the previous layer before reading the next
@@ -216,8 +233,11 @@ def megatron_to_hf(
                     bar.close()
                 writer.close()
                 cfg = args.to_hf_dict()
-                cfg["torch_dtype"] = cfg["dtype"] = {"fp32": "float32", "bf16": "bfloat16",
-                                                     "fp16": "float16"}[_DTYPE_NAMES[dt]]  # fmt: skip
+                cfg["torch_dtype"] = cfg["dtype"] = {
+                    "fp32": "float32",
+                    "bf16": "bfloat16",
+                    "fp16": "float16",
+                }[_DTYPE_NAMES[dt]]
                 (tmp / "config.json").write_text(json.dumps(cfg, indent=2))
                 tok_dir = load / TOKENIZER_DIR
                 tok = copy_tokenizer(tok_dir, tmp) if tok_dir.is_dir() else []
@@ -226,10 +246,15 @@ def megatron_to_hf(
                     kind="hf_mixtral" if args.is_moe else "hf_llama",
                     model=args.to_dict(),
                     dtype=_DTYPE_NAMES[dt],
-                    sources=[{"path": str(load.resolve()), "format": "megatron_torch_dist",
-                              "manifest": src}],
+                    sources=[
+                        {
+                            "path": str(load.resolve()),
+                            "format": "megatron_torch_dist",
+                            "manifest": src,
+                        }
+                    ],
                     tokenizer={"files": tok},
-                )  # fmt: skip
+                )
         finally:
             reader.close()
     log.info("exported %s -> %s in %.1fs", load, save, time.time() - t0)
@@ -244,8 +269,12 @@ def _parser(desc: str) -> argparse.ArgumentParser:
     p.add_argument("--tp", type=int, default=1, help="tensor-parallel size to check and record")
     p.add_argument("--pp", type=int, default=1, help="pipeline-parallel size to check and record")
     p.add_argument("--ep", type=int, default=1, help="expert-parallel size to check and record")
-    p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default=None,
-                   help="output dtype (default: the source's)")
+    p.add_argument(
+        "--dtype",
+        choices=["fp32", "bf16", "fp16"],
+        default=None,
+        help="output dtype (default: the source's)",
+    )
     p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     return p
 
@@ -268,16 +297,25 @@ def run_cli(fn, argv: list[str] | None, desc: str, extra=None) -> int:
 
 
 def hf_to_megatron_main(argv: list[str] | None = None) -> int:
-    return run_cli(hf_to_megatron, argv, "Convert an HF Llama/Mixtral checkpoint to megatron-core "
-                   "torch_dist (loads at any TP/PP/EP).")  # fmt: skip
+    return run_cli(
+        hf_to_megatron,
+        argv,
+        "Convert an HF Llama/Mixtral checkpoint to megatron-core "
+        "torch_dist (loads at any TP/PP/EP).",
+    )
 
 
 def megatron_to_hf_main(argv: list[str] | None = None) -> int:
     def extra(p):
         p.add_argument("--max-shard-gb", type=float, default=2.0, help="safetensors shard size")
 
-    return run_cli(megatron_to_hf, argv, "Export a megatron-core torch_dist checkpoint (dense or "
-                   "MoE) to HF Llama / Mixtral safetensors.", extra)  # fmt: skip
+    return run_cli(
+        megatron_to_hf,
+        argv,
+        "Export a megatron-core torch_dist checkpoint (dense or "
+        "MoE) to HF Llama / Mixtral safetensors.",
+        extra,
+    )
 
 
 __all__ = ["hf_to_megatron", "megatron_to_hf"]

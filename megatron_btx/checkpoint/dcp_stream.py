@@ -63,7 +63,7 @@ def _own_storage(t: torch.Tensor) -> torch.Tensor:
     if st.nbytes() == nbytes:
         return t
     start = t.storage_offset() * t.element_size()
-    sub = st[start:start + nbytes]
+    sub = st[start : start + nbytes]
     if sub.data_ptr() != t.data_ptr():  # not a view on this torch: fall back to a copy
         return t.clone()
     return torch.empty(0, dtype=t.dtype).set_(sub, 0, t.shape, t.stride())
@@ -131,7 +131,9 @@ class StreamingDCPWriter:
                 objects.append(v)
             elif isinstance(v, ShardedTensor):
                 if v.flattened_range is not None:
-                    raise BTXError(f"{v.key}: flattened (optimizer-style) tensors are not supported")
+                    raise BTXError(
+                        f"{v.key}: flattened (optimizer-style) tensors are not supported"
+                    )
                 tensors.append(v)
             else:
                 raise TypeError(f"cannot write {type(v).__name__} {getattr(v, 'key', '')}")
@@ -148,8 +150,14 @@ class StreamingDCPWriter:
                 buf = io.BytesIO()
                 torch.save([obj.data], buf)
                 item = WriteItem(index=MetadataIndex(fqn), type=WriteItemType.BYTE_IO)
-                res = _write_item(transforms, stream, buf, item, name,
-                                  serialization_format=SerializationFormat.TORCH_SAVE)  # fmt: skip
+                res = _write_item(
+                    transforms,
+                    stream,
+                    buf,
+                    item,
+                    name,
+                    serialization_format=SerializationFormat.TORCH_SAVE,
+                )
                 self._storage[item.index] = res.storage_data
             for sh in tensors:
                 fqn = sh.key
@@ -178,8 +186,14 @@ class StreamingDCPWriter:
                     tensor_data=TensorWriteData(chunk=chunk, properties=md.properties, size=gsize),
                 )
                 md.chunks.append(chunk)
-                res = _write_item(transforms, stream, data, item, name,
-                                  serialization_format=SerializationFormat.TORCH_SAVE)  # fmt: skip
+                res = _write_item(
+                    transforms,
+                    stream,
+                    data,
+                    item,
+                    name,
+                    serialization_format=SerializationFormat.TORCH_SAVE,
+                )
                 self._storage[item.index] = res.storage_data
             self.bytes_written += stream.tell()
         self._files.append(self.folder / name)
@@ -272,7 +286,9 @@ def read_metadata(folder: str | Path):
     try:
         return FileSystemReader(str(folder)).read_metadata()
     except Exception as e:  # pickle/IO errors: name the file
-        raise BTXError(f"{folder}/.metadata: cannot be read ({e}); the checkpoint is corrupt") from e
+        raise BTXError(
+            f"{folder}/.metadata: cannot be read ({e}); the checkpoint is corrupt"
+        ) from e
 
 
 class PartialReader:
@@ -295,8 +311,10 @@ class PartialReader:
 
     def _read_blob(self, info) -> bytes:
         if getattr(info, "transform_descriptors", None):
-            raise BTXError(f"{self.folder}: chunks written with stream transforms "
-                           f"{info.transform_descriptors} are not supported")  # fmt: skip
+            raise BTXError(
+                f"{self.folder}: chunks written with stream transforms "
+                f"{info.transform_descriptors} are not supported"
+            )
         fd = self._fds.get(info.relative_path)
         if fd is None:
             path = self.folder / info.relative_path
@@ -310,13 +328,20 @@ class PartialReader:
         while got < info.length:
             n = os.preadv(fd, [view[got:]], info.offset + got)
             if n <= 0:
-                raise BTXError(f"{self.folder / info.relative_path}: truncated (wanted "
-                               f"{info.length} bytes at {info.offset})")  # fmt: skip
+                raise BTXError(
+                    f"{self.folder / info.relative_path}: truncated (wanted "
+                    f"{info.length} bytes at {info.offset})"
+                )
             got += n
         return buf
 
-    def read_region(self, key: str, offsets: Sequence[int], sizes: Sequence[int],
-                    dtype: torch.dtype | None = None) -> torch.Tensor:  # fmt: skip
+    def read_region(
+        self,
+        key: str,
+        offsets: Sequence[int],
+        sizes: Sequence[int],
+        dtype: torch.dtype | None = None,
+    ) -> torch.Tensor:
         """The region [offsets, offsets+sizes) of global tensor `key`."""
         from torch.distributed.checkpoint.metadata import MetadataIndex
 
@@ -326,8 +351,10 @@ class PartialReader:
         if len(offsets) != len(tmd.size) or any(
             o + s > g for o, s, g in zip(offsets, sizes, tmd.size)
         ):
-            raise BTXError(f"{self.folder}: tensor {key!r} has global shape {tuple(tmd.size)}; "
-                           f"region {tuple(offsets)}+{tuple(sizes)} is outside it")  # fmt: skip
+            raise BTXError(
+                f"{self.folder}: tensor {key!r} has global shape {tuple(tmd.size)}; "
+                f"region {tuple(offsets)}+{tuple(sizes)} is outside it"
+            )
         out = torch.empty(tuple(sizes), dtype=dtype or tmd.properties.dtype)
         covered = 0
         for c in tmd.chunks:
@@ -353,8 +380,10 @@ class PartialReader:
         for s in sizes:
             want *= int(s)
         if covered != want:
-            raise BTXError(f"{self.folder}: tensor {key!r}: the stored chunks cover {covered} of "
-                           f"the {want} elements asked for; the checkpoint is incomplete")  # fmt: skip
+            raise BTXError(
+                f"{self.folder}: tensor {key!r}: the stored chunks cover {covered} of "
+                f"the {want} elements asked for; the checkpoint is incomplete"
+            )
         return out
 
     def load(self, sharded_state_dict: dict[str, Any]) -> dict[str, torch.Tensor]:

@@ -92,8 +92,9 @@ class WriteBehind:
         """Give back a buffer that has nothing to write."""
         self._free.put(buf)
 
-    def submit(self, fn: Callable[[], None], buf: mmap.mmap | None = None,
-               always: bool = False) -> None:  # fmt: skip
+    def submit(
+        self, fn: Callable[[], None], buf: mmap.mmap | None = None, always: bool = False
+    ) -> None:
         """Run `fn` on the writer thread, then free `buf`. `always`: run it even after an error
         (closing descriptors); otherwise it is skipped once a job has failed."""
         if self._closed:
@@ -138,8 +139,13 @@ class DirectWriter:
     writes and the closing of its descriptors: call `behind.drain()` before relying on the file
     (errors are raised there, or by the next write through the same `behind`)."""
 
-    def __init__(self, path: str | Path, chunk: int = 16 * 1024 * 1024, depth: int = 2,
-                 behind: WriteBehind | None = None):  # fmt: skip
+    def __init__(
+        self,
+        path: str | Path,
+        chunk: int = 16 * 1024 * 1024,
+        depth: int = 2,
+        behind: WriteBehind | None = None,
+    ):
         self.path = Path(path)
         self._own = behind is None
         self._behind = WriteBehind(chunk, depth) if behind is None else behind

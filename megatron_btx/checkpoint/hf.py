@@ -47,8 +47,9 @@ def _read_header(path: Path) -> tuple[int, dict]:
             if n > size - 8:
                 raise ValueError(f"header length {n} exceeds the file size {size}")
             header = json.loads(f.read(n))
-        end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"),
-                  default=0)  # fmt: skip
+        end = max(
+            (v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0
+        )
         if 8 + n + end > size:
             raise ValueError(f"data ends at byte {8 + n + end} but the file has {size} bytes")
     except (OSError, ValueError, KeyError, TypeError) as e:
@@ -99,8 +100,9 @@ class PreadSafetensors:
             raise BTXError(f"{f}: tensor {key!r} has dtype {dt}; only F32/BF16/F16 are supported")
         if out is None:
             out = torch.empty(shape, dtype=ST_DTYPES[dt])
-        elif (list(out.shape) != list(shape) or out.dtype != ST_DTYPES[dt]
-              or not out.is_contiguous()):  # fmt: skip
+        elif (
+            list(out.shape) != list(shape) or out.dtype != ST_DTYPES[dt] or not out.is_contiguous()
+        ):
             raise ValueError(f"{key}: cannot read {dt}{shape} into {out.dtype}{list(out.shape)}")
         if not length:
             return out
@@ -112,7 +114,9 @@ class PreadSafetensors:
         while got < length:
             n = os.preadv(fd, [view[got:]], off + got)
             if n <= 0:
-                raise BTXError(f"{f}: unexpected end of file reading {key!r}; the file is truncated")
+                raise BTXError(
+                    f"{f}: unexpected end of file reading {key!r}; the file is truncated"
+                )
             got += n
         return out
 
@@ -226,7 +230,10 @@ class HFShardWriter:
             fname = f"model-{i + 1:05d}-of-{n:05d}.safetensors"
             os.replace(self.folder / f"shard-{i:05d}.tmp", self.folder / fname)
             weight_map.update({k: fname for k in names})
-        index = {"metadata": {"total_size": self._total}, "weight_map": dict(sorted(weight_map.items()))}
+        index = {
+            "metadata": {"total_size": self._total},
+            "weight_map": dict(sorted(weight_map.items())),
+        }
         (self.folder / INDEX_NAME).write_text(json.dumps(index, indent=2))
 
 

@@ -45,9 +45,7 @@ def sha256_file(path: str | Path, window: int = 64 * 1024 * 1024) -> str:
 
 def sha256_folder(folder: str | Path, pattern: str = "*") -> dict[str, str]:
     """sha256 of every regular file in `folder` matching `pattern` (not recursive)."""
-    return {
-        p.name: sha256_file(p) for p in sorted(Path(folder).glob(pattern)) if p.is_file()
-    }
+    return {p.name: sha256_file(p) for p in sorted(Path(folder).glob(pattern)) if p.is_file()}
 
 
 def write(folder: str | Path, **fields: Any) -> dict[str, Any]:

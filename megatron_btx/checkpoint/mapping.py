@@ -24,8 +24,9 @@ from megatron_btx.models.llama import LlamaArgs
 IGNORED_HF_SUFFIXES = ("rotary_emb.inv_freq",)
 
 
-def qkv_to_mcore(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, a: LlamaArgs,
-                 out: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
+def qkv_to_mcore(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, a: LlamaArgs, out: torch.Tensor | None = None
+) -> torch.Tensor:
     """HF q, k, v -> megatron's fused QKV (per KV group: its query heads, then k, then v);
     into `out` (shape [(heads + 2 * kv_heads) * head_dim, hidden]) when given."""
     g, d = a.num_key_value_heads, a.head_dim
@@ -74,8 +75,11 @@ def hf_layer_names(a: LlamaArgs, i: int) -> dict[str, str]:
             for w in ("w1", "w2", "w3"):
                 n[f"e{e}.{w}"] = p + f"block_sparse_moe.experts.{e}.{w}.weight"
     else:
-        n.update(gate=p + "mlp.gate_proj.weight", up=p + "mlp.up_proj.weight",
-                 down=p + "mlp.down_proj.weight")  # fmt: skip
+        n.update(
+            gate=p + "mlp.gate_proj.weight",
+            up=p + "mlp.up_proj.weight",
+            down=p + "mlp.down_proj.weight",
+        )
     return n
 
 
@@ -88,14 +92,19 @@ def hf_names(a: LlamaArgs) -> list[str]:
     return names
 
 
-def hf_to_mcore(get: Callable[[str], torch.Tensor], a: LlamaArgs) -> Iterator[tuple[str, torch.Tensor]]:
+def hf_to_mcore(
+    get: Callable[[str], torch.Tensor], a: LlamaArgs
+) -> Iterator[tuple[str, torch.Tensor]]:
     """Yield (megatron name, tensor) for the whole model, reading HF tensors through `get`."""
     yield "embedding.word_embeddings.weight", pad_vocab(get("model.embed_tokens.weight"), a)
     for i in range(a.num_hidden_layers):
         n = hf_layer_names(a, i)
         m = f"decoder.layers.{i}."
         yield m + "input_layernorm.weight", get(n["ln1"])
-        yield m + "self_attention.linear_qkv.weight", qkv_to_mcore(get(n["q"]), get(n["k"]), get(n["v"]), a)
+        yield (
+            m + "self_attention.linear_qkv.weight",
+            qkv_to_mcore(get(n["q"]), get(n["k"]), get(n["v"]), a),
+        )
         yield m + "self_attention.linear_proj.weight", get(n["o"])
         yield m + "pre_mlp_layernorm.weight", get(n["ln2"])
         if a.is_moe:
@@ -112,7 +121,9 @@ def hf_to_mcore(get: Callable[[str], torch.Tensor], a: LlamaArgs) -> Iterator[tu
         yield "output_layer.weight", pad_vocab(get("lm_head.weight"), a)
 
 
-def mcore_to_hf(get: Callable[[str], torch.Tensor], a: LlamaArgs) -> Iterator[tuple[str, torch.Tensor]]:
+def mcore_to_hf(
+    get: Callable[[str], torch.Tensor], a: LlamaArgs
+) -> Iterator[tuple[str, torch.Tensor]]:
     """Yield (HF name, tensor) for the whole model, reading megatron tensors through `get`."""
     V = a.vocab_size
     yield "model.embed_tokens.weight", get("embedding.word_embeddings.weight")[:V].clone()

@@ -165,12 +165,15 @@ class Source:
                 dt = ST_DTYPES[self._st.dtype(n["gate"])]
                 fc1 = pool.get(FC1, [2 * gate_shape[0], gate_shape[1]], dt)
                 g("gate", fc1[: gate_shape[0]])
-                g("up", fc1[gate_shape[0]:])
+                g("up", fc1[gate_shape[0] :])
             else:
                 fc1 = torch.cat([g("gate"), g("up")])
             q, k, v = g("q"), g("k"), g("v")
-            qkv_out = None if pool is None else pool.get(
-                QKV, [q.shape[0] + k.shape[0] + v.shape[0], q.shape[1]], q.dtype)
+            qkv_out = (
+                None
+                if pool is None
+                else pool.get(QKV, [q.shape[0] + k.shape[0] + v.shape[0], q.shape[1]], q.dtype)
+            )
             qkv = qkv_to_mcore(q, k, v, a, out=qkv_out)
             return {
                 LN1: g("ln1"),
@@ -182,19 +185,21 @@ class Source:
             }
         prefix = f"decoder.layers.{i}."
         got = self._mcore_load(prefix)
-        return {k[len(prefix):]: v for k, v in got.items()}
+        return {k[len(prefix) :]: v for k, v in got.items()}
 
     def globals_(self, name: str, pool: BufferPool | None = None) -> torch.Tensor:
         """EMB / FINAL_LN / OUT (embedding and output padded to the padded vocabulary). With
         `pool`, an HF tensor is read into its buffer "read.global" (valid until the next call)."""
         if self.fmt == "hf":
             a = self.args
-            key = {EMB: "model.embed_tokens.weight", FINAL_LN: "model.norm.weight",
-                   OUT: "lm_head.weight"}[name]  # fmt: skip
+            key = {
+                EMB: "model.embed_tokens.weight",
+                FINAL_LN: "model.norm.weight",
+                OUT: "lm_head.weight",
+            }[name]
             out = None
             if pool is not None and key in self._st:
-                out = pool.get("read.global", self._st.shape(key),
-                               ST_DTYPES[self._st.dtype(key)])  # fmt: skip
+                out = pool.get("read.global", self._st.shape(key), ST_DTYPES[self._st.dtype(key)])
             t = self._hf_get(key, out)
             return t if name == FINAL_LN else pad_vocab(t, a)
         return self._mcore_load(name)[name]
@@ -252,9 +257,19 @@ def _hf_expected_shapes(a: LlamaArgs) -> dict[str, tuple[int, ...]]:
         out["lm_head.weight"] = (V, H)
     for i in range(a.num_hidden_layers):
         n = hf_layer_names(a, i)
-        out.update({n["ln1"]: (H,), n["q"]: (q, H), n["k"]: (kv, H), n["v"]: (kv, H),
-                    n["o"]: (H, q), n["ln2"]: (H,), n["gate"]: (F, H), n["up"]: (F, H),
-                    n["down"]: (H, F)})  # fmt: skip
+        out.update(
+            {
+                n["ln1"]: (H,),
+                n["q"]: (q, H),
+                n["k"]: (kv, H),
+                n["v"]: (kv, H),
+                n["o"]: (H, q),
+                n["ln2"]: (H,),
+                n["gate"]: (F, H),
+                n["up"]: (F, H),
+                n["down"]: (H, F),
+            }
+        )
     return out
 
 
@@ -270,8 +285,10 @@ def open_source(path: str | Path) -> Source:
         m = manifest.read(mfolder)
         args = read_args(mfolder)
         if args.is_moe:
-            raise BTXError(f"{given}: is already an MoE ({args.num_local_experts} experts); "
-                           f"every source must be a dense Llama")  # fmt: skip
+            raise BTXError(
+                f"{given}: is already an MoE ({args.num_local_experts} experts); "
+                f"every source must be a dense Llama"
+            )
         md = read_metadata(mfolder)
         step = m.get("step")
         if step is None:
@@ -281,8 +298,20 @@ def open_source(path: str | Path) -> Source:
         emb = md.state_dict_metadata.get(EMB)
         dtype = emb.properties.dtype if emb is not None else to_dtype(m.get("dtype", "fp32"))
         files = sorted(p for p in mfolder.iterdir() if p.is_file() and p.name != manifest.MANIFEST)
-        return Source(given, mfolder, "megatron", args, dtype, step, tok_dir, tok_sha, tok_files,
-                      files, source_manifest=m, _ckpt_md=md)  # fmt: skip
+        return Source(
+            given,
+            mfolder,
+            "megatron",
+            args,
+            dtype,
+            step,
+            tok_dir,
+            tok_sha,
+            tok_files,
+            files,
+            source_manifest=m,
+            _ckpt_md=md,
+        )
     if not given.is_dir():
         raise BTXError(f"{given}: not a folder")
     if not (given / "config.json").is_file():
@@ -292,8 +321,9 @@ def open_source(path: str | Path) -> Source:
         )
     args = LlamaArgs.from_hf_config_file(given / "config.json")
     if args.is_moe:
-        raise BTXError(f"{given}: is already an MoE (model_type mixtral); every source must be a "
-                       f"dense Llama")  # fmt: skip
+        raise BTXError(
+            f"{given}: is already an MoE (model_type mixtral); every source must be a dense Llama"
+        )
     reader = HFReader(given)  # validates every shard (truncation, index) before anything is read
     keys = reader.keys()
     try:
@@ -310,16 +340,19 @@ def open_source(path: str | Path) -> Source:
             )
     dt = _ST_DTYPES.get(reader.dtype("model.embed_tokens.weight"))
     if dt is None:
-        raise BTXError(f"{given}: embedding dtype {reader.dtype('model.embed_tokens.weight')} is "
-                       f"not supported (use fp32, bf16 or fp16)")  # fmt: skip
+        raise BTXError(
+            f"{given}: embedding dtype {reader.dtype('model.embed_tokens.weight')} is "
+            f"not supported (use fp32, bf16 or fp16)"
+        )
     step = None
     ts = given / "trainer_state.json"
     if ts.is_file():
         with contextlib.suppress(Exception):
             step = int(json.loads(ts.read_text()).get("global_step"))
     tok_dir, tok_sha, tok_files = _tokenizer_info(given)
-    src = Source(given, given, "hf", args, dt, step, tok_dir, tok_sha, tok_files,
-                 list(reader.files))  # fmt: skip
+    src = Source(
+        given, given, "hf", args, dt, step, tok_dir, tok_sha, tok_files, list(reader.files)
+    )
     src._st = PreadSafetensors(reader.files)
     src._hf_keys = {k: reader.shape(k) for k in keys}
     return src
@@ -347,7 +380,9 @@ def check_sources(sources: Sequence[Source]) -> None:
             )
     missing = [s.name for s in sources if not s.tokenizer_sha256]
     if missing and with_tok:
-        log.warning("no tokenizer in %s: cannot check that it matches the others", ", ".join(missing))
+        log.warning(
+            "no tokenizer in %s: cannot check that it matches the others", ", ".join(missing)
+        )
 
 
 # =============================================================================================
@@ -393,8 +428,11 @@ class MergePlan:
 
 def output_args(src: LlamaArgs, plan: MergePlan) -> LlamaArgs:
     d = src.to_dict()
-    d.update(num_local_experts=plan.num_experts, num_experts_per_tok=plan.top_k,
-             intermediate_size=plan.expert_size(src.intermediate_size))  # fmt: skip
+    d.update(
+        num_local_experts=plan.num_experts,
+        num_experts_per_tok=plan.top_k,
+        intermediate_size=plan.expert_size(src.intermediate_size),
+    )
     return LlamaArgs.from_dict(d)
 
 
@@ -412,11 +450,12 @@ def moe_overrides(src: LlamaArgs, plan: MergePlan) -> dict[str, Any]:
 def moe_extra_fields(src: LlamaArgs, plan: MergePlan) -> dict[str, Any]:
     """The manifest's `moe` entry: what a loader must pass to megatron-core beyond LlamaArgs."""
     return {
-        "shared_expert_intermediate_size": (src.intermediate_size
-                                            if plan.shared_source is not None else None),
+        "shared_expert_intermediate_size": (
+            src.intermediate_size if plan.shared_source is not None else None
+        ),
         "layer_freq": plan.layer_freq(src.num_hidden_layers),
         "dense_ffn_hidden_size": src.intermediate_size if plan.moe_layers is not None else None,
-    }  # fmt: skip
+    }
 
 
 def overrides_from_manifest(m: dict[str, Any]) -> dict[str, Any]:
@@ -432,8 +471,13 @@ def overrides_from_manifest(m: dict[str, Any]) -> dict[str, Any]:
     return kw
 
 
-def build_gpt(args: LlamaArgs, dtype: torch.dtype, overrides: dict[str, Any] | None = None,
-              meta: bool = False, **kw: Any):
+def build_gpt(
+    args: LlamaArgs,
+    dtype: torch.dtype,
+    overrides: dict[str, Any] | None = None,
+    meta: bool = False,
+    **kw: Any,
+):
     """megatron-core GPTModel for `args` plus variant overrides (shared expert: a TransformerConfig
     field; MoE in some layers: megatron-core's decoder-block spec). Call after runtime.init."""
     from megatron_btx.models.llama import build_model, llama3_inv_freq, transformer_config
@@ -452,8 +496,9 @@ def build_gpt(args: LlamaArgs, dtype: torch.dtype, overrides: dict[str, Any] | N
         kw.pop("spec", None)
         pre = kw.pop("pre_process", None)
         post = kw.pop("post_process", None)
-        config = transformer_config(args, dtype=dtype, perform_initialization=False, **kw,
-                                    **overrides)  # fmt: skip
+        config = transformer_config(
+            args, dtype=dtype, perform_initialization=False, **kw, **overrides
+        )
         model = GPTModel(
             config=config,
             transformer_layer_spec=get_gpt_decoder_block_spec(
@@ -465,7 +510,8 @@ def build_gpt(args: LlamaArgs, dtype: torch.dtype, overrides: dict[str, Any] | N
             post_process=ps.is_pipeline_last_stage() if post is None else post,
             share_embeddings_and_output_weights=args.tie_word_embeddings,
             position_embedding_type="rope",
-            rotary_base=int(args.rope_theta) if float(args.rope_theta).is_integer()
+            rotary_base=int(args.rope_theta)
+            if float(args.rope_theta).is_integer()
             else args.rope_theta,
             rotary_percent=1.0,
         )
@@ -509,16 +555,21 @@ def _flat_template(model) -> dict[str, Any]:
 # =============================================================================================
 # Per-layer merge
 # =============================================================================================
-def _chunk_fc(fc1: torch.Tensor, fc2: torch.Tensor, c: int, C: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _chunk_fc(
+    fc1: torch.Tensor, fc2: torch.Tensor, c: int, C: int
+) -> tuple[torch.Tensor, torch.Tensor]:
     F = fc2.shape[1]
     f = F // C
     gate, up = fc1[:F], fc1[F:]
-    return (torch.cat([gate[c * f:(c + 1) * f], up[c * f:(c + 1) * f]]),
-            fc2[:, c * f:(c + 1) * f].contiguous())  # fmt: skip
+    return (
+        torch.cat([gate[c * f : (c + 1) * f], up[c * f : (c + 1) * f]]),
+        fc2[:, c * f : (c + 1) * f].contiguous(),
+    )
 
 
-def expert_tensors(plan: MergePlan, ffn: dict[int, tuple[torch.Tensor, torch.Tensor]]
-                   ) -> list[tuple[torch.Tensor, torch.Tensor]]:  # fmt: skip
+def expert_tensors(
+    plan: MergePlan, ffn: dict[int, tuple[torch.Tensor, torch.Tensor]]
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """(fc1, fc2) of each routed expert, from the sources' (fc1=[gate; up], fc2=down)."""
     C = plan.split_chunks
     out = []
@@ -573,8 +624,13 @@ class BufferPool:
         return self.get(name, t.shape, dtype).copy_(t)
 
 
-def _accumulate(acc: torch.Tensor | None, t: torch.Tensor, w: float,
-                pool: BufferPool | None = None, name: str = "") -> torch.Tensor:  # fmt: skip
+def _accumulate(
+    acc: torch.Tensor | None,
+    t: torch.Tensor,
+    w: float,
+    pool: BufferPool | None = None,
+    name: str = "",
+) -> torch.Tensor:
     """acc + w * fp32(t), in place; a new accumulator (from `pool` when given) when acc is None.
     Same bits as `acc += t.float() * w` (bf16/fp16 -> fp32 is exact)."""
     if acc is None:
@@ -613,9 +669,13 @@ class _Averager:
         return a.div_(self.total) if self.total != 1.0 else a
 
 
-def merge_layer(plan: MergePlan, layer_of: Callable[[int], dict[str, torch.Tensor]], i: int,
-                sources_order: Sequence[int], pool: BufferPool | None = None,
-                ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:  # fmt: skip
+def merge_layer(
+    plan: MergePlan,
+    layer_of: Callable[[int], dict[str, torch.Tensor]],
+    i: int,
+    sources_order: Sequence[int],
+    pool: BufferPool | None = None,
+) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """Layer i of the MoE (fp32 averages, native-dtype experts; router not included) and the
     fp32 averaged FFN of a dense layer. `layer_of(s)` reads source s's layer i. With `pool`, the
     averages live in its buffers (valid until the next layer's merge)."""
@@ -630,8 +690,9 @@ def merge_layer(plan: MergePlan, layer_of: Callable[[int], dict[str, torch.Tenso
         if not moe and plan.dense_ffn == "average":
             avg.add(s, FC1, t[FC1])
             avg.add(s, FC2, t[FC2])
-        if (moe and s in need_ffn) or (not moe and plan.dense_ffn == "seed"
-                                        and s == plan.n_sources - 1):
+        if (moe and s in need_ffn) or (
+            not moe and plan.dense_ffn == "seed" and s == plan.n_sources - 1
+        ):
             ffn[s] = (t[FC1], t[FC2])
         del t
     out = {n: avg.result(n) for n in AVERAGED_LAYER}
@@ -658,8 +719,12 @@ class StreamingSafetensorsWriter:
     """Safetensors shards whose headers are written before their data: every tensor's name, shape
     and dtype is known up front, so each tensor goes to disk as it arrives and nothing is held."""
 
-    def __init__(self, folder: Path, plan: list[tuple[str, tuple[int, ...], torch.dtype]],
-                 max_shard_bytes: int):  # fmt: skip
+    def __init__(
+        self,
+        folder: Path,
+        plan: list[tuple[str, tuple[int, ...], torch.dtype]],
+        max_shard_bytes: int,
+    ):
         self.folder = folder
         folder.mkdir(parents=True, exist_ok=True)
         self.shards: list[list[tuple[str, tuple[int, ...], torch.dtype]]] = [[]]
@@ -671,16 +736,20 @@ class StreamingSafetensorsWriter:
                 size = 0
             self.shards[-1].append((name, tuple(shape), dt))
             size += nb
-        self.total = sum(math.prod(s) * torch.tensor([], dtype=d).element_size()
-                         for _, s, d in plan)  # fmt: skip
+        self.total = sum(
+            math.prod(s) * torch.tensor([], dtype=d).element_size() for _, s, d in plan
+        )
         self._order = [n for n, _, _ in plan]
         self._pos = 0
         self._shard = -1
         self._fh = None
         self._left: list[str] = []
         n = len(self.shards)
-        self.names = [SINGLE_NAME] if n == 1 else [
-            f"model-{k + 1:05d}-of-{n:05d}.safetensors" for k in range(n)]  # fmt: skip
+        self.names = (
+            [SINGLE_NAME]
+            if n == 1
+            else [f"model-{k + 1:05d}-of-{n:05d}.safetensors" for k in range(n)]
+        )
 
     def _open_next(self) -> None:
         self._shard += 1
@@ -689,8 +758,11 @@ class StreamingSafetensorsWriter:
         off = 0
         for name, shape, dt in items:
             nb = math.prod(shape) * torch.tensor([], dtype=dt).element_size()
-            header[name] = {"dtype": _ST_NAMES[dt], "shape": list(shape),
-                            "data_offsets": [off, off + nb]}  # fmt: skip
+            header[name] = {
+                "dtype": _ST_NAMES[dt],
+                "shape": list(shape),
+                "data_offsets": [off, off + nb],
+            }
             off += nb
         hb = json.dumps(header, separators=(",", ":")).encode()
         hb += b" " * (-len(hb) % 8)
@@ -709,8 +781,9 @@ class StreamingSafetensorsWriter:
         shard_items = self.shards[self._shard]
         _, shape, dt = shard_items[len(shard_items) - len(self._left)]
         if tuple(t.shape) != shape or t.dtype != dt:
-            raise RuntimeError(f"safetensors writer: {name} is {tuple(t.shape)} {t.dtype}, "
-                               f"planned {shape} {dt}")  # fmt: skip
+            raise RuntimeError(
+                f"safetensors writer: {name} is {tuple(t.shape)} {t.dtype}, planned {shape} {dt}"
+            )
         t = t.detach().contiguous().reshape(-1)
         if t.numel():
             self._fh.write(memoryview(t.view(torch.uint8).numpy()))
@@ -724,8 +797,9 @@ class StreamingSafetensorsWriter:
 
     def close(self) -> None:
         if self._pos != len(self._order):
-            raise RuntimeError(f"safetensors writer closed after {self._pos} of "
-                               f"{len(self._order)} tensors")  # fmt: skip
+            raise RuntimeError(
+                f"safetensors writer closed after {self._pos} of {len(self._order)} tensors"
+            )
         self._close_current()
         for nm in self.names:
             fd = os.open(self.folder / (nm + ".tmp"), os.O_RDONLY)
@@ -735,7 +809,9 @@ class StreamingSafetensorsWriter:
                 os.close(fd)
             os.replace(self.folder / (nm + ".tmp"), self.folder / nm)
         if len(self.names) > 1:
-            wm = {name: self.names[k] for k, items in enumerate(self.shards) for name, _, _ in items}
+            wm = {
+                name: self.names[k] for k, items in enumerate(self.shards) for name, _, _ in items
+            }
             index = {"metadata": {"total_size": self.total}, "weight_map": dict(sorted(wm.items()))}
             (self.folder / INDEX_NAME).write_text(json.dumps(index, indent=2))
 
@@ -747,19 +823,30 @@ def hf_export_plan(a: LlamaArgs, dt: torch.dtype) -> list[tuple[str, tuple[int, 
     out = [("model.embed_tokens.weight", (V, H), dt)]
     for i in range(a.num_hidden_layers):
         n = hf_layer_names(a, i)
-        out += [(n["ln1"], (H,), dt), (n["q"], (q, H), dt), (n["k"], (kv, H), dt),
-                (n["v"], (kv, H), dt), (n["o"], (H, q), dt), (n["ln2"], (H,), dt),
-                (n["router"], (a.num_local_experts, H), dt)]  # fmt: skip
+        out += [
+            (n["ln1"], (H,), dt),
+            (n["q"], (q, H), dt),
+            (n["k"], (kv, H), dt),
+            (n["v"], (kv, H), dt),
+            (n["o"], (H, q), dt),
+            (n["ln2"], (H,), dt),
+            (n["router"], (a.num_local_experts, H), dt),
+        ]
         for e in range(a.num_local_experts):
-            out += [(n[f"e{e}.w1"], (F, H), dt), (n[f"e{e}.w3"], (F, H), dt),
-                    (n[f"e{e}.w2"], (H, F), dt)]  # fmt: skip
+            out += [
+                (n[f"e{e}.w1"], (F, H), dt),
+                (n[f"e{e}.w3"], (F, H), dt),
+                (n[f"e{e}.w2"], (H, F), dt),
+            ]
     out.append(("model.norm.weight", (H,), dt))
     if not a.tie_word_embeddings:
         out.append(("lm_head.weight", (V, H), dt))
     return out
 
 
-def hf_layer_tensors(a: LlamaArgs, i: int, t: dict[str, torch.Tensor]) -> Iterator[tuple[str, torch.Tensor]]:
+def hf_layer_tensors(
+    a: LlamaArgs, i: int, t: dict[str, torch.Tensor]
+) -> Iterator[tuple[str, torch.Tensor]]:
     """HF Mixtral names and tensors of merged layer i (short megatron names in `t`)."""
     n = hf_layer_names(a, i)
     F = a.intermediate_size
@@ -781,8 +868,9 @@ def hf_layer_tensors(a: LlamaArgs, i: int, t: dict[str, torch.Tensor]) -> Iterat
 # =============================================================================================
 # Centroid router
 # =============================================================================================
-def _load_centroid_tokens(spec: str, tokenizer_path: Path | None, n_tokens: int,
-                          seq_len: int) -> torch.Tensor:  # fmt: skip
+def _load_centroid_tokens(
+    spec: str, tokenizer_path: Path | None, n_tokens: int, seq_len: int
+) -> torch.Tensor:
     """[num_seqs, seq_len] token ids from an indexed dataset prefix or a text / jsonl file."""
     p = Path(spec)
     ids: list[int] = []
@@ -805,8 +893,10 @@ def _load_centroid_tokens(spec: str, tokenizer_path: Path | None, n_tokens: int,
                 d += stride
     elif p.is_file():
         if tokenizer_path is None:
-            raise BTXError(f"{spec}: a text file needs a tokenizer.model (SentencePiece) in the "
-                           f"sources or --tokenizer")  # fmt: skip
+            raise BTXError(
+                f"{spec}: a text file needs a tokenizer.model (SentencePiece) in the "
+                f"sources or --tokenizer"
+            )
         from megatron_btx.data.tokenizer import Tokenizer
 
         tok = Tokenizer(tokenizer_path)
@@ -824,8 +914,10 @@ def _load_centroid_tokens(spec: str, tokenizer_path: Path | None, n_tokens: int,
             if len(ids) >= n_tokens:
                 break
     else:
-        raise BTXError(f"--centroid-data {spec}: neither an indexed dataset prefix ({spec}.bin/.idx) "
-                       f"nor a text/jsonl file")  # fmt: skip
+        raise BTXError(
+            f"--centroid-data {spec}: neither an indexed dataset prefix ({spec}.bin/.idx) "
+            f"nor a text/jsonl file"
+        )
     if len(ids) < seq_len:
         raise BTXError(f"--centroid-data {spec}: only {len(ids)} tokens; need at least {seq_len}")
     n = min(len(ids), n_tokens) // seq_len
@@ -838,8 +930,14 @@ class CentroidRouter:
     through the merged model's earlier layers (with their routers already set), one layer at a
     time with megatron-core's own TransformerLayer."""
 
-    def __init__(self, args_dense: LlamaArgs, out_args: LlamaArgs, plan: MergePlan,
-                 tokens: dict[int, torch.Tensor], overrides: dict[str, Any]):  # fmt: skip
+    def __init__(
+        self,
+        args_dense: LlamaArgs,
+        out_args: LlamaArgs,
+        plan: MergePlan,
+        tokens: dict[int, torch.Tensor],
+        overrides: dict[str, Any],
+    ):
         self.args_dense = args_dense
         self.out_args = out_args
         self.plan = plan
@@ -869,7 +967,7 @@ class CentroidRouter:
         for k in list(sd):
             if k.endswith("_extra_state"):
                 continue
-            short = k[len("decoder.layers.0."):]
+            short = k[len("decoder.layers.0.") :]
             if short == "mlp.router.weight":
                 continue
             sd[k] = merged[short].to(torch.float32)
@@ -881,11 +979,15 @@ class CentroidRouter:
         if moe:
             captured: dict[str, torch.Tensor] = {}
             hook = layer.mlp.router.register_forward_pre_hook(
-                lambda mod, inp: captured.__setitem__("x", inp[0].detach().clone()))
+                lambda mod, inp: captured.__setitem__("x", inp[0].detach().clone())
+            )
             means = {}
             for s, h in self.h.items():
-                layer(hidden_states=h, attention_mask=None,
-                      rotary_pos_emb=model.rotary_pos_emb(h.shape[0]))  # fmt: skip
+                layer(
+                    hidden_states=h,
+                    attention_mask=None,
+                    rotary_pos_emb=model.rotary_pos_emb(h.shape[0]),
+                )
                 x = captured["x"].reshape(-1, h.shape[-1]).to(torch.float32)
                 means[s] = x.mean(0)
             hook.remove()
@@ -896,8 +998,11 @@ class CentroidRouter:
             router = torch.stack(rows)
             layer.mlp.router.weight.copy_(router)
         for s, h in self.h.items():
-            out = layer(hidden_states=h, attention_mask=None,
-                        rotary_pos_emb=model.rotary_pos_emb(h.shape[0]))  # fmt: skip
+            out = layer(
+                hidden_states=h,
+                attention_mask=None,
+                rotary_pos_emb=model.rotary_pos_emb(h.shape[0]),
+            )
             self.h[s] = (out[0] if isinstance(out, tuple) else out).detach()
         return router
 
@@ -905,8 +1010,10 @@ class CentroidRouter:
 def _routed_expert_sources(plan: MergePlan) -> list[int]:
     """The source each routed expert comes from (after splitting)."""
     if plan.blend:
-        raise BTXError("--router-init centroid is not defined with --blend (every expert mixes "
-                       "all domains); use random or zero")  # fmt: skip
+        raise BTXError(
+            "--router-init centroid is not defined with --blend (every expert mixes "
+            "all domains); use random or zero"
+        )
     return [s for s in plan.expert_sources for _ in range(plan.split_chunks)]
 
 
@@ -966,8 +1073,9 @@ def _layer_entries(template: dict[str, Any], i: int) -> dict[str, Any]:
     return {k: v for k, v in template.items() if k.startswith(prefix)}
 
 
-def _fill(entries: dict[str, Any], prefix: str, tensors: dict[str, torch.Tensor],
-          what: str) -> dict[str, Any]:  # fmt: skip
+def _fill(
+    entries: dict[str, Any], prefix: str, tensors: dict[str, torch.Tensor], what: str
+) -> dict[str, Any]:
     """Template entries with their data replaced by the merged tensors (cast to the template's
     dtype); ShardedObjects (extra state) pass through."""
     from megatron.core.dist_checkpointing.mapping import ShardedObject
@@ -977,7 +1085,7 @@ def _fill(entries: dict[str, Any], prefix: str, tensors: dict[str, torch.Tensor]
         if isinstance(v, ShardedObject):
             out[k] = v
             continue
-        short = k[len(prefix):]
+        short = k[len(prefix) :]
         t = tensors.get(short)
         if t is None:
             raise RuntimeError(f"merge produced no tensor for {k} ({what})")
@@ -1045,23 +1153,61 @@ def merge(
 
 
 _MERGE_KW = {
-    "seed", "tp", "pp", "ep", "etp", "router_init", "router_std", "router_seed", "top_k",
-    "expert_map", "average_weights", "split_chunks", "blend", "seed_as_shared_expert",
-    "moe_layers", "dense_ffn", "centroid_data", "centroid_tokens", "centroid_seq_len",
-    "tokenizer", "dtype", "export_hf", "hf_shard_gb", "verify", "overwrite", "progress", "t0",
-}  # fmt: skip
+    "seed",
+    "tp",
+    "pp",
+    "ep",
+    "etp",
+    "router_init",
+    "router_std",
+    "router_seed",
+    "top_k",
+    "expert_map",
+    "average_weights",
+    "split_chunks",
+    "blend",
+    "seed_as_shared_expert",
+    "moe_layers",
+    "dense_ffn",
+    "centroid_data",
+    "centroid_tokens",
+    "centroid_seq_len",
+    "tokenizer",
+    "dtype",
+    "export_hf",
+    "hf_shard_gb",
+    "verify",
+    "overwrite",
+    "progress",
+    "t0",
+}
 
 
-def make_plan(sources: Sequence[Source], *, seed, router_init, router_std, router_seed, top_k,
-              expert_map, average_weights, split_chunks, blend, seed_as_shared_expert,
-              moe_layers, dense_ffn, dtype) -> MergePlan:  # fmt: skip
+def make_plan(
+    sources: Sequence[Source],
+    *,
+    seed,
+    router_init,
+    router_std,
+    router_seed,
+    top_k,
+    expert_map,
+    average_weights,
+    split_chunks,
+    blend,
+    seed_as_shared_expert,
+    moe_layers,
+    dense_ffn,
+    dtype,
+) -> MergePlan:
     n = len(sources)
     a = sources[0].args
     if average_weights is not None:
         w = [float(x) for x in average_weights]
         if len(w) != n:
-            raise BTXError(f"--average-weights has {len(w)} values for {n} sources (experts, then "
-                           f"the seed)")  # fmt: skip
+            raise BTXError(
+                f"--average-weights has {len(w)} values for {n} sources (experts, then the seed)"
+            )
         if any(x < 0 for x in w) or sum(w) <= 0:
             raise BTXError("--average-weights must be non-negative with a positive sum")
     else:
@@ -1075,8 +1221,10 @@ def make_plan(sources: Sequence[Source], *, seed, router_init, router_std, route
         emap = [int(x) for x in expert_map]
         bad = [x for x in emap if not 0 <= x < n]
         if bad or not emap:
-            raise BTXError(f"--expert-map {list(expert_map)}: indices must be in 0..{n - 1} "
-                           f"(experts in order, then the seed)")  # fmt: skip
+            raise BTXError(
+                f"--expert-map {list(expert_map)}: indices must be in 0..{n - 1} "
+                f"(experts in order, then the seed)"
+            )
     else:
         emap = list(range(n - 1 if shared is not None else n))
     if split_chunks < 1:
@@ -1087,13 +1235,25 @@ def make_plan(sources: Sequence[Source], *, seed, router_init, router_std, route
     if blend and split_chunks == 1:
         split_chunks = len(emap)
         if F % split_chunks:
-            raise BTXError(f"--blend uses {split_chunks} chunks, which does not divide "
-                           f"intermediate_size {F}; pass --split-chunks")  # fmt: skip
-    plan = MergePlan(n_sources=n, expert_sources=emap, weights=w, split_chunks=split_chunks,
-                     blend=blend, shared_source=shared,
-                     moe_layers=_parse_layers(moe_layers, a.num_hidden_layers),
-                     dense_ffn=dense_ffn, router_init=router_init, router_std=router_std,
-                     router_seed=router_seed, top_k=0, dtype="")  # fmt: skip
+            raise BTXError(
+                f"--blend uses {split_chunks} chunks, which does not divide "
+                f"intermediate_size {F}; pass --split-chunks"
+            )
+    plan = MergePlan(
+        n_sources=n,
+        expert_sources=emap,
+        weights=w,
+        split_chunks=split_chunks,
+        blend=blend,
+        shared_source=shared,
+        moe_layers=_parse_layers(moe_layers, a.num_hidden_layers),
+        dense_ffn=dense_ffn,
+        router_init=router_init,
+        router_std=router_std,
+        router_seed=router_seed,
+        top_k=0,
+        dtype="",
+    )
     if dense_ffn == "seed" and seed is None and plan.moe_layers is not None:
         raise BTXError("--dense-ffn seed needs --seed")
     E = plan.num_experts
@@ -1111,17 +1271,55 @@ def make_plan(sources: Sequence[Source], *, seed, router_init, router_std, route
     return plan
 
 
-def _merge(sources: list[Source], save: Path, *, seed, tp, pp, ep, etp, router_init, router_std,
-           router_seed, top_k, expert_map, average_weights, split_chunks, blend,
-           seed_as_shared_expert, moe_layers, dense_ffn, centroid_data, centroid_tokens,
-           centroid_seq_len, tokenizer, dtype, export_hf, hf_shard_gb, verify, overwrite,
-           progress, t0) -> dict[str, Any]:  # fmt: skip
+def _merge(
+    sources: list[Source],
+    save: Path,
+    *,
+    seed,
+    tp,
+    pp,
+    ep,
+    etp,
+    router_init,
+    router_std,
+    router_seed,
+    top_k,
+    expert_map,
+    average_weights,
+    split_chunks,
+    blend,
+    seed_as_shared_expert,
+    moe_layers,
+    dense_ffn,
+    centroid_data,
+    centroid_tokens,
+    centroid_seq_len,
+    tokenizer,
+    dtype,
+    export_hf,
+    hf_shard_gb,
+    verify,
+    overwrite,
+    progress,
+    t0,
+) -> dict[str, Any]:
     check_sources(sources)
-    plan = make_plan(sources, seed=seed, router_init=router_init, router_std=router_std,
-                     router_seed=router_seed, top_k=top_k, expert_map=expert_map,
-                     average_weights=average_weights, split_chunks=split_chunks, blend=blend,
-                     seed_as_shared_expert=seed_as_shared_expert, moe_layers=moe_layers,
-                     dense_ffn=dense_ffn, dtype=dtype)  # fmt: skip
+    plan = make_plan(
+        sources,
+        seed=seed,
+        router_init=router_init,
+        router_std=router_std,
+        router_seed=router_seed,
+        top_k=top_k,
+        expert_map=expert_map,
+        average_weights=average_weights,
+        split_chunks=split_chunks,
+        blend=blend,
+        seed_as_shared_expert=seed_as_shared_expert,
+        moe_layers=moe_layers,
+        dense_ffn=dense_ffn,
+        dtype=dtype,
+    )
     a = sources[0].args
     out_args = output_args(a, plan)
     overrides = moe_overrides(a, plan)
@@ -1129,11 +1327,14 @@ def _merge(sources: list[Source], save: Path, *, seed, tp, pp, ep, etp, router_i
     etp = tp if etp is None else etp
     check_parallel(out_args, tp, pp, ep)
     if out_args.intermediate_size % etp:
-        raise BTXError(f"expert-TP {etp} does not divide the expert FFN size "
-                       f"{out_args.intermediate_size}")  # fmt: skip
+        raise BTXError(
+            f"expert-TP {etp} does not divide the expert FFN size {out_args.intermediate_size}"
+        )
     if export_hf is not None and variant:
-        raise BTXError("--export-hf writes HF Mixtral, which has no shared expert and no dense "
-                       "layers; drop --seed-as-shared-expert / --moe-layers to export")  # fmt: skip
+        raise BTXError(
+            "--export-hf writes HF Mixtral, which has no shared expert and no dense "
+            "layers; drop --seed-as-shared-expert / --moe-layers to export"
+        )
     out_dt = to_dtype(plan.dtype)
     tok_src = next((s for s in sources if s.tokenizer_dir is not None), None)
     centroid_tokens_by_src: dict[int, torch.Tensor] = {}
@@ -1141,19 +1342,30 @@ def _merge(sources: list[Source], save: Path, *, seed, tp, pp, ep, etp, router_i
         routed = _routed_expert_sources(plan)
         need = sorted(set(routed))
         if not centroid_data or len(centroid_data) != len(sources):
-            raise BTXError(f"--router-init centroid needs --centroid-data with one entry per "
-                           f"source ({len(sources)}: the experts in order, then the seed), each an "
-                           f"indexed-dataset prefix or a text/jsonl file")  # fmt: skip
-        tok_path = Path(tokenizer) if tokenizer else (
-            tok_src.tokenizer_dir / "tokenizer.model"
-            if tok_src and (tok_src.tokenizer_dir / "tokenizer.model").is_file() else None)
+            raise BTXError(
+                f"--router-init centroid needs --centroid-data with one entry per "
+                f"source ({len(sources)}: the experts in order, then the seed), each an "
+                f"indexed-dataset prefix or a text/jsonl file"
+            )
+        tok_path = (
+            Path(tokenizer)
+            if tokenizer
+            else (
+                tok_src.tokenizer_dir / "tokenizer.model"
+                if tok_src and (tok_src.tokenizer_dir / "tokenizer.model").is_file()
+                else None
+            )
+        )
         for s in need:
             centroid_tokens_by_src[s] = _load_centroid_tokens(
-                centroid_data[s], tok_path, centroid_tokens, centroid_seq_len)
+                centroid_data[s], tok_path, centroid_tokens, centroid_seq_len
+            )
             if int(centroid_tokens_by_src[s].max()) >= a.vocab_size:
-                raise BTXError(f"--centroid-data {centroid_data[s]}: token id "
-                               f"{int(centroid_tokens_by_src[s].max())} >= vocab_size "
-                               f"{a.vocab_size}; data tokenized with another tokenizer?")  # fmt: skip
+                raise BTXError(
+                    f"--centroid-data {centroid_data[s]}: token id "
+                    f"{int(centroid_tokens_by_src[s].max())} >= vocab_size "
+                    f"{a.vocab_size}; data tokenized with another tokenizer?"
+                )
 
     # sources given twice (e.g. upcycling: N copies of one checkpoint) are read once
     uniq: dict[Path, int] = {}
@@ -1165,23 +1377,73 @@ def _merge(sources: list[Source], save: Path, *, seed, tp, pp, ep, etp, router_i
 
     # sha256 of the sources on a second core while the merge runs
     hash_pool = concurrent.futures.ThreadPoolExecutor(max_workers=1)
-    hash_jobs = {u: hash_pool.submit(_sha256_files, sources[i].hash_files)
-                 for u, i in first_of.items()}  # fmt: skip
+    hash_jobs = {
+        u: hash_pool.submit(_sha256_files, sources[i].hash_files) for u, i in first_of.items()
+    }
     try:
-        return _merge_write(sources, save, plan, a, out_args, overrides, variant, out_dt, alias,
-                            first_of, hash_jobs, tok_src, centroid_tokens_by_src, seed=seed,
-                            tp=tp, pp=pp, ep=ep, etp=etp, router_init=router_init,
-                            centroid_data=centroid_data, centroid_tokens=centroid_tokens,
-                            export_hf=export_hf, hf_shard_gb=hf_shard_gb, verify=verify,
-                            overwrite=overwrite, progress=progress, t0=t0)  # fmt: skip
+        return _merge_write(
+            sources,
+            save,
+            plan,
+            a,
+            out_args,
+            overrides,
+            variant,
+            out_dt,
+            alias,
+            first_of,
+            hash_jobs,
+            tok_src,
+            centroid_tokens_by_src,
+            seed=seed,
+            tp=tp,
+            pp=pp,
+            ep=ep,
+            etp=etp,
+            router_init=router_init,
+            centroid_data=centroid_data,
+            centroid_tokens=centroid_tokens,
+            export_hf=export_hf,
+            hf_shard_gb=hf_shard_gb,
+            verify=verify,
+            overwrite=overwrite,
+            progress=progress,
+            t0=t0,
+        )
     finally:
         hash_pool.shutdown(wait=False, cancel_futures=True)
 
 
-def _merge_write(sources, save, plan, a, out_args, overrides, variant, out_dt, alias, first_of,
-                 hash_jobs, tok_src, centroid_tokens_by_src, *, seed, tp, pp, ep, etp,
-                 router_init, centroid_data, centroid_tokens, export_hf, hf_shard_gb, verify,
-                 overwrite, progress, t0) -> dict[str, Any]:  # fmt: skip
+def _merge_write(
+    sources,
+    save,
+    plan,
+    a,
+    out_args,
+    overrides,
+    variant,
+    out_dt,
+    alias,
+    first_of,
+    hash_jobs,
+    tok_src,
+    centroid_tokens_by_src,
+    *,
+    seed,
+    tp,
+    pp,
+    ep,
+    etp,
+    router_init,
+    centroid_data,
+    centroid_tokens,
+    export_hf,
+    hf_shard_gb,
+    verify,
+    overwrite,
+    progress,
+    t0,
+) -> dict[str, Any]:
     """Write the checkpoint (and HF export) under temporary names, verify, commit."""
     with runtime.single_process(), atomic_folder(save, overwrite) as tmp:
         for s in sources:
@@ -1196,27 +1458,42 @@ def _merge_write(sources, save, plan, a, out_args, overrides, variant, out_dt, a
         writer = hf_ctx.enter_context(StreamingDCPWriter(tmp))
         if export_hf is not None:
             hf_tmp = hf_ctx.enter_context(atomic_folder(export_hf, overwrite))
-            hfw = StreamingSafetensorsWriter(hf_tmp, hf_export_plan(out_args, out_dt),
-                                             int(hf_shard_gb * 1024**3))  # fmt: skip
+            hfw = StreamingSafetensorsWriter(
+                hf_tmp, hf_export_plan(out_args, out_dt), int(hf_shard_gb * 1024**3)
+            )
         with hf_ctx:
             centroid = None
             if router_init == "centroid":
                 centroid = CentroidRouter(a, out_args, plan, centroid_tokens_by_src, overrides)
             with _threads_beside_hashing(hash_jobs):
                 lineage = _merge_globals_and_layers(
-                    sources, alias, first_of, plan, out_args, template, writer, written, hfw,
-                    centroid, progress)  # fmt: skip
+                    sources,
+                    alias,
+                    first_of,
+                    plan,
+                    out_args,
+                    template,
+                    writer,
+                    written,
+                    hfw,
+                    centroid,
+                    progress,
+                )
             missing = [k for k in template if k not in written]
             if missing:
                 raise RuntimeError(f"merge wrote no data for {missing[0]} ({len(missing)} missing)")
             writer.check_complete(
-                allow_partial=_partial_keys(template) if plan.moe_layers is not None else ())
+                allow_partial=_partial_keys(template) if plan.moe_layers is not None else ()
+            )
             writer.finish()
             if hfw is not None:
                 hfw.close()
                 cfg = out_args.to_hf_dict()
-                cfg["torch_dtype"] = cfg["dtype"] = {"fp32": "float32", "bf16": "bfloat16",
-                                                     "fp16": "float16"}[plan.dtype]  # fmt: skip
+                cfg["torch_dtype"] = cfg["dtype"] = {
+                    "fp32": "float32",
+                    "bf16": "bfloat16",
+                    "fp16": "float16",
+                }[plan.dtype]
                 (hf_tmp / "config.json").write_text(json.dumps(cfg, indent=2))
                 if tok_src is not None:
                     copy_tokenizer(tok_src.tokenizer_dir, hf_tmp)
@@ -1254,34 +1531,54 @@ def _merge_write(sources, save, plan, a, out_args, overrides, variant, out_dt, a
                 "dtype": plan.dtype,
                 "layout": {"tp": tp, "pp": pp, "ep": ep, "etp": etp},
                 "padded_vocab_size": out_args.padded_vocab_size,
-                "sources": [_source_entry(s, i, plan, hashes[alias[i]], seed is not None)
-                            for i, s in enumerate(sources)],
+                "sources": [
+                    _source_entry(s, i, plan, hashes[alias[i]], seed is not None)
+                    for i, s in enumerate(sources)
+                ],
                 "merge": merge_settings,
-                "tokenizer": {"files": tok_files, "sha256": tok_sha,
-                              "model_sha256": tok_src.tokenizer_sha256 if tok_src else None},
+                "tokenizer": {
+                    "files": tok_files,
+                    "sha256": tok_sha,
+                    "model_sha256": tok_src.tokenizer_sha256 if tok_src else None,
+                },
             }
             m = manifest.write(tmp, **fields)
             if hf_tmp is not None:
-                manifest.write(hf_tmp, kind="hf_mixtral", model=out_args.to_dict(),
-                               dtype=plan.dtype, sources=fields["sources"], merge=merge_settings,
-                               tokenizer=fields["tokenizer"])  # fmt: skip
+                manifest.write(
+                    hf_tmp,
+                    kind="hf_mixtral",
+                    model=out_args.to_dict(),
+                    dtype=plan.dtype,
+                    sources=fields["sources"],
+                    merge=merge_settings,
+                    tokenizer=fields["tokenizer"],
+                )
             if verify:
-                report = verify_checkpoint(tmp, sources, alias, first_of, plan, out_args,
-                                           overrides, progress)  # fmt: skip
+                report = verify_checkpoint(
+                    tmp, sources, alias, first_of, plan, out_args, overrides, progress
+                )
                 if hf_tmp is not None:
-                    report["hf_export_tensors_equal"] = verify_hf_export(hf_tmp, tmp, out_args,
-                                                                         out_dt)  # fmt: skip
+                    report["hf_export_tensors_equal"] = verify_hf_export(
+                        hf_tmp, tmp, out_args, out_dt
+                    )
                 m = manifest.write(tmp, **fields, verify=report)
-    log.info("merged %d sources into %s (%d experts, top-%d) in %.1fs", len(sources), save,
-             plan.num_experts, plan.top_k, time.time() - t0)  # fmt: skip
+    log.info(
+        "merged %d sources into %s (%d experts, top-%d) in %.1fs",
+        len(sources),
+        save,
+        plan.num_experts,
+        plan.top_k,
+        time.time() - t0,
+    )
     return m
 
 
 def _partial_keys(template: dict[str, Any]) -> set[str]:
     from megatron.core.dist_checkpointing.mapping import ShardedTensor, ShardedTensorFactory
 
-    return {v.key for v in template.values()
-            if isinstance(v, (ShardedTensor, ShardedTensorFactory))}  # fmt: skip
+    return {
+        v.key for v in template.values() if isinstance(v, (ShardedTensor, ShardedTensorFactory))
+    }
 
 
 def _source_entry(s: Source, i: int, plan: MergePlan, sha: dict[str, str], has_seed: bool):
@@ -1314,13 +1611,17 @@ def _check_megatron_keys(s: Source) -> None:
         seen.add(v.key)
         got = md.get(v.key)
         if got is None or not hasattr(got, "size"):
-            raise BTXError(f"{s.folder}: tensor {v.key!r} is missing; the checkpoint does not match "
-                           f"its manifest (layers={s.args.num_hidden_layers})")  # fmt: skip
+            raise BTXError(
+                f"{s.folder}: tensor {v.key!r} is missing; the checkpoint does not match "
+                f"its manifest (layers={s.args.num_hidden_layers})"
+            )
         if isinstance(v, ShardedTensorFactory):
             continue  # factories reshape on load; their shapes are checked by megatron-core
         if tuple(got.size) != tuple(v.global_shape):
-            raise BTXError(f"{s.folder}: tensor {v.key!r} has global shape {tuple(got.size)}, the "
-                           f"manifest implies {tuple(v.global_shape)}")  # fmt: skip
+            raise BTXError(
+                f"{s.folder}: tensor {v.key!r} has global shape {tuple(got.size)}, the "
+                f"manifest implies {tuple(v.global_shape)}"
+            )
 
 
 def _lineage(samples: list[torch.Tensor], sources: list[Source]) -> list[float]:
@@ -1336,12 +1637,30 @@ def _lineage(samples: list[torch.Tensor], sources: list[Source]) -> list[float]:
             log.warning(
                 "source %s: embedding cosine similarity to %s is %.3f; the sources do not look "
                 "like branches of one seed model, and averaging them may destroy both",
-                s.name, sources[0].name, c)  # fmt: skip
+                s.name,
+                sources[0].name,
+                c,
+            )
     return out
 
 
-def _merge_write_layer(i, sources, first_of, order, plan, plan_u, a, out_args, out_dt, template,
-                       writer, written, hfw, centroid, pool) -> None:  # fmt: skip
+def _merge_write_layer(
+    i,
+    sources,
+    first_of,
+    order,
+    plan,
+    plan_u,
+    a,
+    out_args,
+    out_dt,
+    template,
+    writer,
+    written,
+    hfw,
+    centroid,
+    pool,
+) -> None:
     """Merge layer i of the sources and write it (checkpoint part, and HF export when asked)."""
 
     def layer_of(u: int):
@@ -1370,8 +1689,9 @@ def _merge_write_layer(i, sources, first_of, order, plan, plan_u, a, out_args, o
             hfw.add(name, t.to(out_dt))
 
 
-def _merge_globals_and_layers(sources, alias, first_of, plan, out_args, template, writer,
-                              written, hfw, centroid, progress) -> list[float]:  # fmt: skip
+def _merge_globals_and_layers(
+    sources, alias, first_of, plan, out_args, template, writer, written, hfw, centroid, progress
+) -> list[float]:
     """The streaming loop: embedding, layers 0..L-1, final norm and output layer."""
     a = sources[0].args
     L = a.num_hidden_layers
@@ -1423,10 +1743,12 @@ def _merge_globals_and_layers(sources, alias, first_of, plan, out_args, template
     pool.drop("read.global", "acc.global", "cast.global", "out.emb")  # not held through the layers
 
     plan_u = dataclasses.replace(
-        plan, weights=weights_u,
+        plan,
+        weights=weights_u,
         expert_sources=[alias[s] for s in plan.expert_sources],
         shared_source=None if plan.shared_source is None else alias[plan.shared_source],
-        n_sources=len(order))  # fmt: skip
+        n_sources=len(order),
+    )
     # dense_ffn=seed reads the last source: keep it last among the unique reads
     if plan.dense_ffn == "seed" and plan.moe_layers is not None:
         last = alias[plan.n_sources - 1]
@@ -1437,8 +1759,23 @@ def _merge_globals_and_layers(sources, alias, first_of, plan, out_args, template
         for u in order:
             reuse.enter_context(sources[first_of[u]].reused_buffers())
         for i in range(L):
-            _merge_write_layer(i, sources, first_of, order, plan, plan_u, a, out_args, out_dt,
-                               template, writer, written, hfw, centroid, pool)  # fmt: skip
+            _merge_write_layer(
+                i,
+                sources,
+                first_of,
+                order,
+                plan,
+                plan_u,
+                a,
+                out_args,
+                out_dt,
+                template,
+                writer,
+                written,
+                hfw,
+                centroid,
+                pool,
+            )
             if bar:
                 bar.update(1)
     if bar:
@@ -1461,8 +1798,16 @@ def _merge_globals_and_layers(sources, alias, first_of, plan, out_args, template
 # =============================================================================================
 # --verify
 # =============================================================================================
-def verify_checkpoint(folder: Path, sources, alias, first_of, plan: MergePlan, out_args: LlamaArgs,
-                      overrides: dict[str, Any], progress: bool = True) -> dict[str, Any]:  # fmt: skip
+def verify_checkpoint(
+    folder: Path,
+    sources,
+    alias,
+    first_of,
+    plan: MergePlan,
+    out_args: LlamaArgs,
+    overrides: dict[str, Any],
+    progress: bool = True,
+) -> dict[str, Any]:
     """Re-read the written checkpoint layer by layer with megatron-core's loader and check it
     against the sources; raises BTXError on the first disagreement. Returns a report."""
     from megatron.core.dist_checkpointing.mapping import ShardedObject
@@ -1480,16 +1825,19 @@ def verify_checkpoint(folder: Path, sources, alias, first_of, plan: MergePlan, o
             if (k == prefix or k.startswith(prefix)) and not isinstance(v, ShardedObject):
                 sub[k] = dataclasses.replace(v, data=torch.empty(v.data.shape, dtype=v.data.dtype))
         got = reader.load(sub)
-        return {k[len(prefix):] if prefix.endswith(".") else k: t for k, t in got.items()}
+        return {k[len(prefix) :] if prefix.endswith(".") else k: t for k, t in got.items()}
 
     order = sorted(set(alias))
     weights_u = [0.0] * len(order)
     for i, u in enumerate(alias):
         weights_u[u] += plan.weights[i]
     plan_u = dataclasses.replace(
-        plan, weights=weights_u, expert_sources=[alias[s] for s in plan.expert_sources],
+        plan,
+        weights=weights_u,
+        expert_sources=[alias[s] for s in plan.expert_sources],
         shared_source=None if plan.shared_source is None else alias[plan.shared_source],
-        n_sources=len(order))  # fmt: skip
+        n_sources=len(order),
+    )
     checked = {"experts_bit_identical": 0, "averaged_equal_fp32": 0, "routers": 0}
 
     def fail(what: str) -> None:
@@ -1498,7 +1846,9 @@ def verify_checkpoint(folder: Path, sources, alias, first_of, plan: MergePlan, o
     def cmp_exact(name: str, got: torch.Tensor, want: torch.Tensor, kind: str) -> None:
         want = want.to(got.dtype)
         if got.shape != want.shape or not torch.equal(got, want):
-            diff = (got.float() - want.float()).abs().max().item() if got.shape == want.shape else None
+            diff = (
+                (got.float() - want.float()).abs().max().item() if got.shape == want.shape else None
+            )
             fail(f"{name} differs from {kind} (max abs diff {diff})")
 
     # globals
@@ -1537,8 +1887,12 @@ def verify_checkpoint(folder: Path, sources, alias, first_of, plan: MergePlan, o
             if not torch.isfinite(r.float()).all():
                 fail(f"layer {i} router has non-finite values")
             if plan.router_init in ("random", "zero"):
-                cmp_exact(f"layer {i} router", r,
-                          random_router(plan, i, tuple(r.shape)).to(out_dt), "its init")  # fmt: skip
+                cmp_exact(
+                    f"layer {i} router",
+                    r,
+                    random_router(plan, i, tuple(r.shape)).to(out_dt),
+                    "its init",
+                )
             checked["routers"] += 1
         del reads, want, got
         if bar:
@@ -1579,23 +1933,34 @@ def source_coverage(sources, plan: MergePlan) -> list[dict[str, Any]]:
         if s.fmt == "hf":
             keys = sorted(s._hf_keys)
             ffn = [k for k in keys if ".mlp." in k]
-            entry = {"source": s.name, "keys": len(keys), "ffn_keys": len(ffn),
-                     "ffn_to": _ffn_dest(i, experts, plan),
-                     "averaged": len(keys) - len(ffn) if plan.weights[i] else 0,
-                     "unused": (len(keys) - len(ffn)) if not plan.weights[i] else 0,
-                     "not_model_weights": []}  # fmt: skip
+            entry = {
+                "source": s.name,
+                "keys": len(keys),
+                "ffn_keys": len(ffn),
+                "ffn_to": _ffn_dest(i, experts, plan),
+                "averaged": len(keys) - len(ffn) if plan.weights[i] else 0,
+                "unused": (len(keys) - len(ffn)) if not plan.weights[i] else 0,
+                "not_model_weights": [],
+            }
         else:
             md = s._ckpt_md.state_dict_metadata
-            model_keys = {v.key for v in s._template.values() if hasattr(v, "key")
-                          and hasattr(md.get(v.key, None), "size")}  # fmt: skip
+            model_keys = {
+                v.key
+                for v in s._template.values()
+                if hasattr(v, "key") and hasattr(md.get(v.key, None), "size")
+            }
             other = sorted(k for k, v in md.items() if hasattr(v, "size") and k not in model_keys)
             ffn = [k for k in model_keys if ".mlp." in k]
-            entry = {"source": s.name, "keys": len(model_keys), "ffn_keys": len(ffn),
-                     "ffn_to": _ffn_dest(i, experts, plan),
-                     "averaged": len(model_keys) - len(ffn) if plan.weights[i] else 0,
-                     "unused": (len(model_keys) - len(ffn)) if not plan.weights[i] else 0,
-                     "not_model_weights": other[:20] + ([f"... {len(other) - 20} more"]
-                                                         if len(other) > 20 else [])}  # fmt: skip
+            entry = {
+                "source": s.name,
+                "keys": len(model_keys),
+                "ffn_keys": len(ffn),
+                "ffn_to": _ffn_dest(i, experts, plan),
+                "averaged": len(model_keys) - len(ffn) if plan.weights[i] else 0,
+                "unused": (len(model_keys) - len(ffn)) if not plan.weights[i] else 0,
+                "not_model_weights": other[:20]
+                + ([f"... {len(other) - 20} more"] if len(other) > 20 else []),
+            }
         out.append(entry)
     return out
 
@@ -1620,8 +1985,9 @@ def _ffn_dest(i: int, experts: list[int], plan: MergePlan) -> str:
 
 
 @torch.no_grad()
-def _verify_logits(folder: Path, sources, plan: MergePlan, out_args: LlamaArgs,
-                   overrides: dict[str, Any]) -> dict[str, Any]:  # fmt: skip
+def _verify_logits(
+    folder: Path, sources, plan: MergePlan, out_args: LlamaArgs, overrides: dict[str, Any]
+) -> dict[str, Any]:
     """(1) the written MoE loads into megatron-core and gives finite logits; (2) sparse upcycling
     as the special case: an MoE whose experts are all source 0's FFN and whose other tensors are
     source 0's gives source 0's logits (fp32) whatever the router."""
@@ -1651,22 +2017,29 @@ def _verify_logits(folder: Path, sources, plan: MergePlan, out_args: LlamaArgs,
     dense.load_state_dict(sd, strict=False)
     dense.eval()
     ref = dense(ids, pos, None)[..., : a.vocab_size]
-    up_plan = dataclasses.replace(plan, weights=[1.0] * plan.n_sources,
-                                  expert_sources=[0] * len(plan.expert_sources),
-                                  shared_source=None if plan.shared_source is None else 0)  # fmt: skip
+    up_plan = dataclasses.replace(
+        plan,
+        weights=[1.0] * plan.n_sources,
+        expert_sources=[0] * len(plan.expert_sources),
+        shared_source=None if plan.shared_source is None else 0,
+    )
     msd = moe.state_dict()
     for k in (EMB, FINAL_LN, OUT):
         if k in msd:
             msd[k] = sd[k]
     for i in range(a.num_hidden_layers):
-        merged, _ = merge_layer(dataclasses.replace(up_plan, n_sources=1,
-                                                    weights=[1.0]),
-                                lambda u, i=i: layers[i], i, [0])  # fmt: skip
+        merged, _ = merge_layer(
+            dataclasses.replace(up_plan, n_sources=1, weights=[1.0]),
+            lambda u, i=i: layers[i],
+            i,
+            [0],
+        )
         for n, x in merged.items():
             msd[f"decoder.layers.{i}.{n}"] = x.to(torch.float32)
         if plan.is_moe_layer(i):
             msd[f"decoder.layers.{i}.mlp.router.weight"] = random_router(
-                plan, i, (out_args.num_local_experts, a.hidden_size))
+                plan, i, (out_args.num_local_experts, a.hidden_size)
+            )
     moe.load_state_dict(msd, strict=False)
     up = moe(ids, pos, None)[..., : a.vocab_size]
     diff = (up - ref).abs().max().item()
@@ -1674,15 +2047,20 @@ def _verify_logits(folder: Path, sources, plan: MergePlan, out_args: LlamaArgs,
     # shared expert / splitting / blending change the function by construction
     exact_case = plan.shared_source is None and plan.split_chunks == 1 and not plan.blend
     if exact_case and diff > 1e-4 * max(1.0, scale):
-        raise BTXError(f"--verify failed: an MoE of N copies of {src.name} does not reproduce its "
-                       f"logits (max abs diff {diff:.3g}); the MoE layout is wrong")  # fmt: skip
-    return {"merged_logits_finite": True,
-            "upcycled_vs_dense_max_abs_diff": diff if exact_case else None,
-            "upcycled_check": "passed" if exact_case else "not applicable to this variant"}
+        raise BTXError(
+            f"--verify failed: an MoE of N copies of {src.name} does not reproduce its "
+            f"logits (max abs diff {diff:.3g}); the MoE layout is wrong"
+        )
+    return {
+        "merged_logits_finite": True,
+        "upcycled_vs_dense_max_abs_diff": diff if exact_case else None,
+        "upcycled_check": "passed" if exact_case else "not applicable to this variant",
+    }
 
 
-def verify_hf_export(hf_folder: Path, mcore_folder: Path, out_args: LlamaArgs,
-                     out_dt: torch.dtype) -> int:  # fmt: skip
+def verify_hf_export(
+    hf_folder: Path, mcore_folder: Path, out_args: LlamaArgs, out_dt: torch.dtype
+) -> int:
     """Every tensor of the HF Mixtral export equals the megatron checkpoint's, through the HF
     mapping (layer by layer); returns the number of tensors compared."""
     from megatron.core.dist_checkpointing.mapping import ShardedObject
@@ -1694,19 +2072,23 @@ def verify_hf_export(hf_folder: Path, mcore_folder: Path, out_args: LlamaArgs,
     n = 0
 
     def read_out(prefix: str) -> dict[str, torch.Tensor]:
-        sub = {k: dataclasses.replace(v, data=torch.empty(v.data.shape, dtype=v.data.dtype))
-               for k, v in template.items()
-               if (k == prefix or k.startswith(prefix)) and not isinstance(v, ShardedObject)}
+        sub = {
+            k: dataclasses.replace(v, data=torch.empty(v.data.shape, dtype=v.data.dtype))
+            for k, v in template.items()
+            if (k == prefix or k.startswith(prefix)) and not isinstance(v, ShardedObject)
+        }
         got = reader.load(sub)
-        return {k[len(prefix):] if prefix.endswith(".") else k: t for k, t in got.items()}
+        return {k[len(prefix) :] if prefix.endswith(".") else k: t for k, t in got.items()}
 
     def same(name: str, want: torch.Tensor) -> None:
         nonlocal n
         if name not in st._where:
             raise BTXError(f"--verify failed: HF export lacks {name!r} ({hf_folder})")
         if not torch.equal(st.get(name), want.contiguous()):
-            raise BTXError(f"--verify failed: HF export tensor {name!r} differs from the "
-                           f"megatron checkpoint ({hf_folder})")  # fmt: skip
+            raise BTXError(
+                f"--verify failed: HF export tensor {name!r} differs from the "
+                f"megatron checkpoint ({hf_folder})"
+            )
         n += 1
 
     try:
@@ -1737,53 +2119,119 @@ def build_parser() -> argparse.ArgumentParser:
         "source i's FFN, unchanged; every other tensor is the fp32 average of the sources; each "
         "layer gets a new router. Streams layer by layer: memory is bounded by one layer.",
     )
-    p.add_argument("--experts", nargs="+", required=True, metavar="DIR",
-                   help="dense expert checkpoints (HF folder, megatron checkpoint, or a run / "
-                   "checkpoints folder with a `latest` file); expert i = i-th source")
-    p.add_argument("--seed", metavar="DIR", help="the seed model, kept as the last expert "
-                   "(the paper's generalist); or the shared expert with --seed-as-shared-expert")
+    p.add_argument(
+        "--experts",
+        nargs="+",
+        required=True,
+        metavar="DIR",
+        help="dense expert checkpoints (HF folder, megatron checkpoint, or a run / "
+        "checkpoints folder with a `latest` file); expert i = i-th source",
+    )
+    p.add_argument(
+        "--seed",
+        metavar="DIR",
+        help="the seed model, kept as the last expert "
+        "(the paper's generalist); or the shared expert with --seed-as-shared-expert",
+    )
     p.add_argument("--save", required=True, metavar="DIR", help="output folder (atomic)")
-    p.add_argument("--tp", type=int, default=1, help="target tensor-parallel size (checked, recorded)")
-    p.add_argument("--ep", type=int, default=1, help="target expert-parallel size (checked, recorded)")
-    p.add_argument("--pp", type=int, default=1, help="target pipeline-parallel size (checked, recorded)")
-    p.add_argument("--etp", type=int, default=None, help="target expert-tensor-parallel size "
-                   "(default: --tp)")
+    p.add_argument(
+        "--tp", type=int, default=1, help="target tensor-parallel size (checked, recorded)"
+    )
+    p.add_argument(
+        "--ep", type=int, default=1, help="target expert-parallel size (checked, recorded)"
+    )
+    p.add_argument(
+        "--pp", type=int, default=1, help="target pipeline-parallel size (checked, recorded)"
+    )
+    p.add_argument(
+        "--etp", type=int, default=None, help="target expert-tensor-parallel size (default: --tp)"
+    )
     p.add_argument("--router-init", choices=["random", "zero", "centroid"], default="random")
     p.add_argument("--router-std", type=float, default=0.02, help="std of the random router")
     p.add_argument("--router-seed", type=int, default=1234, help="RNG seed of the random router")
-    p.add_argument("--centroid-data", nargs="+", metavar="PREFIX_OR_TEXT",
-                   help="per source (experts in order, then the seed): an indexed-dataset prefix "
-                   "or a text/jsonl file of that expert's domain, for --router-init centroid")
-    p.add_argument("--centroid-tokens", type=int, default=2048,
-                   help="tokens of each domain sample for centroids")
+    p.add_argument(
+        "--centroid-data",
+        nargs="+",
+        metavar="PREFIX_OR_TEXT",
+        help="per source (experts in order, then the seed): an indexed-dataset prefix "
+        "or a text/jsonl file of that expert's domain, for --router-init centroid",
+    )
+    p.add_argument(
+        "--centroid-tokens",
+        type=int,
+        default=2048,
+        help="tokens of each domain sample for centroids",
+    )
     p.add_argument("--centroid-seq-len", type=int, default=256)
-    p.add_argument("--tokenizer", help="SentencePiece tokenizer.model for text centroid data "
-                   "(default: the sources')")
-    p.add_argument("--top-k", type=int, default=None,
-                   help="experts per token (default 2, times C with --split-chunks)")
-    p.add_argument("--expert-map", type=lambda s: [int(x) for x in s.split(",")], default=None,
-                   metavar="I,J,...", help="routed expert j takes the FFN of source I_j (sources: "
-                   "experts in order, then the seed); default: one expert per source")
-    p.add_argument("--average-weights", nargs="+", type=float, default=None, metavar="W",
-                   help="per-source weights of the averaged tensors (default: uniform)")
-    p.add_argument("--split-chunks", type=int, default=1, metavar="C",
-                   help="split each FFN into C experts along the hidden FFN dimension (N*C experts)")
-    p.add_argument("--blend", action="store_true", help="expert c = chunk c of every source's "
-                   "FFN (C = --split-chunks, default N)")
-    p.add_argument("--seed-as-shared-expert", action="store_true",
-                   help="the seed's FFN becomes a shared expert (always active) instead of a "
-                   "routed one")
-    p.add_argument("--moe-layers", default=None, metavar="SPEC",
-                   help="which layers become MoE: all (default), 0,2,5, every:K, last:K; the "
-                   "others keep a dense FFN")
-    p.add_argument("--dense-ffn", choices=["average", "seed"], default="average",
-                   help="the FFN of non-MoE layers")
-    p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default=None,
-                   help="output dtype (default: the sources')")
+    p.add_argument(
+        "--tokenizer",
+        help="SentencePiece tokenizer.model for text centroid data (default: the sources')",
+    )
+    p.add_argument(
+        "--top-k",
+        type=int,
+        default=None,
+        help="experts per token (default 2, times C with --split-chunks)",
+    )
+    p.add_argument(
+        "--expert-map",
+        type=lambda s: [int(x) for x in s.split(",")],
+        default=None,
+        metavar="I,J,...",
+        help="routed expert j takes the FFN of source I_j (sources: "
+        "experts in order, then the seed); default: one expert per source",
+    )
+    p.add_argument(
+        "--average-weights",
+        nargs="+",
+        type=float,
+        default=None,
+        metavar="W",
+        help="per-source weights of the averaged tensors (default: uniform)",
+    )
+    p.add_argument(
+        "--split-chunks",
+        type=int,
+        default=1,
+        metavar="C",
+        help="split each FFN into C experts along the hidden FFN dimension (N*C experts)",
+    )
+    p.add_argument(
+        "--blend",
+        action="store_true",
+        help="expert c = chunk c of every source's FFN (C = --split-chunks, default N)",
+    )
+    p.add_argument(
+        "--seed-as-shared-expert",
+        action="store_true",
+        help="the seed's FFN becomes a shared expert (always active) instead of a routed one",
+    )
+    p.add_argument(
+        "--moe-layers",
+        default=None,
+        metavar="SPEC",
+        help="which layers become MoE: all (default), 0,2,5, every:K, last:K; the "
+        "others keep a dense FFN",
+    )
+    p.add_argument(
+        "--dense-ffn",
+        choices=["average", "seed"],
+        default="average",
+        help="the FFN of non-MoE layers",
+    )
+    p.add_argument(
+        "--dtype",
+        choices=["fp32", "bf16", "fp16"],
+        default=None,
+        help="output dtype (default: the sources')",
+    )
     p.add_argument("--export-hf", metavar="DIR", help="also write an HF Mixtral checkpoint")
     p.add_argument("--hf-shard-gb", type=float, default=1.0, help="HF export shard size")
-    p.add_argument("--verify", action="store_true",
-                   help="re-read the output and check it against the sources before committing")
+    p.add_argument(
+        "--verify",
+        action="store_true",
+        help="re-read the output and check it against the sources before committing",
+    )
     p.add_argument("--overwrite", action="store_true", help="replace existing output folders")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
@@ -1794,23 +2242,43 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
         m = merge(
-            a.experts, a.save, seed=a.seed, tp=a.tp, pp=a.pp, ep=a.ep, etp=a.etp,
-            router_init=a.router_init, router_std=a.router_std, router_seed=a.router_seed,
-            top_k=a.top_k, expert_map=a.expert_map, average_weights=a.average_weights,
-            split_chunks=a.split_chunks, blend=a.blend,
-            seed_as_shared_expert=a.seed_as_shared_expert, moe_layers=a.moe_layers,
-            dense_ffn=a.dense_ffn, centroid_data=a.centroid_data,
-            centroid_tokens=a.centroid_tokens, centroid_seq_len=a.centroid_seq_len,
-            tokenizer=a.tokenizer, dtype=a.dtype, export_hf=a.export_hf,
-            hf_shard_gb=a.hf_shard_gb, verify=a.verify, overwrite=a.overwrite,
+            a.experts,
+            a.save,
+            seed=a.seed,
+            tp=a.tp,
+            pp=a.pp,
+            ep=a.ep,
+            etp=a.etp,
+            router_init=a.router_init,
+            router_std=a.router_std,
+            router_seed=a.router_seed,
+            top_k=a.top_k,
+            expert_map=a.expert_map,
+            average_weights=a.average_weights,
+            split_chunks=a.split_chunks,
+            blend=a.blend,
+            seed_as_shared_expert=a.seed_as_shared_expert,
+            moe_layers=a.moe_layers,
+            dense_ffn=a.dense_ffn,
+            centroid_data=a.centroid_data,
+            centroid_tokens=a.centroid_tokens,
+            centroid_seq_len=a.centroid_seq_len,
+            tokenizer=a.tokenizer,
+            dtype=a.dtype,
+            export_hf=a.export_hf,
+            hf_shard_gb=a.hf_shard_gb,
+            verify=a.verify,
+            overwrite=a.overwrite,
             progress=not a.no_progress,
-        )  # fmt: skip
+        )
     except BTXError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     mg = m["merge"]
-    print(f"wrote {a.save}: {mg['num_experts']} experts (top-{mg['top_k']}), "
-          f"router {mg['router_init']}" + (", verified" if a.verify else ""))  # fmt: skip
+    print(
+        f"wrote {a.save}: {mg['num_experts']} experts (top-{mg['top_k']}), "
+        f"router {mg['router_init']}" + (", verified" if a.verify else "")
+    )
     return 0
 
 

@@ -71,28 +71,48 @@ def run_models(run_dir: Path) -> tuple[Any, list, dict[str, dict[str, Any]]]:
     for n in names:
         s = by.get(f"expert_{n}")
         if s:
-            models[f"expert_{n}"] = {"checkpoint": _ckpt_of(s), "stages": [s.name],
-                                     "kind": "dense", "domain": n}  # fmt: skip
+            models[f"expert_{n}"] = {
+                "checkpoint": _ckpt_of(s),
+                "stages": [s.name],
+                "kind": "dense",
+                "domain": n,
+            }
     if "baseline_dense" in by:
-        models["dense"] = {"checkpoint": _ckpt_of(by["baseline_dense"]),
-                           "stages": ["baseline_dense"], "kind": "dense"}  # fmt: skip
+        models["dense"] = {
+            "checkpoint": _ckpt_of(by["baseline_dense"]),
+            "stages": ["baseline_dense"],
+            "kind": "dense",
+        }
     expert_stages = [f"expert_{n}" for n in names if f"expert_{n}" in by]
     if cfg.baselines.btm:
         for k in cfg.evaluation.btm_top_k:
-            models[f"btm_top{k}"] = {"checkpoint": None, "stages": expert_stages,
-                                     "kind": "btm", "k": k}  # fmt: skip
+            models[f"btm_top{k}"] = {
+                "checkpoint": None,
+                "stages": expert_stages,
+                "kind": "btm",
+                "k": k,
+            }
     if "baseline_sparse_upcycling" in by:
-        models["sparse_upcycling"] = {"checkpoint": _ckpt_of(by["baseline_sparse_upcycling"]),
-                                      "stages": ["upcycle_merge", "baseline_sparse_upcycling"],
-                                      "kind": "moe", "router": _router(by["baseline_sparse_upcycling"])}  # fmt: skip
+        models["sparse_upcycling"] = {
+            "checkpoint": _ckpt_of(by["baseline_sparse_upcycling"]),
+            "stages": ["upcycle_merge", "baseline_sparse_upcycling"],
+            "kind": "moe",
+            "router": _router(by["baseline_sparse_upcycling"]),
+        }
     if "merge" in by:
-        models["btx_merge_only"] = {"checkpoint": _ckpt_of(by["merge"]),
-                                    "stages": [*expert_stages, "merge"], "kind": "moe",
-                                    "router": _router(by.get("finetune"))}  # fmt: skip
+        models["btx_merge_only"] = {
+            "checkpoint": _ckpt_of(by["merge"]),
+            "stages": [*expert_stages, "merge"],
+            "kind": "moe",
+            "router": _router(by.get("finetune")),
+        }
     if "finetune" in by:
-        models["btx"] = {"checkpoint": _ckpt_of(by["finetune"]),
-                         "stages": [*expert_stages, "merge", "finetune"], "kind": "moe",
-                         "router": _router(by["finetune"])}  # fmt: skip
+        models["btx"] = {
+            "checkpoint": _ckpt_of(by["finetune"]),
+            "stages": [*expert_stages, "merge", "finetune"],
+            "kind": "moe",
+            "router": _router(by["finetune"]),
+        }
     return cfg, stages, models
 
 
@@ -113,9 +133,13 @@ def _expert_labels(cfg) -> list[str]:
 # ---------------------------------------------------------------------------------------------
 # Evaluation
 # ---------------------------------------------------------------------------------------------
-def evaluate_run(run_dir: str | os.PathLike[str], tokens_per_domain: int | None = None,
-                 split: str | None = None, models_wanted: list[str] | None = None,
-                 out_dir: str | os.PathLike[str] | None = None) -> dict[str, Any]:  # fmt: skip
+def evaluate_run(
+    run_dir: str | os.PathLike[str],
+    tokens_per_domain: int | None = None,
+    split: str | None = None,
+    models_wanted: list[str] | None = None,
+    out_dir: str | os.PathLike[str] | None = None,
+) -> dict[str, Any]:
     from megatron_btx import runtime
     from megatron_btx.eval import data as edata
     from megatron_btx.eval import report, scoring
@@ -138,8 +162,10 @@ def evaluate_run(run_dir: str | os.PathLike[str], tokens_per_domain: int | None 
     seq = cfg.data.seq_length
     t0 = time.time()
     sets = {n: edata.eval_set(data_dir, n, split, seq, tokens) for n in names}
-    _progress(f"{len(models)} models x {len(names)} domains; held-out '{split}' split, "
-              + ", ".join(f"{n} {s.n_tokens} tokens/{len(s.docs)} docs" for n, s in sets.items()))
+    _progress(
+        f"{len(models)} models x {len(names)} domains; held-out '{split}' split, "
+        + ", ".join(f"{n} {s.n_tokens} tokens/{len(s.docs)} docs" for n, s in sets.items())
+    )
 
     logprobs: dict[str, dict[str, np.ndarray]] = {}
     routing: dict[str, dict[str, dict[int, dict[str, Any]]]] = {}
@@ -163,14 +189,18 @@ def evaluate_run(run_dir: str | os.PathLike[str], tokens_per_domain: int | None 
             model, args = scoring.load_for_eval(ck, m.get("router"))
             logprobs[name] = {}
             for n in names:
-                logprobs[name][n] = scoring.token_logprobs(model, args, sets[n].windows,
-                                                           ev.micro_batch_size)  # fmt: skip
+                logprobs[name][n] = scoring.token_logprobs(
+                    model, args, sets[n].windows, ev.micro_batch_size
+                )
                 if args.is_moe:
                     routing.setdefault(name, {})[n] = scoring.routing_of(model)
             m["active_params"] = plan_mod.matmul_params(args)
             ppl = {n: scoring.perplexity(lp) for n, lp in logprobs[name].items()}
-            _progress(f"{name}: " + " | ".join(f"{n} {v:.2f}" for n, v in ppl.items())
-                      + f" ({time.time() - t1:.0f}s)")  # fmt: skip
+            _progress(
+                f"{name}: "
+                + " | ".join(f"{n} {v:.2f}" for n, v in ppl.items())
+                + f" ({time.time() - t1:.0f}s)"
+            )
             del model
     finally:
         runtime.teardown()
@@ -181,10 +211,19 @@ def evaluate_run(run_dir: str | os.PathLike[str], tokens_per_domain: int | None 
     experts = [f"expert_{n}" for n in names]
     if btm_models and all(e in logprobs for e in experts):
         t1 = time.time()
-        train_docs = {n: edata.documents(edata.split_prefix(os.path.join(data_dir, n), "train"),
-                                         max_docs=400, max_tokens=500_000) for n in names}  # fmt: skip
-        vocab = 1 + max(int(d.max()) for docs in [*train_docs.values(),
-                                                  *(s.docs for s in sets.values())] for d in docs)
+        train_docs = {
+            n: edata.documents(
+                edata.split_prefix(os.path.join(data_dir, n), "train"),
+                max_docs=400,
+                max_tokens=500_000,
+            )
+            for n in names
+        }
+        vocab = 1 + max(
+            int(d.max())
+            for docs in [*train_docs.values(), *(s.docs for s in sets.values())]
+            for d in docs
+        )
         tf = TfIdf(vocab).fit([d for docs in train_docs.values() for d in docs])
         centroids = np.stack([tf.centroid(train_docs[n]) for n in names])
         for mname in btm_models:
@@ -198,12 +237,17 @@ def evaluate_run(run_dir: str | os.PathLike[str], tokens_per_domain: int | None 
                 total += len(choice)
                 chosen = choice[s.doc_of_target]  # [n, S, k]
                 logprobs[mname][n] = scoring.ensemble_logprobs(
-                    [logprobs[e][n] for e in experts], chosen)
+                    [logprobs[e][n] for e in experts], chosen
+                )
             btm_info[mname] = {"top1_own_domain_docs": correct / max(total, 1)}
             models[mname]["active_params"] = k * to_load[experts[0]].get("active_params", 0)
-        _progress(f"BTM (tf-idf routing, {time.time() - t1:.0f}s): "
-                  + ", ".join(f"{m}: own-domain top-1 for {v['top1_own_domain_docs']:.0%} of "
-                              f"held-out docs" for m, v in btm_info.items()))  # fmt: skip
+        _progress(
+            f"BTM (tf-idf routing, {time.time() - t1:.0f}s): "
+            + ", ".join(
+                f"{m}: own-domain top-1 for {v['top1_own_domain_docs']:.0%} of held-out docs"
+                for m, v in btm_info.items()
+            )
+        )
     elif btm_models:
         for m in btm_models:
             missing[m] = "needs every expert"
@@ -218,25 +262,40 @@ def evaluate_run(run_dir: str | os.PathLike[str], tokens_per_domain: int | None 
         flops = sum(float(markers.get(s, {}).get("flops", 0.0)) for s in m["stages"])
         secs = sum(float(markers.get(s, {}).get("seconds", 0.0)) for s in m["stages"])
         toks = sum(int(markers.get(s, {}).get("tokens", 0)) for s in m["stages"])
-        rows[name] = {"perplexity": ppl, "mean": float(np.mean(list(ppl.values()))),
-                      "loss": {n: float(-np.mean(lp)) for n, lp in logprobs[name].items()},
-                      "active_params": m.get("active_params"), "train_flops": flops,
-                      "train_tokens": toks, "train_seconds": secs, "kind": m["kind"]}  # fmt: skip
+        rows[name] = {
+            "perplexity": ppl,
+            "mean": float(np.mean(list(ppl.values()))),
+            "loss": {n: float(-np.mean(lp)) for n, lp in logprobs[name].items()},
+            "active_params": m.get("active_params"),
+            "train_flops": flops,
+            "train_tokens": toks,
+            "train_seconds": secs,
+            "kind": m["kind"],
+        }
     result = {
-        "run_dir": str(run), "split": split, "domains": names,
+        "run_dir": str(run),
+        "split": split,
+        "domains": names,
         "tokens": {n: s.n_tokens for n, s in sets.items()},
         "documents": {n: len(s.docs) for n, s in sets.items()},
-        "models": rows, "missing": missing, "btm": btm_info,
+        "models": rows,
+        "missing": missing,
+        "btm": btm_info,
         "experts": _expert_labels(cfg),
-        "routing": {m: {d: {str(layer): st for layer, st in r.items()} for d, r in rr.items()}
-                    for m, rr in routing.items()},  # fmt: skip
+        "routing": {
+            m: {d: {str(layer): st for layer, st in r.items()} for d, r in rr.items()}
+            for m, rr in routing.items()
+        },
         "seconds": round(time.time() - t0, 1),
     }
     result["claims"] = report.check_claims(result)
     out = Path(out_dir) if out_dir else run / "eval"
     report.write_all(result, out, cfg.evaluation.routing)
-    _progress(f"wrote {out}/results.md, results.json" + (", routing.md, routing*.png"
-              if routing else "") + f" in {time.time() - t0:.0f}s")  # fmt: skip
+    _progress(
+        f"wrote {out}/results.md, results.json"
+        + (", routing.md, routing*.png" if routing else "")
+        + f" in {time.time() - t0:.0f}s"
+    )
     return result
 
 
@@ -247,8 +306,12 @@ def main(argv: list[str] | None = None) -> int:
         "dense, BTM top-k, sparse upcycling, BTX), and the routing analysis of the BTX MoE.",
     )
     p.add_argument("--run-dir", required=True, help="a btx run directory (btx run CONFIG)")
-    p.add_argument("--tokens-per-domain", type=int, default=None,
-                   help="scored tokens per domain (default: the config's evaluation section)")
+    p.add_argument(
+        "--tokens-per-domain",
+        type=int,
+        default=None,
+        help="scored tokens per domain (default: the config's evaluation section)",
+    )
     p.add_argument("--split", choices=["test", "valid"], default=None)
     p.add_argument("--models", nargs="+", default=None, help="only these models")
     p.add_argument("--out", default=None, help="output folder (default RUN/eval)")
@@ -258,8 +321,7 @@ def main(argv: list[str] | None = None) -> int:
     for name in ("megatron", "megatron.core"):
         logging.getLogger(name).setLevel(logging.ERROR)
     try:
-        res = evaluate_run(args.run_dir, args.tokens_per_domain, args.split, args.models,
-                           args.out)  # fmt: skip
+        res = evaluate_run(args.run_dir, args.tokens_per_domain, args.split, args.models, args.out)
     except BTXError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

@@ -39,8 +39,11 @@ def _dataset(prefix: str):
     return IndexedDataset(prefix, mmap=True)
 
 
-def documents(prefix: str, max_docs: int | None = None, max_tokens: int | None = None,
-              ) -> list[np.ndarray]:  # fmt: skip
+def documents(
+    prefix: str,
+    max_docs: int | None = None,
+    max_tokens: int | None = None,
+) -> list[np.ndarray]:
     """The documents (sequences) of an indexed dataset, optionally a spread-out subset."""
     ds = _dataset(prefix)
     n = len(ds.sequence_lengths)
@@ -61,8 +64,9 @@ def documents(prefix: str, max_docs: int | None = None, max_tokens: int | None =
     return out
 
 
-def eval_set(data_dir: str, domain: str, split: str, seq_length: int,
-             tokens_per_domain: int) -> EvalSet:  # fmt: skip
+def eval_set(
+    data_dir: str, domain: str, split: str, seq_length: int, tokens_per_domain: int
+) -> EvalSet:
     prefix = split_prefix(os.path.join(data_dir, domain), split)
     docs = documents(prefix)
     if not docs:
@@ -77,8 +81,11 @@ def eval_set(data_dir: str, domain: str, split: str, seq_length: int,
             f"data.seq_length or hold out more documents (data.split)"
         )
     n_want = max(1, tokens_per_domain // seq_length)
-    pick = (np.arange(n_avail) if n_want >= n_avail else
-            np.linspace(0, n_avail - 1, n_want).round().astype(int))  # fmt: skip
+    pick = (
+        np.arange(n_avail)
+        if n_want >= n_avail
+        else np.linspace(0, n_avail - 1, n_want).round().astype(int)
+    )
     starts = pick * w
     windows = np.stack([flat[s : s + w] for s in starts])
     doc_of_target = np.stack([doc_id[s + 1 : s + w] for s in starts])

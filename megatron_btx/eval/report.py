@@ -18,7 +18,7 @@ BTX_RIVALS = ("seed", "dense", "btm_top1", "btm_top2", "sparse_upcycling")
 def _order(name: str, domains: list[str]) -> tuple[int, int, str]:
     for i, p in enumerate(ORDER):
         if name == p or (p.endswith("_") or p == "btm_top") and name.startswith(p):
-            d = name[len(p):]
+            d = name[len(p) :]
             return i, domains.index(d) if d in domains else 0, name
     return len(ORDER), 0, name
 
@@ -53,18 +53,29 @@ def check_claims(result: dict[str, Any]) -> dict[str, Any]:
         if e not in m:
             continue
         best = min(dense, key=lambda k: m[k]["perplexity"][d])
-        per[d] = {"best": best, "expert": m[e]["perplexity"][d],
-                  "best_other": min(m[k]["perplexity"][d] for k in dense if k != e)
-                  if len(dense) > 1 else None}  # fmt: skip
+        per[d] = {
+            "best": best,
+            "expert": m[e]["perplexity"][d],
+            "best_other": min(m[k]["perplexity"][d] for k in dense if k != e)
+            if len(dense) > 1
+            else None,
+        }
     if per:
         claims["expert_best_on_own_domain"] = {
-            "holds": all(v["best"] == f"expert_{d}" for d, v in per.items()), "per_domain": per}
+            "holds": all(v["best"] == f"expert_{d}" for d, v in per.items()),
+            "per_domain": per,
+        }
     if "btx" in m:
-        cmp = {k: {"btx": m["btx"]["mean"], "other": m[k]["mean"],
-                   "holds": m["btx"]["mean"] < m[k]["mean"]}
-               for k in BTX_RIVALS if k in m}  # fmt: skip
-        claims["btx_lowest_mean"] = {"holds": all(v["holds"] for v in cmp.values()),
-                                     "versus": cmp}  # fmt: skip
+        cmp = {
+            k: {
+                "btx": m["btx"]["mean"],
+                "other": m[k]["mean"],
+                "holds": m["btx"]["mean"] < m[k]["mean"],
+            }
+            for k in BTX_RIVALS
+            if k in m
+        }
+        claims["btx_lowest_mean"] = {"holds": all(v["holds"] for v in cmp.values()), "versus": cmp}
     rm = routing_matrix(result)
     if rm:
         labels = result["experts"]
@@ -75,11 +86,16 @@ def check_claims(result: dict[str, Any]) -> dict[str, Any]:
             share = mat.mean(axis=0)
             own = float(share[labels.index(d)])
             top = labels[int(np.argmax(share))]
-            per_r[d] = {"own_share": own, "top_expert": top, "uniform": 1.0 / len(labels),
-                        "own_share_per_layer": [float(x) for x in mat[:, labels.index(d)]]}  # fmt: skip
+            per_r[d] = {
+                "own_share": own,
+                "top_expert": top,
+                "uniform": 1.0 / len(labels),
+                "own_share_per_layer": [float(x) for x in mat[:, labels.index(d)]],
+            }
         claims["routing_to_own_expert"] = {
             "holds": bool(per_r) and all(v["top_expert"] == d for d, v in per_r.items()),
-            "per_domain": per_r}  # fmt: skip
+            "per_domain": per_r,
+        }
     # forgetting (informational): each expert vs the seed on the other domains
     if "seed" in m:
         worse = {}
@@ -90,7 +106,9 @@ def check_claims(result: dict[str, Any]) -> dict[str, Any]:
                 worse[d] = {o: m[e]["perplexity"][o] > m["seed"]["perplexity"][o] for o in others}
         if worse:
             claims["experts_forget_other_domains"] = {
-                "holds": all(all(v.values()) for v in worse.values()), "per_expert": worse}
+                "holds": all(all(v.values()) for v in worse.values()),
+                "per_expert": worse,
+            }
     return claims
 
 
@@ -113,8 +131,11 @@ def table_md(result: dict[str, Any]) -> str:
     names = sorted_models(m, doms)
     best = {d: min(m[k]["perplexity"][d] for k in names) for d in doms}
     best_mean = min(m[k]["mean"] for k in names)
-    head = ("| model | active params | train FLOPs | train tokens | wall (s) | "
-            + " | ".join(doms) + " | mean |")  # fmt: skip
+    head = (
+        "| model | active params | train FLOPs | train tokens | wall (s) | "
+        + " | ".join(doms)
+        + " | mean |"
+    )
     lines = [head, "|" + "---|" * (5 + len(doms) + 1)]
     for k in names:
         r = m[k]
@@ -126,7 +147,8 @@ def table_md(result: dict[str, Any]) -> str:
         ap = r.get("active_params")
         lines.append(
             f"| {k} | {f'{ap / 1e6:.2f}M' if ap else '-'} | {_flops(r['train_flops'])} | "
-            f"{r['train_tokens']:,} | {r['train_seconds']:.0f} | " + " | ".join(cells)
+            f"{r['train_tokens']:,} | {r['train_seconds']:.0f} | "
+            + " | ".join(cells)
             + f" | {mean} |"
         )
     return "\n".join(lines)
@@ -139,31 +161,45 @@ def claims_md(claims: dict[str, Any]) -> str:
     out = []
     c = claims.get("expert_best_on_own_domain")
     if c:
-        parts = [f"{d}: {v['best']} ({v['expert']:.2f} vs best other {v['best_other']:.2f})"
-                 for d, v in c["per_domain"].items()]  # fmt: skip
-        out.append(f"- Each expert lowest among dense models on its own domain: "
-                   f"**{mark(c['holds'])}** ({'; '.join(parts)})")  # fmt: skip
+        parts = [
+            f"{d}: {v['best']} ({v['expert']:.2f} vs best other {v['best_other']:.2f})"
+            for d, v in c["per_domain"].items()
+        ]
+        out.append(
+            f"- Each expert lowest among dense models on its own domain: "
+            f"**{mark(c['holds'])}** ({'; '.join(parts)})"
+        )
     c = claims.get("btx_lowest_mean")
     if c:
-        parts = [f"{k} {v['other']:.2f} ({'ok' if v['holds'] else 'lower than BTX'})"
-                 for k, v in c["versus"].items()]  # fmt: skip
+        parts = [
+            f"{k} {v['other']:.2f} ({'ok' if v['holds'] else 'lower than BTX'})"
+            for k, v in c["versus"].items()
+        ]
         first = next(iter(c["versus"].values()))["btx"]
-        out.append(f"- BTX lowest mean perplexity ({first:.2f}) vs {', '.join(parts)}: "
-                   f"**{mark(c['holds'])}**")  # fmt: skip
+        out.append(
+            f"- BTX lowest mean perplexity ({first:.2f}) vs {', '.join(parts)}: "
+            f"**{mark(c['holds'])}**"
+        )
     c = claims.get("routing_to_own_expert")
     if c:
-        parts = [f"{d}: own {v['own_share']:.0%} (top: {v['top_expert']})"
-                 for d, v in c["per_domain"].items()]  # fmt: skip
-        out.append(f"- Each domain's tokens mostly routed to its own expert (share of top-k "
-                   f"assignments, mean over layers; uniform = "
-                   f"{next(iter(c['per_domain'].values()))['uniform']:.0%}): "
-                   f"**{mark(c['holds'])}** ({'; '.join(parts)})")  # fmt: skip
+        parts = [
+            f"{d}: own {v['own_share']:.0%} (top: {v['top_expert']})"
+            for d, v in c["per_domain"].items()
+        ]
+        out.append(
+            f"- Each domain's tokens mostly routed to its own expert (share of top-k "
+            f"assignments, mean over layers; uniform = "
+            f"{next(iter(c['per_domain'].values()))['uniform']:.0%}): "
+            f"**{mark(c['holds'])}** ({'; '.join(parts)})"
+        )
     c = claims.get("experts_forget_other_domains")
     if c:
         n_bad = sum(not ok for v in c["per_expert"].values() for ok in v.values())
-        out.append(f"- Experts worse than the seed on the other domains (forgetting): "
-                   f"**{mark(c['holds'])}**"
-                   + (f" ({n_bad} expert/domain pairs are not worse)" if n_bad else ""))  # fmt: skip
+        out.append(
+            f"- Experts worse than the seed on the other domains (forgetting): "
+            f"**{mark(c['holds'])}**"
+            + (f" ({n_bad} expert/domain pairs are not worse)" if n_bad else "")
+        )
     return "\n".join(out)
 
 
@@ -172,20 +208,34 @@ def routing_md(result: dict[str, Any], model: str = "btx") -> str:
     if not rm:
         return ""
     labels = result["experts"]
-    lines = [f"Routing of the {model} MoE: share of each domain's token->expert assignments "
-             f"per expert (top-k: k per token), per layer.", ""]  # fmt: skip
+    lines = [
+        f"Routing of the {model} MoE: share of each domain's token->expert assignments "
+        f"per expert (top-k: k per token), per layer.",
+        "",
+    ]
     n_layers = next(iter(rm.values())).shape[0]
     for layer in range(n_layers):
-        lines += [f"layer {layer}:", "", "| domain | " + " | ".join(labels) + " |",
-                  "|---|" + "---|" * len(labels)]  # fmt: skip
+        lines += [
+            f"layer {layer}:",
+            "",
+            "| domain | " + " | ".join(labels) + " |",
+            "|---|" + "---|" * len(labels),
+        ]
         for d, mat in rm.items():
             row = mat[layer]
             top = int(np.argmax(row))
-            lines.append(f"| {d} | " + " | ".join(
-                f"**{v:.2f}**" if i == top else f"{v:.2f}" for i, v in enumerate(row)) + " |")
+            lines.append(
+                f"| {d} | "
+                + " | ".join(f"**{v:.2f}**" if i == top else f"{v:.2f}" for i, v in enumerate(row))
+                + " |"
+            )
         lines.append("")
-    lines += ["mean over layers:", "", "| domain | " + " | ".join(labels) + " |",
-              "|---|" + "---|" * len(labels)]  # fmt: skip
+    lines += [
+        "mean over layers:",
+        "",
+        "| domain | " + " | ".join(labels) + " |",
+        "|---|" + "---|" * len(labels),
+    ]
     for d, mat in rm.items():
         lines.append(f"| {d} | " + " | ".join(f"{v:.2f}" for v in mat.mean(axis=0)) + " |")
     return "\n".join(lines) + "\n"
@@ -207,17 +257,30 @@ def results_md(result: dict[str, Any]) -> str:
         claims_md(result["claims"]),
     ]
     if result.get("btm"):
-        parts += ["", "BTM tf-idf routing: " + ", ".join(
-            f"{k} picks the held-out document's own domain first for "
-            f"{v['top1_own_domain_docs']:.0%} of documents" for k, v in result["btm"].items())]
+        parts += [
+            "",
+            "BTM tf-idf routing: "
+            + ", ".join(
+                f"{k} picks the held-out document's own domain first for "
+                f"{v['top1_own_domain_docs']:.0%} of documents"
+                for k, v in result["btm"].items()
+            ),
+        ]
     if result.get("missing"):
-        parts += ["", "Not evaluated: " + "; ".join(f"{k} ({v})"
-                                                    for k, v in result["missing"].items())]
+        parts += [
+            "",
+            "Not evaluated: " + "; ".join(f"{k} ({v})" for k, v in result["missing"].items()),
+        ]
     rmd = routing_md(result)
     if rmd:
-        mean_only = rmd[rmd.index("mean over layers:"):]
-        parts += ["", "## Routing (BTX MoE)", "", mean_only,
-                  "Per layer: routing.md; heatmaps: routing.png, routing_layer*.png."]
+        mean_only = rmd[rmd.index("mean over layers:") :]
+        parts += [
+            "",
+            "## Routing (BTX MoE)",
+            "",
+            mean_only,
+            "Per layer: routing.md; heatmaps: routing.png, routing_layer*.png.",
+        ]
     return "\n".join(parts) + "\n"
 
 
@@ -231,8 +294,10 @@ def heatmaps(result: dict[str, Any], out: Path, model: str = "btx") -> list[Path
     try:
         import matplotlib
     except ImportError:  # optional dependency (pip install megatron_btx[plots])
-        print("[btx evaluate] matplotlib is not installed: no heatmaps (pip install matplotlib)",
-              flush=True)  # fmt: skip
+        print(
+            "[btx evaluate] matplotlib is not installed: no heatmaps (pip install matplotlib)",
+            flush=True,
+        )
         return []
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -250,8 +315,15 @@ def heatmaps(result: dict[str, Any], out: Path, model: str = "btx") -> list[Path
         ax.set_title(title)
         for i in range(mat.shape[0]):
             for j in range(mat.shape[1]):
-                ax.text(j, i, f"{mat[i, j]:.2f}", ha="center", va="center", fontsize=7,
-                        color="white" if mat[i, j] < 0.3 else "black")  # fmt: skip
+                ax.text(
+                    j,
+                    i,
+                    f"{mat[i, j]:.2f}",
+                    ha="center",
+                    va="center",
+                    fontsize=7,
+                    color="white" if mat[i, j] < 0.3 else "black",
+                )
         return im
 
     fig, axes = plt.subplots(1, n_layers, figsize=(3.2 * n_layers + 1.5, 3.4), squeeze=False)

@@ -22,8 +22,9 @@ class TfIdf:
         self.idf: np.ndarray | None = None
 
     def _tf(self, doc: np.ndarray) -> np.ndarray:
-        c = np.bincount(np.asarray(doc, dtype=np.int64) % self.vocab_size,
-                        minlength=self.vocab_size).astype(np.float64)  # fmt: skip
+        c = np.bincount(
+            np.asarray(doc, dtype=np.int64) % self.vocab_size, minlength=self.vocab_size
+        ).astype(np.float64)
         return c / max(c.sum(), 1.0)
 
     def fit(self, docs: Sequence[np.ndarray]) -> TfIdf:

@@ -62,8 +62,13 @@ class TorchSDPAttention(MegatronModule):
         if causal and q.shape[2] != k.shape[2]:
             raise NotImplementedError("causal attention with sq != sk (inference) needs a mask")
         ctx = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, is_causal=causal, scale=self.scale,
+            q,
+            k,
+            v,
+            attn_mask=mask,
+            is_causal=causal,
+            scale=self.scale,
             enable_gqa=k.shape[1] != q.shape[1],
-        )  # fmt: skip
+        )
         sq, b = query.shape[0], query.shape[1]
         return ctx.permute(2, 0, 1, 3).reshape(sq, b, -1)

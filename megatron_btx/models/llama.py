@@ -375,7 +375,9 @@ def build_model(
         post_process=post_process,
         share_embeddings_and_output_weights=args.tie_word_embeddings,
         position_embedding_type="rope",
-        rotary_base=int(args.rope_theta) if float(args.rope_theta).is_integer() else args.rope_theta,
+        rotary_base=int(args.rope_theta)
+        if float(args.rope_theta).is_integer()
+        else args.rope_theta,
         rotary_percent=1.0,
         vp_stage=vp_stage,
     )
@@ -394,10 +396,17 @@ def _mark_tensor_parallel(model: torch.nn.Module) -> None:
     Set them as the initialisers would."""
     from megatron.core import tensor_parallel as tpl
 
-    dims = ((tpl.ColumnParallelLinear, 0), (tpl.RowParallelLinear, 1),
-            (tpl.VocabParallelEmbedding, 0))  # fmt: skip
+    dims = (
+        (tpl.ColumnParallelLinear, 0),
+        (tpl.RowParallelLinear, 1),
+        (tpl.VocabParallelEmbedding, 0),
+    )
     for mod in model.modules():
         for cls, dim in dims:
             w = getattr(mod, "weight", None)
-            if isinstance(mod, cls) and w is not None and not getattr(w, "tensor_model_parallel", False):
+            if (
+                isinstance(mod, cls)
+                and w is not None
+                and not getattr(w, "tensor_model_parallel", False)
+            ):
                 tpl.set_tensor_model_parallel_attributes(w, True, dim, 1)

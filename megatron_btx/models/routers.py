@@ -257,15 +257,21 @@ def _make_router_class():
 
             if self.mode == "topk":
                 probs, routing_map = moe_utils.topk_routing_with_score_function(
-                    logits, self.topk, use_pre_softmax=False, score_function="softmax",
+                    logits,
+                    self.topk,
+                    use_pre_softmax=False,
+                    score_function="softmax",
                     fused=self.config.moe_router_fusion,
-                )  # fmt: skip
+                )
                 assign = probs  # g = SoftMax(TopK(Wx)), sums to 1 per token
             elif self.mode == "switch":
                 probs, routing_map = moe_utils.topk_routing_with_score_function(
-                    logits, 1, use_pre_softmax=True, score_function="softmax",
+                    logits,
+                    1,
+                    use_pre_softmax=True,
+                    score_function="softmax",
                     fused=self.config.moe_router_fusion,
-                )  # fmt: skip
+                )
                 assign = routing_map.to(scores.dtype)  # the one-hot choice, before dropping
             elif self.mode == "sample_top1":
                 probs, routing_map = self._sample_top1(logits)
@@ -308,9 +314,12 @@ def _make_router_class():
             )
             if self.settings.drop_policy == "probs":
                 return moe_utils.apply_router_token_dropping(
-                    probs, routing_map, router_topk=1,
-                    capacity_factor=self.settings.capacity_factor, drop_policy="probs",
-                )  # fmt: skip
+                    probs,
+                    routing_map,
+                    router_topk=1,
+                    capacity_factor=self.settings.capacity_factor,
+                    drop_policy="probs",
+                )
             keep = routing_map & (routing_map.int().cumsum(dim=0) <= capacity)
             return probs * keep, keep
 
@@ -378,9 +387,12 @@ def _make_router_class():
             probs = moe_utils.MoEAuxLossAutoScaler.apply(probs, aux)
             num_layers = self.config.num_layers + (self.config.mtp_num_layers or 0)
             moe_utils.save_to_aux_losses_tracker(
-                "load_balancing_loss", value / alpha / size, self.layer_number, num_layers,
+                "load_balancing_loss",
+                value / alpha / size,
+                self.layer_number,
+                num_layers,
                 reduce_group=group,
-            )  # fmt: skip
+            )
             return probs, value
 
         # ---- statistics --------------------------------------------------------------------
@@ -425,13 +437,20 @@ def _make_router_class():
                 dev = self.weight.device
                 self._stats = {
                     "routed": torch.zeros(E, dtype=torch.float64, device=dev),
-                    **{k: torch.zeros((), dtype=torch.float64, device=dev)
-                       for k in ("assigned", "entropy", "tokens", "lb_sum", "lb_count")},
-                }  # fmt: skip
+                    **{
+                        k: torch.zeros((), dtype=torch.float64, device=dev)
+                        for k in ("assigned", "entropy", "tokens", "lb_sum", "lb_count")
+                    },
+                }
             st = self._stats
             if group is not None:
-                flat = torch.cat([st["routed"]] + [st[k].reshape(1) for k in
-                                 ("assigned", "entropy", "tokens", "lb_sum", "lb_count")])
+                flat = torch.cat(
+                    [st["routed"]]
+                    + [
+                        st[k].reshape(1)
+                        for k in ("assigned", "entropy", "tokens", "lb_sum", "lb_count")
+                    ]
+                )
                 dist.all_reduce(flat, group=group)
                 E = st["routed"].numel()
                 st = {"routed": flat[:E]}
@@ -624,10 +643,12 @@ def install(model: Any, router_cfg: dict[str, Any] | RouterSettings, config: Any
                 p.requires_grad_(True)
             layer._btx_frozen_experts = False
     log.info(
-        "routers: %s on %d MoE layer(s)%s%s", s.type, len(layers),
+        "routers: %s on %d MoE layer(s)%s%s",
+        s.type,
+        len(layers),
         f", load balancing alpha={s.alpha}" if s.load_balancing else ", no load balancing",
         ", experts frozen" if s.freeze_experts else "",
-    )  # fmt: skip
+    )
 
 
 def set_step(model: Any, step: int) -> float | None:
@@ -641,9 +662,7 @@ def set_step(model: Any, step: int) -> float | None:
     return temp
 
 
-def routing_stats(
-    model: Any, reset: bool = True, group: Any = None
-) -> dict[int, dict[str, Any]]:
+def routing_stats(model: Any, reset: bool = True, group: Any = None) -> dict[int, dict[str, Any]]:
     """Per MoE layer (0-based global layer index) since the last reset, from this rank's
     forwards: ``load`` (fraction of token->expert assignments per expert, sums to 1),
     ``entropy`` (mean over tokens of the entropy of softmax(W x), in [0, log E]), ``tokens``,

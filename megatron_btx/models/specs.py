@@ -48,8 +48,9 @@ def chosen_spec(requested: str | None = None) -> str:
     spec = requested or ("te" if te else "local")
     if spec not in _LOGGED:
         _LOGGED.add(spec)
-        log.info("layer spec: %s (Transformer Engine %s)", spec,
-                 "available" if te else "not available")
+        log.info(
+            "layer spec: %s (Transformer Engine %s)", spec, "available" if te else "not available"
+        )
     return spec
 
 

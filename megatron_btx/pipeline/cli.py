@@ -23,11 +23,19 @@ def _run_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("config", help="BTX YAML config")
     p.add_argument("--run-dir", help="override the config's run_dir")
-    p.add_argument("--parallel", type=int, default=1,
-                   help="stages run at the same time (independent experts/baselines), default 1")
-    p.add_argument("--threads", type=int, default=None,
-                   help="OMP_NUM_THREADS of each stage (default: $OMP_NUM_THREADS, else "
-                   "CPU cores / running stages)")  # fmt: skip
+    p.add_argument(
+        "--parallel",
+        type=int,
+        default=1,
+        help="stages run at the same time (independent experts/baselines), default 1",
+    )
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="OMP_NUM_THREADS of each stage (default: $OMP_NUM_THREADS, else "
+        "CPU cores / running stages)",
+    )
     p.add_argument("--only", nargs="+", metavar="STAGE", help="run only these stages")
     p.add_argument("--dry-run", action="store_true", help="write and print the plan, run nothing")
     p.add_argument("--quiet", action="store_true", help="no stage output on the console")
@@ -48,13 +56,19 @@ def run_main(argv: list[str] | None = None) -> int:
         if args.only:
             unknown = [n for n in args.only if n not in {s.name for s in stages}]
             if unknown:
-                raise BTXError(f"--only {unknown[0]}: no such stage (stages: "
-                               f"{', '.join(s.name for s in stages)})")  # fmt: skip
-        print(f"[btx run] plan: {len(stages)} stages in {run_dir} (btx status {run_dir})",
-              flush=True)  # fmt: skip
+                raise BTXError(
+                    f"--only {unknown[0]}: no such stage (stages: "
+                    f"{', '.join(s.name for s in stages)})"
+                )
+        print(
+            f"[btx run] plan: {len(stages)} stages in {run_dir} (btx status {run_dir})", flush=True
+        )
         for s in stages:
-            extra = (f"  {s.steps} steps, {s.tokens:,} tokens, {plan.fmt_flops(s.flops)} FLOPs"
-                     if s.kind == "train" else "")  # fmt: skip
+            extra = (
+                f"  {s.steps} steps, {s.tokens:,} tokens, {plan.fmt_flops(s.flops)} FLOPs"
+                if s.kind == "train"
+                else ""
+            )
             dep = f" <- {', '.join(s.deps)}" if s.deps else ""
             print(f"  {s.name:<26} {s.kind:<6}{extra}{dep}", flush=True)
         if args.dry_run:
@@ -113,8 +127,16 @@ def stage_states(run_dir: str | os.PathLike[str]) -> list[dict]:
     out = []
     for s in stages:
         d = run / "stages"
-        row = {"stage": s.name, "kind": s.kind, "state": "pending", "started": None,
-               "seconds": None, "flops": s.flops, "group": s.group, "detail": ""}  # fmt: skip
+        row = {
+            "stage": s.name,
+            "kind": s.kind,
+            "state": "pending",
+            "started": None,
+            "seconds": None,
+            "flops": s.flops,
+            "group": s.group,
+            "detail": "",
+        }
         marker = plan.read_marker(s, run)
         running = _read(d / f"{s.name}.running")
         failed = _read(d / f"{s.name}.failed")
@@ -122,13 +144,18 @@ def stage_states(run_dir: str | os.PathLike[str]) -> list[dict]:
             row.update(state="done", started=marker.get("started"), seconds=marker.get("seconds"))
         elif running:
             alive = running.get("host") != socket.gethostname() or _pid_alive(running["pid"])
-            row.update(state="running" if alive else "interrupted",
-                       started=running.get("started"),
-                       seconds=round(time.time() - running.get("start_time", time.time()), 1),
-                       detail=_progress(s, run))  # fmt: skip
+            row.update(
+                state="running" if alive else "interrupted",
+                started=running.get("started"),
+                seconds=round(time.time() - running.get("start_time", time.time()), 1),
+                detail=_progress(s, run),
+            )
         elif failed:
-            row.update(state="failed", seconds=failed.get("seconds"),
-                       detail=f"{failed.get('reason')} (log {failed.get('log')})")  # fmt: skip
+            row.update(
+                state="failed",
+                seconds=failed.get("seconds"),
+                detail=f"{failed.get('reason')} (log {failed.get('log')})",
+            )
         elif marker:
             row.update(state="stale", detail="done before a stage it needs was redone")
         else:
@@ -161,11 +188,15 @@ def status_main(argv: list[str] | None = None) -> int:
     if args.json:
         print(json.dumps(rows, indent=1))
         return 0
-    print(f"{'stage':<26} {'kind':<7} {'state':<12} {'started':<21} {'time':>8} {'FLOPs':>9}  detail")
+    print(
+        f"{'stage':<26} {'kind':<7} {'state':<12} {'started':<21} {'time':>8} {'FLOPs':>9}  detail"
+    )
     for r in rows:
         secs = "" if r["seconds"] is None else f"{float(r['seconds']):.0f}s"
-        print(f"{r['stage']:<26} {r['kind']:<7} {r['state']:<12} {r['started'] or '':<21} "
-              f"{secs:>8} {plan.fmt_flops(r['flops']):>9}  {r['detail']}")  # fmt: skip
+        print(
+            f"{r['stage']:<26} {r['kind']:<7} {r['state']:<12} {r['started'] or '':<21} "
+            f"{secs:>8} {plan.fmt_flops(r['flops']):>9}  {r['detail']}"
+        )
     counts: dict[str, int] = {}
     for r in rows:
         counts[r["state"]] = counts.get(r["state"], 0) + 1

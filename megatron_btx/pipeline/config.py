@@ -183,8 +183,10 @@ class BTXConfig:
             raise BTXError(f"{self.source or 'config'}: `domains` must name at least one domain")
         doms: dict[str, DomainConfig] = {}
         for name, spec in self.domains.items():
-            if not isinstance(name, str) or not name or not all(
-                c.isalnum() or c in "-_" for c in name
+            if (
+                not isinstance(name, str)
+                or not name
+                or not all(c.isalnum() or c in "-_" for c in name)
             ):
                 raise BTXError(f"domains.{name}: a domain name is letters, digits, '-' or '_'")
             if isinstance(spec, (str, list)):
@@ -222,7 +224,9 @@ class BTXConfig:
         elif self.seed.pretrain is None:
             raise BTXError("seed: give seed.init_from (a checkpoint) or seed.pretrain: {steps: N}")
         if self.merge.router_init not in ("random", "zero", "centroid"):
-            raise BTXError(f"merge.router_init={self.merge.router_init!r}: random | zero | centroid")
+            raise BTXError(
+                f"merge.router_init={self.merge.router_init!r}: random | zero | centroid"
+            )
         n_experts = len(doms) + (1 if self.merge.seed_as_expert else 0)
         if not 1 <= self.merge.top_k <= n_experts:
             raise BTXError(f"merge.top_k={self.merge.top_k} must be in 1..{n_experts}")
@@ -236,8 +240,11 @@ class BTXConfig:
         for k in self.evaluation.btm_top_k:
             if not 1 <= k <= len(doms):
                 raise BTXError(f"evaluation.btm_top_k: {k} must be in 1..{len(doms)}")
-        for key, st in (("experts", self.experts), ("finetune", self.finetune),
-                        ("seed.pretrain", self.seed.pretrain)):  # fmt: skip
+        for key, st in (
+            ("experts", self.experts),
+            ("finetune", self.finetune),
+            ("seed.pretrain", self.seed.pretrain),
+        ):
             if st is not None:
                 if st.steps is None and key != "seed.pretrain" or (st.steps or 0) < 0:
                     raise BTXError(f"{key}.steps must be set (>= 0)")
@@ -276,7 +283,9 @@ def _build(cls: type, d: Any, prefix: str, source: str) -> Any:
     if not isinstance(d, dict):
         raise BTXError(f"{source}: {prefix.rstrip('.') or 'the top level'} must be a mapping")
     hints = typing.get_type_hints(cls)
-    names = [f.name for f in dataclasses.fields(cls) if not (cls is BTXConfig and f.name == "source")]
+    names = [
+        f.name for f in dataclasses.fields(cls) if not (cls is BTXConfig and f.name == "source")
+    ]
     kwargs = {}
     for key, value in d.items():
         full = f"{prefix}{key}"
@@ -306,8 +315,10 @@ def from_dict(d: dict[str, Any], source: str | None = None) -> BTXConfig:
     return cfg
 
 
-def load(path_or_obj: str | os.PathLike[str] | dict[str, Any] | BTXConfig,
-         overrides: list[str] | None = None) -> BTXConfig:  # fmt: skip
+def load(
+    path_or_obj: str | os.PathLike[str] | dict[str, Any] | BTXConfig,
+    overrides: list[str] | None = None,
+) -> BTXConfig:
     """A BTXConfig from a YAML path, a dict or an existing config; `overrides` are
     ``--section.key VALUE`` pairs as for `btx train`."""
     if isinstance(path_or_obj, BTXConfig):

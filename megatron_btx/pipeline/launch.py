@@ -40,41 +40,89 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="Container: --container-image (pyxis/enroot, on srun) or --apptainer SIF "
         "(apptainer exec [--nv] SIF); --container-mounts goes to either.",
     )
-    p.add_argument("config", help="BTX config YAML, or a run directory with a plan.json; "
-                   "config overrides follow as --section.key VALUE (as for btx run)")
-    p.add_argument("--executor", choices=["slurm"], default="slurm",
-                   help="where stages run (local runs: `btx run`)")
+    p.add_argument(
+        "config",
+        help="BTX config YAML, or a run directory with a plan.json; "
+        "config overrides follow as --section.key VALUE (as for btx run)",
+    )
+    p.add_argument(
+        "--executor",
+        choices=["slurm"],
+        default="slurm",
+        help="where stages run (local runs: `btx run`)",
+    )
     p.add_argument("--run-dir", default=None, help="override the config's run_dir")
-    p.add_argument("--dry-run", action="store_true",
-                   help="write and print the scripts and the dependency graph; submit nothing")
+    p.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="write and print the scripts and the dependency graph; submit nothing",
+    )
     p.add_argument("--partition")
     p.add_argument("--account")
     p.add_argument("--qos")
     p.add_argument("--time", help="time limit per job (jobs checkpoint and requeue at the limit)")
-    p.add_argument("--nodes-per-expert", type=int, default=1,
-                   help="nodes of each training job (experts, seed, finetune, baselines)")
-    p.add_argument("--stage-nodes", type=_kv, action="append", default=[], metavar="STAGE=N",
-                   help="nodes of one stage (e.g. finetune=8)")
-    p.add_argument("--gpus-per-node", type=int, default=0,
-                   help="GPUs per node for training jobs (0: request none)")
+    p.add_argument(
+        "--nodes-per-expert",
+        type=int,
+        default=1,
+        help="nodes of each training job (experts, seed, finetune, baselines)",
+    )
+    p.add_argument(
+        "--stage-nodes",
+        type=_kv,
+        action="append",
+        default=[],
+        metavar="STAGE=N",
+        help="nodes of one stage (e.g. finetune=8)",
+    )
+    p.add_argument(
+        "--gpus-per-node",
+        type=int,
+        default=0,
+        help="GPUs per node for training jobs (0: request none)",
+    )
     p.add_argument("--cpus-per-task", type=int, default=None)
     p.add_argument("--mem", default=None, help="memory per node (sbatch --mem)")
     g = p.add_mutually_exclusive_group()
     g.add_argument("--container-image", help="pyxis/enroot image for srun --container-image")
     g.add_argument("--apptainer", metavar="SIF", help="run every step in apptainer exec SIF")
     p.add_argument("--container-mounts", help="pyxis --container-mounts / apptainer --bind")
-    p.add_argument("--extra-sbatch", action="append", default=[], metavar="OPT",
-                   help="another #SBATCH option, e.g. --extra-sbatch=--exclusive (repeatable)")
-    p.add_argument("--setup", action="append", default=[], metavar="SHELL",
-                   help="a shell line run at the top of every job (e.g. 'module load cuda')")
-    p.add_argument("--env", type=_kv, action="append", default=[], metavar="KEY=VALUE",
-                   help="an environment variable exported in every job")
-    p.add_argument("--python", default=None,
-                   help="the interpreter in the jobs (default: this one; `python` in a container)")
-    p.add_argument("--workdir", default=None,
-                   help="the directory the jobs run in (default: the current one)")
-    p.add_argument("--signal-lead", type=int, default=120,
-                   help="seconds before the time limit a training job checkpoints and requeues")
+    p.add_argument(
+        "--extra-sbatch",
+        action="append",
+        default=[],
+        metavar="OPT",
+        help="another #SBATCH option, e.g. --extra-sbatch=--exclusive (repeatable)",
+    )
+    p.add_argument(
+        "--setup",
+        action="append",
+        default=[],
+        metavar="SHELL",
+        help="a shell line run at the top of every job (e.g. 'module load cuda')",
+    )
+    p.add_argument(
+        "--env",
+        type=_kv,
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="an environment variable exported in every job",
+    )
+    p.add_argument(
+        "--python",
+        default=None,
+        help="the interpreter in the jobs (default: this one; `python` in a container)",
+    )
+    p.add_argument(
+        "--workdir", default=None, help="the directory the jobs run in (default: the current one)"
+    )
+    p.add_argument(
+        "--signal-lead",
+        type=int,
+        default=120,
+        help="seconds before the time limit a training job checkpoints and requeues",
+    )
     p.add_argument("--job-prefix", default="btx", help="job names are PREFIX-<stage>")
     return p
 
@@ -82,8 +130,10 @@ def build_parser() -> argparse.ArgumentParser:
 def options_from_args(a: argparse.Namespace):
     from megatron_btx.pipeline.slurm import SlurmOptions
 
-    for name, value in (("--nodes-per-expert", a.nodes_per_expert),
-                        ("--signal-lead", a.signal_lead)):  # fmt: skip
+    for name, value in (
+        ("--nodes-per-expert", a.nodes_per_expert),
+        ("--signal-lead", a.signal_lead),
+    ):
         if value < 1:
             raise BTXError(f"{name}={value} must be >= 1")
     if a.gpus_per_node < 0:
@@ -93,9 +143,12 @@ def options_from_args(a: argparse.Namespace):
     for m in (a.container_mounts or "").split(","):
         parts = m.split(":")
         if len(parts) >= 2 and parts[0] != parts[1]:
-            print(f"warning: --container-mounts {m}: mounted at another path; the batch scripts "
-                  f"(outside the container) and the jobs (inside) must see the run directory "
-                  f"at the same path: mount {parts[0]}:{parts[0]}", file=sys.stderr)  # fmt: skip
+            print(
+                f"warning: --container-mounts {m}: mounted at another path; the batch scripts "
+                f"(outside the container) and the jobs (inside) must see the run directory "
+                f"at the same path: mount {parts[0]}:{parts[0]}",
+                file=sys.stderr,
+            )
     stage_nodes = {}
     for k, v in a.stage_nodes:
         try:
@@ -103,15 +156,26 @@ def options_from_args(a: argparse.Namespace):
         except ValueError:
             raise BTXError(f"--stage-nodes {k}={v}: the node count must be an integer") from None
     return SlurmOptions(
-        partition=a.partition, account=a.account, time=a.time, qos=a.qos,
-        nodes_per_expert=a.nodes_per_expert, stage_nodes=stage_nodes,
-        gpus_per_node=a.gpus_per_node, cpus_per_task=a.cpus_per_task, mem=a.mem,
-        container_image=a.container_image, container_mounts=a.container_mounts,
-        apptainer=a.apptainer, extra_sbatch=list(a.extra_sbatch), setup=list(a.setup),
-        env=dict(a.env), python=a.python,
+        partition=a.partition,
+        account=a.account,
+        time=a.time,
+        qos=a.qos,
+        nodes_per_expert=a.nodes_per_expert,
+        stage_nodes=stage_nodes,
+        gpus_per_node=a.gpus_per_node,
+        cpus_per_task=a.cpus_per_task,
+        mem=a.mem,
+        container_image=a.container_image,
+        container_mounts=a.container_mounts,
+        apptainer=a.apptainer,
+        extra_sbatch=list(a.extra_sbatch),
+        setup=list(a.setup),
+        env=dict(a.env),
+        python=a.python,
         workdir=os.path.abspath(a.workdir) if a.workdir else None,
-        job_prefix=a.job_prefix, signal_lead=a.signal_lead,
-    )  # fmt: skip
+        job_prefix=a.job_prefix,
+        signal_lead=a.signal_lead,
+    )
 
 
 def load_stages(config: str, run_dir: str | None, overrides: list[str] | None = None):
@@ -124,8 +188,9 @@ def load_stages(config: str, run_dir: str | None, overrides: list[str] | None = 
         if run_dir and Path(run_dir).resolve() != path.resolve():
             raise BTXError(f"{config} is a run directory; --run-dir does not apply to it")
         if overrides:
-            raise BTXError(f"{config} is a run directory; overrides ({overrides[0]} ...) need "
-                           f"the BTX config")  # fmt: skip
+            raise BTXError(
+                f"{config} is a run directory; overrides ({overrides[0]} ...) need the BTX config"
+            )
         return plan_mod.read_plan(path), str(path.resolve())
     if not path.is_file():
         raise BTXError(f"{config}: no such config file or run directory")

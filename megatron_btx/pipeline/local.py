@@ -33,8 +33,14 @@ from megatron_btx.pipeline import plan as plan_mod
 from megatron_btx.pipeline.plan import Stage
 
 #: console lines of stage output that are noise (megatron-core start-up warnings)
-_NOISE = ("WARNING megatron.core", "INFO megatron.core", "Implicit initialization of Rerun",
-          "RerunStateMachine initialized", "UserWarning", "warnings.warn(")  # fmt: skip
+_NOISE = (
+    "WARNING megatron.core",
+    "INFO megatron.core",
+    "Implicit initialization of Rerun",
+    "RerunStateMachine initialized",
+    "UserWarning",
+    "warnings.warn(",
+)
 
 
 def _now() -> str:
@@ -43,7 +49,9 @@ def _now() -> str:
 
 def _fmt_secs(s: float) -> str:
     s = int(round(s))
-    return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}" if s >= 3600 else f"{s // 60}:{s % 60:02d}"
+    return (
+        f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}" if s >= 3600 else f"{s // 60}:{s % 60:02d}"
+    )
 
 
 def stage_command(stage: Stage) -> list[str]:
@@ -61,8 +69,14 @@ class _Running:
 
 
 class LocalExecutor:
-    def __init__(self, stages: list[Stage], run_dir: str | os.PathLike[str], parallel: int = 1,
-                 threads: int | None = None, quiet: bool = False) -> None:  # fmt: skip
+    def __init__(
+        self,
+        stages: list[Stage],
+        run_dir: str | os.PathLike[str],
+        parallel: int = 1,
+        threads: int | None = None,
+        quiet: bool = False,
+    ) -> None:
         self.stages = stages
         self.by_name = {s.name: s for s in stages}
         self.run = Path(run_dir)
@@ -109,17 +123,26 @@ class LocalExecutor:
         with open(log, "ab") as f:
             f.write(f"\n==== {_now()} {' '.join(stage_command(stage))}\n".encode())
         t0 = time.time()
-        proc = subprocess.Popen(stage_command(stage), stdout=subprocess.PIPE,
-                                stderr=subprocess.STDOUT, env=env)  # fmt: skip
-        _atomic_json(self.run / "stages" / f"{stage.name}.running",
-                     {"pid": proc.pid, "host": socket.gethostname(), "started": _now(),
-                      "start_time": t0, "argv": stage.argv})  # fmt: skip
+        proc = subprocess.Popen(
+            stage_command(stage), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env
+        )
+        _atomic_json(
+            self.run / "stages" / f"{stage.name}.running",
+            {
+                "pid": proc.pid,
+                "host": socket.gethostname(),
+                "started": _now(),
+                "start_time": t0,
+                "argv": stage.argv,
+            },
+        )
         r = _Running(stage, proc, log, t0)
         r.thread = threading.Thread(target=self._pump, args=(r,), daemon=True)
         r.thread.start()
-        what = f"{stage.steps} steps, {plan_mod.fmt_flops(stage.flops)} FLOPs" if stage.steps else ""
-        self.say(f"start {stage.name} ({stage.kind}{', ' + what if what else ''}); "
-                 f"log {log}")  # fmt: skip
+        what = (
+            f"{stage.steps} steps, {plan_mod.fmt_flops(stage.flops)} FLOPs" if stage.steps else ""
+        )
+        self.say(f"start {stage.name} ({stage.kind}{', ' + what if what else ''}); log {log}")
         return r
 
     def finish(self, r: _Running, rc: int, interrupted: bool = False) -> bool:
@@ -131,26 +154,44 @@ class LocalExecutor:
         (stages_dir / f"{s.name}.running").unlink(missing_ok=True)
         ok = rc == 0 and plan_mod.outputs_exist(s)
         if ok:
-            plan_mod.mark_done(s, self.run, started=time.strftime(
-                "%Y-%m-%dT%H:%M:%SZ", time.gmtime(r.t0)), finished=_now(),
-                seconds=round(dt, 2), finished_ts=time.time(),
+            plan_mod.mark_done(
+                s,
+                self.run,
+                started=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(r.t0)),
+                finished=_now(),
+                seconds=round(dt, 2),
+                finished_ts=time.time(),
                 fingerprint=fingerprint(s),
-                **_train_summary(s))  # fmt: skip
+                **_train_summary(s),
+            )
             (stages_dir / f"{s.name}.failed").unlink(missing_ok=True)
             self.say(f"done  {s.name} in {_fmt_secs(dt)}")
             return True
         if interrupted:  # stopped by our signal: not a failure; the next run resumes it
             self.say(f"stopped {s.name} after {_fmt_secs(dt)} (interrupted)")
             return False
-        why = (f"exit code {rc}" if rc != 0 else
-               "exited 0 but " + next(p for p in s.outputs if not os.path.exists(p)) +
-               " does not exist (stopped early?)")  # fmt: skip
-        _atomic_json(stages_dir / f"{s.name}.failed",
-                     {"stage": s.name, "rc": rc, "reason": why, "finished": _now(),
-                      "seconds": round(dt, 2), "log": str(r.log),
-                      "last_line": r.last_line})  # fmt: skip
-        self.say(f"FAILED {s.name} after {_fmt_secs(dt)}: {why}; last line: {r.last_line!r}; "
-                 f"log {r.log}")  # fmt: skip
+        why = (
+            f"exit code {rc}"
+            if rc != 0
+            else "exited 0 but "
+            + next(p for p in s.outputs if not os.path.exists(p))
+            + " does not exist (stopped early?)"
+        )
+        _atomic_json(
+            stages_dir / f"{s.name}.failed",
+            {
+                "stage": s.name,
+                "rc": rc,
+                "reason": why,
+                "finished": _now(),
+                "seconds": round(dt, 2),
+                "log": str(r.log),
+                "last_line": r.last_line,
+            },
+        )
+        self.say(
+            f"FAILED {s.name} after {_fmt_secs(dt)}: {why}; last line: {r.last_line!r}; log {r.log}"
+        )
         return False
 
     # ---- the loop ------------------------------------------------------------------------
@@ -185,8 +226,11 @@ class LocalExecutor:
         old = {sig: signal.signal(sig, _on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
         try:
             while True:
-                pending = [s for s in todo if s.name not in done | failed | blocked
-                           and s.name not in running]  # fmt: skip
+                pending = [
+                    s
+                    for s in todo
+                    if s.name not in done | failed | blocked and s.name not in running
+                ]
                 for s in pending:
                     if any(d in failed or d in blocked for d in s.deps):
                         blocked.add(s.name)
@@ -220,9 +264,11 @@ class LocalExecutor:
             self.say(f"interrupted after {_fmt_secs(wall)}; re-run `btx run` to continue")
             return 130
         if failed or left:
-            self.say(f"finished in {_fmt_secs(wall)} with failures: {', '.join(sorted(failed))}"
-                     + (f"; not run: {', '.join(sorted(blocked))}" if blocked else "")
-                     + ". Re-run `btx run` to retry only these.")  # fmt: skip
+            self.say(
+                f"finished in {_fmt_secs(wall)} with failures: {', '.join(sorted(failed))}"
+                + (f"; not run: {', '.join(sorted(blocked))}" if blocked else "")
+                + ". Re-run `btx run` to retry only these."
+            )
             return 1
         self.say(f"all {len(todo)} stage(s) done in {_fmt_secs(wall)}")
         return 0

@@ -93,8 +93,11 @@ def final_checkpoint(run: str | Path, steps: int) -> str:
 
 def matmul_params(args) -> int:
     """Parameters in a matrix multiply per token (top-k experts only): see the module doc."""
-    return int(args.num_params(active=True) - args.vocab_size * args.hidden_size
-               - args.hidden_size * (2 * args.num_hidden_layers + 1))  # fmt: skip
+    return int(
+        args.num_params(active=True)
+        - args.vocab_size * args.hidden_size
+        - args.hidden_size * (2 * args.num_hidden_layers + 1)
+    )
 
 
 def _resolve_checkpoint(path: str) -> str:
@@ -127,8 +130,9 @@ def seed_args(cfg: BTXConfig):
     fields = dict(cfg.model)
     fields.setdefault("vocab_size", _vocab_size(cfg))
     try:
-        return LlamaArgs(**{k: v for k, v in fields.items() if k not in ("init_method_std",
-                                                                          "spec", "recompute")})
+        return LlamaArgs(
+            **{k: v for k, v in fields.items() if k not in ("init_method_std", "spec", "recompute")}
+        )
     except TypeError as e:
         raise BTXError(f"{cfg.source or 'config'}: model: {e}") from e
 
@@ -145,8 +149,9 @@ def _vocab_size(cfg: BTXConfig) -> int:
         try:
             import sentencepiece
 
-            return int(sentencepiece.SentencePieceProcessor(model_file=cfg.data.tokenizer)
-                       .vocab_size())  # fmt: skip
+            return int(
+                sentencepiece.SentencePieceProcessor(model_file=cfg.data.tokenizer).vocab_size()
+            )
         except Exception as e:  # noqa: BLE001 - any failure is the user's file
             raise BTXError(f"data.tokenizer={cfg.data.tokenizer}: cannot read it ({e})") from e
     return cfg.data.vocab_size
@@ -161,8 +166,14 @@ def _merge_stage(*parts: StageTrain | None) -> StageTrain:
     for p in parts:
         if p is None:
             continue
-        for k in ("steps", "lr", "warmup_steps", "min_lr_ratio", "micro_batch_size",
-                  "global_batch_size"):  # fmt: skip
+        for k in (
+            "steps",
+            "lr",
+            "warmup_steps",
+            "min_lr_ratio",
+            "micro_batch_size",
+            "global_batch_size",
+        ):
             if getattr(p, k) is not None:
                 setattr(out, k, getattr(p, k))
         if p.nproc != 1:
@@ -174,9 +185,15 @@ def _merge_stage(*parts: StageTrain | None) -> StageTrain:
     return out
 
 
-def _train_config(cfg: BTXConfig, run: str, st: StageTrain, data_path: str,
-                  domains: list[str] | dict[str, float], init_from: str | None,
-                  moe: dict[str, Any] | None = None) -> dict[str, Any]:  # fmt: skip
+def _train_config(
+    cfg: BTXConfig,
+    run: str,
+    st: StageTrain,
+    data_path: str,
+    domains: list[str] | dict[str, float],
+    init_from: str | None,
+    moe: dict[str, Any] | None = None,
+) -> dict[str, Any]:
     train = {"log_interval": 10, "eval_iters": 2, "keep_last": 1, "device": "auto"}
     train.update(cfg.train or {})
     train.update(st.train or {})
@@ -188,9 +205,12 @@ def _train_config(cfg: BTXConfig, run: str, st: StageTrain, data_path: str,
     train.setdefault("eval_interval", max(train["steps"], 1))
     train.setdefault("save_interval", max(train["steps"] // 4, 1))  # resumable when killed
     train["eval_interval"] = max(1, min(int(train["eval_interval"]), max(train["steps"], 1)))
-    data: dict[str, Any] = {"path": data_path, "domains": domains,
-                            "valid_domains": cfg.domain_names,
-                            "seq_length": cfg.data.seq_length}  # fmt: skip
+    data: dict[str, Any] = {
+        "path": data_path,
+        "domains": domains,
+        "valid_domains": cfg.domain_names,
+        "seq_length": cfg.data.seq_length,
+    }
     if st.micro_batch_size is not None:
         data["micro_batch_size"] = st.micro_batch_size
     if st.global_batch_size is not None:
@@ -203,9 +223,15 @@ def _train_config(cfg: BTXConfig, run: str, st: StageTrain, data_path: str,
                 model[k] = cfg.model[k]
     else:
         model = dict(cfg.model)
-    d: dict[str, Any] = {"run_dir": run, "model": model, "parallel": dict(st.parallel or {}),
-                         "data": data, "optimizer": dict(cfg.optimizer or {}), "train": train,
-                         "logging": dict(cfg.logging or {})}  # fmt: skip
+    d: dict[str, Any] = {
+        "run_dir": run,
+        "model": model,
+        "parallel": dict(st.parallel or {}),
+        "data": data,
+        "optimizer": dict(cfg.optimizer or {}),
+        "train": train,
+        "logging": dict(cfg.logging or {}),
+    }
     if moe:
         d["moe"] = moe
     from megatron_btx import config as train_config
@@ -216,8 +242,10 @@ def _train_config(cfg: BTXConfig, run: str, st: StageTrain, data_path: str,
 
 
 def _tokens(d: dict[str, Any]) -> int:
-    return int(d["train"]["steps"]) * int(d["data"]["global_batch_size"]) * int(
-        d["data"]["seq_length"]
+    return (
+        int(d["train"]["steps"])
+        * int(d["data"]["global_batch_size"])
+        * int(d["data"]["seq_length"])
     )
 
 
@@ -230,8 +258,9 @@ def _gbs(st: StageTrain) -> int:
 # ---------------------------------------------------------------------------------------------
 # The plan
 # ---------------------------------------------------------------------------------------------
-def build_plan(config_path_or_obj: Any, run_dir: str | os.PathLike[str] | None = None,
-               write: bool = True) -> list[Stage]:  # fmt: skip
+def build_plan(
+    config_path_or_obj: Any, run_dir: str | os.PathLike[str] | None = None, write: bool = True
+) -> list[Stage]:
     """Stages of the BTX run described by `config_path_or_obj` (YAML path, dict or BTXConfig),
     in a valid execution order. With `write`, saves RUN/btx.yaml, RUN/plan.json and each train
     stage's config under RUN/configs/. `run_dir` overrides the config's."""
@@ -283,8 +312,18 @@ def build_plan(config_path_or_obj: Any, run_dir: str | os.PathLike[str] | None =
             argv += ["--tokenizer", cfg.data.tokenizer]
         else:
             argv += ["--vocab-size", str(cfg.data.vocab_size)]
-        stages.append(Stage("prepare_data", "data", argv, [], 1, [f"{data_path}/manifest.json"],
-                            workdir=data_path, group="shared"))  # fmt: skip
+        stages.append(
+            Stage(
+                "prepare_data",
+                "data",
+                argv,
+                [],
+                1,
+                [f"{data_path}/manifest.json"],
+                workdir=data_path,
+                group="shared",
+            )
+        )
         data_deps = ["prepare_data"]
 
     weights = cfg.weights()
@@ -298,10 +337,18 @@ def build_plan(config_path_or_obj: Any, run_dir: str | os.PathLike[str] | None =
         src = cfg.seed.init_from
         if _is_hf(src):
             seed_ckpt = f"{R}/seed_import"
-            stages.append(Stage("import_seed", "convert",
-                                ["import-hf", "--load", src, "--save", seed_ckpt, "--overwrite"],
-                                [], 1, [f"{seed_ckpt}/metadata.json"], workdir=seed_ckpt,
-                                group="shared"))  # fmt: skip
+            stages.append(
+                Stage(
+                    "import_seed",
+                    "convert",
+                    ["import-hf", "--load", src, "--save", seed_ckpt, "--overwrite"],
+                    [],
+                    1,
+                    [f"{seed_ckpt}/metadata.json"],
+                    workdir=seed_ckpt,
+                    group="shared",
+                )
+            )
             seed_deps.append("import_seed")
         else:
             seed_ckpt = _resolve_checkpoint(src)
@@ -339,20 +386,45 @@ def build_plan(config_path_or_obj: Any, run_dir: str | os.PathLike[str] | None =
     argv = ["merge", "--experts", *expert_ckpts]
     if cfg.merge.seed_as_expert:
         argv += ["--seed", seed_ckpt]
-    argv += ["--save", merged, "--router-init", cfg.merge.router_init,
-             "--top-k", str(cfg.merge.top_k), "--tp", str(tp), "--ep", str(ep), "--pp", str(pp),
-             "--overwrite", "--no-progress"]  # fmt: skip
+    argv += [
+        "--save",
+        merged,
+        "--router-init",
+        cfg.merge.router_init,
+        "--top-k",
+        str(cfg.merge.top_k),
+        "--tp",
+        str(tp),
+        "--ep",
+        str(ep),
+        "--pp",
+        str(pp),
+        "--overwrite",
+        "--no-progress",
+    ]
     if cfg.merge.router_init == "centroid":
         argv += ["--centroid-data", *[f"{data_path}/{n}_train_text_document" for n in names]]
         if cfg.merge.seed_as_expert:
             argv += [f"{data_path}/{n}_train_text_document" for n in names][:1]
     argv += list(cfg.merge.extra_args)
-    stages.append(Stage("merge", "merge", argv, [f"expert_{n}" for n in names] + seed_deps, 1,
-                        [f"{merged}/metadata.json"], workdir=merged))  # fmt: skip
+    stages.append(
+        Stage(
+            "merge",
+            "merge",
+            argv,
+            [f"expert_{n}" for n in names] + seed_deps,
+            1,
+            [f"{merged}/metadata.json"],
+            workdir=merged,
+        )
+    )
 
     # -- finetune --------------------------------------------------------------------------
-    moe = {"aux_loss_coeff": ft.aux_loss_coeff, "load_balancing": ft.load_balancing,
-           "router": ft.router or {"type": "topk"}}  # fmt: skip
+    moe = {
+        "aux_loss_coeff": ft.aux_loss_coeff,
+        "load_balancing": ft.load_balancing,
+        "router": ft.router or {"type": "topk"},
+    }
     moe_args = _moe_args(dense_args, n_moe, cfg.merge.top_k)
     moe_active = matmul_params(moe_args)
     st_ft = _merge_stage(ft)
@@ -372,30 +444,82 @@ def build_plan(config_path_or_obj: Any, run_dir: str | os.PathLike[str] | None =
             st.steps = _matched_steps(btx_flops, dense_active, _gbs(st), cfg.data.seq_length)
         d = _train_config(cfg, f"{R}/baselines/dense", st, data_path, blend, seed_ckpt)
         train_cfgs["baseline_dense"] = d
-        stages.append(_train_stage("baseline_dense", R, d, seed_deps, st.nproc, dense_active,
-                                   "baseline"))  # fmt: skip
+        stages.append(
+            _train_stage("baseline_dense", R, d, seed_deps, st.nproc, dense_active, "baseline")
+        )
         eval_deps.append("baseline_dense")
     if b.sparse_upcycling:
         up = f"{R}/baselines/upcycled"
-        argv = ["merge", "--experts", *([seed_ckpt] * n_moe), "--save", up,
-                "--router-init", "random", "--top-k", str(cfg.merge.top_k), "--tp", str(tp),
-                "--ep", str(ep), "--pp", str(pp), "--overwrite", "--no-progress"]  # fmt: skip
-        stages.append(Stage("upcycle_merge", "merge", argv, list(seed_deps), 1,
-                            [f"{up}/metadata.json"], workdir=up, group="baseline"))  # fmt: skip
+        argv = [
+            "merge",
+            "--experts",
+            *([seed_ckpt] * n_moe),
+            "--save",
+            up,
+            "--router-init",
+            "random",
+            "--top-k",
+            str(cfg.merge.top_k),
+            "--tp",
+            str(tp),
+            "--ep",
+            str(ep),
+            "--pp",
+            str(pp),
+            "--overwrite",
+            "--no-progress",
+        ]
+        stages.append(
+            Stage(
+                "upcycle_merge",
+                "merge",
+                argv,
+                list(seed_deps),
+                1,
+                [f"{up}/metadata.json"],
+                workdir=up,
+                group="baseline",
+            )
+        )
         st = _merge_stage(ft, b.sparse_upcycling_train)
         if b.compute_match:
             st.steps = _matched_steps(btx_flops, moe_active, _gbs(st), cfg.data.seq_length)
-        d = _train_config(cfg, f"{R}/baselines/sparse_upcycling", st, data_path, blend, up,
-                          {**moe, "router": {"type": "topk"}})  # fmt: skip
+        d = _train_config(
+            cfg,
+            f"{R}/baselines/sparse_upcycling",
+            st,
+            data_path,
+            blend,
+            up,
+            {**moe, "router": {"type": "topk"}},
+        )
         train_cfgs["baseline_sparse_upcycling"] = d
-        stages.append(_train_stage("baseline_sparse_upcycling", R, d, ["upcycle_merge"],
-                                   st.nproc, moe_active, "baseline"))  # fmt: skip
+        stages.append(
+            _train_stage(
+                "baseline_sparse_upcycling",
+                R,
+                d,
+                ["upcycle_merge"],
+                st.nproc,
+                moe_active,
+                "baseline",
+            )
+        )
         eval_deps.append("baseline_sparse_upcycling")
 
     # -- evaluation ------------------------------------------------------------------------
-    stages.append(Stage("evaluate", "eval", ["evaluate", "--run-dir", R, "--no-table"], eval_deps, 1,
-                        [f"{R}/eval/results.json", f"{R}/eval/results.md"],
-                        workdir=f"{R}/eval", group="shared"))  # fmt: skip
+    stages.append(
+        Stage(
+            "evaluate",
+            "eval",
+            ["evaluate", "--run-dir", R, "--no-table"],
+            eval_deps,
+            1,
+            [f"{R}/eval/results.json", f"{R}/eval/results.md"],
+            workdir=f"{R}/eval",
+            group="shared",
+        )
+    )
 
     _check(stages)
     if write:
@@ -415,15 +539,27 @@ def _matched_steps(budget: float, active: int, gbs: int, seq: int) -> int:
     return max(1, int(round(budget / (6.0 * active * gbs * seq))))
 
 
-def _train_stage(name: str, R: str, d: dict[str, Any], deps: list[str], nproc: int,
-                 active: int, group: str) -> Stage:  # fmt: skip
+def _train_stage(
+    name: str, R: str, d: dict[str, Any], deps: list[str], nproc: int, active: int, group: str
+) -> Stage:
     path = f"{R}/configs/{name}.yaml"
     steps = int(d["train"]["steps"])
     tokens = _tokens(d)
-    return Stage(name, "train", ["train", path], list(deps), nproc,
-                 [final_checkpoint(d["run_dir"], steps) + "/metadata.json"], True,
-                 workdir=d["run_dir"], steps=steps, tokens=tokens, active_params=active,
-                 flops=6.0 * active * tokens, group=group)  # fmt: skip
+    return Stage(
+        name,
+        "train",
+        ["train", path],
+        list(deps),
+        nproc,
+        [final_checkpoint(d["run_dir"], steps) + "/metadata.json"],
+        True,
+        workdir=d["run_dir"],
+        steps=steps,
+        tokens=tokens,
+        active_params=active,
+        flops=6.0 * active * tokens,
+        group=group,
+    )
 
 
 def _check(stages: list[Stage]) -> None:
@@ -443,8 +579,10 @@ def write_plan(cfg: BTXConfig, stages: list[Stage], train_cfgs: dict[str, dict])
     run = Path(cfg.run_dir)
     (run / "configs").mkdir(parents=True, exist_ok=True)
     for name, d in train_cfgs.items():
-        _atomic_write(run / "configs" / f"{name}.yaml",
-                      yaml.safe_dump(d, sort_keys=False, default_flow_style=False))  # fmt: skip
+        _atomic_write(
+            run / "configs" / f"{name}.yaml",
+            yaml.safe_dump(d, sort_keys=False, default_flow_style=False),
+        )
     _atomic_write(run / "btx.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
     _atomic_write(run / "plan.json", json.dumps([s.to_dict() for s in stages], indent=1))
 
@@ -493,9 +631,17 @@ def mark_done(stage: Stage, run_dir: str | os.PathLike[str], **info: Any) -> Pat
         raise BTXError(f"stage {stage.name}: finished but {missing[0]} does not exist")
     m = marker_path(stage, run_dir)
     m.parent.mkdir(parents=True, exist_ok=True)
-    body = {"stage": stage.name, "kind": stage.kind, "argv": stage.argv, "steps": stage.steps,
-            "tokens": stage.tokens, "active_params": stage.active_params,
-            "flops": stage.flops, "finished_ts": time.time(), **info}  # fmt: skip
+    body = {
+        "stage": stage.name,
+        "kind": stage.kind,
+        "argv": stage.argv,
+        "steps": stage.steps,
+        "tokens": stage.tokens,
+        "active_params": stage.active_params,
+        "flops": stage.flops,
+        "finished_ts": time.time(),
+        **info,
+    }
     _atomic_write(m, json.dumps(body, indent=1))
     return m
 

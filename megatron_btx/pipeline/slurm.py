@@ -48,8 +48,19 @@ from typing import Any
 from megatron_btx.errors import BTXError
 
 #: squeue states of a job that is still going to run (or running): do not submit it again
-LIVE_STATES = {"PENDING", "RUNNING", "CONFIGURING", "COMPLETING", "REQUEUED", "REQUEUE_HOLD",
-               "REQUEUE_FED", "RESIZING", "SUSPENDED", "SIGNALING", "STAGE_OUT"}  # fmt: skip
+LIVE_STATES = {
+    "PENDING",
+    "RUNNING",
+    "CONFIGURING",
+    "COMPLETING",
+    "REQUEUED",
+    "REQUEUE_HOLD",
+    "REQUEUE_FED",
+    "RESIZING",
+    "SUSPENDED",
+    "SIGNALING",
+    "STAGE_OUT",
+}
 
 
 @dataclass
@@ -121,9 +132,11 @@ def _container_prefix(opts: SlurmOptions, gpus: int) -> tuple[list[str], list[st
     if opts.container_image:
         # a named container is created once per node and job and reused by the job's later
         # steps (pyxis removes it when the job ends), instead of unpacking the image each time
-        srun = [f"--container-image={opts.container_image}",
-                f"--container-name={opts.job_prefix}",
-                f"--container-workdir={opts.cwd()}"]  # fmt: skip
+        srun = [
+            f"--container-image={opts.container_image}",
+            f"--container-name={opts.job_prefix}",
+            f"--container-workdir={opts.cwd()}",
+        ]
         if opts.container_mounts:
             srun.append(f"--container-mounts={opts.container_mounts}")
         return srun, []
@@ -144,8 +157,13 @@ def _events_line(run_dir: str, stage: str, what: str, **fields: str) -> str:
     expressions of numbers."""
     path = f"{run_dir}/slurm/logs/{stage}.events"
     body = '{"event": "%s", "time": %s, "job": "%s", "restart": %s, "host": "%s"'
-    args = [f'"{what}"', '"$(date +%s.%N)"', '"$SLURM_JOB_ID"', '"${SLURM_RESTART_COUNT:-0}"',
-            '"$(hostname)"']
+    args = [
+        f'"{what}"',
+        '"$(date +%s.%N)"',
+        '"$SLURM_JOB_ID"',
+        '"${SLURM_RESTART_COUNT:-0}"',
+        '"$(hostname)"',
+    ]
     for k, v in fields.items():
         body += f', "{k}": %s'
         args.append(f'"{v}"')
@@ -167,12 +185,14 @@ def render_script(stage: Any, run_dir: str | os.PathLike[str], opts: SlurmOption
         )
     py = opts.interpreter()
     logs = f"{run_dir}/slurm/logs"
-    sb = [f"--job-name={opts.job_prefix}-{stage.name}",
-          f"--output={logs}/{stage.name}.%j.out",
-          "--open-mode=append",
-          "--requeue",
-          f"--nodes={nodes}",
-          "--ntasks-per-node=1"]  # fmt: skip
+    sb = [
+        f"--job-name={opts.job_prefix}-{stage.name}",
+        f"--output={logs}/{stage.name}.%j.out",
+        "--open-mode=append",
+        "--requeue",
+        f"--nodes={nodes}",
+        "--ntasks-per-node=1",
+    ]
     if train and resumable:
         sb.append(f"--signal=B:{opts.signal_name}@{opts.signal_lead}")
     if gpus:
@@ -196,8 +216,10 @@ def render_script(stage: Any, run_dir: str | os.PathLike[str], opts: SlurmOption
     # Bookkeeping (RUN/stages/<stage>.running|.done|.failed, as `btx run` writes them) is done
     # by our package, so inside the container when there is one.
     helper_pre = ["srun", "--nodes=1", "--ntasks=1", *c_srun] if opts.container_image else c_pre
-    helper = shlex.join([*helper_pre, py, "-m", "megatron_btx.pipeline.slurm"]) + \
-        f" --run-dir {_q(run_dir)} --stage {_q(stage.name)}"  # fmt: skip
+    helper = (
+        shlex.join([*helper_pre, py, "-m", "megatron_btx.pipeline.slurm"])
+        + f" --run-dir {_q(run_dir)} --stage {_q(stage.name)}"
+    )
     preemptible = train and resumable
 
     lines = ["#!/bin/bash"]
@@ -218,7 +240,8 @@ def render_script(stage: Any, run_dir: str | os.PathLike[str], opts: SlurmOption
             "PREEMPTED=0",
             'STEP_PID=""',
             "on_signal() {",
-            '    echo "[btx] $(date -Is) got ' + opts.signal_name
+            '    echo "[btx] $(date -Is) got '
+            + opts.signal_name
             + ': checkpointing, then requeueing"',
             "    PREEMPTED=1",
             f'    scancel --signal={opts.signal_name} "$SLURM_JOB_ID" 2>/dev/null'
@@ -230,15 +253,25 @@ def render_script(stage: Any, run_dir: str | os.PathLike[str], opts: SlurmOption
         f"mkdir -p {_q(logs)}",
         "STARTED=$(date +%s.%N)",
         f"{helper} start --pid $$ || true",
-        'echo "[btx] $(date -Is) stage ' + stage.name + ' job $SLURM_JOB_ID '
+        'echo "[btx] $(date -Is) stage ' + stage.name + " job $SLURM_JOB_ID "
         'restart ${SLURM_RESTART_COUNT:-0} on $SLURM_JOB_NODELIST"',
         _events_line(run_dir, stage.name, "start"),
     ]
     if train:
-        inner = [py, "-m", "megatron_btx.pipeline.slurm", "torchrun",
-                 "--nnodes=$SLURM_NNODES", "--node-rank=$SLURM_NODEID",
-                 f"--nproc-per-node={nproc}", "--master-addr=$MASTER_ADDR",
-                 "--master-port=$MASTER_PORT", "-m", "megatron_btx", *stage.argv]  # fmt: skip
+        inner = [
+            py,
+            "-m",
+            "megatron_btx.pipeline.slurm",
+            "torchrun",
+            "--nnodes=$SLURM_NNODES",
+            "--node-rank=$SLURM_NODEID",
+            f"--nproc-per-node={nproc}",
+            "--master-addr=$MASTER_ADDR",
+            "--master-port=$MASTER_PORT",
+            "-m",
+            "megatron_btx",
+            *stage.argv,
+        ]
         # $SLURM_NODEID differs per node: expand it inside each srun task, not here.
         inner_s = " ".join(a if a.startswith("--") and "$" in a else _q(a) for a in inner)
         lines += [
@@ -246,10 +279,15 @@ def render_script(stage: Any, run_dir: str | os.PathLike[str], opts: SlurmOption
             "MASTER_PORT=$((20000 + SLURM_JOB_ID % 20000))",
             "export MASTER_ADDR MASTER_PORT",
         ]
-        srun = ["srun", f"--nodes={nodes}", "--ntasks-per-node=1", "--kill-on-bad-exit=1",
-                *step_res, *c_srun]  # fmt: skip
-        step = f"{shlex.join(srun)} {shlex.join(c_pre) + ' ' if c_pre else ''}" \
-               f"bash -c {_q(inner_s)}"  # fmt: skip
+        srun = [
+            "srun",
+            f"--nodes={nodes}",
+            "--ntasks-per-node=1",
+            "--kill-on-bad-exit=1",
+            *step_res,
+            *c_srun,
+        ]
+        step = f"{shlex.join(srun)} {shlex.join(c_pre) + ' ' if c_pre else ''}bash -c {_q(inner_s)}"
     else:
         srun = ["srun", "--nodes=1", "--ntasks=1", "--kill-on-bad-exit=1", *step_res, *c_srun]
         step = shlex.join([*srun, *c_pre, py, "-m", "megatron_btx", *stage.argv])
@@ -269,7 +307,8 @@ def render_script(stage: Any, run_dir: str | os.PathLike[str], opts: SlurmOption
     preempted = '"$PREEMPTED"' if preemptible else "0"
     lines += [
         "# done (0), stopped early and resumable (3: requeue; it resumes from checkpoints/latest),"
-        if preemptible else "# done (0) or failed (1)",
+        if preemptible
+        else "# done (0) or failed (1)",
         *(["# or failed (1)"] if preemptible else []),
         f'{helper} finish --rc "$RC" --started "$STARTED" --preempted {preempted} '
         f"--max-requeues {opts.max_requeues}",
@@ -299,19 +338,26 @@ def _run(cmd: Sequence[str]) -> str:
     try:
         p = subprocess.run(list(cmd), capture_output=True, text=True, timeout=120)
     except FileNotFoundError as e:
-        raise BTXError(f"{cmd[0]}: not found; run btx launch on a Slurm login node (or use "
-                       f"--dry-run to only write the scripts)") from e  # fmt: skip
+        raise BTXError(
+            f"{cmd[0]}: not found; run btx launch on a Slurm login node (or use "
+            f"--dry-run to only write the scripts)"
+        ) from e
     if p.returncode != 0:
-        raise BTXError(f"{shlex.join(cmd)} failed (exit {p.returncode}): "
-                       f"{(p.stderr or p.stdout).strip()}")  # fmt: skip
+        raise BTXError(
+            f"{shlex.join(cmd)} failed (exit {p.returncode}): {(p.stderr or p.stdout).strip()}"
+        )
     return p.stdout
 
 
 def job_state(job_id: str) -> str | None:
     """The job's state as squeue reports it, or None once it has left the queue."""
     try:
-        p = subprocess.run(["squeue", "-h", "-j", str(job_id), "-o", "%T"], capture_output=True,
-                           text=True, timeout=60)  # fmt: skip
+        p = subprocess.run(
+            ["squeue", "-h", "-j", str(job_id), "-o", "%T"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
     except (FileNotFoundError, subprocess.TimeoutExpired):
         return None
     out = p.stdout.strip().splitlines()
@@ -345,20 +391,28 @@ def dependency_graph(stages: Sequence[Any], status: dict[str, str]) -> str:
         waits = [d for d in s.deps if status.get(d) != "done"]
         after = f"afterok {', '.join(waits)}" if waits else "-"
         nproc = f" x{s.nproc}" if s.kind == "train" else ""
-        out.append(f"  {s.name.ljust(width)}  {(s.kind + nproc).ljust(9)} "
-                   f"{status.get(s.name, '?').ljust(12)} {after}")  # fmt: skip
+        out.append(
+            f"  {s.name.ljust(width)}  {(s.kind + nproc).ljust(9)} "
+            f"{status.get(s.name, '?').ljust(12)} {after}"
+        )
     return "\n".join(out)
 
 
-def launch(stages: Sequence[Any], run_dir: str | os.PathLike[str], opts: SlurmOptions,
-           dry_run: bool = False, done: Callable[[Any, str], bool] | None = None,
-           print_fn: Callable[[str], None] = print) -> dict[str, str]:  # fmt: skip
+def launch(
+    stages: Sequence[Any],
+    run_dir: str | os.PathLike[str],
+    opts: SlurmOptions,
+    dry_run: bool = False,
+    done: Callable[[Any, str], bool] | None = None,
+    print_fn: Callable[[str], None] = print,
+) -> dict[str, str]:
     """Write RUN/slurm/<stage>.sbatch for every stage not done yet and (unless `dry_run`) submit
     them in plan order with afterok dependencies. Returns stage -> job id ("done" for finished
     stages, "dry-run" for unsubmitted ones); writes RUN/slurm/jobs.json (stage -> job id)."""
     run_dir = os.fspath(Path(run_dir).resolve())
-    finished = {s.name for s in stages if done(s, run_dir)} if done else \
-        done_stages(stages, run_dir)  # fmt: skip
+    finished = (
+        {s.name for s in stages if done(s, run_dir)} if done else done_stages(stages, run_dir)
+    )
     sdir = Path(run_dir) / "slurm"
     (sdir / "logs").mkdir(parents=True, exist_ok=True)
     jobs_path = sdir / "jobs.json"
@@ -367,13 +421,17 @@ def launch(stages: Sequence[Any], run_dir: str | os.PathLike[str], opts: SlurmOp
     except ValueError:
         previous = {}
     if not dry_run and not shutil.which("sbatch"):
-        raise BTXError("sbatch: not found; run btx launch on a Slurm login node (or pass "
-                       "--dry-run to write and print the scripts only)")  # fmt: skip
+        raise BTXError(
+            "sbatch: not found; run btx launch on a Slurm login node (or pass "
+            "--dry-run to write and print the scripts only)"
+        )
     names = {s.name for s in stages}
     unknown = sorted(set(opts.stage_nodes) - names)
     if unknown:
-        raise BTXError(f"--stage-nodes {unknown[0]}=...: no such stage (stages: "
-                       f"{', '.join(s.name for s in stages)})")  # fmt: skip
+        raise BTXError(
+            f"--stage-nodes {unknown[0]}=...: no such stage (stages: "
+            f"{', '.join(s.name for s in stages)})"
+        )
     for s in stages:
         missing = [d for d in s.deps if d not in names]
         if missing:
@@ -507,10 +565,19 @@ def _job_helper(argv: list[str]) -> int:
     stage = stages[a.stage]
     if a.what == "start":
         now = time.time()
-        _write_json(sdir / f"{stage.name}.running",
-                    {"pid": a.pid, "host": socket.gethostname(), "started": _iso(now),
-                     "start_time": now, "argv": stage.argv, "executor": "slurm", "job_id": job,
-                     "restarts": restarts})  # fmt: skip
+        _write_json(
+            sdir / f"{stage.name}.running",
+            {
+                "pid": a.pid,
+                "host": socket.gethostname(),
+                "started": _iso(now),
+                "start_time": now,
+                "argv": stage.argv,
+                "executor": "slurm",
+                "job_id": job,
+                "restarts": restarts,
+            },
+        )
         return 0
     now = time.time()
     started = a.started or now
@@ -528,25 +595,45 @@ def _job_helper(argv: list[str]) -> int:
             info = {"fingerprint": local.fingerprint(stage), **local._train_summary(stage)}
         except (ImportError, AttributeError):  # an older local executor: markers without them
             pass
-        plan_mod.mark_done(stage, run, started=_iso(started), finished=_iso(now),
-                           seconds=round(seconds, 2), finished_ts=now, executor="slurm",
-                           job_id=job, restarts=restarts,
-                           nodes=os.environ.get("SLURM_JOB_NODELIST", socket.gethostname()),
-                           **info)  # fmt: skip
+        plan_mod.mark_done(
+            stage,
+            run,
+            started=_iso(started),
+            finished=_iso(now),
+            seconds=round(seconds, 2),
+            finished_ts=now,
+            executor="slurm",
+            job_id=job,
+            restarts=restarts,
+            nodes=os.environ.get("SLURM_JOB_NODELIST", socket.gethostname()),
+            **info,
+        )
         (sdir / f"{stage.name}.failed").unlink(missing_ok=True)
         return 0
     stopped_early = a.preempted or a.rc == 0
     if stage.resumable and stopped_early and restarts < a.max_requeues:
         return 3
     missing = [o for o in stage.outputs if not os.path.exists(o)]
-    why = f"exit code {a.rc}" if a.rc else f"exited 0 but {missing[0] if missing else '?'} " \
-          f"does not exist"  # fmt: skip
+    why = (
+        f"exit code {a.rc}"
+        if a.rc
+        else f"exited 0 but {missing[0] if missing else '?'} does not exist"
+    )
     if stage.resumable and stopped_early:
         why += f" after {restarts} requeues (--max-requeues)"
-    _write_json(sdir / f"{stage.name}.failed",
-                {"stage": stage.name, "rc": a.rc, "reason": why, "finished": _iso(now),
-                 "seconds": round(now - started, 2), "executor": "slurm", "job_id": job,
-                 "log": str(run / "slurm" / "logs" / f"{stage.name}.{job}.out")})  # fmt: skip
+    _write_json(
+        sdir / f"{stage.name}.failed",
+        {
+            "stage": stage.name,
+            "rc": a.rc,
+            "reason": why,
+            "finished": _iso(now),
+            "seconds": round(now - started, 2),
+            "executor": "slurm",
+            "job_id": job,
+            "log": str(run / "slurm" / "logs" / f"{stage.name}.{job}.out"),
+        },
+    )
     print(f"[btx] stage {stage.name} failed: {why}", file=sys.stderr)
     return 1
 
@@ -557,9 +644,12 @@ def main(argv: list[str] | None = None) -> int:
         return _torchrun(argv[1:])
     if argv and argv[0].startswith("--run-dir"):
         return _job_helper(argv)
-    print("usage: python -m megatron_btx.pipeline.slurm torchrun TORCHRUN_ARGS...\n"
-          "       python -m megatron_btx.pipeline.slurm --run-dir RUN --stage NAME "
-          "start|finish ...", file=sys.stderr)  # fmt: skip
+    print(
+        "usage: python -m megatron_btx.pipeline.slurm torchrun TORCHRUN_ARGS...\n"
+        "       python -m megatron_btx.pipeline.slurm --run-dir RUN --stage NAME "
+        "start|finish ...",
+        file=sys.stderr,
+    )
     return 2
 
 

@@ -138,8 +138,14 @@ def init(
     if rank == 0:
         log.info(
             "runtime: %d process(es), backend %s, TP=%d PP=%d EP=%d ETP=%d DP=%d",
-            world, backend, tp, pp, ep, etp, _RUNTIME.dp,
-        )  # fmt: skip
+            world,
+            backend,
+            tp,
+            pp,
+            ep,
+            etp,
+            _RUNTIME.dp,
+        )
     return _RUNTIME
 
 

@@ -81,11 +81,11 @@ def _wrap_device_kwarg(fn: Callable) -> Callable:
     return wrapper
 
 
-_FACTORIES = (
-    "empty", "zeros", "ones", "full", "tensor", "arange", "rand", "randn", "randint", "randperm",
-    "empty_like", "zeros_like", "ones_like", "full_like", "rand_like", "randn_like", "as_tensor",
-    "linspace", "eye", "empty_strided", "ones_like", "tril_indices", "triu_indices",
-)  # fmt: skip
+_FACTORIES = tuple(
+    "empty zeros ones full tensor arange rand randn randint randperm empty_like zeros_like "
+    "ones_like full_like rand_like randn_like as_tensor linspace eye empty_strided tril_indices "
+    "triu_indices".split()
+)
 _TENSOR_FACTORIES = ("new_empty", "new_zeros", "new_ones", "new_full", "new_tensor")
 
 
@@ -311,23 +311,41 @@ def _sp_norm() -> None:
 
 
 ADJUSTMENTS: tuple[Adjustment, ...] = (
-    Adjustment("current_device", "torch.cuda.current_device() is used as a device in ~175 places",
-               _current_device),
-    Adjustment("cuda_devices", "literal 'cuda' devices, .cuda() and cuda tensor-type checks",
-               _cuda_devices),
-    Adjustment("streams", "DDP, the MoE dispatcher, p2p and checkpointing use CUDA streams/events",
-               _streams),
-    Adjustment("rng", "the TP/EP RNG tracker forks 'the CUDA generator' (megatron-core symbol)",
-               _rng),
-    Adjustment("all_to_all_split_sizes", "gloo's all_to_all_single needs list split sizes",
-               _all_to_all_split_sizes),
-    Adjustment("uneven_all_gather", "gloo's all_gather needs equal shapes; NCCL does not",
-               _uneven_all_gather),
-    Adjustment("router_gemm", "megatron-core 0.16 names te_general_gemm without TE (NameError)",
-               _router_gemm),
-    Adjustment("sp_norm", "WrappedTorchNorm asserts not sequence_parallel (megatron-core symbol)",
-               _sp_norm),
-)  # fmt: skip
+    Adjustment(
+        "current_device",
+        "torch.cuda.current_device() is used as a device in ~175 places",
+        _current_device,
+    ),
+    Adjustment(
+        "cuda_devices", "literal 'cuda' devices, .cuda() and cuda tensor-type checks", _cuda_devices
+    ),
+    Adjustment(
+        "streams",
+        "DDP, the MoE dispatcher, p2p and checkpointing use CUDA streams/events",
+        _streams,
+    ),
+    Adjustment(
+        "rng", "the TP/EP RNG tracker forks 'the CUDA generator' (megatron-core symbol)", _rng
+    ),
+    Adjustment(
+        "all_to_all_split_sizes",
+        "gloo's all_to_all_single needs list split sizes",
+        _all_to_all_split_sizes,
+    ),
+    Adjustment(
+        "uneven_all_gather",
+        "gloo's all_gather needs equal shapes; NCCL does not",
+        _uneven_all_gather,
+    ),
+    Adjustment(
+        "router_gemm",
+        "megatron-core 0.16 names te_general_gemm without TE (NameError)",
+        _router_gemm,
+    ),
+    Adjustment(
+        "sp_norm", "WrappedTorchNorm asserts not sequence_parallel (megatron-core symbol)", _sp_norm
+    ),
+)
 
 _applied: list[str] = []
 

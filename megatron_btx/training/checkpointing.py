@@ -111,7 +111,7 @@ def list_checkpoints(run_dir: Path) -> list[tuple[int, Path]]:
 
 def prune(run_dir: Path, keep_last: int) -> None:
     """Remove all but the newest `keep_last` checkpoints (never the one `latest` names)."""
-    latest = (run_dir / CKPT_DIR / LATEST)
+    latest = run_dir / CKPT_DIR / LATEST
     keep_name = latest.read_text().strip() if latest.is_file() else None
     found = list_checkpoints(run_dir)
     for _, path in found[:-keep_last] if keep_last > 0 else found:
@@ -161,10 +161,16 @@ def get_rng_state() -> dict[str, Any]:
 def set_rng_state(state: dict[str, Any]) -> None:
     from megatron.core import tensor_parallel
 
-    random.setstate((state["python_version"], tuple(state["python_state"]),
-                     state["python_gauss"]))  # fmt: skip
-    np.random.set_state((state["numpy_key"], state["numpy_state"].numpy().astype(np.uint32),
-                         state["numpy_pos"], state["numpy_has_gauss"], state["numpy_gauss"]))  # fmt: skip
+    random.setstate((state["python_version"], tuple(state["python_state"]), state["python_gauss"]))
+    np.random.set_state(
+        (
+            state["numpy_key"],
+            state["numpy_state"].numpy().astype(np.uint32),
+            state["numpy_pos"],
+            state["numpy_has_gauss"],
+            state["numpy_gauss"],
+        )
+    )
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["cuda"])
@@ -218,8 +224,9 @@ def _tolerate_missing_step(optimizer: Any) -> None:
     from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
 
     for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
-        if not isinstance(opt, DistributedOptimizer) or "_set_main_param_and_optimizer_states" \
-                in vars(opt):  # fmt: skip
+        if not isinstance(
+            opt, DistributedOptimizer
+        ) or "_set_main_param_and_optimizer_states" in vars(opt):
             continue
         orig = opt._set_main_param_and_optimizer_states
 
@@ -291,8 +298,9 @@ def save(
                 shutil.copy2(tokenizer, tmp / "tokenizer" / "tokenizer.model")
             for name, text in files.items():
                 (tmp / name).write_text(text)
-            manifest.write(tmp, **manifest_fields, step=step,
-                           consumed_samples=train_state["consumed_samples"])  # fmt: skip
+            manifest.write(
+                tmp, **manifest_fields, step=step, consumed_samples=train_state["consumed_samples"]
+            )
         if fault == "kill_in_save":
             _barrier()
             if _rank() == 0:
@@ -382,15 +390,19 @@ def _optimizer_layout_problem(saved: dict[str, Any], now: dict[str, Any]) -> str
     if not saved:
         return "the checkpoint records no layout"
     if saved.get("distributed_optimizer") != now.get("distributed_optimizer"):
-        return ("the checkpoint was written with distributed_optimizer="
-                f"{saved.get('distributed_optimizer')} and this run uses "
-                f"{now.get('distributed_optimizer')}")  # fmt: skip
+        return (
+            "the checkpoint was written with distributed_optimizer="
+            f"{saved.get('distributed_optimizer')} and this run uses "
+            f"{now.get('distributed_optimizer')}"
+        )
     if (saved.get("ep", 1) > 1) != (now.get("ep", 1) > 1) and saved.get("moe"):
         # megatron-core keeps expert parameters in a separate optimizer only when EP > 1
         # (at EP = 1 they are ordinary data-parallel parameters), so the optimizer's
         # structure, and with it the state dict's, differs between EP = 1 and EP > 1.
-        return (f"expert parallelism changed from EP={saved.get('ep')} to EP={now.get('ep')}, "
-                f"which regroups the expert parameters in megatron's optimizer")  # fmt: skip
+        return (
+            f"expert parallelism changed from EP={saved.get('ep')} to EP={now.get('ep')}, "
+            f"which regroups the expert parameters in megatron's optimizer"
+        )
     return None
 
 

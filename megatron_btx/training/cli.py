@@ -18,8 +18,10 @@ import sys
 
 from megatron_btx.errors import BTXError
 
-USAGE = "btx train CONFIG [--resume | --no-resume] [--nproc-per-node N] [--print-config] " \
-        "[--section.key VALUE ...]"  # fmt: skip
+USAGE = (
+    "btx train CONFIG [--resume | --no-resume] [--nproc-per-node N] [--print-config] "
+    "[--section.key VALUE ...]"
+)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -31,14 +33,30 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument("config", help="YAML config file")
     g = p.add_mutually_exclusive_group()
-    g.add_argument("--resume", dest="resume", action="store_const", const=True, default=None,
-                   help="continue from RUN/checkpoints/latest (error if there is none)")
-    g.add_argument("--no-resume", dest="resume", action="store_const", const=False,
-                   help="start fresh (error if the run directory already has checkpoints)")
-    p.add_argument("--nproc-per-node", type=int, default=None,
-                   help="start this many processes with torchrun --standalone")
-    p.add_argument("--print-config", action="store_true",
-                   help="print the resolved config as YAML and exit")
+    g.add_argument(
+        "--resume",
+        dest="resume",
+        action="store_const",
+        const=True,
+        default=None,
+        help="continue from RUN/checkpoints/latest (error if there is none)",
+    )
+    g.add_argument(
+        "--no-resume",
+        dest="resume",
+        action="store_const",
+        const=False,
+        help="start fresh (error if the run directory already has checkpoints)",
+    )
+    p.add_argument(
+        "--nproc-per-node",
+        type=int,
+        default=None,
+        help="start this many processes with torchrun --standalone",
+    )
+    p.add_argument(
+        "--print-config", action="store_true", help="print the resolved config as YAML and exit"
+    )
     return p
 
 
@@ -46,7 +64,8 @@ def _setup_logging() -> None:
     rank = int(os.environ.get("RANK", "0"))
     logging.basicConfig(
         level=logging.INFO if rank == 0 else logging.WARNING,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s" if rank == 0
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+        if rank == 0
         else f"[rank {rank}] %(levelname)s %(name)s: %(message)s",
     )
     # megatron-core logs its whole config at INFO: keep the console to our progress lines.
@@ -69,8 +88,14 @@ def _relaunch(nproc: int, argv: list[str]) -> int:
         if a.startswith("--nproc-per-node="):
             continue
         rest.append(a)
-    cmd = [torchrun, "--standalone", f"--nproc-per-node={nproc}", "-m", "megatron_btx.training",
-           *rest]  # fmt: skip
+    cmd = [
+        torchrun,
+        "--standalone",
+        f"--nproc-per-node={nproc}",
+        "-m",
+        "megatron_btx.training",
+        *rest,
+    ]
     sys.stdout.flush()
     sys.stderr.flush()
     os.execv(cmd[0], cmd)

@@ -65,8 +65,9 @@ def resolve_sources(cfg: Config) -> DataSources:
             weights = {n: float(domains[n].get("tokens", {}).get("train", 1)) for n in names}
         elif isinstance(d.domains, list):
             names = list(d.domains)
-            weights = {n: float(domains.get(n, {}).get("tokens", {}).get("train", 1))
-                       for n in names}  # fmt: skip
+            weights = {
+                n: float(domains.get(n, {}).get("tokens", {}).get("train", 1)) for n in names
+            }
         else:
             names = list(d.domains)
             weights = {n: float(w) for n, w in d.domains.items()}
@@ -106,13 +107,23 @@ def build_datasets(
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
         train, _, _ = build_blend_datasets(
-            sources.blend, d.seq_length, cfg.train.seed, (n_train, 0, 0), sources.tokenizer,
-            cache_dir=cache_dir, create_attention_mask=False,
-        )  # fmt: skip
+            sources.blend,
+            d.seq_length,
+            cfg.train.seed,
+            (n_train, 0, 0),
+            sources.tokenizer,
+            cache_dir=cache_dir,
+            create_attention_mask=False,
+        )
         valid = build_domain_datasets(
-            sources.valid, d.seq_length, cfg.train.seed, sources.tokenizer,
-            cache_dir=cache_dir, split="valid", create_attention_mask=False,
-        )  # fmt: skip
+            sources.valid,
+            d.seq_length,
+            cfg.train.seed,
+            sources.tokenizer,
+            cache_dir=cache_dir,
+            split="valid",
+            create_attention_mask=False,
+        )
     valid = {k: v for k, v in valid.items() if v is not None and len(v) > 0}
     return train, valid
 

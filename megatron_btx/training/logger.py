@@ -49,8 +49,10 @@ class MetricsLogger:
             try:
                 from torch.utils.tensorboard import SummaryWriter
 
-                self.tb = SummaryWriter(str(run_dir / "tensorboard"), purge_step=resumed_step + 1
-                                        if resumed_step else None)  # fmt: skip
+                self.tb = SummaryWriter(
+                    str(run_dir / "tensorboard"),
+                    purge_step=resumed_step + 1 if resumed_step else None,
+                )
             except ImportError as e:
                 log.warning("tensorboard logging is on but unavailable (%s); skipping it", e)
         if cfg.logging.wandb:
@@ -76,8 +78,11 @@ class MetricsLogger:
             return
         rec = {"event": event, "step": step, "time": round(time.time(), 3), **fields}
         self._jsonl.write(json.dumps(rec, default=_json_default) + "\n")
-        scalars = {k: v for k, v in fields.items() if isinstance(v, (int, float))
-                   and not isinstance(v, bool)}  # fmt: skip
+        scalars = {
+            k: v
+            for k, v in fields.items()
+            if isinstance(v, (int, float)) and not isinstance(v, bool)
+        }
         if event in ("train", "eval"):
             if self.tb is not None:
                 for k, v in scalars.items():
@@ -92,8 +97,9 @@ class MetricsLogger:
         if self.enabled:
             print(line, file=sys.stdout, flush=True)
 
-    def train_line(self, step: int, total: int, m: dict[str, Any], elapsed: float,
-                   steps_done: int) -> None:  # fmt: skip
+    def train_line(
+        self, step: int, total: int, m: dict[str, Any], elapsed: float, steps_done: int
+    ) -> None:
         if not self.enabled:
             return
         eta = (total - step) * elapsed / max(steps_done, 1)

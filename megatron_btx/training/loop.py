@@ -88,7 +88,9 @@ def resolve_model_args(cfg: Config, tokenizer_vocab: int | None):
         fields = dict(inline)
         if "vocab_size" not in fields:
             if tokenizer_vocab is None:
-                raise BTXError("model.vocab_size is not set and there is no tokenizer to take it from")
+                raise BTXError(
+                    "model.vocab_size is not set and there is no tokenizer to take it from"
+                )
             fields["vocab_size"] = tokenizer_vocab
         try:
             args = LlamaArgs(**fields)
@@ -207,8 +209,9 @@ class Trainer:
             )
         self.resume_from = latest if t.resume in ("auto", True) else None
 
-        self.rt = runtime.init(tp=p.tp, pp=p.pp, ep=p.ep, etp=p.etp, vpp=p.vpp, device=t.device,
-                               seed=t.seed)  # fmt: skip
+        self.rt = runtime.init(
+            tp=p.tp, pp=p.pp, ep=p.ep, etp=p.etp, vpp=p.vpp, device=t.device, seed=t.seed
+        )
         self.device = self.rt.device
         self.rank = self.rt.rank
         self.dtype_name = t.dtype if t.dtype != "auto" else ("bf16" if self.rt.on_gpu else "fp32")
@@ -247,10 +250,14 @@ class Trainer:
         cache = Path(cfg.data.cache_dir) if cfg.data.cache_dir else self.run_dir / "data_cache"
         self.train_ds, self.valid_ds = build_datasets(cfg, self.sources, cache)
         self.loader = BatchLoader(
-            self.train_ds, cfg.data.micro_batch_size, cfg.data.global_batch_size,
-            ps.get_data_parallel_rank(), ps.get_data_parallel_world_size(), self.device,
+            self.train_ds,
+            cfg.data.micro_batch_size,
+            cfg.data.global_batch_size,
+            ps.get_data_parallel_rank(),
+            ps.get_data_parallel_world_size(),
+            self.device,
             consumed_samples=consumed,
-        )  # fmt: skip
+        )
         from megatron.core.pipeline_parallel import get_forward_backward_func
 
         self.fwd_bwd = get_forward_backward_func()
@@ -261,9 +268,16 @@ class Trainer:
 
     def layout(self) -> dict[str, Any]:
         p = self.cfg.parallel
-        return {"tp": p.tp, "pp": p.pp, "ep": p.ep, "etp": self.rt.etp, "vpp": p.vpp,
-                "dp": self.rt.dp, "distributed_optimizer": p.distributed_optimizer,
-                "moe": self.args.is_moe}  # fmt: skip
+        return {
+            "tp": p.tp,
+            "pp": p.pp,
+            "ep": p.ep,
+            "etp": self.rt.etp,
+            "vpp": p.vpp,
+            "dp": self.rt.dp,
+            "distributed_optimizer": p.distributed_optimizer,
+            "moe": self.args.is_moe,
+        }
 
     def _build_model(self) -> None:
         from megatron.core import tensor_parallel
@@ -284,24 +298,37 @@ class Trainer:
             overrides["masked_softmax_fusion"] = False
         loading = self.resume_from is not None or bool(cfg.model.init_from)
         self.tconf = transformer_config(
-            self.args, tp=p.tp, pp=p.pp, ep=p.ep, etp=p.etp, vpp=p.vpp, dtype=self.dtype_name,
-            moe=MoEOptions(dispatcher=cfg.moe.dispatcher, aux_loss_coeff=cfg.moe.aux_loss_coeff,
-                           load_balancing=cfg.moe.load_balancing,
-                           capacity_factor=cfg.moe.capacity_factor),
-            recompute=cfg.model.recompute, cpu_init=not self.rt.on_gpu,
-            init_method_std=cfg.model.init_method_std, perform_initialization=not loading,
+            self.args,
+            tp=p.tp,
+            pp=p.pp,
+            ep=p.ep,
+            etp=p.etp,
+            vpp=p.vpp,
+            dtype=self.dtype_name,
+            moe=MoEOptions(
+                dispatcher=cfg.moe.dispatcher,
+                aux_loss_coeff=cfg.moe.aux_loss_coeff,
+                load_balancing=cfg.moe.load_balancing,
+                capacity_factor=cfg.moe.capacity_factor,
+            ),
+            recompute=cfg.model.recompute,
+            cpu_init=not self.rt.on_gpu,
+            init_method_std=cfg.model.init_method_std,
+            perform_initialization=not loading,
             **overrides,
-        )  # fmt: skip
+        )
         spec = None if cfg.model.spec == "auto" else cfg.model.spec
         chunks = []
         for i in range(p.vpp or 1):
-            chunk = build_model(self.args, config=self.tconf, vp_stage=i if p.vpp else None,
-                                spec=spec)  # fmt: skip
+            chunk = build_model(
+                self.args, config=self.tconf, vp_stage=i if p.vpp else None, spec=spec
+            )
             for param in chunk.parameters():
                 tensor_parallel.set_defaults_if_not_set_tensor_model_parallel_attributes(param)
             chunks.append(chunk)
-        self.router_name = install_router(chunks, cfg.moe.router, self.tconf) if \
-            self.args.is_moe else None  # fmt: skip
+        self.router_name = (
+            install_router(chunks, cfg.moe.router, self.tconf) if self.args.is_moe else None
+        )
         # The BTX routers (when configured) want the step and report routing statistics.
         self.routers = _routers_module() if (self.args.is_moe and cfg.moe.router) else None
         if self.rt.on_gpu:
@@ -315,8 +342,9 @@ class Trainer:
             check_for_nan_in_grad=True,
         )
         self.model = [
-            DistributedDataParallel(config=self.tconf, ddp_config=self.ddp_config, module=c,
-                                    disable_bucketing=i > 0)  # fmt: skip
+            DistributedDataParallel(
+                config=self.tconf, ddp_config=self.ddp_config, module=c, disable_bucketing=i > 0
+            )
             for i, c in enumerate(chunks)
         ]
         for m in self.model:
@@ -333,21 +361,35 @@ class Trainer:
         cfg, t, o = self.cfg, self.cfg.train, self.cfg.optimizer
         bf16 = self.dtype_name == "bf16"
         oc = OptimizerConfig(
-            optimizer="adam", lr=t.lr, min_lr=t.lr * t.min_lr_ratio,
-            weight_decay=o.weight_decay, adam_beta1=o.adam_beta1, adam_beta2=o.adam_beta2,
-            adam_eps=o.adam_eps, clip_grad=o.clip_grad, bf16=bf16,
+            optimizer="adam",
+            lr=t.lr,
+            min_lr=t.lr * t.min_lr_ratio,
+            weight_decay=o.weight_decay,
+            adam_beta1=o.adam_beta1,
+            adam_beta2=o.adam_beta2,
+            adam_eps=o.adam_eps,
+            clip_grad=o.clip_grad,
+            bf16=bf16,
             params_dtype=torch.bfloat16 if bf16 else torch.float32,
             use_distributed_optimizer=cfg.parallel.distributed_optimizer,
-        )  # fmt: skip
+        )
         self.optimizer = get_megatron_optimizer(oc, self.model)
         decay_steps = max(t.lr_decay_steps or t.steps, t.warmup_steps + 1, 1)
         self.scheduler = OptimizerParamScheduler(
-            self.optimizer, init_lr=0.0, max_lr=t.lr, min_lr=t.lr * t.min_lr_ratio,
-            lr_warmup_steps=t.warmup_steps, lr_decay_steps=decay_steps,
-            lr_decay_style=t.lr_decay_style, start_wd=o.weight_decay, end_wd=o.weight_decay,
-            wd_incr_steps=decay_steps, wd_incr_style="constant",
-            use_checkpoint_opt_param_scheduler=False, override_opt_param_scheduler=True,
-        )  # fmt: skip
+            self.optimizer,
+            init_lr=0.0,
+            max_lr=t.lr,
+            min_lr=t.lr * t.min_lr_ratio,
+            lr_warmup_steps=t.warmup_steps,
+            lr_decay_steps=decay_steps,
+            lr_decay_style=t.lr_decay_style,
+            start_wd=o.weight_decay,
+            end_wd=o.weight_decay,
+            wd_incr_steps=decay_steps,
+            wd_incr_style="constant",
+            use_checkpoint_opt_param_scheduler=False,
+            override_opt_param_scheduler=True,
+        )
         self.tconf.grad_scale_func = self.optimizer.scale_loss
         self.tconf.finalize_model_grads_func = finalize_model_grads
         if cfg.parallel.overlap_grad_reduce:
@@ -371,11 +413,15 @@ class Trainer:
         d = self.cfg.data
         iters = [iter(batch) for _ in self.model]
         return self.fwd_bwd(
-            forward_step_func=self._forward_step, data_iterator=iters, model=self.model,
-            num_microbatches=len(batch), seq_length=d.seq_length,
-            micro_batch_size=d.micro_batch_size, decoder_seq_length=d.seq_length,
+            forward_step_func=self._forward_step,
+            data_iterator=iters,
+            model=self.model,
+            num_microbatches=len(batch),
+            seq_length=d.seq_length,
+            micro_batch_size=d.micro_batch_size,
+            decoder_seq_length=d.seq_length,
             forward_only=forward_only,
-        )  # fmt: skip
+        )
 
     def _reduce_loss(self, outputs: list[dict[str, torch.Tensor]]) -> torch.Tensor:
         """(sum, tokens) over the global batch, on every rank."""
@@ -439,8 +485,9 @@ class Trainer:
             return {}
         from megatron.core import parallel_state as ps
 
-        stats = self.routers.routing_stats(self.model, reset=True,
-                                           group=ps.get_data_parallel_group())  # fmt: skip
+        stats = self.routers.routing_stats(
+            self.model, reset=True, group=ps.get_data_parallel_group()
+        )
         if ps.get_pipeline_model_parallel_world_size() > 1:
             parts: list[Any] = [None] * ps.get_pipeline_model_parallel_world_size()
             dist.all_gather_object(parts, stats, group=ps.get_pipeline_model_parallel_group())
@@ -468,8 +515,14 @@ class Trainer:
         total = torch.zeros(2, dtype=torch.float64, device=self.device)
         with torch.no_grad():
             for name, ds in self.valid_ds.items():
-                loader = BatchLoader(ds, d.micro_batch_size, d.global_batch_size,
-                                     self.loader.dp_rank, self.loader.dp_size, self.device)  # fmt: skip
+                loader = BatchLoader(
+                    ds,
+                    d.micro_batch_size,
+                    d.global_batch_size,
+                    self.loader.dp_rank,
+                    self.loader.dp_size,
+                    self.device,
+                )
                 iters = min(t.eval_iters, max(1, len(ds) // d.global_batch_size))
                 acc = torch.zeros(2, dtype=torch.float64, device=self.device)
                 for i in range(iters):
@@ -492,8 +545,11 @@ class Trainer:
     # ---- checkpoints ----------------------------------------------------------------------
     def save(self, reason: str) -> Path:
         t0 = time.perf_counter()
-        train_state = {"step": self.step, "consumed_samples": self.loader.consumed_samples,
-                       "layout": self.layout()}  # fmt: skip
+        train_state = {
+            "step": self.step,
+            "consumed_samples": self.loader.consumed_samples,
+            "layout": self.layout(),
+        }
         fields = {
             "kind": "megatron_torch_dist",
             "model": self.args.to_dict(),
@@ -501,25 +557,38 @@ class Trainer:
             "layout": self.layout(),
             "padded_vocab_size": self.args.padded_vocab_size,
             "tokenizer": {"files": ["tokenizer.model"], "sha256": self.tokenizer.sha256},
-            "training": {"run_dir": str(self.run_dir.resolve()), "step": self.step,
-                         "consumed_samples": self.loader.consumed_samples,
-                         "init_from": self.cfg.model.init_from,
-                         "data": [[p, w] for p, w in self.sources.blend],
-                         "router": self.router_name},
-        }  # fmt: skip
+            "training": {
+                "run_dir": str(self.run_dir.resolve()),
+                "step": self.step,
+                "consumed_samples": self.loader.consumed_samples,
+                "init_from": self.cfg.model.init_from,
+                "data": [[p, w] for p, w in self.sources.blend],
+                "router": self.router_name,
+            },
+        }
         fault = None
         if self.fault and self.fault == f"kill_in_save@{self.step}":
             fault = "kill_in_save"
         folder = ckpt.save(
-            self.run_dir, self.step, self.model, self.optimizer, self.scheduler, train_state,
-            fields, self.sources.tokenizer,
-            {"config.yaml": self.cfg.to_yaml(),
-             "hf_config.json": json.dumps(self.args.to_hf_dict(), indent=2)},
-            self.cfg.train.keep_last, fault=fault,
-        )  # fmt: skip
+            self.run_dir,
+            self.step,
+            self.model,
+            self.optimizer,
+            self.scheduler,
+            train_state,
+            fields,
+            self.sources.tokenizer,
+            {
+                "config.yaml": self.cfg.to_yaml(),
+                "hf_config.json": json.dumps(self.args.to_hf_dict(), indent=2),
+            },
+            self.cfg.train.keep_last,
+            fault=fault,
+        )
         dt = time.perf_counter() - t0
-        self.logger.event("checkpoint", self.step, path=str(folder), reason=reason,
-                          seconds=round(dt, 3))  # fmt: skip
+        self.logger.event(
+            "checkpoint", self.step, path=str(folder), reason=reason, seconds=round(dt, 3)
+        )
         self.logger.console(f"saved checkpoint {folder} ({reason}, {dt:.1f}s)")
         self.last_saved = self.step
         return folder
@@ -527,8 +596,12 @@ class Trainer:
     # ---- the loop -------------------------------------------------------------------------
     def describe(self) -> str:
         a, p = self.args, self.cfg.parallel
-        kind = (f"MoE {a.num_local_experts} experts top-{a.num_experts_per_tok} "
-                f"({self.router_name} router)" if a.is_moe else "dense")  # fmt: skip
+        kind = (
+            f"MoE {a.num_local_experts} experts top-{a.num_experts_per_tok} "
+            f"({self.router_name} router)"
+            if a.is_moe
+            else "dense"
+        )
         from megatron_btx.models.specs import chosen_spec
 
         spec = chosen_spec(None if self.cfg.model.spec == "auto" else self.cfg.model.spec)
@@ -551,9 +624,14 @@ class Trainer:
         if self.loaded_from:
             self.logger.console(f"loaded {self.loaded_from} (step {self.step})")
         self.logger.console(self.describe())
-        self.logger.event("start", self.step, resumed=self.resume_from is not None,
-                          world_size=self.rt.world_size, layout=self.layout(),
-                          params=self.n_params)  # fmt: skip
+        self.logger.event(
+            "start",
+            self.step,
+            resumed=self.resume_from is not None,
+            world_size=self.rt.world_size,
+            layout=self.layout(),
+            params=self.n_params,
+        )
         stop_at = t.steps if t.exit_after is None else min(t.steps, t.exit_after)
         valid: dict[str, float] = {}
         last_loss = None
@@ -578,16 +656,20 @@ class Trainer:
                     )
                 if self.step % t.log_interval == 0 or self.step == stop_at:
                     now = time.perf_counter()
-                    avg = {k: sum(w[k] for w in window) / len(window) for k in window[0]
-                           if isinstance(window[0][k], float)}  # fmt: skip
+                    avg = {
+                        k: sum(w[k] for w in window) / len(window)
+                        for k in window[0]
+                        if isinstance(window[0][k], float)
+                    }
                     avg["lr"] = metrics["lr"]
                     avg["tokens_per_s"] = tokens_per_step * len(window) / max(now - window_t0, 1e-9)
                     avg["seconds_per_step"] = (now - window_t0) / len(window)
                     avg["consumed_samples"] = self.loader.consumed_samples
                     avg.update(self.routing_stats())
                     self.logger.event("train", self.step, **avg)
-                    self.logger.train_line(self.step, t.steps, avg, now - run_t0,
-                                           self.step - start_step)  # fmt: skip
+                    self.logger.train_line(
+                        self.step, t.steps, avg, now - run_t0, self.step - start_step
+                    )
                     window = []
                     window_t0 = time.perf_counter()
                 if self.step % t.eval_interval == 0 or self.step == stop_at:

@@ -45,7 +45,7 @@ def main() -> None:
     args = read_args(a.ckpt)
     moe = MoEOptions(dispatcher=a.dispatcher, load_balancing="none")
     model = build_model(args, tp=a.tp, pp=a.pp, ep=a.ep, etp=a.etp, moe=moe, dtype=a.dtype,
-                        perform_initialization=False).to(rt.device)  # fmt: skip
+                        perform_initialization=False).to(rt.device)
     load_model(model, a.ckpt)
     config = model.config
     ddp = DDP(
@@ -61,7 +61,7 @@ def main() -> None:
                         bf16=a.dtype == "bf16", params_dtype=model.config.params_dtype,
                         use_distributed_optimizer=a.distributed_optimizer),
         [ddp],
-    )  # fmt: skip
+    )
 
     data = torch.load(a.batch, weights_only=True).to(rt.device)
     B, S = data.shape[0], data.shape[1] - 1
@@ -97,13 +97,13 @@ def main() -> None:
     # Logits first, with the loaded weights (the training step below moves them).
     ddp.eval()
     fb(forward_step_func=logits_step, data_iterator=iter(micro), model=[ddp],
-       num_microbatches=n_micro, seq_length=S, micro_batch_size=a.micro, forward_only=True)  # fmt: skip
+       num_microbatches=n_micro, seq_length=S, micro_batch_size=a.micro, forward_only=True)
     ddp.train()
     ddp.zero_grad_buffer()
     opt.zero_grad()
     losses = fb(forward_step_func=forward_step, data_iterator=iter(micro), model=[ddp],
                 num_microbatches=n_micro, seq_length=S, micro_batch_size=a.micro,
-                forward_only=False)  # fmt: skip
+                forward_only=False)
     ok, grad_norm, _ = opt.step()
 
     res = {"grad_norm": float(grad_norm), "layout": vars(a)}

@@ -21,7 +21,7 @@ def main() -> None:
     runtime.init(tp=world, device="cpu")
     args = read_args(src)
     model = build_model(args, dtype=torch.float32, perform_initialization=False, spec="local",
-                        fused=False)  # fmt: skip
+                        fused=False)
     load_model(model, src)
     if dist.get_rank() == 0:
         dst.mkdir(parents=True)
@@ -33,7 +33,7 @@ def main() -> None:
         m["layout"] = {"tp": world, "pp": 1, "ep": 1}
         m["step"] = 7
         manifest.write(dst, **{k: v for k, v in m.items() if k not in ("tool", "tool_version",
-                                                                        "created")})  # fmt: skip
+                                                                        "created")})
         for name in ("tokenizer", "hf_config.json"):
             p = src / name
             if p.is_dir():

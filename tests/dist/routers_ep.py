@@ -29,7 +29,7 @@ from megatron_btx.models.llama import (  # noqa: E402
 E = 4
 ARGS = LlamaArgs(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                  num_attention_heads=4, num_key_value_heads=2, vocab_size=1000,
-                 num_local_experts=E, num_experts_per_tok=2)  # fmt: skip
+                 num_local_experts=E, num_experts_per_tok=2)
 CASES = [(d, t) for d in ("alltoall", "allgather") for t in routers.ROUTER_TYPES]
 
 
@@ -51,7 +51,7 @@ def run(model, rank: int):
 
 def build(dispatcher: str, router_cfg: dict, ep: int):
     config = transformer_config(ARGS, ep=ep, moe=MoEOptions(dispatcher=dispatcher),
-                                **routers.config_overrides(router_cfg, num_experts=E))  # fmt: skip
+                                **routers.config_overrides(router_cfg, num_experts=E))
     model = build_model(ARGS, config)
     routers.install(model, router_cfg, config)
     return model
@@ -68,7 +68,7 @@ def main() -> None:
             if isinstance(t, torch.Tensor) and t.is_floating_point():
                 dist.broadcast(t, src=0)
         states[(disp, kind)] = {k: v.clone() for k, v in model.state_dict().items()
-                                if isinstance(v, torch.Tensor)}  # fmt: skip
+                                if isinstance(v, torch.Tensor)}
         refs[(disp, kind)] = run(model, rank)
     # Re-initialising torch.distributed under torchrun's agent store hangs: keep the process
     # group and rebuild only megatron-core's parallel state with EP=2.

@@ -25,7 +25,7 @@ ROOT = Path(__file__).resolve().parents[2]
 #: The small model all parallel/resume tests use: 2 layers so PP=2 has one layer per stage,
 #: 4 heads so TP=2 splits them, vocab 1024 from the tokenizer.
 MODEL = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-             max_position_embeddings=128)  # fmt: skip
+             max_position_embeddings=128)
 MOE = dict(num_local_experts=4, num_experts_per_tok=2)
 
 
@@ -33,7 +33,7 @@ def env(**extra: str) -> dict[str, str]:
     e = dict(os.environ)
     # 2 cores: one thread per process, or two processes thrash each other.
     e.update(OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", PYTHONWARNINGS="ignore",
-             PYTHONPATH=str(ROOT) + os.pathsep + e.get("PYTHONPATH", ""))  # fmt: skip
+             PYTHONPATH=str(ROOT) + os.pathsep + e.get("PYTHONPATH", ""))
     e.pop("BTX_FAULT", None)
     e.update(extra)
     return e
@@ -44,14 +44,14 @@ def command(config: Path, overrides: list[str], nproc: int = 1) -> list[str]:
         return [sys.executable, "-m", "megatron_btx.training", str(config), *overrides]
     return [sys.executable, "-m", "torch.distributed.run", "--standalone",
             f"--nproc-per-node={nproc}", "-m", "megatron_btx.training", str(config),
-            *overrides]  # fmt: skip
+            *overrides]
 
 
 def run(config: Path, overrides: list[str] | None = None, nproc: int = 1, timeout: int = 240,
-        **extra_env: str) -> subprocess.CompletedProcess:  # fmt: skip
+        **extra_env: str) -> subprocess.CompletedProcess:
     return subprocess.run(command(config, overrides or [], nproc), cwd=ROOT, env=env(**extra_env),
                           capture_output=True, text=True, timeout=timeout,
-                          stdin=subprocess.DEVNULL)  # fmt: skip
+                          stdin=subprocess.DEVNULL)
 
 
 def check(proc: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
@@ -60,11 +60,11 @@ def check(proc: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
 
 
 def start(config: Path, overrides: list[str] | None = None, log: Path | None = None,
-          **extra_env: str) -> subprocess.Popen:  # fmt: skip
+          **extra_env: str) -> subprocess.Popen:
     """A background one-process run; output goes to `log` (a file, never a pipe we must drain)."""
     out = open(log, "w") if log else subprocess.DEVNULL
     return subprocess.Popen(command(config, overrides or []), cwd=ROOT, env=env(**extra_env),
-                            stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)  # fmt: skip
+                            stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
 
 
 # ---- data ---------------------------------------------------------------------------------------
@@ -87,13 +87,13 @@ def prepare_data(base: Path) -> Path:
             text = " ".join(words[(i * 7 + j * 3) % len(words)] for j in range(120)) + ".\n"
             f.write(json.dumps({"id": f"toy-{i}", "text": text}) + "\n")
     prepare_domains({"code": [code], "toy": [toy]}, out, vocab_size=1024,
-                    split={"valid": 0.05, "test": 0.02})  # fmt: skip
+                    split={"valid": 0.05, "test": 0.02})
     return out
 
 
 # ---- configs ------------------------------------------------------------------------------------
 def write_config(path: Path, run_dir: Path, data_dir: Path, moe: bool = False,
-                 **sections: Any) -> Path:  # fmt: skip
+                 **sections: Any) -> Path:
     cfg: dict[str, Any] = {
         "run_dir": str(run_dir),
         "model": dict(MODEL, **(MOE if moe else {})),
@@ -103,7 +103,7 @@ def write_config(path: Path, run_dir: Path, data_dir: Path, moe: bool = False,
         "train": {"steps": 8, "lr": 3e-3, "warmup_steps": 3, "eval_interval": 1000,
                   "eval_iters": 1, "save_interval": 1000, "log_interval": 1},
         "logging": {"tensorboard": False},
-    }  # fmt: skip
+    }
     for section, values in sections.items():
         if isinstance(values, dict) and section != "model":  # a model section is given whole
             cfg.setdefault(section, {}).update(values)
@@ -145,7 +145,7 @@ def latest(run_dir: Path) -> str | None:
 
 
 def wait_for(predicate, timeout: float, proc: subprocess.Popen | None = None,
-             what: str = "condition") -> None:  # fmt: skip
+             what: str = "condition") -> None:
     t0 = time.time()
     while time.time() - t0 < timeout:
         if predicate():
@@ -183,7 +183,7 @@ def reference_run(base: Path, data: Path, moe: bool = False) -> tuple[Path, Path
     init = init_checkpoint(base, data, moe)
     cfg = write_config(base / f"{name}.yaml", base / name, data, moe=moe,
                        model=dict(MODEL, **(MOE if moe else {}), init_from=str(init)),
-                       train={"save_interval": 4, "keep_last": 3})  # fmt: skip
+                       train={"save_interval": 4, "keep_last": 3})
     if not any(r["event"] == "end" for r in records(base / name)):
         check(run(cfg))
     return cfg, base / name
