@@ -45,23 +45,23 @@ def main() -> int:
     args = a.merge_args[1:] if a.merge_args[:1] == ["--"] else a.merge_args
 
     t = time.perf_counter()
-    import megatron_btx.checkpoint.merge as merge
     import megatron_btx.runtime as runtime
-    from megatron_btx.checkpoint import dcp_stream, hf
+    from megatron_btx.checkpoint import dcp_stream, hf, sources
+    from megatron_btx.merge import cli, run
 
     TIMES["import torch + megatron_btx"] = time.perf_counter() - t
     _timed(runtime, "init", "runtime init (imports megatron-core)")
     _timed(dcp_stream.StreamingDCPWriter, "write", "write checkpoint parts")
     _timed(dcp_stream.StreamingDCPWriter, "finish", "finish (fsync, metadata)")
-    _timed(merge.Source, "layer", "read a source layer")
+    _timed(sources.Source, "layer", "read a source layer")
     _timed(hf.PreadSafetensors, "get", "  of which pread")
-    _timed(merge, "merge_layer", "read + average a layer")
-    _timed(merge, "_merge_globals_and_layers", "streaming loop (all of the above)")
+    _timed(run, "merge_layer", "read + average a layer")
+    _timed(run.LayerStream, "run", "streaming loop (all of the above)")
     if a.skip_source_hash:
-        merge._sha256_files = lambda files: {}
+        run._sha256_files = lambda files: {}
     rc = 0
     try:
-        rc = merge.main(args) or 0
+        rc = cli.main(args) or 0
     finally:
         TIMES["total in process"] = time.perf_counter() - T0
         rows = sorted(TIMES.items(), key=lambda kv: -kv[1])

@@ -19,7 +19,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "train a dense expert or the MoE from a YAML config (under torchrun)",
     ),
     "merge": (
-        "megatron_btx.checkpoint.merge:main",
+        "megatron_btx.merge.cli:main",
         "merge N dense checkpoints into one MoE checkpoint (BTX MiX step)",
     ),
     "import-hf": (

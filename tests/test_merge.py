@@ -68,14 +68,25 @@ class _Runtime:
         runtime.teardown()
 
 
+def merge(experts, save, **settings):
+    """The merge with MergeSettings built from keyword arguments (paths as given)."""
+    from megatron_btx.merge import MergeSettings
+    from megatron_btx.merge import merge as run_merge
+
+    settings.setdefault("progress", False)
+    for key in ("seed", "export_hf"):
+        if settings.get(key) is not None:
+            settings[key] = str(settings[key])
+    return run_merge(MergeSettings(experts=[str(e) for e in experts], save=str(save), **settings))
+
+
 def moe_model(ckpt: Path):
     """The merged checkpoint loaded by megatron-core (call inside _Runtime)."""
-    from megatron_btx.checkpoint import manifest
-    from megatron_btx.checkpoint.megatron_io import load_model, read_args
-    from megatron_btx.checkpoint.merge import build_gpt, overrides_from_manifest
+    from megatron_btx.checkpoint.megatron_io import load_model, read_args, read_variant
+    from megatron_btx.models.llama import build_for_checkpoint
 
     args = read_args(ckpt)
-    model = build_gpt(args, torch.float32, overrides_from_manifest(manifest.read(ckpt)))
+    model = build_for_checkpoint(args, torch.float32, read_variant(ckpt))
     load_model(model, ckpt)
     return model.eval()
 
@@ -140,8 +151,6 @@ def ids() -> torch.Tensor:
 def test_upcycling_copies_of_one_model_equal_dense(branches, ids, tmp_path):
     """N copies of one dense model: all experts are the same function, so whatever the router,
     the MoE's logits equal the dense model's (fp32)."""
-    from megatron_btx.checkpoint.merge import merge
-
     src = branches[0]
     m = merge(
         [src, src, src],
@@ -161,8 +170,6 @@ def test_upcycling_copies_of_one_model_equal_dense(branches, ids, tmp_path):
 @pytest.mark.parametrize("expert", [0, 1, 3])
 def test_one_hot_router_gives_source_logits(branches, ids, tmp_path, expert):
     """Sources share attention, different FFNs; router forced to expert i -> source i's logits."""
-    from megatron_btx.checkpoint.merge import merge
-
     merge(branches[:3], tmp_path / "moe", seed=branches[3], progress=False)
     ref = hf_logits(branches[expert], ids)
     with _Runtime():
@@ -184,8 +191,6 @@ def test_one_hot_router_gives_source_logits(branches, ids, tmp_path, expert):
 def test_experts_bit_identical_and_averages_fp32(branches, tmp_path):
     """bf16 sources: experts are the sources' FFN bytes; averages are fp32 means cast once."""
     from safetensors.torch import load_file
-
-    from megatron_btx.checkpoint.merge import merge
 
     root = tmp_path / "bf16"
     seed = make_llama(root / "s", 0, dtype=torch.bfloat16)
@@ -214,7 +219,7 @@ def test_hf_export_matches_megatron_and_manifest(branches, ids, tmp_path):
     """--export-hf: transformers' MixtralForCausalLM gives our megatron MoE's logits; both
     manifests record sources (path, sha256, step), settings and tokenizer hash."""
     from megatron_btx.checkpoint import manifest
-    from megatron_btx.checkpoint.merge import main
+    from megatron_btx.merge.cli import main
 
     rc = main(
         [
@@ -256,7 +261,6 @@ def test_megatron_sources_equal_hf_sources(branches, tmp_path):
     """Megatron torch_dist sources (incl. a run folder with checkpoints/latest) merge to exactly
     the tensors HF sources give."""
     from megatron_btx.checkpoint.convert import hf_to_megatron
-    from megatron_btx.checkpoint.merge import merge
 
     mg = []
     for i, b in enumerate(branches[:2]):
@@ -277,7 +281,6 @@ def test_variants_load_in_megatron(branches, ids, tmp_path):
     """Split chunks, blending, shared expert and partial MoE layers: megatron-core loads each
     and runs; the split experts are the source FFN's chunks."""
     from megatron_btx.checkpoint import manifest
-    from megatron_btx.checkpoint.merge import merge
 
     cases = {
         "split": {"split_chunks": 2},
@@ -317,8 +320,6 @@ def test_centroid_router(branches, tmp_path):
     the merged model itself (checked against megatron-core's forward of the written model)."""
     import numpy as np
     from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
-
-    from megatron_btx.checkpoint.merge import merge
 
     prefixes = []
     for d in range(4):
@@ -370,8 +371,6 @@ def test_centroid_router(branches, tmp_path):
 
 # ---- errors: clear message, nothing written -------------------------------------------------
 def _expect_error(tmp_path, sources, match: str, **kw):
-    from megatron_btx.checkpoint.merge import merge
-
     out = tmp_path / "out"
     with pytest.raises(BTXError, match=match):
         merge(sources, out, progress=False, **kw)
@@ -415,7 +414,7 @@ def test_error_not_llama(branches, tmp_path):
 
 
 def test_error_bad_layout_and_cli_exit(branches, tmp_path, capsys):
-    from megatron_btx.checkpoint.merge import main
+    from megatron_btx.merge.cli import main
 
     _expect_error(tmp_path, branches[:3], r"EP=2", ep=2)  # 3 experts, EP=2
     rc = main(
@@ -434,8 +433,6 @@ def test_error_bad_layout_and_cli_exit(branches, tmp_path, capsys):
 
 def test_lineage_warning(branches, tmp_path, caplog):
     """Unrelated sources (independent inits) merge, with a warning."""
-    from megatron_btx.checkpoint.merge import merge
-
     other = make_llama(tmp_path / "u", 99)
     with caplog.at_level("WARNING"):
         m = merge([branches[0], other], tmp_path / "moe", progress=False)
@@ -446,7 +443,7 @@ def test_lineage_warning(branches, tmp_path, caplog):
 def test_streaming_safetensors_writer(tmp_path):
     from safetensors.torch import load_file
 
-    from megatron_btx.checkpoint.merge import StreamingSafetensorsWriter
+    from megatron_btx.checkpoint.hf import StreamingSafetensorsWriter
 
     ts = {
         f"t{i}": torch.randn(10, 7).to(torch.bfloat16 if i % 2 else torch.float32) for i in range(5)
@@ -470,7 +467,6 @@ def test_tp2_sources_and_ep2_output(branches, ids, tmp_path):
     """Sources saved at TP=2 and at TP=1 give bit-identical merged outputs; the output loaded at
     EP=2 gives the EP=1 logits."""
     from megatron_btx.checkpoint.convert import hf_to_megatron
-    from megatron_btx.checkpoint.merge import merge
 
     tp1, tp2 = [], []
     for i, b in enumerate(branches[:2]):
@@ -502,7 +498,7 @@ def test_torch_threads_leave_a_core_to_the_source_hashing(monkeypatch):
     cores left (on 2 cores its second thread spin-waited on the hashing's core), then restored."""
     import concurrent.futures
 
-    from megatron_btx.checkpoint import merge
+    from megatron_btx.merge import run as merge
 
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2}, raising=False)
     before = torch.get_num_threads()

@@ -240,7 +240,7 @@ def test_batch_loader_splits_global_batch_and_resumes_exactly():
 
 # ---- checkpoint pointer, pruning, stale temporaries ----------------------------------------------
 def _fake_ckpt(run: Path, step: int) -> Path:
-    from megatron_btx.training.checkpointing import iter_name
+    from megatron_btx.rundir import iter_name
 
     p = run / "checkpoints" / iter_name(step)
     p.mkdir(parents=True)
@@ -249,7 +249,7 @@ def _fake_ckpt(run: Path, step: int) -> Path:
 
 
 def test_latest_pointer_prune_and_stale_cleanup(tmp_path):
-    from megatron_btx.training import checkpointing as ck
+    from megatron_btx import rundir as ck
 
     run = tmp_path / "run"
     assert ck.read_latest(run) is None
@@ -266,10 +266,10 @@ def test_latest_pointer_prune_and_stale_cleanup(tmp_path):
     ck.prune(run, keep_last=1)
     assert [s for s, _ in ck.list_checkpoints(run)] == [20, 50]
     (run / "checkpoints" / ".iter_0000060.tmp").mkdir()
-    (run / "checkpoints" / ".latest.tmp").write_text("iter_0000060")
+    (run / "checkpoints" / ".latest.tmp4242").write_text("iter_0000060")
     ck.clean_stale(run)
     assert not (run / "checkpoints" / ".iter_0000060.tmp").exists()
-    assert not (run / "checkpoints" / ".latest.tmp").exists()
+    assert not (run / "checkpoints" / ".latest.tmp4242").exists()
     ck.write_latest(run, "iter_0000099")
     with pytest.raises(BTXError, match="not a complete checkpoint"):
         ck.read_latest(run)

@@ -2,8 +2,9 @@
 
 megatron-core's distributed checkpoints hold global tensors and reshard on load, so one
 conversion serves every TP/PP/EP layout: `--tp/--pp/--ep` are checked against the model (heads,
-layers, experts) and recorded in the manifest as the intended layout. The model is held once;
-source tensors are read one at a time from memory-mapped safetensors.
+layers, experts) and recorded in the manifest as the intended layout. Both directions stream a
+layer at a time (source tensors are read one by one with plain file reads), so memory holds a
+layer, not the model. Names and layouts come from the model family's adapter (checkpoint.mapping).
 """
 
 from __future__ import annotations
@@ -21,26 +22,30 @@ import torch
 
 from megatron_btx import progress, runtime
 from megatron_btx.checkpoint import manifest
-from megatron_btx.checkpoint.hf import HFReader, copy_tokenizer
-from megatron_btx.checkpoint.mapping import check_hf_keys, hf_to_mcore, mcore_to_hf
-from megatron_btx.checkpoint.megatron_io import (
-    atomic_folder,
-    check_target,
-    is_checkpoint,
-    read_args,
+from megatron_btx.checkpoint import template as tpl
+from megatron_btx.checkpoint.dcp_stream import PartialReader, StreamingDCPWriter
+from megatron_btx.checkpoint.hf import (
+    HFReader,
+    StreamingSafetensorsWriter,
+    copy_tokenizer,
+    write_hf_config,
 )
+from megatron_btx.checkpoint.mapping import EMB, adapter_for
+from megatron_btx.checkpoint.megatron_io import atomic_folder, check_target, read_args
+from megatron_btx.checkpoint.sources import DTYPE_NAMES, TOKENIZER_DIR
 from megatron_btx.errors import BTXError
-from megatron_btx.models.llama import LlamaArgs, check_parallel, to_dtype
+from megatron_btx.models.llama import (
+    LlamaArgs,
+    MoEVariant,
+    build_for_checkpoint,
+    check_parallel,
+    to_dtype,
+)
+from megatron_btx.rundir import is_checkpoint
 
 log = logging.getLogger(__name__)
 
-_ST_DTYPES = {"F32": "fp32", "BF16": "bf16", "F16": "fp16"}
-_DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
-TOKENIZER_DIR = "tokenizer"
-
-
-def _progress(total: int, desc: str):
-    return progress.bar(total, desc, unit="layer")
+ST_DTYPE_NAMES = {"F32": "fp32", "BF16": "bf16", "F16": "fp16"}
 
 
 def stream_to_torch_dist(
@@ -49,75 +54,73 @@ def stream_to_torch_dist(
     dtype: torch.dtype,
     folder: Path,
     source: str,
+    variant: MoEVariant | None = None,
 ) -> int:
     """Write (megatron name, tensor) pairs of an unsharded model as a torch_dist checkpoint,
     one layer at a time: the keys, shapes and chunks come from megatron-core's own sharded state
     dict of the model built on the meta device (no memory), so megatron-core loads the result at
     any layout, and memory holds one layer, not the model. Returns the number of tensors."""
-    from megatron.core.dist_checkpointing.mapping import ShardedObject
-
-    from megatron_btx.checkpoint.dcp_stream import StreamingDCPWriter
-    from megatron_btx.checkpoint.merge import _fill, _flat_template, build_gpt
-
-    template = _flat_template(build_gpt(args, dtype, meta=True))
+    template = tpl.flat_template(build_for_checkpoint(args, dtype, variant, meta=True))
+    bar = progress.bar(args.num_hidden_layers + 2, f"import {Path(source).name}", unit="layer")
     with StreamingDCPWriter(folder) as writer:
-        done: set[str] = set()
-        group: dict[str, torch.Tensor] = {}
-        group_id: str | None = None
-        bar = _progress(args.num_hidden_layers + 2, f"import {Path(source).name}")
-
-        def group_of(name: str) -> str:
-            parts = name.split(".")
-            return ".".join(parts[:3]) if name.startswith("decoder.layers.") else "globals"
-
-        def flush() -> None:
-            if not group:
-                return
-            prefix = group_id + "." if group_id != "globals" else ""
-            entries = {
-                k: v
-                for k, v in template.items()
-                if (k.startswith(prefix) if prefix else k in group)
-            }
-            short = {k[len(prefix) :]: t for k, t in group.items()}
-            for k, v in entries.items():
-                t = group.get(k)
-                if (
-                    not isinstance(v, ShardedObject)
-                    and t is not None
-                    and tuple(t.shape) != tuple(v.data.shape)
-                ):
-                    raise BTXError(
-                        f"{source}: tensor for {k} has shape {tuple(t.shape)}, the model expects "
-                        f"{tuple(v.data.shape)}; config.json does not match the weights"
-                    )
-            writer.write(_fill(entries, prefix, short, source))
-            done.update(entries)
-            group.clear()
-            if bar:
-                bar.update(1)
-
-        n = 0
-        for name, t in tensors:
+        group = _PartWriter(template, writer, source, bar)
+        count = 0
+        for name, tensor in tensors:
             if name not in template:
                 raise BTXError(f"{source}: no place for {name} in the model; config.json mismatch")
-            g = group_of(name)
-            if g != group_id:
-                flush()
-                group_id = g
-            group[name] = t.to(dtype)
-            n += 1
-        flush()
-        rest = {k: v for k, v in template.items() if k not in done}
-        if any(not isinstance(v, ShardedObject) for v in rest.values()):
-            missing = next(k for k, v in rest.items() if not isinstance(v, ShardedObject))
-            raise BTXError(f"{source}: nothing was converted into {missing}")
+            group.add(name, tensor.to(dtype))
+            count += 1
+        group.flush()
+        rest = {k: v for k, v in template.items() if k not in group.done}
+        untouched = [k for k in tpl.tensor_entries(rest)]
+        if untouched:
+            raise BTXError(f"{source}: nothing was converted into {untouched[0]}")
         if rest:  # extra state of modules outside the layers
             writer.write(rest)
         writer.finish()
-        if bar:
-            bar.close()
-    return n
+    if bar:
+        bar.close()
+    return count
+
+
+class _PartWriter:
+    """Groups a model's tensors by layer (and the globals) and writes each group as one part."""
+
+    def __init__(self, template: dict[str, Any], writer, source: str, bar):
+        self.template, self.writer, self.source, self.bar = template, writer, source, bar
+        self.group: dict[str, torch.Tensor] = {}
+        self.group_id: str | None = None
+        self.done: set[str] = set()
+
+    def add(self, name: str, tensor: torch.Tensor) -> None:
+        parts = name.split(".")
+        group_id = ".".join(parts[:3]) + "." if name.startswith("decoder.layers.") else ""
+        if group_id != self.group_id:
+            self.flush()
+            self.group_id = group_id
+        self.group[name] = tensor
+
+    def flush(self) -> None:
+        if not self.group:
+            return
+        prefix = self.group_id
+        if prefix:
+            entries = tpl.entries_under(self.template, prefix)
+        else:
+            entries = {k: v for k, v in self.template.items() if k in self.group}
+        for key, entry in tpl.tensor_entries(entries).items():
+            tensor = self.group.get(key)
+            if tensor is not None and tuple(tensor.shape) != tuple(entry.data.shape):
+                raise BTXError(
+                    f"{self.source}: tensor for {key} has shape {tuple(tensor.shape)}, the model "
+                    f"expects {tuple(entry.data.shape)}; config.json does not match the weights"
+                )
+        short = {k[len(prefix) :]: t for k, t in self.group.items()}
+        self.writer.write(tpl.fill(entries, prefix, short, self.source))
+        self.done.update(entries)
+        self.group.clear()
+        if self.bar:
+            self.bar.update(1)
 
 
 def hf_to_megatron(
@@ -135,20 +138,21 @@ def hf_to_megatron(
     reader = HFReader(load)
     args = LlamaArgs.from_hf_config_file(reader.config_path())
     check_parallel(args, tp, pp, ep)
-    check_hf_keys(reader.keys(), args, str(load))
-    src_dtype = _ST_DTYPES.get(reader.dtype("model.embed_tokens.weight"), "fp32")
+    adapter = adapter_for(args)
+    adapter.check_hf_keys(reader.keys(), str(load))
+    src_dtype = ST_DTYPE_NAMES.get(reader.dtype(adapter.global_names()[EMB]), "fp32")
     dt = to_dtype(dtype or src_dtype)
     check_target(save, overwrite)
     with runtime.single_process():
         with atomic_folder(save, overwrite) as tmp:
-            n = stream_to_torch_dist(hf_to_mcore(reader.get, args), args, dt, tmp, str(load))
+            n = stream_to_torch_dist(adapter.import_tensors(reader.get), args, dt, tmp, str(load))
             tok = copy_tokenizer(load, tmp / TOKENIZER_DIR)
             (tmp / "hf_config.json").write_text(json.dumps(args.to_hf_dict(), indent=2))
             m = manifest.write(
                 tmp,
                 kind="megatron_torch_dist",
                 model=args.to_dict(),
-                dtype=_DTYPE_NAMES[dt],
+                dtype=DTYPE_NAMES[dt],
                 layout={"tp": tp, "pp": pp, "ep": ep},
                 padded_vocab_size=args.padded_vocab_size,
                 num_tensors=n,
@@ -184,68 +188,47 @@ def megatron_to_hf(
     args = read_args(load)
     check_parallel(args, tp, pp, ep)
     src = manifest.read(load)
+    variant = MoEVariant.from_manifest(src.get("moe"))
+    if not variant.is_plain:
+        raise BTXError(
+            f"{load}: a merge variant (shared expert or MoE in some layers) has no HF Mixtral "
+            f"form; export it from a plain merge"
+        )
     dt = to_dtype(dtype or src.get("dtype", "fp32"))
     check_target(save, overwrite)
+    if not is_checkpoint(load):
+        raise BTXError(f"{load}: not a megatron-core distributed checkpoint (no metadata.json)")
+    adapter = adapter_for(args)
     with runtime.single_process():
-        from megatron_btx.checkpoint.dcp_stream import PartialReader
-        from megatron_btx.checkpoint.merge import StreamingSafetensorsWriter, build_gpt
-
         # Keys, shapes and chunks from megatron-core's own sharded state dict of the model on
         # the meta device; tensors read one layer at a time from whatever layout was saved.
-        template = dict(
-            build_gpt(args, to_dtype(src.get("dtype", "fp32")), meta=True).sharded_state_dict()
-        )
-        if not is_checkpoint(load):
-            raise BTXError(f"{load}: not a megatron-core distributed checkpoint (no metadata.json)")
+        saved_dtype = to_dtype(src.get("dtype", "fp32"))
+        template = tpl.flat_template(build_for_checkpoint(args, saved_dtype, meta=True))
         reader = PartialReader(load)
-        cache: dict[str, Any] = {"group": None, "tensors": {}}
-
-        def get(name: str) -> torch.Tensor:
-            parts = name.split(".")
-            group = ".".join(parts[:3]) + "." if name.startswith("decoder.layers.") else name
-            if cache["group"] != group:
-                entries = {
-                    k: v
-                    for k, v in template.items()
-                    if (k.startswith(group) if group.endswith(".") else k == group)
-                }
-                if not entries:
-                    raise BTXError(f"{load}: the checkpoint has no {name}")
-                cache["tensors"] = {}  # drop the previous layer before reading the next
-                cache["tensors"] = reader.load(entries)
-                cache["group"] = group
-            return cache["tensors"][name]
-
-        def get_meta(name: str) -> torch.Tensor:
-            v = template[name]
-            return torch.empty(tuple(v.data.shape), dtype=dt, device="meta")
-
-        plan = [(n, tuple(t.shape), dt) for n, t in mcore_to_hf(get_meta, args)]
+        plan = [(name, shape, dt) for name, shape in adapter.hf_shapes()]
         try:
             with atomic_folder(save, overwrite) as tmp:
                 writer = StreamingSafetensorsWriter(tmp, plan, max_shard_bytes)
-                bar = _progress(len(plan), f"export {load.name}")
-                for name, t in mcore_to_hf(get, args):
-                    writer.add(name, t.to(dt))
+                bar = progress.bar(len(plan), f"export {load.name}", unit="tensor")
+                tensors = adapter.export_tensors(
+                    lambda layer: tpl.read_prefix(reader, template, tpl.layer_prefix(layer)),
+                    lambda name: tpl.read_prefix(reader, template, name)[name],
+                )
+                for name, tensor in tensors:
+                    writer.add(name, tensor.to(dt))
                     if bar:
                         bar.update(1)
                 if bar:
                     bar.close()
                 writer.close()
-                cfg = args.to_hf_dict()
-                cfg["torch_dtype"] = cfg["dtype"] = {
-                    "fp32": "float32",
-                    "bf16": "bfloat16",
-                    "fp16": "float16",
-                }[_DTYPE_NAMES[dt]]
-                (tmp / "config.json").write_text(json.dumps(cfg, indent=2))
+                write_hf_config(tmp, args.to_hf_dict(), dt)
                 tok_dir = load / TOKENIZER_DIR
                 tok = copy_tokenizer(tok_dir, tmp) if tok_dir.is_dir() else []
                 m = manifest.write(
                     tmp,
-                    kind="hf_mixtral" if args.is_moe else "hf_llama",
+                    kind=f"hf_{adapter.family}",
                     model=args.to_dict(),
-                    dtype=_DTYPE_NAMES[dt],
+                    dtype=DTYPE_NAMES[dt],
                     sources=[
                         {
                             "path": str(load.resolve()),

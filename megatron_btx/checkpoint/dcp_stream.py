@@ -414,12 +414,3 @@ class PartialReader:
 
         dict_list_map_inplace(load_one, sd)
         return apply_factory_merges(sd, factories)
-
-
-def load_partial(sharded_state_dict: dict[str, Any], folder: str | Path) -> dict[str, torch.Tensor]:
-    """One-shot :meth:`PartialReader.load`."""
-    r = PartialReader(folder)
-    try:
-        return r.load(sharded_state_dict)
-    finally:
-        r.close()

@@ -1,23 +1,26 @@
-"""HF safetensors checkpoints: a lazy, validating reader and a sharding writer.
+"""HF safetensors checkpoints: a validating reader and a streaming, sharding writer.
 
 The reader opens every shard up front (so a truncated or corrupt file fails before anything is
-written) and hands out one tensor at a time from memory-mapped files: converting a model never
-holds the source in RAM.
+written) and hands out one tensor at a time with plain file reads: converting or merging a
+model never holds the source in RAM. The writer plans every shard's header before the first
+tensor arrives, so each tensor goes to disk as it is produced and nothing is buffered.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import shutil
 import struct
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
-from safetensors.torch import save_file
 
+from megatron_btx.checkpoint.direct_io import DirectWriter
 from megatron_btx.errors import BTXError
 
 TOKENIZER_FILES = (
@@ -32,6 +35,9 @@ SINGLE_NAME = "model.safetensors"
 
 
 ST_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
+ST_NAMES = {dtype: name for name, dtype in ST_DTYPES.items()}
+#: HF config.json names of the dtypes we write
+HF_DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
 
 
 def _read_header(path: Path) -> tuple[int, dict]:
@@ -189,54 +195,109 @@ def copy_tokenizer(src: Path, dst: Path) -> list[str]:
     return copied
 
 
-class HFShardWriter:
-    """Writes tensors into safetensors shards of bounded size, then the index.
+class StreamingSafetensorsWriter:
+    """Safetensors shards whose headers are written before their data: every tensor's name, shape
+    and dtype is known up front, so each tensor goes to disk as it arrives and nothing is held."""
 
-    Tensors are added one at a time and a shard is flushed as soon as it is full, so peak memory
-    is one shard, not the model."""
+    def __init__(
+        self,
+        folder: Path,
+        plan: list[tuple[str, tuple[int, ...], torch.dtype]],
+        max_shard_bytes: int,
+    ):
+        self.folder = folder
+        folder.mkdir(parents=True, exist_ok=True)
+        self.shards: list[list[tuple[str, tuple[int, ...], torch.dtype]]] = [[]]
+        size = 0
+        for name, shape, dt in plan:
+            nb = math.prod(shape) * torch.tensor([], dtype=dt).element_size()
+            if self.shards[-1] and size + nb > max_shard_bytes:
+                self.shards.append([])
+                size = 0
+            self.shards[-1].append((name, tuple(shape), dt))
+            size += nb
+        self.total = sum(
+            math.prod(s) * torch.tensor([], dtype=d).element_size() for _, s, d in plan
+        )
+        self._order = [n for n, _, _ in plan]
+        self._pos = 0
+        self._shard = -1
+        self._fh = None
+        self._left: list[str] = []
+        n = len(self.shards)
+        self.names = (
+            [SINGLE_NAME]
+            if n == 1
+            else [f"model-{k + 1:05d}-of-{n:05d}.safetensors" for k in range(n)]
+        )
 
-    def __init__(self, folder: str | Path, max_shard_bytes: int = 2 * 1024**3):
-        self.folder = Path(folder)
-        self.folder.mkdir(parents=True, exist_ok=True)
-        self.max = max_shard_bytes
-        self._buf: dict[str, torch.Tensor] = {}
-        self._bytes = 0
-        self._shards: list[list[str]] = []
-        self._total = 0
+    def _open_next(self) -> None:
+        self._shard += 1
+        items = self.shards[self._shard]
+        header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
+        off = 0
+        for name, shape, dt in items:
+            nb = math.prod(shape) * torch.tensor([], dtype=dt).element_size()
+            header[name] = {
+                "dtype": ST_NAMES[dt],
+                "shape": list(shape),
+                "data_offsets": [off, off + nb],
+            }
+            off += nb
+        hb = json.dumps(header, separators=(",", ":")).encode()
+        hb += b" " * (-len(hb) % 8)
+        self._fh = DirectWriter(self.folder / (self.names[self._shard] + ".tmp"))
+        self._fh.write(struct.pack("<Q", len(hb)))
+        self._fh.write(hb)
+        self._left = [n for n, _, _ in items]
 
-    def add(self, name: str, tensor: torch.Tensor) -> None:
-        nbytes = tensor.numel() * tensor.element_size()
-        if self._buf and self._bytes + nbytes > self.max:
-            self._flush()
-        self._buf[name] = tensor.detach().contiguous()
-        self._bytes += nbytes
-        self._total += nbytes
+    def add(self, name: str, t: torch.Tensor) -> None:
+        if self._pos >= len(self._order) or self._order[self._pos] != name:
+            want = self._order[self._pos] if self._pos < len(self._order) else None
+            raise RuntimeError(f"safetensors writer: got {name!r}, expected {want!r}")
+        if not self._left:
+            self._close_current()
+            self._open_next()
+        shard_items = self.shards[self._shard]
+        _, shape, dt = shard_items[len(shard_items) - len(self._left)]
+        if tuple(t.shape) != shape or t.dtype != dt:
+            raise RuntimeError(
+                f"safetensors writer: {name} is {tuple(t.shape)} {t.dtype}, planned {shape} {dt}"
+            )
+        t = t.detach().contiguous().reshape(-1)
+        if t.numel():
+            self._fh.write(memoryview(t.view(torch.uint8).numpy()))
+        self._left.pop(0)
+        self._pos += 1
 
-    def _flush(self) -> None:
-        idx = len(self._shards)
-        save_file(self._buf, str(self.folder / f"shard-{idx:05d}.tmp"), metadata={"format": "pt"})
-        self._shards.append(list(self._buf))
-        self._buf, self._bytes = {}, 0
+    def _close_current(self) -> None:
+        if self._fh is not None:
+            self._fh.close()  # fsync'd in close(), once
+            self._fh = None
 
     def close(self) -> None:
-        if self._buf or not self._shards:
-            self._flush()
-        n = len(self._shards)
-        if n == 1:
-            os.replace(self.folder / "shard-00000.tmp", self.folder / SINGLE_NAME)
-            return
-        weight_map = {}
-        for i, names in enumerate(self._shards):
-            fname = f"model-{i + 1:05d}-of-{n:05d}.safetensors"
-            os.replace(self.folder / f"shard-{i:05d}.tmp", self.folder / fname)
-            weight_map.update({k: fname for k in names})
-        index = {
-            "metadata": {"total_size": self._total},
-            "weight_map": dict(sorted(weight_map.items())),
-        }
-        (self.folder / INDEX_NAME).write_text(json.dumps(index, indent=2))
+        if self._pos != len(self._order):
+            raise RuntimeError(
+                f"safetensors writer closed after {self._pos} of {len(self._order)} tensors"
+            )
+        self._close_current()
+        for nm in self.names:
+            fd = os.open(self.folder / (nm + ".tmp"), os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            os.replace(self.folder / (nm + ".tmp"), self.folder / nm)
+        if len(self.names) > 1:
+            wm = {
+                name: self.names[k] for k, items in enumerate(self.shards) for name, _, _ in items
+            }
+            index = {"metadata": {"total_size": self.total}, "weight_map": dict(sorted(wm.items()))}
+            (self.folder / INDEX_NAME).write_text(json.dumps(index, indent=2))
 
 
-def iter_tensors(reader: HFReader) -> Iterator[tuple[str, torch.Tensor]]:
-    for k in reader.keys():
-        yield k, reader.get(k)
+def write_hf_config(folder: Path, config: dict, dtype: torch.dtype) -> None:
+    """config.json of an exported model, naming the dtype its tensors were written in."""
+    config = dict(config)
+    config["torch_dtype"] = config["dtype"] = HF_DTYPE_NAMES[dtype]
+    (folder / "config.json").write_text(json.dumps(config, indent=2))

@@ -1,9 +1,12 @@
-"""Tensor names and layouts: HF Llama / Mixtral <-> megatron-core GPTModel (local spec, TP=1).
+"""Every HF name and shape rule, one adapter per model family: HF <-> megatron-core GPTModel.
 
 megatron-core's distributed checkpoints are layout-independent (global tensors, resharded on
-load), so the mapping only needs the unsharded TP=1, PP=1 model; megatron-core does the rest.
+load), so an adapter only maps the unsharded TP=1, PP=1 model; megatron-core does the rest. Each
+family is one :class:`StateDictAdapter` subclass (the shape torchtitan's state-dict adapters
+have): its HF names per layer, the shapes a config implies, and the layout changes both ways.
+:func:`adapter_for` picks the family of a model.
 
-Layouts that differ:
+Layouts that differ between HF and megatron-core:
 - attention: HF has q, k, v; megatron has one `linear_qkv` whose rows are grouped per key-value
   head: for each group g, its heads' q rows, then g's k rows, then g's v rows.
 - SwiGLU: HF has gate and up (Mixtral: w1 and w3); megatron's `linear_fc1` is [gate; up].
@@ -20,158 +23,286 @@ import torch
 from megatron_btx.errors import BTXError
 from megatron_btx.models.llama import LlamaArgs
 
+# megatron-core (local spec, unsharded) names. Globals are full names; layer tensors are short
+# names under `decoder.layers.{i}.`.
+EMB = "embedding.word_embeddings.weight"
+FINAL_LN = "decoder.final_layernorm.weight"
+OUT = "output_layer.weight"
+LN1 = "input_layernorm.weight"
+QKV = "self_attention.linear_qkv.weight"
+PROJ = "self_attention.linear_proj.weight"
+LN2 = "pre_mlp_layernorm.weight"
+FC1 = "mlp.linear_fc1.weight"
+FC2 = "mlp.linear_fc2.weight"
+ROUTER = "mlp.router.weight"
+SHARED_FC1 = "mlp.shared_experts.linear_fc1.weight"
+SHARED_FC2 = "mlp.shared_experts.linear_fc2.weight"
+#: a dense layer's tensors; all but the FFN are averaged by the merge
+DENSE_LAYER = (LN1, QKV, PROJ, LN2, FC1, FC2)
+ATTENTION_AND_NORMS = (LN1, QKV, PROJ, LN2)
+
 #: HF tensors that carry no weights (old checkpoints store RoPE's inverse frequencies).
 IGNORED_HF_SUFFIXES = ("rotary_emb.inv_freq",)
 
 
+def expert_fc1(expert: int) -> str:
+    return f"mlp.experts.local_experts.{expert}.linear_fc1.weight"
+
+
+def expert_fc2(expert: int) -> str:
+    return f"mlp.experts.local_experts.{expert}.linear_fc2.weight"
+
+
 def qkv_to_mcore(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, a: LlamaArgs, out: torch.Tensor | None = None
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    args: LlamaArgs,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """HF q, k, v -> megatron's fused QKV (per KV group: its query heads, then k, then v);
     into `out` (shape [(heads + 2 * kv_heads) * head_dim, hidden]) when given."""
-    g, d = a.num_key_value_heads, a.head_dim
-    hpg = a.num_attention_heads // g
-    q = q.reshape(g, hpg * d, -1)
-    k = k.reshape(g, d, -1)
-    v = v.reshape(g, d, -1)
+    groups, dim = args.num_key_value_heads, args.head_dim
+    per_group = args.num_attention_heads // groups
+    q = q.reshape(groups, per_group * dim, -1)
+    k = k.reshape(groups, dim, -1)
+    v = v.reshape(groups, dim, -1)
     if out is None:
         return torch.cat([q, k, v], dim=1).reshape(-1, q.shape[-1])
-    torch.cat([q, k, v], dim=1, out=out.view(g, (hpg + 2) * d, -1))
+    torch.cat([q, k, v], dim=1, out=out.view(groups, (per_group + 2) * dim, -1))
     return out
 
 
-def qkv_from_mcore(qkv: torch.Tensor, a: LlamaArgs) -> tuple[torch.Tensor, ...]:
-    g, d = a.num_key_value_heads, a.head_dim
-    hpg = a.num_attention_heads // g
-    x = qkv.reshape(g, (hpg + 2) * d, -1)
-    q, k, v = torch.split(x, [hpg * d, d, d], dim=1)
-    h = x.shape[-1]
-    return q.reshape(-1, h).clone(), k.reshape(-1, h).clone(), v.reshape(-1, h).clone()
+def qkv_from_mcore(qkv: torch.Tensor, args: LlamaArgs) -> tuple[torch.Tensor, ...]:
+    groups, dim = args.num_key_value_heads, args.head_dim
+    per_group = args.num_attention_heads // groups
+    grouped = qkv.reshape(groups, (per_group + 2) * dim, -1)
+    q, k, v = torch.split(grouped, [per_group * dim, dim, dim], dim=1)
+    hidden = grouped.shape[-1]
+    return tuple(x.reshape(-1, hidden).clone() for x in (q, k, v))
 
 
-def pad_vocab(t: torch.Tensor, a: LlamaArgs) -> torch.Tensor:
-    if t.shape[0] != a.vocab_size:
+def pad_vocab(t: torch.Tensor, args: LlamaArgs) -> torch.Tensor:
+    if t.shape[0] != args.vocab_size:
         raise BTXError(
-            f"embedding has {t.shape[0]} rows but config.json says vocab_size={a.vocab_size}"
+            f"embedding has {t.shape[0]} rows but config.json says vocab_size={args.vocab_size}"
         )
-    pad = a.padded_vocab_size - a.vocab_size
+    pad = args.padded_vocab_size - args.vocab_size
     return torch.cat([t, t.new_zeros((pad, t.shape[1]))]) if pad else t
 
 
-def hf_layer_names(a: LlamaArgs, i: int) -> dict[str, str]:
-    """HF names of layer i's tensors, by role."""
-    p = f"model.layers.{i}."
-    n = {
-        "ln1": p + "input_layernorm.weight",
-        "q": p + "self_attn.q_proj.weight",
-        "k": p + "self_attn.k_proj.weight",
-        "v": p + "self_attn.v_proj.weight",
-        "o": p + "self_attn.o_proj.weight",
-        "ln2": p + "post_attention_layernorm.weight",
+class StateDictAdapter:
+    """HF <-> megatron-core names and layouts of one model family (a dense family here; MoE
+    families override the FFN part). Roles name a layer's HF tensors: ln1, q, k, v, o, ln2, then
+    the FFN's (gate, up, down for a dense SwiGLU)."""
+
+    family = "llama"
+    #: HF names of the global tensors, by megatron name
+    GLOBALS = {
+        EMB: "model.embed_tokens.weight",
+        FINAL_LN: "model.norm.weight",
+        OUT: "lm_head.weight",
     }
-    if a.is_moe:
-        n["router"] = p + "block_sparse_moe.gate.weight"
-        for e in range(a.num_local_experts):
-            for w in ("w1", "w2", "w3"):
-                n[f"e{e}.{w}"] = p + f"block_sparse_moe.experts.{e}.{w}.weight"
-    else:
-        n.update(
-            gate=p + "mlp.gate_proj.weight",
-            up=p + "mlp.up_proj.weight",
-            down=p + "mlp.down_proj.weight",
-        )
-    return n
+
+    def __init__(self, args: LlamaArgs):
+        self.args = args
+
+    # ---- names and shapes ---------------------------------------------------------------
+    def global_names(self) -> dict[str, str]:
+        """{megatron name: HF name} of the global tensors (no output layer when tied)."""
+        names = dict(self.GLOBALS)
+        if self.args.tie_word_embeddings:
+            names.pop(OUT)
+        return names
+
+    def layer_names(self, layer: int) -> dict[str, str]:
+        """HF names of layer `layer`'s tensors, by role."""
+        prefix = f"model.layers.{layer}."
+        names = {
+            "ln1": prefix + "input_layernorm.weight",
+            "q": prefix + "self_attn.q_proj.weight",
+            "k": prefix + "self_attn.k_proj.weight",
+            "v": prefix + "self_attn.v_proj.weight",
+            "o": prefix + "self_attn.o_proj.weight",
+            "ln2": prefix + "post_attention_layernorm.weight",
+        }
+        names.update(self.ffn_names(prefix))
+        return names
+
+    def ffn_names(self, prefix: str) -> dict[str, str]:
+        return {
+            "gate": prefix + "mlp.gate_proj.weight",
+            "up": prefix + "mlp.up_proj.weight",
+            "down": prefix + "mlp.down_proj.weight",
+        }
+
+    def layer_shapes(self, layer: int) -> list[tuple[str, tuple[int, ...]]]:
+        """(HF name, shape) of layer `layer`'s tensors, in export order."""
+        args = self.args
+        hidden = args.hidden_size
+        q_rows = args.num_attention_heads * args.head_dim
+        kv_rows = args.num_key_value_heads * args.head_dim
+        names = self.layer_names(layer)
+        shapes = {
+            "ln1": (hidden,),
+            "q": (q_rows, hidden),
+            "k": (kv_rows, hidden),
+            "v": (kv_rows, hidden),
+            "o": (hidden, q_rows),
+            "ln2": (hidden,),
+            **self.ffn_shapes(),
+        }
+        return [(names[role], shapes[role]) for role in names]
+
+    def ffn_shapes(self) -> dict[str, tuple[int, ...]]:
+        hidden, ffn = self.args.hidden_size, self.args.intermediate_size
+        return {"gate": (ffn, hidden), "up": (ffn, hidden), "down": (hidden, ffn)}
+
+    def hf_shapes(self) -> list[tuple[str, tuple[int, ...]]]:
+        """(HF name, shape) of every tensor, in the order :meth:`export_tensors` yields them."""
+        args = self.args
+        globals_ = self.global_names()
+        shapes = [(globals_[EMB], (args.vocab_size, args.hidden_size))]
+        for layer in range(args.num_hidden_layers):
+            shapes += self.layer_shapes(layer)
+        shapes.append((globals_[FINAL_LN], (args.hidden_size,)))
+        if OUT in globals_:
+            shapes.append((globals_[OUT], (args.vocab_size, args.hidden_size)))
+        return shapes
+
+    def check_hf_keys(self, keys: list[str], source: str) -> None:
+        """Every tensor the config implies is present, and nothing unexplained is left over."""
+        have = set(keys)
+        want = [name for name, _ in self.hf_shapes()]
+        missing = [k for k in want if k not in have]
+        if missing:
+            raise BTXError(
+                f"{source}: tensor {missing[0]!r} is missing ({len(missing)} missing in all); the "
+                f"checkpoint does not match its config.json (layers={self.args.num_hidden_layers})"
+            )
+        extra = sorted(have - set(want))
+        extra = [k for k in extra if not k.endswith(IGNORED_HF_SUFFIXES)]
+        if self.args.tie_word_embeddings:
+            extra = [k for k in extra if k != self.GLOBALS[OUT]]
+        if extra:
+            raise BTXError(
+                f"{source}: unexpected tensor {extra[0]!r} ({len(extra)} in all); the checkpoint "
+                f"has more layers or modules than its config.json describes"
+            )
+
+    # ---- layouts ------------------------------------------------------------------------
+    def layer_from_hf(
+        self, layer: int, get: Callable[[str], torch.Tensor]
+    ) -> dict[str, torch.Tensor]:
+        """Layer `layer` as {short megatron name: tensor}, reading HF tensors through `get`."""
+        names = self.layer_names(layer)
+        tensors = {
+            LN1: get(names["ln1"]),
+            QKV: qkv_to_mcore(get(names["q"]), get(names["k"]), get(names["v"]), self.args),
+            PROJ: get(names["o"]),
+            LN2: get(names["ln2"]),
+        }
+        tensors.update(self.ffn_from_hf(names, get))
+        return tensors
+
+    def ffn_from_hf(self, names: dict[str, str], get) -> dict[str, torch.Tensor]:
+        return {FC1: torch.cat([get(names["gate"]), get(names["up"])]), FC2: get(names["down"])}
+
+    def layer_to_hf(
+        self, layer: int, tensors: dict[str, torch.Tensor]
+    ) -> Iterator[tuple[str, torch.Tensor]]:
+        """HF (name, tensor) of layer `layer` from {short megatron name: tensor}."""
+        names = self.layer_names(layer)
+        yield names["ln1"], tensors[LN1]
+        q, k, v = qkv_from_mcore(tensors[QKV], self.args)
+        yield names["q"], q
+        yield names["k"], k
+        yield names["v"], v
+        yield names["o"], tensors[PROJ]
+        yield names["ln2"], tensors[LN2]
+        yield from self.ffn_to_hf(names, tensors)
+
+    def ffn_to_hf(self, names: dict[str, str], tensors) -> Iterator[tuple[str, torch.Tensor]]:
+        gate, up = _split_fc1(tensors[FC1], self.args.intermediate_size)
+        yield names["gate"], gate
+        yield names["up"], up
+        yield names["down"], tensors[FC2]
+
+    def import_tensors(
+        self, get: Callable[[str], torch.Tensor]
+    ) -> Iterator[tuple[str, torch.Tensor]]:
+        """(megatron name, tensor) for the whole model, reading HF tensors through `get`."""
+        globals_ = self.global_names()
+        yield EMB, pad_vocab(get(globals_[EMB]), self.args)
+        for layer in range(self.args.num_hidden_layers):
+            prefix = f"decoder.layers.{layer}."
+            for name, tensor in self.layer_from_hf(layer, get).items():
+                yield prefix + name, tensor
+        yield FINAL_LN, get(globals_[FINAL_LN])
+        if OUT in globals_:
+            yield OUT, pad_vocab(get(globals_[OUT]), self.args)
+
+    def export_tensors(
+        self,
+        read_layer: Callable[[int], dict[str, torch.Tensor]],
+        read_global: Callable[[str], torch.Tensor],
+    ) -> Iterator[tuple[str, torch.Tensor]]:
+        """(HF name, tensor) for the whole model, in :meth:`hf_shapes` order, from megatron
+        tensors read a layer (short names) or a global at a time."""
+        vocab = self.args.vocab_size
+        globals_ = self.global_names()
+        yield globals_[EMB], read_global(EMB)[:vocab].clone()
+        for layer in range(self.args.num_hidden_layers):
+            yield from self.layer_to_hf(layer, read_layer(layer))
+        yield globals_[FINAL_LN], read_global(FINAL_LN)
+        if OUT in globals_:
+            yield globals_[OUT], read_global(OUT)[:vocab].clone()
 
 
-def hf_names(a: LlamaArgs) -> list[str]:
-    names = ["model.embed_tokens.weight", "model.norm.weight"]
-    if not a.tie_word_embeddings:
-        names.append("lm_head.weight")
-    for i in range(a.num_hidden_layers):
-        names.extend(hf_layer_names(a, i).values())
-    return names
+class MixtralAdapter(StateDictAdapter):
+    """HF Mixtral: every layer's FFN is `num_local_experts` SwiGLU experts (w1 = gate, w3 = up,
+    w2 = down) and a router (`block_sparse_moe.gate`)."""
+
+    family = "mixtral"
+
+    def ffn_names(self, prefix: str) -> dict[str, str]:
+        names = {"router": prefix + "block_sparse_moe.gate.weight"}
+        for expert in range(self.args.num_local_experts):
+            for w in ("w1", "w3", "w2"):
+                names[f"e{expert}.{w}"] = prefix + f"block_sparse_moe.experts.{expert}.{w}.weight"
+        return names
+
+    def ffn_shapes(self) -> dict[str, tuple[int, ...]]:
+        hidden, ffn = self.args.hidden_size, self.args.intermediate_size
+        shapes: dict[str, tuple[int, ...]] = {"router": (self.args.num_local_experts, hidden)}
+        for expert in range(self.args.num_local_experts):
+            shapes[f"e{expert}.w1"] = shapes[f"e{expert}.w3"] = (ffn, hidden)
+            shapes[f"e{expert}.w2"] = (hidden, ffn)
+        return shapes
+
+    def ffn_from_hf(self, names: dict[str, str], get) -> dict[str, torch.Tensor]:
+        tensors = {ROUTER: get(names["router"])}
+        for expert in range(self.args.num_local_experts):
+            w1, w3 = get(names[f"e{expert}.w1"]), get(names[f"e{expert}.w3"])
+            tensors[expert_fc1(expert)] = torch.cat([w1, w3])
+            tensors[expert_fc2(expert)] = get(names[f"e{expert}.w2"])
+        return tensors
+
+    def ffn_to_hf(self, names: dict[str, str], tensors) -> Iterator[tuple[str, torch.Tensor]]:
+        yield names["router"], tensors[ROUTER]
+        for expert in range(self.args.num_local_experts):
+            gate, up = _split_fc1(tensors[expert_fc1(expert)], self.args.intermediate_size)
+            yield names[f"e{expert}.w1"], gate
+            yield names[f"e{expert}.w3"], up
+            yield names[f"e{expert}.w2"], tensors[expert_fc2(expert)]
 
 
-def hf_to_mcore(
-    get: Callable[[str], torch.Tensor], a: LlamaArgs
-) -> Iterator[tuple[str, torch.Tensor]]:
-    """Yield (megatron name, tensor) for the whole model, reading HF tensors through `get`."""
-    yield "embedding.word_embeddings.weight", pad_vocab(get("model.embed_tokens.weight"), a)
-    for i in range(a.num_hidden_layers):
-        n = hf_layer_names(a, i)
-        m = f"decoder.layers.{i}."
-        yield m + "input_layernorm.weight", get(n["ln1"])
-        yield (
-            m + "self_attention.linear_qkv.weight",
-            qkv_to_mcore(get(n["q"]), get(n["k"]), get(n["v"]), a),
-        )
-        yield m + "self_attention.linear_proj.weight", get(n["o"])
-        yield m + "pre_mlp_layernorm.weight", get(n["ln2"])
-        if a.is_moe:
-            yield m + "mlp.router.weight", get(n["router"])
-            for e in range(a.num_local_experts):
-                x = m + f"mlp.experts.local_experts.{e}."
-                yield x + "linear_fc1.weight", torch.cat([get(n[f"e{e}.w1"]), get(n[f"e{e}.w3"])])
-                yield x + "linear_fc2.weight", get(n[f"e{e}.w2"])
-        else:
-            yield m + "mlp.linear_fc1.weight", torch.cat([get(n["gate"]), get(n["up"])])
-            yield m + "mlp.linear_fc2.weight", get(n["down"])
-    yield "decoder.final_layernorm.weight", get("model.norm.weight")
-    if not a.tie_word_embeddings:
-        yield "output_layer.weight", pad_vocab(get("lm_head.weight"), a)
+def _split_fc1(fc1: torch.Tensor, ffn: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """megatron's fused [gate; up] -> (gate, up): row slices, contiguous views of `fc1` (no
+    copy: the writers stream them out before the next layer is read)."""
+    return fc1[:ffn], fc1[ffn:]
 
 
-def mcore_to_hf(
-    get: Callable[[str], torch.Tensor], a: LlamaArgs
-) -> Iterator[tuple[str, torch.Tensor]]:
-    """Yield (HF name, tensor) for the whole model, reading megatron tensors through `get`."""
-    V = a.vocab_size
-    yield "model.embed_tokens.weight", get("embedding.word_embeddings.weight")[:V].clone()
-    for i in range(a.num_hidden_layers):
-        n = hf_layer_names(a, i)
-        m = f"decoder.layers.{i}."
-        yield n["ln1"], get(m + "input_layernorm.weight")
-        q, k, v = qkv_from_mcore(get(m + "self_attention.linear_qkv.weight"), a)
-        yield n["q"], q
-        yield n["k"], k
-        yield n["v"], v
-        yield n["o"], get(m + "self_attention.linear_proj.weight")
-        yield n["ln2"], get(m + "pre_mlp_layernorm.weight")
-        f = a.intermediate_size
-        if a.is_moe:
-            yield n["router"], get(m + "mlp.router.weight")
-            for e in range(a.num_local_experts):
-                x = m + f"mlp.experts.local_experts.{e}."
-                gate, up = torch.split(get(x + "linear_fc1.weight"), [f, f])
-                yield n[f"e{e}.w1"], gate.clone()
-                yield n[f"e{e}.w3"], up.clone()
-                yield n[f"e{e}.w2"], get(x + "linear_fc2.weight")
-        else:
-            gate, up = torch.split(get(m + "mlp.linear_fc1.weight"), [f, f])
-            yield n["gate"], gate.clone()
-            yield n["up"], up.clone()
-            yield n["down"], get(m + "mlp.linear_fc2.weight")
-    yield "model.norm.weight", get("decoder.final_layernorm.weight")
-    if not a.tie_word_embeddings:
-        yield "lm_head.weight", get("output_layer.weight")[:V].clone()
-
-
-def check_hf_keys(keys: list[str], a: LlamaArgs, source: str) -> None:
-    """Every tensor the config implies is present, and nothing unexplained is left over."""
-    have = set(keys)
-    want = hf_names(a)
-    missing = [k for k in want if k not in have]
-    if missing:
-        raise BTXError(
-            f"{source}: tensor {missing[0]!r} is missing ({len(missing)} missing in all); the "
-            f"checkpoint does not match its config.json (layers={a.num_hidden_layers})"
-        )
-    extra = sorted(have - set(want))
-    extra = [k for k in extra if not k.endswith(IGNORED_HF_SUFFIXES)]
-    if a.tie_word_embeddings:
-        extra = [k for k in extra if k != "lm_head.weight"]
-    if extra:
-        raise BTXError(
-            f"{source}: unexpected tensor {extra[0]!r} ({len(extra)} in all); the checkpoint has "
-            f"more layers or modules than its config.json describes"
-        )
+def adapter_for(args: LlamaArgs) -> StateDictAdapter:
+    """The adapter of a model's family: Llama for dense models, Mixtral for MoE ones."""
+    return MixtralAdapter(args) if args.is_moe else StateDictAdapter(args)

@@ -20,14 +20,8 @@ import torch.distributed as dist
 
 from megatron_btx.checkpoint import manifest
 from megatron_btx.errors import BTXError
-from megatron_btx.models.llama import LlamaArgs
-
-#: megatron-core writes this into every distributed checkpoint folder.
-MCORE_METADATA = "metadata.json"
-
-
-def is_checkpoint(folder: str | Path) -> bool:
-    return (Path(folder) / MCORE_METADATA).is_file()
+from megatron_btx.models.llama import LlamaArgs, MoEVariant
+from megatron_btx.rundir import MCORE_METADATA, is_checkpoint
 
 
 def _rank() -> int:
@@ -147,6 +141,11 @@ def load_model(
         missing = [k for k in missing if not k.endswith("_extra_state")]
         if strict and missing:
             raise BTXError(f"{folder}: checkpoint lacks {missing[0]!r} ({len(missing)} missing)")
+
+
+def read_variant(folder: str | Path) -> MoEVariant:
+    """The merge variant a checkpoint's manifest records (plain for dense and Mixtral shapes)."""
+    return MoEVariant.from_manifest(manifest.read(folder).get("moe"))
 
 
 def read_args(folder: str | Path) -> LlamaArgs:

@@ -9,7 +9,8 @@ Everything that decides which tokens a model sees (document shuffling, packing i
 Written against megatron-core 0.16.1: ``GPTDatasetConfig`` wants a ``MegatronTokenizerBase`` with
 ``vocab_size``/``eod``/``pad`` and a JSON-able ``unique_identifiers`` (it is hashed into the cache
 key), and ``BlendedDataset`` calls ``torch.distributed.get_rank()`` unguarded when it writes its
-index cache, so a single process without a process group gets a temporary 1-rank gloo group.
+index cache, so a single process without a process group gets a temporary 1-rank group
+(:func:`megatron_btx.runtime.single_process_group`).
 """
 
 from __future__ import annotations
@@ -17,12 +18,10 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import tempfile
 import warnings
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-import torch
 from megatron.core.datasets.blended_megatron_dataset_builder import (
     BlendedMegatronDatasetBuilder,
 )
@@ -30,6 +29,7 @@ from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
 from megatron.core.datasets.indexed_dataset import IndexedDataset
 from megatron.core.tokenizers import MegatronTokenizerBase
 
+from megatron_btx import runtime
 from megatron_btx.data.preprocess import split_prefix
 from megatron_btx.data.splits import SPLITS
 from megatron_btx.data.tokenizer import Tokenizer
@@ -104,25 +104,6 @@ def as_megatron_tokenizer(tokenizer: Any) -> Any:
     return tokenizer
 
 
-@contextlib.contextmanager
-def single_process_group() -> Iterator[None]:
-    """A temporary 1-rank gloo group when none exists, removed again afterwards.
-
-    megatron-core 0.16.1's BlendedDataset calls ``torch.distributed.get_rank()`` without checking
-    that a group exists when it writes its cache; under torchrun the caller's group is used as is.
-    """
-    if not torch.distributed.is_available() or torch.distributed.is_initialized():
-        yield
-        return
-    with tempfile.TemporaryDirectory(prefix="btx_pg_") as tmp:
-        store = torch.distributed.FileStore(os.path.join(tmp, "store"), 1)
-        torch.distributed.init_process_group("gloo", store=store, rank=0, world_size=1)
-        try:
-            yield
-        finally:
-            torch.distributed.destroy_process_group()
-
-
 def _check_prefix(prefix: str, what: str) -> int:
     """Number of documents in an indexed dataset, or BTXError naming the missing file."""
     for ext in (".bin", ".idx"):
@@ -189,7 +170,7 @@ def _build(
     builder = BlendedMegatronDatasetBuilder(
         GPTDataset, sizes, is_built_on_rank or (lambda: True), config
     )
-    with single_process_group() if config.path_to_cache else contextlib.nullcontext():
+    with runtime.single_process_group() if config.path_to_cache else contextlib.nullcontext():
         return builder.build()
 
 

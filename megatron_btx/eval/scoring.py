@@ -1,7 +1,7 @@
 """Scoring held-out tokens with megatron-core models loaded from checkpoints (one CPU process).
 
-A model is built exactly as the merge and training stages build it (``build_gpt`` with the
-checkpoint manifest's variant overrides), loaded with megatron-core's ``dist_checkpointing``
+A model is built exactly as the merge and training stages build it (the one builder,
+``build_for_checkpoint``, with the checkpoint manifest's merge variant), loaded with megatron-core's ``dist_checkpointing``
 (``load_model``), and for an MoE the BTX router of the run's finetune config is installed, which
 also records per-layer routing statistics (:func:`megatron_btx.models.routers.routing_stats`).
 """
@@ -19,12 +19,11 @@ log = logging.getLogger(__name__)
 
 def load_for_eval(folder: str, router_cfg: dict[str, Any] | None = None):
     """(model, args) for a megatron checkpoint folder; call inside a runtime."""
-    from megatron_btx.checkpoint import manifest
-    from megatron_btx.checkpoint.megatron_io import load_model, read_args
-    from megatron_btx.checkpoint.merge import build_gpt, overrides_from_manifest
+    from megatron_btx.checkpoint.megatron_io import load_model, read_args, read_variant
+    from megatron_btx.models.llama import build_for_checkpoint
 
     args = read_args(folder)
-    model = build_gpt(args, torch.float32, overrides_from_manifest(manifest.read(folder)))
+    model = build_for_checkpoint(args, torch.float32, read_variant(folder))
     load_model(model, folder)
     if args.is_moe:
         from megatron_btx.models import routers

@@ -6,6 +6,7 @@ config.json is the one description of a model that every stage shares.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -200,6 +201,54 @@ class MoEOptions:
     router_dtype: str | None = "fp32"
 
 
+@dataclass(frozen=True)
+class MoEVariant:
+    """A merged MoE's shape beyond Mixtral's, as a checkpoint manifest's ``moe`` entry records it
+    (and megatron-core's TransformerConfig needs it): the seed's FFN as a shared expert, and MoE
+    in only some layers with a dense FFN in the others."""
+
+    shared_expert_intermediate_size: int | None = None
+    #: per layer: 1 = MoE, 0 = dense; None = every layer is MoE
+    layer_freq: tuple[int, ...] | None = None
+    #: FFN width of the dense layers (with layer_freq)
+    dense_ffn_hidden_size: int | None = None
+
+    @classmethod
+    def from_manifest(cls, entry: dict[str, Any] | None) -> MoEVariant:
+        entry = entry or {}
+        freq = entry.get("layer_freq")
+        return cls(
+            shared_expert_intermediate_size=entry.get("shared_expert_intermediate_size") or None,
+            layer_freq=tuple(int(x) for x in freq) if freq else None,
+            dense_ffn_hidden_size=entry.get("dense_ffn_hidden_size") if freq else None,
+        )
+
+    def to_manifest(self) -> dict[str, Any]:
+        return {
+            "shared_expert_intermediate_size": self.shared_expert_intermediate_size,
+            "layer_freq": list(self.layer_freq) if self.layer_freq is not None else None,
+            "dense_ffn_hidden_size": self.dense_ffn_hidden_size,
+        }
+
+    @property
+    def is_plain(self) -> bool:
+        """A Mixtral-shaped MoE (or a dense model): nothing beyond LlamaArgs."""
+        return self.shared_expert_intermediate_size is None and self.layer_freq is None
+
+    def is_moe_layer(self, layer: int) -> bool:
+        return self.layer_freq is None or bool(self.layer_freq[layer])
+
+    def config_overrides(self) -> dict[str, Any]:
+        """TransformerConfig fields beyond what LlamaArgs gives."""
+        overrides: dict[str, Any] = {}
+        if self.shared_expert_intermediate_size:
+            overrides["moe_shared_expert_intermediate_size"] = self.shared_expert_intermediate_size
+        if self.layer_freq is not None:
+            overrides["moe_layer_freq"] = list(self.layer_freq)
+            overrides["ffn_hidden_size"] = self.dense_ffn_hidden_size
+        return overrides
+
+
 def check_parallel(args: LlamaArgs, tp: int = 1, pp: int = 1, ep: int = 1) -> None:
     """Refuse layouts that cannot shard this model, naming the size at fault."""
     if args.num_attention_heads % tp:
@@ -254,9 +303,11 @@ def transformer_config(
     cpu_init: bool = True,
     init_method_std: float = 0.02,
     perform_initialization: bool = True,
+    variant: MoEVariant | None = None,
     **overrides: Any,
 ):
-    """A megatron-core TransformerConfig equal in function to the HF Llama/Mixtral config."""
+    """A megatron-core TransformerConfig equal in function to the HF Llama/Mixtral config (plus
+    a merge `variant`'s fields; `overrides` last)."""
     from megatron.core.transformer.transformer_config import TransformerConfig
 
     from megatron_btx.models.specs import fused_kernels_available
@@ -320,6 +371,8 @@ def transformer_config(
             moe_router_dtype=moe.router_dtype,
             moe_permute_fusion=False,
         )
+    if variant is not None:
+        kw.update(variant.config_overrides())
     kw.update(overrides)
     return TransformerConfig(**kw)
 
@@ -352,13 +405,20 @@ def build_model(
     post_process: bool | None = None,
     vp_stage: int | None = None,
     spec: str | None = None,
+    meta: bool = False,
     **config_kwargs: Any,
 ):
-    """A megatron-core GPTModel for this rank's pipeline stage (call after runtime.init)."""
+    """The one megatron-core GPTModel builder (training, conversion, merge and evaluation).
+
+    Builds this rank's pipeline stage (call after runtime.init) for a dense Llama, a Mixtral-shaped
+    MoE or any merge variant (``variant=MoEVariant(...)`` among ``config_kwargs``, or a `config`
+    made with it). ``meta=True`` builds on the `meta` device: shapes and the sharded state dict
+    without storage, which is how the streaming writers learn every checkpoint key."""
     from megatron.core import parallel_state as ps
     from megatron.core.models.gpt import GPTModel
 
-    from megatron_btx.models.specs import layer_spec
+    from megatron_btx import runtime
+    from megatron_btx.models.specs import decoder_spec
 
     if config is None:
         config = transformer_config(args, **config_kwargs)
@@ -366,27 +426,46 @@ def build_model(
         pre_process = ps.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage)
     if post_process is None:
         post_process = ps.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage)
-    model = GPTModel(
-        config=config,
-        transformer_layer_spec=layer_spec(config, spec),
-        vocab_size=args.padded_vocab_size,
-        max_sequence_length=args.max_position_embeddings,
-        pre_process=pre_process,
-        post_process=post_process,
-        share_embeddings_and_output_weights=args.tie_word_embeddings,
-        position_embedding_type="rope",
-        rotary_base=int(args.rope_theta)
-        if float(args.rope_theta).is_integer()
-        else args.rope_theta,
-        rotary_percent=1.0,
-        vp_stage=vp_stage,
-    )
+    rotary_base = args.rope_theta
+    with runtime.meta_device() if meta else contextlib.nullcontext():
+        model = GPTModel(
+            config=config,
+            transformer_layer_spec=decoder_spec(config, spec),
+            vocab_size=args.padded_vocab_size,
+            max_sequence_length=args.max_position_embeddings,
+            pre_process=pre_process,
+            post_process=post_process,
+            share_embeddings_and_output_weights=args.tie_word_embeddings,
+            position_embedding_type="rope",
+            rotary_base=int(rotary_base) if float(rotary_base).is_integer() else rotary_base,
+            rotary_percent=1.0,
+            vp_stage=vp_stage,
+        )
+    if meta and {p.device.type for p in model.parameters()} != {"meta"}:
+        log.warning("a model built on the meta device holds real storage; it costs memory")
     if not config.perform_initialization:
         _mark_tensor_parallel(model)
     if args.rope_scaling:
         rope = model.rotary_pos_emb
         rope.inv_freq = llama3_inv_freq(args).to(rope.inv_freq.device, rope.inv_freq.dtype)
     return model
+
+
+def build_for_checkpoint(
+    args: LlamaArgs,
+    dtype: str | torch.dtype = "fp32",
+    variant: MoEVariant | None = None,
+    meta: bool = False,
+    **kw: Any,
+):
+    """The model a checkpoint is read into or written from by the single-process tools
+    (conversion, merge, verification, evaluation): megatron-core's local spec, no fused
+    kernels, no initialisation (its weights are about to be loaded)."""
+    kw.setdefault("spec", "local")
+    kw.setdefault("fused", False)
+    return build_model(
+        args, dtype=dtype, variant=variant, meta=meta, perform_initialization=False, **kw
+    )
 
 
 def _mark_tensor_parallel(model: torch.nn.Module) -> None:

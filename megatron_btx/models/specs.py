@@ -8,8 +8,6 @@ from __future__ import annotations
 import importlib.util
 import logging
 
-import torch
-
 log = logging.getLogger(__name__)
 
 
@@ -30,9 +28,7 @@ def fused_kernels_available() -> bool:
     machine must not pick them)."""
     from megatron_btx import runtime
 
-    if runtime._RUNTIME is not None:
-        return runtime._RUNTIME.on_gpu
-    return torch.cuda.is_available()
+    return runtime.on_gpu()
 
 
 _LOGGED: set[str] = set()
@@ -71,3 +67,23 @@ def layer_spec(config, requested: str | None = None):
 
         spec.submodules.self_attention.submodules.core_attention = TorchSDPAttention
     return spec
+
+
+def decoder_spec(config, requested: str | None = None):
+    """The spec GPTModel is built from: one layer spec for every layer, or, when
+    ``config.moe_layer_freq`` is a per-layer list (MoE in some layers), megatron-core's decoder
+    block spec with a dense or an MoE layer spec per layer."""
+    if not isinstance(config.moe_layer_freq, list):
+        return layer_spec(config, requested)
+    from megatron.core.models.gpt import gpt_layer_specs as specs
+
+    te = chosen_spec(requested) == "te"
+    block = specs.get_gpt_decoder_block_spec(
+        config, use_transformer_engine=te, normalization="RMSNorm"
+    )
+    if not te and config.attention_dropout == 0 and config.context_parallel_size == 1:
+        from megatron_btx.models.attention import TorchSDPAttention
+
+        for spec in block.layer_specs:
+            spec.submodules.self_attention.submodules.core_attention = TorchSDPAttention
+    return block

@@ -6,10 +6,13 @@ or as a single process with no launcher at all (tools, tests, notebooks).
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import logging
 import os
 import socket
+import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -165,6 +168,47 @@ def teardown() -> None:
     if dist.is_initialized():
         dist.destroy_process_group()
     _RUNTIME = None
+
+
+def on_gpu() -> bool:
+    """Whether this process computes on a GPU: the runtime's device once :func:`init` ran, else
+    whether torch sees one (so a CPU run on a GPU machine never picks GPU-only kernels)."""
+    if _RUNTIME is not None:
+        return _RUNTIME.on_gpu
+    return torch.cuda.is_available()
+
+
+@contextlib.contextmanager
+def meta_device() -> Iterator[None]:
+    """Build modules on the `meta` device (shapes, no storage), also inside a CPU runtime, whose
+    device-mapping wrappers of torch's factories the plain `torch.device("meta")` would miss."""
+    import torch.utils._device as torch_device
+
+    from megatron_btx.runtime import cpu
+
+    known = torch_device._device_constructors()
+    known.update(cpu.wrapped_factories())
+    with torch.device("meta"):
+        yield
+
+
+@contextlib.contextmanager
+def single_process_group() -> Iterator[None]:
+    """A temporary 1-rank gloo process group when none exists, removed again afterwards.
+
+    Some megatron-core helpers call ``torch.distributed.get_rank()`` without checking that a group
+    exists (0.16.1's BlendedDataset when it writes its cache); under torchrun, or inside
+    :func:`init`, the caller's group is used as is."""
+    if not dist.is_available() or dist.is_initialized():
+        yield
+        return
+    with tempfile.TemporaryDirectory(prefix="btx_pg_") as tmp:
+        store = dist.FileStore(os.path.join(tmp, "store"), 1)
+        dist.init_process_group("gloo", store=store, rank=0, world_size=1)
+        try:
+            yield
+        finally:
+            dist.destroy_process_group()
 
 
 class single_process:

@@ -384,3 +384,17 @@ def apply() -> list[str]:
 
 def applied() -> list[str]:
     return list(_applied)
+
+
+def wrapped_factories() -> list[Callable]:
+    """The original torch factories behind this module's device-mapping wrappers.
+
+    `with torch.device("meta")` intercepts only the factory functions it knew when first used;
+    a wrapper calls the original, which the device context must also know to build on `meta`."""
+    found = []
+    for name in dir(torch):
+        fn = getattr(torch, name, None)
+        original = getattr(fn, "__wrapped__", None)
+        if original is not None and getattr(fn, "__btx_wrapped__", False):
+            found.append(original)
+    return found

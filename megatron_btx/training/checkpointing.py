@@ -29,7 +29,6 @@ from __future__ import annotations
 import logging
 import os
 import random
-import re
 import shutil
 from pathlib import Path
 from typing import Any
@@ -39,23 +38,11 @@ import torch
 import torch.distributed as dist
 
 from megatron_btx.checkpoint import manifest
-from megatron_btx.checkpoint.megatron_io import (
-    atomic_folder,
-    is_checkpoint,
-    sharded_state_dict,
-    unwrap,
-)
+from megatron_btx.checkpoint.megatron_io import atomic_folder, sharded_state_dict, unwrap
 from megatron_btx.errors import BTXError
+from megatron_btx.rundir import checkpoint_path, prune, write_latest
 
 log = logging.getLogger(__name__)
-
-CKPT_DIR = "checkpoints"
-LATEST = "latest"
-_ITER_RE = re.compile(r"^iter_(\d{7,})$")
-
-
-def iter_name(step: int) -> str:
-    return f"iter_{step:07d}"
 
 
 def _rank() -> int:
@@ -65,72 +52,6 @@ def _rank() -> int:
 def _barrier() -> None:
     if dist.is_initialized():
         dist.barrier()
-
-
-# ---------------------------------------------------------------------------------------------
-# latest pointer and pruning
-# ---------------------------------------------------------------------------------------------
-def read_latest(run_dir: str | os.PathLike[str]) -> Path | None:
-    """The checkpoint folder `latest` names, or None when there is none yet."""
-    ckpts = Path(run_dir) / CKPT_DIR
-    latest = ckpts / LATEST
-    if not latest.is_file():
-        return None
-    name = latest.read_text().strip()
-    folder = ckpts / name
-    if not _ITER_RE.match(name) or not is_checkpoint(folder):
-        raise BTXError(
-            f"{latest}: names {name!r}, which is not a complete checkpoint in {ckpts}; "
-            f"point it at an existing iter_* folder or remove it to start fresh"
-        )
-    return folder
-
-
-def write_latest(run_dir: Path, name: str) -> None:
-    """Atomically point `latest` at checkpoint `name` (rank 0 only)."""
-    ckpts = run_dir / CKPT_DIR
-    tmp = ckpts / f".{LATEST}.tmp"
-    with open(tmp, "w") as f:
-        f.write(name + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, ckpts / LATEST)
-
-
-def list_checkpoints(run_dir: Path) -> list[tuple[int, Path]]:
-    ckpts = run_dir / CKPT_DIR
-    if not ckpts.is_dir():
-        return []
-    out = []
-    for p in ckpts.iterdir():
-        m = _ITER_RE.match(p.name)
-        if m and p.is_dir():
-            out.append((int(m.group(1)), p))
-    return sorted(out)
-
-
-def prune(run_dir: Path, keep_last: int) -> None:
-    """Remove all but the newest `keep_last` checkpoints (never the one `latest` names)."""
-    latest = run_dir / CKPT_DIR / LATEST
-    keep_name = latest.read_text().strip() if latest.is_file() else None
-    found = list_checkpoints(run_dir)
-    for _, path in found[:-keep_last] if keep_last > 0 else found:
-        if path.name != keep_name:
-            shutil.rmtree(path, ignore_errors=True)
-
-
-def clean_stale(run_dir: Path) -> None:
-    """Remove temporary folders left by a save that was killed (they are never trusted)."""
-    ckpts = run_dir / CKPT_DIR
-    if not ckpts.is_dir():
-        return
-    for p in ckpts.iterdir():
-        if p.name.startswith(".") and (p.name.endswith(".tmp") or p.name.endswith(".old")):
-            log.warning("removing %s left by an interrupted checkpoint save", p)
-            if p.is_dir():
-                shutil.rmtree(p, ignore_errors=True)
-            else:
-                p.unlink(missing_ok=True)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -280,7 +201,7 @@ def save(
     """Write checkpoint `step` atomically, point `latest` at it, prune old ones. All ranks."""
     from megatron_btx.checkpoint.megatron_io import save_model
 
-    folder = run_dir / CKPT_DIR / iter_name(step)
+    folder = checkpoint_path(run_dir, step)
     with atomic_folder(folder, overwrite=True) as tmp:
         model_sd = sharded_state_dict(model)
         prime_optimizer_state(optimizer)

@@ -33,7 +33,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from megatron_btx import runtime
+from megatron_btx import rundir, runtime
 from megatron_btx.config import Config
 from megatron_btx.errors import BTXError
 from megatron_btx.training import checkpointing as ckpt
@@ -199,7 +199,7 @@ class Trainer:
         cfg.validate_model(self.args)
 
         # Decide about resuming before the (slow) distributed start-up, so a wrong flag fails fast.
-        latest = ckpt.read_latest(self.run_dir)
+        latest = rundir.read_latest(self.run_dir)
         if t.resume is True and latest is None:
             raise BTXError(f"train.resume is true but {self.run_dir}/checkpoints has no 'latest'")
         if t.resume is False and latest is not None:
@@ -217,7 +217,7 @@ class Trainer:
         self.dtype_name = t.dtype if t.dtype != "auto" else ("bf16" if self.rt.on_gpu else "fp32")
         torch.manual_seed(t.seed)
         if self.rank == 0:
-            ckpt.clean_stale(self.run_dir)  # a save killed half-way left a temporary folder
+            rundir.clean_stale(self.run_dir)  # a save killed half-way left a temporary folder
         dist.barrier()
 
         self._build_model()
@@ -697,7 +697,7 @@ class Trainer:
         self.logger.event("end", self.step, reason=reason, loss=last_loss, valid=valid)
         self.logger.console(f"training stopped at step {self.step} ({reason})")
         self.logger.close()
-        latest = ckpt.read_latest(self.run_dir)
+        latest = rundir.read_latest(self.run_dir)
         return TrainResult(self.step, reason, last_loss, valid, str(latest) if latest else None)
 
     def _log_eval(self, valid: dict[str, float]) -> None:

@@ -16,15 +16,14 @@ def main() -> None:
     import torch.distributed as dist
 
     from megatron_btx import runtime
-    from megatron_btx.checkpoint import manifest
-    from megatron_btx.checkpoint.megatron_io import load_model, read_args
-    from megatron_btx.checkpoint.merge import build_gpt, overrides_from_manifest
+    from megatron_btx.checkpoint.megatron_io import load_model, read_args, read_variant
+    from megatron_btx.models.llama import build_for_checkpoint
 
     world = int(os.environ["WORLD_SIZE"])
     ep = world // tp
     runtime.init(tp=tp, ep=ep, device="cpu")
     args = read_args(ckpt)
-    model = build_gpt(args, torch.float32, overrides_from_manifest(manifest.read(ckpt)))
+    model = build_for_checkpoint(args, torch.float32, read_variant(ckpt))
     load_model(model, ckpt)
     model.eval()
     ids = torch.load(batch, weights_only=True)

@@ -1,0 +1,175 @@
+"""Router initialisation from domain data: each expert's row is the normalised mean router input
+over a sample of that expert's own domain.
+
+The router input of layer i is the hidden state after attention and the pre-MLP norm, i.e.
+exactly what the router sees. It is computed through the merged model's earlier layers (with
+their routers already set), one layer at a time with megatron-core's own TransformerLayer, so the
+merge still holds one layer at a time.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+from pathlib import Path
+
+import torch
+
+from megatron_btx.checkpoint.mapping import ROUTER
+from megatron_btx.errors import BTXError
+from megatron_btx.merge.plan import MergePlan
+from megatron_btx.models.llama import LlamaArgs, MoEVariant, build_for_checkpoint
+
+
+def load_tokens(
+    spec: str, tokenizer_path: Path | None, n_tokens: int, seq_len: int
+) -> torch.Tensor:
+    """[num_seqs, seq_len] token ids from an indexed dataset prefix or a text / jsonl file."""
+    if Path(spec + ".idx").is_file() and Path(spec + ".bin").is_file():
+        ids = _dataset_tokens(spec, n_tokens, seq_len)
+    elif Path(spec).is_file():
+        ids = _text_tokens(Path(spec), tokenizer_path, n_tokens)
+    else:
+        raise BTXError(
+            f"--centroid-data {spec}: neither an indexed dataset prefix ({spec}.bin/.idx) nor a "
+            f"text/jsonl file"
+        )
+    if len(ids) < seq_len:
+        raise BTXError(f"--centroid-data {spec}: only {len(ids)} tokens; need at least {seq_len}")
+    n_seqs = min(len(ids), n_tokens) // seq_len
+    return torch.tensor(ids[: n_seqs * seq_len], dtype=torch.long).reshape(n_seqs, seq_len)
+
+
+def _dataset_tokens(prefix: str, n_tokens: int, seq_len: int) -> list[int]:
+    """Documents spread evenly over the dataset until `n_tokens` are gathered."""
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+    dataset = IndexedDataset(prefix, mmap=True)
+    n_docs = len(dataset)
+    if n_docs == 0:
+        raise BTXError(f"{prefix}: the indexed dataset has no documents")
+    stride = max(1, n_docs // max(1, n_tokens // max(1, seq_len)))
+    ids: list[int] = []
+    for start in (0, 1):  # a second, offset pass when the first did not gather enough
+        doc = start
+        while len(ids) < n_tokens and doc < n_docs:
+            ids.extend(int(x) for x in dataset[doc])
+            doc += stride
+    return ids
+
+
+def _text_tokens(path: Path, tokenizer_path: Path | None, n_tokens: int) -> list[int]:
+    if tokenizer_path is None:
+        raise BTXError(
+            f"{path}: a text file needs a tokenizer.model (SentencePiece) in the sources or "
+            f"--tokenizer"
+        )
+    from megatron_btx.data.tokenizer import Tokenizer
+
+    tokenizer = Tokenizer(tokenizer_path)
+    content = path.read_text(encoding="utf-8", errors="replace")
+    texts = [content]
+    if path.suffix == ".jsonl":
+        texts = []
+        for line in content.splitlines():
+            with contextlib.suppress(Exception):
+                texts.append(json.loads(line)["text"])
+    ids: list[int] = []
+    for text in texts:
+        ids.extend(tokenizer.encode(text))
+        ids.append(tokenizer.eos_id)
+        if len(ids) >= n_tokens:
+            break
+    return ids
+
+
+class CentroidRouter:
+    """Sets each MoE layer's router rows from the domain samples' hidden states, layer by layer."""
+
+    def __init__(
+        self,
+        dense_args: LlamaArgs,
+        out_args: LlamaArgs,
+        plan: MergePlan,
+        tokens: dict[int, torch.Tensor],
+        variant: MoEVariant,
+    ):
+        self.dense_args = dense_args
+        self.out_args = out_args
+        self.plan = plan
+        self.tokens = tokens  # per source index: [n, S]
+        #: one MoE layer's variant (a shared expert; the layer pattern does not apply)
+        self.layer_variant = dataclasses.replace(
+            variant, layer_freq=None, dense_ffn_hidden_size=None
+        )
+        self.hidden: dict[int, torch.Tensor] = {}
+
+    def embed(self, embedding: torch.Tensor) -> None:
+        """Start every domain's hidden states [S, B, H] from the merged embedding."""
+        table = embedding.to(torch.float32)
+        for source, ids in self.tokens.items():
+            self.hidden[source] = table[ids].transpose(0, 1).contiguous()
+
+    def _layer_model(self, moe: bool, merged: dict[str, torch.Tensor]):
+        """A one-layer model holding the merged layer (a zero router for now)."""
+        args = dataclasses.replace(self.out_args if moe else self.dense_args, num_hidden_layers=1)
+        variant = self.layer_variant if moe else None
+        model = build_for_checkpoint(
+            args, torch.float32, variant, pre_process=False, post_process=False
+        )
+        model.eval()
+        state = model.state_dict()
+        prefix = "decoder.layers.0."
+        for key in list(state):
+            short = key[len(prefix) :]
+            if key.endswith("_extra_state") or short == ROUTER:
+                continue
+            state[key] = merged[short].to(torch.float32)
+        if moe:
+            state[prefix + ROUTER] = torch.zeros(
+                self.out_args.num_local_experts, self.out_args.hidden_size
+            )
+        model.load_state_dict(state, strict=False)
+        return model
+
+    def _forward(self, model, hidden: torch.Tensor) -> torch.Tensor:
+        layer = model.decoder.layers[0]
+        out = layer(
+            hidden_states=hidden,
+            attention_mask=None,
+            rotary_pos_emb=model.rotary_pos_emb(hidden.shape[0]),
+        )
+        return (out[0] if isinstance(out, tuple) else out).detach()
+
+    @torch.no_grad()
+    def run_layer(self, layer: int, merged: dict[str, torch.Tensor]) -> torch.Tensor | None:
+        """Set layer `layer`'s router (MoE layers; returned) and advance every domain's hidden
+        states through the merged layer."""
+        moe = self.plan.is_moe_layer(layer)
+        model = self._layer_model(moe, merged)
+        router = None
+        if moe:
+            router = self._router_rows(model)
+            model.decoder.layers[0].mlp.router.weight.copy_(router)
+        for source, hidden in self.hidden.items():
+            self.hidden[source] = self._forward(model, hidden)
+        return router
+
+    def _router_rows(self, model) -> torch.Tensor:
+        captured: dict[str, torch.Tensor] = {}
+        router = model.decoder.layers[0].mlp.router
+        hook = router.register_forward_pre_hook(
+            lambda module, inputs: captured.__setitem__("x", inputs[0].detach().clone())
+        )
+        means = {}
+        try:
+            for source, hidden in self.hidden.items():
+                self._forward(model, hidden)
+                means[source] = captured["x"].reshape(-1, hidden.shape[-1]).float().mean(0)
+        finally:
+            hook.remove()
+        rows = [
+            means[s] / means[s].norm().clamp_min(1e-12) for s in self.plan.routed_expert_sources()
+        ]
+        return torch.stack(rows)

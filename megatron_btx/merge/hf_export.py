@@ -1,0 +1,69 @@
+"""`btx merge --export-hf`: the merged model streamed into an HF checkpoint as it is made.
+
+The same merged tensors that go into the torch_dist checkpoint go, through the model family's
+adapter (HF Mixtral for a plain BTX MoE), into safetensors shards whose headers are planned up
+front, so the export costs no extra memory and no second pass over the sources.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+
+import torch
+
+from megatron_btx.checkpoint import manifest
+from megatron_btx.checkpoint.hf import StreamingSafetensorsWriter, copy_tokenizer, write_hf_config
+from megatron_btx.checkpoint.mapping import EMB, OUT, adapter_for
+from megatron_btx.checkpoint.megatron_io import atomic_folder
+from megatron_btx.checkpoint.sources import TokenizerInfo
+from megatron_btx.errors import BTXError
+from megatron_btx.models.llama import LlamaArgs, MoEVariant
+
+
+def check_exportable(variant: MoEVariant) -> None:
+    """HF Mixtral has no shared expert and no dense layers: refuse before anything is written."""
+    if not variant.is_plain:
+        raise BTXError(
+            "--export-hf writes HF Mixtral, which has no shared expert and no dense layers; drop "
+            "--seed-as-shared-expert / --moe-layers to export"
+        )
+
+
+class HFExport:
+    """An HF export written beside the merge: `add_global` / `add_layer` in the merge's order,
+    then `finish`. Lives in a temporary folder renamed into place when the merge commits."""
+
+    def __init__(
+        self,
+        folder: str | Path,
+        args: LlamaArgs,
+        dtype: torch.dtype,
+        shard_gb: float,
+        overwrite: bool,
+        stack: contextlib.ExitStack,
+    ):
+        self.args = args
+        self.dtype = dtype
+        self.adapter = adapter_for(args)
+        self.tmp = stack.enter_context(atomic_folder(folder, overwrite))
+        plan = [(name, shape, dtype) for name, shape in self.adapter.hf_shapes()]
+        self.writer = StreamingSafetensorsWriter(self.tmp, plan, int(shard_gb * 1024**3))
+
+    def add_global(self, name: str, tensor: torch.Tensor) -> None:
+        """A global tensor in megatron form (embedding and output padded)."""
+        if name in (EMB, OUT):
+            tensor = tensor[: self.args.vocab_size]
+        self.writer.add(self.adapter.global_names()[name], tensor.to(self.dtype))
+
+    def add_layer(self, layer: int, merged: dict[str, torch.Tensor]) -> None:
+        for name, tensor in self.adapter.layer_to_hf(layer, merged):
+            self.writer.add(name, tensor.to(self.dtype))
+
+    def finish(self, tokenizer: TokenizerInfo | None, fields: dict) -> None:
+        """Close the shards, write config.json, the tokenizer and the manifest."""
+        self.writer.close()
+        write_hf_config(self.tmp, self.args.to_hf_dict(), self.dtype)
+        if tokenizer is not None and tokenizer.folder is not None:
+            copy_tokenizer(tokenizer.folder, self.tmp)
+        manifest.write(self.tmp, kind=f"hf_{self.adapter.family}", **fields)

@@ -1,0 +1,173 @@
+"""The run-directory convention every stage shares: checkpoint names, the `latest` pointer,
+atomic small-file writes and the lock that keeps two commands out of one folder.
+
+A training run keeps ``RUN/checkpoints/iter_NNNNNNN/`` folders (megatron-core torch_dist plus our
+manifest) and a text file ``RUN/checkpoints/latest`` naming the newest complete one. Later stages
+(merge, evaluation, the planner) find a run's checkpoint through :func:`resolve_checkpoint`, so
+the rule lives here once. Nothing here imports torch: the planner and `btx status` stay light.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import logging
+import os
+import re
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+from megatron_btx.errors import BTXError
+
+CKPT_DIR = "checkpoints"
+LATEST = "latest"
+#: megatron-core writes this into every distributed checkpoint folder, last.
+MCORE_METADATA = "metadata.json"
+ITER_RE = re.compile(r"^iter_(\d{7,})$")
+LOCK_NAME = ".btx.lock"
+
+log = logging.getLogger(__name__)
+
+
+def iter_name(step: int) -> str:
+    """The folder name of the checkpoint saved after `step` optimizer steps."""
+    return f"iter_{step:07d}"
+
+
+def checkpoint_path(run_dir: str | os.PathLike[str], step: int) -> Path:
+    """Where a `btx train` run saves its checkpoint of `step`."""
+    return Path(run_dir) / CKPT_DIR / iter_name(step)
+
+
+def is_checkpoint(folder: str | os.PathLike[str]) -> bool:
+    """A complete megatron-core distributed checkpoint (its metadata.json is written last)."""
+    return (Path(folder) / MCORE_METADATA).is_file()
+
+
+def read_latest(run_dir: str | os.PathLike[str]) -> Path | None:
+    """The checkpoint folder `RUN/checkpoints/latest` names, or None when there is none yet."""
+    return _latest_in(Path(run_dir) / CKPT_DIR)
+
+
+def _latest_in(ckpts: Path) -> Path | None:
+    latest = ckpts / LATEST
+    if not latest.is_file():
+        return None
+    try:
+        name = latest.read_text().strip()
+    except (OSError, UnicodeDecodeError) as e:
+        raise BTXError(f"{latest}: cannot be read ({e}); remove it to start fresh") from e
+    folder = ckpts / name
+    if not ITER_RE.match(name) or not is_checkpoint(folder):
+        raise BTXError(
+            f"{latest}: names {name!r}, which is not a complete checkpoint in {ckpts}; "
+            f"point it at an existing iter_* folder or remove it to start fresh"
+        )
+    return folder
+
+
+def write_latest(run_dir: str | os.PathLike[str], name: str) -> None:
+    """Atomically point `latest` at checkpoint `name` (durable before it is visible)."""
+    if not ITER_RE.match(name):
+        raise ValueError(f"not a checkpoint name: {name!r}")
+    atomic_write_text(Path(run_dir) / CKPT_DIR / LATEST, name + "\n", durable=True)
+
+
+def list_checkpoints(run_dir: str | os.PathLike[str]) -> list[tuple[int, Path]]:
+    """(step, folder) of every `iter_*` folder of a run, oldest first."""
+    ckpts = Path(run_dir) / CKPT_DIR
+    if not ckpts.is_dir():
+        return []
+    found = []
+    for path in ckpts.iterdir():
+        match = ITER_RE.match(path.name)
+        if match and path.is_dir():
+            found.append((int(match.group(1)), path))
+    return sorted(found)
+
+
+def prune(run_dir: str | os.PathLike[str], keep_last: int) -> None:
+    """Remove all but the newest `keep_last` checkpoints (never the one `latest` names)."""
+    latest = Path(run_dir) / CKPT_DIR / LATEST
+    keep_name = latest.read_text().strip() if latest.is_file() else None
+    found = list_checkpoints(run_dir)
+    for _, path in found[:-keep_last] if keep_last > 0 else found:
+        if path.name != keep_name:
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def clean_stale(run_dir: str | os.PathLike[str]) -> None:
+    """Remove what a killed save left behind: hidden `.NAME.tmp*` / `.NAME.old` folders and
+    files in RUN/checkpoints (they are never trusted)."""
+    ckpts = Path(run_dir) / CKPT_DIR
+    if not ckpts.is_dir():
+        return
+    for path in ckpts.iterdir():
+        if path.name.startswith(".") and (".tmp" in path.name or path.name.endswith(".old")):
+            log.warning("removing %s left by an interrupted checkpoint save", path)
+            if path.is_dir():
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                path.unlink(missing_ok=True)
+
+
+def resolve_checkpoint(path: str | os.PathLike[str]) -> Path | None:
+    """A checkpoint folder from a checkpoint folder, a `checkpoints` folder or a run directory
+    (through its `latest` pointer); None when `path` is none of these."""
+    path = Path(path)
+    if is_checkpoint(path):
+        return path
+    for ckpts in (path, path / CKPT_DIR):
+        found = _latest_in(ckpts)
+        if found is not None:
+            return found
+    return None
+
+
+def atomic_write_text(path: str | os.PathLike[str], text: str, durable: bool = False) -> None:
+    """Write `text` to `path` through a temporary file renamed into place, so a reader sees
+    the old content or the new one, never a part. `durable` fsyncs before the rename."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+            if durable:
+                f.flush()
+                os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise
+
+
+@contextlib.contextmanager
+def locked(folder: str | os.PathLike[str], what: str = "folder") -> Iterator[Path]:
+    """Hold an exclusive lock on `folder` (created if missing) for the duration.
+
+    The lock is an `flock` on ``FOLDER/.btx.lock``, which records the holder's pid. The kernel
+    drops it when the holder exits, however it exits, so a crash never leaves a stale lock. A
+    second command on the same folder fails at once with one line naming the pid that holds it."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    lock_path = folder / LOCK_NAME
+    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                raise
+            holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown"
+            raise BTXError(
+                f"{folder}: this {what} is in use by another btx command (pid {holder}); wait "
+                f"for it to finish or stop it"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        yield folder
+    finally:
+        os.close(fd)
