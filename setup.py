@@ -24,6 +24,7 @@ setup(
         "torch>=2.4",
         "megatron-core>=0.16.0",
         "sentencepiece>=0.2",
+        "tokenizers>=0.20",
         "safetensors>=0.4",
         "pyyaml>=6",
         "numpy>=1.24",

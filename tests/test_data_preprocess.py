@@ -219,11 +219,11 @@ def test_cli_main(tok: Tokenizer, tmp_path: Path, capsys: pytest.CaptureFixture[
                 tok.path,
             ]
         )
-        == 1
+        == 2
     )
     assert "does not exist" in capsys.readouterr().err
     assert (
-        main(["--input", str(src), "--output-prefix", str(tmp_path / "x")]) == 1
+        main(["--input", str(src), "--output-prefix", str(tmp_path / "x")]) == 2
     )  # no tokenizer choice
 
 

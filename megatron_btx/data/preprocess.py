@@ -40,6 +40,7 @@ from typing import IO, Any
 
 import numpy
 
+from megatron_btx.data.hf_tokenizer import HFTokenizer
 from megatron_btx.data.splits import SPLITS, parse_split, split_of
 from megatron_btx.data.tokenizer import (
     ROUND_TRIP_SETTINGS,
@@ -440,6 +441,119 @@ def _sample_domain_sentences(
     return sample
 
 
+def _check_domain_names(domains: Mapping[str, Sequence[str | os.PathLike[str]]]) -> None:
+    if not domains:
+        raise BTXError(
+            "no domains given; pass --domain NAME=PATH (repeatable) or --builtin-domains all"
+        )
+    for name in domains:
+        if not name or not all(c.isalnum() or c in "-_" for c in name):
+            raise BTXError(
+                f"domain name {name!r} must be letters, digits, '-' or '_' (it names files)"
+            )
+
+
+def _settings(
+    files: Mapping[str, list[tuple[Path, str]]],
+    given: Tokenizer | None,
+    vocab_size: int,
+    fractions: dict[str, float],
+    txt_separator: str | None,
+    tokenizer_sentences: int,
+) -> dict[str, Any]:
+    """What the outputs depend on; a manifest with equal settings (and outputs) is up to date."""
+    settings: dict[str, Any] = {
+        "format": MANIFEST_FORMAT,
+        "inputs": {name: _fingerprint(f) for name, f in files.items()},
+        "vocab_size": None if given else vocab_size,
+        "tokenizer_source": None if given else "trained",
+        "tokenizer_input_sha256": given.sha256 if given else None,
+        "split": fractions,
+        "txt_separator": txt_separator,
+        "tokenizer_sentences": None if given else tokenizer_sentences,
+    }
+    if given is not None and given.kind != "sentencepiece":
+        # The special ids come from the seed's config files, not from the hashed tokenizer.json.
+        settings["tokenizer_kind"] = given.kind
+        settings["tokenizer_special_ids"] = [given.bos_id, given.eos_id, given.pad_id]
+    return settings
+
+
+def _up_to_date(out: Path, domains: Iterable[str], settings: dict[str, Any]) -> dict | None:
+    """The existing manifest when it records these settings and every output still exists."""
+    try:
+        old = json.loads((out / "manifest.json").read_text())
+        tokenizer = Tokenizer(out / old["tokenizer"]["path"])
+    except (OSError, json.JSONDecodeError, KeyError, TypeError, BTXError):
+        return None
+    outputs_exist = all(
+        os.path.isfile(split_prefix(out / name, s) + ext)
+        for name in domains
+        for s in SPLITS
+        for ext in (".bin", ".idx")
+    )
+    fresh = old.get("settings") == settings and outputs_exist
+    return old if fresh and old["tokenizer"].get("sha256") == tokenizer.sha256 else None
+
+
+def _install_tokenizer(out: Path, given: Tokenizer) -> tuple[Tokenizer, str]:
+    """Copy a given tokenizer into the data folder (``tokenizer.model``, or ``tokenizer/`` for an
+    HF folder) atomically; return it loaded from there and its name in the folder."""
+    if given.kind == "sentencepiece":
+        name, target = "tokenizer.model", out / "tokenizer.model"
+        if os.path.abspath(given.path) != os.path.abspath(target):
+            shutil.copyfile(given.path, str(target) + ".tmp")
+            os.replace(str(target) + ".tmp", target)
+        return Tokenizer(target), name
+    name, target = "tokenizer", out / "tokenizer"
+    if os.path.abspath(given.path) != os.path.abspath(target):
+        staging = out / f"tokenizer.tmp{os.getpid()}"
+        shutil.rmtree(staging, ignore_errors=True)
+        given.copy_to(staging)
+        shutil.rmtree(target, ignore_errors=True)
+        os.replace(staging, target)
+    return Tokenizer(target), name
+
+
+def _train_shared_tokenizer(
+    domains: Mapping[str, Sequence[str | os.PathLike[str]]],
+    out: Path,
+    vocab_size: int,
+    fractions: dict[str, float],
+    txt_separator: str | None,
+    max_sentences: int,
+    max_read_mb: float,
+) -> Tokenizer:
+    """Train ``out/tokenizer.model`` on a per-domain-balanced sample of the train splits."""
+    _progress(
+        f"training a {vocab_size}-piece SentencePiece tokenizer on a sample of {', '.join(domains)} ..."
+    )
+    sentences = _sample_domain_sentences(
+        domains, fractions, max_sentences, txt_separator, max_read_mb
+    )
+    tok = train_sentencepiece(sentences, out / "tokenizer", vocab_size)
+    _progress(f"tokenizer {tok.path}: {tok.vocab_size} pieces, sha256 {tok.sha256[:16]}")
+    return tok
+
+
+def _tokenizer_entry(tok: Tokenizer, name: str) -> dict[str, Any]:
+    """The manifest's record of the shared tokenizer (what training and the merge check)."""
+    entry: dict[str, Any] = {
+        "path": name,
+        "sha256": tok.sha256,
+        "vocab_size": tok.vocab_size,
+        "eos_id": tok.eos_id,
+        "bos_id": tok.bos_id,
+        "pad_id": tok.pad_id,
+    }
+    if isinstance(tok, HFTokenizer):
+        entry.update(kind=tok.kind, files=sorted(tok.files()))
+        entry["special_id_sources"] = dict(tok.special.sources)
+    else:
+        entry["training_settings"] = dict(ROUND_TRIP_SETTINGS)
+    return entry
+
+
 def prepare_domains(
     domains: Mapping[str, Sequence[str | os.PathLike[str]]],
     out_dir: str | os.PathLike[str],
@@ -455,74 +569,41 @@ def prepare_domains(
 ) -> dict[str, Any]:
     """Prepare every domain with one shared tokenizer and write ``out_dir/manifest.json``.
 
-    Trains ``out_dir/tokenizer.model`` on a per-domain-balanced sample of the train splits (or
-    copies ``tokenizer`` there), then writes ``out_dir/<domain>_{train,valid,test}_text_document``.
+    Trains ``out_dir/tokenizer.model`` on a per-domain-balanced sample of the train splits, or
+    copies ``tokenizer`` there (a SentencePiece ``.model``; an HF folder becomes
+    ``out_dir/tokenizer/``), then writes ``out_dir/<domain>_{train,valid,test}_text_document``.
     Skips all work when the manifest records the same inputs (paths, sizes, mtimes) and settings.
     """
-    if not domains:
-        raise BTXError(
-            "no domains given; pass --domain NAME=PATH (repeatable) or --builtin-domains all"
-        )
-    for name in domains:
-        if not name or not all(c.isalnum() or c in "-_" for c in name):
-            raise BTXError(
-                f"domain name {name!r} must be letters, digits, '-' or '_' (it names files)"
-            )
+    _check_domain_names(domains)
     fractions = parse_split(dict(split) if isinstance(split, Mapping) else split)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    manifest_path = out / "manifest.json"
-    model_path = out / "tokenizer.model"
-
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DataWarning)
         files = {name: expand_inputs(paths) for name, paths in domains.items()}
-    settings = {
-        "format": MANIFEST_FORMAT,
-        "inputs": {name: _fingerprint(f) for name, f in files.items()},
-        "vocab_size": None if tokenizer else vocab_size,
-        "tokenizer_source": None if tokenizer else "trained",
-        "tokenizer_input_sha256": Tokenizer(tokenizer).sha256 if tokenizer else None,
-        "split": fractions,
-        "txt_separator": txt_separator,
-        "tokenizer_sentences": None if tokenizer else tokenizer_sentences,
-    }
-    if not force and manifest_path.is_file() and model_path.is_file():
-        try:
-            old = json.loads(manifest_path.read_text())
-        except (OSError, json.JSONDecodeError):
-            old = {}
-        outputs_exist = all(
-            os.path.isfile(split_prefix(out / name, s) + ext)
-            for name in domains
-            for s in SPLITS
-            for ext in (".bin", ".idx")
+    given = Tokenizer.load(tokenizer) if tokenizer else None
+    settings = _settings(files, given, vocab_size, fractions, txt_separator, tokenizer_sentences)
+    old = None if force else _up_to_date(out, domains, settings)
+    if old is not None:
+        _progress(
+            f"{out}: up to date (manifest.json matches inputs and settings); use --force to redo"
         )
-        if (
-            old.get("settings") == settings
-            and outputs_exist
-            and old.get("tokenizer", {}).get("sha256") == Tokenizer(model_path).sha256
-        ):
-            _progress(
-                f"{out}: up to date (manifest.json matches inputs and settings); use --force to redo"
-            )
-            return old
+        return old
 
     started = time.time()
-    if tokenizer:
-        if os.path.abspath(tokenizer) != os.path.abspath(model_path):
-            shutil.copyfile(tokenizer, str(model_path) + ".tmp")
-            os.replace(str(model_path) + ".tmp", model_path)
-        tok = Tokenizer(model_path)
+    if given is not None:
+        tok, tok_name = _install_tokenizer(out, given)
     else:
-        _progress(
-            f"training a {vocab_size}-piece SentencePiece tokenizer on a sample of {', '.join(domains)} ..."
+        tok = _train_shared_tokenizer(
+            domains,
+            out,
+            vocab_size,
+            fractions,
+            txt_separator,
+            tokenizer_sentences,
+            tokenizer_max_read_mb,
         )
-        sentences = _sample_domain_sentences(
-            domains, fractions, tokenizer_sentences, txt_separator, tokenizer_max_read_mb
-        )
-        tok = train_sentencepiece(sentences, out / "tokenizer", vocab_size)
-        _progress(f"tokenizer {model_path}: {tok.vocab_size} pieces, sha256 {tok.sha256[:16]}")
+        tok_name = "tokenizer.model"
 
     results: dict[str, Any] = {}
     for name, paths in domains.items():
@@ -532,22 +613,11 @@ def prepare_domains(
         results[name] = {
             "inputs": [str(p) for p in paths],
             "prefixes": {s: os.path.basename(result["prefixes"][s]) for s in SPLITS},
-            "documents": result["documents"],
-            "tokens": result["tokens"],
-            "skipped": result["skipped"],
-            "problems": result["problems"],
+            **{k: result[k] for k in ("documents", "tokens", "skipped", "problems")},
         }
     manifest = {
         "settings": settings,
-        "tokenizer": {
-            "path": model_path.name,
-            "sha256": tok.sha256,
-            "vocab_size": tok.vocab_size,
-            "eos_id": tok.eos_id,
-            "bos_id": tok.bos_id,
-            "pad_id": tok.pad_id,
-            "training_settings": {k: v for k, v in ROUND_TRIP_SETTINGS.items()},
-        },
+        "tokenizer": _tokenizer_entry(tok, tok_name),
         "split": fractions,
         "domains": results,
         "eos_appended": True,
@@ -555,11 +625,12 @@ def prepare_domains(
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "seconds": round(time.time() - started, 2),
     }
-    tmp = manifest_path.with_name("manifest.json.tmp")
+    tmp = out / "manifest.json.tmp"
     tmp.write_text(json.dumps(manifest, indent=2) + "\n")
-    os.replace(tmp, manifest_path)
+    os.replace(tmp, out / "manifest.json")
     _progress(
-        f"{out}: {len(domains)} domains prepared in {manifest['seconds']:.1f}s; manifest {manifest_path}"
+        f"{out}: {len(domains)} domains prepared in {manifest['seconds']:.1f}s; manifest "
+        f"{out / 'manifest.json'}"
     )
     return manifest
 
@@ -630,7 +701,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="with --domain/--builtin-domains: tokenizer.model, datasets, manifest.json",
     )
     tk = parser.add_argument_group("tokenizer")
-    tk.add_argument("--tokenizer", help="an existing SentencePiece .model to use")
+    tk.add_argument(
+        "--tokenizer",
+        metavar="MODEL|HF_DIR",
+        help="an existing SentencePiece .model, or an HF seed's folder with tokenizer.json "
+        "(BOS/EOS from its config.json, else generation_config.json, else tokenizer_config.json)",
+    )
     tk.add_argument(
         "--train-tokenizer",
         action="store_true",
@@ -741,7 +817,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``btx prepare-data`` and ``tools/preprocess_data.py``; returns the exit code.
 
-    User errors (BTXError) are printed without a traceback and give exit code 1.
+    User errors (BTXError) are printed as one ``error:`` line and give exit code 2.
     """
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
@@ -749,7 +825,7 @@ def main(argv: list[str] | None = None) -> int:
         run(args)
     except BTXError as exc:
         print(f"error: {exc}", file=sys.stderr)
-        return 1
+        return 2
     return 0
 
 

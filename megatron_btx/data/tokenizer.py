@@ -1,12 +1,17 @@
-"""SentencePiece tokenizer: one shared vocabulary for every domain expert.
+"""Tokenizers: one shared vocabulary for every domain expert.
 
 BTX merges experts that were trained separately, so they must all see the same token ids; the
-tokenizer is trained once on a sample of all domains and its sha256 travels with every dataset
-manifest and checkpoint so a mismatch can be detected later.
+tokenizer is fixed once and its sha256 travels with every dataset manifest and checkpoint so a
+mismatch can be detected later. Two kinds are supported behind one :class:`Tokenizer` interface:
 
-The training settings keep text byte-exact (code must round-trip with its newlines and
-indentation): identity normalisation, no whitespace collapsing, no dummy prefix, newline and tab as
-their own pieces, and byte fallback so no character ever becomes ``<unk>``.
+* a SentencePiece model that ``btx prepare-data`` trains on a sample of all domains (this
+  module), or an existing ``.model`` file;
+* a seed's HF ``tokenizer.json`` (byte-level BPE for Llama-3.x, Qwen2.5, Qwen3), read with the
+  ``tokenizers`` library, with BOS/EOS from the seed's config (:mod:`.hf_tokenizer`).
+
+The SentencePiece training settings keep text byte-exact (code must round-trip with its newlines
+and indentation): identity normalisation, no whitespace collapsing, no dummy prefix, newline and
+tab as their own pieces, and byte fallback so no character ever becomes ``<unk>``.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ import json
 import logging
 import os
 import random
+import shutil
 import tempfile
 import time
 from collections.abc import Iterable, Iterator, Sequence
@@ -56,14 +62,105 @@ def file_sha256(path: str | os.PathLike[str]) -> str:
 
 
 class Tokenizer:
-    """A loaded SentencePiece model with the handful of operations the data path needs."""
+    """A loaded tokenizer with the handful of operations the data path needs.
+
+    ``Tokenizer(path)`` picks the backend from what ``path`` is: a SentencePiece ``.model`` file
+    gives :class:`SentencePieceTokenizer`; a folder with a ``tokenizer.json`` (as HF seeds ship:
+    Llama-3.x, Qwen2.5, Qwen3) gives :class:`~megatron_btx.data.hf_tokenizer.HFTokenizer`. A
+    folder that has a ``tokenizer.model`` uses it, as the merge's tokenizer check does.
+    Every backend has ``path``, ``kind``, ``sha256`` (of the file that defines the vocabulary:
+    what datasets, checkpoints and the merge compare), the special ids, and encode/decode.
+    """
+
+    kind = "abstract"
+    path: str
+    sha256: str
+
+    def __new__(cls, model_path: str | os.PathLike[str] | None = None) -> Tokenizer:
+        if cls is Tokenizer:
+            cls = _backend_class(model_path)
+        return super().__new__(cls)
+
+    @classmethod
+    def load(cls, model_path: str | os.PathLike[str]) -> Tokenizer:
+        """Load a ``.model`` file or an HF tokenizer folder; raises BTXError naming the path if it
+        is missing or corrupt."""
+        return cls(model_path)
+
+    # -- ids -------------------------------------------------------------------------------
+    vocab_size: int
+    eos_id: int
+    bos_id: int
+    pad_id: int  # -1 when there is none (or it would collide with EOS/BOS)
+    unk_id: int  # -1 when there is none
+
+    # -- text ------------------------------------------------------------------------------
+    def encode(self, text: str) -> list[int]:
+        """Token ids of ``text`` with no BOS/EOS added (callers decide document boundaries)."""
+        raise NotImplementedError
+
+    def encode_batch(self, texts: Sequence[str], num_threads: int | None = None) -> list[list[int]]:
+        """Encode many texts, on ``num_threads`` native threads where the backend has them."""
+        raise NotImplementedError
+
+    def decode(self, ids: Iterable[int]) -> str:
+        """Text for ``ids``; special ids (bos/eos/pad) decode to nothing."""
+        raise NotImplementedError
+
+    def id_to_piece(self, token_id: int) -> str:
+        raise NotImplementedError
+
+    def files(self) -> dict[str, Path]:
+        """The files that make up this tokenizer, by the name they get in a copy."""
+        raise NotImplementedError
+
+    def copy_to(self, folder: str | os.PathLike[str]) -> list[str]:
+        """Copy :meth:`files` into ``folder`` (a checkpoint's ``tokenizer/``); return the names."""
+        dst = Path(folder)
+        dst.mkdir(parents=True, exist_ok=True)
+        for name, src in self.files().items():
+            shutil.copy2(src, dst / name)
+        return sorted(self.files())
+
+    def __reduce__(self) -> tuple[Any, tuple[str]]:
+        # Native tokenizer handles are not picklable; worker processes reload from the path.
+        return (type(self), (self.path,))
+
+    def __repr__(self) -> str:
+        return (
+            f"{type(self).__name__}({self.path!r}, vocab_size={self.vocab_size}, "
+            f"sha256={self.sha256[:12]})"
+        )
+
+
+def _backend_class(path: str | os.PathLike[str] | None) -> type[Tokenizer]:
+    """SentencePiece for a ``.model`` file (or a folder holding one), HF for ``tokenizer.json``."""
+    if path is not None and os.path.isdir(path):
+        if not os.path.isfile(os.path.join(path, "tokenizer.model")):
+            from megatron_btx.data.hf_tokenizer import HFTokenizer
+
+            return HFTokenizer
+    elif path is not None and os.path.basename(os.fspath(path)) == "tokenizer.json":
+        from megatron_btx.data.hf_tokenizer import HFTokenizer
+
+        return HFTokenizer
+    return SentencePieceTokenizer
+
+
+class SentencePieceTokenizer(Tokenizer):
+    """A loaded SentencePiece model (the tokenizer ``btx prepare-data`` trains)."""
+
+    kind = "sentencepiece"
 
     def __init__(self, model_path: str | os.PathLike[str]) -> None:
         self.path = str(model_path)
+        if os.path.isdir(self.path):
+            self.path = os.path.join(self.path, "tokenizer.model")
         if not os.path.isfile(self.path):
             raise BTXError(
                 f"tokenizer model {self.path} does not exist; pass the tokenizer.model written by "
-                "`btx prepare-data` (or train one with --train-tokenizer --vocab-size N)"
+                "`btx prepare-data` (or train one with --train-tokenizer --vocab-size N), or an "
+                "HF tokenizer folder with a tokenizer.json"
             )
         self._sp = spm.SentencePieceProcessor()
         try:
@@ -74,11 +171,6 @@ class Tokenizer:
                 "re-create it with `btx prepare-data --train-tokenizer`"
             ) from exc
         self.sha256 = file_sha256(self.path)
-
-    @classmethod
-    def load(cls, model_path: str | os.PathLike[str]) -> Tokenizer:
-        """Load a ``.model`` file; raises BTXError naming the file if it is missing or corrupt."""
-        return cls(model_path)
 
     # -- ids -------------------------------------------------------------------------------
     @property
@@ -104,7 +196,6 @@ class Tokenizer:
 
     # -- text ------------------------------------------------------------------------------
     def encode(self, text: str) -> list[int]:
-        """Token ids of ``text`` with no BOS/EOS added (callers decide document boundaries)."""
         return list(self._sp.EncodeAsIds(text))
 
     def encode_batch(self, texts: Sequence[str], num_threads: int | None = None) -> list[list[int]]:
@@ -115,26 +206,26 @@ class Tokenizer:
         return [list(ids) for ids in self._sp.Encode(list(texts), **kwargs)]
 
     def decode(self, ids: Iterable[int]) -> str:
-        """Text for ``ids``; special ids (bos/eos/pad) decode to nothing."""
         return str(self._sp.DecodeIds([int(i) for i in ids]))
 
     def id_to_piece(self, token_id: int) -> str:
         return str(self._sp.IdToPiece(int(token_id)))
 
-    def __getstate__(self) -> dict[str, Any]:
-        # SentencePieceProcessor is not picklable; reload from the path in worker processes.
-        return {"path": self.path}
-
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        self.__init__(state["path"])  # type: ignore[misc]
-
-    def __repr__(self) -> str:
-        return f"Tokenizer({self.path!r}, vocab_size={self.vocab_size}, sha256={self.sha256[:12]})"
+    def files(self) -> dict[str, Path]:
+        return {"tokenizer.model": Path(self.path)}
 
 
 def load(model_path: str | os.PathLike[str]) -> Tokenizer:
     """Module-level shortcut for :meth:`Tokenizer.load`."""
     return Tokenizer.load(model_path)
+
+
+def copy_tokenizer_files(
+    model_path: str | os.PathLike[str], folder: str | os.PathLike[str]
+) -> list[str]:
+    """Copy the tokenizer at ``model_path`` (a ``.model`` file or an HF folder) into ``folder``
+    under the names a checkpoint's ``tokenizer/`` uses; return those names."""
+    return Tokenizer.load(model_path).copy_to(folder)
 
 
 def _iter_documents(source: str | os.PathLike[str]) -> Iterator[str]:

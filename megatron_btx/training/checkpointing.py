@@ -214,9 +214,10 @@ def save(
         # everything in one synchronous dist_checkpointing.save.
         save_model(model, tmp, extra_state=extra)
         if _rank() == 0:
-            if tokenizer:
-                (tmp / "tokenizer").mkdir(exist_ok=True)
-                shutil.copy2(tokenizer, tmp / "tokenizer" / "tokenizer.model")
+            if tokenizer:  # a tokenizer.model, or an HF folder's tokenizer.json + configs
+                from megatron_btx.data.tokenizer import copy_tokenizer_files
+
+                copy_tokenizer_files(tokenizer, tmp / "tokenizer")
             for name, text in files.items():
                 (tmp / name).write_text(text)
             manifest.write(

@@ -55,7 +55,8 @@ def resolve_sources(cfg: Config) -> DataSources:
         manifest = json.loads(manifest_path.read_text())
         domains = manifest.get("domains", {})
         if tokenizer is None:
-            tokenizer = str(root / "tokenizer.model")
+            # "tokenizer.model" (SentencePiece) or "tokenizer" (an HF tokenizer folder)
+            tokenizer = str(root / manifest.get("tokenizer", {}).get("path", "tokenizer.model"))
     if d.blend is not None:
         blend = [(os.fspath(p), float(w)) for p, w in d.blend]
         valid = {Path(p).name: p for p, _ in blend}
@@ -89,8 +90,11 @@ def resolve_sources(cfg: Config) -> DataSources:
         if missing:
             raise BTXError(f"data.valid_domains: unknown domain {missing[0]!r}")
         valid = {n: known[n] for n in d.valid_domains}
-    if tokenizer is None or not Path(tokenizer).is_file():
-        raise BTXError(f"data.tokenizer: tokenizer model {tokenizer} not found")
+    if tokenizer is None or not Path(tokenizer).exists():
+        raise BTXError(
+            f"data.tokenizer: {tokenizer} not found; give a SentencePiece tokenizer.model or an "
+            "HF tokenizer folder (tokenizer.json + config.json)"
+        )
     return DataSources(blend=blend, valid=valid, tokenizer=str(tokenizer))
 
 

@@ -556,7 +556,12 @@ class Trainer:
             "dtype": self.dtype_name,
             "layout": self.layout(),
             "padded_vocab_size": self.args.padded_vocab_size,
-            "tokenizer": {"files": ["tokenizer.model"], "sha256": self.tokenizer.sha256},
+            "tokenizer": {
+                "files": sorted(self.tokenizer.files()),
+                "sha256": self.tokenizer.sha256,
+                "kind": self.tokenizer.kind,
+                "eos_id": self.tokenizer.eos_id,
+            },
             "training": {
                 "run_dir": str(self.run_dir.resolve()),
                 "step": self.step,
