@@ -30,6 +30,9 @@ def test_every_adjustment_has_a_case():
 
 @pytest.mark.parametrize("name", sorted(CASES))
 def test_run_fails_without_adjustment(name, request, batch_file, tmp_path):
+    stale = cpu.stale_adjustments().get(name)
+    if stale:  # apply() reports it instead (tests/test_cpu_stale.py)
+        pytest.skip(f"{name} no longer applies on megatron-core {cpu.megatron_core_version()}")
     fixture, nproc, layout, signature = CASES[name]
     ckpt = request.getfixturevalue(fixture)
     args = [

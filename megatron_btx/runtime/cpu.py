@@ -11,13 +11,18 @@ Each adjustment can be switched off by name through the environment variable ``B
 
 Three adjustments touch megatron-core symbols directly (``rng``, ``router_gemm``, ``sp_norm``);
 they are the most likely to change between versions, so a megatron-core version other than the
-ones listed in :data:`CHECKED_VERSIONS` gives a warning.
+ones listed in :data:`CHECKED_VERSIONS` gives a warning. Each of the three also checks, before it
+is applied, that its target still exists and still has the problem: one that no longer applies
+(its symbol is gone, or megatron-core fixed the bug) is not applied and is reported with a
+:class:`StaleAdjustmentWarning` naming the adjustment, the megatron-core version and why
+(:func:`stale_adjustments`, :func:`report_stale`), never skipped silently.
 """
 
 from __future__ import annotations
 
 import contextlib
 import functools
+import inspect
 import logging
 import os
 import warnings
@@ -36,11 +41,26 @@ CHECKED_VERSIONS = ("0.16.0", "0.16.1")
 _CPU = torch.device("cpu")
 
 
+class StaleAdjustmentWarning(UserWarning):
+    """A CPU adjustment's target is gone or already fixed in the installed megatron-core."""
+
+
 @dataclass(frozen=True)
 class Adjustment:
     name: str
     reason: str
     apply: Callable[[], None]
+    #: Why the adjustment no longer applies to the installed megatron-core, or None when it does
+    #: (only for the adjustments that touch megatron-core symbols).
+    stale: Callable[[], str | None] | None = None
+
+
+def megatron_core_version() -> str:
+    """The installed megatron-core's release, without the ``+<git sha>`` its package_info adds
+    when it is imported from inside a git checkout."""
+    from megatron.core import package_info
+
+    return str(package_info.__version__).split("+", 1)[0]
 
 
 # --------------------------------------------------------------------------------------------
@@ -226,6 +246,15 @@ def _rng() -> None:
     logging.getLogger(mrandom.__name__).setLevel(logging.ERROR)
 
 
+def _rng_stale() -> str | None:
+    from megatron.core.tensor_parallel import random as mrandom
+
+    gone = [n for n in ("_get_cuda_rng_state", "_set_cuda_rng_state") if not hasattr(mrandom, n)]
+    if gone:
+        return f"megatron.core.tensor_parallel.random has no {' or '.join(gone)} any more"
+    return None
+
+
 # --------------------------------------------------------------------------------------------
 # 5. all_to_all_single with tensor split sizes.
 # --------------------------------------------------------------------------------------------
@@ -280,6 +309,12 @@ def _router_gemm() -> None:
     compat.router_gemm_without_te()
 
 
+def _router_gemm_stale() -> str | None:
+    from megatron_btx.runtime import compat
+
+    return compat.router_gemm_stale()
+
+
 # --------------------------------------------------------------------------------------------
 # 8. Sequence parallel with the torch-native norm.
 # --------------------------------------------------------------------------------------------
@@ -310,6 +345,23 @@ def _sp_norm() -> None:
     cls.__btx_sp__ = True
 
 
+def _sp_norm_stale() -> str | None:
+    from megatron.core.transformer import torch_norm
+
+    cls = getattr(torch_norm, "WrappedTorchNorm", None)
+    if cls is None:
+        return "megatron.core.transformer.torch_norm has no WrappedTorchNorm any more"
+    if getattr(cls, "__btx_sp__", False):
+        return None  # adjusted already in this process
+    try:
+        source = inspect.getsource(cls)
+    except (OSError, TypeError):
+        return None  # no source to inspect: assume the refusal is still there
+    if "not config.sequence_parallel" not in source:
+        return "WrappedTorchNorm no longer refuses sequence parallel (fixed upstream)"
+    return None
+
+
 ADJUSTMENTS: tuple[Adjustment, ...] = (
     Adjustment(
         "current_device",
@@ -325,7 +377,10 @@ ADJUSTMENTS: tuple[Adjustment, ...] = (
         _streams,
     ),
     Adjustment(
-        "rng", "the TP/EP RNG tracker forks 'the CUDA generator' (megatron-core symbol)", _rng
+        "rng",
+        "the TP/EP RNG tracker forks 'the CUDA generator' (megatron-core symbol)",
+        _rng,
+        _rng_stale,
     ),
     Adjustment(
         "all_to_all_split_sizes",
@@ -341,9 +396,13 @@ ADJUSTMENTS: tuple[Adjustment, ...] = (
         "router_gemm",
         "megatron-core 0.16 names te_general_gemm without TE (NameError)",
         _router_gemm,
+        _router_gemm_stale,
     ),
     Adjustment(
-        "sp_norm", "WrappedTorchNorm asserts not sequence_parallel (megatron-core symbol)", _sp_norm
+        "sp_norm",
+        "WrappedTorchNorm asserts not sequence_parallel (megatron-core symbol)",
+        _sp_norm,
+        _sp_norm_stale,
     ),
 )
 
@@ -359,22 +418,49 @@ def skipped() -> set[str]:
     return names
 
 
+def stale_adjustments() -> dict[str, str]:
+    """{adjustment name: why it no longer applies} for the installed megatron-core."""
+    out = {}
+    for adj in ADJUSTMENTS:
+        why = adj.stale() if adj.stale is not None else None
+        if why:
+            out[adj.name] = why
+    return out
+
+
+def report_stale() -> dict[str, str]:
+    """Warn once per adjustment that no longer applies, naming it and the megatron-core version;
+    return them (apply() skips these)."""
+    stale = stale_adjustments()
+    version = megatron_core_version()
+    for name, why in stale.items():
+        warnings.warn(
+            f"CPU adjustment {name!r} no longer applies on megatron-core {version}: {why}; "
+            "it was not applied (megatron_btx/runtime/cpu.py can drop it for this version)",
+            StaleAdjustmentWarning,
+            stacklevel=2,
+        )
+    return stale
+
+
 def apply() -> list[str]:
     """Apply every CPU adjustment once (idempotent). Returns the names applied."""
     if _applied:
         return list(_applied)
-    from megatron.core import package_info
-
-    if package_info.__version__ not in CHECKED_VERSIONS:
+    version = megatron_core_version()
+    if version not in CHECKED_VERSIONS:
         warnings.warn(
-            f"megatron-core {package_info.__version__} was not checked with megatron_btx's CPU "
+            f"megatron-core {version} was not checked with megatron_btx's CPU "
             f"adjustments (checked: {', '.join(CHECKED_VERSIONS)}); CPU runs may fail.",
             stacklevel=2,
         )
     skip = skipped()
+    stale = report_stale()
     for adj in ADJUSTMENTS:
         if adj.name in skip:
             log.warning("CPU adjustment %s skipped (BTX_CPU_SKIP)", adj.name)
+            continue
+        if adj.name in stale:
             continue
         adj.apply()
         _applied.append(adj.name)
