@@ -169,7 +169,11 @@ def test_train_on_hf_tokenized_code_loses_loss(tmp_path, data):
     assert evals[0]["loss_code"] - evals[-1]["loss_code"] >= 1.0, evals
     ckpt = tmp_path / "run" / "checkpoints" / "iter_0000060"
     manifest = json.loads((ckpt / "btx_manifest.json").read_text())
-    assert manifest["model"]["vocab_size"] == len(AutoTokenizer.from_pretrained(seed))
+    reference = AutoTokenizer.from_pretrained(seed)
+    assert manifest["model"]["vocab_size"] == len(reference)
+    # the model's own config names the tokenizer's ids (its HF export's config.json carries them)
+    assert manifest["model"]["eos_token_id"] == _config_eos(seed)
+    assert manifest["model"]["bos_token_id"] == reference.bos_token_id
     assert manifest["tokenizer"]["sha256"] == _sha256(seed / "tokenizer.json")
     assert manifest["tokenizer"]["eos_id"] == _config_eos(seed)
     for name in ("tokenizer.json", "tokenizer_config.json", "generation_config.json"):

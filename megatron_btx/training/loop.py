@@ -59,8 +59,13 @@ class TrainResult:
 # ---------------------------------------------------------------------------------------------
 # Model architecture
 # ---------------------------------------------------------------------------------------------
-def resolve_model_args(cfg: Config, tokenizer_vocab: int | None):
-    """The LlamaArgs of this run (init_from's manifest, an HF config.json, or inline fields)."""
+def resolve_model_args(
+    cfg: Config, tokenizer_vocab: int | None, special_ids: tuple[int, int] | None = None
+):
+    """The LlamaArgs of this run (init_from's manifest, an HF config.json, or inline fields).
+
+    A model defined inline takes its vocabulary and ``special_ids`` (BOS, EOS; -1 for none) from
+    the tokenizer, so its HF export names the tokenizer's ids (an HF tokenizer's are not 1/2)."""
     from megatron_btx.checkpoint.megatron_io import read_args
     from megatron_btx.models.llama import LlamaArgs
 
@@ -92,6 +97,9 @@ def resolve_model_args(cfg: Config, tokenizer_vocab: int | None):
                     "model.vocab_size is not set and there is no tokenizer to take it from"
                 )
             fields["vocab_size"] = tokenizer_vocab
+        if special_ids is not None:
+            fields.setdefault("bos_token_id", special_ids[0] if special_ids[0] >= 0 else None)
+            fields.setdefault("eos_token_id", special_ids[1])
         try:
             args = LlamaArgs(**fields)
         except TypeError as e:
@@ -195,7 +203,9 @@ class Trainer:
         p, t = cfg.parallel, cfg.train
         self.sources = resolve_sources(cfg)
         self.tokenizer = Tokenizer.load(self.sources.tokenizer)
-        self.args = resolve_model_args(cfg, self.tokenizer.vocab_size)
+        self.args = resolve_model_args(
+            cfg, self.tokenizer.vocab_size, (self.tokenizer.bos_id, self.tokenizer.eos_id)
+        )
         cfg.validate_model(self.args)
 
         # Decide about resuming before the (slow) distributed start-up, so a wrong flag fails fast.
