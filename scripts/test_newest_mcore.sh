@@ -54,6 +54,20 @@ if [ -z "$MCORE" ]; then
   fi
 fi
 
+pip_install() {
+  # pip names each absent local index folder it skips ("WARNING: Location ..."): noise here.
+  local log
+  log="$(mktemp)"
+  if ! "${PIP[@]}" install -q -c "$CONSTRAINTS" "$@" >"$log" 2>&1; then
+    grep -v "^WARNING: Location" "$log" >&2 || true
+    rm -f "$log"
+    echo "error: pip install $* failed (see above)" >&2
+    exit 2
+  fi
+  grep -v "^WARNING: Location" "$log" || true
+  rm -f "$log"
+}
+
 CONSTRAINTS="$VENV/btx-constraints.txt"
 printf 'torch==%s\nmegatron-core==%s\ntransformers==5.24.0\n' "$TORCH_VERSION" "$MCORE" \
   > "$CONSTRAINTS"
@@ -61,10 +75,13 @@ STAMP="$VENV/.btx-install-stamp"
 WANT="$(cat "$ROOT/setup.py" "$CONSTRAINTS" | sha256sum | cut -d' ' -f1)"
 if [ ! -f "$STAMP" ] || [ "$(cat "$STAMP")" != "$WANT" ]; then
   echo "[newest-mcore] installing torch $TORCH_VERSION, megatron-core $MCORE, megatron_btx[test]"
-  "${PIP[@]}" install -q -c "$CONSTRAINTS" torch
-  "${PIP[@]}" install -q -c "$CONSTRAINTS" -e "$ROOT[test]"
+  pip_install torch
+  pip_install -e "$ROOT[test]"
   echo "$WANT" > "$STAMP"
 fi
+# megatron-core's package_info runs `git rev-parse` from its own folder and appends the sha of
+# whatever repository holds the venv (this one): switch that off.
+export NO_VCS_VERSION=1
 "$VENV/bin/python" -W ignore -c "import sys, torch, megatron.core as m; print('[newest-mcore] python', sys.version.split()[0], '| torch', torch.__version__, '| cuda available', torch.cuda.is_available(), '| megatron-core', m.__version__)"
 
 cd "$ROOT"

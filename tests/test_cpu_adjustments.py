@@ -10,16 +10,30 @@ from megatron_btx.runtime import cpu
 
 pytestmark = pytest.mark.dist
 
-# adjustment -> (checkpoint fixture, processes, layout args, the error it prevents)
+# adjustment -> (checkpoint fixture, processes, layout args, the error it prevents). Where CUDA is
+# reached, the message depends on the torch build: the CPU build says it was not compiled with
+# CUDA; a CUDA build (PyPI's, e.g. for Python 3.12 in scripts/test_newest_mcore.sh) on a machine
+# without a GPU says it found no driver.
+NO_CUDA = ("Torch not compiled with CUDA enabled", "Found no NVIDIA driver")
 CASES = {
-    "current_device": ("mg_mixtral", 1, [], "Torch not compiled with CUDA enabled"),
-    "cuda_devices": ("mg_mixtral", 1, [], "Torch not compiled with CUDA enabled"),
-    "streams": ("mg_mixtral", 1, [], "torch.cuda.Stream requires CUDA support"),
-    "rng": ("mg_mixtral", 1, [], "Torch not compiled with CUDA enabled"),
-    "router_gemm": ("mg_mixtral", 1, [], "te_general_gemm"),
-    "all_to_all_split_sizes": ("mg_mixtral", 2, ["--ep", "2"], "all_to_all_single"),
-    "uneven_all_gather": ("mg_mixtral", 4, ["--ep", "2", "--tp", "2"], "allgather"),
-    "sp_norm": ("mg_mixtral", 4, ["--ep", "2", "--tp", "2"], "sequence parallel not supported"),
+    "current_device": ("mg_mixtral", 1, [], NO_CUDA),
+    "cuda_devices": ("mg_mixtral", 1, [], NO_CUDA),
+    "streams": (
+        "mg_mixtral",
+        1,
+        [],
+        ("torch.cuda.Stream requires CUDA support", "CUDA driver version is insufficient"),
+    ),
+    "rng": ("mg_mixtral", 1, [], NO_CUDA),
+    "router_gemm": ("mg_mixtral", 1, [], ("te_general_gemm",)),
+    "all_to_all_split_sizes": ("mg_mixtral", 2, ["--ep", "2"], ("all_to_all_single",)),
+    "uneven_all_gather": ("mg_mixtral", 4, ["--ep", "2", "--tp", "2"], ("allgather",)),
+    "sp_norm": (
+        "mg_mixtral",
+        4,
+        ["--ep", "2", "--tp", "2"],
+        ("sequence parallel not supported",),
+    ),
 }
 
 
@@ -48,7 +62,7 @@ def test_run_fails_without_adjustment(name, request, batch_file, tmp_path):
         DIST / "equiv.py", args, nproc=nproc, env=run_env(BTX_CPU_SKIP=name), timeout=180
     )
     assert r.returncode != 0, f"{name} removed, yet the run passed"
-    assert signature in r.stdout + r.stderr
+    assert any(text in r.stdout + r.stderr for text in signature), r.stderr[-2000:]
     assert not (tmp_path / "r.json").exists()
 
 

@@ -316,16 +316,40 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--models", nargs="+", default=None, help="only these models")
     p.add_argument("--out", default=None, help="output folder (default RUN/eval)")
     p.add_argument("--no-table", action="store_true", help="do not print the table at the end")
+    p.add_argument(
+        "--lm-eval",
+        metavar="TASKS",
+        default=None,
+        help="comma-separated lm-evaluation-harness tasks, run offline on each model's HF export "
+        "(RUN/eval/hf/MODEL); needs the eval extra",
+    )
+    p.add_argument(
+        "--lm-eval-tasks-dir",
+        default=None,
+        metavar="DIR",
+        help="folder of local task YAML files (default: lm-eval's built-in tasks)",
+    )
+    p.add_argument(
+        "--lm-eval-limit", type=int, default=None, metavar="N", help="at most N documents per task"
+    )
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     for name in ("megatron", "megatron.core"):
         logging.getLogger(name).setLevel(logging.ERROR)
     try:
+        from megatron_btx.eval import lm_eval  # --lm-eval: checked before the perplexity eval
+
+        lm_tasks = lm_eval.requested_tasks(args.lm_eval, args.lm_eval_tasks_dir)
         res = evaluate_run(args.run_dir, args.tokens_per_domain, args.split, args.models, args.out)
+        out = Path(args.out) if args.out else Path(args.run_dir) / "eval"
+        if lm_tasks:  # downstream tasks on each model's HF export
+            models = run_models(Path(args.run_dir).resolve())[2]
+            lm_eval.evaluate_run_models(
+                res, models, out, lm_tasks, args.lm_eval_tasks_dir, args.lm_eval_limit, _progress
+            )
     except BTXError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-    out = Path(args.out) if args.out else Path(args.run_dir) / "eval"
     if not args.no_table:
         print((out / "results.md").read_text())
     bad = [m for m, r in res["models"].items() if not np.isfinite(r["mean"])]

@@ -271,6 +271,8 @@ def results_md(result: dict[str, Any]) -> str:
             "",
             "Not evaluated: " + "; ".join(f"{k} ({v})" for k, v in result["missing"].items()),
         ]
+    if result.get("lm_eval"):
+        parts += ["", lm_eval_md(result)]
     rmd = routing_md(result)
     if rmd:
         mean_only = rmd[rmd.index("mean over layers:") :]
@@ -282,6 +284,37 @@ def results_md(result: dict[str, Any]) -> str:
             "Per layer: routing.md; heatmaps: routing.png, routing_layer*.png.",
         ]
     return "\n".join(parts) + "\n"
+
+
+# ---------------------------------------------------------------------------------------------
+# Downstream tasks (btx evaluate --lm-eval, megatron_btx.eval.lm_eval)
+# ---------------------------------------------------------------------------------------------
+def headline(metrics: dict[str, float]) -> float:
+    """The one number of a task: acc, else exact_match, else its first metric."""
+    for key in ("acc", "exact_match"):
+        if key in metrics:
+            return metrics[key]
+    return next(iter(metrics.values()), float("nan"))
+
+
+def lm_eval_md(result: dict[str, Any]) -> str:
+    """Models x (task, metric) table of the lm-evaluation-harness scores, and what was skipped."""
+    lm = result["lm_eval"]
+    scores = lm["scores"]
+    columns = sorted({(t, m) for per in scores.values() for t, ms in per.items() for m in ms})
+    limit = f", at most {lm['limit']} documents per task" if lm.get("limit") else ""
+    lines = [f"## Downstream tasks (lm-evaluation-harness{limit})", ""]
+    if columns:
+        lines.append("| model | " + " | ".join(f"{t} {m}" for t, m in columns) + " |")
+        lines.append("|---|" + "---|" * len(columns))
+        for name in sorted_models(scores, result.get("domains")):
+            cells = [scores[name].get(t, {}).get(m) for t, m in columns]
+            lines.append(
+                f"| {name} | " + " | ".join("-" if v is None else f"{v:.3f}" for v in cells) + " |"
+            )
+    if lm.get("skipped"):
+        lines += ["", "Not run: " + "; ".join(f"{k} ({v})" for k, v in lm["skipped"].items())]
+    return "\n".join(lines) + "\n"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -373,6 +406,12 @@ def write_all(result: dict[str, Any], out: Path, routing: bool = True) -> None:
         heatmaps(result, out)
         if "sparse_upcycling" in result["routing"]:
             heatmaps_model(result, out, "sparse_upcycling")
+    write_results(result, out)
+
+
+def write_results(result: dict[str, Any], out: Path) -> None:
+    """Rewrite results.md and results.json only (after scores were added to ``result``)."""
+    out.mkdir(parents=True, exist_ok=True)
     _write(out / "results.md", results_md(result))
     _write(out / "results.json", json.dumps(result, indent=1))
 
