@@ -207,12 +207,13 @@ def test_run_models_results_and_report(tokenizer_dir, tmp_path):
         "split": "test",
         "domains": ["code"],
         "tokens": {"code": 64},
-        "models": {m: dict(ROW, kind=k) for m, k in (("seed", "dense"), ("btm_top1", "btm"))},
+        "models": {m: dict(ROW) for m in ("seed", "btm_top1", "expert_code")},
         "claims": {},
     }
     models = {
         "seed": {"checkpoint": str(tmp_path / "mg"), "kind": "dense"},
         "btm_top1": {"checkpoint": None, "kind": "btm"},
+        "expert_code": {"checkpoint": str(tmp_path / "not_a_checkpoint"), "kind": "dense"},
     }
     out = tmp_path / "eval"
     btx_lm_eval.evaluate_run_models(result, models, out, ["btx_mc"], tasks, None, lambda m: None)
@@ -220,6 +221,8 @@ def test_run_models_results_and_report(tokenizer_dir, tmp_path):
     saved = json.loads((out / "results.json").read_text())["lm_eval"]
     assert saved["scores"]["seed"]["btx_mc"]["acc"] == pytest.approx(expected["acc"], abs=1e-12)
     assert "ensemble" in saved["skipped"]["btm_top1"]
+    assert saved["skipped"]["expert_code"].startswith("no HF export: ")
+    assert set(saved["scores"]) == {"seed"}
     assert (out / "hf" / "seed" / "model.safetensors").is_file()
     md = (out / "results.md").read_text()
     assert "| model | btx_mc acc | btx_mc acc_norm |" in md

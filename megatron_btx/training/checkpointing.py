@@ -29,7 +29,6 @@ from __future__ import annotations
 import logging
 import os
 import random
-import shutil
 from pathlib import Path
 from typing import Any
 
