@@ -241,7 +241,7 @@ def worker_hf(a: argparse.Namespace, moe: bool) -> list[float]:
 # ---- orchestration -----------------------------------------------------------------------------
 def _prepare_data() -> str:
     from megatron_btx.data.corpora import fetch_corpora
-    from megatron_btx.data.preprocess import prepare_domains
+    from megatron_btx.data.domains import prepare_domains
 
     out = ROOT / "runs" / "bench" / "data"
     prepare_domains({"code": [fetch_corpora(["code"])["code"]]}, out, vocab_size=8000)

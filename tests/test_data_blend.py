@@ -15,7 +15,7 @@ from megatron_btx.data.blend import (
     build_domain_datasets,
     domain_prefixes_from_manifest,
 )
-from megatron_btx.data.preprocess import prepare_domains
+from megatron_btx.data.domains import prepare_domains
 from megatron_btx.errors import BTXError
 
 SEQ = 32

@@ -45,7 +45,7 @@ def test_ensemble_is_the_log_of_the_mean_probability():
 
 
 def test_eval_windows_cover_the_split_and_track_documents(tmp_path):
-    from megatron_btx.data.preprocess import prepare_domains
+    from megatron_btx.data.domains import prepare_domains
     from megatron_btx.eval import data as edata
 
     for n, word in (("a", "apple"), ("b", "banana")):

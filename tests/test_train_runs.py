@@ -229,7 +229,7 @@ def test_example_small_dense_learns(tmp_path):
     """The shipped example (the default small budget) on the built-in code corpus, unchanged but
     for its run and data directories: validation loss falls by >= 1 nat."""
     from megatron_btx.data.corpora import fetch_corpora
-    from megatron_btx.data.preprocess import prepare_domains
+    from megatron_btx.data.domains import prepare_domains
 
     data = tmp_path / "data"
     prepare_domains({"code": [fetch_corpora(["code"])["code"]]}, data, vocab_size=8000)

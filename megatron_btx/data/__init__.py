@@ -1,11 +1,13 @@
-"""megatron_btx.data: text -> SentencePiece -> megatron-core indexed datasets -> domain blends.
+"""megatron_btx.data: text -> tokenizer -> megatron-core indexed datasets -> domain blends.
 
 Modules (imported on demand, so ``import megatron_btx.data`` stays cheap and megatron-free):
 
-- ``tokenizer``: the shared SentencePiece model (training settings that round-trip code).
+- ``tokenizer``: the shared tokenizer interface and the SentencePiece model (training settings
+  that round-trip code); ``hf_tokenizer``: a seed's HF ``tokenizer.json`` folder.
 - ``splits``: document-level train/valid/test assignment by a stable hash of the document key.
 - ``corpora``: the four built-in domains (code, math, prose, legal) from Python/Debian/PyPI packages.
-- ``preprocess``: raw text/JSONL -> ``<prefix>_{train,valid,test}_text_document.{bin,idx}``,
-  ``prepare_domains`` (shared tokenizer + manifest.json) and the ``btx prepare-data`` entry point.
+- ``preprocess``: raw text/JSONL -> ``<prefix>_{train,valid,test}_text_document.{bin,idx}`` and
+  the ``btx prepare-data`` entry point; ``domains``: ``prepare_domains`` (one shared tokenizer
+  for several domains + manifest.json).
 - ``blend``: megatron-core GPT datasets for weighted domain blends and per-domain validation.
 """

@@ -29,7 +29,6 @@ import gzip
 import json
 import logging
 import os
-import shutil
 import sys
 import time
 import warnings
@@ -40,14 +39,8 @@ from typing import IO, Any
 
 import numpy
 
-from megatron_btx.data.hf_tokenizer import HFTokenizer
 from megatron_btx.data.splits import SPLITS, parse_split, split_of
-from megatron_btx.data.tokenizer import (
-    ROUND_TRIP_SETTINGS,
-    Tokenizer,
-    _sample_sentences,
-    train_sentencepiece,
-)
+from megatron_btx.data.tokenizer import Tokenizer, train_sentencepiece
 from megatron_btx.errors import BTXError
 
 logger = logging.getLogger(__name__)
@@ -400,250 +393,8 @@ def preprocess_files(
 
 
 # ---------------------------------------------------------------------------------------------
-# Several domains, one shared tokenizer
+# The manifest of a prepared folder (written by megatron_btx.data.domains.prepare_domains)
 # ---------------------------------------------------------------------------------------------
-def _fingerprint(files: Iterable[tuple[Path, str]]) -> list[list[Any]]:
-    out = []
-    for path, _ in files:
-        st = path.stat()
-        out.append([str(path.resolve()), st.st_size, st.st_mtime_ns])
-    return out
-
-
-def _sample_domain_sentences(
-    domains: Mapping[str, Sequence[str | os.PathLike[str]]],
-    fractions: dict[str, float],
-    max_sentences: int,
-    txt_separator: str | None,
-    max_read_mb: float,
-) -> list[str]:
-    """An equal number of lines from each domain's *train* documents, so the shared vocabulary is
-    not dominated by the largest domain and held-out text never shapes the tokenizer."""
-    per_domain = max(1, max_sentences // max(1, len(domains)))
-    budget = int(max_read_mb * 1e6)
-    sample: list[str] = []
-
-    def train_docs(paths: Sequence[str | os.PathLike[str]]) -> Iterator[str]:
-        read = 0
-        for key, text in iter_documents(paths, txt_separator=txt_separator):
-            if split_of(key, fractions) == "train":
-                yield text
-                read += len(text)
-                if read >= budget:
-                    return
-
-    for paths in domains.values():
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", DataWarning)  # reported once, by preprocess_files
-            sample.extend(
-                _sample_sentences(train_docs(paths), per_domain, 4000, seed=len(sample) + 1234)
-            )
-    return sample
-
-
-def _check_domain_names(domains: Mapping[str, Sequence[str | os.PathLike[str]]]) -> None:
-    if not domains:
-        raise BTXError(
-            "no domains given; pass --domain NAME=PATH (repeatable) or --builtin-domains all"
-        )
-    for name in domains:
-        if not name or not all(c.isalnum() or c in "-_" for c in name):
-            raise BTXError(
-                f"domain name {name!r} must be letters, digits, '-' or '_' (it names files)"
-            )
-
-
-def _settings(
-    files: Mapping[str, list[tuple[Path, str]]],
-    given: Tokenizer | None,
-    vocab_size: int,
-    fractions: dict[str, float],
-    txt_separator: str | None,
-    tokenizer_sentences: int,
-) -> dict[str, Any]:
-    """What the outputs depend on; a manifest with equal settings (and outputs) is up to date."""
-    settings: dict[str, Any] = {
-        "format": MANIFEST_FORMAT,
-        "inputs": {name: _fingerprint(f) for name, f in files.items()},
-        "vocab_size": None if given else vocab_size,
-        "tokenizer_source": None if given else "trained",
-        "tokenizer_input_sha256": given.sha256 if given else None,
-        "split": fractions,
-        "txt_separator": txt_separator,
-        "tokenizer_sentences": None if given else tokenizer_sentences,
-    }
-    if given is not None and given.kind != "sentencepiece":
-        # The special ids come from the seed's config files, not from the hashed tokenizer.json.
-        settings["tokenizer_kind"] = given.kind
-        settings["tokenizer_special_ids"] = [given.bos_id, given.eos_id, given.pad_id]
-    return settings
-
-
-def _up_to_date(out: Path, domains: Iterable[str], settings: dict[str, Any]) -> dict | None:
-    """The existing manifest when it records these settings and every output still exists."""
-    try:
-        old = json.loads((out / "manifest.json").read_text())
-        tokenizer = Tokenizer(out / old["tokenizer"]["path"])
-    except (OSError, json.JSONDecodeError, KeyError, TypeError, BTXError):
-        return None
-    outputs_exist = all(
-        os.path.isfile(split_prefix(out / name, s) + ext)
-        for name in domains
-        for s in SPLITS
-        for ext in (".bin", ".idx")
-    )
-    fresh = old.get("settings") == settings and outputs_exist
-    return old if fresh and old["tokenizer"].get("sha256") == tokenizer.sha256 else None
-
-
-def _install_tokenizer(out: Path, given: Tokenizer) -> tuple[Tokenizer, str]:
-    """Copy a given tokenizer into the data folder (``tokenizer.model``, or ``tokenizer/`` for an
-    HF folder) atomically; return it loaded from there and its name in the folder."""
-    if given.kind == "sentencepiece":
-        name, target = "tokenizer.model", out / "tokenizer.model"
-        if os.path.abspath(given.path) != os.path.abspath(target):
-            shutil.copyfile(given.path, str(target) + ".tmp")
-            os.replace(str(target) + ".tmp", target)
-        return Tokenizer(target), name
-    name, target = "tokenizer", out / "tokenizer"
-    if os.path.abspath(given.path) != os.path.abspath(target):
-        staging = out / f"tokenizer.tmp{os.getpid()}"
-        shutil.rmtree(staging, ignore_errors=True)
-        given.copy_to(staging)
-        shutil.rmtree(target, ignore_errors=True)
-        os.replace(staging, target)
-    return Tokenizer(target), name
-
-
-def _train_shared_tokenizer(
-    domains: Mapping[str, Sequence[str | os.PathLike[str]]],
-    out: Path,
-    vocab_size: int,
-    fractions: dict[str, float],
-    txt_separator: str | None,
-    max_sentences: int,
-    max_read_mb: float,
-) -> Tokenizer:
-    """Train ``out/tokenizer.model`` on a per-domain-balanced sample of the train splits."""
-    _progress(
-        f"training a {vocab_size}-piece SentencePiece tokenizer on a sample of {', '.join(domains)} ..."
-    )
-    sentences = _sample_domain_sentences(
-        domains, fractions, max_sentences, txt_separator, max_read_mb
-    )
-    tok = train_sentencepiece(sentences, out / "tokenizer", vocab_size)
-    _progress(f"tokenizer {tok.path}: {tok.vocab_size} pieces, sha256 {tok.sha256[:16]}")
-    return tok
-
-
-def _tokenizer_entry(tok: Tokenizer, name: str) -> dict[str, Any]:
-    """The manifest's record of the shared tokenizer (what training and the merge check)."""
-    entry: dict[str, Any] = {
-        "path": name,
-        "sha256": tok.sha256,
-        "vocab_size": tok.vocab_size,
-        "eos_id": tok.eos_id,
-        "bos_id": tok.bos_id,
-        "pad_id": tok.pad_id,
-    }
-    if isinstance(tok, HFTokenizer):
-        entry.update(kind=tok.kind, files=sorted(tok.files()))
-        entry["special_id_sources"] = dict(tok.special.sources)
-    else:
-        entry["training_settings"] = dict(ROUND_TRIP_SETTINGS)
-    return entry
-
-
-def prepare_domains(
-    domains: Mapping[str, Sequence[str | os.PathLike[str]]],
-    out_dir: str | os.PathLike[str],
-    vocab_size: int = 8000,
-    *,
-    tokenizer: str | os.PathLike[str] | None = None,
-    split: str | Mapping[str, float] | None = None,
-    workers: int = 1,
-    txt_separator: str | None = None,
-    tokenizer_sentences: int = 300_000,
-    tokenizer_max_read_mb: float = 200.0,
-    force: bool = False,
-) -> dict[str, Any]:
-    """Prepare every domain with one shared tokenizer and write ``out_dir/manifest.json``.
-
-    Trains ``out_dir/tokenizer.model`` on a per-domain-balanced sample of the train splits, or
-    copies ``tokenizer`` there (a SentencePiece ``.model``; an HF folder becomes
-    ``out_dir/tokenizer/``), then writes ``out_dir/<domain>_{train,valid,test}_text_document``.
-    Skips all work when the manifest records the same inputs (paths, sizes, mtimes) and settings.
-    """
-    _check_domain_names(domains)
-    fractions = parse_split(dict(split) if isinstance(split, Mapping) else split)
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", DataWarning)
-        files = {name: expand_inputs(paths) for name, paths in domains.items()}
-    given = Tokenizer.load(tokenizer) if tokenizer else None
-    settings = _settings(files, given, vocab_size, fractions, txt_separator, tokenizer_sentences)
-    old = None if force else _up_to_date(out, domains, settings)
-    if old is not None:
-        _progress(
-            f"{out}: up to date (manifest.json matches inputs and settings); use --force to redo"
-        )
-        return old
-
-    started = time.time()
-    if given is not None:
-        tok, tok_name = _install_tokenizer(out, given)
-    else:
-        tok = _train_shared_tokenizer(
-            domains,
-            out,
-            vocab_size,
-            fractions,
-            txt_separator,
-            tokenizer_sentences,
-            tokenizer_max_read_mb,
-        )
-        tok_name = "tokenizer.model"
-
-    results: dict[str, Any] = {}
-    for name, paths in domains.items():
-        result = preprocess_files(
-            paths, out / name, tok, fractions, workers, txt_separator, name=name
-        )
-        results[name] = {
-            "inputs": [str(p) for p in paths],
-            "prefixes": {s: os.path.basename(result["prefixes"][s]) for s in SPLITS},
-            **{k: result[k] for k in ("documents", "tokens", "skipped", "problems")},
-        }
-    manifest = {
-        "settings": settings,
-        "tokenizer": _tokenizer_entry(tok, tok_name),
-        "split": fractions,
-        "domains": results,
-        "eos_appended": True,
-        "megatron_core": _package_version("megatron-core"),
-        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "seconds": round(time.time() - started, 2),
-    }
-    tmp = out / "manifest.json.tmp"
-    tmp.write_text(json.dumps(manifest, indent=2) + "\n")
-    os.replace(tmp, out / "manifest.json")
-    _progress(
-        f"{out}: {len(domains)} domains prepared in {manifest['seconds']:.1f}s; manifest "
-        f"{out / 'manifest.json'}"
-    )
-    return manifest
-
-
-def _package_version(name: str) -> str:
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version(name)
-    except PackageNotFoundError:
-        return "unknown"
-
-
 def load_manifest(out_dir: str | os.PathLike[str]) -> dict[str, Any]:
     """Read ``out_dir/manifest.json``; BTXError with the fix if it is missing or corrupt."""
     path = Path(out_dir) / "manifest.json"
@@ -776,6 +527,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             )
         tokenizer: Tokenizer | str = args.tokenizer
         if args.train_tokenizer:
+            from megatron_btx.data.domains import _sample_domain_sentences
+
             fractions = parse_split(args.split)
             sentences = _sample_domain_sentences(
                 {"input": args.input}, fractions, 300_000, args.txt_separator, 200.0
@@ -802,6 +555,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             args.force,
         )
         domains = {name: [path] for name, path in paths.items()}
+    from megatron_btx.data.domains import prepare_domains
+
     return prepare_domains(
         domains,
         args.output_dir,

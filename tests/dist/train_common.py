@@ -74,7 +74,7 @@ def prepare_data(base: Path) -> Path:
     prepare_domains is idempotent (it skips work when its manifest matches), so calling this
     again in the same session costs a manifest check."""
     from megatron_btx.data.corpora import fetch_corpora
-    from megatron_btx.data.preprocess import prepare_domains
+    from megatron_btx.data.domains import prepare_domains
 
     out = base / "btx_train_data"
     if (out / "manifest.json").is_file():
