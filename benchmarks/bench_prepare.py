@@ -11,7 +11,9 @@ are trained on that text with the same vocabulary size: SentencePiece with the p
 round-trip settings (`train_sentencepiece`), the HF one as a Llama-3-style byte-level BPE with
 the `tokenizers` trainer (or --hf-dir uses a seed's folder instead). Each round runs
 `preprocess_files` (what `btx prepare-data --input` runs) once per tokenizer and thread count,
-alternating, so both see the same machine state; MB/s is input bytes / its own wall time.
+alternating, so both see the same machine state; MB/s is input bytes / its own wall time, and
+MB per CPU-second (input bytes / the process's CPU time, all threads) is the figure that a busy
+shared machine disturbs least.
 Prints a table of medians and writes every round to JSON.
 """
 
@@ -19,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import statistics
 import sys
@@ -67,15 +70,17 @@ def one_round(corpus: Path, tokenizer: str, workers: int, out: Path) -> dict[str
 
     from megatron_btx.data.preprocess import preprocess_files
 
-    t0 = time.perf_counter()
+    t0, cpu0 = time.perf_counter(), time.process_time()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         result = preprocess_files([corpus], out, tokenizer, None, workers)
-    seconds = time.perf_counter() - t0
+    seconds, cpu_seconds = time.perf_counter() - t0, time.process_time() - cpu0
     tokens = sum(result["tokens"].values())
     return {
         "seconds": seconds,
+        "cpu_seconds": cpu_seconds,
         "mb_per_s": result["input_bytes"] / 1e6 / seconds,
+        "mb_per_cpu_s": result["input_bytes"] / 1e6 / cpu_seconds,
         "tokens": tokens,
         "bytes_per_token": result["input_bytes"] / tokens,
     }
@@ -92,6 +97,7 @@ def main() -> None:
     args = ap.parse_args()
     if args.rounds < 3:
         ap.error("--rounds must be at least 3 (the median of fewer says little)")
+    load_before = ", ".join(f"{x:.1f}" for x in os.getloadavg())
     with tempfile.TemporaryDirectory(prefix="btx-bench-prepare-") as tmp:
         work = Path(tmp)
         corpus = work / "stdlib.jsonl"
@@ -118,13 +124,19 @@ def main() -> None:
                     "median_mb_per_s": statistics.median(x["mb_per_s"] for x in mine),
                     "min_mb_per_s": min(x["mb_per_s"] for x in mine),
                     "max_mb_per_s": max(x["mb_per_s"] for x in mine),
+                    "median_mb_per_cpu_s": statistics.median(x["mb_per_cpu_s"] for x in mine),
                     "bytes_per_token": mine[0]["bytes_per_token"],
                 }
             )
-    print(f"\nprepare-data on {size / 1e6:.1f} MB of stdlib code, vocab {args.vocab}, ")
-    print(f"median of {args.rounds} rounds\n")
-    print("| tokenizer | threads | MB/s (median) | min-max | bytes/token | vs SentencePiece |")
-    print("|---|---|---|---|---|---|")
+    print(
+        f"\nprepare-data on {size / 1e6:.1f} MB of stdlib code, vocab {args.vocab}, "
+        f"median of {args.rounds} rounds (load average before: {load_before})\n"
+    )
+    print(
+        "| tokenizer | threads | MB/s (median) | min-max | vs SentencePiece "
+        "| MB per CPU-second | bytes/token |"
+    )
+    print("|---|---|---|---|---|---|---|")
     for row in rows:
         base = next(
             x for x in rows if x["tokenizer"] == "sentencepiece" and x["workers"] == row["workers"]
@@ -132,8 +144,8 @@ def main() -> None:
         print(
             f"| {row['tokenizer']} | {row['workers']} | {row['median_mb_per_s']:.2f} | "
             f"{row['min_mb_per_s']:.2f}-{row['max_mb_per_s']:.2f} | "
-            f"{row['bytes_per_token']:.2f} | "
-            f"{row['median_mb_per_s'] / base['median_mb_per_s']:.2f}x |"
+            f"{row['median_mb_per_s'] / base['median_mb_per_s']:.2f}x | "
+            f"{row['median_mb_per_cpu_s']:.2f} | {row['bytes_per_token']:.2f} |"
         )
     if args.json:
         Path(args.json).write_text(
@@ -142,6 +154,7 @@ def main() -> None:
                     "machine": f"{platform.machine()}, {platform.processor() or '?'}",
                     "python": platform.python_version(),
                     "input_mb": size / 1e6,
+                    "load_average_before": load_before,
                     "vocab": args.vocab,
                     "summary": rows,
                     "rounds": rounds,
