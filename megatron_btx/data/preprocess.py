@@ -487,26 +487,10 @@ def prepare_domains(
         "txt_separator": txt_separator,
         "tokenizer_sentences": None if tokenizer else tokenizer_sentences,
     }
-    if not force and manifest_path.is_file() and model_path.is_file():
-        try:
-            old = json.loads(manifest_path.read_text())
-        except (OSError, json.JSONDecodeError):
-            old = {}
-        outputs_exist = all(
-            os.path.isfile(split_prefix(out / name, s) + ext)
-            for name in domains
-            for s in SPLITS
-            for ext in (".bin", ".idx")
-        )
-        if (
-            old.get("settings") == settings
-            and outputs_exist
-            and old.get("tokenizer", {}).get("sha256") == Tokenizer(model_path).sha256
-        ):
-            _progress(
-                f"{out}: up to date (manifest.json matches inputs and settings); use --force to redo"
-            )
-            return old
+    if not force:
+        previous = _up_to_date(out, domains, settings)
+        if previous is not None:
+            return previous
 
     started = time.time()
     if tokenizer:
@@ -564,6 +548,34 @@ def prepare_domains(
     return manifest
 
 
+def _up_to_date(out: Path, domains, settings: dict[str, Any]) -> dict[str, Any] | None:
+    """The previous manifest when it records the same inputs and settings and every output
+    (datasets, tokenizer) is still there; else None."""
+    manifest_path, model_path = out / "manifest.json", out / "tokenizer.model"
+    if not (manifest_path.is_file() and model_path.is_file()):
+        return None
+    try:
+        old = json.loads(manifest_path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+    outputs_exist = all(
+        os.path.isfile(split_prefix(out / name, s) + ext)
+        for name in domains
+        for s in SPLITS
+        for ext in (".bin", ".idx")
+    )
+    if (
+        old.get("settings") == settings
+        and outputs_exist
+        and old.get("tokenizer", {}).get("sha256") == Tokenizer(model_path).sha256
+    ):
+        _progress(
+            f"{out}: up to date (manifest.json matches inputs and settings); use --force to redo"
+        )
+        return old
+    return None
+
+
 def _package_version(name: str) -> str:
     from importlib.metadata import PackageNotFoundError, version
 
@@ -613,7 +625,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--domain",
         action="append",
         metavar="NAME=PATH[,PATH]",
-        help="a domain and its inputs (repeatable)",
+        help="a domain and its inputs (repeatable); NAME=builtin takes the built-in corpus NAME "
+        "(fetched here, with --max-mb and --cache-dir)",
     )
     mode.add_argument(
         "--builtin-domains",
@@ -714,6 +727,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         raise BTXError(f"--{modes[0].replace('_', '-')} needs --output-dir DIR")
     if modes[0] == "domain":
         domains: dict[str, list[Any]] = _parse_domain_args(args.domain)
+        builtin = [name for name, paths in domains.items() if paths == ["builtin"]]
+        if builtin:
+            from megatron_btx.data.corpora import fetch_corpora, parse_domains
+
+            fetched = fetch_corpora(
+                parse_domains(builtin), None, args.max_mb, args.cache_dir, args.split, args.force
+            )
+            domains.update({name: [path] for name, path in fetched.items()})
     else:
         from megatron_btx.data.corpora import fetch_corpora, parse_domains
 
