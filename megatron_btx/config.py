@@ -223,14 +223,13 @@ class Config:
         return yaml.safe_dump(self.to_dict(), sort_keys=False, default_flow_style=False)
 
     def save(self, path: str | os.PathLike[str]) -> None:
-        path = Path(path)
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(self.to_yaml())
-        os.replace(tmp, path)
+        from megatron_btx.rundir import atomic_write_text
+
+        atomic_write_text(path, self.to_yaml())
 
     @classmethod
     def from_dict(cls, d: dict[str, Any], source: str = "config") -> Config:
-        return _build(cls, d, "", source)
+        return build_dataclass(cls, d, "", source)
 
     # ---- consistency -------------------------------------------------------------------------
     def validate(self, world_size: int | None = None) -> None:
@@ -369,36 +368,49 @@ def _one_of(key: str, value: Any, allowed: tuple) -> None:
 # ---------------------------------------------------------------------------------------------
 # Building dataclasses from plain dicts, with type checks that name the key
 # ---------------------------------------------------------------------------------------------
-def _build(cls: type, d: Any, prefix: str, source: str) -> Any:
-    if d is None:
-        d = {}
-    if not isinstance(d, dict):
+def build_dataclass(
+    cls: type, data: Any, prefix: str = "", source: str = "config", exclude: tuple[str, ...] = ()
+) -> Any:
+    """A config dataclass from a plain dict (YAML), recursing into dataclass and optional
+    dataclass fields. Unknown keys (with a close match suggested) and values of the wrong type
+    are a BTXError naming the full dotted key and the file. `exclude` names fields that are set
+    by code, not by the user (they count as unknown keys)."""
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
         raise BTXError(f"{source}: {prefix.rstrip('.') or 'the top level'} must be a mapping")
     hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
+    names = {f.name for f in dataclasses.fields(cls)} - set(exclude)
     kwargs = {}
-    for key, value in d.items():
+    for key, value in data.items():
         full = f"{prefix}{key}"
         if key not in names:
-            close = _close_match(str(key), names)
+            close = close_match(str(key), names)
             hint = f" (did you mean {prefix}{close}?)" if close else ""
             raise BTXError(f"{source}: unknown key {full!r}{hint}")
         typ = hints[key]
+        optional_dataclass = [a for a in typing.get_args(typ) if dataclasses.is_dataclass(a)]
         if dataclasses.is_dataclass(typ):
-            kwargs[key] = _build(typ, value, f"{full}.", source)
+            kwargs[key] = build_dataclass(typ, value, f"{full}.", source)
+        elif optional_dataclass:
+            kwargs[key] = (
+                None
+                if value is None
+                else build_dataclass(optional_dataclass[0], value, f"{full}.", source)
+            )
         else:
-            kwargs[key] = _coerce(value, typ, full, source)
+            kwargs[key] = coerce(value, typ, full, source)
     return cls(**kwargs)
 
 
-def _close_match(key: str, names: set[str]) -> str | None:
+def close_match(key: str, names: set[str]) -> str | None:
     import difflib
 
     m = difflib.get_close_matches(key, sorted(names), n=1, cutoff=0.6)
     return m[0] if m else None
 
 
-def _coerce(value: Any, typ: Any, key: str, source: str) -> Any:
+def coerce(value: Any, typ: Any, key: str, source: str) -> Any:
     """Check `value` against the annotation `typ`, converting where YAML is ambiguous
     (``3e-4`` is a string to YAML 1.1, an int where a float is wanted)."""
     origin = typing.get_origin(typ)
@@ -411,7 +423,7 @@ def _coerce(value: Any, typ: Any, key: str, source: str) -> Any:
             if a is type(None):
                 continue
             try:
-                return _coerce(value, a, key, source)
+                return coerce(value, a, key, source)
             except BTXError as e:
                 errors.append(str(e))
         raise BTXError(
@@ -455,12 +467,12 @@ def _coerce(value: Any, typ: Any, key: str, source: str) -> Any:
     elif origin is list:
         (item,) = typing.get_args(typ) or (Any,)
         if isinstance(value, (list, tuple)):
-            return [_coerce(v, item, f"{key}[{i}]", source) for i, v in enumerate(value)]
+            return [coerce(v, item, f"{key}[{i}]", source) for i, v in enumerate(value)]
     elif origin is dict:
         kt, vt = typing.get_args(typ) or (Any, Any)
         if isinstance(value, dict):
             return {
-                _coerce(k, kt, key, source): _coerce(v, vt, f"{key}.{k}", source)
+                coerce(k, kt, key, source): coerce(v, vt, f"{key}.{k}", source)
                 for k, v in value.items()
             }
     raise BTXError(f"{source}: {key}={value!r} has the wrong type (expected {_tname(typ)})")
@@ -480,14 +492,14 @@ def read_yaml(path: str | os.PathLike[str]) -> dict[str, Any]:
     if not path.is_file():
         raise BTXError(f"{path}: config file not found")
     try:
-        d = yaml.safe_load(path.read_text())
+        raw = yaml.safe_load(path.read_text())
     except yaml.YAMLError as e:
         raise BTXError(f"{path}: not valid YAML ({e})") from e
-    if d is None:
+    if raw is None:
         return {}
-    if not isinstance(d, dict):
+    if not isinstance(raw, dict):
         raise BTXError(f"{path}: the top level must be a mapping of sections")
-    return d
+    return raw
 
 
 def parse_overrides(argv: list[str]) -> list[tuple[str, Any]]:
@@ -516,15 +528,15 @@ def parse_overrides(argv: list[str]) -> list[tuple[str, Any]]:
     return out
 
 
-def apply_overrides(d: dict[str, Any], overrides: list[tuple[str, Any]]) -> dict[str, Any]:
+def apply_overrides(raw: dict[str, Any], overrides: list[tuple[str, Any]]) -> dict[str, Any]:
     """Set dotted keys in the raw dict (keys are checked when the dataclasses are built;
     a key that walks into a non-mapping is reported here)."""
-    d = json.loads(json.dumps(d, default=str)) if d else {}
+    raw = json.loads(json.dumps(raw, default=str)) if raw else {}
     for key, value in overrides:
         parts = key.split(".")
         if any(not p for p in parts):
             raise BTXError(f"override --{key}: empty key part")
-        node = d
+        node = raw
         for j, part in enumerate(parts[:-1]):
             nxt = node.get(part)
             if nxt is None:
@@ -533,7 +545,7 @@ def apply_overrides(d: dict[str, Any], overrides: list[tuple[str, Any]]) -> dict
                 raise BTXError(f"override --{key}: {'.'.join(parts[: j + 1])} is not a section")
             node = nxt
         node[parts[-1]] = value
-    return d
+    return raw
 
 
 def load(
@@ -542,10 +554,10 @@ def load(
     base: dict[str, Any] | None = None,
 ) -> Config:
     """Read a YAML config (or start from `base`), apply overrides, build and validate it."""
-    d = dict(base or {})
+    raw = dict(base or {})
     source = "config"
     if path is not None:
-        d.update(read_yaml(path))
+        raw.update(read_yaml(path))
         source = str(path)
     if overrides:
         pairs = (
@@ -553,7 +565,7 @@ def load(
             if overrides and isinstance(overrides[0], str)
             else overrides
         )
-        d = apply_overrides(d, pairs)  # type: ignore[arg-type]
-    cfg = Config.from_dict(d, source)
+        raw = apply_overrides(raw, pairs)  # type: ignore[arg-type]
+    cfg = Config.from_dict(raw, source)
     cfg.validate()
     return cfg

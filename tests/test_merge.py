@@ -5,17 +5,14 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import DIST, run_script
 
 from megatron_btx.errors import BTXError
 
-ROOT = Path(__file__).resolve().parents[1]
-DIST = ROOT / "tests" / "dist"
 KW = {
     "hidden_size": 64,
     "intermediate_size": 96,
@@ -111,27 +108,8 @@ def all_tensors(ckpt: Path) -> dict[str, torch.Tensor]:
 
 
 def run(script: Path, args: list[str], nproc: int) -> None:
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        f"--nproc-per-node={nproc}",
-        str(script),
-        *map(str, args),
-    ]
-    r = subprocess.run(
-        cmd,
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        stdin=subprocess.DEVNULL,
-        check=False,
-    )
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-6000:]
+    result = run_script(script, [str(a) for a in args], nproc)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
 
 
 @pytest.fixture(scope="module")

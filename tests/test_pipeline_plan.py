@@ -232,7 +232,7 @@ def test_status_reports_states(tmp_path, capsys):
         _fake(tmp_path, "c", ["b"]),
     ]
     run.mkdir()
-    (run / "plan.json").write_text(json.dumps([s.to_dict() for s in stages]))
+    plan.save_plan(run, plan.Plan(stages, None))
     local.LocalExecutor(stages, run, quiet=True).execute()
     # a stage that was running when its executor was killed
     (run / "stages" / "c.running").write_text(

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from megatron_btx.pipeline import plan
 from megatron_btx.pipeline.plan import Stage, mark_done
 from megatron_btx.pipeline.slurm import SlurmOptions, launch, render_script
 
@@ -254,7 +255,7 @@ def test_job_helper_done_requeue_failed(tmp_path):
     run = tmp_path / "run"
     stages = tiny_plan(run)
     (run).mkdir()
-    (run / "plan.json").write_text(json.dumps([s.to_dict() for s in stages]))
+    plan.save_plan(run, plan.Plan(stages, None))
     assert _helper(run, "--stage", "expert_a", "start", "--pid", "123") == 0
     running = json.loads((run / "stages" / "expert_a.running").read_text())
     assert running["pid"] == 123 and running["job_id"] == "7"

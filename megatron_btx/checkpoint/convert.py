@@ -266,9 +266,9 @@ def run_cli(fn, argv: list[str] | None, desc: str, extra=None) -> int:
     p = _parser(desc)
     if extra:
         extra(p)
-    a = p.parse_args(argv)
+    ns = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    kwargs = {k: v for k, v in vars(a).items()}
+    kwargs = {k: v for k, v in vars(ns).items()}
     if "max_shard_gb" in kwargs:
         kwargs["max_shard_bytes"] = int(kwargs.pop("max_shard_gb") * 1024**3)
     try:

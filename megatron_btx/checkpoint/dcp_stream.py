@@ -59,11 +59,11 @@ def _own_storage(t: torch.Tensor) -> torch.Tensor:
     torch.save writes a view's whole storage (e.g. both halves of a SwiGLU fc1 for each half);
     a slice of the storage holds only this chunk's bytes, as megatron-core writes them."""
     nbytes = t.numel() * t.element_size()
-    st = t.untyped_storage()
-    if st.nbytes() == nbytes:
+    storage = t.untyped_storage()
+    if storage.nbytes() == nbytes:
         return t
     start = t.storage_offset() * t.element_size()
-    sub = st[start : start + nbytes]
+    sub = storage[start : start + nbytes]
     if sub.data_ptr() != t.data_ptr():  # not a view on this torch: fall back to a copy
         return t.clone()
     return torch.empty(0, dtype=t.dtype).set_(sub, 0, t.shape, t.stride())

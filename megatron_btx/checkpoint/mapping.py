@@ -161,13 +161,13 @@ class StateDictAdapter:
     def hf_shapes(self) -> list[tuple[str, tuple[int, ...]]]:
         """(HF name, shape) of every tensor, in the order :meth:`export_tensors` yields them."""
         args = self.args
-        globals_ = self.global_names()
-        shapes = [(globals_[EMB], (args.vocab_size, args.hidden_size))]
+        hf_globals = self.global_names()
+        shapes = [(hf_globals[EMB], (args.vocab_size, args.hidden_size))]
         for layer in range(args.num_hidden_layers):
             shapes += self.layer_shapes(layer)
-        shapes.append((globals_[FINAL_LN], (args.hidden_size,)))
-        if OUT in globals_:
-            shapes.append((globals_[OUT], (args.vocab_size, args.hidden_size)))
+        shapes.append((hf_globals[FINAL_LN], (args.hidden_size,)))
+        if OUT in hf_globals:
+            shapes.append((hf_globals[OUT], (args.vocab_size, args.hidden_size)))
         return shapes
 
     def check_hf_keys(self, keys: list[str], source: str) -> None:
@@ -232,15 +232,15 @@ class StateDictAdapter:
         self, get: Callable[[str], torch.Tensor]
     ) -> Iterator[tuple[str, torch.Tensor]]:
         """(megatron name, tensor) for the whole model, reading HF tensors through `get`."""
-        globals_ = self.global_names()
-        yield EMB, pad_vocab(get(globals_[EMB]), self.args)
+        hf_globals = self.global_names()
+        yield EMB, pad_vocab(get(hf_globals[EMB]), self.args)
         for layer in range(self.args.num_hidden_layers):
             prefix = f"decoder.layers.{layer}."
             for name, tensor in self.layer_from_hf(layer, get).items():
                 yield prefix + name, tensor
-        yield FINAL_LN, get(globals_[FINAL_LN])
-        if OUT in globals_:
-            yield OUT, pad_vocab(get(globals_[OUT]), self.args)
+        yield FINAL_LN, get(hf_globals[FINAL_LN])
+        if OUT in hf_globals:
+            yield OUT, pad_vocab(get(hf_globals[OUT]), self.args)
 
     def export_tensors(
         self,
@@ -250,13 +250,13 @@ class StateDictAdapter:
         """(HF name, tensor) for the whole model, in :meth:`hf_shapes` order, from megatron
         tensors read a layer (short names) or a global at a time."""
         vocab = self.args.vocab_size
-        globals_ = self.global_names()
-        yield globals_[EMB], read_global(EMB)[:vocab].clone()
+        hf_globals = self.global_names()
+        yield hf_globals[EMB], read_global(EMB)[:vocab].clone()
         for layer in range(self.args.num_hidden_layers):
             yield from self.layer_to_hf(layer, read_layer(layer))
-        yield globals_[FINAL_LN], read_global(FINAL_LN)
-        if OUT in globals_:
-            yield globals_[OUT], read_global(OUT)[:vocab].clone()
+        yield hf_globals[FINAL_LN], read_global(FINAL_LN)
+        if OUT in hf_globals:
+            yield hf_globals[OUT], read_global(OUT)[:vocab].clone()
 
 
 class MixtralAdapter(StateDictAdapter):

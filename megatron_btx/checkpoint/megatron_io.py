@@ -134,6 +134,7 @@ def load_model(
         )
     models = model if isinstance(model, list) else [model]
     state = sharded_state_dict(models)
+    check_model_keys(folder, state)
     loaded = dist_checkpointing.load(state, str(folder))
     for i, m in enumerate(models):
         key = "model" if len(models) == 1 else f"model{i}"
@@ -141,6 +142,44 @@ def load_model(
         missing = [k for k in missing if not k.endswith("_extra_state")]
         if strict and missing:
             raise BTXError(f"{folder}: checkpoint lacks {missing[0]!r} ({len(missing)} missing)")
+
+
+def check_model_keys(folder: str | Path, model_state: dict[str, Any]) -> None:
+    """The checkpoint holds exactly the model's tensors (over all ranks), else one line naming
+    the first missing or unexpected key: a model built without a merge variant's shared expert,
+    or with it for a checkpoint that has none, must not load silently or fail deep in
+    megatron-core. Keys of optimizer state are not model tensors and are left out."""
+    from megatron.core.dist_checkpointing.dict_utils import nested_values
+    from megatron.core.dist_checkpointing.mapping import ShardedTensor, ShardedTensorFactory
+
+    from megatron_btx.checkpoint.dcp_stream import read_metadata
+
+    wanted = {
+        v.key
+        for v in nested_values(model_state)
+        if isinstance(v, (ShardedTensor, ShardedTensorFactory))
+    }
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        every: list[Any] = [None] * dist.get_world_size()
+        dist.all_gather_object(every, wanted)
+        wanted = set().union(*every)
+    saved = {
+        key
+        for key, md in read_metadata(folder).state_dict_metadata.items()
+        if hasattr(md, "size") and not key.startswith("optimizer")
+    }
+    missing, unexpected = sorted(wanted - saved), sorted(saved - wanted)
+    if missing:
+        raise BTXError(
+            f"{folder}: checkpoint lacks {missing[0]!r} ({len(missing)} missing); it was written "
+            f"for another model (check its btx_manifest.json 'model' and 'moe' entries)"
+        )
+    if unexpected:
+        raise BTXError(
+            f"{folder}: checkpoint has {unexpected[0]!r}, which the model lacks ({len(unexpected)} "
+            f"unexpected); it was written for another model (check its btx_manifest.json 'model' "
+            f"and 'moe' entries)"
+        )
 
 
 def read_variant(folder: str | Path) -> MoEVariant:

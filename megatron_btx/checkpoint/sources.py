@@ -160,19 +160,26 @@ class Source:
         return self._hf_layer(layer)
 
     def _hf_layer(self, layer: int) -> dict[str, torch.Tensor]:
-        names, pool, st = self.adapter.layer_names(layer), self._pool, self._safetensors
+        names, pool, safetensors = self.adapter.layer_names(layer), self._pool, self._safetensors
 
         def read(role: str, out: torch.Tensor | None = None) -> torch.Tensor:
             key = names[role]
-            if out is None and pool is not None and key in st:
-                out = pool.get(role, st.shape(key), ST_DTYPES[st.dtype(key)])
+            if out is None and pool is not None and key in safetensors:
+                out = pool.get(role, safetensors.shape(key), ST_DTYPES[safetensors.dtype(key)])
             return self._hf_get(key, out)
 
         gate, up = names["gate"], names["up"]
-        gate_shape = st.shape(gate) if gate in st else None
-        if pool is not None and gate_shape and up in st and gate_shape == st.shape(up):
+        gate_shape = safetensors.shape(gate) if gate in safetensors else None
+        if (
+            pool is not None
+            and gate_shape
+            and up in safetensors
+            and gate_shape == safetensors.shape(up)
+        ):
             # gate and up read straight into the two halves of the fused fc1
-            fc1 = pool.get(FC1, [2 * gate_shape[0], gate_shape[1]], ST_DTYPES[st.dtype(gate)])
+            fc1 = pool.get(
+                FC1, [2 * gate_shape[0], gate_shape[1]], ST_DTYPES[safetensors.dtype(gate)]
+            )
             read("gate", fc1[: gate_shape[0]])
             read("up", fc1[gate_shape[0] :])
         else:
@@ -197,10 +204,10 @@ class Source:
                 self._partial_reader(), self.template, name, self._dtypes()
             )[name]
         key = self.adapter.global_names()[name]
-        st = self._safetensors
+        safetensors = self._safetensors
         out = None
-        if pool is not None and key in st:
-            out = pool.get("read.global", st.shape(key), ST_DTYPES[st.dtype(key)])
+        if pool is not None and key in safetensors:
+            out = pool.get("read.global", safetensors.shape(key), ST_DTYPES[safetensors.dtype(key)])
         tensor = self._hf_get(key, out)
         return tensor if name == FINAL_LN else pad_vocab(tensor, self.args)
 

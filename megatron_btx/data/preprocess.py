@@ -435,7 +435,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--domain",
         action="append",
         metavar="NAME=PATH[,PATH]",
-        help="a domain and its inputs (repeatable)",
+        help="a domain and its inputs (repeatable); NAME=builtin takes the built-in corpus NAME "
+        "(fetched here, with --max-mb and --cache-dir)",
     )
     mode.add_argument(
         "--builtin-domains",
@@ -543,6 +544,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         raise BTXError(f"--{modes[0].replace('_', '-')} needs --output-dir DIR")
     if modes[0] == "domain":
         domains: dict[str, list[Any]] = _parse_domain_args(args.domain)
+        builtin = [name for name, paths in domains.items() if paths == ["builtin"]]
+        if builtin:
+            from megatron_btx.data.corpora import fetch_corpora, parse_domains
+
+            fetched = fetch_corpora(
+                parse_domains(builtin), None, args.max_mb, args.cache_dir, args.split, args.force
+            )
+            domains.update({name: [path] for name, path in fetched.items()})
     else:
         from megatron_btx.data.corpora import fetch_corpora, parse_domains
 

@@ -43,13 +43,10 @@ def _progress(msg: str) -> None:
 # ---------------------------------------------------------------------------------------------
 # What to evaluate
 # ---------------------------------------------------------------------------------------------
-def _ckpt_of(stage) -> str:
-    out = stage.outputs[0]
-    return out[: -len("/metadata.json")] if out.endswith("/metadata.json") else out
-
-
 def run_models(run_dir: Path) -> tuple[Any, list, dict[str, dict[str, Any]]]:
-    """(BTX config, stages, model name -> {checkpoint, stages: [names], kind})."""
+    """(BTX config, stages, model name -> {checkpoint, stages: [names], kind, ...}), from the
+    run's plan.json: every stage there names the checkpoint it leaves and, for an MoE, its
+    router; the plan names the seed checkpoint."""
     from megatron_btx.pipeline import config as btx_config
     from megatron_btx.pipeline import plan as plan_mod
 
@@ -57,70 +54,41 @@ def run_models(run_dir: Path) -> tuple[Any, list, dict[str, dict[str, Any]]]:
     if not cfg_path.is_file():
         raise BTXError(f"{run_dir}: no btx.yaml (not a btx run directory; start it with btx run)")
     cfg = btx_config.load(yaml.safe_load(cfg_path.read_text()))
-    stages = plan_mod.read_plan(run_dir)
-    by = {s.name: s for s in stages}
-    names = cfg.domain_names
+    plan = plan_mod.read_plan_file(run_dir)
+    by_name = plan.by_name()
     models: dict[str, dict[str, Any]] = {}
-    first = by.get(f"expert_{names[0]}")
-    seed_ckpt = None
-    if first is not None:
-        tc = yaml.safe_load(Path(first.argv[1]).read_text())
-        seed_ckpt = tc["model"]["init_from"]
-    if seed_ckpt:
-        models["seed"] = {"checkpoint": seed_ckpt, "stages": [], "kind": "dense"}
-    for n in names:
-        s = by.get(f"expert_{n}")
-        if s:
-            models[f"expert_{n}"] = {
-                "checkpoint": _ckpt_of(s),
-                "stages": [s.name],
-                "kind": "dense",
-                "domain": n,
-            }
-    if "baseline_dense" in by:
-        models["dense"] = {
-            "checkpoint": _ckpt_of(by["baseline_dense"]),
-            "stages": ["baseline_dense"],
+    if plan.seed_checkpoint:
+        models["seed"] = {"checkpoint": plan.seed_checkpoint, "stages": [], "kind": "dense"}
+    experts = [f"expert_{n}" for n in cfg.domain_names if f"expert_{n}" in by_name]
+    for name in experts:
+        models[name] = {
+            "checkpoint": by_name[name].checkpoint,
+            "stages": [name],
             "kind": "dense",
+            "domain": name[len("expert_") :],
         }
-    expert_stages = [f"expert_{n}" for n in names if f"expert_{n}" in by]
+    if "baseline_dense" in by_name:
+        stage = by_name["baseline_dense"]
+        models["dense"] = {"checkpoint": stage.checkpoint, "stages": [stage.name], "kind": "dense"}
     if cfg.baselines.btm:
         for k in cfg.evaluation.btm_top_k:
-            models[f"btm_top{k}"] = {
-                "checkpoint": None,
-                "stages": expert_stages,
-                "kind": "btm",
-                "k": k,
+            models[f"btm_top{k}"] = {"checkpoint": None, "stages": experts, "kind": "btm", "k": k}
+    finetune_router = by_name["finetune"].router if "finetune" in by_name else None
+    moe_models = (
+        ("sparse_upcycling", "baseline_sparse_upcycling", ["upcycle_merge"], None),
+        ("btx_merge_only", "merge", experts, finetune_router),
+        ("btx", "finetune", [*experts, "merge"], None),
+    )
+    for model, stage_name, before, router in moe_models:
+        stage = by_name.get(stage_name)
+        if stage is not None:
+            models[model] = {
+                "checkpoint": stage.checkpoint,
+                "stages": [*before, stage_name],
+                "kind": "moe",
+                "router": router or stage.router,
             }
-    if "baseline_sparse_upcycling" in by:
-        models["sparse_upcycling"] = {
-            "checkpoint": _ckpt_of(by["baseline_sparse_upcycling"]),
-            "stages": ["upcycle_merge", "baseline_sparse_upcycling"],
-            "kind": "moe",
-            "router": _router(by["baseline_sparse_upcycling"]),
-        }
-    if "merge" in by:
-        models["btx_merge_only"] = {
-            "checkpoint": _ckpt_of(by["merge"]),
-            "stages": [*expert_stages, "merge"],
-            "kind": "moe",
-            "router": _router(by.get("finetune")),
-        }
-    if "finetune" in by:
-        models["btx"] = {
-            "checkpoint": _ckpt_of(by["finetune"]),
-            "stages": [*expert_stages, "merge", "finetune"],
-            "kind": "moe",
-            "router": _router(by["finetune"]),
-        }
-    return cfg, stages, models
-
-
-def _router(stage) -> dict[str, Any] | None:
-    if stage is None:
-        return None
-    tc = yaml.safe_load(Path(stage.argv[1]).read_text())
-    return (tc.get("moe") or {}).get("router")
+    return cfg, plan.stages, models
 
 
 def _expert_labels(cfg) -> list[str]:
@@ -133,17 +101,137 @@ def _expert_labels(cfg) -> list[str]:
 # ---------------------------------------------------------------------------------------------
 # Evaluation
 # ---------------------------------------------------------------------------------------------
+def _score_models(to_load, names, sets, micro_batch_size, device, scores, missing) -> None:
+    """Per-token log-probs of every checkpoint model on every domain (and MoE routing)."""
+    from megatron_btx import runtime
+    from megatron_btx.eval import scoring
+    from megatron_btx.pipeline import plan as plan_mod
+
+    runtime.init(device=device)
+    try:
+        for name, model_info in to_load.items():
+            checkpoint = model_info["checkpoint"]
+            if not checkpoint or not Path(checkpoint, "metadata.json").is_file():
+                missing[name] = f"no checkpoint at {checkpoint}"
+                _progress(f"skip {name}: {missing[name]}")
+                continue
+            t1 = time.time()
+            model, args = scoring.load_for_eval(checkpoint, model_info.get("router"))
+            scores.logprobs[name] = {}
+            for domain in names:
+                scores.logprobs[name][domain] = scoring.token_logprobs(
+                    model, args, sets[domain].windows, micro_batch_size
+                )
+                if args.is_moe:
+                    scores.routing.setdefault(name, {})[domain] = scoring.routing_of(model)
+            model_info["active_params"] = plan_mod.matmul_params(args)
+            ppl = {d: scoring.perplexity(lp) for d, lp in scores.logprobs[name].items()}
+            _progress(
+                f"{name}: "
+                + " | ".join(f"{d} {v:.2f}" for d, v in ppl.items())
+                + f" ({time.time() - t1:.0f}s)"
+            )
+            del model
+    finally:
+        runtime.teardown()
+
+
+class _Scores:
+    def __init__(self):
+        self.logprobs: dict[str, dict[str, np.ndarray]] = {}
+        self.routing: dict[str, dict[str, dict[int, dict[str, Any]]]] = {}
+
+
+def _score_btm(models, all_models, names, sets, data_dir, scores, missing) -> dict[str, Any]:
+    """BTM top-k: per held-out document, the k experts whose training-data tf-idf centroid is
+    closest; their next-token distributions averaged uniformly."""
+    from megatron_btx.eval import data as edata
+    from megatron_btx.eval import scoring
+    from megatron_btx.eval.tfidf import TfIdf, choose_experts
+
+    btm_models = [k for k, v in models.items() if v["kind"] == "btm"]
+    experts = [f"expert_{n}" for n in names]
+    if not btm_models:
+        return {}
+    if not all(e in scores.logprobs for e in experts):
+        for model in btm_models:
+            missing[model] = "needs every expert"
+        return {}
+    t1 = time.time()
+    train_docs = {
+        n: edata.documents(
+            edata.split_prefix(os.path.join(data_dir, n), "train"),
+            max_docs=400,
+            max_tokens=500_000,
+        )
+        for n in names
+    }
+    all_docs = [*train_docs.values(), *(s.docs for s in sets.values())]
+    vocab = 1 + max(int(doc.max()) for docs in all_docs for doc in docs)
+    tfidf = TfIdf(vocab).fit([doc for docs in train_docs.values() for doc in docs])
+    centroids = np.stack([tfidf.centroid(train_docs[n]) for n in names])
+    info: dict[str, Any] = {}
+    for model in btm_models:
+        k = models[model]["k"]
+        scores.logprobs[model] = {}
+        correct = total = 0
+        for domain in names:
+            held_out = sets[domain]
+            choice = np.array(
+                [choose_experts(tfidf.transform(doc), centroids, k) for doc in held_out.docs]
+            )
+            correct += int(sum(names[c[0]] == domain for c in choice))
+            total += len(choice)
+            chosen = choice[held_out.doc_of_target]  # [n, S, k]
+            scores.logprobs[model][domain] = scoring.ensemble_logprobs(
+                [scores.logprobs[e][domain] for e in experts], chosen
+            )
+        info[model] = {"top1_own_domain_docs": correct / max(total, 1)}
+        models[model]["active_params"] = k * all_models[experts[0]].get("active_params", 0)
+    _progress(
+        f"BTM (tf-idf routing, {time.time() - t1:.0f}s): "
+        + ", ".join(
+            f"{m}: own-domain top-1 for {v['top1_own_domain_docs']:.0%} of held-out docs"
+            for m, v in info.items()
+        )
+    )
+    return info
+
+
+def _rows(models, scores, markers) -> dict[str, dict[str, Any]]:
+    """The results table's rows: perplexity and loss per domain, compute per model."""
+    from megatron_btx.eval import scoring
+
+    rows = {}
+    for name, model_info in models.items():
+        logprobs = scores.logprobs.get(name)
+        if not logprobs:
+            continue
+        ppl = {d: scoring.perplexity(lp) for d, lp in logprobs.items()}
+        stages = model_info["stages"]
+        rows[name] = {
+            "perplexity": ppl,
+            "mean": float(np.mean(list(ppl.values()))),
+            "loss": {d: float(-np.mean(lp)) for d, lp in logprobs.items()},
+            "active_params": model_info.get("active_params"),
+            "train_flops": sum(float(markers.get(s, {}).get("flops", 0.0)) for s in stages),
+            "train_tokens": sum(int(markers.get(s, {}).get("tokens", 0)) for s in stages),
+            "train_seconds": sum(float(markers.get(s, {}).get("seconds", 0.0)) for s in stages),
+            "kind": model_info["kind"],
+        }
+    return rows
+
+
 def evaluate_run(
     run_dir: str | os.PathLike[str],
     tokens_per_domain: int | None = None,
     split: str | None = None,
     models_wanted: list[str] | None = None,
     out_dir: str | os.PathLike[str] | None = None,
+    device: str = "auto",
 ) -> dict[str, Any]:
-    from megatron_btx import runtime
     from megatron_btx.eval import data as edata
-    from megatron_btx.eval import report, scoring
-    from megatron_btx.eval.tfidf import TfIdf, choose_experts
+    from megatron_btx.eval import report
     from megatron_btx.pipeline import plan as plan_mod
 
     run = Path(run_dir).resolve()
@@ -156,135 +244,37 @@ def evaluate_run(
         models = {k: v for k, v in models.items() if k in models_wanted}
     ev = cfg.evaluation
     split = split or ev.split
-    tokens = tokens_per_domain or ev.tokens_per_domain
     data_dir = cfg.data.prepared or str(run / "data")
     names = cfg.domain_names
-    seq = cfg.data.seq_length
     t0 = time.time()
-    sets = {n: edata.eval_set(data_dir, n, split, seq, tokens) for n in names}
+    tokens = tokens_per_domain or ev.tokens_per_domain
+    sets = {n: edata.eval_set(data_dir, n, split, cfg.data.seq_length, tokens) for n in names}
     _progress(
         f"{len(models)} models x {len(names)} domains; held-out '{split}' split, "
         + ", ".join(f"{n} {s.n_tokens} tokens/{len(s.docs)} docs" for n, s in sets.items())
     )
-
-    logprobs: dict[str, dict[str, np.ndarray]] = {}
-    routing: dict[str, dict[str, dict[int, dict[str, Any]]]] = {}
-    missing: dict[str, str] = {}
-    need_experts = any(m["kind"] == "btm" for m in models.values())
     to_load = {k: v for k, v in models.items() if v["kind"] != "btm"}
-    if need_experts:
-        for n in names:
-            key = f"expert_{n}"
-            if key not in to_load and key in all_models:
-                to_load[key] = all_models[key]
-    runtime.init(device="cpu")
-    try:
-        for name, m in to_load.items():
-            ck = m["checkpoint"]
-            if not ck or not Path(ck, "metadata.json").is_file():
-                missing[name] = f"no checkpoint at {ck}"
-                _progress(f"skip {name}: {missing[name]}")
-                continue
-            t1 = time.time()
-            model, args = scoring.load_for_eval(ck, m.get("router"))
-            logprobs[name] = {}
-            for n in names:
-                logprobs[name][n] = scoring.token_logprobs(
-                    model, args, sets[n].windows, ev.micro_batch_size
-                )
-                if args.is_moe:
-                    routing.setdefault(name, {})[n] = scoring.routing_of(model)
-            m["active_params"] = plan_mod.matmul_params(args)
-            ppl = {n: scoring.perplexity(lp) for n, lp in logprobs[name].items()}
-            _progress(
-                f"{name}: "
-                + " | ".join(f"{n} {v:.2f}" for n, v in ppl.items())
-                + f" ({time.time() - t1:.0f}s)"
-            )
-            del model
-    finally:
-        runtime.teardown()
-
-    # ---- BTM ----------------------------------------------------------------------------
-    btm_info: dict[str, Any] = {}
-    btm_models = [k for k, v in models.items() if v["kind"] == "btm"]
-    experts = [f"expert_{n}" for n in names]
-    if btm_models and all(e in logprobs for e in experts):
-        t1 = time.time()
-        train_docs = {
-            n: edata.documents(
-                edata.split_prefix(os.path.join(data_dir, n), "train"),
-                max_docs=400,
-                max_tokens=500_000,
-            )
-            for n in names
-        }
-        vocab = 1 + max(
-            int(d.max())
-            for docs in [*train_docs.values(), *(s.docs for s in sets.values())]
-            for d in docs
-        )
-        tf = TfIdf(vocab).fit([d for docs in train_docs.values() for d in docs])
-        centroids = np.stack([tf.centroid(train_docs[n]) for n in names])
-        for mname in btm_models:
-            k = models[mname]["k"]
-            logprobs[mname] = {}
-            correct = total = 0
-            for n in names:
-                s = sets[n]
-                choice = np.array([choose_experts(tf.transform(d), centroids, k) for d in s.docs])
-                correct += int(sum(names[c[0]] == n for c in choice))
-                total += len(choice)
-                chosen = choice[s.doc_of_target]  # [n, S, k]
-                logprobs[mname][n] = scoring.ensemble_logprobs(
-                    [logprobs[e][n] for e in experts], chosen
-                )
-            btm_info[mname] = {"top1_own_domain_docs": correct / max(total, 1)}
-            models[mname]["active_params"] = k * to_load[experts[0]].get("active_params", 0)
-        _progress(
-            f"BTM (tf-idf routing, {time.time() - t1:.0f}s): "
-            + ", ".join(
-                f"{m}: own-domain top-1 for {v['top1_own_domain_docs']:.0%} of held-out docs"
-                for m, v in btm_info.items()
-            )
-        )
-    elif btm_models:
-        for m in btm_models:
-            missing[m] = "needs every expert"
-
-    # ---- results ------------------------------------------------------------------------
+    if any(m["kind"] == "btm" for m in models.values()):
+        for n in names:  # BTM ensembles score with the experts
+            to_load.setdefault(f"expert_{n}", all_models.get(f"expert_{n}"))
+        to_load = {k: v for k, v in to_load.items() if v is not None}
+    scores, missing = _Scores(), {}
+    _score_models(to_load, names, sets, ev.micro_batch_size, device, scores, missing)
+    btm_info = _score_btm(models, to_load, names, sets, data_dir, scores, missing)
     markers = {s.name: (plan_mod.read_marker(s, run) or {}) for s in stages}
-    rows = {}
-    for name, m in models.items():
-        if name not in logprobs or not logprobs[name]:
-            continue
-        ppl = {n: scoring.perplexity(lp) for n, lp in logprobs[name].items()}
-        flops = sum(float(markers.get(s, {}).get("flops", 0.0)) for s in m["stages"])
-        secs = sum(float(markers.get(s, {}).get("seconds", 0.0)) for s in m["stages"])
-        toks = sum(int(markers.get(s, {}).get("tokens", 0)) for s in m["stages"])
-        rows[name] = {
-            "perplexity": ppl,
-            "mean": float(np.mean(list(ppl.values()))),
-            "loss": {n: float(-np.mean(lp)) for n, lp in logprobs[name].items()},
-            "active_params": m.get("active_params"),
-            "train_flops": flops,
-            "train_tokens": toks,
-            "train_seconds": secs,
-            "kind": m["kind"],
-        }
     result = {
         "run_dir": str(run),
         "split": split,
         "domains": names,
         "tokens": {n: s.n_tokens for n, s in sets.items()},
         "documents": {n: len(s.docs) for n, s in sets.items()},
-        "models": rows,
+        "models": _rows(models, scores, markers),
         "missing": missing,
         "btm": btm_info,
         "experts": _expert_labels(cfg),
         "routing": {
             m: {d: {str(layer): st for layer, st in r.items()} for d, r in rr.items()}
-            for m, rr in routing.items()
+            for m, rr in scores.routing.items()
         },
         "seconds": round(time.time() - t0, 1),
     }
@@ -293,7 +283,7 @@ def evaluate_run(
     report.write_all(result, out, cfg.evaluation.routing)
     _progress(
         f"wrote {out}/results.md, results.json"
-        + (", routing.md, routing*.png" if routing else "")
+        + (", routing.md, routing*.png" if scores.routing else "")
         + f" in {time.time() - t0:.0f}s"
     )
     return result
@@ -315,6 +305,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--split", choices=["test", "valid"], default=None)
     p.add_argument("--models", nargs="+", default=None, help="only these models")
     p.add_argument("--out", default=None, help="output folder (default RUN/eval)")
+    p.add_argument(
+        "--device",
+        choices=["auto", "cpu", "cuda"],
+        default="auto",
+        help="where the models run (auto: a GPU when torch sees one)",
+    )
     p.add_argument("--no-table", action="store_true", help="do not print the table at the end")
     p.add_argument(
         "--lm-eval",
@@ -340,7 +336,9 @@ def main(argv: list[str] | None = None) -> int:
         from megatron_btx.eval import lm_eval  # --lm-eval: checked before the perplexity eval
 
         lm_tasks = lm_eval.requested_tasks(args.lm_eval, args.lm_eval_tasks_dir)
-        res = evaluate_run(args.run_dir, args.tokens_per_domain, args.split, args.models, args.out)
+        res = evaluate_run(
+            args.run_dir, args.tokens_per_domain, args.split, args.models, args.out, args.device
+        )
         out = Path(args.out) if args.out else Path(args.run_dir) / "eval"
         if lm_tasks:  # downstream tasks on each model's HF export
             models = run_models(Path(args.run_dir).resolve())[2]

@@ -53,12 +53,12 @@ def documents(
     out: list[np.ndarray] = []
     total = 0
     for i in idx:
-        d = np.asarray(ds[int(i)], dtype=np.int64)
-        if max_tokens is not None and total + len(d) > max_tokens:
-            d = d[: max(0, max_tokens - total)]
-        if len(d):
-            out.append(d)
-        total += len(d)
+        doc = np.asarray(ds[int(i)], dtype=np.int64)
+        if max_tokens is not None and total + len(doc) > max_tokens:
+            doc = doc[: max(0, max_tokens - total)]
+        if len(doc):
+            out.append(doc)
+        total += len(doc)
         if max_tokens is not None and total >= max_tokens:
             break
     return out

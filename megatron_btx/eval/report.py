@@ -18,8 +18,8 @@ BTX_RIVALS = ("seed", "dense", "btm_top1", "btm_top2", "sparse_upcycling")
 def _order(name: str, domains: list[str]) -> tuple[int, int, str]:
     for i, p in enumerate(ORDER):
         if name == p or (p.endswith("_") or p == "btm_top") and name.startswith(p):
-            d = name[len(p) :]
-            return i, domains.index(d) if d in domains else 0, name
+            suffix = name[len(p) :]
+            return i, domains.index(suffix) if suffix in domains else 0, name
     return len(ORDER), 0, name
 
 

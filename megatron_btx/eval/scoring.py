@@ -19,12 +19,15 @@ log = logging.getLogger(__name__)
 
 def load_for_eval(folder: str, router_cfg: dict[str, Any] | None = None):
     """(model, args) for a megatron checkpoint folder; call inside a runtime."""
+    from megatron_btx import runtime
     from megatron_btx.checkpoint.megatron_io import load_model, read_args, read_variant
     from megatron_btx.models.llama import build_for_checkpoint
 
     args = read_args(folder)
     model = build_for_checkpoint(args, torch.float32, read_variant(folder))
     load_model(model, folder)
+    if runtime.on_gpu():
+        model = model.cuda()
     if args.is_moe:
         from megatron_btx.models import routers
 
@@ -39,14 +42,15 @@ def token_logprobs(model, args, windows: np.ndarray, micro_batch_size: int = 8) 
     """log p(token t+1 | tokens <= t) for every window: [n, seq_length] float64."""
     out = []
     V = args.vocab_size
+    device = next(model.parameters()).device
     for i in range(0, len(windows), micro_batch_size):
-        w = torch.from_numpy(np.ascontiguousarray(windows[i : i + micro_batch_size]))
+        w = torch.from_numpy(np.ascontiguousarray(windows[i : i + micro_batch_size])).to(device)
         ids, labels = w[:, :-1], w[:, 1:]
-        pos = torch.arange(ids.shape[1]).unsqueeze(0).expand(ids.shape[0], -1)
+        pos = torch.arange(ids.shape[1], device=device).unsqueeze(0).expand(ids.shape[0], -1)
         logits = model(ids, pos, None)
         logits = logits[..., :V].float()
         lp = torch.log_softmax(logits, dim=-1).gather(-1, labels.unsqueeze(-1)).squeeze(-1)
-        out.append(lp.double().numpy())
+        out.append(lp.double().cpu().numpy())
     return np.concatenate(out, axis=0)
 
 

@@ -27,6 +27,14 @@ def build_parser() -> argparse.ArgumentParser:
         "source i's FFN, unchanged; every other tensor is the fp32 average of the sources; each "
         "layer gets a new router. Streams layer by layer: memory is bounded by one layer.",
     )
+    _sources_and_layout(p)
+    _router(p)
+    _variants(p)
+    _outputs(p)
+    return p
+
+
+def _sources_and_layout(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--experts",
         nargs="+",
@@ -54,6 +62,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--etp", type=int, default=None, help="target expert-tensor-parallel size (default: --tp)"
     )
+
+
+def _router(p: argparse.ArgumentParser) -> None:
     p.add_argument("--router-init", choices=["random", "zero", "centroid"], default="random")
     p.add_argument("--router-std", type=float, default=0.02, help="std of the random router")
     p.add_argument("--router-seed", type=int, default=1234, help="RNG seed of the random router")
@@ -81,6 +92,9 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="experts per token (default 2, times C with --split-chunks)",
     )
+
+
+def _variants(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--expert-map",
         type=_expert_map,
@@ -127,6 +141,9 @@ def build_parser() -> argparse.ArgumentParser:
         default="average",
         help="the FFN of non-MoE layers",
     )
+
+
+def _outputs(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--dtype",
         choices=["fp32", "bf16", "fp16"],
@@ -142,7 +159,6 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--overwrite", action="store_true", help="replace existing output folders")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    return p
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -126,7 +126,7 @@ def stage_states(run_dir: str | os.PathLike[str]) -> list[dict]:
     valid = local.done_stages(stages, run)
     out = []
     for s in stages:
-        d = run / "stages"
+        stages_dir = run / "stages"
         row = {
             "stage": s.name,
             "kind": s.kind,
@@ -138,8 +138,8 @@ def stage_states(run_dir: str | os.PathLike[str]) -> list[dict]:
             "detail": "",
         }
         marker = plan.read_marker(s, run)
-        running = _read(d / f"{s.name}.running")
-        failed = _read(d / f"{s.name}.failed")
+        running = _read(stages_dir / f"{s.name}.running")
+        failed = _read(stages_dir / f"{s.name}.failed")
         if s.name in valid and marker:
             row.update(state="done", started=marker.get("started"), seconds=marker.get("seconds"))
         elif running:

@@ -56,12 +56,11 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from megatron_btx.config import _close_match, _coerce, read_yaml  # same checks as `btx train`
+from megatron_btx.config import build_dataclass, read_yaml  # the same checks as `btx train`
 from megatron_btx.errors import BTXError
 
 BUILTIN = "builtin"
@@ -174,9 +173,9 @@ class BTXConfig:
         return list(self._domains)
 
     def to_dict(self) -> dict[str, Any]:
-        d = dataclasses.asdict(self)
-        d.pop("source", None)
-        return d
+        raw = dataclasses.asdict(self)
+        raw.pop("source", None)
+        return raw
 
     def validate(self) -> None:
         if not self.domains:
@@ -191,7 +190,7 @@ class BTXConfig:
                 raise BTXError(f"domains.{name}: a domain name is letters, digits, '-' or '_'")
             if isinstance(spec, (str, list)):
                 spec = {"source": spec}
-            dom = _build(DomainConfig, spec, f"domains.{name}.", self.source or "config")
+            dom = build_dataclass(DomainConfig, spec, f"domains.{name}.", self.source or "config")
             if dom.weight is not None and dom.weight < 0:
                 raise BTXError(f"domains.{name}.weight={dom.weight} must be >= 0")
             if not dom.is_builtin:
@@ -275,41 +274,12 @@ class BTXConfig:
         return {n: v / tot for n, v in w.items()}
 
 
-def _build(cls: type, d: Any, prefix: str, source: str) -> Any:
-    """A dataclass from a plain dict, recursing into (optional) dataclass fields; unknown keys
-    and wrong types raise BTXError naming the key."""
-    if d is None:
-        d = {}
-    if not isinstance(d, dict):
-        raise BTXError(f"{source}: {prefix.rstrip('.') or 'the top level'} must be a mapping")
-    hints = typing.get_type_hints(cls)
-    names = [
-        f.name for f in dataclasses.fields(cls) if not (cls is BTXConfig and f.name == "source")
-    ]
-    kwargs = {}
-    for key, value in d.items():
-        full = f"{prefix}{key}"
-        if key not in names:
-            close = _close_match(str(key), set(names))
-            hint = f" (did you mean {prefix}{close}?)" if close else ""
-            raise BTXError(f"{source}: unknown key {full!r}{hint}")
-        typ = hints[key]
-        inner = [a for a in typing.get_args(typ) if dataclasses.is_dataclass(a)]
-        if dataclasses.is_dataclass(typ):
-            kwargs[key] = _build(typ, value, f"{full}.", source)
-        elif inner:
-            kwargs[key] = None if value is None else _build(inner[0], value, f"{full}.", source)
-        else:
-            kwargs[key] = _coerce(value, typ, full, source)
-    return cls(**kwargs)
-
-
-def from_dict(d: dict[str, Any], source: str | None = None) -> BTXConfig:
-    d = dict(d or {})
+def from_dict(raw: dict[str, Any], source: str | None = None) -> BTXConfig:
+    raw = dict(raw or {})
     for key in ("domains", "model", "train", "optimizer", "logging"):
-        if d.get(key) is None and key in d:
-            d.pop(key)
-    cfg = _build(BTXConfig, d, "", source or "config")
+        if raw.get(key) is None and key in raw:
+            raw.pop(key)
+    cfg = build_dataclass(BTXConfig, raw, "", source or "config", exclude=("source",))
     cfg.source = source
     cfg.validate()
     return cfg
@@ -328,9 +298,9 @@ def load(
     from megatron_btx.config import apply_overrides, parse_overrides
 
     if isinstance(path_or_obj, dict):
-        d, source = path_or_obj, None
+        raw, source = path_or_obj, None
     else:
-        d, source = read_yaml(path_or_obj), os.fspath(path_or_obj)
+        raw, source = read_yaml(path_or_obj), os.fspath(path_or_obj)
     if overrides:
-        d = apply_overrides(d, parse_overrides(overrides))
-    return from_dict(d, source)
+        raw = apply_overrides(raw, parse_overrides(overrides))
+    return from_dict(raw, source)

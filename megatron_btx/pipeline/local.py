@@ -29,6 +29,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from megatron_btx import rundir
 from megatron_btx.pipeline import plan as plan_mod
 from megatron_btx.pipeline.plan import Stage
 
@@ -358,6 +359,4 @@ def _train_summary(stage: Stage) -> dict[str, Any]:
 
 
 def _atomic_json(path: Path, obj: Any) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=1))
-    os.replace(tmp, path)
+    rundir.atomic_write_text(path, json.dumps(obj, indent=1))

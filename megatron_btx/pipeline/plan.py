@@ -8,7 +8,9 @@ talk only through files under the run directory, so any stage can run on any mac
 Run directory layout::
 
     RUN/btx.yaml                  the resolved BTX config (paths absolute)
-    RUN/plan.json                 the stages below, as JSON
+    RUN/plan.json                 the stages below, as JSON, and the seed checkpoint; each stage
+                                  names the checkpoint it leaves (and its router), which is how
+                                  the evaluator finds every model
     RUN/configs/<stage>.yaml      the training config of each train stage (`btx train` input)
     RUN/data/                     prepared domains (unless data.prepared is given)
     RUN/seed/                     the pretrained seed (a `btx train` run dir)
@@ -40,18 +42,20 @@ import json
 import math
 import os
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from megatron_btx import rundir
 from megatron_btx.errors import BTXError
 from megatron_btx.pipeline import config as btx_config
 from megatron_btx.pipeline.config import BTXConfig, StageTrain
 
 #: stage kinds
 KINDS = ("data", "convert", "train", "merge", "eval")
+PLAN_FORMAT = 2
 
 
 @dataclass
@@ -70,25 +74,36 @@ class Stage:
     active_params: int = 0  # train stages: parameters active per token (for FLOPs)
     flops: float = 0.0  # train stages: 6 x active_params x tokens
     group: str = "btx"  # btx | baseline | shared (accounting)
+    # ---- what it leaves (the evaluator reads these) -------------------------------------
+    checkpoint: str | None = None  # the checkpoint folder a model-producing stage leaves
+    router: dict[str, Any] | None = None  # an MoE stage's router config
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> Stage:
-        return cls(**d)
+    def from_dict(cls, entry: dict[str, Any]) -> Stage:
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in entry.items() if k in known})
+
+
+@dataclass
+class Plan:
+    """A run's stages in execution order, and the seed checkpoint they branch from."""
+
+    stages: list[Stage]
+    seed_checkpoint: str | None
+
+    def by_name(self) -> dict[str, Stage]:
+        return {s.name: s for s in self.stages}
 
 
 # ---------------------------------------------------------------------------------------------
 # Helpers
 # ---------------------------------------------------------------------------------------------
-def iter_name(step: int) -> str:
-    return f"iter_{step:07d}"
-
-
 def final_checkpoint(run: str | Path, steps: int) -> str:
     """The checkpoint a finished `btx train` run of `steps` steps leaves."""
-    return str(Path(run) / "checkpoints" / iter_name(steps))
+    return str(rundir.checkpoint_path(run, steps))
 
 
 def matmul_params(args) -> int:
@@ -102,17 +117,13 @@ def matmul_params(args) -> int:
 
 def _resolve_checkpoint(path: str) -> str:
     """A megatron checkpoint folder from a checkpoint, a `checkpoints` folder or a run dir."""
-    p = Path(path)
-    for cand in (p, p / "checkpoints"):
-        latest = cand / "latest"
-        if latest.is_file():
-            return str(cand / latest.read_text().strip())
-    return str(p)
+    found = rundir.resolve_checkpoint(path)
+    return str(found) if found is not None else str(path)
 
 
 def _is_hf(path: str) -> bool:
     p = Path(path)
-    return (p / "config.json").is_file() and not (p / "metadata.json").is_file()
+    return (p / "config.json").is_file() and not rundir.is_checkpoint(p)
 
 
 def seed_args(cfg: BTXConfig):
@@ -127,12 +138,10 @@ def seed_args(cfg: BTXConfig):
         from megatron_btx.checkpoint.megatron_io import read_args
 
         return read_args(_resolve_checkpoint(src))
-    fields = dict(cfg.model)
-    fields.setdefault("vocab_size", _vocab_size(cfg))
+    arch = {k: v for k, v in cfg.model.items() if k not in ("init_method_std", "spec", "recompute")}
+    arch.setdefault("vocab_size", _vocab_size(cfg))
     try:
-        return LlamaArgs(
-            **{k: v for k, v in fields.items() if k not in ("init_method_std", "spec", "recompute")}
-        )
+        return LlamaArgs(**arch)
     except TypeError as e:
         raise BTXError(f"{cfg.source or 'config'}: model: {e}") from e
 
@@ -149,9 +158,8 @@ def _vocab_size(cfg: BTXConfig) -> int:
         try:
             import sentencepiece
 
-            return int(
-                sentencepiece.SentencePieceProcessor(model_file=cfg.data.tokenizer).vocab_size()
-            )
+            processor = sentencepiece.SentencePieceProcessor(model_file=cfg.data.tokenizer)
+            return int(processor.vocab_size())
         except Exception as e:  # noqa: BLE001 - any failure is the user's file
             raise BTXError(f"data.tokenizer={cfg.data.tokenizer}: cannot read it ({e})") from e
     return cfg.data.vocab_size
@@ -163,10 +171,10 @@ def _vocab_size(cfg: BTXConfig) -> int:
 def _merge_stage(*parts: StageTrain | None) -> StageTrain:
     """Later parts override earlier ones field by field."""
     out = StageTrain()
-    for p in parts:
-        if p is None:
+    for part in parts:
+        if part is None:
             continue
-        for k in (
+        for key in (
             "steps",
             "lr",
             "warmup_steps",
@@ -174,90 +182,430 @@ def _merge_stage(*parts: StageTrain | None) -> StageTrain:
             "micro_batch_size",
             "global_batch_size",
         ):
-            if getattr(p, k) is not None:
-                setattr(out, k, getattr(p, k))
-        if p.nproc != 1:
-            out.nproc = p.nproc
-        if p.parallel:
-            out.parallel = {**(out.parallel or {}), **p.parallel}
-        if p.train:
-            out.train = {**(out.train or {}), **p.train}
+            if getattr(part, key) is not None:
+                setattr(out, key, getattr(part, key))
+        if part.nproc != 1:
+            out.nproc = part.nproc
+        if part.parallel:
+            out.parallel = {**(out.parallel or {}), **part.parallel}
+        if part.train:
+            out.train = {**(out.train or {}), **part.train}
     return out
+
+
+def _train_section(cfg: BTXConfig, stage: StageTrain) -> dict[str, Any]:
+    train = {"log_interval": 10, "eval_iters": 2, "keep_last": 1, "device": "auto"}
+    train.update(cfg.train or {})
+    train.update(stage.train or {})
+    train["steps"] = int(stage.steps or 0)
+    for key in ("lr", "warmup_steps", "min_lr_ratio"):
+        if getattr(stage, key) is not None:
+            train[key] = getattr(stage, key)
+    train["warmup_steps"] = min(int(train.get("warmup_steps", 100)), max(train["steps"] // 5, 0))
+    train.setdefault("eval_interval", max(train["steps"], 1))
+    train.setdefault("save_interval", max(train["steps"] // 4, 1))  # resumable when killed
+    train["eval_interval"] = max(1, min(int(train["eval_interval"]), max(train["steps"], 1)))
+    return train
 
 
 def _train_config(
     cfg: BTXConfig,
     run: str,
-    st: StageTrain,
+    stage: StageTrain,
     data_path: str,
     domains: list[str] | dict[str, float],
     init_from: str | None,
     moe: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    train = {"log_interval": 10, "eval_iters": 2, "keep_last": 1, "device": "auto"}
-    train.update(cfg.train or {})
-    train.update(st.train or {})
-    train["steps"] = int(st.steps or 0)
-    for k in ("lr", "warmup_steps", "min_lr_ratio"):
-        if getattr(st, k) is not None:
-            train[k] = getattr(st, k)
-    train["warmup_steps"] = min(int(train.get("warmup_steps", 100)), max(train["steps"] // 5, 0))
-    train.setdefault("eval_interval", max(train["steps"], 1))
-    train.setdefault("save_interval", max(train["steps"] // 4, 1))  # resumable when killed
-    train["eval_interval"] = max(1, min(int(train["eval_interval"]), max(train["steps"], 1)))
+    """The `btx train` config of one stage, built and validated as `btx train` will read it."""
     data: dict[str, Any] = {
         "path": data_path,
         "domains": domains,
         "valid_domains": cfg.domain_names,
         "seq_length": cfg.data.seq_length,
     }
-    if st.micro_batch_size is not None:
-        data["micro_batch_size"] = st.micro_batch_size
-    if st.global_batch_size is not None:
-        data["global_batch_size"] = st.global_batch_size
+    if stage.micro_batch_size is not None:
+        data["micro_batch_size"] = stage.micro_batch_size
+    if stage.global_batch_size is not None:
+        data["global_batch_size"] = stage.global_batch_size
     model: dict[str, Any]
     if init_from:
         model = {"init_from": init_from}
-        for k in ("init_method_std", "spec", "recompute"):
-            if k in cfg.model:
-                model[k] = cfg.model[k]
+        for key in ("init_method_std", "spec", "recompute"):
+            if key in cfg.model:
+                model[key] = cfg.model[key]
     else:
         model = dict(cfg.model)
-    d: dict[str, Any] = {
+    raw: dict[str, Any] = {
         "run_dir": run,
         "model": model,
-        "parallel": dict(st.parallel or {}),
+        "parallel": dict(stage.parallel or {}),
         "data": data,
         "optimizer": dict(cfg.optimizer or {}),
-        "train": train,
+        "train": _train_section(cfg, stage),
         "logging": dict(cfg.logging or {}),
     }
     if moe:
-        d["moe"] = moe
+        raw["moe"] = moe
     from megatron_btx import config as train_config
 
-    c = train_config.Config.from_dict(d, f"{cfg.source or 'btx config'} (stage {run})")
-    c.validate(world_size=st.nproc)
-    return c.to_dict()
+    built = train_config.Config.from_dict(raw, f"{cfg.source or 'btx config'} (stage {run})")
+    built.validate(world_size=stage.nproc)
+    return built.to_dict()
 
 
-def _tokens(d: dict[str, Any]) -> int:
+def _tokens(train_cfg: dict[str, Any]) -> int:
     return (
-        int(d["train"]["steps"])
-        * int(d["data"]["global_batch_size"])
-        * int(d["data"]["seq_length"])
+        int(train_cfg["train"]["steps"])
+        * int(train_cfg["data"]["global_batch_size"])
+        * int(train_cfg["data"]["seq_length"])
     )
 
 
-def _gbs(st: StageTrain) -> int:
+def _global_batch(stage: StageTrain) -> int:
     from megatron_btx.config import DataConfig
 
-    return st.global_batch_size or DataConfig().global_batch_size
+    return stage.global_batch_size or DataConfig().global_batch_size
+
+
+def _moe_args(dense, n_experts: int, top_k: int):
+    from megatron_btx.models.llama import LlamaArgs
+
+    fields_ = dense.to_dict()
+    fields_.update(num_local_experts=n_experts, num_experts_per_tok=top_k)
+    return LlamaArgs.from_dict(fields_)
+
+
+def _matched_steps(budget: float, active: int, global_batch: int, seq: int) -> int:
+    return max(1, int(round(budget / (6.0 * active * global_batch * seq))))
+
+
+def _train_stage(
+    name: str,
+    run: str,
+    train_cfg: dict[str, Any],
+    deps: list[str],
+    nproc: int,
+    active: int,
+    group: str,
+) -> Stage:
+    steps = int(train_cfg["train"]["steps"])
+    tokens = _tokens(train_cfg)
+    checkpoint = final_checkpoint(train_cfg["run_dir"], steps)
+    return Stage(
+        name,
+        "train",
+        ["train", f"{run}/configs/{name}.yaml"],
+        list(deps),
+        nproc,
+        [checkpoint + "/metadata.json"],
+        True,
+        workdir=train_cfg["run_dir"],
+        steps=steps,
+        tokens=tokens,
+        active_params=active,
+        flops=6.0 * active * tokens,
+        group=group,
+        checkpoint=checkpoint,
+        router=(train_cfg.get("moe") or {}).get("router"),
+    )
+
+
+def _merge_argv(
+    sources: list[str], seed: str | None, save: str, router_init: str, top_k: int, layout
+) -> list[str]:
+    """`btx merge` of `sources` (and the seed) into `save`, checked for the finetune's layout."""
+    tp, pp, ep = layout
+    argv = ["merge", "--experts", *sources]
+    if seed is not None:
+        argv += ["--seed", seed]
+    argv += ["--save", save, "--router-init", router_init, "--top-k", str(top_k)]
+    argv += ["--tp", str(tp), "--ep", str(ep), "--pp", str(pp), "--overwrite", "--no-progress"]
+    return argv
 
 
 # ---------------------------------------------------------------------------------------------
 # The plan
 # ---------------------------------------------------------------------------------------------
+class _Planner:
+    """Builds a run's stages in order; each method adds one part of the plan. Pure: it reads the
+    config (and a given seed's or prepared data's metadata) and writes nothing."""
+
+    def __init__(self, cfg: BTXConfig):
+        self.cfg = cfg
+        self.run = cfg.run_dir
+        self.names = cfg.domain_names
+        self.stages: list[Stage] = []
+        self.train_configs: dict[str, dict[str, Any]] = {}
+        self.blend = {n: w for n, w in cfg.weights().items() if w > 0}
+        self.dense_args = seed_args(cfg)
+        self.dense_active = matmul_params(self.dense_args)
+        self.n_moe = len(self.names) + (1 if cfg.merge.seed_as_expert else 0)
+        self.moe_active = matmul_params(_moe_args(self.dense_args, self.n_moe, cfg.merge.top_k))
+        finetune_parallel = cfg.finetune.parallel or {}
+        self.moe_layout = tuple(int(finetune_parallel.get(k, 1)) for k in ("tp", "pp", "ep"))
+        self.btx_flops = 0.0
+        self.data_path = ""
+        self.seed_checkpoint = ""
+        self.seed_deps: list[str] = []
+
+    def train(
+        self,
+        name: str,
+        run: str,
+        stage: StageTrain,
+        domains,
+        init_from,
+        deps,
+        active,
+        group: str,
+        moe: dict[str, Any] | None = None,
+    ) -> Stage:
+        train_cfg = _train_config(self.cfg, run, stage, self.data_path, domains, init_from, moe)
+        self.train_configs[name] = train_cfg
+        added = _train_stage(name, self.run, train_cfg, deps, stage.nproc, active, group)
+        self.stages.append(added)
+        return added
+
+    def data(self) -> list[str]:
+        cfg = self.cfg
+        if cfg.data.prepared:
+            self.data_path = cfg.data.prepared
+            man = Path(self.data_path) / "manifest.json"
+            if not man.is_file():
+                raise BTXError(
+                    f"data.prepared={self.data_path}: no manifest.json (run btx prepare-data)"
+                )
+            have = json.loads(man.read_text()).get("domains", {})
+            missing = [n for n in self.names if n not in have]
+            if missing:
+                raise BTXError(
+                    f"data.prepared={self.data_path} lacks domain(s) {', '.join(missing)}"
+                )
+            return []
+        self.data_path = f"{self.run}/data"
+        argv = ["prepare-data", "--output-dir", self.data_path, "--split", cfg.data.split]
+        builtin = [n for n in self.names if cfg.domain(n).is_builtin]
+        if len(builtin) == len(self.names):
+            argv += ["--builtin-domains", ",".join(self.names), "--max-mb", str(cfg.data.max_mb)]
+        else:
+            for name in self.names:
+                paths = ["builtin"] if name in builtin else cfg.domain(name).paths
+                bad = [p for p in paths if "," in p]
+                if bad:
+                    raise BTXError(f"domains.{name}: path {bad[0]!r} contains a comma; rename it")
+                argv += ["--domain", f"{name}={','.join(paths)}"]
+            if builtin:
+                argv += ["--max-mb", str(cfg.data.max_mb)]
+            if cfg.data.txt_separator is not None:
+                argv += ["--txt-separator", cfg.data.txt_separator]
+        if cfg.data.tokenizer:
+            argv += ["--tokenizer", cfg.data.tokenizer]
+        else:
+            argv += ["--vocab-size", str(cfg.data.vocab_size)]
+        self.stages.append(
+            Stage(
+                "prepare_data",
+                "data",
+                argv,
+                [],
+                1,
+                [f"{self.data_path}/manifest.json"],
+                workdir=self.data_path,
+                group="shared",
+            )
+        )
+        return ["prepare_data"]
+
+    def seed(self, data_deps: list[str]) -> None:
+        cfg = self.cfg
+        self.seed_deps = list(data_deps)
+        if not cfg.seed.init_from:
+            stage = _merge_stage(cfg.seed.pretrain)
+            run = f"{self.run}/seed"
+            added = self.train(
+                "seed", run, stage, self.blend, None, data_deps, self.dense_active, "shared"
+            )
+            self.seed_checkpoint = added.checkpoint
+            self.seed_deps = ["seed"]
+            return
+        src = cfg.seed.init_from
+        if _is_hf(src):
+            self.seed_checkpoint = f"{self.run}/seed_import"
+            argv = ["import-hf", "--load", src, "--save", self.seed_checkpoint, "--overwrite"]
+            self.stages.append(
+                Stage(
+                    "import_seed",
+                    "convert",
+                    argv,
+                    [],
+                    1,
+                    [f"{self.seed_checkpoint}/metadata.json"],
+                    workdir=self.seed_checkpoint,
+                    group="shared",
+                    checkpoint=self.seed_checkpoint,
+                )
+            )
+            self.seed_deps.append("import_seed")
+            return
+        self.seed_checkpoint = _resolve_checkpoint(src)
+        if not rundir.is_checkpoint(self.seed_checkpoint):
+            raise BTXError(f"seed.init_from={src}: not a megatron checkpoint or run dir")
+
+    def experts(self) -> list[str]:
+        checkpoints = []
+        for name in self.names:
+            run = f"{self.run}/experts/{name}"
+            added = self.train(
+                f"expert_{name}",
+                run,
+                _merge_stage(self.cfg.experts),
+                [name],
+                self.seed_checkpoint,
+                self.seed_deps,
+                self.dense_active,
+                "btx",
+            )
+            self.btx_flops += added.flops
+            checkpoints.append(added.checkpoint)
+        return checkpoints
+
+    def merge(self, expert_checkpoints: list[str]) -> str:
+        cfg = self.cfg
+        merged = f"{self.run}/merged"
+        seed = self.seed_checkpoint if cfg.merge.seed_as_expert else None
+        argv = _merge_argv(
+            expert_checkpoints,
+            seed,
+            merged,
+            cfg.merge.router_init,
+            cfg.merge.top_k,
+            self.moe_layout,
+        )
+        if cfg.merge.router_init == "centroid":
+            domain_data = [f"{self.data_path}/{n}_train_text_document" for n in self.names]
+            argv += ["--centroid-data", *domain_data]
+            if cfg.merge.seed_as_expert:
+                argv += domain_data[:1]
+        argv += list(cfg.merge.extra_args)
+        deps = [f"expert_{n}" for n in self.names] + self.seed_deps
+        self.stages.append(
+            Stage(
+                "merge",
+                "merge",
+                argv,
+                deps,
+                1,
+                [f"{merged}/metadata.json"],
+                workdir=merged,
+                checkpoint=merged,
+            )
+        )
+        return merged
+
+    def finetune_moe_section(self) -> dict[str, Any]:
+        finetune = self.cfg.finetune
+        return {
+            "aux_loss_coeff": finetune.aux_loss_coeff,
+            "load_balancing": finetune.load_balancing,
+            "router": finetune.router or {"type": "topk"},
+        }
+
+    def finetune(self, merged: str) -> None:
+        stage = _merge_stage(self.cfg.finetune)
+        added = self.train(
+            "finetune",
+            f"{self.run}/finetune",
+            stage,
+            self.blend,
+            merged,
+            ["merge"],
+            self.moe_active,
+            "btx",
+            self.finetune_moe_section(),
+        )
+        self.btx_flops += added.flops
+
+    def baselines(self) -> list[str]:
+        cfg, base = self.cfg, self.cfg.baselines
+        added = []
+        seq = cfg.data.seq_length
+        if base.dense:
+            stage = _merge_stage(cfg.experts, base.dense_train)
+            if base.compute_match:
+                stage.steps = _matched_steps(
+                    self.btx_flops, self.dense_active, _global_batch(stage), seq
+                )
+            self.train(
+                "baseline_dense",
+                f"{self.run}/baselines/dense",
+                stage,
+                self.blend,
+                self.seed_checkpoint,
+                self.seed_deps,
+                self.dense_active,
+                "baseline",
+            )
+            added.append("baseline_dense")
+        if base.sparse_upcycling:
+            upcycled = f"{self.run}/baselines/upcycled"
+            argv = _merge_argv(
+                [self.seed_checkpoint] * self.n_moe,
+                None,
+                upcycled,
+                "random",
+                cfg.merge.top_k,
+                self.moe_layout,
+            )
+            self.stages.append(
+                Stage(
+                    "upcycle_merge",
+                    "merge",
+                    argv,
+                    list(self.seed_deps),
+                    1,
+                    [f"{upcycled}/metadata.json"],
+                    workdir=upcycled,
+                    group="baseline",
+                    checkpoint=upcycled,
+                )
+            )
+            stage = _merge_stage(cfg.finetune, base.sparse_upcycling_train)
+            if base.compute_match:
+                stage.steps = _matched_steps(
+                    self.btx_flops, self.moe_active, _global_batch(stage), seq
+                )
+            moe = {**self.finetune_moe_section(), "router": {"type": "topk"}}
+            self.train(
+                "baseline_sparse_upcycling",
+                f"{self.run}/baselines/sparse_upcycling",
+                stage,
+                self.blend,
+                upcycled,
+                ["upcycle_merge"],
+                self.moe_active,
+                "baseline",
+                moe,
+            )
+            added.append("baseline_sparse_upcycling")
+        return added
+
+    def evaluate(self, deps: list[str]) -> None:
+        run = self.run
+        self.stages.append(
+            Stage(
+                "evaluate",
+                "eval",
+                ["evaluate", "--run-dir", run, "--no-table"],
+                deps,
+                1,
+                [f"{run}/eval/results.json", f"{run}/eval/results.md"],
+                workdir=f"{run}/eval",
+                group="shared",
+            )
+        )
+
+
 def build_plan(
     config_path_or_obj: Any, run_dir: str | os.PathLike[str] | None = None, write: bool = True
 ) -> list[Stage]:
@@ -267,299 +615,18 @@ def build_plan(
     cfg = btx_config.load(config_path_or_obj)
     if run_dir is not None:
         cfg.run_dir = os.fspath(run_dir)
-    run = Path(cfg.run_dir).resolve()
-    cfg.run_dir = str(run)
-    R = str(run)
-    names = cfg.domain_names
-    stages: list[Stage] = []
-    train_cfgs: dict[str, dict[str, Any]] = {}
-
-    # -- data ------------------------------------------------------------------------------
-    if cfg.data.prepared:
-        data_path = cfg.data.prepared
-        man = Path(data_path) / "manifest.json"
-        if not man.is_file():
-            raise BTXError(f"data.prepared={data_path}: no manifest.json (run btx prepare-data)")
-        have = json.loads(man.read_text()).get("domains", {})
-        missing = [n for n in names if n not in have]
-        if missing:
-            raise BTXError(f"data.prepared={data_path} lacks domain(s) {', '.join(missing)}")
-        data_deps: list[str] = []
-    else:
-        data_path = f"{R}/data"
-        argv = ["prepare-data", "--output-dir", data_path, "--split", cfg.data.split]
-        builtin = [n for n in names if cfg.domain(n).is_builtin]
-        if len(builtin) == len(names):
-            argv += ["--builtin-domains", ",".join(names), "--max-mb", str(cfg.data.max_mb)]
-        else:
-            paths: dict[str, list[str]] = {}
-            if builtin:  # mixed: fetch the built-in corpora now (they need the network)
-                from megatron_btx.data.corpora import fetch_corpora
-
-                got = fetch_corpora(builtin, None, cfg.data.max_mb, None, cfg.data.split)
-                paths.update({n: [str(p)] for n, p in got.items()})
-            for n in names:
-                if n not in paths:
-                    paths[n] = cfg.domain(n).paths
-            for n in names:
-                bad = [p for p in paths[n] if "," in p]
-                if bad:
-                    raise BTXError(f"domains.{n}: path {bad[0]!r} contains a comma; rename it")
-                argv += ["--domain", f"{n}={','.join(paths[n])}"]
-            if cfg.data.txt_separator is not None:
-                argv += ["--txt-separator", cfg.data.txt_separator]
-        if cfg.data.tokenizer:
-            argv += ["--tokenizer", cfg.data.tokenizer]
-        else:
-            argv += ["--vocab-size", str(cfg.data.vocab_size)]
-        stages.append(
-            Stage(
-                "prepare_data",
-                "data",
-                argv,
-                [],
-                1,
-                [f"{data_path}/manifest.json"],
-                workdir=data_path,
-                group="shared",
-            )
-        )
-        data_deps = ["prepare_data"]
-
-    weights = cfg.weights()
-    blend = {n: w for n, w in weights.items() if w > 0}
-    dense_args = seed_args(cfg)
-    dense_active = matmul_params(dense_args)
-
-    # -- seed ------------------------------------------------------------------------------
-    seed_deps = list(data_deps)
-    if cfg.seed.init_from:
-        src = cfg.seed.init_from
-        if _is_hf(src):
-            seed_ckpt = f"{R}/seed_import"
-            stages.append(
-                Stage(
-                    "import_seed",
-                    "convert",
-                    ["import-hf", "--load", src, "--save", seed_ckpt, "--overwrite"],
-                    [],
-                    1,
-                    [f"{seed_ckpt}/metadata.json"],
-                    workdir=seed_ckpt,
-                    group="shared",
-                )
-            )
-            seed_deps.append("import_seed")
-        else:
-            seed_ckpt = _resolve_checkpoint(src)
-            if not Path(seed_ckpt, "metadata.json").is_file():
-                raise BTXError(f"seed.init_from={src}: not a megatron checkpoint or run dir")
-    else:
-        st = _merge_stage(cfg.seed.pretrain)
-        seed_run = f"{R}/seed"
-        d = _train_config(cfg, seed_run, st, data_path, blend, None)
-        train_cfgs["seed"] = d
-        seed_ckpt = final_checkpoint(seed_run, d["train"]["steps"])
-        stages.append(_train_stage("seed", R, d, data_deps, st.nproc, dense_active, "shared"))
-        seed_deps = ["seed"]
-
-    # -- experts ---------------------------------------------------------------------------
-    expert_ckpts = []
-    btx_flops = 0.0
-    for n in names:
-        st = _merge_stage(cfg.experts)
-        erun = f"{R}/experts/{n}"
-        d = _train_config(cfg, erun, st, data_path, [n], seed_ckpt)
-        train_cfgs[f"expert_{n}"] = d
-        s = _train_stage(f"expert_{n}", R, d, seed_deps, st.nproc, dense_active, "btx")
-        btx_flops += s.flops
-        stages.append(s)
-        expert_ckpts.append(final_checkpoint(erun, d["train"]["steps"]))
-
-    # -- merge -----------------------------------------------------------------------------
-    n_moe = len(names) + (1 if cfg.merge.seed_as_expert else 0)
-    ft = cfg.finetune
-    ep = int((ft.parallel or {}).get("ep", 1))
-    tp = int((ft.parallel or {}).get("tp", 1))
-    pp = int((ft.parallel or {}).get("pp", 1))
-    merged = f"{R}/merged"
-    argv = ["merge", "--experts", *expert_ckpts]
-    if cfg.merge.seed_as_expert:
-        argv += ["--seed", seed_ckpt]
-    argv += [
-        "--save",
-        merged,
-        "--router-init",
-        cfg.merge.router_init,
-        "--top-k",
-        str(cfg.merge.top_k),
-        "--tp",
-        str(tp),
-        "--ep",
-        str(ep),
-        "--pp",
-        str(pp),
-        "--overwrite",
-        "--no-progress",
-    ]
-    if cfg.merge.router_init == "centroid":
-        argv += ["--centroid-data", *[f"{data_path}/{n}_train_text_document" for n in names]]
-        if cfg.merge.seed_as_expert:
-            argv += [f"{data_path}/{n}_train_text_document" for n in names][:1]
-    argv += list(cfg.merge.extra_args)
-    stages.append(
-        Stage(
-            "merge",
-            "merge",
-            argv,
-            [f"expert_{n}" for n in names] + seed_deps,
-            1,
-            [f"{merged}/metadata.json"],
-            workdir=merged,
-        )
-    )
-
-    # -- finetune --------------------------------------------------------------------------
-    moe = {
-        "aux_loss_coeff": ft.aux_loss_coeff,
-        "load_balancing": ft.load_balancing,
-        "router": ft.router or {"type": "topk"},
-    }
-    moe_args = _moe_args(dense_args, n_moe, cfg.merge.top_k)
-    moe_active = matmul_params(moe_args)
-    st_ft = _merge_stage(ft)
-    d = _train_config(cfg, f"{R}/finetune", st_ft, data_path, blend, f"{merged}", moe)
-    train_cfgs["finetune"] = d
-    s = _train_stage("finetune", R, d, ["merge"], st_ft.nproc, moe_active, "btx")
-    btx_flops += s.flops
-    stages.append(s)
-
-    eval_deps = ["finetune"] + [f"expert_{n}" for n in names] + seed_deps
-
-    # -- baselines -------------------------------------------------------------------------
-    b = cfg.baselines
-    if b.dense:
-        st = _merge_stage(cfg.experts, b.dense_train)
-        if b.compute_match:
-            st.steps = _matched_steps(btx_flops, dense_active, _gbs(st), cfg.data.seq_length)
-        d = _train_config(cfg, f"{R}/baselines/dense", st, data_path, blend, seed_ckpt)
-        train_cfgs["baseline_dense"] = d
-        stages.append(
-            _train_stage("baseline_dense", R, d, seed_deps, st.nproc, dense_active, "baseline")
-        )
-        eval_deps.append("baseline_dense")
-    if b.sparse_upcycling:
-        up = f"{R}/baselines/upcycled"
-        argv = [
-            "merge",
-            "--experts",
-            *([seed_ckpt] * n_moe),
-            "--save",
-            up,
-            "--router-init",
-            "random",
-            "--top-k",
-            str(cfg.merge.top_k),
-            "--tp",
-            str(tp),
-            "--ep",
-            str(ep),
-            "--pp",
-            str(pp),
-            "--overwrite",
-            "--no-progress",
-        ]
-        stages.append(
-            Stage(
-                "upcycle_merge",
-                "merge",
-                argv,
-                list(seed_deps),
-                1,
-                [f"{up}/metadata.json"],
-                workdir=up,
-                group="baseline",
-            )
-        )
-        st = _merge_stage(ft, b.sparse_upcycling_train)
-        if b.compute_match:
-            st.steps = _matched_steps(btx_flops, moe_active, _gbs(st), cfg.data.seq_length)
-        d = _train_config(
-            cfg,
-            f"{R}/baselines/sparse_upcycling",
-            st,
-            data_path,
-            blend,
-            up,
-            {**moe, "router": {"type": "topk"}},
-        )
-        train_cfgs["baseline_sparse_upcycling"] = d
-        stages.append(
-            _train_stage(
-                "baseline_sparse_upcycling",
-                R,
-                d,
-                ["upcycle_merge"],
-                st.nproc,
-                moe_active,
-                "baseline",
-            )
-        )
-        eval_deps.append("baseline_sparse_upcycling")
-
-    # -- evaluation ------------------------------------------------------------------------
-    stages.append(
-        Stage(
-            "evaluate",
-            "eval",
-            ["evaluate", "--run-dir", R, "--no-table"],
-            eval_deps,
-            1,
-            [f"{R}/eval/results.json", f"{R}/eval/results.md"],
-            workdir=f"{R}/eval",
-            group="shared",
-        )
-    )
-
-    _check(stages)
+    cfg.run_dir = str(Path(cfg.run_dir).resolve())
+    planner = _Planner(cfg)
+    planner.seed(planner.data())
+    merged = planner.merge(planner.experts())
+    planner.finetune(merged)
+    baselines = planner.baselines()
+    experts = [f"expert_{n}" for n in planner.names]
+    planner.evaluate(["finetune", *experts, *planner.seed_deps, *baselines])
+    _check(planner.stages)
     if write:
-        write_plan(cfg, stages, train_cfgs)
-    return stages
-
-
-def _moe_args(dense, n_experts: int, top_k: int):
-    from megatron_btx.models.llama import LlamaArgs
-
-    d = dense.to_dict()
-    d.update(num_local_experts=n_experts, num_experts_per_tok=top_k)
-    return LlamaArgs.from_dict(d)
-
-
-def _matched_steps(budget: float, active: int, gbs: int, seq: int) -> int:
-    return max(1, int(round(budget / (6.0 * active * gbs * seq))))
-
-
-def _train_stage(
-    name: str, R: str, d: dict[str, Any], deps: list[str], nproc: int, active: int, group: str
-) -> Stage:
-    path = f"{R}/configs/{name}.yaml"
-    steps = int(d["train"]["steps"])
-    tokens = _tokens(d)
-    return Stage(
-        name,
-        "train",
-        ["train", path],
-        list(deps),
-        nproc,
-        [final_checkpoint(d["run_dir"], steps) + "/metadata.json"],
-        True,
-        workdir=d["run_dir"],
-        steps=steps,
-        tokens=tokens,
-        active_params=active,
-        flops=6.0 * active * tokens,
-        group=group,
-    )
+        write_plan(cfg, Plan(planner.stages, planner.seed_checkpoint), planner.train_configs)
+    return planner.stages
 
 
 def _check(stages: list[Stage]) -> None:
@@ -575,29 +642,47 @@ def _check(stages: list[Stage]) -> None:
         seen.add(s.name)
 
 
-def write_plan(cfg: BTXConfig, stages: list[Stage], train_cfgs: dict[str, dict]) -> None:
+def write_plan(cfg: BTXConfig, plan: Plan, train_configs: dict[str, dict]) -> None:
     run = Path(cfg.run_dir)
     (run / "configs").mkdir(parents=True, exist_ok=True)
-    for name, d in train_cfgs.items():
-        _atomic_write(
+    for name, train_cfg in train_configs.items():
+        rundir.atomic_write_text(
             run / "configs" / f"{name}.yaml",
-            yaml.safe_dump(d, sort_keys=False, default_flow_style=False),
+            yaml.safe_dump(train_cfg, sort_keys=False, default_flow_style=False),
         )
-    _atomic_write(run / "btx.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
-    _atomic_write(run / "plan.json", json.dumps([s.to_dict() for s in stages], indent=1))
+    rundir.atomic_write_text(run / "btx.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    save_plan(run, plan)
 
 
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+def save_plan(run_dir: str | os.PathLike[str], plan: Plan) -> None:
+    """RUN/plan.json (atomically)."""
+    document = {
+        "format_version": PLAN_FORMAT,
+        "seed_checkpoint": plan.seed_checkpoint,
+        "stages": [s.to_dict() for s in plan.stages],
+    }
+    rundir.atomic_write_text(Path(run_dir) / "plan.json", json.dumps(document, indent=1))
+
+
+def read_plan_file(run_dir: str | os.PathLike[str]) -> Plan:
+    """RUN/plan.json: the stages and the seed checkpoint."""
+    path = Path(run_dir) / "plan.json"
+    if not path.is_file():
+        raise BTXError(f"{run_dir}: no plan.json (not a btx run directory; start it with btx run)")
+    try:
+        document = json.loads(path.read_text())
+    except (ValueError, UnicodeDecodeError) as e:
+        raise BTXError(f"{path}: not valid JSON ({e}); re-run `btx run` to plan again") from e
+    if not isinstance(document, dict) or document.get("format_version") != PLAN_FORMAT:
+        raise BTXError(
+            f"{path}: written by another version of megatron_btx; re-run `btx run` to plan again"
+        )
+    stages = [Stage.from_dict(entry) for entry in document.get("stages", [])]
+    return Plan(stages, document.get("seed_checkpoint"))
 
 
 def read_plan(run_dir: str | os.PathLike[str]) -> list[Stage]:
-    p = Path(run_dir) / "plan.json"
-    if not p.is_file():
-        raise BTXError(f"{run_dir}: no plan.json (not a btx run directory; start it with btx run)")
-    return [Stage.from_dict(d) for d in json.loads(p.read_text())]
+    return read_plan_file(run_dir).stages
 
 
 # ---------------------------------------------------------------------------------------------
@@ -642,7 +727,7 @@ def mark_done(stage: Stage, run_dir: str | os.PathLike[str], **info: Any) -> Pat
         "finished_ts": time.time(),
         **info,
     }
-    _atomic_write(m, json.dumps(body, indent=1))
+    rundir.atomic_write_text(m, json.dumps(body, indent=1))
     return m
 
 

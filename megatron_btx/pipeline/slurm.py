@@ -45,6 +45,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from megatron_btx import rundir
 from megatron_btx.errors import BTXError
 
 #: squeue states of a job that is still going to run (or running): do not submit it again
@@ -170,22 +171,9 @@ def _events_line(run_dir: str, stage: str, what: str, **fields: str) -> str:
     return f"printf '{body}}}\\n' {' '.join(args)} >> {_q(path)}"
 
 
-def render_script(stage: Any, run_dir: str | os.PathLike[str], opts: SlurmOptions) -> str:
-    """The sbatch script of one stage (a complete bash script; #SBATCH lines first)."""
-    run_dir = os.fspath(run_dir)
-    nodes = stage_nodes(stage, opts)
-    gpus = stage_gpus(stage, opts)
-    train = stage.kind == "train"
-    resumable = bool(getattr(stage, "resumable", False))
-    nproc = max(1, int(getattr(stage, "nproc", 1) or 1))
-    if train and gpus and nproc > gpus:
-        raise BTXError(
-            f"stage {stage.name}: runs {nproc} processes per node but --gpus-per-node is {gpus}; "
-            f"set the stage's nproc to the GPUs per node (or ask for more GPUs)"
-        )
-    py = opts.interpreter()
-    logs = f"{run_dir}/slurm/logs"
-    sb = [
+def _sbatch_options(stage: Any, logs: str, opts: SlurmOptions, nodes: int, gpus: int) -> list[str]:
+    """The script's #SBATCH options."""
+    options = [
         f"--job-name={opts.job_prefix}-{stage.name}",
         f"--output={logs}/{stage.name}.%j.out",
         "--open-mode=append",
@@ -193,117 +181,90 @@ def render_script(stage: Any, run_dir: str | os.PathLike[str], opts: SlurmOption
         f"--nodes={nodes}",
         "--ntasks-per-node=1",
     ]
-    if train and resumable:
-        sb.append(f"--signal=B:{opts.signal_name}@{opts.signal_lead}")
+    if _preemptible(stage):
+        options.append(f"--signal=B:{opts.signal_name}@{opts.signal_lead}")
     if gpus:
-        sb.append(f"--gpus-per-node={gpus}")
+        options.append(f"--gpus-per-node={gpus}")
     if opts.cpus_per_task:
-        sb.append(f"--cpus-per-task={opts.cpus_per_task}")
+        options.append(f"--cpus-per-task={opts.cpus_per_task}")
     if opts.mem:
-        sb.append(f"--mem={opts.mem}")
+        options.append(f"--mem={opts.mem}")
     for key in ("partition", "account", "time", "qos"):
         if getattr(opts, key):
-            sb.append(f"--{key}={getattr(opts, key)}")
+            options.append(f"--{key}={getattr(opts, key)}")
     for extra in opts.extra_sbatch:
-        sb.append(extra if extra.startswith("-") else f"--{extra}")
+        options.append(extra if extra.startswith("-") else f"--{extra}")
+    return options
 
+
+def _preemptible(stage: Any) -> bool:
+    """A train stage that resumes from its checkpoints: checkpoint and requeue on preemption."""
+    return stage.kind == "train" and bool(getattr(stage, "resumable", False))
+
+
+def _signal_trap(opts: SlurmOptions) -> list[str]:
+    """On the preemption signal: forward it to the training step (which checkpoints and exits)."""
+    return [
+        "PREEMPTED=0",
+        'STEP_PID=""',
+        "on_signal() {",
+        '    echo "[btx] $(date -Is) got ' + opts.signal_name + ': checkpointing, then requeueing"',
+        "    PREEMPTED=1",
+        f'    scancel --signal={opts.signal_name} "$SLURM_JOB_ID" 2>/dev/null'
+        f' || kill -{opts.signal_name} "$STEP_PID" 2>/dev/null',
+        "}",
+        f"trap on_signal {opts.signal_name}",
+    ]
+
+
+def _step(stage: Any, opts: SlurmOptions, nodes: int, gpus: int) -> tuple[list[str], str]:
+    """(lines that set up the main step, the step's command line): srun + torchrun across the
+    job's nodes for a train stage, one srun task for the others."""
     c_srun, c_pre = _container_prefix(opts, gpus)
     # Resources of the main step, explicitly: since Slurm 22.05 srun no longer inherits
     # --cpus-per-task from the batch job (torchrun's workers would share one CPU).
     step_res = [f"--gpus-per-node={gpus}"] if gpus else []
     if opts.cpus_per_task:
         step_res.append(f"--cpus-per-task={opts.cpus_per_task}")
-    # Bookkeeping (RUN/stages/<stage>.running|.done|.failed, as `btx run` writes them) is done
-    # by our package, so inside the container when there is one.
-    helper_pre = ["srun", "--nodes=1", "--ntasks=1", *c_srun] if opts.container_image else c_pre
-    helper = (
-        shlex.join([*helper_pre, py, "-m", "megatron_btx.pipeline.slurm"])
-        + f" --run-dir {_q(run_dir)} --stage {_q(stage.name)}"
-    )
-    preemptible = train and resumable
-
-    lines = ["#!/bin/bash"]
-    lines += [f"#SBATCH {o}" for o in sb]
-    lines += [
-        f"# btx stage {stage.name} ({stage.kind}): btx {shlex.join(stage.argv)}",
-        f"# after: {', '.join(stage.deps) or '-'}; done when: {', '.join(stage.outputs) or '-'}",
-        "# Written by `btx launch --executor slurm` (megatron_btx.pipeline.slurm).",
-        "set -uo pipefail",
-        f"cd {_q(opts.cwd())}",
-        "export PYTHONUNBUFFERED=1",
-    ]
-    for k, v in opts.env.items():
-        lines.append(f"export {k}={_q(v)}")
-    lines += list(opts.setup)
-    if preemptible:  # first, so that a signal is never missed
-        lines += [
-            "PREEMPTED=0",
-            'STEP_PID=""',
-            "on_signal() {",
-            '    echo "[btx] $(date -Is) got '
-            + opts.signal_name
-            + ': checkpointing, then requeueing"',
-            "    PREEMPTED=1",
-            f'    scancel --signal={opts.signal_name} "$SLURM_JOB_ID" 2>/dev/null'
-            f' || kill -{opts.signal_name} "$STEP_PID" 2>/dev/null',
-            "}",
-            f"trap on_signal {opts.signal_name}",
-        ]
-    lines += [
-        f"mkdir -p {_q(logs)}",
-        "STARTED=$(date +%s.%N)",
-        f"{helper} start --pid $$ || true",
-        'echo "[btx] $(date -Is) stage ' + stage.name + " job $SLURM_JOB_ID "
-        'restart ${SLURM_RESTART_COUNT:-0} on $SLURM_JOB_NODELIST"',
-        _events_line(run_dir, stage.name, "start"),
-    ]
-    if train:
-        inner = [
-            py,
-            "-m",
-            "megatron_btx.pipeline.slurm",
-            "torchrun",
-            "--nnodes=$SLURM_NNODES",
-            "--node-rank=$SLURM_NODEID",
-            f"--nproc-per-node={nproc}",
-            "--master-addr=$MASTER_ADDR",
-            "--master-port=$MASTER_PORT",
-            "-m",
-            "megatron_btx",
-            *stage.argv,
-        ]
-        # $SLURM_NODEID differs per node: expand it inside each srun task, not here.
-        inner_s = " ".join(a if a.startswith("--") and "$" in a else _q(a) for a in inner)
-        lines += [
-            'MASTER_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)',
-            "MASTER_PORT=$((20000 + SLURM_JOB_ID % 20000))",
-            "export MASTER_ADDR MASTER_PORT",
-        ]
-        srun = [
-            "srun",
-            f"--nodes={nodes}",
-            "--ntasks-per-node=1",
-            "--kill-on-bad-exit=1",
-            *step_res,
-            *c_srun,
-        ]
-        step = f"{shlex.join(srun)} {shlex.join(c_pre) + ' ' if c_pre else ''}bash -c {_q(inner_s)}"
-    else:
+    py = opts.interpreter()
+    if stage.kind != "train":
         srun = ["srun", "--nodes=1", "--ntasks=1", "--kill-on-bad-exit=1", *step_res, *c_srun]
-        step = shlex.join([*srun, *c_pre, py, "-m", "megatron_btx", *stage.argv])
-    if preemptible:
-        lines += [
-            f"{step} &",
-            "STEP_PID=$!",
-            "# `wait` returns early when the trap runs: wait again until the step has ended",
-            'while :; do wait "$STEP_PID"; RC=$?; kill -0 "$STEP_PID" 2>/dev/null || break; done',
-        ]
-    else:
-        lines += [step, "RC=$?"]
+        return [], shlex.join([*srun, *c_pre, py, "-m", "megatron_btx", *stage.argv])
+    nproc = max(1, int(getattr(stage, "nproc", 1) or 1))
+    inner = [
+        py,
+        "-m",
+        "megatron_btx.pipeline.slurm",
+        "torchrun",
+        "--nnodes=$SLURM_NNODES",
+        "--node-rank=$SLURM_NODEID",
+        f"--nproc-per-node={nproc}",
+        "--master-addr=$MASTER_ADDR",
+        "--master-port=$MASTER_PORT",
+        "-m",
+        "megatron_btx",
+        *stage.argv,
+    ]
+    # $SLURM_NODEID differs per node: expand it inside each srun task, not here.
+    inner_s = " ".join(a if a.startswith("--") and "$" in a else _q(a) for a in inner)
+    setup = [
+        'MASTER_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)',
+        "MASTER_PORT=$((20000 + SLURM_JOB_ID % 20000))",
+        "export MASTER_ADDR MASTER_PORT",
+    ]
+    srun = ["srun", f"--nodes={nodes}", "--ntasks-per-node=1", "--kill-on-bad-exit=1"]
+    srun += [*step_res, *c_srun]
+    step = f"{shlex.join(srun)} {shlex.join(c_pre) + ' ' if c_pre else ''}bash -c {_q(inner_s)}"
+    return setup, step
+
+
+def _finish_lines(stage: Any, run_dir: str, helper: str, opts: SlurmOptions) -> list[str]:
+    """Record the end, report the result to the helper, and requeue or exit by its answer."""
+    preemptible = _preemptible(stage)
     end_fields = {"rc": "$RC"}
     if preemptible:
         end_fields["preempted"] = "$PREEMPTED"
-    lines.append(_events_line(run_dir, stage.name, "end", **end_fields))
+    lines = [_events_line(run_dir, stage.name, "end", **end_fields)]
     preempted = '"$PREEMPTED"' if preemptible else "0"
     lines += [
         "# done (0), stopped early and resumable (3: requeue; it resumes from checkpoints/latest),"
@@ -322,12 +283,68 @@ def render_script(stage: Any, run_dir: str | os.PathLike[str], opts: SlurmOption
             f"        {_events_line(run_dir, stage.name, 'requeue')}",
             '        scontrol requeue "$SLURM_JOB_ID" && exit 0 ;;',
         ]
-    lines += [
+    return lines + [
         "esac",
         'echo "[btx] $(date -Is) stage ' + stage.name + ' failed (exit $RC)" >&2',
         'if [ "$RC" -eq 0 ]; then RC=1; fi',
         'exit "$RC"',
     ]
+
+
+def render_script(stage: Any, run_dir: str | os.PathLike[str], opts: SlurmOptions) -> str:
+    """The sbatch script of one stage (a complete bash script; #SBATCH lines first)."""
+    run_dir = os.fspath(run_dir)
+    nodes = stage_nodes(stage, opts)
+    gpus = stage_gpus(stage, opts)
+    nproc = max(1, int(getattr(stage, "nproc", 1) or 1))
+    if stage.kind == "train" and gpus and nproc > gpus:
+        raise BTXError(
+            f"stage {stage.name}: runs {nproc} processes per node but --gpus-per-node is {gpus}; "
+            f"set the stage's nproc to the GPUs per node (or ask for more GPUs)"
+        )
+    logs = f"{run_dir}/slurm/logs"
+    c_srun, c_pre = _container_prefix(opts, gpus)
+    # Bookkeeping (RUN/stages/<stage>.running|.done|.failed, as `btx run` writes them) is done
+    # by our package, so inside the container when there is one.
+    helper_pre = ["srun", "--nodes=1", "--ntasks=1", *c_srun] if opts.container_image else c_pre
+    helper = (
+        shlex.join([*helper_pre, opts.interpreter(), "-m", "megatron_btx.pipeline.slurm"])
+        + f" --run-dir {_q(run_dir)} --stage {_q(stage.name)}"
+    )
+    lines = ["#!/bin/bash"]
+    lines += [f"#SBATCH {o}" for o in _sbatch_options(stage, logs, opts, nodes, gpus)]
+    lines += [
+        f"# btx stage {stage.name} ({stage.kind}): btx {shlex.join(stage.argv)}",
+        f"# after: {', '.join(stage.deps) or '-'}; done when: {', '.join(stage.outputs) or '-'}",
+        "# Written by `btx launch --executor slurm` (megatron_btx.pipeline.slurm).",
+        "set -uo pipefail",
+        f"cd {_q(opts.cwd())}",
+        "export PYTHONUNBUFFERED=1",
+    ]
+    lines += [f"export {k}={_q(v)}" for k, v in opts.env.items()]
+    lines += list(opts.setup)
+    if _preemptible(stage):  # first, so that a signal is never missed
+        lines += _signal_trap(opts)
+    lines += [
+        f"mkdir -p {_q(logs)}",
+        "STARTED=$(date +%s.%N)",
+        f"{helper} start --pid $$ || true",
+        'echo "[btx] $(date -Is) stage ' + stage.name + " job $SLURM_JOB_ID "
+        'restart ${SLURM_RESTART_COUNT:-0} on $SLURM_JOB_NODELIST"',
+        _events_line(run_dir, stage.name, "start"),
+    ]
+    setup, step = _step(stage, opts, nodes, gpus)
+    lines += setup
+    if _preemptible(stage):
+        lines += [
+            f"{step} &",
+            "STEP_PID=$!",
+            "# `wait` returns early when the trap runs: wait again until the step has ended",
+            'while :; do wait "$STEP_PID"; RC=$?; kill -0 "$STEP_PID" 2>/dev/null || break; done',
+        ]
+    else:
+        lines += [step, "RC=$?"]
+    lines += _finish_lines(stage, run_dir, helper, opts)
     return "\n".join(lines) + "\n"
 
 
@@ -378,9 +395,7 @@ def done_stages(stages: Sequence[Any], run_dir: str) -> set[str]:
 
 def _write_json(path: Path, obj: Any) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=1))
-    os.replace(tmp, path)
+    rundir.atomic_write_text(path, json.dumps(obj, indent=1))
 
 
 def dependency_graph(stages: Sequence[Any], status: dict[str, str]) -> str:
@@ -445,9 +460,7 @@ def launch(
             continue
         text = render_script(s, run_dir, opts)
         path = sdir / f"{s.name}.sbatch"
-        tmp = path.with_name(f".{path.name}.tmp")
-        tmp.write_text(text)
-        os.replace(tmp, path)
+        rundir.atomic_write_text(path, text)
         path.chmod(0o755)
         scripts[s.name] = path
         if dry_run:

@@ -37,7 +37,12 @@ import torch
 import torch.distributed as dist
 
 from megatron_btx.checkpoint import manifest
-from megatron_btx.checkpoint.megatron_io import atomic_folder, sharded_state_dict, unwrap
+from megatron_btx.checkpoint.megatron_io import (
+    atomic_folder,
+    check_model_keys,
+    sharded_state_dict,
+    unwrap,
+)
 from megatron_btx.errors import BTXError
 from megatron_btx.rundir import checkpoint_path, prune, write_latest
 
@@ -125,11 +130,11 @@ def prime_optimizer_state(optimizer: Any) -> None:
             continue
         for group in inner.param_groups:
             for p in group["params"]:
-                st = inner.state[p]
-                if "step" not in st:
-                    st["exp_avg"] = torch.zeros_like(p.data)
-                    st["exp_avg_sq"] = torch.zeros_like(p.data)
-                    st["step"] = torch.tensor(0.0, dtype=torch.float32)
+                param_state = inner.state[p]
+                if "step" not in param_state:
+                    param_state["exp_avg"] = torch.zeros_like(p.data)
+                    param_state["exp_avg_sq"] = torch.zeros_like(p.data)
+                    param_state["step"] = torch.tensor(0.0, dtype=torch.float32)
 
 
 def _tolerate_missing_step(optimizer: Any) -> None:
@@ -262,6 +267,7 @@ def load(
     saved = layout_of(m)
     same = saved == current_layout
     state = sharded_state_dict(model)
+    check_model_keys(folder, state)
     has_train_state = bool(m.get("training"))
     load_optimizer = optimizer is not None and has_train_state
     if load_optimizer and not same:

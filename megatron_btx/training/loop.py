@@ -112,6 +112,16 @@ def resolve_model_args(
     return args
 
 
+def model_variant(cfg: Config):
+    """The merge variant (shared expert, MoE in some layers) of the checkpoint the run starts
+    from, as its manifest records it; plain for every other model. The model is built from it,
+    as the merge and the evaluator build it, and the run's checkpoints record it in turn."""
+    from megatron_btx.checkpoint.megatron_io import read_variant
+    from megatron_btx.models.llama import MoEVariant
+
+    return read_variant(cfg.model.init_from) if cfg.model.init_from else MoEVariant()
+
+
 def _routers_module():
     """megatron_btx.models.routers when this installation has it (another part of BTX)."""
     if importlib.util.find_spec("megatron_btx.models.routers") is None:
@@ -206,6 +216,7 @@ class Trainer:
         self.args = resolve_model_args(
             cfg, self.tokenizer.vocab_size, (self.tokenizer.bos_id, self.tokenizer.eos_id)
         )
+        self.variant = model_variant(cfg)
         cfg.validate_model(self.args)
 
         # Decide about resuming before the (slow) distributed start-up, so a wrong flag fails fast.
@@ -322,6 +333,7 @@ class Trainer:
                 capacity_factor=cfg.moe.capacity_factor,
             ),
             recompute=cfg.model.recompute,
+            variant=self.variant,
             cpu_init=not self.rt.on_gpu,
             init_method_std=cfg.model.init_method_std,
             perform_initialization=not loading,
@@ -420,16 +432,16 @@ class Trainer:
         return loss, ntok.to(torch.int), {"lm": torch.stack([loss.detach(), ntok.detach()])}
 
     def _run_schedule(self, batch: list[dict[str, torch.Tensor]], forward_only: bool):
-        d = self.cfg.data
+        data_cfg = self.cfg.data
         iters = [iter(batch) for _ in self.model]
         return self.fwd_bwd(
             forward_step_func=self._forward_step,
             data_iterator=iters,
             model=self.model,
             num_microbatches=len(batch),
-            seq_length=d.seq_length,
-            micro_batch_size=d.micro_batch_size,
-            decoder_seq_length=d.seq_length,
+            seq_length=data_cfg.seq_length,
+            micro_batch_size=data_cfg.micro_batch_size,
+            decoder_seq_length=data_cfg.seq_length,
             forward_only=forward_only,
         )
 
@@ -505,20 +517,20 @@ class Trainer:
         out: dict[str, Any] = {}
         entropies = []
         for layer in sorted(stats):
-            st = stats[layer]
-            for key, val in st.items():
+            layer_stats = stats[layer]
+            for key, val in layer_stats.items():
                 if isinstance(val, torch.Tensor):
                     val = val.tolist()
                 out[f"router_{key}_l{layer}"] = val
-            if isinstance(st.get("entropy"), (int, float)):
-                entropies.append(float(st["entropy"]))
+            if isinstance(layer_stats.get("entropy"), (int, float)):
+                entropies.append(float(layer_stats["entropy"]))
         if entropies:
             out["router_entropy"] = sum(entropies) / len(entropies)
         return out
 
     # ---- validation -----------------------------------------------------------------------
     def evaluate(self) -> dict[str, float]:
-        d, t = self.cfg.data, self.cfg.train
+        data_cfg, train_cfg = self.cfg.data, self.cfg.train
         for m in self.model:
             m.eval()
         out: dict[str, float] = {}
@@ -527,16 +539,18 @@ class Trainer:
             for name, ds in self.valid_ds.items():
                 loader = BatchLoader(
                     ds,
-                    d.micro_batch_size,
-                    d.global_batch_size,
+                    data_cfg.micro_batch_size,
+                    data_cfg.global_batch_size,
                     self.loader.dp_rank,
                     self.loader.dp_size,
                     self.device,
                 )
-                iters = min(t.eval_iters, max(1, len(ds) // d.global_batch_size))
+                iters = min(train_cfg.eval_iters, max(1, len(ds) // data_cfg.global_batch_size))
                 acc = torch.zeros(2, dtype=torch.float64, device=self.device)
                 for i in range(iters):
-                    outputs = self._run_schedule(loader.batch_at(i * d.global_batch_size), True)
+                    outputs = self._run_schedule(
+                        loader.batch_at(i * data_cfg.global_batch_size), True
+                    )
                     acc += self._reduce_loss(outputs)
                 out[name] = float(acc[0] / acc[1].clamp(min=1))
                 total += acc
@@ -563,6 +577,7 @@ class Trainer:
         fields = {
             "kind": "megatron_torch_dist",
             "model": self.args.to_dict(),
+            "moe": self.variant.to_manifest(),
             "dtype": self.dtype_name,
             "layout": self.layout(),
             "padded_vocab_size": self.args.padded_vocab_size,
@@ -610,24 +625,24 @@ class Trainer:
 
     # ---- the loop -------------------------------------------------------------------------
     def describe(self) -> str:
-        a, p = self.args, self.cfg.parallel
+        arch, par = self.args, self.cfg.parallel
         kind = (
-            f"MoE {a.num_local_experts} experts top-{a.num_experts_per_tok} "
+            f"MoE {arch.num_local_experts} experts top-{arch.num_experts_per_tok} "
             f"({self.router_name} router)"
-            if a.is_moe
+            if arch.is_moe
             else "dense"
         )
         from megatron_btx.models.specs import chosen_spec
 
         spec = chosen_spec(None if self.cfg.model.spec == "auto" else self.cfg.model.spec)
         return (
-            f"model: Llama {kind}, {a.num_hidden_layers} layers, hidden {a.hidden_size}, "
-            f"{self.n_params / 1e6:.2f}M params, vocab {a.vocab_size} (padded "
-            f"{a.padded_vocab_size})\n"
-            f"layout: TP={p.tp} PP={p.pp} VPP={p.vpp or 1} EP={p.ep} ETP={self.rt.etp} "
+            f"model: Llama {kind}, {arch.num_hidden_layers} layers, hidden {arch.hidden_size}, "
+            f"{self.n_params / 1e6:.2f}M params, vocab {arch.vocab_size} (padded "
+            f"{arch.padded_vocab_size})\n"
+            f"layout: TP={par.tp} PP={par.pp} VPP={par.vpp or 1} EP={par.ep} ETP={self.rt.etp} "
             f"DP={self.rt.dp} on {self.rt.world_size} {self.device.type} process(es), "
             f"{self.dtype_name}, {spec} layer spec, "
-            f"{'distributed' if p.distributed_optimizer else 'regular'} optimizer\n"
+            f"{'distributed' if par.distributed_optimizer else 'regular'} optimizer\n"
             f"data: {self.sources.describe()}; {len(self.train_ds)} train samples of "
             f"{self.cfg.data.seq_length} tokens; validation on {', '.join(self.valid_ds) or '-'}"
         )

@@ -1,0 +1,90 @@
+"""The package's layers, read from its own import statements: a stage imports the layers below it
+(checkpoint, models, data, runtime), never another stage; the layers below never import a stage;
+nothing outside runtime/ touches runtime.cpu; convert, train and eval never load the merge."""
+
+from __future__ import annotations
+
+import ast
+import subprocess
+import sys
+
+import pytest
+from conftest import ROOT
+
+PACKAGE = ROOT / "megatron_btx"
+STAGES = ("merge", "training", "eval", "pipeline")
+LOWER = ("checkpoint", "models", "data", "runtime")
+
+
+def _imports(path) -> set[str]:
+    """Every megatron_btx module a file imports (at module level or inside functions)."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            found.add(node.module)
+            found.update(f"{node.module}.{a.name}" for a in node.names)
+        elif isinstance(node, ast.Import):
+            found.update(a.name for a in node.names)
+    return {m for m in found if m.startswith("megatron_btx.")}
+
+
+def _part(module: str) -> str | None:
+    """The package part a module belongs to (`merge`, `checkpoint`, ...)."""
+    parts = module.split(".")
+    return parts[1] if len(parts) > 1 else None
+
+
+def _files(part: str):
+    return sorted((PACKAGE / part).glob("*.py"))
+
+
+@pytest.mark.parametrize("part", LOWER)
+def test_lower_layers_never_import_a_stage(part):
+    for path in _files(part):
+        bad = [m for m in _imports(path) if _part(m) in STAGES]
+        assert not bad, f"{path.relative_to(ROOT)} imports the stage module(s) {bad}"
+
+
+@pytest.mark.parametrize("stage", STAGES)
+def test_a_stage_imports_no_other_stage(stage):
+    # the pipeline plans and launches every stage by command line, not by import; the
+    # evaluator reads the pipeline's plan.json through the pipeline's reader
+    allowed = {"eval": {"pipeline"}}.get(stage, set())
+    for path in _files(stage):
+        bad = [
+            m for m in _imports(path) if _part(m) in STAGES and _part(m) not in {stage} | allowed
+        ]
+        assert not bad, f"{path.relative_to(ROOT)} imports another stage: {bad}"
+
+
+def test_runtime_cpu_is_private_to_runtime():
+    for path in PACKAGE.rglob("*.py"):
+        if path.parent.name == "runtime":
+            continue
+        text = path.read_text()
+        bad = [m for m in _imports(path) if m.startswith("megatron_btx.runtime.cpu")]
+        assert not bad and "_RUNTIME" not in text and "__btx_wrapped__" not in text, path
+
+
+def test_convert_train_and_eval_do_not_load_the_merge():
+    code = (
+        "import sys\n"
+        "import megatron_btx.checkpoint.convert, megatron_btx.training.loop\n"
+        "import megatron_btx.eval.cli, megatron_btx.eval.scoring\n"
+        "loaded = [m for m in sys.modules if m.startswith('megatron_btx.merge')]\n"
+        "print(loaded)\n"
+        "assert not loaded\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_size_limits():
+    """No module over 800 lines and no function over 120 (the redesign's bounds)."""
+    for path in PACKAGE.rglob("*.py"):
+        lines = path.read_text().count("\n")
+        assert lines <= 800, f"{path.relative_to(ROOT)} has {lines} lines"
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                length = node.end_lineno - node.lineno + 1
+                assert length <= 120, f"{path.relative_to(ROOT)}:{node.name} has {length} lines"
