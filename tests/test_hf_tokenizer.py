@@ -14,6 +14,7 @@ import pytest
 from hf_tokenizers import make_hf_tokenizer
 from megatron.core.datasets.indexed_dataset import IndexedDataset
 
+from megatron_btx.checkpoint.sources import TokenizerInfo
 from megatron_btx.data.domains import prepare_domains
 from megatron_btx.data.hf_tokenizer import HFTokenizer, TokenizerWarning
 from megatron_btx.data.preprocess import iter_documents, main, split_prefix
@@ -180,3 +181,5 @@ def test_train_on_hf_tokenized_code_loses_loss(tmp_path, data):
     for name in ("tokenizer.json", "tokenizer_config.json", "generation_config.json"):
         assert (ckpt / "tokenizer" / name).read_bytes() == (seed / name).read_bytes()
     assert Tokenizer.load(ckpt / "tokenizer").eos_id == _config_eos(seed)
+    # the merge compares this hash across its sources
+    assert TokenizerInfo.of(ckpt / "tokenizer").sha256 == _sha256(seed / "tokenizer.json")
