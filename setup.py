@@ -33,7 +33,7 @@ setup(
     extras_require={
         "wandb": ["wandb>=0.17"],
         "tensorboard": ["tensorboard>=2.14"],
-        "gpu": ["transformer-engine[pytorch]>=2.0", "apex"],
+        "gpu": ["transformer-engine[pytorch]>=2.0"],
         "plots": ["matplotlib>=3.7"],
         "test": [
             "pytest>=8",

@@ -194,6 +194,53 @@ class MoEConfig:
     capacity_factor: float | None = None
     router: dict[str, Any] | None = None
 
+    def router_settings(self, train_steps: int) -> dict[str, Any] | None:
+        """The BTX router's settings (megatron_btx.models.routers.install), with this section's
+        load balancing: `load_balancing` none turns the paper's loss off, `aux_loss_coeff` is its
+        alpha; Sample Top-1 anneals its temperature over the run's `train.steps` unless
+        `router.anneal_steps` says otherwise. None: megatron-core's own router."""
+        if self.router is None:
+            return None
+        router = dict(self.router)
+        router["load_balancing"] = self.load_balancing != "none"
+        router["alpha"] = self.aux_loss_coeff
+        if router.get("type") == "sample_top1":
+            router.setdefault("anneal_steps", train_steps)
+        return router
+
+    def validate(self) -> None:
+        _one_of("moe.dispatcher", self.dispatcher, ("alltoall", "allgather"))
+        _one_of(
+            "moe.load_balancing",
+            self.load_balancing,
+            ("aux_loss", "seq_aux_loss", "sinkhorn", "none"),
+        )
+        if not self.aux_loss_coeff >= 0 or self.aux_loss_coeff == float("inf"):
+            raise BTXError(f"moe.aux_loss_coeff={self.aux_loss_coeff} must be a finite number >= 0")
+        if self.router is None:
+            return
+        if not isinstance(self.router, dict) or "type" not in self.router:
+            raise BTXError("moe.router must be a mapping with a 'type' (e.g. {type: topk})")
+        for key, instead in (("alpha", "aux_loss_coeff"), ("load_balancing", "load_balancing")):
+            if key in self.router:
+                raise BTXError(
+                    f"moe.router.{key}: set moe.{instead} instead (one key for the BTX router "
+                    f"and megatron-core's)"
+                )
+        if self.load_balancing not in ("aux_loss", "none"):
+            raise BTXError(
+                f"moe.load_balancing={self.load_balancing!r}: the BTX router (moe.router) "
+                f"implements the paper's loss only; use aux_loss or none"
+            )
+        if self.capacity_factor is not None:
+            raise BTXError(
+                "moe.capacity_factor is megatron-core's router's; with moe.router set the Switch "
+                "router's capacity is moe.router.capacity_factor"
+            )
+        from megatron_btx.models.router_settings import RouterSettings
+
+        RouterSettings.from_dict(self.router_settings(train_steps=1))
+
 
 @dataclass
 class LoggingConfig:
@@ -250,10 +297,7 @@ class Config:
         _one_of("train.dtype", t.dtype, ("auto", "fp32", "bf16"))
         _one_of("train.lr_decay_style", t.lr_decay_style, ("cosine", "linear", "constant"))
         _one_of("train.resume", t.resume, ("auto", True, False))
-        _one_of("moe.dispatcher", m.dispatcher, ("alltoall", "allgather"))
-        _one_of(
-            "moe.load_balancing", m.load_balancing, ("aux_loss", "seq_aux_loss", "sinkhorn", "none")
-        )
+        m.validate()
         _one_of("model.spec", self.model.spec, ("auto", "local", "te"))
         for key in ("steps", "warmup_steps"):
             if getattr(t, key) < 0:
@@ -291,9 +335,6 @@ class Config:
                 raise BTXError("data.blend needs data.tokenizer (the tokenizer.model path)")
         if self.model.init_from and self.model.hf_config:
             raise BTXError("model.init_from and model.hf_config are exclusive; set only one")
-        if m.router is not None:
-            if not isinstance(m.router, dict) or "type" not in m.router:
-                raise BTXError("moe.router must be a mapping with a 'type' (e.g. {type: topk})")
         if world_size is not None:
             self.validate_world(world_size)
 

@@ -27,8 +27,13 @@ def test_tfidf_picks_the_domain_with_the_same_vocabulary():
     v = tf.transform(train[0][0])
     assert np.linalg.norm(v) == pytest.approx(1.0)
     assert cosine(v, v) == pytest.approx(1.0)
-    # a token in every document has the smallest idf
-    assert tf.idf.argmin() in range(20, 25) or tf.idf.min() <= tf.idf[0]
+    # idf is the smooth idf ln((1 + n) / (1 + df)) + 1, df counted here by hand
+    docs = [x for d in train.values() for x in d]
+    for token in (0, 22, 44, 59):
+        df = sum(token in set(doc.tolist()) for doc in docs)
+        assert tf.idf[token] == pytest.approx(np.log((1 + len(docs)) / (1 + df)) + 1)
+    # tokens two domains share (20-24) are in more documents: a lower idf than domain-only ones
+    assert tf.idf[20:25].max() < tf.idf[0:20].min()
 
 
 def test_ensemble_is_the_log_of_the_mean_probability():
@@ -62,13 +67,31 @@ def test_eval_windows_cover_the_split_and_track_documents(tmp_path):
     es = edata.eval_set(str(tmp_path / "data"), "a", "test", 16, 64)
     assert es.windows.shape == (4, 17) and es.doc_of_target.shape == (4, 16)
     flat = np.concatenate(es.docs)
-    # windows are spread over the split: the last one starts in the last quarter
+    doc_of_token = np.concatenate([np.full(len(d), i) for i, d in enumerate(es.docs)])
     n_avail = len(flat) // 17
-    assert n_avail >= 4
-    assert int(es.doc_of_target[-1, -1]) >= int(es.doc_of_target[0, 0])
-    assert (es.windows[0] == flat[:17]).all()
+    assert n_avail >= 8
+    # 4 windows evenly spaced over the n_avail possible ones: window j starts at
+    # round(j * (n_avail - 1) / 3) * 17, so the first at 0 and the last in the split's last window
+    starts = [round(j * (n_avail - 1) / 3) * 17 for j in range(4)]
+    for window, start in zip(es.windows, starts):
+        assert (window == flat[start : start + 17]).all()
+    assert starts[-1] == (n_avail - 1) * 17
+    for row, start in zip(es.doc_of_target, starts):
+        assert (row == doc_of_token[start + 1 : start + 17]).all()
+    assert es.scored.all() and es.n_tokens == 64  # no routing prefix asked for
     big = edata.eval_set(str(tmp_path / "data"), "a", "test", 16, 10**9)
     assert big.windows.shape[0] == n_avail
+
+    # a routing prefix: the first 5 tokens of every document are never scored, and are what
+    # BTM routes on
+    routed = edata.eval_set(str(tmp_path / "data"), "a", "test", 16, 10**9, route_tokens=5)
+    position = np.concatenate([np.arange(len(d)) for d in routed.docs])
+    for scored, start in zip(routed.scored, range(0, 10**9, 17)):
+        assert (scored == (position[start + 1 : start + 17] >= 5)).all()
+    assert routed.n_tokens == int((position[: n_avail * 17].reshape(n_avail, 17)[:, 1:] >= 5).sum())
+    assert (routed.routing_prefix(0) == routed.docs[0][:5]).all()
+    per_target = np.arange(routed.scored.size, dtype=float).reshape(routed.scored.shape)
+    assert routed.select(per_target).tolist() == per_target[routed.scored].tolist()
 
 
 def _fake_result(own: float = 0.6) -> dict:

@@ -91,11 +91,25 @@ def run_models(run_dir: Path) -> tuple[Any, list, dict[str, dict[str, Any]]]:
     return cfg, plan.stages, models
 
 
-def _expert_labels(cfg) -> list[str]:
-    labels = list(cfg.domain_names)
-    if cfg.merge.seed_as_expert:
-        labels.append("seed")
-    return labels
+def expert_labels(cfg, merged: str | None) -> tuple[list[str], list[str | None]]:
+    """(a label per routed expert of the BTX MoE, the domain its FFN came from), from the merged
+    checkpoint's manifest: `code`, or `code.0`, `code.1` with split chunks, `blend0` (no single
+    domain) when blended; the seed's expert is `seed`."""
+    sources = list(cfg.domain_names) + (["seed"] if cfg.merge.seed_as_expert else [])
+    record: dict[str, Any] = {}
+    if merged and Path(merged, "btx_manifest.json").is_file():
+        from megatron_btx.checkpoint import manifest
+
+        record = manifest.read(merged).get("merge") or {}
+    expert_sources = record.get("expert_sources", list(range(len(sources))))
+    chunks = int(record.get("split_chunks") or 1)
+    if record.get("blend"):
+        return [f"blend{c}" for c in range(chunks)], [None] * chunks
+    owners = [sources[s] if s < len(sources) else f"source{s}" for s in expert_sources]
+    if chunks == 1:
+        return owners, list(owners)
+    labels = [f"{owner}.{c}" for owner in owners for c in range(chunks)]
+    return labels, [owner for owner in owners for _ in range(chunks)]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -104,8 +118,9 @@ def _expert_labels(cfg) -> list[str]:
 def _score_models(to_load, names, sets, micro_batch_size, device, scores, missing) -> None:
     """Per-token log-probs of every checkpoint model on every domain (and MoE routing)."""
     from megatron_btx import runtime
+    from megatron_btx.checkpoint.megatron_io import read_variant
     from megatron_btx.eval import scoring
-    from megatron_btx.pipeline import plan as plan_mod
+    from megatron_btx.models.compute import active_params
 
     runtime.init(device=device)
     try:
@@ -124,7 +139,9 @@ def _score_models(to_load, names, sets, micro_batch_size, device, scores, missin
                 )
                 if args.is_moe:
                     scores.routing.setdefault(name, {})[domain] = scoring.routing_of(model)
-            model_info["active_params"] = plan_mod.matmul_params(args)
+            model_info["active_params"] = active_params(
+                args, model_info.get("router"), read_variant(checkpoint)
+            )
             ppl = {d: scoring.perplexity(lp) for d, lp in scores.logprobs[name].items()}
             _progress(
                 f"{name}: "
@@ -178,7 +195,10 @@ def _score_btm(models, all_models, names, sets, data_dir, scores, missing) -> di
         for domain in names:
             held_out = sets[domain]
             choice = np.array(
-                [choose_experts(tfidf.transform(doc), centroids, k) for doc in held_out.docs]
+                [
+                    choose_experts(tfidf.transform(held_out.routing_prefix(doc)), centroids, k)
+                    for doc in range(len(held_out.docs))
+                ]
             )
             correct += int(sum(names[c[0]] == domain for c in choice))
             total += len(choice)
@@ -198,15 +218,17 @@ def _score_btm(models, all_models, names, sets, data_dir, scores, missing) -> di
     return info
 
 
-def _rows(models, scores, markers) -> dict[str, dict[str, Any]]:
-    """The results table's rows: perplexity and loss per domain, compute per model."""
+def _rows(models, scores, markers, sets) -> dict[str, dict[str, Any]]:
+    """The results table's rows: perplexity and loss per domain (scored tokens only), compute
+    per model."""
     from megatron_btx.eval import scoring
 
     rows = {}
     for name, model_info in models.items():
-        logprobs = scores.logprobs.get(name)
-        if not logprobs:
+        per_target = scores.logprobs.get(name)
+        if not per_target:
             continue
+        logprobs = {d: sets[d].select(lp) for d, lp in per_target.items()}
         ppl = {d: scoring.perplexity(lp) for d, lp in logprobs.items()}
         stages = model_info["stages"]
         rows[name] = {
@@ -248,7 +270,10 @@ def evaluate_run(
     names = cfg.domain_names
     t0 = time.time()
     tokens = tokens_per_domain or ev.tokens_per_domain
-    sets = {n: edata.eval_set(data_dir, n, split, cfg.data.seq_length, tokens) for n in names}
+    sets = {
+        n: edata.eval_set(data_dir, n, split, cfg.data.seq_length, tokens, ev.btm_route_tokens)
+        for n in names
+    }
     _progress(
         f"{len(models)} models x {len(names)} domains; held-out '{split}' split, "
         + ", ".join(f"{n} {s.n_tokens} tokens/{len(s.docs)} docs" for n, s in sets.items())
@@ -262,16 +287,18 @@ def evaluate_run(
     _score_models(to_load, names, sets, ev.micro_batch_size, device, scores, missing)
     btm_info = _score_btm(models, to_load, names, sets, data_dir, scores, missing)
     markers = {s.name: (plan_mod.read_marker(s, run) or {}) for s in stages}
+    labels, owners = expert_labels(cfg, (all_models.get("btx_merge_only") or {}).get("checkpoint"))
     result = {
         "run_dir": str(run),
         "split": split,
         "domains": names,
         "tokens": {n: s.n_tokens for n, s in sets.items()},
         "documents": {n: len(s.docs) for n, s in sets.items()},
-        "models": _rows(models, scores, markers),
+        "models": _rows(models, scores, markers, sets),
         "missing": missing,
         "btm": btm_info,
-        "experts": _expert_labels(cfg),
+        "experts": labels,
+        "expert_domains": owners,
         "routing": {
             m: {d: {str(layer): st for layer, st in r.items()} for d, r in rr.items()}
             for m, rr in scores.routing.items()

@@ -79,23 +79,30 @@ def check_claims(result: dict[str, Any]) -> dict[str, Any]:
     rm = routing_matrix(result)
     if rm:
         labels = result["experts"]
+        # the domain each expert's FFN came from (several with split chunks; none when blended)
+        owners = result.get("expert_domains") or labels
         per_r = {}
         for d, mat in rm.items():
-            if d not in labels:
+            own_experts = [i for i, owner in enumerate(owners) if owner == d]
+            if not own_experts:
                 continue
             share = mat.mean(axis=0)
-            own = float(share[labels.index(d)])
-            top = labels[int(np.argmax(share))]
+            by_owner: dict[str, float] = {}
+            for i, owner in enumerate(owners):
+                by_owner[owner] = by_owner.get(owner, 0.0) + float(share[i])
             per_r[d] = {
-                "own_share": own,
-                "top_expert": top,
-                "uniform": 1.0 / len(labels),
-                "own_share_per_layer": [float(x) for x in mat[:, labels.index(d)]],
+                "own_share": by_owner[d],
+                "top_expert": max(by_owner, key=by_owner.get),
+                "uniform": len(own_experts) / len(labels),
+                "own_share_per_layer": [
+                    float(mat[:, own_experts].sum(axis=1)[i]) for i in range(mat.shape[0])
+                ],
             }
-        claims["routing_to_own_expert"] = {
-            "holds": bool(per_r) and all(v["top_expert"] == d for d, v in per_r.items()),
-            "per_domain": per_r,
-        }
+        if per_r:  # not with blended experts: no expert belongs to one domain
+            claims["routing_to_own_expert"] = {
+                "holds": all(v["top_expert"] == d for d, v in per_r.items()),
+                "per_domain": per_r,
+            }
     # forgetting (informational): each expert vs the seed on the other domains
     if "seed" in m:
         worse = {}

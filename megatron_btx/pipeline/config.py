@@ -124,7 +124,27 @@ class MergeConfig:
     seed_as_expert: bool = True
     router_init: str = "random"
     top_k: int = 2
+    #: merge variants (btx merge flags): the seed's FFN as an always-active shared expert
+    #: instead of a routed one; each FFN split into C experts; blending; MoE in some layers
+    seed_as_shared_expert: bool = False
+    split_chunks: int = 1
+    blend: bool = False
+    moe_layers: str | None = None
+    dense_ffn: str = "average"
     extra_args: list[str] = field(default_factory=list)
+
+    def flags(self) -> list[str]:
+        """The `btx merge` flags of the variant keys (the seed and router flags aside)."""
+        flags = []
+        if self.seed_as_shared_expert:
+            flags.append("--seed-as-shared-expert")
+        if self.split_chunks != 1:
+            flags += ["--split-chunks", str(self.split_chunks)]
+        if self.blend:
+            flags.append("--blend")
+        if self.moe_layers is not None:
+            flags += ["--moe-layers", self.moe_layers, "--dense-ffn", self.dense_ffn]
+        return flags
 
 
 @dataclass
@@ -142,6 +162,9 @@ class EvalConfig:
     split: str = "test"
     tokens_per_domain: int = 16384
     btm_top_k: list[int] = field(default_factory=lambda: [1, 2])
+    #: BTM routes each held-out document on its first tokens (at most half the document);
+    #: they are scored for no model
+    btm_route_tokens: int = 128
     routing: bool = True
     micro_batch_size: int = 8
 
@@ -226,15 +249,23 @@ class BTXConfig:
             raise BTXError(
                 f"merge.router_init={self.merge.router_init!r}: random | zero | centroid"
             )
-        n_experts = len(doms) + (1 if self.merge.seed_as_expert else 0)
-        if not 1 <= self.merge.top_k <= n_experts:
-            raise BTXError(f"merge.top_k={self.merge.top_k} must be in 1..{n_experts}")
+        if self.merge.seed_as_shared_expert and not self.merge.seed_as_expert:
+            raise BTXError(
+                "merge.seed_as_shared_expert needs merge.seed_as_expert: true (the seed's FFN is "
+                "the shared expert instead of a routed one)"
+            )
+        if self.merge.dense_ffn not in ("average", "seed"):
+            raise BTXError(f"merge.dense_ffn={self.merge.dense_ffn!r}: average | seed")
         if self.evaluation.split not in ("test", "valid"):
             raise BTXError(f"evaluation.split={self.evaluation.split!r}: test | valid")
         if self.evaluation.tokens_per_domain < self.data.seq_length:
             raise BTXError(
                 f"evaluation.tokens_per_domain={self.evaluation.tokens_per_domain} must be at "
                 f"least data.seq_length={self.data.seq_length}"
+            )
+        if self.evaluation.btm_route_tokens < 1:
+            raise BTXError(
+                f"evaluation.btm_route_tokens={self.evaluation.btm_route_tokens} must be >= 1"
             )
         for k in self.evaluation.btm_top_k:
             if not 1 <= k <= len(doms):

@@ -29,11 +29,13 @@ Stage argv is the *single-process* command line; a train stage with ``nproc > 1`
 Train stages are resumable: re-running the same argv resumes from ``checkpoints/latest``.
 
 Compute accounting: training FLOPs = 6 x active parameters x tokens, where the active parameters
-are those in a matrix multiply per token (transformer layers with the top-k experts, the router
-and the output layer; not the input embedding lookup). The BTX budget is the experts' training
-plus the MoE finetune (the seed's pretraining is shared by every model and not counted); with
-``baselines.compute_match`` the dense and sparse-upcycling baselines get as many steps as that
-budget buys at their own active size.
+are those in a matrix multiply per token, layer by layer and by router type
+(:mod:`megatron_btx.models.compute`: attention, the FFN or the router plus the experts a token
+passes through, a shared expert, and the output projection, tied or not; not the embedding
+lookup). The merged MoE's shape comes from the merge's own command-line parser and plan. The
+BTX budget is the experts' training plus the MoE finetune (the seed's pretraining is shared by
+every model and not counted); with ``baselines.compute_match`` the dense and sparse-upcycling
+baselines get as many steps as that budget buys at their own active size.
 """
 
 from __future__ import annotations
@@ -104,15 +106,6 @@ class Plan:
 def final_checkpoint(run: str | Path, steps: int) -> str:
     """The checkpoint a finished `btx train` run of `steps` steps leaves."""
     return str(rundir.checkpoint_path(run, steps))
-
-
-def matmul_params(args) -> int:
-    """Parameters in a matrix multiply per token (top-k experts only): see the module doc."""
-    return int(
-        args.num_params(active=True)
-        - args.vocab_size * args.hidden_size
-        - args.hidden_size * (2 * args.num_hidden_layers + 1)
-    )
 
 
 def _resolve_checkpoint(path: str) -> str:
@@ -268,14 +261,6 @@ def _global_batch(stage: StageTrain) -> int:
     return stage.global_batch_size or DataConfig().global_batch_size
 
 
-def _moe_args(dense, n_experts: int, top_k: int):
-    from megatron_btx.models.llama import LlamaArgs
-
-    fields_ = dense.to_dict()
-    fields_.update(num_local_experts=n_experts, num_experts_per_tok=top_k)
-    return LlamaArgs.from_dict(fields_)
-
-
 def _matched_steps(budget: float, active: int, global_batch: int, seq: int) -> int:
     return max(1, int(round(budget / (6.0 * active * global_batch * seq))))
 
@@ -332,6 +317,8 @@ class _Planner:
     config (and a given seed's or prepared data's metadata) and writes nothing."""
 
     def __init__(self, cfg: BTXConfig):
+        from megatron_btx.models.compute import active_params
+
         self.cfg = cfg
         self.run = cfg.run_dir
         self.names = cfg.domain_names
@@ -339,15 +326,50 @@ class _Planner:
         self.train_configs: dict[str, dict[str, Any]] = {}
         self.blend = {n: w for n, w in cfg.weights().items() if w > 0}
         self.dense_args = seed_args(cfg)
-        self.dense_active = matmul_params(self.dense_args)
-        self.n_moe = len(self.names) + (1 if cfg.merge.seed_as_expert else 0)
-        self.moe_active = matmul_params(_moe_args(self.dense_args, self.n_moe, cfg.merge.top_k))
+        self.dense_active = active_params(self.dense_args)
         finetune_parallel = cfg.finetune.parallel or {}
         self.moe_layout = tuple(int(finetune_parallel.get(k, 1)) for k in ("tp", "pp", "ep"))
+        self.router = cfg.finetune.router or {"type": "topk"}
+        self.moe_args, self.variant = self._merged_shape()
+        self.moe_active = active_params(self.moe_args, self.router, self.variant)
         self.btx_flops = 0.0
         self.data_path = ""
         self.seed_checkpoint = ""
         self.seed_deps: list[str] = []
+
+    def _merge_argv(self, experts: list[str], seed: str | None, save: str, router_init: str):
+        """The `btx merge` command line of the BTX merge (or, with every source the seed, of
+        sparse upcycling's): the same variant flags, so both MoEs have one architecture."""
+        merge = self.cfg.merge
+        argv = _merge_argv(experts, seed, save, router_init, merge.top_k, self.moe_layout)
+        return argv + merge.flags() + list(merge.extra_args)
+
+    def _merged_shape(self):
+        """(LlamaArgs, MoEVariant) of the merged MoE, planned by the merge's own command-line
+        parser and plan from the flags the merge stage will get: never out of step with it."""
+        from megatron_btx.merge.cli import build_parser
+        from megatron_btx.merge.plan import plan_for
+        from megatron_btx.merge.settings import MergeSettings
+
+        seed = "seed" if self.cfg.merge.seed_as_expert else None
+        argv = self._merge_argv([f"expert_{n}" for n in self.names], seed, "merged", "random")
+        try:
+            ns = build_parser().parse_args(argv[1:])
+        except SystemExit as e:
+            raise BTXError(
+                f"merge.extra_args {self.cfg.merge.extra_args}: not valid flags of btx merge"
+            ) from e
+        settings = MergeSettings.from_args(ns)
+        sources = len(settings.source_paths)
+        try:
+            settings.validate()
+            merge_plan = plan_for(settings, self.dense_args, sources)
+        except BTXError as e:
+            message = str(e)
+            for flag in ("top-k", "split-chunks", "moe-layers", "dense-ffn", "blend"):
+                message = message.replace(f"--{flag}", f"merge.{flag.replace('-', '_')}")
+            raise BTXError(f"{self.cfg.source or 'config'}: {message}") from e
+        return merge_plan.output_args(self.dense_args), merge_plan.variant(self.dense_args)
 
     def train(
         self,
@@ -474,20 +496,19 @@ class _Planner:
         cfg = self.cfg
         merged = f"{self.run}/merged"
         seed = self.seed_checkpoint if cfg.merge.seed_as_expert else None
-        argv = _merge_argv(
-            expert_checkpoints,
-            seed,
-            merged,
-            cfg.merge.router_init,
-            cfg.merge.top_k,
-            self.moe_layout,
-        )
+        argv = self._merge_argv(expert_checkpoints, seed, merged, cfg.merge.router_init)
         if cfg.merge.router_init == "centroid":
             domain_data = [f"{self.data_path}/{n}_train_text_document" for n in self.names]
             argv += ["--centroid-data", *domain_data]
-            if cfg.merge.seed_as_expert:
-                argv += domain_data[:1]
-        argv += list(cfg.merge.extra_args)
+            if cfg.merge.seed_as_expert:  # the generalist's row: a sample of the whole blend
+                weights = self.blend
+                argv.append(
+                    ",".join(
+                        f"{self.data_path}/{n}_train_text_document@{weights[n]:g}"
+                        for n in self.names
+                        if n in weights
+                    )
+                )
         deps = [f"expert_{n}" for n in self.names] + self.seed_deps
         self.stages.append(
             Stage(
@@ -499,6 +520,7 @@ class _Planner:
                 [f"{merged}/metadata.json"],
                 workdir=merged,
                 checkpoint=merged,
+                router=self.router,
             )
         )
         return merged
@@ -508,7 +530,7 @@ class _Planner:
         return {
             "aux_loss_coeff": finetune.aux_loss_coeff,
             "load_balancing": finetune.load_balancing,
-            "router": finetune.router or {"type": "topk"},
+            "router": self.router,
         }
 
     def finetune(self, merged: str) -> None:
@@ -549,13 +571,11 @@ class _Planner:
             added.append("baseline_dense")
         if base.sparse_upcycling:
             upcycled = f"{self.run}/baselines/upcycled"
-            argv = _merge_argv(
-                [self.seed_checkpoint] * self.n_moe,
-                None,
-                upcycled,
-                "random",
-                cfg.merge.top_k,
-                self.moe_layout,
+            # N copies of the seed, merged with the BTX merge's flags: the same architecture
+            seed = self.seed_checkpoint
+            experts = [seed] * len(self.names)
+            argv = self._merge_argv(
+                experts, seed if cfg.merge.seed_as_expert else None, upcycled, "random"
             )
             self.stages.append(
                 Stage(
@@ -568,6 +588,7 @@ class _Planner:
                     workdir=upcycled,
                     group="baseline",
                     checkpoint=upcycled,
+                    router=self.router,
                 )
             )
             stage = _merge_stage(cfg.finetune, base.sparse_upcycling_train)
@@ -575,7 +596,8 @@ class _Planner:
                 stage.steps = _matched_steps(
                     self.btx_flops, self.moe_active, _global_batch(stage), seq
                 )
-            moe = {**self.finetune_moe_section(), "router": {"type": "topk"}}
+            # the finetune's router and load balancing: only the initialisation differs
+            moe = self.finetune_moe_section()
             self.train(
                 "baseline_sparse_upcycling",
                 f"{self.run}/baselines/sparse_upcycling",
