@@ -229,7 +229,14 @@ def test_btx_run_end_to_end_killed_and_resumed(tmp_path):
     ):
         per_step = by_name[stage].flops / by_name[stage].steps
         assert abs(res["models"][b]["train_flops"] - btx_flops) <= per_step / 2 + 1, b
+    # merge diagnostics: every expert moved away from the seed; retention per domain
+    diag = res["diagnostics"]
+    assert set(diag["drift"]["attention"]) == {"code", "math", "prose"}
+    assert all(v > 0 for v in diag["drift"]["attention"].values())
+    assert set(diag["retention"]) == {"code", "math", "prose"}
+    assert (run / "eval" / "diagnostics.png").is_file()
     md = (run / "eval" / "results.md").read_text()
+    assert "## Merge diagnostics" in md
     assert "| btx |" in md and "| btm_top2 |" in md and "claims" in md
     rt = json.loads((run / "eval" / "routing.json").read_text())
     for d in ("code", "math", "prose"):

@@ -244,6 +244,26 @@ def _rows(models, scores, markers, sets) -> dict[str, dict[str, Any]]:
     return rows
 
 
+def _diagnostics(models, names, rows, out: Path) -> dict[str, Any] | None:
+    """Merge diagnostics (eval/diagnostics.py) when the seed and every expert are there."""
+    from megatron_btx.eval import diagnostics
+
+    experts = {n: (models.get(f"expert_{n}") or {}).get("checkpoint") for n in names}
+    seed = (models.get("seed") or {}).get("checkpoint")
+    usable = [seed, *experts.values()]
+    if not all(c and Path(c, "metadata.json").is_file() for c in usable):
+        return None
+    t1 = time.time()
+    found = diagnostics.parameter_drift(seed, experts)
+    losses = {m: r["loss"] for m, r in rows.items()}
+    found["retention"] = diagnostics.merge_retention(losses, names)
+    out.mkdir(parents=True, exist_ok=True)
+    if diagnostics.plot(found, found["retention"], out / "diagnostics.png"):
+        found["plot"] = "diagnostics.png"
+    _progress(f"merge diagnostics ({time.time() - t1:.0f}s): drift, agreement, retention")
+    return found
+
+
 def evaluate_run(
     run_dir: str | os.PathLike[str],
     tokens_per_domain: int | None = None,
@@ -307,6 +327,7 @@ def evaluate_run(
     }
     result["claims"] = report.check_claims(result)
     out = Path(out_dir) if out_dir else run / "eval"
+    result["diagnostics"] = _diagnostics(all_models, names, result["models"], out)
     report.write_all(result, out, cfg.evaluation.routing)
     _progress(
         f"wrote {out}/results.md, results.json"

@@ -278,6 +278,7 @@ def results_md(result: dict[str, Any]) -> str:
             "",
             "Not evaluated: " + "; ".join(f"{k} ({v})" for k, v in result["missing"].items()),
         ]
+    parts += diagnostics_md(result.get("diagnostics"))
     rmd = routing_md(result)
     if rmd:
         mean_only = rmd[rmd.index("mean over layers:") :]
@@ -289,6 +290,44 @@ def results_md(result: dict[str, Any]) -> str:
             "Per layer: routing.md; heatmaps: routing.png, routing_layer*.png.",
         ]
     return "\n".join(parts) + "\n"
+
+
+def diagnostics_md(diag: dict[str, Any] | None) -> list[str]:
+    """The merge diagnostics section (eval/diagnostics.py): drift, agreement, retention."""
+    if not diag:
+        return []
+    drift = diag.get("drift") or {}
+    lines = ["", "## Merge diagnostics", ""]
+    if drift:
+        groups = list(drift)
+        experts = list(next(iter(drift.values())))
+        lines += [
+            "Relative L2 drift of each expert from the seed, per parameter group; then the mean "
+            "cosine between two experts' updates and the share of an update's length the "
+            f"average keeps (1/sqrt({len(experts)}) = {len(experts) ** -0.5:.2f} for unrelated "
+            "updates):",
+            "",
+            "| | " + " | ".join(groups) + " |",
+            "|---|" + "---|" * len(groups),
+        ]
+        for e in experts:
+            lines.append(
+                f"| drift {e} | " + " | ".join(f"{drift[g][e]:.3f}" for g in groups) + " |"
+            )
+        cos = [np.mean(list(diag["cosine"][g].values()) or [0.0]) for g in groups]
+        lines.append("| mean cosine | " + " | ".join(f"{c:.3f}" for c in cos) + " |")
+        kept = [diag["kept_by_average"][g] for g in groups]
+        lines.append("| kept by averaging | " + " | ".join(f"{k:.3f}" for k in kept) + " |")
+    retention = diag.get("retention") or {}
+    if retention:
+        shown = ", ".join(
+            f"{d} {v:.0%}" if v is not None else f"{d} -" for d, v in retention.items()
+        )
+        lines += [
+            "",
+            f"Merge retention (share of each expert's loss gain the merge keeps): {shown}.",
+        ]
+    return lines + ["", "Plot: diagnostics.png."]
 
 
 # ---------------------------------------------------------------------------------------------
