@@ -23,10 +23,10 @@ from megatron_btx.data.corpora import (
     iter_code_documents,
     iter_domain_documents,
     select_documents,
-    split_chapters,
     split_metamath_sections,
     strip_metamath_proofs,
 )
+from megatron_btx.data.general import osis_chapters, read_ztext, split_chapters
 from megatron_btx.data.rdata import read_lazyload, unserialize
 from megatron_btx.data.splits import split_of
 from megatron_btx.errors import BTXError
@@ -257,21 +257,63 @@ def test_split_chapters_cuts_at_headings_and_keeps_volumes_with_their_chapter() 
     assert list(dict(split_chapters("b", long_front))) == ["b/000", "b/001"]
 
 
+def test_osis_chapters_to_plain_text() -> None:
+    osis = (
+        '<div sID="b1" type="book"/><title type="main">Intro, not a chapter</title>'
+        '<chapter n="1" osisID="Gen.1" sID="Gen.1"/><div sID="p1" type="x-p"/>'
+        '<w lemma="strong:H0430">In</w> the beginning, <w>God</w><note placement="foot">'
+        "<reference>1:1 </reference>Elohim.</note><w>created</w> the heavens."
+        '<div eID="p1" type="x-p"/> <title type="psalm">A Psalm &amp; song.</title>'
+        '<l level="1" sID="l1"/>Yahweh is my shepherd;<l eID="l1" level="1"/>'
+        '<l level="2" sID="l2"/>I shall lack nothing.<l eID="l2" level="2"/>'
+        '<chapter eID="Gen.1"/><chapter n="2" osisID="Gen.2" sID="Gen.2"/>Second.'
+        '<chapter eID="Gen.2"/>'
+    )
+    chapters = dict(osis_chapters(osis))
+    assert list(chapters) == ["Gen.1", "Gen.2"]
+    assert chapters["Gen.1"] == (
+        "In the beginning, God created the heavens.\n\nA Psalm & song.\n\n"
+        "Yahweh is my shepherd;\nI shall lack nothing."
+    )
+    assert chapters["Gen.2"] == "Second."
+
+
+def test_read_ztext_joins_verses_in_index_order(tmp_path: Path) -> None:
+    """A SWORD zText module written by hand: two blocks, verse slots pointing into them."""
+    blocks = ["<chapter sID='x'/>Alpha.Beta.", "Gamma."]
+    packed = [zlib.compress(b.encode()) for b in blocks]
+    bzs, offset = b"", 0
+    for block, data in zip(blocks, packed, strict=True):
+        bzs += struct.pack("<III", offset, len(data), len(block.encode()))
+        offset += len(data)
+    verses = [(0, 0, 0), (0, 0, 24), (0, 24, 5), (0, 0, 0), (1, 0, 6)]  # empty slots skipped
+    (tmp_path / "ot.bzs").write_bytes(bzs)
+    (tmp_path / "ot.bzz").write_bytes(b"".join(packed))
+    (tmp_path / "ot.bzv").write_bytes(b"".join(struct.pack("<IIH", *v) for v in verses))
+    assert read_ztext(tmp_path, "ot") == "<chapter sID='x'/>Alpha. Beta. Gamma."
+    (tmp_path / "ot.bzv").write_bytes(struct.pack("<IIH", 0, 20, 50))
+    with pytest.raises(BTXError, match="outside its block"):
+        read_ztext(tmp_path, "ot")
+
+
 @pytest.mark.network
-def test_general_domain_is_novels_by_chapter() -> None:
+def test_general_domain_is_books_by_chapter() -> None:
     docs = _domain_or_skip("general")
     text = dict(docs)
-    assert len(text) == len(docs) > 350  # 6 + 1 books, about 50 chapters each
-    assert 4.5e6 < sum(len(t) for t in text.values()) < 6e6
+    assert len(text) == len(docs) > 1700  # 269 + 137 novel chapters, 1,378 Bible chapters
+    assert 9e6 < sum(len(t) for t in text.values()) < 11e6
     assert "It is a truth universally acknowledged" in text["austen/prideprejudice/001"]
     assert text["melville/mobydick/001"].startswith("CHAPTER 1. Loomings.")
     assert "Call me Ishmael" in text["melville/mobydick/001"]
+    assert text["web/Gen.1"].startswith("Gen 1\n\nIn the beginning, God created the heavens")
+    assert "Yahweh is my shepherd;\nI shall lack nothing." in text["web/Ps.23"]
     books = "emma mansfieldpark northangerabbey persuasion prideprejudice sensesensibility"
-    assert {k.rsplit("/", 1)[0] for k in text} == {
+    assert {k.rsplit("/", 1)[0] for k in text if not k.startswith("web/")} == {
         *(f"austen/{b}" for b in books.split()),
         "melville/mobydick",
     }
-    assert not any("PROJECT GUTENBERG" in t or "\r" in t for t in text.values())
+    assert not any(k.startswith(("web/EsthGr.", "web/DanGr.")) for k in text)
+    assert not any("PROJECT GUTENBERG" in t or "\r" in t or "<" in t for t in text.values())
     assert max(len(t) for t in text.values()) < 60_000
     tests = [k for k in text if split_of(k, {"test": 0.08, "valid": 0.02}) == "test"]
-    assert len(tests) >= 20
+    assert len(tests) >= 100

@@ -4,18 +4,19 @@ No model or data hub is reachable, so each domain comes from a package (see
 docs/OFFLINE_DATA.md): ``code`` is the Python standard library on this machine, ``math`` is
 Metamath's set.mm (Debian ``metamath-databases``), ``prose`` is the GCIDE dictionary (Debian
 ``dict-gcide``), ``legal`` is the licence texts inside the ``scancode-toolkit`` wheel (PyPI), and
-``general`` (the seed's pretraining text, which no expert specialises in) is seven public-domain
-novels: Jane Austen's six (Debian ``r-cran-janeaustenr``) and *Moby Dick* (Debian
-``r-cran-tokenizers``). Debian packages are unpacked with ``apt-get download`` + ``dpkg-deb -x``
-(nothing is installed) and the wheel is read with ``zipfile``; both are cached under
-``$BTX_DATA_CACHE`` (default ``<repo>/data_cache``).
+``general`` (the seed's pretraining text, which no expert specialises in) is public-domain books
+by chapter: Jane Austen's six novels, *Moby Dick* and the World English Bible (Debian
+``r-cran-janeaustenr``, ``r-cran-tokenizers``, ``sword-text-web``; :mod:`.general`). Debian
+packages are unpacked with ``apt-get download`` + ``dpkg-deb -x`` (nothing is installed) and the
+wheel is read with ``zipfile``; both are cached under ``$BTX_DATA_CACHE`` (default
+``<repo>/data_cache``).
 
 Each domain yields ``(key, text)`` documents. The key names the unit of splitting (module path,
 set.mm section, headword group, licence key, book chapter) so that
-:func:`megatron_btx.data.splits.split_of` keeps whole documents in one split. :func:`fetch_corpora` writes one ``<domain>.jsonl`` per domain
-(``{"text": ..., "id": key}``) capped at ``max_mb``; when a domain is larger than the cap a
-hash-ordered (hence representative and stable) subset of documents is kept, and a bigger cap
-always keeps a superset of a smaller one.
+:func:`megatron_btx.data.splits.split_of` keeps whole documents in one split.
+:func:`fetch_corpora` writes one ``<domain>.jsonl`` per domain (``{"text": ..., "id": key}``)
+capped at ``max_mb``; when a domain is larger than the cap a hash-ordered (hence representative
+and stable) subset of documents is kept, and a bigger cap always keeps a superset of a smaller one.
 """
 
 from __future__ import annotations
@@ -52,8 +53,6 @@ SCANCODE_REQUIREMENT = "scancode-toolkit==32.5.0"
 SCANCODE_WHEEL_GLOB = "scancode_toolkit-32.5.0-*.whl"
 _DEB_METAMATH = ("metamath-databases", "usr/share/metamath/databases/set.mm")
 _DEB_GCIDE = ("dict-gcide", "usr/share/dictd/gcide.dict.dz")
-_DEB_AUSTEN = ("r-cran-janeaustenr", "usr/lib/R/site-library/janeaustenr/data/Rdata.rdb")
-_DEB_TOKENIZERS = ("r-cran-tokenizers", "usr/lib/R/site-library/tokenizers/data/Rdata.rdb")
 
 
 def _progress(message: str) -> None:
@@ -387,71 +386,11 @@ def iter_legal_documents(cache_dir: Path | None = None) -> Iterator[Document]:
                 yield f"scancode-license/{name[len(prefix) : -len('.LICENSE')]}", body + "\n"
 
 
-# Chapter headings of the novels ("CHAPTER I", "Chapter 12", "CHAPTER 1. Loomings.", "Epilogue");
-# a "VOLUME II" banner right before a chapter heading opens that chapter's document.
-_CHAPTER = re.compile(
-    r"^\s*(?:(?:CHAPTER|Chapter)\s+(?:[0-9]+|[IVXLC]+)\b|(?:Epilogue|EPILOGUE)\s*$)"
-)
-_SHORT_FRONT_MATTER = 1000  # characters; a shorter front matter is a title page
-_VOLUME = re.compile(r"^\s*VOLUME\s+[IVXLC]+\s*$")
-_GUTENBERG_START = re.compile(r"^\*\*\* ?START OF (?:THIS|THE) PROJECT GUTENBERG", re.MULTILINE)
-_GUTENBERG_END = re.compile(r"^(?:End of (?:the )?Project Gutenberg|\*\*\* ?END OF)", re.MULTILINE)
-
-
-def split_chapters(book: str, lines: list[str]) -> Iterator[Document]:
-    """Cut a book (a list of lines) into chapters; key ``<book>/<nnn>``, ``000`` = front matter.
-
-    Chapters are the natural documents of a novel: big enough to hold long-range context, and
-    numerous enough (about 50 per book) that a 2% held-out split has whole chapters in it.
-    """
-    starts: list[int] = []
-    last_text = -1  # index of the last non-blank line seen
-    for i, line in enumerate(lines):
-        if _CHAPTER.match(line):
-            volume_first = last_text >= 0 and _VOLUME.match(lines[last_text])
-            starts.append(last_text if volume_first and last_text > (starts or [-1])[-1] else i)
-        if line.strip():
-            last_text = i
-    bounds = [0, *starts, len(lines)]
-    first = 0
-    if starts and len("".join(lines[: starts[0]]).strip()) < _SHORT_FRONT_MATTER:
-        first = 1  # a title page alone is no document: it opens chapter 1 instead
-        bounds.pop(1)
-    for number in range(first, first + len(bounds) - 1):
-        text = "\n".join(lines[bounds[number - first] : bounds[number - first + 1]]).strip("\n")
-        if text.strip():
-            yield f"{book}/{number:03d}", text + "\n"
-
-
-def _gutenberg_body(text: str) -> str:
-    """The book inside a Project Gutenberg file, without its licence header and footer."""
-    text = text.lstrip("\ufeff").replace("\r\n", "\n")
-    start = _GUTENBERG_START.search(text)
-    if start:
-        text = text[text.index("\n", start.end()) + 1 :]
-    end = _GUTENBERG_END.search(text)
-    return text[: end.start()] if end else text
-
-
 def iter_general_documents(cache_dir: Path | None = None) -> Iterator[Document]:
-    """Public-domain novels, one document per chapter: Jane Austen's six (Debian
-    ``r-cran-janeaustenr``) and Melville's *Moby Dick* (Debian ``r-cran-tokenizers``).
+    """Public-domain novels and the World English Bible by chapter (:mod:`.general`)."""
+    from megatron_btx.data.general import iter_general_documents as read_general
 
-    Narrative English that none of the expert domains (code, formal math, dictionary entries,
-    licences) specialises in: the stand-in for the paper's general pretraining data. Both
-    packages store the text as R data, read with :mod:`megatron_btx.data.rdata`.
-    """
-    from megatron_btx.data.rdata import read_lazyload
-
-    austen = read_lazyload(fetch_debian_file(*_DEB_AUSTEN, cache_dir=cache_dir))
-    for book in sorted(austen):
-        lines = [line if isinstance(line, str) else "" for line in austen[book]]
-        yield from split_chapters(f"austen/{book}", lines)
-    tokenizers_data = read_lazyload(fetch_debian_file(*_DEB_TOKENIZERS, cache_dir=cache_dir))
-    moby = tokenizers_data.get("mobydick")
-    if not moby or not isinstance(moby[0], str):
-        raise BTXError(f"{_DEB_TOKENIZERS[0]}: no 'mobydick' text in its R data")
-    yield from split_chapters("melville/mobydick", _gutenberg_body(moby[0]).split("\n"))
+    return read_general(cache_dir)
 
 
 READERS: dict[str, Callable[..., Iterator[Document]]] = {
@@ -466,7 +405,7 @@ SOURCES: dict[str, str] = {
     "math": "debian:metamath-databases set.mm (CC0)",
     "prose": "debian:dict-gcide (GPL-2+)",
     "legal": f"pypi:{SCANCODE_REQUIREMENT} licensedcode/data/licenses (various licences)",
-    "general": "debian:r-cran-janeaustenr + r-cran-tokenizers (public-domain novels)",
+    "general": "debian:r-cran-janeaustenr, r-cran-tokenizers, sword-text-web (public domain)",
 }
 
 
