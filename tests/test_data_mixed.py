@@ -119,6 +119,43 @@ def test_documents_alternate_two_to_four_domains() -> None:
     assert len(used) == len(set(used))  # each chunk at most once
 
 
+def test_domains_per_document_and_segment_tokens_are_obeyed() -> None:
+    held_out = {d: list(_corpus(d, 12).items()) for d in WORDS}
+    pairs = build_mixed_documents(
+        held_out, byte_encode, seed=1, target_tokens=4000, domains_per_document=(2, 2)
+    )
+    assert pairs and all(len(set(d.domains)) == 2 for d in pairs)
+    triples = build_mixed_documents(
+        held_out, byte_encode, seed=1, target_tokens=4000, domains_per_document=(3, 3)
+    )
+    assert triples and all(len(set(d.domains)) == 3 for d in triples)
+    short = build_mixed_documents(
+        held_out, byte_encode, seed=1, target_tokens=2000, segment_tokens=(50, 60)
+    )
+    assert short and all(50 <= len(c.text.encode()) <= 60 for d in short for c in d.chunks)
+    few = build_mixed_documents(
+        held_out,
+        byte_encode,
+        seed=1,
+        target_tokens=2000,
+        domains_per_document=(2, 2),
+        segments_per_document=(2, 2),
+    )
+    assert few and all(len(d.chunks) == 2 for d in few)
+    # A document never has fewer segments than domains: three domains need three segments.
+    three = build_mixed_documents(
+        held_out,
+        byte_encode,
+        seed=1,
+        target_tokens=2000,
+        domains_per_document=(3, 3),
+        segments_per_document=(2, 2),
+    )
+    assert three and all(len(d.chunks) == 3 for d in three)
+    with pytest.raises(BTXError, match="domains_per_document"):
+        build_mixed_documents(held_out, byte_encode, domains_per_document=(1, 3))
+
+
 def test_deterministic_given_seed() -> None:
     held_out = {d: list(_corpus(d, 12).items()) for d in WORDS}
     first = build_mixed_documents(held_out, byte_encode, seed=11, target_tokens=5000)

@@ -12,6 +12,7 @@ from megatron_btx.eval.stats import (
     DocumentBootstrap,
     DocumentLosses,
     best_model,
+    by_segment_domain,
     compare,
     resample_counts,
     summarize,
@@ -200,3 +201,16 @@ def test_best_model_and_errors() -> None:
         DocumentLosses.from_tokens(np.array([np.nan]), np.array([0]))
     with pytest.raises(BTXError, match="no scores for model"):
         compare(models, "btx", "nope")
+
+
+def test_mixed_document_tokens_split_by_segment_domain() -> None:
+    # Two mixed documents; labels 0 = code, 1 = prose; doc 7 has no prose token.
+    losses = np.array([1.0, 2.0, 3.0, 4.0, 5.0, 6.0])
+    docs = np.array([4, 4, 4, 7, 7, 7])
+    labels = np.array([0, 1, 1, 0, 0, 0])
+    parts = by_segment_domain(losses, docs, labels, ["code", "prose", "legal"])
+    assert set(parts) == {"code", "prose"}  # no legal segment anywhere
+    assert parts["code"].doc_ids.tolist() == [4, 7]
+    assert parts["code"].loss_sums.tolist() == [1.0, 15.0]
+    assert parts["code"].token_counts.tolist() == [1, 3]
+    assert parts["prose"].doc_ids.tolist() == [4] and parts["prose"].mean_loss == 2.5

@@ -29,12 +29,15 @@ import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from megatron_btx.data.splits import parse_split, split_of
 from megatron_btx.errors import BTXError
+
+if TYPE_CHECKING:
+    from megatron_btx.data.tokenizer import Tokenizer
 
 MIXED_NAME = "mixed"
 SEGMENTS_FORMAT = 1
@@ -256,7 +259,7 @@ def encode_segments(
 def prepare_mixed(
     domains: Mapping[str, Sequence[str | os.PathLike[str]]],
     out_dir: str | os.PathLike[str],
-    tokenizer: Any,
+    tokenizer: Tokenizer,
     split: str | Mapping[str, float] | None = None,
     txt_separator: str | None = None,
     seed: int = 0,
@@ -309,7 +312,7 @@ def prepare_mixed(
         "seed": seed,
         "source_split": "test",
         "split": parse_split(dict(split) if isinstance(split, Mapping) else split),
-        "tokenizer_sha256": getattr(tokenizer, "sha256", None),
+        "tokenizer_sha256": tokenizer.sha256,
         "documents": records,
     }
     tmp = sidecar.with_name(sidecar.name + tag)

@@ -89,6 +89,27 @@ class DocumentLosses:
         return float(self.loss_sums.sum() / self.token_counts.sum())
 
 
+def by_segment_domain(
+    token_losses: np.ndarray,
+    doc_of_token: np.ndarray,
+    domain_of_token: np.ndarray,
+    domain_names: Sequence[str],
+) -> dict[str, DocumentLosses]:
+    """Scores of mixed documents split by the domain each token's segment came from
+    (``data.mixed.token_domains``): per segment domain, the tokens of that domain summed per
+    mixed document, so each can be bootstrapped over mixed documents like a domain."""
+    losses = np.asarray(token_losses, dtype=np.float64).ravel()
+    docs = np.asarray(doc_of_token).ravel()
+    labels = np.asarray(domain_of_token).ravel()
+    if labels.shape != losses.shape:
+        raise BTXError(f"{labels.size} segment labels for {losses.size} scored tokens")
+    return {
+        name: DocumentLosses.from_tokens(losses[labels == i], docs[labels == i])
+        for i, name in enumerate(domain_names)
+        if np.any(labels == i)
+    }
+
+
 @dataclass(frozen=True)
 class Interval:
     """A point estimate with its bootstrap interval."""
