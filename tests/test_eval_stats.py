@@ -14,6 +14,7 @@ from megatron_btx.eval.stats import (
     best_model,
     by_segment_domain,
     compare,
+    group_weights,
     resample_counts,
     summarize,
 )
@@ -214,3 +215,26 @@ def test_mixed_document_tokens_split_by_segment_domain() -> None:
     assert parts["code"].loss_sums.tolist() == [1.0, 15.0]
     assert parts["code"].token_counts.tolist() == [1, 3]
     assert parts["prose"].doc_ids.tolist() == [4] and parts["prose"].mean_loss == 2.5
+
+
+def test_mean_of_groups_weighs_each_group_the_same() -> None:
+    # experts = {x: 1, y: 3} (group mean 2), general = {z: 5}: mean of groups (2 + 5) / 2 = 3.5,
+    # while the mean over domains is (1 + 3 + 5) / 3 = 3.
+    assert group_weights({"experts": ["x", "y"], "general": ["z"], "empty": []}) == {
+        "x": 0.25,
+        "y": 0.25,
+        "z": 0.5,
+    }
+    scores = {"x": _docs([[1.0] * 4]), "y": _docs([[3.0] * 2]), "z": _docs([[5.0] * 3])}
+    shifted = {"x": _docs([[1.0] * 4]), "y": _docs([[3.0] * 2]), "z": _docs([[5.2] * 3])}
+    groups = {"experts": ["x", "y"], "general": ["z"]}
+    table = summarize({"m": scores, "n": shifted}, groups)["models"]["m"]
+    assert table["mean"]["loss"]["estimate"] == pytest.approx(3.0)
+    assert table["mean_of_groups"]["loss"]["estimate"] == pytest.approx(3.5)
+    assert table["mean_of_groups"]["perplexity"]["estimate"] == pytest.approx(math.exp(3.5))
+    # n is 0.2 nats worse on z only: -0.2 / 3 over domains, -0.2 / 2 over groups.
+    diff = compare({"m": scores, "n": shifted}, "m", "n", groups)
+    assert diff["mean"]["loss"]["estimate"] == pytest.approx(-0.2 / 3)
+    assert diff["mean_of_groups"]["loss"]["estimate"] == pytest.approx(-0.1)
+    assert diff["groups"]["experts"]["loss"]["estimate"] == pytest.approx(0.0)
+    assert diff["mean_of_groups"]["a_better"]

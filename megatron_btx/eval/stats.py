@@ -45,6 +45,7 @@ import numpy as np
 
 from megatron_btx.errors import BTXError
 
+DomainWeights = Sequence[str] | Mapping[str, float]
 DEFAULT_REPLICATES = 10_000
 DEFAULT_CONFIDENCE = 0.95
 
@@ -168,6 +169,7 @@ class DocumentBootstrap:
         if not 0.0 < confidence < 1.0:
             raise BTXError(f"confidence must be between 0 and 1 (e.g. 0.95), not {confidence}")
         self.replicates, self.seed, self.confidence = int(replicates), int(seed), confidence
+        self._memo: dict[tuple[str, int], tuple[DocumentLosses, np.ndarray]] = {}
         self.doc_ids = {d: np.asarray(ids, dtype=np.int64) for d, ids in documents.items()}
         empty = [d for d, ids in self.doc_ids.items() if ids.size == 0]
         if empty:
@@ -199,20 +201,24 @@ class DocumentBootstrap:
             )
 
     def domain_replicates(self, domain: str, scores: DocumentLosses) -> np.ndarray:
-        """[replicates] token-weighted mean loss of the domain in each replicate."""
+        """[replicates] token-weighted mean loss of the domain in each replicate (memoised per
+        scores object: a table and its comparisons ask for the same domain many times)."""
+        cached = self._memo.get((domain, id(scores)))
+        if cached is not None and cached[0] is scores:
+            return cached[1]
         self._check(domain, scores)
         counts = self.counts[domain]
-        return (counts @ scores.loss_sums) / (counts @ scores.token_counts.astype(np.float64))
+        reps = (counts @ scores.loss_sums) / (counts @ scores.token_counts.astype(np.float64))
+        self._memo[(domain, id(scores))] = (scores, reps)
+        return reps
 
     def mean_replicates(
-        self, scores: Mapping[str, DocumentLosses], domains: Sequence[str] | None = None
+        self, scores: Mapping[str, DocumentLosses], domains: DomainWeights | None = None
     ) -> np.ndarray:
-        """[replicates] unweighted mean over ``domains`` (default all) of the domain losses."""
-        names = list(scores if domains is None else domains)
-        missing = [d for d in names if d not in scores]
-        if not names or missing:
-            raise BTXError(f"no scores for domain(s) {missing or names}; evaluate them first")
-        return np.mean([self.domain_replicates(d, scores[d]) for d in names], axis=0)
+        """[replicates] mean of the domain losses over ``domains`` (default all, equal weights;
+        or a domain -> weight mapping such as :func:`group_weights`)."""
+        weights = _as_weights(scores, domains)
+        return sum(w * self.domain_replicates(d, scores[d]) for d, w in weights.items())
 
     def interval(self, estimate: float, replicates: np.ndarray) -> Interval:
         """Percentile interval of ``replicates`` around the full-sample ``estimate``."""
@@ -221,8 +227,33 @@ class DocumentBootstrap:
         return Interval(float(estimate), float(low), float(high))
 
 
-def _mean_estimate(scores: Mapping[str, DocumentLosses], domains: Sequence[str]) -> float:
-    return float(np.mean([scores[d].mean_loss for d in domains]))
+def group_weights(groups: Mapping[str, Sequence[str]]) -> dict[str, float]:
+    """Domain weights of the mean over groups: each non-empty group weighs the same, shared
+    equally by its domains (a domain in two groups gets both shares)."""
+    kept = [members for members in groups.values() if members]
+    weights: dict[str, float] = {}
+    for members in kept:
+        for domain in members:
+            weights[domain] = weights.get(domain, 0.0) + 1.0 / (len(kept) * len(members))
+    return weights
+
+
+def _as_weights(
+    scores: Mapping[str, DocumentLosses], domains: DomainWeights | None
+) -> dict[str, float]:
+    """Normalised domain weights: a list of domains means equal weights."""
+    spec = list(scores) if domains is None else domains
+    weights = dict(spec) if isinstance(spec, Mapping) else dict.fromkeys(spec, 1.0)
+    missing = [d for d in weights if d not in scores]
+    total = sum(weights.values())
+    if not weights or missing or total <= 0:
+        raise BTXError(f"no scores for domain(s) {missing or list(weights)}; evaluate them first")
+    return {d: w / total for d, w in weights.items()}
+
+
+def _mean_estimate(scores: Mapping[str, DocumentLosses], domains: DomainWeights | None) -> float:
+    weights = _as_weights(scores, domains)
+    return float(sum(w * scores[d].mean_loss for d, w in weights.items()))
 
 
 def _loss_and_perplexity(interval: Interval) -> dict[str, dict[str, float]]:
@@ -237,9 +268,10 @@ def summarize(
     """Intervals for every model: each domain, the headline mean and each group's mean.
 
     Returns ``{"method": ..., "models": {name: {"domains": {d: {"loss", "perplexity",
-    "documents", "tokens"}}, "mean": {"loss", "perplexity"}, "groups": {g: {...}}}}}``, every
-    interval a ``{"estimate", "low", "high"}`` dict; the mean's perplexity is the geometric mean
-    of the per-domain perplexities.
+    "documents", "tokens"}}, "mean": {"loss", "perplexity"}, "groups": {g: {...}},
+    "mean_of_groups": {...}}}}``, every interval a ``{"estimate", "low", "high"}`` dict; the
+    mean's perplexity is the geometric mean of the per-domain perplexities, ``mean_of_groups``
+    the mean of the group means (each group weighs the same; present when groups are given).
     """
     boot = bootstrap or DocumentBootstrap.for_models(models)
     out: dict[str, Any] = {"method": method(boot), "models": {}}
@@ -256,13 +288,19 @@ def summarize(
         entry: dict[str, Any] = {"domains": per_domain}
         mean = boot.interval(_mean_estimate(scores, domains), boot.mean_replicates(scores))
         entry["mean"] = _loss_and_perplexity(mean)
+        present = {g: m for g, m in (groups or {}).items() if m and all(d in scores for d in m)}
         entry["groups"] = {}
-        for group, members in (groups or {}).items():
-            if all(d in scores for d in members) and members:
-                interval = boot.interval(
-                    _mean_estimate(scores, members), boot.mean_replicates(scores, members)
-                )
-                entry["groups"][group] = _loss_and_perplexity(interval)
+        for group, members in present.items():
+            interval = boot.interval(
+                _mean_estimate(scores, members), boot.mean_replicates(scores, members)
+            )
+            entry["groups"][group] = _loss_and_perplexity(interval)
+        if present:
+            weights = group_weights(present)
+            interval = boot.interval(
+                _mean_estimate(scores, weights), boot.mean_replicates(scores, weights)
+            )
+            entry["mean_of_groups"] = _loss_and_perplexity(interval)
         out["models"][name] = entry
     return out
 
@@ -271,7 +309,7 @@ def paired_difference(
     bootstrap: DocumentBootstrap,
     scores_a: Mapping[str, DocumentLosses],
     scores_b: Mapping[str, DocumentLosses],
-    domains: Sequence[str],
+    domains: DomainWeights,
 ) -> dict[str, Any]:
     """Model A minus model B on the mean loss over ``domains``, paired replicate by replicate.
 
@@ -307,29 +345,31 @@ def compare(
     boot = bootstrap or DocumentBootstrap.for_models(models)
     scores_a, scores_b = models[model_a], models[model_b]
     shared = [d for d in scores_a if d in scores_b]
-    return {
+    present = {g: m for g, m in (groups or {}).items() if m and all(d in shared for d in m)}
+    out = {
         "a": model_a,
         "b": model_b,
         "domains": {d: paired_difference(boot, scores_a, scores_b, [d]) for d in shared},
-        "groups": {
-            g: paired_difference(boot, scores_a, scores_b, members)
-            for g, members in (groups or {}).items()
-            if members and all(d in shared for d in members)
-        },
+        "groups": {g: paired_difference(boot, scores_a, scores_b, m) for g, m in present.items()},
         "mean": paired_difference(boot, scores_a, scores_b, shared),
     }
+    if present:
+        weights = group_weights(present)
+        out["mean_of_groups"] = paired_difference(boot, scores_a, scores_b, weights)
+    return out
 
 
 def best_model(
     models: Mapping[str, Mapping[str, DocumentLosses]],
     candidates: Sequence[str],
-    domains: Sequence[str] | None = None,
+    domains: DomainWeights | None = None,
 ) -> str:
-    """The candidate with the lowest point-estimate mean loss over ``domains`` (default all)."""
+    """The candidate with the lowest point-estimate mean loss over ``domains`` (default all;
+    or weights, e.g. :func:`group_weights`)."""
     present = [c for c in candidates if c in models]
     if not present:
         raise BTXError(f"none of {', '.join(candidates)} was evaluated")
-    return min(present, key=lambda c: _mean_estimate(models[c], list(domains or models[c])))
+    return min(present, key=lambda c: _mean_estimate(models[c], domains))
 
 
 def method(bootstrap: DocumentBootstrap) -> dict[str, Any]:
@@ -342,5 +382,6 @@ def method(bootstrap: DocumentBootstrap) -> dict[str, Any]:
         "seed": bootstrap.seed,
         "domain_statistic": "token-weighted mean loss (perplexity = exp)",
         "mean_statistic": "mean of per-domain losses (= geometric mean of perplexities)",
+        "mean_of_groups_statistic": "mean of group means (each group weighs the same)",
         "documents": {d: int(ids.size) for d, ids in bootstrap.doc_ids.items()},
     }
