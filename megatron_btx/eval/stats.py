@@ -13,7 +13,8 @@ What is estimated
 - **Headline mean**: the unweighted mean of the per-domain losses, i.e. the log of the geometric
   mean of per-domain perplexities: every domain counts the same whatever its token count. In a
   replicate every domain is resampled, independently of the others.
-- **Groups**: the same mean over a subset of domains (expert domains, general, mixed documents).
+- **Groups**: the same mean over a subset of domains (expert domains, general, mixed documents),
+  and the mean over groups, in which every group weighs the same (:func:`group_weights`).
 - **Paired differences**: model A minus model B computed on the *same* resampled documents in
   every replicate, so the variation that both models share (hard documents are hard for both)
   cancels. "A is better than B" holds only when the whole interval is below 0.
