@@ -133,25 +133,17 @@ def test_domains_per_document_and_segment_tokens_are_obeyed() -> None:
         held_out, byte_encode, seed=1, target_tokens=2000, segment_tokens=(50, 60)
     )
     assert short and all(50 <= len(c.text.encode()) <= 60 for d in short for c in d.chunks)
-    few = build_mixed_documents(
-        held_out,
-        byte_encode,
-        seed=1,
-        target_tokens=2000,
-        domains_per_document=(2, 2),
-        segments_per_document=(2, 2),
-    )
-    assert few and all(len(d.chunks) == 2 for d in few)
-    # A document never has fewer segments than domains: three domains need three segments.
-    three = build_mixed_documents(
-        held_out,
-        byte_encode,
-        seed=1,
-        target_tokens=2000,
-        domains_per_document=(3, 3),
-        segments_per_document=(2, 2),
-    )
-    assert three and all(len(d.chunks) == 3 for d in three)
+    # Segments per document as asked, but never fewer than its domains (three need three).
+    for domains, segments, expected in (((2, 2), (2, 2), 2), ((3, 3), (2, 2), 3)):
+        docs = build_mixed_documents(
+            held_out,
+            byte_encode,
+            seed=1,
+            target_tokens=2000,
+            domains_per_document=domains,
+            segments_per_document=segments,
+        )
+        assert docs and all(len(d.chunks) == expected for d in docs)
     with pytest.raises(BTXError, match="domains_per_document"):
         build_mixed_documents(held_out, byte_encode, domains_per_document=(1, 3))
 
