@@ -152,7 +152,9 @@ class BaselinesConfig:
     dense: bool = True
     sparse_upcycling: bool = True
     btm: bool = True
-    compute_match: bool = True
+    #: flops: 6 x active params x tokens; time: measured hardware time (the paper's GPU-days);
+    #: none: the baselines' own steps (true/false mean flops/none)
+    compute_match: str | bool = "flops"
     dense_train: StageTrain | None = None
     sparse_upcycling_train: StageTrain | None = None
 
@@ -263,6 +265,11 @@ class BTXConfig:
                 f"evaluation.tokens_per_domain={self.evaluation.tokens_per_domain} must be at "
                 f"least data.seq_length={self.data.seq_length}"
             )
+        match = self.baselines.compute_match
+        if isinstance(match, bool):
+            self.baselines.compute_match = "flops" if match else "none"
+        elif match not in ("flops", "time", "none"):
+            raise BTXError(f"baselines.compute_match={match!r}: flops | time | none")
         if self.evaluation.btm_route_tokens < 1:
             raise BTXError(
                 f"evaluation.btm_route_tokens={self.evaluation.btm_route_tokens} must be >= 1"

@@ -56,7 +56,7 @@ from megatron_btx.pipeline import config as btx_config
 from megatron_btx.pipeline.config import BTXConfig, StageTrain
 
 #: stage kinds
-KINDS = ("data", "convert", "train", "merge", "eval")
+KINDS = ("data", "convert", "train", "merge", "match", "eval")
 PLAN_FORMAT = 2
 
 
@@ -548,34 +548,49 @@ class _Planner:
         )
         self.btx_flops += added.flops
 
+    def _time_matched(self) -> dict[str, int]:
+        """Baseline steps measured by `btx match-compute` for these very BTX stages (their
+        configs unchanged since), else nothing (the plan then holds FLOPs-matched steps until
+        the measurement re-plans it)."""
+        from megatron_btx.pipeline import compute_match
+
+        measured = compute_match.load(self.run)
+        if not measured:
+            return {}
+        current = {
+            name: compute_match.config_fingerprint(_yaml_text(config))
+            for name, config in self.train_configs.items()
+            if name in measured.get("btx_configs", {})
+        }
+        if current != measured["btx_configs"]:
+            return {}
+        return {name: int(entry["steps"]) for name, entry in measured["baselines"].items()}
+
+    def _baseline_steps(self, name: str, stage: StageTrain, active: int, measured) -> None:
+        mode = self.cfg.baselines.compute_match
+        if mode == "none":
+            return
+        if mode == "time" and name in measured:
+            stage.steps = measured[name]
+            return
+        seq = self.cfg.data.seq_length
+        stage.steps = _matched_steps(self.btx_flops, active, _global_batch(stage), seq)
+
     def baselines(self) -> list[str]:
         cfg, base = self.cfg, self.cfg.baselines
-        added = []
-        seq = cfg.data.seq_length
-        if base.dense:
-            stage = _merge_stage(cfg.experts, base.dense_train)
-            if base.compute_match:
-                stage.steps = _matched_steps(
-                    self.btx_flops, self.dense_active, _global_batch(stage), seq
-                )
-            self.train(
-                "baseline_dense",
-                f"{self.run}/baselines/dense",
-                stage,
-                self.blend,
-                self.seed_checkpoint,
-                self.seed_deps,
-                self.dense_active,
-                "baseline",
-            )
-            added.append("baseline_dense")
+        added: list[str] = []
+        if not (base.dense or base.sparse_upcycling):
+            return added
+        matched = self._time_matched() if base.compute_match == "time" else {}
+        upcycled = f"{self.run}/baselines/upcycled"
         if base.sparse_upcycling:
-            upcycled = f"{self.run}/baselines/upcycled"
             # N copies of the seed, merged with the BTX merge's flags: the same architecture
             seed = self.seed_checkpoint
-            experts = [seed] * len(self.names)
             argv = self._merge_argv(
-                experts, seed if cfg.merge.seed_as_expert else None, upcycled, "random"
+                [seed] * len(self.names),
+                seed if cfg.merge.seed_as_expert else None,
+                upcycled,
+                "random",
             )
             self.stages.append(
                 Stage(
@@ -591,23 +606,50 @@ class _Planner:
                     router=self.router,
                 )
             )
-            stage = _merge_stage(cfg.finetune, base.sparse_upcycling_train)
-            if base.compute_match:
-                stage.steps = _matched_steps(
-                    self.btx_flops, self.moe_active, _global_batch(stage), seq
+        waits: list[str] = []
+        if base.compute_match == "time":
+            waits = ["match_compute"]
+            deps = [f"expert_{n}" for n in self.names] + ["merge", "finetune"]
+            deps += ["upcycle_merge"] if base.sparse_upcycling else []
+            self.stages.append(
+                Stage(
+                    "match_compute",
+                    "match",
+                    ["match-compute", "--run-dir", self.run],
+                    deps,
+                    1,
+                    [f"{self.run}/compute_match.json"],
+                    group="baseline",
                 )
+            )
+        if base.dense:
+            stage = _merge_stage(cfg.experts, base.dense_train)
+            self._baseline_steps("baseline_dense", stage, self.dense_active, matched)
+            self.train(
+                "baseline_dense",
+                f"{self.run}/baselines/dense",
+                stage,
+                self.blend,
+                self.seed_checkpoint,
+                self.seed_deps + waits,
+                self.dense_active,
+                "baseline",
+            )
+            added.append("baseline_dense")
+        if base.sparse_upcycling:
+            stage = _merge_stage(cfg.finetune, base.sparse_upcycling_train)
+            self._baseline_steps("baseline_sparse_upcycling", stage, self.moe_active, matched)
             # the finetune's router and load balancing: only the initialisation differs
-            moe = self.finetune_moe_section()
             self.train(
                 "baseline_sparse_upcycling",
                 f"{self.run}/baselines/sparse_upcycling",
                 stage,
                 self.blend,
                 upcycled,
-                ["upcycle_merge"],
+                ["upcycle_merge", *waits],
                 self.moe_active,
                 "baseline",
-                moe,
+                self.finetune_moe_section(),
             )
             added.append("baseline_sparse_upcycling")
         return added
@@ -664,14 +706,16 @@ def _check(stages: list[Stage]) -> None:
         seen.add(s.name)
 
 
+def _yaml_text(train_config: dict[str, Any]) -> str:
+    """A train stage's config file exactly as write_plan writes it."""
+    return yaml.safe_dump(train_config, sort_keys=False, default_flow_style=False)
+
+
 def write_plan(cfg: BTXConfig, plan: Plan, train_configs: dict[str, dict]) -> None:
     run = Path(cfg.run_dir)
     (run / "configs").mkdir(parents=True, exist_ok=True)
     for name, train_cfg in train_configs.items():
-        rundir.atomic_write_text(
-            run / "configs" / f"{name}.yaml",
-            yaml.safe_dump(train_cfg, sort_keys=False, default_flow_style=False),
-        )
+        rundir.atomic_write_text(run / "configs" / f"{name}.yaml", _yaml_text(train_cfg))
     rundir.atomic_write_text(run / "btx.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
     save_plan(run, plan)
 

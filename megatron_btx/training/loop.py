@@ -633,6 +633,8 @@ class Trainer:
             self.step,
             resumed=self.resume_from is not None,
             world_size=self.rt.world_size,
+            threads=torch.get_num_threads(),
+            device=self.device.type,
             layout=self.layout(),
             params=self.n_params,
         )
