@@ -59,8 +59,8 @@ def test_plan_stages_and_configs(tmp_path):
         "expert_gamma",
         "merge",
         "finetune",
-        "baseline_dense",
         "upcycle_merge",
+        "baseline_dense",
         "baseline_sparse_upcycling",
         "evaluate",
     ]
@@ -147,6 +147,31 @@ def test_small_run_active_params_by_router(router, tied, finetune_active):
     btx = sum(s.flops for s in stages.values() if s.group == "btx")
     dense = stages["baseline_dense"]
     assert abs(dense.flops - btx) <= dense.flops / dense.steps / 2 + 1
+
+
+def test_general_domain_seed_data_and_mixed_documents(tmp_path):
+    """A domain with expert: false gets no expert but is prepared, blended and evaluated; the
+    seed pretrains on seed.domains; mixed held-out documents are prepared."""
+    raw = _config(tmp_path)
+    raw["domains"]["gamma"] = {**raw["domains"]["gamma"], "expert": False, "weight": 0.2}
+    raw["domains"]["alpha"]["weight"] = 0.4
+    raw["domains"]["beta"]["weight"] = 0.4
+    raw["seed"]["domains"] = ["gamma"]
+    raw["data"]["mixed_tokens"] = 5000
+    stages = {s.name: s for s in plan.build_plan(raw)}
+    assert "expert_gamma" not in stages and {"expert_alpha", "expert_beta"} <= set(stages)
+    data = stages["prepare_data"].argv
+    assert any(a.startswith("gamma=") for a in data)
+    assert data[data.index("--mixed-tokens") + 1] == "5000"
+    seed = yaml.safe_load(Path(stages["seed"].argv[1]).read_text())
+    assert seed["data"]["domains"] == {"gamma": 1.0}
+    finetune = yaml.safe_load(Path(stages["finetune"].argv[1]).read_text())
+    assert finetune["data"]["domains"] == {"alpha": 0.4, "beta": 0.4, "gamma": 0.2}
+    merge = stages["merge"].argv
+    experts = merge[merge.index("--experts") + 1 : merge.index("--seed")]
+    assert [Path(e).parts[-3] for e in experts] == ["alpha", "beta"]  # runs/experts/<name>/...
+    with pytest.raises(BTXError, match="seed.domains"):
+        plan.build_plan({**raw, "seed": {**raw["seed"], "domains": ["nope"]}}, write=False)
 
 
 def test_merge_variants_change_the_planned_moe(tmp_path):

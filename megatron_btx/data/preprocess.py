@@ -452,8 +452,12 @@ def prepare_domains(
     tokenizer_sentences: int = 300_000,
     tokenizer_max_read_mb: float = 200.0,
     force: bool = False,
+    mixed_tokens: int = 0,
+    mixed_seed: int = 0,
 ) -> dict[str, Any]:
     """Prepare every domain with one shared tokenizer and write ``out_dir/manifest.json``.
+    With ``mixed_tokens``, also held-out *mixed* documents of about that many tokens, whose
+    paragraphs come from different domains' test documents (:mod:`megatron_btx.data.mixed`).
 
     Trains ``out_dir/tokenizer.model`` on a per-domain-balanced sample of the train splits (or
     copies ``tokenizer`` there), then writes ``out_dir/<domain>_{train,valid,test}_text_document``.
@@ -486,6 +490,7 @@ def prepare_domains(
         "split": fractions,
         "txt_separator": txt_separator,
         "tokenizer_sentences": None if tokenizer else tokenizer_sentences,
+        "mixed": {"tokens": mixed_tokens, "seed": mixed_seed} if mixed_tokens else None,
     }
     if not force:
         previous = _up_to_date(out, domains, settings)
@@ -521,8 +526,22 @@ def prepare_domains(
             "skipped": result["skipped"],
             "problems": result["problems"],
         }
+    mixed = None
+    if mixed_tokens:
+        from megatron_btx.data.mixed import prepare_mixed  # imports this module: lazily
+
+        mixed = prepare_mixed(
+            domains,
+            out,
+            tok,
+            fractions,
+            txt_separator,
+            seed=mixed_seed,
+            target_tokens=mixed_tokens,
+        )
     manifest = {
         "settings": settings,
+        "mixed": mixed,
         "tokenizer": {
             "path": model_path.name,
             "sha256": tok.sha256,
@@ -564,6 +583,11 @@ def _up_to_date(out: Path, domains, settings: dict[str, Any]) -> dict[str, Any] 
         for s in SPLITS
         for ext in (".bin", ".idx")
     )
+    mixed = old.get("mixed")
+    if settings.get("mixed") and not (
+        mixed and all((out / (mixed["prefix"] + ext)).is_file() for ext in (".bin", ".idx"))
+    ):
+        outputs_exist = False
     if (
         old.get("settings") == settings
         and outputs_exist
@@ -667,6 +691,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="a line equal to STR separates documents inside text files (default: one document per file)",
     )
     parser.add_argument(
+        "--mixed-tokens",
+        type=int,
+        default=0,
+        help="with --output-dir: also write about this many tokens of held-out mixed documents "
+        "(paragraphs from different domains' test documents; 0 = none)",
+    )
+    parser.add_argument(
         "--max-mb",
         type=float,
         default=4.0,
@@ -756,6 +787,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         workers=args.workers,
         txt_separator=args.txt_separator,
         force=args.force,
+        mixed_tokens=args.mixed_tokens,
     )
 
 

@@ -160,8 +160,9 @@ class _Scores:
 
 
 def _score_btm(models, all_models, names, sets, data_dir, scores, missing) -> dict[str, Any]:
-    """BTM top-k: per held-out document, the k experts whose training-data tf-idf centroid is
-    closest; their next-token distributions averaged uniformly."""
+    """BTM top-k: per held-out document, the k experts (of the expert domains `names`) whose
+    training-data tf-idf centroid is closest to the document's routing prefix; their next-token
+    distributions averaged uniformly, on every evaluated domain."""
     from megatron_btx.eval import data as edata
     from megatron_btx.eval import scoring
     from megatron_btx.eval.tfidf import TfIdf, choose_experts
@@ -184,6 +185,7 @@ def _score_btm(models, all_models, names, sets, data_dir, scores, missing) -> di
         for n in names
     }
     all_docs = [*train_docs.values(), *(s.docs for s in sets.values())]
+    domains = list(sets)
     vocab = 1 + max(int(doc.max()) for docs in all_docs for doc in docs)
     tfidf = TfIdf(vocab).fit([doc for docs in train_docs.values() for doc in docs])
     centroids = np.stack([tfidf.centroid(train_docs[n]) for n in names])
@@ -192,7 +194,7 @@ def _score_btm(models, all_models, names, sets, data_dir, scores, missing) -> di
         k = models[model]["k"]
         scores.logprobs[model] = {}
         correct = total = 0
-        for domain in names:
+        for domain in domains:
             held_out = sets[domain]
             choice = np.array(
                 [
@@ -200,8 +202,9 @@ def _score_btm(models, all_models, names, sets, data_dir, scores, missing) -> di
                     for doc in range(len(held_out.docs))
                 ]
             )
-            correct += int(sum(names[c[0]] == domain for c in choice))
-            total += len(choice)
+            if domain in names:  # an expert's domain: did BTM pick that expert first?
+                correct += int(sum(names[c[0]] == domain for c in choice))
+                total += len(choice)
             chosen = choice[held_out.doc_of_target]  # [n, S, k]
             scores.logprobs[model][domain] = scoring.ensemble_logprobs(
                 [scores.logprobs[e][domain] for e in experts], chosen
@@ -230,11 +233,13 @@ def _rows(models, scores, markers, sets) -> dict[str, dict[str, Any]]:
             continue
         logprobs = {d: sets[d].select(lp) for d, lp in per_target.items()}
         ppl = {d: scoring.perplexity(lp) for d, lp in logprobs.items()}
+        loss = {d: float(-np.mean(lp)) for d, lp in logprobs.items()}
         stages = model_info["stages"]
         rows[name] = {
             "perplexity": ppl,
-            "mean": float(np.mean(list(ppl.values()))),
-            "loss": {d: float(-np.mean(lp)) for d, lp in logprobs.items()},
+            # the mean of the per-domain losses: the geometric mean of the perplexities
+            "mean": float(np.exp(np.mean(list(loss.values())))),
+            "loss": loss,
             "active_params": model_info.get("active_params"),
             "train_flops": sum(float(markers.get(s, {}).get("flops", 0.0)) for s in stages),
             "train_tokens": sum(int(markers.get(s, {}).get("tokens", 0)) for s in stages),
@@ -264,6 +269,17 @@ def _diagnostics(models, names, rows, out: Path) -> dict[str, Any] | None:
     return found
 
 
+def _has_mixed(data_dir: str) -> bool:
+    """The prepared data holds mixed held-out documents (prepare-data --mixed-tokens)."""
+    import json
+
+    manifest = Path(data_dir) / "manifest.json"
+    try:
+        return bool(json.loads(manifest.read_text()).get("mixed"))
+    except (OSError, ValueError):
+        return False
+
+
 def evaluate_run(
     run_dir: str | os.PathLike[str],
     tokens_per_domain: int | None = None,
@@ -272,8 +288,8 @@ def evaluate_run(
     out_dir: str | os.PathLike[str] | None = None,
     device: str = "auto",
 ) -> dict[str, Any]:
+    from megatron_btx.eval import claims, intervals, report
     from megatron_btx.eval import data as edata
-    from megatron_btx.eval import report
     from megatron_btx.pipeline import plan as plan_mod
 
     run = Path(run_dir).resolve()
@@ -287,12 +303,13 @@ def evaluate_run(
     ev = cfg.evaluation
     split = split or ev.split
     data_dir = cfg.data.prepared or str(run / "data")
-    names = cfg.domain_names
+    names = cfg.expert_names
+    domains = cfg.domain_names + ([intervals.MIXED] if _has_mixed(data_dir) else [])
     t0 = time.time()
     tokens = tokens_per_domain or ev.tokens_per_domain
     sets = {
         n: edata.eval_set(data_dir, n, split, cfg.data.seq_length, tokens, ev.btm_route_tokens)
-        for n in names
+        for n in domains
     }
     _progress(
         f"{len(models)} models x {len(names)} domains; held-out '{split}' split, "
@@ -304,14 +321,22 @@ def evaluate_run(
             to_load.setdefault(f"expert_{n}", all_models.get(f"expert_{n}"))
         to_load = {k: v for k, v in to_load.items() if v is not None}
     scores, missing = _Scores(), {}
-    _score_models(to_load, names, sets, ev.micro_batch_size, device, scores, missing)
+    _score_models(to_load, domains, sets, ev.micro_batch_size, device, scores, missing)
     btm_info = _score_btm(models, to_load, names, sets, data_dir, scores, missing)
     markers = {s.name: (plan_mod.read_marker(s, run) or {}) for s in stages}
+    groups = intervals.groups_of(names, domains)
+    labels_of_mixed = None
+    if intervals.MIXED in sets:
+        labels_of_mixed = intervals.segment_labels(data_dir, sets[intervals.MIXED], domains)
+    evaluated = {m: lp for m, lp in scores.logprobs.items() if m in models}
+    found = intervals.compute(evaluated, sets, groups, labels_of_mixed, domains)
     labels, owners = expert_labels(cfg, (all_models.get("btx_merge_only") or {}).get("checkpoint"))
     result = {
         "run_dir": str(run),
         "split": split,
-        "domains": names,
+        "domains": domains,
+        "expert_domains_evaluated": names,
+        "groups": groups,
         "tokens": {n: s.n_tokens for n, s in sets.items()},
         "documents": {n: len(s.docs) for n, s in sets.items()},
         "models": _rows(models, scores, markers, sets),
@@ -323,9 +348,10 @@ def evaluate_run(
             m: {d: {str(layer): st for layer, st in r.items()} for d, r in rr.items()}
             for m, rr in scores.routing.items()
         },
+        "intervals": found,
         "seconds": round(time.time() - t0, 1),
     }
-    result["claims"] = report.check_claims(result)
+    result["claims"] = claims.check_claims(result, report.routing_matrix(result))
     out = Path(out_dir) if out_dir else run / "eval"
     result["diagnostics"] = _diagnostics(all_models, names, result["models"], out)
     report.write_all(result, out, cfg.evaluation.routing)

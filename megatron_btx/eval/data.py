@@ -32,6 +32,7 @@ class EvalSet:
     scored: np.ndarray  # [n, seq_length] bool: the token is scored (not a routing prefix)
     docs: list[np.ndarray]  # token ids of each held-out document
     route_len: np.ndarray  # [documents] length of each document's routing prefix
+    starts: np.ndarray  # [n] where each window starts in the concatenated documents
 
     @property
     def n_tokens(self) -> int:
@@ -117,4 +118,4 @@ def eval_set(
     windows = np.stack([flat[s : s + window] for s in starts])
     doc_of_target = np.stack([doc_id[s + 1 : s + window] for s in starts])
     scored = np.stack([~in_prefix[s + 1 : s + window] for s in starts])
-    return EvalSet(domain, windows, doc_of_target, scored, docs, route_len)
+    return EvalSet(domain, windows, doc_of_target, scored, docs, route_len, starts)

@@ -321,7 +321,8 @@ class _Planner:
 
         self.cfg = cfg
         self.run = cfg.run_dir
-        self.names = cfg.domain_names
+        self.names = cfg.expert_names  # one expert each
+        self.domains = cfg.domain_names  # prepared, blended, evaluated
         self.stages: list[Stage] = []
         self.train_configs: dict[str, dict[str, Any]] = {}
         self.blend = {n: w for n, w in cfg.weights().items() if w > 0}
@@ -399,7 +400,7 @@ class _Planner:
                     f"data.prepared={self.data_path}: no manifest.json (run btx prepare-data)"
                 )
             have = json.loads(man.read_text()).get("domains", {})
-            missing = [n for n in self.names if n not in have]
+            missing = [n for n in self.domains if n not in have]
             if missing:
                 raise BTXError(
                     f"data.prepared={self.data_path} lacks domain(s) {', '.join(missing)}"
@@ -407,11 +408,11 @@ class _Planner:
             return []
         self.data_path = f"{self.run}/data"
         argv = ["prepare-data", "--output-dir", self.data_path, "--split", cfg.data.split]
-        builtin = [n for n in self.names if cfg.domain(n).is_builtin]
-        if len(builtin) == len(self.names):
-            argv += ["--builtin-domains", ",".join(self.names), "--max-mb", str(cfg.data.max_mb)]
+        builtin = [n for n in self.domains if cfg.domain(n).is_builtin]
+        if len(builtin) == len(self.domains):
+            argv += ["--builtin-domains", ",".join(self.domains), "--max-mb", str(cfg.data.max_mb)]
         else:
-            for name in self.names:
+            for name in self.domains:
                 paths = ["builtin"] if name in builtin else cfg.domain(name).paths
                 bad = [p for p in paths if "," in p]
                 if bad:
@@ -421,6 +422,8 @@ class _Planner:
                 argv += ["--max-mb", str(cfg.data.max_mb)]
             if cfg.data.txt_separator is not None:
                 argv += ["--txt-separator", cfg.data.txt_separator]
+        if cfg.data.mixed_tokens:
+            argv += ["--mixed-tokens", str(cfg.data.mixed_tokens)]
         if cfg.data.tokenizer:
             argv += ["--tokenizer", cfg.data.tokenizer]
         else:
@@ -445,8 +448,10 @@ class _Planner:
         if not cfg.seed.init_from:
             stage = _merge_stage(cfg.seed.pretrain)
             run = f"{self.run}/seed"
+            # the seed's own data (the paper's: general text no expert specialises in)
+            data = {n: 1.0 for n in cfg.seed.domains} if cfg.seed.domains else self.blend
             added = self.train(
-                "seed", run, stage, self.blend, None, data_deps, self.dense_active, "shared"
+                "seed", run, stage, data, None, data_deps, self.dense_active, "shared"
             )
             self.seed_checkpoint = added.checkpoint
             self.seed_deps = ["seed"]
@@ -505,7 +510,7 @@ class _Planner:
                 argv.append(
                     ",".join(
                         f"{self.data_path}/{n}_train_text_document@{weights[n]:g}"
-                        for n in self.names
+                        for n in self.domains
                         if n in weights
                     )
                 )
