@@ -352,9 +352,11 @@ def build_model(
     post_process: bool | None = None,
     vp_stage: int | None = None,
     spec: str | None = None,
+    speed=None,
     **config_kwargs: Any,
 ):
-    """A megatron-core GPTModel for this rank's pipeline stage (call after runtime.init)."""
+    """A megatron-core GPTModel for this rank's pipeline stage (call after runtime.init).
+    `speed`: a models.speedups.SpeedOptions (experts module, dispatcher, kernels)."""
     from megatron.core import parallel_state as ps
     from megatron.core.models.gpt import GPTModel
 
@@ -368,7 +370,7 @@ def build_model(
         post_process = ps.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage)
     model = GPTModel(
         config=config,
-        transformer_layer_spec=layer_spec(config, spec),
+        transformer_layer_spec=layer_spec(config, spec, speed),
         vocab_size=args.padded_vocab_size,
         max_sequence_length=args.max_position_embeddings,
         pre_process=pre_process,
@@ -381,6 +383,9 @@ def build_model(
         rotary_percent=1.0,
         vp_stage=vp_stage,
     )
+    from megatron_btx.models.speedups import after_build
+
+    after_build(model, speed)
     if not config.perform_initialization:
         _mark_tensor_parallel(model)
     if args.rope_scaling:
