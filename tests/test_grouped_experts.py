@@ -32,12 +32,8 @@ needs_grouped_mm = pytest.mark.skipif(
 
 
 @pytest.fixture(scope="module", autouse=True)
-def rt():
-    from megatron_btx import runtime
-
-    r = runtime.init(device="cpu")
-    yield r
-    runtime.teardown()
+def rt(cpu_runtime):
+    return cpu_runtime
 
 
 def moe_args(ffn: int = FFN, hidden: int = H):

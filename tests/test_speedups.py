@@ -22,34 +22,16 @@ TOL = dict(rtol=1e-6, atol=1e-6)
 
 
 @pytest.fixture(scope="module", autouse=True)
-def rt():
-    from megatron_btx import runtime
-
-    r = runtime.init(device="cpu")
-    yield r
-    runtime.teardown()
-
-
-@pytest.fixture(autouse=True)
-def _aux_loss_scale():
-    from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler
-
-    MoEAuxLossAutoScaler.set_loss_scale(torch.tensor(1.0))
+def rt(cpu_runtime):
+    return cpu_runtime
 
 
 def tiny_args(experts: int = 4):
-    from megatron_btx.models.llama import LlamaArgs
+    import dataclasses
 
-    return LlamaArgs(
-        hidden_size=64,
-        intermediate_size=96,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=300,
-        num_local_experts=experts,
-        num_experts_per_tok=2,
-    )
+    from test_grouped_experts import moe_args
+
+    return dataclasses.replace(moe_args(), num_local_experts=experts)
 
 
 def build(speed: SpeedOptions, experts: int = 4, seed: int = 0):
