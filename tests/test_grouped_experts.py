@@ -51,8 +51,9 @@ def moe_args(ffn: int = FFN, hidden: int = H):
     )
 
 
-def expert_pair(ffn: int = FFN, hidden: int = H):
-    """A SequentialMLP and a GroupedExperts holding the same weights."""
+def expert_pair(ffn: int = FFN, hidden: int = H, fused: bool = False):
+    """A SequentialMLP and a GroupedExperts holding the same weights; `fused`: megatron-core's
+    fused weighted SwiGLU (bias_activation_fusion, what a GPU run uses)."""
     from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
     from megatron.core.transformer.mlp import MLPSubmodules
     from megatron.core.transformer.moe.experts import SequentialMLP
@@ -60,7 +61,7 @@ def expert_pair(ffn: int = FFN, hidden: int = H):
 
     from megatron_btx.models.llama import transformer_config
 
-    cfg = transformer_config(moe_args(ffn, hidden))
+    cfg = transformer_config(moe_args(ffn, hidden), fused=fused)
     sub = MLPSubmodules(linear_fc1=ColumnParallelLinear, linear_fc2=RowParallelLinear)
     torch.manual_seed(0)
     seq = SequentialMLP(E, cfg, sub, pg_collection=get_default_pg_collection())
@@ -94,9 +95,13 @@ def by_hand(seq, x, counts, probs) -> torch.Tensor:
 
 
 @needs_grouped_mm
-@pytest.mark.parametrize("counts", [[5, 0, 9, 2], [16, 0, 0, 0], [0, 3, 0, 1]])
-def test_grouped_equals_sequential_forward_and_backward(counts):
-    seq, grp = expert_pair()
+@pytest.mark.parametrize(
+    "counts, fused",
+    [([5, 0, 9, 2], False), ([16, 0, 0, 0], False), ([0, 3, 0, 1], False), ([5, 0, 9, 2], True)],
+)
+def test_grouped_equals_sequential_forward_and_backward(counts, fused):
+    seq, grp = expert_pair(fused=fused)
+    assert seq.config.bias_activation_fusion is fused
     counts = torch.tensor(counts)
     n = int(counts.sum())
     g = torch.Generator().manual_seed(1)
