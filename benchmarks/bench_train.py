@@ -100,8 +100,12 @@ def model_flops_per_token(a: argparse.Namespace, moe: bool) -> float:
 
 
 # ---- workers (one per child process) -------------------------------------------------------------
-def worker_ours(a: argparse.Namespace, moe: bool, on_setup=None) -> list[float]:
-    """Step times of our Trainer; `on_setup(trainer)` is called after its set-up."""
+def worker_ours(
+    a: argparse.Namespace, moe: bool, on_setup=None, losses: list | None = None
+) -> list[float]:
+    """Step times of our Trainer; `on_setup(trainer)` is called after its set-up, and each
+    step's loss is appended to `losses` (the same seed and data give the same first loss in
+    every variant: a check that a speed-up computes the same model)."""
     from megatron_btx import config as C
     from megatron_btx.training.loop import Trainer
 
@@ -157,7 +161,9 @@ def worker_ours(a: argparse.Namespace, moe: bool, on_setup=None) -> list[float]:
     times = []
     for i in range(a.warmup + a.steps):
         t0 = time.perf_counter()
-        trainer.train_step()  # ends with the loss as a Python float: synchronous
+        metrics = trainer.train_step()  # ends with the loss as a Python float: synchronous
+        if losses is not None:
+            losses.append(metrics["loss"])
         if i >= a.warmup:
             times.append(time.perf_counter() - t0)
     from megatron_btx import runtime

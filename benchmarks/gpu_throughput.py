@@ -163,8 +163,9 @@ def measure_training(a, name: str) -> dict:
     moe = kind == "moe"
     counted: dict = {}
     hook = count_expert_rows(counted) if name == "paper_moe" else None
+    losses: list[float] = []
     if impl == "ours":
-        times = bench_train.worker_ours(ns, moe, on_setup=hook)
+        times = bench_train.worker_ours(ns, moe, on_setup=hook, losses=losses)
     else:
 
         def note_impl(model) -> None:
@@ -172,7 +173,7 @@ def measure_training(a, name: str) -> dict:
 
         times = bench_train.worker_hf(ns, moe, on_model=note_impl)
     res = bench_train._summary(ns, impl, kind, [times])
-    res.update(shape=shape, flags=flags, step_times_s=times)
+    res.update(shape=shape, flags=flags, step_times_s=times, losses=losses)
     if "rows" in counted:
         res["expert_rows_per_token_per_layer"] = counted["rows"] / max(counted["tokens"], 1)
         res["moe_layers"] = ns.layers
@@ -477,11 +478,27 @@ def summary(doc: dict) -> list[str]:
     return lines
 
 
+#: variant -> the measurement it must agree with (same shape, seed and data: the same first
+#: loss up to bf16 rounding of differently ordered sums)
+BASELINES = {
+    "moe_grouped": "moe_sequential",
+    "moe_grouped_local": "moe_sequential",
+    "moe_compile": "moe_sequential",
+    "moe_liger": "moe_sequential",
+    "dense_compile": "dense",
+    "dense_liger": "dense",
+}
+
+
 def goals(res: dict) -> dict:
     def tps(name):
         return res.get(name, {}).get("tokens_per_s")
 
     out = {}
+    for variant, base in BASELINES.items():
+        mine, ref = res.get(variant, {}).get("losses"), res.get(base, {}).get("losses")
+        if mine and ref:
+            out[f"{variant}_first_loss_rel_diff"] = f"{abs(mine[0] - ref[0]) / abs(ref[0]):.1e}"
     if res.get("dense", {}).get("mfu") is not None:
         out["dense_mfu>=45%"] = f"{res['dense']['mfu']:.1%}"
     best = max(

@@ -62,4 +62,10 @@ def test_gpu_throughput_tiny_cpu_run(tmp_path, data):
     )
     assert math.isclose(ib["moe_tokens_per_s_per_gpu"], expected, rel_tol=1e-9)
     assert "moe_vs_mixtral>=1.3x" in doc["goals"]
+    # same seed and data: the speed-ups train the same model (fp32 here: to 1e-6)
+    first = res["moe_sequential"]["losses"][0]
+    assert 4.0 < first < 12.0
+    for variant in ("moe_grouped", "moe_grouped_local"):
+        assert abs(res[variant]["losses"][0] - first) <= 1e-6 * first, variant
+        assert float(doc["goals"][f"{variant}_first_loss_rel_diff"]) <= 1e-6
     assert "goal moe_vs_mixtral>=1.3x" in r.stdout
