@@ -1,106 +1,178 @@
 #!/usr/bin/env python
-"""Each optional speed-up alone against the baseline, in the same run: training tokens/s of our
-Trainer (bench_train.py's `ours` worker: real data, megatron-core DDP, optimizer, schedule).
+"""Each optional speed-up alone against the baseline, in the same process and the same run.
 
-Variants (each one key changed from the baseline, which is sequential experts, the all-to-all
+Variants (each changes one key of the baseline: sequential experts, megatron-core's all-to-all
 dispatcher, torch kernels, eager):
   grouped   model.moe_experts: grouped        (torch._grouped_mm over the local experts)
   local     moe.local_dispatch: true          (no all-to-all machinery at EP = 1)
   compile   model.compile: true               (torch.compile of each transformer layer)
-  liger     model.kernels: liger              (GPU only: refused on a CPU run, so not measured)
+  liger     model.kernels: liger              (GPU only: refused on a CPU run, not measured)
 
-Rounds alternate the variants (baseline, grouped, local, compile, baseline, ...), each a child
-process; a variant's figure is the median over rounds of its median step, and its ratio is taken
-against the baseline *of the same round* (this machine's load changes from minute to minute),
-the median of those ratios reported.
+All variants are built in one process from the same seed (the same weights), warmed up (the
+compiled one compiles then), and then timed one training forward+backward step each, in turn,
+for `--rounds` rounds: a machine whose load changes from second to second (this one's 2 cores are
+shared) slows neighbouring steps alike, so the ratio to the baseline step of the same round is
+the figure; the median over rounds is reported. The optimizer step, identical for all variants,
+is not included. Prints a table and writes JSON.
 
-    python benchmarks/bench_speedups.py [--kinds moe,dense] [--rounds 3] [--out FILE]
-Any other flag goes to bench_train.py (model shape, --device, --dtype, --steps ...).
+    python benchmarks/bench_speedups.py [--kinds moe,dense] [--rounds 15] [--out FILE]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import platform
 import statistics
 import sys
+import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import bench_train  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
 
-#: variant -> bench_train flags (each changes one key of the baseline)
+#: variant -> SpeedOptions fields (the baseline is sequential experts, everything else off)
 VARIANTS = {
-    "baseline": ["--experts-module", "sequential"],
-    "grouped": ["--experts-module", "grouped"],
-    "local": ["--experts-module", "sequential", "--local-dispatch"],
-    "compile": ["--experts-module", "sequential", "--compile"],
+    "baseline": {"moe_experts": "sequential"},
+    "grouped": {"moe_experts": "grouped"},
+    "local": {"moe_experts": "sequential", "local_dispatch": True},
+    "compile": {"moe_experts": "sequential", "compile": True},
 }
 MOE_ONLY = {"grouped", "local"}
+
+
+def build_variants(a, moe: bool, variants: list[str]) -> dict:
+    import torch
+
+    from megatron_btx.models.llama import LlamaArgs, build_model
+    from megatron_btx.models.speedups import SpeedOptions, compile_layers
+
+    args = LlamaArgs(
+        hidden_size=a.hidden,
+        intermediate_size=a.ffn,
+        num_hidden_layers=a.layers,
+        num_attention_heads=a.heads,
+        vocab_size=a.vocab,
+        max_position_embeddings=max(a.seq, 128),
+        num_local_experts=a.experts if moe else 0,
+        num_experts_per_tok=a.topk,
+    )
+    models = {}
+    for name in variants:
+        if name in MOE_ONLY and not moe:
+            continue
+        speed = SpeedOptions(**VARIANTS[name])
+        torch.manual_seed(0)
+        model = build_model(args, speed=speed)
+        if speed.compile:
+            compile_layers([model])
+        models[name] = model
+    return models
+
+
+def time_variants(a, models: dict) -> dict[str, list[float]]:
+    import torch
+
+    g = torch.Generator().manual_seed(0)
+    tokens = torch.randint(0, a.vocab, (a.batch, a.seq + 1), generator=g)
+    inputs, labels = tokens[:, :-1], tokens[:, 1:]
+    positions = torch.arange(a.seq).expand(a.batch, -1)
+    losses = {}
+
+    def step(model) -> float:
+        model.zero_grad(set_to_none=True)
+        loss = model(inputs, positions, None, labels=labels).mean()
+        loss.backward()
+        return loss.item()
+
+    for name, model in models.items():
+        for _ in range(a.warmup):
+            losses[name] = step(model)
+    times: dict[str, list[float]] = {name: [] for name in models}
+    for _ in range(a.rounds):
+        for name, model in models.items():
+            t0 = time.perf_counter()
+            step(model)
+            times[name].append(time.perf_counter() - t0)
+    return times, losses
+
+
+def report(a, kind: str, times: dict, losses: dict) -> list[dict]:
+    tokens = a.batch * a.seq
+    base = times["baseline"]
+    rows = []
+    for name, steps in times.items():
+        ratios = [b / t for b, t in zip(base, steps)]
+        rows.append(
+            {
+                "kind": kind,
+                "variant": name,
+                "keys": VARIANTS[name],
+                "tokens_per_s_median": tokens / statistics.median(steps),
+                "speedup_vs_baseline_median": statistics.median(ratios),
+                "speedup_min_max": [min(ratios), max(ratios)],
+                "step_s": steps,
+                "loss_after_warmup": losses[name],
+            }
+        )
+    return rows
 
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--kinds", default="moe,dense")
     p.add_argument("--variants", default=",".join(VARIANTS))
-    p.add_argument("--rounds", type=int, default=3)
-    p.add_argument("--out", default=str(bench_train.ROOT / "runs/bench/bench_speedups.json"))
-    own, rest = p.parse_known_args()
-    a = bench_train._args().parse_args(rest)
-    if not a.data:
-        a.data = bench_train._prepare_data()
-    passthrough = [x for x in rest if not x.startswith("--data")]
-    variants = own.variants.split(",")
-    times: dict[tuple[str, str], list[float]] = {}
-    ratios: dict[tuple[str, str], list[float]] = {}
-    errors: dict[tuple[str, str], str] = {}
-    for rnd in range(own.rounds):
-        for kind in own.kinds.split(","):
-            base = None
-            for variant in variants:
-                if kind == "dense" and variant in MOE_ONLY:
-                    continue
-                res = bench_train._child(a, "ours", kind, passthrough + VARIANTS[variant])
-                if isinstance(res, str):
-                    errors[(kind, variant)] = res
-                    print(f"round {rnd + 1} {kind} {variant}: error", file=sys.stderr)
-                    continue
-                step = statistics.median(res)
-                times.setdefault((kind, variant), []).append(step)
-                if variant == "baseline":
-                    base = step
-                elif base is not None:
-                    ratios.setdefault((kind, variant), []).append(base / step)
-                print(f"round {rnd + 1} {kind} {variant}: {step:.3f} s/step", file=sys.stderr)
-    tokens = a.batch * a.seq
+    p.add_argument("--hidden", type=int, default=256)
+    p.add_argument("--ffn", type=int, default=688)
+    p.add_argument("--layers", type=int, default=4)
+    p.add_argument("--heads", type=int, default=8)
+    p.add_argument("--vocab", type=int, default=8064)
+    p.add_argument("--seq", type=int, default=256)
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--experts", type=int, default=4)
+    p.add_argument("--topk", type=int, default=2)
+    p.add_argument("--warmup", type=int, default=4)
+    p.add_argument("--rounds", type=int, default=15)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--out", default=str(ROOT / "runs/bench/bench_speedups.json"))
+    a = p.parse_args()
+    import torch
+
+    from megatron_btx import runtime
+
+    torch.set_num_threads(a.threads)
+    runtime.init(device="cpu")
     rows = []
+    for kind in a.kinds.split(","):
+        models = build_variants(a, kind == "moe", a.variants.split(","))
+        times, losses = time_variants(a, models)
+        rows += report(a, kind, times, losses)
+        del models
+    runtime.teardown()
     print(
-        f"\nspeed-ups alone, {a.device} {a.dtype}, batch {a.batch} x seq {a.seq}, hidden "
-        f"{a.hidden}, {a.layers} layers, {a.experts} experts top-{a.topk}, {own.rounds} rounds"
+        f"speed-ups alone, CPU fp32 ({a.threads} thread), batch {a.batch} x seq {a.seq}, hidden "
+        f"{a.hidden}, {a.layers} layers, MoE {a.experts} experts top-{a.topk}; "
+        f"forward+backward, {a.rounds} interleaved rounds"
     )
-    print(f"{'model':8}{'variant':10}{'median tok/s':>14}{'speed-up vs baseline':>24}  per round")
-    for (kind, variant), steps in times.items():
-        med = statistics.median(steps)
-        r = ratios.get((kind, variant), [])
-        row = {
-            "kind": kind,
-            "variant": variant,
-            "flags": VARIANTS[variant],
-            "tokens_per_s": tokens / med,
-            "round_step_s": steps,
-            "speedup_vs_baseline_median": statistics.median(r) if r else None,
-            "speedup_per_round": r,
-        }
-        rows.append(row)
-        sp = f"{row['speedup_vs_baseline_median']:.2f}x" if r else "-"
-        per = " ".join(f"{x:.2f}" for x in r)
-        print(f"{kind:8}{variant:10}{tokens / med:>14,.0f}{sp:>24}  {per}")
-    rows += [{"kind": k, "variant": v, "error": e[-2000:]} for (k, v), e in errors.items()]
-    out = Path(own.out)
+    print(f"{'model':7}{'variant':10}{'tok/s (median)':>16}{'vs baseline':>13}{'min-max':>14}")
+    for r in rows:
+        lo, hi = r["speedup_min_max"]
+        print(
+            f"{r['kind']:7}{r['variant']:10}{r['tokens_per_s_median']:>16,.0f}"
+            f"{r['speedup_vs_baseline_median']:>12.2f}x{lo:>8.2f}-{hi:.2f}"
+        )
+    meta = {
+        "machine": f"{platform.machine()}, {os.cpu_count()} cores (shared)",
+        "torch": torch.__version__,
+        "load_average": os.getloadavg(),
+        "args": vars(a),
+    }
+    out = Path(a.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"args": vars(a), "rounds": own.rounds, "results": rows}, indent=2))
+    out.write_text(json.dumps({"meta": meta, "results": rows}, indent=2))
     print(f"wrote {out}")
-    return 1 if errors else 0
+    return 0
 
 
 if __name__ == "__main__":
