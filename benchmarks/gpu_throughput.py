@@ -25,7 +25,7 @@ megatron-core, no TE, no network). Here, once, in the repository root:
     .venv/bin/pip download --no-deps --only-binary=:all: --python-version 3.12 \\
         --implementation cp --platform manylinux_2_28_x86_64 -d .whl \\
         megatron-core==0.16.1 liger-kernel==0.8.5          # .whl/ is git-ignored, ~3.5 MB
-    .venv/bin/python benchmarks/gpu_throughput.py --prepare-data   # runs/bench/data, ~10 MB
+    .venv/bin/python benchmarks/gpu_throughput.py --prepare-data   # runs/bench/data, ~2.5 MB
 Then one device call (`run` tool):
     command:   bash benchmarks/gpu_throughput.sh
     carry:     [".whl", "runs/bench/data"]
