@@ -34,6 +34,8 @@ setup(
         "wandb": ["wandb>=0.17"],
         "tensorboard": ["tensorboard>=2.14"],
         "gpu": ["transformer-engine[pytorch]>=2.0"],
+        # fused Triton RMSNorm / SwiGLU / cross-entropy (model.kernels: liger); needs a GPU
+        "liger": ["liger-kernel>=0.8.5"],
         "plots": ["matplotlib>=3.7"],
         "test": [
             "pytest>=8",

@@ -14,6 +14,12 @@ model:                            # one of init_from / hf_config / inline fields
   init_method_std: 0.02
   spec: auto                      # auto | local | te (Transformer Engine layer spec)
   recompute: false                # full activation recompute
+  moe_experts: auto               # auto | sequential | grouped: the MoE experts module (grouped
+                                  #   GEMM: TE's, or torch's grouped matmul without TE; auto:
+                                  #   grouped with TE or on a bf16 GPU run with the fast kernel)
+  kernels: torch                  # torch | liger | auto: liger-kernel's fused RMSNorm, SwiGLU
+                                  #   and cross-entropy (GPU; pip install megatron-btx[liger])
+  compile: false                  # torch.compile each transformer layer
 parallel: {tp: 1, pp: 1, ep: 1, etp: null, vpp: null, sequence_parallel: false,
            distributed_optimizer: false, overlap_grad_reduce: false}
 data:
@@ -53,6 +59,8 @@ moe:
   capacity_factor: null
   router: null                    # {type: topk|switch|sample_top1|soft, ...}: passed through to
                                   #   megatron_btx.models.routers.install
+  local_dispatch: false           # route tokens without the all-to-all machinery when every
+                                  #   expert is local (needs parallel.ep = 1 and tp = 1)
 logging: {tensorboard: true, wandb: false, wandb_project: megatron_btx, wandb_name: null,
           wandb_mode: null}
 ```
@@ -127,6 +135,10 @@ class ModelConfig:
     init_method_std: float = 0.02
     spec: str = "auto"
     recompute: bool = False
+    # speed-ups (megatron_btx/models/speedups.py)
+    moe_experts: str = "auto"
+    kernels: str = "torch"
+    compile: bool = False
 
     def inline_fields(self) -> dict[str, Any]:
         return {k: getattr(self, k) for k in LLAMA_FIELDS if getattr(self, k) is not None}
@@ -193,6 +205,7 @@ class MoEConfig:
     load_balancing: str = "aux_loss"
     capacity_factor: float | None = None
     router: dict[str, Any] | None = None
+    local_dispatch: bool = False
 
     def router_settings(self, train_steps: int) -> dict[str, Any] | None:
         """The BTX router's settings (megatron_btx.models.routers.install), with this section's
@@ -299,6 +312,7 @@ class Config:
         _one_of("train.resume", t.resume, ("auto", True, False))
         m.validate()
         _one_of("model.spec", self.model.spec, ("auto", "local", "te"))
+        self._validate_speedups()
         for key in ("steps", "warmup_steps"):
             if getattr(t, key) < 0:
                 raise BTXError(f"train.{key}={getattr(t, key)} must be >= 0")
@@ -337,6 +351,18 @@ class Config:
             raise BTXError("model.init_from and model.hf_config are exclusive; set only one")
         if world_size is not None:
             self.validate_world(world_size)
+
+    def _validate_speedups(self) -> None:
+        from megatron_btx.models.speedups import KERNELS, MOE_EXPERTS  # no torch import
+
+        p = self.parallel
+        _one_of("model.moe_experts", self.model.moe_experts, MOE_EXPERTS)
+        _one_of("model.kernels", self.model.kernels, KERNELS)
+        if self.moe.local_dispatch and (p.ep > 1 or p.tp > 1 or (p.etp or 1) > 1):
+            raise BTXError(
+                f"moe.local_dispatch needs every expert on its rank (parallel.ep = 1, tp = 1, "
+                f"etp = 1; got ep={p.ep}, tp={p.tp}, etp={p.etp}); set it to false"
+            )
 
     def validate_world(self, world_size: int) -> None:
         p, d = self.parallel, self.data

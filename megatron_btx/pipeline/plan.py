@@ -119,6 +119,13 @@ def _is_hf(path: str) -> bool:
     return (p / "config.json").is_file() and not rundir.is_checkpoint(p)
 
 
+def _model_options() -> set[str]:
+    """The model section's keys that are training options, not architecture (LlamaArgs)."""
+    from megatron_btx.config import LLAMA_FIELDS, ModelConfig
+
+    return {f.name for f in fields(ModelConfig)} - set(LLAMA_FIELDS) - {"init_from", "hf_config"}
+
+
 def seed_args(cfg: BTXConfig):
     """The dense architecture (LlamaArgs) of the seed and experts, as far as known at plan time
     (the vocabulary is the tokenizer's; data.vocab_size until the data is prepared)."""
@@ -131,7 +138,7 @@ def seed_args(cfg: BTXConfig):
         from megatron_btx.checkpoint.megatron_io import read_args
 
         return read_args(_resolve_checkpoint(src))
-    arch = {k: v for k, v in cfg.model.items() if k not in ("init_method_std", "spec", "recompute")}
+    arch = {k: v for k, v in cfg.model.items() if k not in _model_options()}
     arch.setdefault("vocab_size", _vocab_size(cfg))
     try:
         return LlamaArgs(**arch)
@@ -224,7 +231,7 @@ def _train_config(
     model: dict[str, Any]
     if init_from:
         model = {"init_from": init_from}
-        for key in ("init_method_std", "spec", "recompute"):
+        for key in _model_options():
             if key in cfg.model:
                 model[key] = cfg.model[key]
     else:

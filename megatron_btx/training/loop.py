@@ -313,11 +313,14 @@ class Trainer:
             perform_initialization=not loading,
             **overrides,
         )
+        from megatron_btx.models.speedups import SpeedOptions, compile_layers
+
         spec = None if cfg.model.spec == "auto" else cfg.model.spec
+        speed = SpeedOptions.from_config(cfg)
         chunks = []
         for i in range(p.vpp or 1):
             chunk = build_model(
-                self.args, config=self.tconf, vp_stage=i if p.vpp else None, spec=spec
+                self.args, config=self.tconf, vp_stage=i if p.vpp else None, spec=spec, speed=speed
             )
             for param in chunk.parameters():
                 tensor_parallel.set_defaults_if_not_set_tensor_model_parallel_attributes(param)
@@ -334,6 +337,8 @@ class Trainer:
             self.routers = None
         if self.rt.on_gpu:
             chunks = [c.cuda(torch.cuda.current_device()) for c in chunks]
+        if speed.compile:
+            compile_layers(chunks)
         if self.tconf.bf16 or self.tconf.fp16:
             chunks = [Float16Module(self.tconf, c) for c in chunks]
         self.ddp_config = DistributedDataParallelConfig(
