@@ -34,7 +34,9 @@ setup(
     extras_require={
         "wandb": ["wandb>=0.17"],
         "tensorboard": ["tensorboard>=2.14"],
-        "gpu": ["transformer-engine[pytorch]>=2.0", "apex"],
+        "gpu": ["transformer-engine[pytorch]>=2.0"],
+        # fused Triton RMSNorm / SwiGLU / cross-entropy (model.kernels: liger); needs a GPU
+        "liger": ["liger-kernel>=0.8.5"],
         "plots": ["matplotlib>=3.7"],
         # btx evaluate --lm-eval (downstream tasks on each model's HF export)
         "eval": ["lm-eval[hf]>=0.4.13"],

@@ -69,6 +69,15 @@ def _args() -> argparse.ArgumentParser:
         "model by torch's scaled_dot_product_attention (as transformers uses)",
     )
     p.add_argument(
+        "--experts-module",
+        default="auto",
+        choices=["auto", "sequential", "grouped"],
+        help="ours: model.moe_experts",
+    )
+    p.add_argument("--local-dispatch", action="store_true", help="ours: moe.local_dispatch")
+    p.add_argument("--kernels", default="torch", help="ours: model.kernels (torch|liger|auto)")
+    p.add_argument("--compile", action="store_true", help="ours: model.compile")
+    p.add_argument(
         "--data",
         default=None,
         help="prepared data folder for ours (default: prepare the built-in code "
@@ -91,7 +100,12 @@ def model_flops_per_token(a: argparse.Namespace, moe: bool) -> float:
 
 
 # ---- workers (one per child process) -------------------------------------------------------------
-def worker_ours(a: argparse.Namespace, moe: bool) -> list[float]:
+def worker_ours(
+    a: argparse.Namespace, moe: bool, on_setup=None, losses: list | None = None
+) -> list[float]:
+    """Step times of our Trainer; `on_setup(trainer)` is called after its set-up, and each
+    step's loss is appended to `losses` (the same seed and data give the same first loss in
+    every variant: a check that a speed-up computes the same model)."""
     from megatron_btx import config as C
     from megatron_btx.training.loop import Trainer
 
@@ -107,6 +121,11 @@ def worker_ours(a: argparse.Namespace, moe: bool) -> list[float]:
     )
     if moe:
         model.update(num_local_experts=a.experts, num_experts_per_tok=a.topk)
+    model.update(
+        moe_experts=getattr(a, "experts_module", "auto"),
+        kernels=getattr(a, "kernels", "torch"),
+        compile=getattr(a, "compile", False),
+    )
     cfg = C.Config.from_dict(
         {
             "run_dir": str(run_dir),
@@ -128,18 +147,23 @@ def worker_ours(a: argparse.Namespace, moe: bool) -> list[float]:
                 "save_interval": 10**9,
             },
             "optimizer": {"weight_decay": 0.1, "clip_grad": 1.0},
+            "moe": {"local_dispatch": bool(getattr(a, "local_dispatch", False)) and moe},
             "logging": {"tensorboard": False},
         }
     )
     cfg.validate()
     trainer = Trainer(cfg)
     trainer.setup()
+    if on_setup is not None:
+        on_setup(trainer)
     if a.sdpa:
         _use_sdpa(trainer.model)
     times = []
     for i in range(a.warmup + a.steps):
         t0 = time.perf_counter()
-        trainer.train_step()  # ends with the loss as a Python float: synchronous
+        metrics = trainer.train_step()  # ends with the loss as a Python float: synchronous
+        if losses is not None:
+            losses.append(metrics["loss"])
         if i >= a.warmup:
             times.append(time.perf_counter() - t0)
     from megatron_btx import runtime
@@ -182,7 +206,8 @@ def _use_sdpa(model) -> None:
                 mod.core_attention = SDPA()
 
 
-def worker_hf(a: argparse.Namespace, moe: bool) -> list[float]:
+def worker_hf(a: argparse.Namespace, moe: bool, on_model=None) -> list[float]:
+    """Step times of the transformers peer; `on_model(model)` is called after its build."""
     import torch
 
     dev = torch.device(a.device)
@@ -216,6 +241,8 @@ def worker_hf(a: argparse.Namespace, moe: bool) -> list[float]:
 
             model = LlamaForCausalLM(LlamaConfig(**common))
     model = model.to(device=dev, dtype=dtype).train()
+    if on_model is not None:
+        on_model(model)
     opt = torch.optim.AdamW(
         model.parameters(), lr=1e-4, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1
     )
@@ -381,6 +408,12 @@ def main(argv: list[str] | None = None) -> int:
         "dtype": a.dtype,
         "steps": a.steps,
         "warmup": a.warmup,
+        "ours_speedups": {
+            "moe_experts": a.experts_module,
+            "local_dispatch": a.local_dispatch,
+            "kernels": a.kernels,
+            "compile": a.compile,
+        },
     }
     try:
         import megatron.core

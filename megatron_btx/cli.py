@@ -43,6 +43,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "megatron_btx.pipeline.cli:status_main",
         "show each stage of a BTX run directory (done/running/failed/pending)",
     ),
+    "match-compute": (
+        "megatron_btx.pipeline.compute_match:main",
+        "time-match a BTX run's baselines to the hardware time of its BTX stages",
+    ),
     "evaluate": (
         "megatron_btx.eval.cli:main",
         "per-domain held-out perplexity table and routing analysis of a BTX run",

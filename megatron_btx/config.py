@@ -14,6 +14,12 @@ model:                            # one of init_from / hf_config / inline fields
   init_method_std: 0.02
   spec: auto                      # auto | local | te (Transformer Engine layer spec)
   recompute: false                # full activation recompute
+  moe_experts: auto               # auto | sequential | grouped: the MoE experts module (grouped
+                                  #   GEMM: TE's, or torch's grouped matmul without TE; auto:
+                                  #   grouped with TE or on a bf16 GPU run with the fast kernel)
+  kernels: torch                  # torch | liger | auto: liger-kernel's fused RMSNorm, SwiGLU
+                                  #   and cross-entropy (GPU; pip install megatron-btx[liger])
+  compile: false                  # torch.compile each transformer layer
 parallel: {tp: 1, pp: 1, ep: 1, etp: null, vpp: null, sequence_parallel: false,
            distributed_optimizer: false, overlap_grad_reduce: false}
 data:
@@ -53,6 +59,8 @@ moe:
   capacity_factor: null
   router: null                    # {type: topk|switch|sample_top1|soft, ...}: passed through to
                                   #   megatron_btx.models.routers.install
+  local_dispatch: false           # route tokens without the all-to-all machinery when every
+                                  #   expert is local (needs parallel.ep = 1 and tp = 1)
 logging: {tensorboard: true, wandb: false, wandb_project: megatron_btx, wandb_name: null,
           wandb_mode: null}
 ```
@@ -127,6 +135,10 @@ class ModelConfig:
     init_method_std: float = 0.02
     spec: str = "auto"
     recompute: bool = False
+    # speed-ups (megatron_btx/models/speedups.py)
+    moe_experts: str = "auto"
+    kernels: str = "torch"
+    compile: bool = False
 
     def inline_fields(self) -> dict[str, Any]:
         return {k: getattr(self, k) for k in LLAMA_FIELDS if getattr(self, k) is not None}
@@ -193,6 +205,54 @@ class MoEConfig:
     load_balancing: str = "aux_loss"
     capacity_factor: float | None = None
     router: dict[str, Any] | None = None
+    local_dispatch: bool = False
+
+    def router_settings(self, train_steps: int) -> dict[str, Any] | None:
+        """The BTX router's settings (megatron_btx.models.routers.install), with this section's
+        load balancing: `load_balancing` none turns the paper's loss off, `aux_loss_coeff` is its
+        alpha; Sample Top-1 anneals its temperature over the run's `train.steps` unless
+        `router.anneal_steps` says otherwise. None: megatron-core's own router."""
+        if self.router is None:
+            return None
+        router = dict(self.router)
+        router["load_balancing"] = self.load_balancing != "none"
+        router["alpha"] = self.aux_loss_coeff
+        if router.get("type") == "sample_top1":
+            router.setdefault("anneal_steps", train_steps)
+        return router
+
+    def validate(self) -> None:
+        _one_of("moe.dispatcher", self.dispatcher, ("alltoall", "allgather"))
+        _one_of(
+            "moe.load_balancing",
+            self.load_balancing,
+            ("aux_loss", "seq_aux_loss", "sinkhorn", "none"),
+        )
+        if not self.aux_loss_coeff >= 0 or self.aux_loss_coeff == float("inf"):
+            raise BTXError(f"moe.aux_loss_coeff={self.aux_loss_coeff} must be a finite number >= 0")
+        if self.router is None:
+            return
+        if not isinstance(self.router, dict) or "type" not in self.router:
+            raise BTXError("moe.router must be a mapping with a 'type' (e.g. {type: topk})")
+        for key, instead in (("alpha", "aux_loss_coeff"), ("load_balancing", "load_balancing")):
+            if key in self.router:
+                raise BTXError(
+                    f"moe.router.{key}: set moe.{instead} instead (one key for the BTX router "
+                    f"and megatron-core's)"
+                )
+        if self.load_balancing not in ("aux_loss", "none"):
+            raise BTXError(
+                f"moe.load_balancing={self.load_balancing!r}: the BTX router (moe.router) "
+                f"implements the paper's loss only; use aux_loss or none"
+            )
+        if self.capacity_factor is not None:
+            raise BTXError(
+                "moe.capacity_factor is megatron-core's router's; with moe.router set the Switch "
+                "router's capacity is moe.router.capacity_factor"
+            )
+        from megatron_btx.models.router_settings import RouterSettings
+
+        RouterSettings.from_dict(self.router_settings(train_steps=1))
 
 
 @dataclass
@@ -250,11 +310,9 @@ class Config:
         _one_of("train.dtype", t.dtype, ("auto", "fp32", "bf16"))
         _one_of("train.lr_decay_style", t.lr_decay_style, ("cosine", "linear", "constant"))
         _one_of("train.resume", t.resume, ("auto", True, False))
-        _one_of("moe.dispatcher", m.dispatcher, ("alltoall", "allgather"))
-        _one_of(
-            "moe.load_balancing", m.load_balancing, ("aux_loss", "seq_aux_loss", "sinkhorn", "none")
-        )
+        m.validate()
         _one_of("model.spec", self.model.spec, ("auto", "local", "te"))
+        self._validate_speedups()
         for key in ("steps", "warmup_steps"):
             if getattr(t, key) < 0:
                 raise BTXError(f"train.{key}={getattr(t, key)} must be >= 0")
@@ -291,11 +349,20 @@ class Config:
                 raise BTXError("data.blend needs data.tokenizer (the tokenizer.model path)")
         if self.model.init_from and self.model.hf_config:
             raise BTXError("model.init_from and model.hf_config are exclusive; set only one")
-        if m.router is not None:
-            if not isinstance(m.router, dict) or "type" not in m.router:
-                raise BTXError("moe.router must be a mapping with a 'type' (e.g. {type: topk})")
         if world_size is not None:
             self.validate_world(world_size)
+
+    def _validate_speedups(self) -> None:
+        from megatron_btx.models.speedups import KERNELS, MOE_EXPERTS  # no torch import
+
+        p = self.parallel
+        _one_of("model.moe_experts", self.model.moe_experts, MOE_EXPERTS)
+        _one_of("model.kernels", self.model.kernels, KERNELS)
+        if self.moe.local_dispatch and (p.ep > 1 or p.tp > 1 or (p.etp or 1) > 1):
+            raise BTXError(
+                f"moe.local_dispatch needs every expert on its rank (parallel.ep = 1, tp = 1, "
+                f"etp = 1; got ep={p.ep}, tp={p.tp}, etp={p.etp}); set it to false"
+            )
 
     def validate_world(self, world_size: int) -> None:
         p, d = self.parallel, self.data

@@ -122,6 +122,17 @@ def batch_file(tmp_path_factory) -> Path:
     return path
 
 
+@pytest.fixture(scope="module")
+def cpu_runtime():
+    """megatron-core's parallel state for this process on the CPU (TP = PP = EP = 1), for the
+    duration of a test module that builds models in-process."""
+    from megatron_btx import runtime
+
+    rt = runtime.init(device="cpu")
+    yield rt
+    runtime.teardown()
+
+
 # ---- training tests (tests/test_train_*.py) -----------------------------------------------------
 @pytest.fixture(scope="session")
 def base(tmp_path_factory) -> Path:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import warnings
 from pathlib import Path
@@ -91,7 +92,15 @@ def test_text_files_folder_and_separator(tok: Tokenizer, tmp_path: Path) -> None
 
 
 def test_split_is_stable_and_never_splits_a_document(tok: Tokenizer, tmp_path: Path) -> None:
-    assert [split_of(k, SPLIT) for k in DOCS] == [split_of(k, SPLIT) for k in DOCS]
+    # The documented rule, worked independently: u = first 8 bytes of sha256("split\0" + key)
+    # as a big-endian fraction of 2**64; test takes u < 0.2, valid 0.2 <= u < 0.4, train the rest.
+    def by_hand(key: str) -> str:
+        u = int.from_bytes(hashlib.sha256(f"split\x00{key}".encode()).digest()[:8], "big") / 2**64
+        return "test" if u < 0.2 else "valid" if u < 0.4 else "train"
+
+    expected = {k: by_hand(k) for k in DOCS}
+    assert {k: split_of(k, SPLIT) for k in DOCS} == expected
+    assert {"train", "valid", "test"} == set(expected.values())  # 60 keys reach every split
     # Same keys in a different order and with extra documents: every key keeps its split.
     shuffled = dict(reversed(list(DOCS.items())))
     shuffled.update({f"extra-{i}": f"extra text {i}\n" for i in range(30)})
@@ -107,6 +116,8 @@ def test_split_is_stable_and_never_splits_a_document(tok: Tokenizer, tmp_path: P
         assert all(len(v) == 1 for v in seen.values()), "a document appeared in two splits"
         runs.append({text: v.pop() for text, v in seen.items()})
     assert all(runs[1][text] == s for text, s in runs[0].items())
+    # and every document was written to the split the rule gives its key
+    assert {k: runs[0][text] for k, text in DOCS.items()} == expected
     # The fraction is roughly right on many keys (binomial, n=20000, sd ~0.3%).
     counts = {s: 0 for s in SPLITS}
     for i in range(20000):

@@ -27,8 +27,13 @@ def test_tfidf_picks_the_domain_with_the_same_vocabulary():
     v = tf.transform(train[0][0])
     assert np.linalg.norm(v) == pytest.approx(1.0)
     assert cosine(v, v) == pytest.approx(1.0)
-    # a token in every document has the smallest idf
-    assert tf.idf.argmin() in range(20, 25) or tf.idf.min() <= tf.idf[0]
+    # idf is the smooth idf ln((1 + n) / (1 + df)) + 1, df counted here by hand
+    docs = [x for d in train.values() for x in d]
+    for token in (0, 22, 44, 59):
+        df = sum(token in set(doc.tolist()) for doc in docs)
+        assert tf.idf[token] == pytest.approx(np.log((1 + len(docs)) / (1 + df)) + 1)
+    # tokens two domains share (20-24) are in more documents: a lower idf than domain-only ones
+    assert tf.idf[20:25].max() < tf.idf[0:20].min()
 
 
 def test_ensemble_is_the_log_of_the_mean_probability():
@@ -62,53 +67,107 @@ def test_eval_windows_cover_the_split_and_track_documents(tmp_path):
     es = edata.eval_set(str(tmp_path / "data"), "a", "test", 16, 64)
     assert es.windows.shape == (4, 17) and es.doc_of_target.shape == (4, 16)
     flat = np.concatenate(es.docs)
-    # windows are spread over the split: the last one starts in the last quarter
+    doc_of_token = np.concatenate([np.full(len(d), i) for i, d in enumerate(es.docs)])
     n_avail = len(flat) // 17
-    assert n_avail >= 4
-    assert int(es.doc_of_target[-1, -1]) >= int(es.doc_of_target[0, 0])
-    assert (es.windows[0] == flat[:17]).all()
+    assert n_avail >= 8
+    # 4 windows evenly spaced over the n_avail possible ones: window j starts at
+    # round(j * (n_avail - 1) / 3) * 17, so the first at 0 and the last in the split's last window
+    starts = [round(j * (n_avail - 1) / 3) * 17 for j in range(4)]
+    for window, start in zip(es.windows, starts):
+        assert (window == flat[start : start + 17]).all()
+    assert starts[-1] == (n_avail - 1) * 17
+    for row, start in zip(es.doc_of_target, starts):
+        assert (row == doc_of_token[start + 1 : start + 17]).all()
+    assert es.scored.all() and es.n_tokens == 64  # no routing prefix asked for
     big = edata.eval_set(str(tmp_path / "data"), "a", "test", 16, 10**9)
     assert big.windows.shape[0] == n_avail
 
+    # a routing prefix: the first 5 tokens of every document are never scored, and are what
+    # BTM routes on
+    routed = edata.eval_set(str(tmp_path / "data"), "a", "test", 16, 10**9, route_tokens=5)
+    position = np.concatenate([np.arange(len(d)) for d in routed.docs])
+    for scored, start in zip(routed.scored, range(0, 10**9, 17)):
+        assert (scored == (position[start + 1 : start + 17] >= 5)).all()
+    assert routed.n_tokens == int((position[: n_avail * 17].reshape(n_avail, 17)[:, 1:] >= 5).sum())
+    assert (routed.routing_prefix(0) == routed.docs[0][:5]).all()
+    per_target = np.arange(routed.scored.size, dtype=float).reshape(routed.scored.shape)
+    assert routed.select(per_target).tolist() == per_target[routed.scored].tolist()
 
-def _fake_result(own: float = 0.6) -> dict:
+
+def _eval_set(domain: str, n_docs: int, tokens_per_doc: int):
+    """An EvalSet of `n_docs` documents, one window row per document, every token scored."""
+    from megatron_btx.eval.data import EvalSet
+
+    shape = (n_docs, tokens_per_doc)
+    docs = [np.zeros(tokens_per_doc + 1, dtype=np.int64) for _ in range(n_docs)]
+    return EvalSet(
+        domain,
+        np.zeros((n_docs, tokens_per_doc + 1), dtype=np.int64),
+        np.repeat(np.arange(n_docs)[:, None], tokens_per_doc, axis=1),
+        np.ones(shape, dtype=bool),
+        docs,
+        np.zeros(n_docs, dtype=np.int64),
+        np.arange(n_docs) * (tokens_per_doc + 1),
+    )
+
+
+def _fake_result(own: float = 0.6, btx_shift: float = -0.3, noise: float = 0.05) -> dict:
+    """A result through the real statistics: per-token log-probs of 40 documents per domain,
+    each model's loss a per-domain level plus per-document noise shared by every model (hard
+    documents are hard for all)."""
+    from megatron_btx.eval import claims, intervals
+
     doms = ["code", "math"]
-    ppl = {
-        "seed": [10, 10],
-        "expert_code": [6, 12],
-        "expert_math": [12, 6],
-        "dense": [8, 8],
-        "btm_top1": [6.5, 6.5],
-        "btm_top2": [7, 7],
-        "sparse_upcycling": [7.5, 7.5],
-        "btx": [6, 6],
+    level = {
+        "seed": [2.3, 2.3],
+        "expert_code": [1.8, 2.5],
+        "expert_math": [2.5, 1.8],
+        "dense": [2.1, 2.1],
+        "btm_top1": [1.9, 1.9],
+        "btm_top2": [1.95, 1.95],
+        "sparse_upcycling": [2.0, 2.0],
     }
-    models = {
-        k: {
-            "perplexity": dict(zip(doms, v)),
-            "mean": float(np.mean(v)),
+    level["btx"] = [1.9 + btx_shift, 1.9 + btx_shift]
+    rng = np.random.default_rng(0)
+    sets = {d: _eval_set(d, 40, 8) for d in doms}
+    hardness = {d: rng.normal(0, 0.5, size=(40, 1)) for d in doms}
+    hardness = {d: h - h.mean() for d, h in hardness.items()}  # the levels are the means
+    per_model = {
+        name: {
+            d: -(lv + hardness[d] + rng.normal(0, noise, size=(40, 8)))
+            for d, lv in zip(doms, levels)
+        }
+        for name, levels in level.items()
+    }
+    found = intervals.compute(per_model, sets, {"experts": doms}, replicates=2000)
+    models = {}
+    for name, by_domain in per_model.items():
+        loss = {d: float(-lp.mean()) for d, lp in by_domain.items()}
+        models[name] = {
+            "perplexity": {d: float(np.exp(v)) for d, v in loss.items()},
+            "loss": loss,
+            "mean": float(np.exp(np.mean(list(loss.values())))),
             "active_params": 1000,
             "train_flops": 1e9,
             "train_tokens": 100,
             "train_seconds": 1.0,
             "kind": "dense",
         }
-        for k, v in ppl.items()
-    }
     rest = (1 - own) / 2
     load = {"code": [own, rest, rest], "math": [rest, own, rest]}
     routing = {"btx": {d: {"0": {"load": load[d]}, "1": {"load": load[d]}} for d in doms}}
     r = {
         "split": "test",
         "domains": doms,
-        "tokens": {d: 64 for d in doms},
+        "tokens": {d: 320 for d in doms},
         "models": models,
         "missing": {},
         "btm": {},
         "experts": ["code", "math", "seed"],
         "routing": routing,
+        "intervals": found,
     }
-    r["claims"] = report.check_claims(r)
+    r["claims"] = claims.check_claims(r, report.routing_matrix(r))
     return r
 
 
@@ -119,23 +178,29 @@ def test_claims_and_report(tmp_path):
     assert c["btx_lowest_mean"]["holds"]
     assert c["routing_to_own_expert"]["holds"]
     assert c["experts_forget_other_domains"]["holds"]
+    # the paired BTX - dense difference is the planted -0.5 nats (noise averages out)
+    versus = c["btx_lowest_mean"]["versus"]["dense"]
+    assert versus["difference"] == pytest.approx(-0.5, abs=0.01)
+    assert versus["low"] < versus["difference"] < versus["high"] < 0
     bad = _fake_result(own=0.2)
     assert not bad["claims"]["routing_to_own_expert"]["holds"]
     report.write_all(r, tmp_path)
     md = (tmp_path / "results.md").read_text()
-    assert "| btx |" in md and "**6.00**" in md and "holds" in md
-    assert json.loads((tmp_path / "results.json").read_text())["models"]["btx"]["mean"] == 6
+    assert "| btx |" in md and "holds" in md and "BTX minus" in md
+    assert json.loads((tmp_path / "results.json").read_text())["models"]["btx"]["mean"] == (
+        pytest.approx(np.exp(1.6), rel=0.01)
+    )
     pytest.importorskip("matplotlib")
     assert (tmp_path / "routing.png").stat().st_size > 1000
     assert (tmp_path / "routing_layer1.png").is_file()
     assert "layer 1:" in (tmp_path / "routing.md").read_text()
 
 
-def test_claims_report_failures_honestly():
-    r = _fake_result()
-    r["models"]["dense"]["perplexity"] = {"code": 5.0, "math": 5.0}
-    r["models"]["dense"]["mean"] = 5.0
-    c = report.check_claims(r)
-    assert not c["expert_best_on_own_domain"]["holds"]
-    assert not c["btx_lowest_mean"]["holds"]
-    assert "DOES NOT HOLD" in report.claims_md(c)
+def test_a_claim_holds_only_when_its_interval_excludes_zero():
+    # BTX 0.005 nats below BTM top-1 on average, with per-token noise of 0.5: lower in the
+    # point estimate, but the interval straddles 0, so the claim does not hold
+    r = _fake_result(btx_shift=-0.005, noise=0.5)
+    versus = r["claims"]["btx_lowest_mean"]["versus"]["btm_top1"]
+    assert versus["low"] < 0 < versus["high"]
+    assert not r["claims"]["btx_lowest_mean"]["holds"]
+    assert "DOES NOT HOLD" in report.claims_md(r["claims"])

@@ -19,11 +19,11 @@ RTOL = 1e-5
 
 
 def run_layout(ckpt, batch, tmp_path, nproc=1, **layout) -> dict:
-    name = "_".join(f"{k}{v}" for k, v in layout.items()) or "single"
+    name = "_".join(f"{k}{v}" for k, v in layout.items()).replace("-", "") or "single"
     out = tmp_path / f"{name}.json"
     args = ["--ckpt", str(ckpt), "--batch", str(batch), "--out", str(out)]
     for k, v in layout.items():
-        args += [f"--{k}", str(v)]
+        args += [f"--{k}"] if v is True else [f"--{k}", str(v)]  # True: a flag
     r = run_script(DIST / "equiv.py", args, nproc=nproc)
     assert r.returncode == 0, r.stderr[-4000:]
     res = json.loads(out.read_text())
@@ -91,3 +91,23 @@ def test_ep2_matches_single(moe_ref, mg_mixtral, batch_file, tmp_path, dispatche
 def test_tp2_ep2_sequence_parallel_matches_single(moe_ref, mg_mixtral, batch_file, tmp_path):
     # MoE with TP forces sequence parallel: exercises the SP norm and the uneven all-gather.
     assert_same(run_layout(mg_mixtral, batch_file, tmp_path, nproc=4, tp=2, ep=2), moe_ref)
+
+
+@pytest.mark.parametrize("layout", [{"ep": 2}, {"tp": 2, "ep": 2}], ids=["ep2", "ep2_etp2"])
+def test_grouped_experts_match_single(moe_ref, mg_mixtral, batch_file, tmp_path, layout):
+    """The grouped experts (torch._grouped_mm) at EP=2 and at EP=2 x expert-TP=2 (TP=2, ETP
+    defaults to TP) give the single-process SequentialMLP run's logits, loss and grad norm."""
+    nproc = 2 * layout.get("tp", 1)
+    res = run_layout(mg_mixtral, batch_file, tmp_path, nproc=nproc, experts="grouped", **layout)
+    assert moe_ref["experts"] == ["SequentialMLP:None"]
+    assert res["experts"] == ["GroupedExperts:grouped_mm"]
+    assert_same(res, moe_ref)
+
+
+def test_local_dispatch_matches_alltoall(moe_ref, mg_mixtral, batch_file, tmp_path):
+    res = run_layout(
+        mg_mixtral, batch_file, tmp_path, experts="grouped", **{"local-dispatch": True}
+    )
+    assert res["dispatchers"] == ["LocalTokenDispatcher"]
+    assert moe_ref["dispatchers"] == ["MoEAlltoAllTokenDispatcher"]
+    assert_same(res, moe_ref)

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 from pathlib import Path
 
 import pytest
@@ -60,8 +59,8 @@ def test_plan_stages_and_configs(tmp_path):
         "expert_gamma",
         "merge",
         "finetune",
-        "baseline_dense",
         "upcycle_merge",
+        "baseline_dense",
         "baseline_sparse_upcycling",
         "evaluate",
     ]
@@ -91,7 +90,12 @@ def test_plan_stages_and_configs(tmp_path):
     # sparse upcycling: 4 copies of the seed (same MoE shape as BTX), random router
     u = by["upcycle_merge"].argv
     assert u.count(str(run / "seed" / "checkpoints" / "iter_0000010")) == 4
-    assert "--seed" not in u
+    assert u[u.index("--router-init") + 1] == "random"
+    # with the BTX merge's flags after the sources: one architecture
+    assert u[u.index("--top-k") :] == m[m.index("--top-k") :]
+    # and the finetune's router and load balancing
+    up = yaml.safe_load(Path(by["baseline_sparse_upcycling"].argv[1]).read_text())
+    assert up["moe"] == ft["moe"]
     # every train config is a valid `btx train` config
     from megatron_btx import config as train_config
 
@@ -116,6 +120,80 @@ def test_compute_matching(tmp_path):
     # 6 x active x tokens
     e = stages["expert_alpha"]
     assert e.flops == 6 * e.active_params * 8 * 4 * 64
+
+
+@pytest.mark.parametrize(
+    "router,tied,finetune_active",
+    [
+        # hand counts for the small run (hidden 64, FFN 256, 4 layers, vocab 2048, 4 domains +
+        # the seed = 5 experts): per layer attention 16,384, one SwiGLU 49,152, router 320;
+        # output projection 131,072
+        ("topk", False, 4 * (16_384 + 2 * 49_152 + 320) + 131_072),  # 591,104
+        ("switch", False, 4 * (16_384 + 49_152 + 320) + 131_072),  # 394,496
+        ("soft", False, 4 * (16_384 + 5 * 49_152 + 320) + 131_072),  # 1,180,928
+        ("topk", True, 591_104),  # tied: the output projection still counts
+    ],
+)
+def test_small_run_active_params_by_router(router, tied, finetune_active):
+    root = Path(__file__).resolve().parents[1]
+    raw = yaml.safe_load((root / "examples" / "small_btx.yaml").read_text())
+    raw["finetune"]["router"] = {"type": router}
+    raw["model"]["tie_word_embeddings"] = tied
+    stages = {s.name: s for s in plan.build_plan(raw, "/tmp/unused", write=False)}
+    assert stages["finetune"].active_params == finetune_active
+    assert stages["baseline_sparse_upcycling"].active_params == finetune_active
+    assert stages["expert_code"].active_params == 4 * (16_384 + 49_152) + 131_072  # 393,216
+    # compute matching uses them: the dense baseline's FLOPs buy the BTX budget
+    btx = sum(s.flops for s in stages.values() if s.group == "btx")
+    dense = stages["baseline_dense"]
+    assert abs(dense.flops - btx) <= dense.flops / dense.steps / 2 + 1
+
+
+def test_general_domain_seed_data_and_mixed_documents(tmp_path):
+    """A domain with expert: false gets no expert but is prepared, blended and evaluated; the
+    seed pretrains on seed.domains; mixed held-out documents are prepared."""
+    raw = _config(tmp_path)
+    raw["domains"]["gamma"] = {**raw["domains"]["gamma"], "expert": False, "weight": 0.2}
+    raw["domains"]["alpha"]["weight"] = 0.4
+    raw["domains"]["beta"]["weight"] = 0.4
+    raw["seed"]["domains"] = ["gamma"]
+    raw["data"]["mixed_tokens"] = 5000
+    stages = {s.name: s for s in plan.build_plan(raw)}
+    assert "expert_gamma" not in stages and {"expert_alpha", "expert_beta"} <= set(stages)
+    data = stages["prepare_data"].argv
+    assert any(a.startswith("gamma=") for a in data)
+    assert data[data.index("--mixed-tokens") + 1] == "5000"
+    seed = yaml.safe_load(Path(stages["seed"].argv[1]).read_text())
+    assert seed["data"]["domains"] == {"gamma": 1.0}
+    finetune = yaml.safe_load(Path(stages["finetune"].argv[1]).read_text())
+    assert finetune["data"]["domains"] == {"alpha": 0.4, "beta": 0.4, "gamma": 0.2}
+    merge = stages["merge"].argv
+    experts = merge[merge.index("--experts") + 1 : merge.index("--seed")]
+    assert [Path(e).parts[-3] for e in experts] == ["alpha", "beta"]  # runs/experts/<name>/...
+    with pytest.raises(BTXError, match="seed.domains"):
+        plan.build_plan({**raw, "seed": {**raw["seed"], "domains": ["nope"]}}, write=False)
+
+
+def test_merge_variants_change_the_planned_moe(tmp_path):
+    """The merged MoE's shape comes from the merge's own flags: split chunks double the
+    experts at half the size (top-k stays 2), a shared expert adds the seed's FFN."""
+    base = plan.build_plan(_config(tmp_path / "a"), write=False)
+    split = plan.build_plan(_config(tmp_path / "b", merge={"split_chunks": 2}), write=False)
+    shared = plan.build_plan(
+        _config(tmp_path / "c", merge={"seed_as_shared_expert": True}), write=False
+    )
+    active = {
+        name: {s.name: s.active_params for s in stages}["finetune"]
+        for name, stages in (("base", base), ("split", split), ("shared", shared))
+    }
+    # hidden 32, FFN 64, 2 layers, vocab 300; 3 domains + seed: attention 4,096, output 9,600
+    assert active["base"] == 2 * (4_096 + 2 * 3 * 32 * 64 + 32 * 4) + 9_600
+    # 8 experts of FFN 32, top-2
+    assert active["split"] == 2 * (4_096 + 2 * 3 * 32 * 32 + 32 * 8) + 9_600
+    # 3 routed experts (top-2) + the seed's FFN as the shared expert
+    assert active["shared"] == 2 * (4_096 + 3 * 3 * 32 * 64 + 32 * 3) + 9_600
+    merge = {s.name: s for s in split}["merge"]
+    assert merge.argv[merge.argv.index("--split-chunks") + 1] == "2"
 
 
 def test_plan_without_baselines_and_with_existing_seed_dir(tmp_path):
@@ -258,7 +336,7 @@ def test_run_dry_run_prints_plan(tmp_path, capsys):
     assert cli.run_main([str(p), "--dry-run", "--experts.steps", "5"]) == 0
     out = capsys.readouterr().out
     assert "expert_gamma" in out and "btx train" in out and "5 steps" in out
-    assert sys.executable  # (the executor runs stages with this interpreter)
+    assert not (tmp_path / "run" / "stages").exists()  # a dry run runs nothing
 
 
 def test_plan_with_an_hf_seed_imports_it_first(tmp_path):
@@ -284,5 +362,6 @@ def test_plan_with_an_hf_seed_imports_it_first(tmp_path):
     assert stages["expert_alpha"].deps == ["prepare_data", "import_seed"]
     tc = yaml.safe_load(open(stages["expert_alpha"].argv[1]))
     assert tc["model"]["init_from"] == str(tmp_path / "run" / "seed_import")
-    # compute is counted with the HF model's architecture
-    assert stages["expert_alpha"].active_params == plan.matmul_params(args)
+    # compute is counted with the HF model's architecture: 2 layers x (attention 4 x 32 x 32
+    # + SwiGLU 3 x 32 x 64) + output 300 x 32
+    assert stages["expert_alpha"].active_params == 2 * (4 * 32 * 32 + 3 * 32 * 64) + 300 * 32

@@ -23,12 +23,8 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module", autouse=True)
-def rt():
-    from megatron_btx import runtime
-
-    r = runtime.init(device="cpu")
-    yield r
-    runtime.teardown()
+def rt(cpu_runtime):
+    return cpu_runtime
 
 
 @pytest.fixture(autouse=True)

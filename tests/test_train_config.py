@@ -308,23 +308,51 @@ def test_metrics_jsonl_tensorboard_and_offline_wandb(tmp_path, monkeypatch):
     assert not (tmp_path / "other").exists()
 
 
-# ---- the router hook ---------------------------------------------------------------------------------
-def test_router_hook_without_routers_module(monkeypatch):
-    from megatron_btx.training import loop
+# ---- the BTX router's settings ---------------------------------------------------------------------
+def test_moe_section_reaches_the_btx_router():
+    cfg = load(
+        [
+            "--moe.router.type",
+            "sample_top1",
+            "--moe.aux_loss_coeff",
+            "0.5",
+            "--train.steps",
+            "70",
+        ]
+    )
+    settings = cfg.moe.router_settings(cfg.train.steps)
+    assert settings == {
+        "type": "sample_top1",
+        "load_balancing": True,
+        "alpha": 0.5,
+        "anneal_steps": 70,
+    }
+    off = load(["--moe.router.type", "topk", "--moe.load_balancing", "none"])
+    assert off.moe.router_settings(10)["load_balancing"] is False
+    keep = load(["--moe.router.type", "sample_top1", "--moe.router.anneal_steps", "5"])
+    assert keep.moe.router_settings(100)["anneal_steps"] == 5
+    assert load().moe.router_settings(10) is None  # megatron-core's own router
 
-    monkeypatch.setattr(loop, "_routers_module", lambda: None)
-    assert loop.install_router([], None, None) == "megatron top-k"
-    assert loop.install_router([], {"type": "topk"}, None) == "megatron top-k"
-    with pytest.raises(
-        BTXError, match="moe.router.type='switch' needs megatron_btx.models.routers"
-    ):
-        loop.install_router([], {"type": "switch"}, None)
 
-    seen = {}
-    fake = types.SimpleNamespace(install=lambda model, cfg, conf: seen.update(cfg=cfg, conf=conf))
-    monkeypatch.setattr(loop, "_routers_module", lambda: fake)
-    assert loop.install_router(["m"], {"type": "switch", "capacity_factor": 1.0}, "tc") == "switch"
-    assert seen == {"cfg": {"type": "switch", "capacity_factor": 1.0}, "conf": "tc"}
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (
+            ["--moe.router.type", "topk", "--moe.load_balancing", "seq_aux_loss"],
+            "moe.load_balancing",
+        ),
+        (["--moe.router.type", "topk", "--moe.load_balancing", "sinkhorn"], "moe.load_balancing"),
+        (["--moe.router.type", "topk", "--moe.router.alpha", "0.1"], "moe.router.alpha"),
+        (["--moe.router.type", "topk", "--moe.capacity_factor", "1.5"], "moe.capacity_factor"),
+        (["--moe.router.type", "topk", "--moe.router.capacity_factor", "2"], "'capacity_factor'"),
+        (["--moe.router.type", "switch", "--moe.router.temperature", "2"], "'temperature'"),
+        (["--moe.router.type", "top3"], "'type'"),
+        (["--moe.aux_loss_coeff", "nan"], "moe.aux_loss_coeff"),
+    ],
+)
+def test_router_settings_the_router_cannot_honour_are_errors(args, message):
+    with pytest.raises(BTXError, match=re.escape(message)):
+        load(args)
 
 
 def test_model_args_from_init_from_conflict(tmp_path):

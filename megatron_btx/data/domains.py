@@ -129,6 +129,11 @@ def _up_to_date(out: Path, domains: Iterable[str], settings: dict[str, Any]) -> 
         for s in SPLITS
         for ext in (".bin", ".idx")
     )
+    mixed = old.get("mixed")
+    if settings.get("mixed") and not (
+        mixed and all((out / (mixed["prefix"] + ext)).is_file() for ext in (".bin", ".idx"))
+    ):
+        outputs_exist = False
     fresh = old.get("settings") == settings and outputs_exist
     return old if fresh and old["tokenizer"].get("sha256") == tokenizer.sha256 else None
 
@@ -191,6 +196,28 @@ def _tokenizer_entry(tok: Tokenizer, name: str) -> dict[str, Any]:
     return entry
 
 
+def _prepare_each(
+    domains: Mapping[str, Sequence[str | os.PathLike[str]]],
+    out: Path,
+    tok: Tokenizer,
+    fractions: dict[str, float],
+    workers: int,
+    txt_separator: str | None,
+) -> dict[str, Any]:
+    """Tokenise every domain into ``out/<domain>_*``; the manifest's per-domain entries."""
+    results: dict[str, Any] = {}
+    for name, paths in domains.items():
+        result = preprocess_files(
+            paths, out / name, tok, fractions, workers, txt_separator, name=name
+        )
+        results[name] = {
+            "inputs": [str(p) for p in paths],
+            "prefixes": {s: os.path.basename(result["prefixes"][s]) for s in SPLITS},
+            **{k: result[k] for k in ("documents", "tokens", "skipped", "problems")},
+        }
+    return results
+
+
 def prepare_domains(
     domains: Mapping[str, Sequence[str | os.PathLike[str]]],
     out_dir: str | os.PathLike[str],
@@ -203,8 +230,12 @@ def prepare_domains(
     tokenizer_sentences: int = 300_000,
     tokenizer_max_read_mb: float = 200.0,
     force: bool = False,
+    mixed_tokens: int = 0,
+    mixed_seed: int = 0,
 ) -> dict[str, Any]:
     """Prepare every domain with one shared tokenizer and write ``out_dir/manifest.json``.
+    With ``mixed_tokens``, also held-out *mixed* documents of about that many tokens, whose
+    paragraphs come from different domains' test documents (:mod:`megatron_btx.data.mixed`).
 
     Trains ``out_dir/tokenizer.model`` on a per-domain-balanced sample of the train splits, or
     copies ``tokenizer`` there (a SentencePiece ``.model``; an HF folder becomes
@@ -220,6 +251,7 @@ def prepare_domains(
         files = {name: expand_inputs(paths) for name, paths in domains.items()}
     given = Tokenizer.load(tokenizer) if tokenizer else None
     settings = _settings(files, given, vocab_size, fractions, txt_separator, tokenizer_sentences)
+    settings["mixed"] = {"tokens": mixed_tokens, "seed": mixed_seed} if mixed_tokens else None
     old = None if force else _up_to_date(out, domains, settings)
     if old is not None:
         _progress(
@@ -242,18 +274,17 @@ def prepare_domains(
         )
         tok_name = "tokenizer.model"
 
-    results: dict[str, Any] = {}
-    for name, paths in domains.items():
-        result = preprocess_files(
-            paths, out / name, tok, fractions, workers, txt_separator, name=name
+    results = _prepare_each(domains, out, tok, fractions, workers, txt_separator)
+    mixed = None
+    if mixed_tokens:
+        from megatron_btx.data.mixed import prepare_mixed
+
+        mixed = prepare_mixed(
+            domains, out, tok, fractions, txt_separator, seed=mixed_seed, target_tokens=mixed_tokens
         )
-        results[name] = {
-            "inputs": [str(p) for p in paths],
-            "prefixes": {s: os.path.basename(result["prefixes"][s]) for s in SPLITS},
-            **{k: result[k] for k in ("documents", "tokens", "skipped", "problems")},
-        }
     manifest = {
         "settings": settings,
+        "mixed": mixed,
         "tokenizer": _tokenizer_entry(tok, tok_name),
         "split": fractions,
         "domains": results,

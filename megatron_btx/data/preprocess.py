@@ -482,6 +482,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="a line equal to STR separates documents inside text files (default: one document per file)",
     )
     parser.add_argument(
+        "--mixed-tokens",
+        type=int,
+        default=0,
+        help="with --output-dir: also write about this many tokens of held-out mixed documents "
+        "(paragraphs from different domains' test documents; 0 = none)",
+    )
+    parser.add_argument(
         "--max-mb",
         type=float,
         default=4.0,
@@ -575,6 +582,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         workers=args.workers,
         txt_separator=args.txt_separator,
         force=args.force,
+        mixed_tokens=args.mixed_tokens,
     )
 
 

@@ -91,11 +91,25 @@ def run_models(run_dir: Path) -> tuple[Any, list, dict[str, dict[str, Any]]]:
     return cfg, plan.stages, models
 
 
-def _expert_labels(cfg) -> list[str]:
-    labels = list(cfg.domain_names)
-    if cfg.merge.seed_as_expert:
-        labels.append("seed")
-    return labels
+def expert_labels(cfg, merged: str | None) -> tuple[list[str], list[str | None]]:
+    """(a label per routed expert of the BTX MoE, the domain its FFN came from), from the merged
+    checkpoint's manifest: `code`, or `code.0`, `code.1` with split chunks, `blend0` (no single
+    domain) when blended; the seed's expert is `seed`."""
+    sources = list(cfg.domain_names) + (["seed"] if cfg.merge.seed_as_expert else [])
+    record: dict[str, Any] = {}
+    if merged and Path(merged, "btx_manifest.json").is_file():
+        from megatron_btx.checkpoint import manifest
+
+        record = manifest.read(merged).get("merge") or {}
+    expert_sources = record.get("expert_sources", list(range(len(sources))))
+    chunks = int(record.get("split_chunks") or 1)
+    if record.get("blend"):
+        return [f"blend{c}" for c in range(chunks)], [None] * chunks
+    owners = [sources[s] if s < len(sources) else f"source{s}" for s in expert_sources]
+    if chunks == 1:
+        return owners, list(owners)
+    labels = [f"{owner}.{c}" for owner in owners for c in range(chunks)]
+    return labels, [owner for owner in owners for _ in range(chunks)]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -104,8 +118,9 @@ def _expert_labels(cfg) -> list[str]:
 def _score_models(to_load, names, sets, micro_batch_size, device, scores, missing) -> None:
     """Per-token log-probs of every checkpoint model on every domain (and MoE routing)."""
     from megatron_btx import runtime
+    from megatron_btx.checkpoint.megatron_io import read_variant
     from megatron_btx.eval import scoring
-    from megatron_btx.pipeline import plan as plan_mod
+    from megatron_btx.models.compute import active_params
 
     runtime.init(device=device)
     try:
@@ -124,7 +139,9 @@ def _score_models(to_load, names, sets, micro_batch_size, device, scores, missin
                 )
                 if args.is_moe:
                     scores.routing.setdefault(name, {})[domain] = scoring.routing_of(model)
-            model_info["active_params"] = plan_mod.matmul_params(args)
+            model_info["active_params"] = active_params(
+                args, model_info.get("router"), read_variant(checkpoint)
+            )
             ppl = {d: scoring.perplexity(lp) for d, lp in scores.logprobs[name].items()}
             _progress(
                 f"{name}: "
@@ -143,8 +160,9 @@ class _Scores:
 
 
 def _score_btm(models, all_models, names, sets, data_dir, scores, missing) -> dict[str, Any]:
-    """BTM top-k: per held-out document, the k experts whose training-data tf-idf centroid is
-    closest; their next-token distributions averaged uniformly."""
+    """BTM top-k: per held-out document, the k experts (of the expert domains `names`) whose
+    training-data tf-idf centroid is closest to the document's routing prefix; their next-token
+    distributions averaged uniformly, on every evaluated domain."""
     from megatron_btx.eval import data as edata
     from megatron_btx.eval import scoring
     from megatron_btx.eval.tfidf import TfIdf, choose_experts
@@ -167,6 +185,7 @@ def _score_btm(models, all_models, names, sets, data_dir, scores, missing) -> di
         for n in names
     }
     all_docs = [*train_docs.values(), *(s.docs for s in sets.values())]
+    domains = list(sets)
     vocab = 1 + max(int(doc.max()) for docs in all_docs for doc in docs)
     tfidf = TfIdf(vocab).fit([doc for docs in train_docs.values() for doc in docs])
     centroids = np.stack([tfidf.centroid(train_docs[n]) for n in names])
@@ -175,13 +194,17 @@ def _score_btm(models, all_models, names, sets, data_dir, scores, missing) -> di
         k = models[model]["k"]
         scores.logprobs[model] = {}
         correct = total = 0
-        for domain in names:
+        for domain in domains:
             held_out = sets[domain]
             choice = np.array(
-                [choose_experts(tfidf.transform(doc), centroids, k) for doc in held_out.docs]
+                [
+                    choose_experts(tfidf.transform(held_out.routing_prefix(doc)), centroids, k)
+                    for doc in range(len(held_out.docs))
+                ]
             )
-            correct += int(sum(names[c[0]] == domain for c in choice))
-            total += len(choice)
+            if domain in names:  # an expert's domain: did BTM pick that expert first?
+                correct += int(sum(names[c[0]] == domain for c in choice))
+                total += len(choice)
             chosen = choice[held_out.doc_of_target]  # [n, S, k]
             scores.logprobs[model][domain] = scoring.ensemble_logprobs(
                 [scores.logprobs[e][domain] for e in experts], chosen
@@ -198,21 +221,25 @@ def _score_btm(models, all_models, names, sets, data_dir, scores, missing) -> di
     return info
 
 
-def _rows(models, scores, markers) -> dict[str, dict[str, Any]]:
-    """The results table's rows: perplexity and loss per domain, compute per model."""
+def _rows(models, scores, markers, sets) -> dict[str, dict[str, Any]]:
+    """The results table's rows: perplexity and loss per domain (scored tokens only), compute
+    per model."""
     from megatron_btx.eval import scoring
 
     rows = {}
     for name, model_info in models.items():
-        logprobs = scores.logprobs.get(name)
-        if not logprobs:
+        per_target = scores.logprobs.get(name)
+        if not per_target:
             continue
+        logprobs = {d: sets[d].select(lp) for d, lp in per_target.items()}
         ppl = {d: scoring.perplexity(lp) for d, lp in logprobs.items()}
+        loss = {d: float(-np.mean(lp)) for d, lp in logprobs.items()}
         stages = model_info["stages"]
         rows[name] = {
             "perplexity": ppl,
-            "mean": float(np.mean(list(ppl.values()))),
-            "loss": {d: float(-np.mean(lp)) for d, lp in logprobs.items()},
+            # the mean of the per-domain losses: the geometric mean of the perplexities
+            "mean": float(np.exp(np.mean(list(loss.values())))),
+            "loss": loss,
             "active_params": model_info.get("active_params"),
             "train_flops": sum(float(markers.get(s, {}).get("flops", 0.0)) for s in stages),
             "train_tokens": sum(int(markers.get(s, {}).get("tokens", 0)) for s in stages),
@@ -220,6 +247,37 @@ def _rows(models, scores, markers) -> dict[str, dict[str, Any]]:
             "kind": model_info["kind"],
         }
     return rows
+
+
+def _diagnostics(models, names, rows, out: Path) -> dict[str, Any] | None:
+    """Merge diagnostics (eval/diagnostics.py) when the seed and every expert are there."""
+    from megatron_btx.eval import diagnostics
+
+    experts = {n: (models.get(f"expert_{n}") or {}).get("checkpoint") for n in names}
+    seed = (models.get("seed") or {}).get("checkpoint")
+    usable = [seed, *experts.values()]
+    if not all(c and Path(c, "metadata.json").is_file() for c in usable):
+        return None
+    t1 = time.time()
+    found = diagnostics.parameter_drift(seed, experts)
+    losses = {m: r["loss"] for m, r in rows.items()}
+    found["retention"] = diagnostics.merge_retention(losses, names)
+    out.mkdir(parents=True, exist_ok=True)
+    if diagnostics.plot(found, found["retention"], out / "diagnostics.png"):
+        found["plot"] = "diagnostics.png"
+    _progress(f"merge diagnostics ({time.time() - t1:.0f}s): drift, agreement, retention")
+    return found
+
+
+def _has_mixed(data_dir: str) -> bool:
+    """The prepared data holds mixed held-out documents (prepare-data --mixed-tokens)."""
+    import json
+
+    manifest = Path(data_dir) / "manifest.json"
+    try:
+        return bool(json.loads(manifest.read_text()).get("mixed"))
+    except (OSError, ValueError):
+        return False
 
 
 def evaluate_run(
@@ -230,8 +288,8 @@ def evaluate_run(
     out_dir: str | os.PathLike[str] | None = None,
     device: str = "auto",
 ) -> dict[str, Any]:
+    from megatron_btx.eval import claims, intervals, report
     from megatron_btx.eval import data as edata
-    from megatron_btx.eval import report
     from megatron_btx.pipeline import plan as plan_mod
 
     run = Path(run_dir).resolve()
@@ -245,10 +303,14 @@ def evaluate_run(
     ev = cfg.evaluation
     split = split or ev.split
     data_dir = cfg.data.prepared or str(run / "data")
-    names = cfg.domain_names
+    names = cfg.expert_names
+    domains = cfg.domain_names + ([intervals.MIXED] if _has_mixed(data_dir) else [])
     t0 = time.time()
     tokens = tokens_per_domain or ev.tokens_per_domain
-    sets = {n: edata.eval_set(data_dir, n, split, cfg.data.seq_length, tokens) for n in names}
+    sets = {
+        n: edata.eval_set(data_dir, n, split, cfg.data.seq_length, tokens, ev.btm_route_tokens)
+        for n in domains
+    }
     _progress(
         f"{len(models)} models x {len(names)} domains; held-out '{split}' split, "
         + ", ".join(f"{n} {s.n_tokens} tokens/{len(s.docs)} docs" for n, s in sets.items())
@@ -259,27 +321,39 @@ def evaluate_run(
             to_load.setdefault(f"expert_{n}", all_models.get(f"expert_{n}"))
         to_load = {k: v for k, v in to_load.items() if v is not None}
     scores, missing = _Scores(), {}
-    _score_models(to_load, names, sets, ev.micro_batch_size, device, scores, missing)
+    _score_models(to_load, domains, sets, ev.micro_batch_size, device, scores, missing)
     btm_info = _score_btm(models, to_load, names, sets, data_dir, scores, missing)
     markers = {s.name: (plan_mod.read_marker(s, run) or {}) for s in stages}
+    groups = intervals.groups_of(names, domains)
+    labels_of_mixed = None
+    if intervals.MIXED in sets:
+        labels_of_mixed = intervals.segment_labels(data_dir, sets[intervals.MIXED], domains)
+    evaluated = {m: lp for m, lp in scores.logprobs.items() if m in models}
+    found = intervals.compute(evaluated, sets, groups, labels_of_mixed, domains)
+    labels, owners = expert_labels(cfg, (all_models.get("btx_merge_only") or {}).get("checkpoint"))
     result = {
         "run_dir": str(run),
         "split": split,
-        "domains": names,
+        "domains": domains,
+        "expert_domains_evaluated": names,
+        "groups": groups,
         "tokens": {n: s.n_tokens for n, s in sets.items()},
         "documents": {n: len(s.docs) for n, s in sets.items()},
-        "models": _rows(models, scores, markers),
+        "models": _rows(models, scores, markers, sets),
         "missing": missing,
         "btm": btm_info,
-        "experts": _expert_labels(cfg),
+        "experts": labels,
+        "expert_domains": owners,
         "routing": {
             m: {d: {str(layer): st for layer, st in r.items()} for d, r in rr.items()}
             for m, rr in scores.routing.items()
         },
+        "intervals": found,
         "seconds": round(time.time() - t0, 1),
     }
-    result["claims"] = report.check_claims(result)
+    result["claims"] = claims.check_claims(result, report.routing_matrix(result))
     out = Path(out_dir) if out_dir else run / "eval"
+    result["diagnostics"] = _diagnostics(all_models, names, result["models"], out)
     report.write_all(result, out, cfg.evaluation.routing)
     _progress(
         f"wrote {out}/results.md, results.json"

@@ -5,7 +5,12 @@ straddle splits), concatenated in document order and cut into non-overlapping wi
 ``seq_length + 1`` tokens; ``tokens_per_domain / seq_length`` windows are taken evenly spaced over
 the whole split (so every held-out document contributes, not just the first), each scored
 independently on its last ``seq_length`` tokens. Every scored token remembers the document it
-belongs to, which is what BTM's per-document expert choice needs.
+belongs to, which is what BTM's per-document expert choice and the bootstrap over documents need.
+
+The first ``route_tokens`` tokens of every document (at most half of it) are its *routing
+prefix*: BTM chooses its experts from them, as c-BTM routes on the context it has seen, and they
+are never scored, for any model, so every model is scored on the same tokens and BTM never sees
+the tokens it is scored on. They still serve as context for the tokens after them.
 """
 
 from __future__ import annotations
@@ -23,12 +28,29 @@ from megatron_btx.errors import BTXError
 class EvalSet:
     domain: str
     windows: np.ndarray  # [n, seq_length + 1] int64 token ids
-    doc_of_target: np.ndarray  # [n, seq_length] document index of each scored token
-    docs: list[np.ndarray]  # token ids of each held-out document (BTM routing input)
+    doc_of_target: np.ndarray  # [n, seq_length] document index of each predicted token
+    scored: np.ndarray  # [n, seq_length] bool: the token is scored (not a routing prefix)
+    docs: list[np.ndarray]  # token ids of each held-out document
+    route_len: np.ndarray  # [documents] length of each document's routing prefix
+    starts: np.ndarray  # [n] where each window starts in the concatenated documents
 
     @property
     def n_tokens(self) -> int:
-        return int(self.doc_of_target.size)
+        """Scored tokens."""
+        return int(self.scored.sum())
+
+    def routing_prefix(self, doc: int) -> np.ndarray:
+        """The tokens of document `doc` that BTM routes on (never scored)."""
+        return self.docs[doc][: int(self.route_len[doc])]
+
+    def select(self, per_target: np.ndarray) -> np.ndarray:
+        """The scored entries of a [n, seq_length] array, flat, in order."""
+        return per_target[self.scored]
+
+    @property
+    def scored_docs(self) -> np.ndarray:
+        """The document of each scored token (same order as :meth:`select`)."""
+        return self.doc_of_target[self.scored]
 
 
 def _dataset(prefix: str):
@@ -40,9 +62,7 @@ def _dataset(prefix: str):
 
 
 def documents(
-    prefix: str,
-    max_docs: int | None = None,
-    max_tokens: int | None = None,
+    prefix: str, max_docs: int | None = None, max_tokens: int | None = None
 ) -> list[np.ndarray]:
     """The documents (sequences) of an indexed dataset, optionally a spread-out subset."""
     ds = _dataset(prefix)
@@ -65,7 +85,12 @@ def documents(
 
 
 def eval_set(
-    data_dir: str, domain: str, split: str, seq_length: int, tokens_per_domain: int
+    data_dir: str,
+    domain: str,
+    split: str,
+    seq_length: int,
+    tokens_per_domain: int,
+    route_tokens: int = 0,
 ) -> EvalSet:
     prefix = split_prefix(os.path.join(data_dir, domain), split)
     docs = documents(prefix)
@@ -73,11 +98,14 @@ def eval_set(
         raise BTXError(f"{prefix}: the {split} split of {domain} is empty")
     flat = np.concatenate(docs)
     doc_id = np.concatenate([np.full(len(d), i, dtype=np.int64) for i, d in enumerate(docs)])
-    w = seq_length + 1
-    n_avail = len(flat) // w
+    route_len = np.array([min(route_tokens, len(d) // 2) for d in docs], dtype=np.int64)
+    position = np.concatenate([np.arange(len(d)) for d in docs])
+    in_prefix = position < route_len[doc_id]
+    window = seq_length + 1
+    n_avail = len(flat) // window
     if n_avail == 0:
         raise BTXError(
-            f"{prefix}: {len(flat)} held-out tokens, fewer than one window of {w}; lower "
+            f"{prefix}: {len(flat)} held-out tokens, fewer than one window of {window}; lower "
             f"data.seq_length or hold out more documents (data.split)"
         )
     n_want = max(1, tokens_per_domain // seq_length)
@@ -86,7 +114,8 @@ def eval_set(
         if n_want >= n_avail
         else np.linspace(0, n_avail - 1, n_want).round().astype(int)
     )
-    starts = pick * w
-    windows = np.stack([flat[s : s + w] for s in starts])
-    doc_of_target = np.stack([doc_id[s + 1 : s + w] for s in starts])
-    return EvalSet(domain, windows, doc_of_target, docs)
+    starts = pick * window
+    windows = np.stack([flat[s : s + window] for s in starts])
+    doc_of_target = np.stack([doc_id[s + 1 : s + window] for s in starts])
+    scored = np.stack([~in_prefix[s + 1 : s + window] for s in starts])
+    return EvalSet(domain, windows, doc_of_target, scored, docs, route_len, starts)

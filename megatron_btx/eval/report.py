@@ -12,7 +12,6 @@ from typing import Any
 import numpy as np
 
 ORDER = ("seed", "expert_", "dense", "btm_top", "sparse_upcycling", "btx_merge_only", "btx")
-BTX_RIVALS = ("seed", "dense", "btm_top1", "btm_top2", "sparse_upcycling")
 
 
 def _order(name: str, domains: list[str]) -> tuple[int, int, str]:
@@ -42,76 +41,6 @@ def routing_matrix(result: dict[str, Any], model: str = "btx") -> dict[str, np.n
     return out
 
 
-def check_claims(result: dict[str, Any]) -> dict[str, Any]:
-    m = result["models"]
-    doms = result["domains"]
-    claims: dict[str, Any] = {}
-    dense = [k for k in m if k == "seed" or k == "dense" or k.startswith("expert_")]
-    per = {}
-    for d in doms:
-        e = f"expert_{d}"
-        if e not in m:
-            continue
-        best = min(dense, key=lambda k: m[k]["perplexity"][d])
-        per[d] = {
-            "best": best,
-            "expert": m[e]["perplexity"][d],
-            "best_other": min(m[k]["perplexity"][d] for k in dense if k != e)
-            if len(dense) > 1
-            else None,
-        }
-    if per:
-        claims["expert_best_on_own_domain"] = {
-            "holds": all(v["best"] == f"expert_{d}" for d, v in per.items()),
-            "per_domain": per,
-        }
-    if "btx" in m:
-        cmp = {
-            k: {
-                "btx": m["btx"]["mean"],
-                "other": m[k]["mean"],
-                "holds": m["btx"]["mean"] < m[k]["mean"],
-            }
-            for k in BTX_RIVALS
-            if k in m
-        }
-        claims["btx_lowest_mean"] = {"holds": all(v["holds"] for v in cmp.values()), "versus": cmp}
-    rm = routing_matrix(result)
-    if rm:
-        labels = result["experts"]
-        per_r = {}
-        for d, mat in rm.items():
-            if d not in labels:
-                continue
-            share = mat.mean(axis=0)
-            own = float(share[labels.index(d)])
-            top = labels[int(np.argmax(share))]
-            per_r[d] = {
-                "own_share": own,
-                "top_expert": top,
-                "uniform": 1.0 / len(labels),
-                "own_share_per_layer": [float(x) for x in mat[:, labels.index(d)]],
-            }
-        claims["routing_to_own_expert"] = {
-            "holds": bool(per_r) and all(v["top_expert"] == d for d, v in per_r.items()),
-            "per_domain": per_r,
-        }
-    # forgetting (informational): each expert vs the seed on the other domains
-    if "seed" in m:
-        worse = {}
-        for d in doms:
-            e = f"expert_{d}"
-            if e in m:
-                others = [o for o in doms if o != d]
-                worse[d] = {o: m[e]["perplexity"][o] > m["seed"]["perplexity"][o] for o in others}
-        if worse:
-            claims["experts_forget_other_domains"] = {
-                "holds": all(all(v.values()) for v in worse.values()),
-                "per_expert": worse,
-            }
-    return claims
-
-
 # ---------------------------------------------------------------------------------------------
 # Markdown
 # ---------------------------------------------------------------------------------------------
@@ -126,17 +55,30 @@ def _flops(x: float) -> str:
     return f"{x / 10**e:.2f}e{e}"
 
 
+def _interval_cell(entry: dict[str, Any] | None) -> str:
+    if not entry:
+        return "-"
+    ppl = entry["perplexity"]
+    return f"{_f(ppl['estimate'])} [{_f(ppl['low'])}, {_f(ppl['high'])}]"
+
+
 def table_md(result: dict[str, Any]) -> str:
+    """One row per model: compute, the perplexity per domain, the geometric mean per group and
+    over all domains, with 95% intervals where the evaluation has them."""
     m, doms = result["models"], result["domains"]
     names = sorted_models(m, doms)
     best = {d: min(m[k]["perplexity"][d] for k in names) for d in doms}
     best_mean = min(m[k]["mean"] for k in names)
+    intervals = (result.get("intervals") or {}).get("models") or {}
+    groups = list((result.get("intervals") or {}).get("groups") or {})
     head = (
         "| model | active params | train FLOPs | train tokens | wall (s) | "
         + " | ".join(doms)
         + " | mean |"
+        + "".join(f" {g} (95% CI) |" for g in groups)
+        + (" all groups (95% CI) |" if groups else "")
     )
-    lines = [head, "|" + "---|" * (5 + len(doms) + 1)]
+    lines = [head, "|" + "---|" * (6 + len(doms) + len(groups) + (1 if groups else 0))]
     for k in names:
         r = m[k]
         cells = []
@@ -145,16 +87,57 @@ def table_md(result: dict[str, Any]) -> str:
             cells.append(f"**{_f(v)}**" if v == best[d] else _f(v))
         mean = f"**{_f(r['mean'])}**" if r["mean"] == best_mean else _f(r["mean"])
         ap = r.get("active_params")
+        row = intervals.get(k) or {}
+        extra = "".join(f" {_interval_cell(row.get('groups', {}).get(g))} |" for g in groups)
+        if groups:
+            extra += f" {_interval_cell(row.get('mean_of_groups'))} |"
         lines.append(
             f"| {k} | {f'{ap / 1e6:.2f}M' if ap else '-'} | {_flops(r['train_flops'])} | "
             f"{r['train_tokens']:,} | {r['train_seconds']:.0f} | "
             + " | ".join(cells)
             + f" | {mean} |"
+            + extra
         )
     return "\n".join(lines)
 
 
+def comparisons_md(result: dict[str, Any]) -> str:
+    """BTX minus each rival, paired, in mean loss (nats; negative = BTX lower), per group and
+    over all groups, with 95% intervals."""
+    comparisons = (result.get("intervals") or {}).get("comparisons") or {}
+    if not comparisons:
+        return ""
+    groups = list(next(iter(comparisons.values()))["groups"])
+    keys = [*groups, "mean_of_groups"] if groups else ["mean"]
+    head = "| BTX minus | " + " | ".join(k.replace("_", " ") for k in keys) + " |"
+    lines = [head, "|---|" + "---|" * len(keys)]
+    for rival, c in comparisons.items():
+        cells = []
+        for k in keys:
+            entry = c["groups"][k] if k in groups else c[k]
+            loss = entry["loss"]
+            mark = (
+                " (BTX lower)"
+                if entry["a_better"]
+                else " (BTX higher)"
+                if entry["b_better"]
+                else ""
+            )
+            cells.append(f"{loss['estimate']:+.3f} [{loss['low']:+.3f}, {loss['high']:+.3f}]{mark}")
+        lines.append(f"| {rival} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _diff(v: dict[str, Any]) -> str:
+    if "low" in v:
+        return f"{v['difference']:+.3f} [{v['low']:+.3f}, {v['high']:+.3f}]"
+    return f"{v['difference']:+.3f} (no interval)"
+
+
 def claims_md(claims: dict[str, Any]) -> str:
+    """The claims as a list; each comparison is a paired loss difference in nats with its 95%
+    interval, and a claim holds only when every interval lies on its side of 0."""
+
     def mark(ok: bool) -> str:
         return "holds" if ok else "DOES NOT HOLD"
 
@@ -162,43 +145,42 @@ def claims_md(claims: dict[str, Any]) -> str:
     c = claims.get("expert_best_on_own_domain")
     if c:
         parts = [
-            f"{d}: {v['best']} ({v['expert']:.2f} vs best other {v['best_other']:.2f})"
-            for d, v in c["per_domain"].items()
+            f"{d}: " + ", ".join(f"vs {o} {_diff(v)}" for o, v in vs.items())
+            for d, vs in c["per_domain"].items()
         ]
         out.append(
-            f"- Each expert lowest among dense models on its own domain: "
-            f"**{mark(c['holds'])}** ({'; '.join(parts)})"
+            f"- Each expert lower than every other dense model on its own domain (expert minus "
+            f"other): **{mark(c['holds'])}** ({'; '.join(parts)})"
+        )
+    c = claims.get("experts_forget_other_domains")
+    if c:
+        n_bad = sum(not v["higher"] for vs in c["per_expert"].values() for v in vs.values())
+        out.append(
+            f"- Experts worse than the seed on the other expert domains (forgetting): "
+            f"**{mark(c['holds'])}**"
+            + (f" ({n_bad} expert/domain pairs are not clearly worse)" if n_bad else "")
         )
     c = claims.get("btx_lowest_mean")
     if c:
-        parts = [
-            f"{k} {v['other']:.2f} ({'ok' if v['holds'] else 'lower than BTX'})"
-            for k, v in c["versus"].items()
-        ]
-        first = next(iter(c["versus"].values()))["btx"]
+        parts = [f"vs {k} {_diff(v)}" for k, v in c["versus"].items()]
         out.append(
-            f"- BTX lowest mean perplexity ({first:.2f}) vs {', '.join(parts)}: "
-            f"**{mark(c['holds'])}**"
+            f"- BTX lowest on the {c['statistic'].replace('_', ' ')} (BTX minus rival): "
+            f"**{mark(c['holds'])}** ({'; '.join(parts)})"
         )
+        for group, g in (c.get("per_group") or {}).items():
+            parts = [f"vs {k} {_diff(v)}" for k, v in g["versus"].items()]
+            out.append(f"  - {group}: **{mark(g['holds'])}** ({'; '.join(parts)})")
     c = claims.get("routing_to_own_expert")
     if c:
         parts = [
             f"{d}: own {v['own_share']:.0%} (top: {v['top_expert']})"
             for d, v in c["per_domain"].items()
         ]
+        uniform = next(iter(c["per_domain"].values()))["uniform"]
         out.append(
             f"- Each domain's tokens mostly routed to its own expert (share of top-k "
-            f"assignments, mean over layers; uniform = "
-            f"{next(iter(c['per_domain'].values()))['uniform']:.0%}): "
+            f"assignments, mean over layers; uniform = {uniform:.0%}): "
             f"**{mark(c['holds'])}** ({'; '.join(parts)})"
-        )
-    c = claims.get("experts_forget_other_domains")
-    if c:
-        n_bad = sum(not ok for v in c["per_expert"].values() for ok in v.values())
-        out.append(
-            f"- Experts worse than the seed on the other domains (forgetting): "
-            f"**{mark(c['holds'])}**"
-            + (f" ({n_bad} expert/domain pairs are not worse)" if n_bad else "")
         )
     return "\n".join(out)
 
@@ -247,11 +229,26 @@ def results_md(result: dict[str, Any]) -> str:
         f"# BTX evaluation: held-out perplexity ({result['split']} split)",
         "",
         f"Scored tokens per domain: {toks}. Lower is better; bold = best in the column. "
-        "Train FLOPs = 6 x active params x tokens of the stages after the seed (the seed's "
-        "pretraining is shared by all); wall = sum of those stages' wall times.",
+        "mean = the mean of the per-domain losses, i.e. the geometric mean of the per-domain "
+        "perplexities; the group columns are the same over each group of domains, and "
+        "all groups weighs every group the same. Intervals: 95%, bootstrap over held-out "
+        "documents. Train FLOPs = 6 x active params x tokens of the stages after the seed (the "
+        "seed's pretraining is shared by all); wall = sum of those stages' wall times.",
         "",
         table_md(result),
         "",
+        *(
+            [
+                "BTX minus each rival: paired difference in mean loss (nats per token; negative "
+                "= BTX lower), 95% interval; a difference counts only when its interval "
+                "excludes 0.",
+                "",
+                comparisons_md(result),
+                "",
+            ]
+            if comparisons_md(result)
+            else []
+        ),
         "## The paper's claims on these numbers",
         "",
         claims_md(result["claims"]),
@@ -271,6 +268,7 @@ def results_md(result: dict[str, Any]) -> str:
             "",
             "Not evaluated: " + "; ".join(f"{k} ({v})" for k, v in result["missing"].items()),
         ]
+    parts += diagnostics_md(result.get("diagnostics"))
     if result.get("lm_eval"):
         parts += ["", lm_eval_md(result)]
     rmd = routing_md(result)
@@ -284,6 +282,44 @@ def results_md(result: dict[str, Any]) -> str:
             "Per layer: routing.md; heatmaps: routing.png, routing_layer*.png.",
         ]
     return "\n".join(parts) + "\n"
+
+
+def diagnostics_md(diag: dict[str, Any] | None) -> list[str]:
+    """The merge diagnostics section (eval/diagnostics.py): drift, agreement, retention."""
+    if not diag:
+        return []
+    drift = diag.get("drift") or {}
+    lines = ["", "## Merge diagnostics", ""]
+    if drift:
+        groups = list(drift)
+        experts = list(next(iter(drift.values())))
+        lines += [
+            "Relative L2 drift of each expert from the seed, per parameter group; then the mean "
+            "cosine between two experts' updates and the share of an update's length the "
+            f"average keeps (1/sqrt({len(experts)}) = {len(experts) ** -0.5:.2f} for unrelated "
+            "updates):",
+            "",
+            "| | " + " | ".join(groups) + " |",
+            "|---|" + "---|" * len(groups),
+        ]
+        for e in experts:
+            lines.append(
+                f"| drift {e} | " + " | ".join(f"{drift[g][e]:.3f}" for g in groups) + " |"
+            )
+        cos = [np.mean(list(diag["cosine"][g].values()) or [0.0]) for g in groups]
+        lines.append("| mean cosine | " + " | ".join(f"{c:.3f}" for c in cos) + " |")
+        kept = [diag["kept_by_average"][g] for g in groups]
+        lines.append("| kept by averaging | " + " | ".join(f"{k:.3f}" for k in kept) + " |")
+    retention = diag.get("retention") or {}
+    if retention:
+        shown = ", ".join(
+            f"{d} {v:.0%}" if v is not None else f"{d} -" for d, v in retention.items()
+        )
+        lines += [
+            "",
+            f"Merge retention (share of each expert's loss gain the merge keeps): {shown}.",
+        ]
+    return lines + ["", "Plot: diagnostics.png."]
 
 
 # ---------------------------------------------------------------------------------------------

@@ -41,6 +41,30 @@ def load_tokens(
     return torch.tensor(ids[: n_seqs * seq_len], dtype=torch.long).reshape(n_seqs, seq_len)
 
 
+def _blend_tokens(spec: str, tokenizer_path, n_tokens: int, seq_len: int) -> torch.Tensor:
+    parts = []
+    for item in spec.split(","):
+        source, _, weight = item.partition("@")
+        try:
+            value = float(weight) if weight else 1.0
+        except ValueError:
+            value = float("nan")
+        if not source or not value >= 0 or value == float("inf"):
+            raise BTXError(f"--centroid-data {spec}: {item!r} is not PREFIX or PREFIX@WEIGHT")
+        parts.append((source, value))
+    total = sum(w for _, w in parts)
+    if total <= 0:
+        raise BTXError(f"--centroid-data {spec}: the weights sum to 0")
+    samples = []
+    for source, weight in parts:
+        share = int(round(n_tokens * weight / total / seq_len)) * seq_len
+        if share >= seq_len:
+            samples.append(load_tokens(source, tokenizer_path, share, seq_len))
+    if not samples:
+        raise BTXError(f"--centroid-data {spec}: no part gets a sequence of {seq_len} tokens")
+    return torch.cat(samples)
+
+
 def _dataset_tokens(prefix: str, n_tokens: int, seq_len: int) -> list[int]:
     """Documents spread evenly over the dataset until `n_tokens` are gathered."""
     from megatron.core.datasets.indexed_dataset import IndexedDataset

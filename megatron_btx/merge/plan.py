@@ -139,8 +139,12 @@ def _output_dtype(settings: MergeSettings, sources: Sequence[Source]) -> str:
 
 def make_plan(sources: Sequence[Source], settings: MergeSettings) -> MergePlan:
     """The plan for these (checked) sources; every inconsistent choice is an error naming it."""
-    n = len(sources)
-    dense = sources[0].args
+    return plan_for(settings, sources[0].args, len(sources), _output_dtype(settings, sources))
+
+
+def plan_for(settings: MergeSettings, dense: LlamaArgs, n: int, dtype: str = "bf16") -> MergePlan:
+    """The plan for `n` sources of architecture `dense`, before any is opened (the pipeline
+    plans the merged model's shape this way, from the merge's own command line)."""
     shared = n - 1 if settings.seed_as_shared_expert else None
     emap = _expert_map(settings, n, shared)
     chunks = settings.split_chunks
@@ -167,7 +171,7 @@ def make_plan(sources: Sequence[Source], settings: MergeSettings) -> MergePlan:
         router_std=settings.router_std,
         router_seed=settings.router_seed,
         top_k=0,
-        dtype=_output_dtype(settings, sources),
+        dtype=dtype,
     )
     if settings.dense_ffn == "seed" and settings.seed is None and plan.moe_layers is not None:
         raise BTXError("--dense-ffn seed needs --seed")

@@ -193,9 +193,10 @@ class BTXRouter(TopKRouter):
             aux = aux * n_local  # as megatron: the loop divides grads by the token count
         probs = moe_utils.MoEAuxLossAutoScaler.apply(probs, aux)
         num_layers = self.config.num_layers + (self.config.mtp_num_layers or 0)
+        # logged as added to the objective (alpha included), like the routing statistics
         moe_utils.save_to_aux_losses_tracker(
             "load_balancing_loss",
-            value / alpha / size,
+            value / size,
             self.layer_number,
             num_layers,
             reduce_group=group,

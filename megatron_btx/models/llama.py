@@ -406,6 +406,7 @@ def build_model(
     vp_stage: int | None = None,
     spec: str | None = None,
     meta: bool = False,
+    speed=None,
     **config_kwargs: Any,
 ):
     """The one megatron-core GPTModel builder (training, conversion, merge and evaluation).
@@ -413,7 +414,8 @@ def build_model(
     Builds this rank's pipeline stage (call after runtime.init) for a dense Llama, a Mixtral-shaped
     MoE or any merge variant (``variant=MoEVariant(...)`` among ``config_kwargs``, or a `config`
     made with it). ``meta=True`` builds on the `meta` device: shapes and the sharded state dict
-    without storage, which is how the streaming writers learn every checkpoint key."""
+    without storage, which is how the streaming writers learn every checkpoint key.
+    `speed`: a models.speedups.SpeedOptions (experts module, dispatcher, kernels)."""
     from megatron.core import parallel_state as ps
     from megatron.core.models.gpt import GPTModel
 
@@ -430,7 +432,7 @@ def build_model(
     with runtime.meta_device() if meta else contextlib.nullcontext():
         model = GPTModel(
             config=config,
-            transformer_layer_spec=decoder_spec(config, spec),
+            transformer_layer_spec=decoder_spec(config, spec, speed),
             vocab_size=args.padded_vocab_size,
             max_sequence_length=args.max_position_embeddings,
             pre_process=pre_process,
@@ -443,6 +445,9 @@ def build_model(
         )
     if meta and {p.device.type for p in model.parameters()} != {"meta"}:
         log.warning("a model built on the meta device holds real storage; it costs memory")
+    from megatron_btx.models.speedups import after_build
+
+    after_build(model, speed)
     if not config.perform_initialization:
         _mark_tensor_parallel(model)
     if args.rope_scaling:

@@ -13,6 +13,14 @@ from megatron_btx.errors import BTXError
 
 ROUTER_TYPES = ("topk", "switch", "sample_top1", "soft")
 DROP_POLICIES = ("probs", "position")
+#: keys that only one router type reads (setting them for another type would do nothing)
+TYPE_KEYS = {
+    "capacity_factor": ("switch",),
+    "drop_policy": ("switch",),
+    "temperature": ("sample_top1",),
+    "temperature_floor": ("sample_top1",),
+    "anneal_steps": ("sample_top1",),
+}
 
 
 @dataclass(frozen=True)
@@ -50,6 +58,12 @@ class RouterSettings:
                 )
         s = cls(**cfg)
         s._check()
+        for key, types in TYPE_KEYS.items():
+            if key in cfg and s.type not in types:
+                raise BTXError(
+                    f"router config key {key!r} applies to router type {' or '.join(types)}, "
+                    f"not {s.type!r}: remove it"
+                )
         return s
 
     def _check(self) -> None:

@@ -8,6 +8,10 @@ from __future__ import annotations
 import importlib.util
 import logging
 
+import torch
+
+from megatron_btx.errors import BTXError
+
 log = logging.getLogger(__name__)
 
 
@@ -36,8 +40,6 @@ _LOGGED: set[str] = set()
 
 def chosen_spec(requested: str | None = None) -> str:
     """`te` or `local`; `requested` forces one (asking for te without TE is an error)."""
-    from megatron_btx.errors import BTXError
-
     te = te_available()
     if requested == "te" and not te:
         raise BTXError("spec 'te' requested but Transformer Engine or a GPU is missing")
@@ -50,40 +52,90 @@ def chosen_spec(requested: str | None = None) -> str:
     return spec
 
 
-def layer_spec(config, requested: str | None = None):
-    """The megatron-core ModuleSpec for one transformer layer of this config."""
+def experts_module(config, te: bool, requested: str = "auto") -> str:
+    """Which module computes the MoE experts: `te_grouped` (TE's TEGroupedMLP), `grouped`
+    (ours, torch's grouped matmul), `sequential` (megatron-core's per-expert loop).
+
+    `auto` picks a grouped GEMM where it is faster: with TE, always (TE's grouped GEMM); without
+    TE, on a GPU run in bf16 where torch's grouped matmul has its fused kernel (elsewhere torch
+    loops over the experts itself, so it would be the sequential loop under another name)."""
+    from megatron_btx.models.grouped_experts import grouped_mm_fast_path
+    from megatron_btx.models.speedups import MOE_EXPERTS
+
+    if requested not in MOE_EXPERTS:
+        raise BTXError(f"model.moe_experts={requested!r} must be one of {', '.join(MOE_EXPERTS)}")
+    if requested == "sequential":
+        return "sequential"
+    if te:
+        return "te_grouped"
+    if requested == "grouped":
+        return "grouped"
+    on_gpu = fused_kernels_available()
+    device = torch.device("cuda", torch.cuda.current_device()) if on_gpu else torch.device("cpu")
+    return "grouped" if grouped_mm_fast_path(device, config.params_dtype) else "sequential"
+
+
+def layer_spec(config, requested: str | None = None, speed=None):
+    """The megatron-core ModuleSpec for one transformer layer of this config; `speed` (a
+    models.speedups.SpeedOptions) chooses the experts module and the kernels."""
     from megatron.core.models.gpt import gpt_layer_specs as specs
 
-    num_experts = config.num_moe_experts
-    if chosen_spec(requested) == "te":
-        return specs.get_gpt_layer_with_transformer_engine_spec(
-            num_experts=num_experts, moe_grouped_gemm=config.moe_grouped_gemm
-        )
-    spec = specs.get_gpt_layer_local_spec(
-        num_experts=num_experts, moe_grouped_gemm=False, normalization="RMSNorm"
-    )
-    if config.attention_dropout == 0 and config.context_parallel_size == 1:
-        from megatron_btx.models.attention import TorchSDPAttention
+    from megatron_btx.models import speedups
 
-        spec.submodules.self_attention.submodules.core_attention = TorchSDPAttention
+    speed = speed or speedups.SpeedOptions()
+    num_experts = config.num_moe_experts
+    te = chosen_spec(requested) == "te"
+    experts = experts_module(config, te, speed.moe_experts) if num_experts else None
+    if experts:
+        speedups.log_once("MoE experts module: %s", experts)
+    if speedups.resolve_kernels(speed.kernels, fused_kernels_available()) == "liger":
+        speedups.apply_liger()
+    if te:
+        spec = specs.get_gpt_layer_with_transformer_engine_spec(
+            num_experts=num_experts, moe_grouped_gemm=experts == "te_grouped"
+        )
+    else:
+        spec = specs.get_gpt_layer_local_spec(
+            num_experts=num_experts, moe_grouped_gemm=False, normalization="RMSNorm"
+        )
+        if config.attention_dropout == 0 and config.context_parallel_size == 1:
+            from megatron_btx.models.attention import TorchSDPAttention
+
+            spec.submodules.self_attention.submodules.core_attention = TorchSDPAttention
+        if experts == "grouped":
+            from megatron_btx.models.grouped_experts import GroupedExperts
+
+            spec.submodules.mlp.submodules.experts.module = GroupedExperts
     return spec
 
 
-def decoder_spec(config, requested: str | None = None):
+def decoder_spec(config, requested: str | None = None, speed=None):
     """The spec GPTModel is built from: one layer spec for every layer, or, when
     ``config.moe_layer_freq`` is a per-layer list (MoE in some layers), megatron-core's decoder
-    block spec with a dense or an MoE layer spec per layer."""
+    block spec with a dense or an MoE layer spec per layer (the same attention and experts
+    modules as :func:`layer_spec` chooses)."""
     if not isinstance(config.moe_layer_freq, list):
-        return layer_spec(config, requested)
+        return layer_spec(config, requested, speed)
     from megatron.core.models.gpt import gpt_layer_specs as specs
 
+    from megatron_btx.models import speedups
+
+    speed = speed or speedups.SpeedOptions()
     te = chosen_spec(requested) == "te"
     block = specs.get_gpt_decoder_block_spec(
         config, use_transformer_engine=te, normalization="RMSNorm"
     )
-    if not te and config.attention_dropout == 0 and config.context_parallel_size == 1:
-        from megatron_btx.models.attention import TorchSDPAttention
+    if te:
+        return block
+    experts = experts_module(config, te, speed.moe_experts) if config.num_moe_experts else None
+    for spec in block.layer_specs:
+        if config.attention_dropout == 0 and config.context_parallel_size == 1:
+            from megatron_btx.models.attention import TorchSDPAttention
 
-        for spec in block.layer_specs:
             spec.submodules.self_attention.submodules.core_attention = TorchSDPAttention
+        mlp = getattr(spec.submodules.mlp, "submodules", None)
+        if experts == "grouped" and getattr(mlp, "experts", None) is not None:
+            from megatron_btx.models.grouped_experts import GroupedExperts
+
+            mlp.experts.module = GroupedExperts
     return block

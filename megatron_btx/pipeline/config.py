@@ -94,15 +94,23 @@ class DataSection:
     vocab_size: int = 8000
     tokenizer: str | None = None
     max_mb: float = 4.0
-    split: str = "test=0.02,valid=0.02"
+    #: held-out fractions, by a stable hash of each document's key; test=0.08 holds out >= 64k
+    #: tokens of every built-in domain at max_mb 4 (measured: 80k-148k)
+    split: str = "test=0.08,valid=0.02"
     txt_separator: str | None = None
     seq_length: int = 256
+    #: held-out mixed documents (paragraphs of several domains' test documents) of about this
+    #: many tokens, evaluated as one more domain; 0 = none
+    mixed_tokens: int = 65536
 
 
 @dataclass
 class DomainConfig:
     source: str | list[str] = BUILTIN
     weight: float | None = None
+    #: false: a general domain: in the seed's and the finetune's data and in evaluation, but no
+    #: expert of its own (the paper's general data, 19% of its finetuning mix)
+    expert: bool = True
 
     @property
     def is_builtin(self) -> bool:
@@ -117,6 +125,8 @@ class DomainConfig:
 class SeedConfig:
     init_from: str | None = None
     pretrain: StageTrain | None = None
+    #: the seed pretrains on these domains (uniformly); default: every domain, at their weights
+    domains: list[str] | None = None
 
 
 @dataclass
@@ -124,7 +134,27 @@ class MergeConfig:
     seed_as_expert: bool = True
     router_init: str = "random"
     top_k: int = 2
+    #: merge variants (btx merge flags): the seed's FFN as an always-active shared expert
+    #: instead of a routed one; each FFN split into C experts; blending; MoE in some layers
+    seed_as_shared_expert: bool = False
+    split_chunks: int = 1
+    blend: bool = False
+    moe_layers: str | None = None
+    dense_ffn: str = "average"
     extra_args: list[str] = field(default_factory=list)
+
+    def flags(self) -> list[str]:
+        """The `btx merge` flags of the variant keys (the seed and router flags aside)."""
+        flags = []
+        if self.seed_as_shared_expert:
+            flags.append("--seed-as-shared-expert")
+        if self.split_chunks != 1:
+            flags += ["--split-chunks", str(self.split_chunks)]
+        if self.blend:
+            flags.append("--blend")
+        if self.moe_layers is not None:
+            flags += ["--moe-layers", self.moe_layers, "--dense-ffn", self.dense_ffn]
+        return flags
 
 
 @dataclass
@@ -132,7 +162,9 @@ class BaselinesConfig:
     dense: bool = True
     sparse_upcycling: bool = True
     btm: bool = True
-    compute_match: bool = True
+    #: flops: 6 x active params x tokens; time: measured hardware time (the paper's GPU-days);
+    #: none: the baselines' own steps (true/false mean flops/none)
+    compute_match: str | bool = "flops"
     dense_train: StageTrain | None = None
     sparse_upcycling_train: StageTrain | None = None
 
@@ -140,8 +172,11 @@ class BaselinesConfig:
 @dataclass
 class EvalConfig:
     split: str = "test"
-    tokens_per_domain: int = 16384
+    tokens_per_domain: int = 65536
     btm_top_k: list[int] = field(default_factory=lambda: [1, 2])
+    #: BTM routes each held-out document on its first tokens (at most half the document);
+    #: they are scored for no model
+    btm_route_tokens: int = 128
     routing: bool = True
     micro_batch_size: int = 8
 
@@ -170,7 +205,13 @@ class BTXConfig:
 
     @property
     def domain_names(self) -> list[str]:
+        """Every domain: prepared, in the finetuning blend, evaluated."""
         return list(self._domains)
+
+    @property
+    def expert_names(self) -> list[str]:
+        """The domains that get an expert (and are the MoE's routed experts, in order)."""
+        return [n for n, d in self._domains.items() if d.expert]
 
     def to_dict(self) -> dict[str, Any]:
         raw = dataclasses.asdict(self)
@@ -222,19 +263,39 @@ class BTXConfig:
             self.seed.init_from = self._resolve(self.seed.init_from)
         elif self.seed.pretrain is None:
             raise BTXError("seed: give seed.init_from (a checkpoint) or seed.pretrain: {steps: N}")
+        for name in self.seed.domains or []:
+            if name not in doms:
+                raise BTXError(f"seed.domains: {name!r} is not a domain ({', '.join(doms)})")
+        if not self.expert_names:
+            raise BTXError("domains: every domain has expert: false; at least one needs an expert")
+        if self.data.mixed_tokens < 0:
+            raise BTXError(f"data.mixed_tokens={self.data.mixed_tokens} must be >= 0 (0 = none)")
         if self.merge.router_init not in ("random", "zero", "centroid"):
             raise BTXError(
                 f"merge.router_init={self.merge.router_init!r}: random | zero | centroid"
             )
-        n_experts = len(doms) + (1 if self.merge.seed_as_expert else 0)
-        if not 1 <= self.merge.top_k <= n_experts:
-            raise BTXError(f"merge.top_k={self.merge.top_k} must be in 1..{n_experts}")
+        if self.merge.seed_as_shared_expert and not self.merge.seed_as_expert:
+            raise BTXError(
+                "merge.seed_as_shared_expert needs merge.seed_as_expert: true (the seed's FFN is "
+                "the shared expert instead of a routed one)"
+            )
+        if self.merge.dense_ffn not in ("average", "seed"):
+            raise BTXError(f"merge.dense_ffn={self.merge.dense_ffn!r}: average | seed")
         if self.evaluation.split not in ("test", "valid"):
             raise BTXError(f"evaluation.split={self.evaluation.split!r}: test | valid")
         if self.evaluation.tokens_per_domain < self.data.seq_length:
             raise BTXError(
                 f"evaluation.tokens_per_domain={self.evaluation.tokens_per_domain} must be at "
                 f"least data.seq_length={self.data.seq_length}"
+            )
+        match = self.baselines.compute_match
+        if isinstance(match, bool):
+            self.baselines.compute_match = "flops" if match else "none"
+        elif match not in ("flops", "time", "none"):
+            raise BTXError(f"baselines.compute_match={match!r}: flops | time | none")
+        if self.evaluation.btm_route_tokens < 1:
+            raise BTXError(
+                f"evaluation.btm_route_tokens={self.evaluation.btm_route_tokens} must be >= 1"
             )
         for k in self.evaluation.btm_top_k:
             if not 1 <= k <= len(doms):

@@ -114,7 +114,21 @@ class LocalExecutor:
         cpus = os.cpu_count() or 1
         return max(1, cpus // max(1, min(self.parallel, n_running)) // max(1, stage.nproc))
 
+    def _current(self, stage: Stage) -> Stage:
+        """The stage as RUN/plan.json has it now: a stage that ran before it (match-compute)
+        may have re-planned it (a baseline's steps, hence its final checkpoint)."""
+        try:
+            fresh = plan_mod.read_plan_file(self.run).by_name().get(stage.name)
+        except Exception:  # noqa: BLE001 - no plan file (a test's fake stages): as given
+            return stage
+        if fresh is None or fresh.argv != stage.argv:
+            return stage
+        self.by_name[stage.name] = fresh
+        self.stages = [fresh if s.name == stage.name else s for s in self.stages]
+        return fresh
+
     def start(self, stage: Stage, n_running: int) -> _Running:
+        stage = self._current(stage)
         env = dict(os.environ)
         if "OMP_NUM_THREADS" not in os.environ or self.threads:
             env["OMP_NUM_THREADS"] = str(self._threads_for(stage, n_running))

@@ -29,20 +29,20 @@ Stage argv is the *single-process* command line; a train stage with ``nproc > 1`
 Train stages are resumable: re-running the same argv resumes from ``checkpoints/latest``.
 
 Compute accounting: training FLOPs = 6 x active parameters x tokens, where the active parameters
-are those in a matrix multiply per token (transformer layers with the top-k experts, the router
-and the output layer; not the input embedding lookup). The BTX budget is the experts' training
-plus the MoE finetune (the seed's pretraining is shared by every model and not counted); with
-``baselines.compute_match`` the dense and sparse-upcycling baselines get as many steps as that
-budget buys at their own active size.
+are those in a matrix multiply per token, layer by layer and by router type
+(:mod:`megatron_btx.models.compute`: attention, the FFN or the router plus the experts a token
+passes through, a shared expert, and the output projection, tied or not; not the embedding
+lookup). The merged MoE's shape comes from the merge's own command-line parser and plan. The
+BTX budget is the experts' training plus the MoE finetune (the seed's pretraining is shared by
+every model and not counted); with ``baselines.compute_match`` the dense and sparse-upcycling
+baselines get as many steps as that budget buys at their own active size.
 """
 
 from __future__ import annotations
 
 import json
-import math
 import os
-import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
@@ -52,50 +52,39 @@ from megatron_btx import rundir
 from megatron_btx.errors import BTXError
 from megatron_btx.pipeline import config as btx_config
 from megatron_btx.pipeline.config import BTXConfig, StageTrain
+from megatron_btx.pipeline.stages import (  # re-exported: the executors' view of a plan
+    KINDS,
+    Plan,
+    Stage,
+    fmt_flops,
+    mark_done,
+    marker_path,
+    outputs_exist,
+    read_marker,
+    read_plan,
+    read_plan_file,
+    save_plan,
+    stage_done,
+)
 
-#: stage kinds
-KINDS = ("data", "convert", "train", "merge", "eval")
-PLAN_FORMAT = 2
-
-
-@dataclass
-class Stage:
-    name: str  # e.g. "prepare_data", "seed", "expert_code", "merge", "finetune", "evaluate"
-    kind: str  # "data" | "convert" | "train" | "merge" | "eval"
-    argv: list[str]  # the btx command line, run as `btx <argv>`
-    deps: list[str] = field(default_factory=list)  # stages that must finish first
-    nproc: int = 1  # processes (torchrun --nproc-per-node) for train stages
-    outputs: list[str] = field(default_factory=list)  # paths that exist when it is done
-    resumable: bool = False  # train stages: re-running resumes from checkpoints/latest
-    # ---- informational (executors may ignore) -------------------------------------------
-    workdir: str | None = None  # the stage's own folder (train: its run dir)
-    steps: int = 0  # train stages: optimizer steps
-    tokens: int = 0  # train stages: training tokens (steps x global batch x seq length)
-    active_params: int = 0  # train stages: parameters active per token (for FLOPs)
-    flops: float = 0.0  # train stages: 6 x active_params x tokens
-    group: str = "btx"  # btx | baseline | shared (accounting)
-    # ---- what it leaves (the evaluator reads these) -------------------------------------
-    checkpoint: str | None = None  # the checkpoint folder a model-producing stage leaves
-    router: dict[str, Any] | None = None  # an MoE stage's router config
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, entry: dict[str, Any]) -> Stage:
-        known = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in entry.items() if k in known})
-
-
-@dataclass
-class Plan:
-    """A run's stages in execution order, and the seed checkpoint they branch from."""
-
-    stages: list[Stage]
-    seed_checkpoint: str | None
-
-    def by_name(self) -> dict[str, Stage]:
-        return {s.name: s for s in self.stages}
+__all__ = [
+    "KINDS",
+    "Plan",
+    "Stage",
+    "build_plan",
+    "final_checkpoint",
+    "fmt_flops",
+    "mark_done",
+    "marker_path",
+    "outputs_exist",
+    "read_marker",
+    "read_plan",
+    "read_plan_file",
+    "save_plan",
+    "seed_args",
+    "stage_done",
+    "write_plan",
+]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -104,15 +93,6 @@ class Plan:
 def final_checkpoint(run: str | Path, steps: int) -> str:
     """The checkpoint a finished `btx train` run of `steps` steps leaves."""
     return str(rundir.checkpoint_path(run, steps))
-
-
-def matmul_params(args) -> int:
-    """Parameters in a matrix multiply per token (top-k experts only): see the module doc."""
-    return int(
-        args.num_params(active=True)
-        - args.vocab_size * args.hidden_size
-        - args.hidden_size * (2 * args.num_hidden_layers + 1)
-    )
 
 
 def _resolve_checkpoint(path: str) -> str:
@@ -124,6 +104,13 @@ def _resolve_checkpoint(path: str) -> str:
 def _is_hf(path: str) -> bool:
     p = Path(path)
     return (p / "config.json").is_file() and not rundir.is_checkpoint(p)
+
+
+def _model_options() -> set[str]:
+    """The model section's keys that are training options, not architecture (LlamaArgs)."""
+    from megatron_btx.config import LLAMA_FIELDS, ModelConfig
+
+    return {f.name for f in fields(ModelConfig)} - set(LLAMA_FIELDS) - {"init_from", "hf_config"}
 
 
 def seed_args(cfg: BTXConfig):
@@ -138,7 +125,7 @@ def seed_args(cfg: BTXConfig):
         from megatron_btx.checkpoint.megatron_io import read_args
 
         return read_args(_resolve_checkpoint(src))
-    arch = {k: v for k, v in cfg.model.items() if k not in ("init_method_std", "spec", "recompute")}
+    arch = {k: v for k, v in cfg.model.items() if k not in _model_options()}
     arch.setdefault("vocab_size", _vocab_size(cfg))
     try:
         return LlamaArgs(**arch)
@@ -231,7 +218,7 @@ def _train_config(
     model: dict[str, Any]
     if init_from:
         model = {"init_from": init_from}
-        for key in ("init_method_std", "spec", "recompute"):
+        for key in _model_options():
             if key in cfg.model:
                 model[key] = cfg.model[key]
     else:
@@ -266,14 +253,6 @@ def _global_batch(stage: StageTrain) -> int:
     from megatron_btx.config import DataConfig
 
     return stage.global_batch_size or DataConfig().global_batch_size
-
-
-def _moe_args(dense, n_experts: int, top_k: int):
-    from megatron_btx.models.llama import LlamaArgs
-
-    fields_ = dense.to_dict()
-    fields_.update(num_local_experts=n_experts, num_experts_per_tok=top_k)
-    return LlamaArgs.from_dict(fields_)
 
 
 def _matched_steps(budget: float, active: int, global_batch: int, seq: int) -> int:
@@ -332,22 +311,60 @@ class _Planner:
     config (and a given seed's or prepared data's metadata) and writes nothing."""
 
     def __init__(self, cfg: BTXConfig):
+        from megatron_btx.models.compute import active_params
+
         self.cfg = cfg
         self.run = cfg.run_dir
-        self.names = cfg.domain_names
+        self.names = cfg.expert_names  # one expert each
+        self.domains = cfg.domain_names  # prepared, blended, evaluated
         self.stages: list[Stage] = []
         self.train_configs: dict[str, dict[str, Any]] = {}
         self.blend = {n: w for n, w in cfg.weights().items() if w > 0}
         self.dense_args = seed_args(cfg)
-        self.dense_active = matmul_params(self.dense_args)
-        self.n_moe = len(self.names) + (1 if cfg.merge.seed_as_expert else 0)
-        self.moe_active = matmul_params(_moe_args(self.dense_args, self.n_moe, cfg.merge.top_k))
+        self.dense_active = active_params(self.dense_args)
         finetune_parallel = cfg.finetune.parallel or {}
         self.moe_layout = tuple(int(finetune_parallel.get(k, 1)) for k in ("tp", "pp", "ep"))
+        self.router = cfg.finetune.router or {"type": "topk"}
+        self.moe_args, self.variant = self._merged_shape()
+        self.moe_active = active_params(self.moe_args, self.router, self.variant)
         self.btx_flops = 0.0
         self.data_path = ""
         self.seed_checkpoint = ""
         self.seed_deps: list[str] = []
+
+    def _merge_argv(self, experts: list[str], seed: str | None, save: str, router_init: str):
+        """The `btx merge` command line of the BTX merge (or, with every source the seed, of
+        sparse upcycling's): the same variant flags, so both MoEs have one architecture."""
+        merge = self.cfg.merge
+        argv = _merge_argv(experts, seed, save, router_init, merge.top_k, self.moe_layout)
+        return argv + merge.flags() + list(merge.extra_args)
+
+    def _merged_shape(self):
+        """(LlamaArgs, MoEVariant) of the merged MoE, planned by the merge's own command-line
+        parser and plan from the flags the merge stage will get: never out of step with it."""
+        from megatron_btx.merge.cli import build_parser
+        from megatron_btx.merge.plan import plan_for
+        from megatron_btx.merge.settings import MergeSettings
+
+        seed = "seed" if self.cfg.merge.seed_as_expert else None
+        argv = self._merge_argv([f"expert_{n}" for n in self.names], seed, "merged", "random")
+        try:
+            ns = build_parser().parse_args(argv[1:])
+        except SystemExit as e:
+            raise BTXError(
+                f"merge.extra_args {self.cfg.merge.extra_args}: not valid flags of btx merge"
+            ) from e
+        settings = MergeSettings.from_args(ns)
+        sources = len(settings.source_paths)
+        try:
+            settings.validate()
+            merge_plan = plan_for(settings, self.dense_args, sources)
+        except BTXError as e:
+            message = str(e)
+            for flag in ("top-k", "split-chunks", "moe-layers", "dense-ffn", "blend"):
+                message = message.replace(f"--{flag}", f"merge.{flag.replace('-', '_')}")
+            raise BTXError(f"{self.cfg.source or 'config'}: {message}") from e
+        return merge_plan.output_args(self.dense_args), merge_plan.variant(self.dense_args)
 
     def train(
         self,
@@ -377,7 +394,7 @@ class _Planner:
                     f"data.prepared={self.data_path}: no manifest.json (run btx prepare-data)"
                 )
             have = json.loads(man.read_text()).get("domains", {})
-            missing = [n for n in self.names if n not in have]
+            missing = [n for n in self.domains if n not in have]
             if missing:
                 raise BTXError(
                     f"data.prepared={self.data_path} lacks domain(s) {', '.join(missing)}"
@@ -385,11 +402,11 @@ class _Planner:
             return []
         self.data_path = f"{self.run}/data"
         argv = ["prepare-data", "--output-dir", self.data_path, "--split", cfg.data.split]
-        builtin = [n for n in self.names if cfg.domain(n).is_builtin]
-        if len(builtin) == len(self.names):
-            argv += ["--builtin-domains", ",".join(self.names), "--max-mb", str(cfg.data.max_mb)]
+        builtin = [n for n in self.domains if cfg.domain(n).is_builtin]
+        if len(builtin) == len(self.domains):
+            argv += ["--builtin-domains", ",".join(self.domains), "--max-mb", str(cfg.data.max_mb)]
         else:
-            for name in self.names:
+            for name in self.domains:
                 paths = ["builtin"] if name in builtin else cfg.domain(name).paths
                 bad = [p for p in paths if "," in p]
                 if bad:
@@ -399,6 +416,8 @@ class _Planner:
                 argv += ["--max-mb", str(cfg.data.max_mb)]
             if cfg.data.txt_separator is not None:
                 argv += ["--txt-separator", cfg.data.txt_separator]
+        if cfg.data.mixed_tokens:
+            argv += ["--mixed-tokens", str(cfg.data.mixed_tokens)]
         if cfg.data.tokenizer:
             argv += ["--tokenizer", cfg.data.tokenizer]
         else:
@@ -423,8 +442,10 @@ class _Planner:
         if not cfg.seed.init_from:
             stage = _merge_stage(cfg.seed.pretrain)
             run = f"{self.run}/seed"
+            # the seed's own data (the paper's: general text no expert specialises in)
+            data = {n: 1.0 for n in cfg.seed.domains} if cfg.seed.domains else self.blend
             added = self.train(
-                "seed", run, stage, self.blend, None, data_deps, self.dense_active, "shared"
+                "seed", run, stage, data, None, data_deps, self.dense_active, "shared"
             )
             self.seed_checkpoint = added.checkpoint
             self.seed_deps = ["seed"]
@@ -474,20 +495,19 @@ class _Planner:
         cfg = self.cfg
         merged = f"{self.run}/merged"
         seed = self.seed_checkpoint if cfg.merge.seed_as_expert else None
-        argv = _merge_argv(
-            expert_checkpoints,
-            seed,
-            merged,
-            cfg.merge.router_init,
-            cfg.merge.top_k,
-            self.moe_layout,
-        )
+        argv = self._merge_argv(expert_checkpoints, seed, merged, cfg.merge.router_init)
         if cfg.merge.router_init == "centroid":
             domain_data = [f"{self.data_path}/{n}_train_text_document" for n in self.names]
             argv += ["--centroid-data", *domain_data]
-            if cfg.merge.seed_as_expert:
-                argv += domain_data[:1]
-        argv += list(cfg.merge.extra_args)
+            if cfg.merge.seed_as_expert:  # the generalist's row: a sample of the whole blend
+                weights = self.blend
+                argv.append(
+                    ",".join(
+                        f"{self.data_path}/{n}_train_text_document@{weights[n]:g}"
+                        for n in self.domains
+                        if n in weights
+                    )
+                )
         deps = [f"expert_{n}" for n in self.names] + self.seed_deps
         self.stages.append(
             Stage(
@@ -499,6 +519,7 @@ class _Planner:
                 [f"{merged}/metadata.json"],
                 workdir=merged,
                 checkpoint=merged,
+                router=self.router,
             )
         )
         return merged
@@ -508,7 +529,7 @@ class _Planner:
         return {
             "aux_loss_coeff": finetune.aux_loss_coeff,
             "load_balancing": finetune.load_balancing,
-            "router": finetune.router or {"type": "topk"},
+            "router": self.router,
         }
 
     def finetune(self, merged: str) -> None:
@@ -526,36 +547,49 @@ class _Planner:
         )
         self.btx_flops += added.flops
 
+    def _time_matched(self) -> dict[str, int]:
+        """Baseline steps measured by `btx match-compute` for these very BTX stages (their
+        configs unchanged since), else nothing (the plan then holds FLOPs-matched steps until
+        the measurement re-plans it)."""
+        from megatron_btx.pipeline import compute_match
+
+        measured = compute_match.load(self.run)
+        if not measured:
+            return {}
+        current = {
+            name: compute_match.config_fingerprint(_yaml_text(config))
+            for name, config in self.train_configs.items()
+            if name in measured.get("btx_configs", {})
+        }
+        if current != measured["btx_configs"]:
+            return {}
+        return {name: int(entry["steps"]) for name, entry in measured["baselines"].items()}
+
+    def _baseline_steps(self, name: str, stage: StageTrain, active: int, measured) -> None:
+        mode = self.cfg.baselines.compute_match
+        if mode == "none":
+            return
+        if mode == "time" and name in measured:
+            stage.steps = measured[name]
+            return
+        seq = self.cfg.data.seq_length
+        stage.steps = _matched_steps(self.btx_flops, active, _global_batch(stage), seq)
+
     def baselines(self) -> list[str]:
         cfg, base = self.cfg, self.cfg.baselines
-        added = []
-        seq = cfg.data.seq_length
-        if base.dense:
-            stage = _merge_stage(cfg.experts, base.dense_train)
-            if base.compute_match:
-                stage.steps = _matched_steps(
-                    self.btx_flops, self.dense_active, _global_batch(stage), seq
-                )
-            self.train(
-                "baseline_dense",
-                f"{self.run}/baselines/dense",
-                stage,
-                self.blend,
-                self.seed_checkpoint,
-                self.seed_deps,
-                self.dense_active,
-                "baseline",
-            )
-            added.append("baseline_dense")
+        added: list[str] = []
+        if not (base.dense or base.sparse_upcycling):
+            return added
+        matched = self._time_matched() if base.compute_match == "time" else {}
+        upcycled = f"{self.run}/baselines/upcycled"
         if base.sparse_upcycling:
-            upcycled = f"{self.run}/baselines/upcycled"
-            argv = _merge_argv(
-                [self.seed_checkpoint] * self.n_moe,
-                None,
+            # N copies of the seed, merged with the BTX merge's flags: the same architecture
+            seed = self.seed_checkpoint
+            argv = self._merge_argv(
+                [seed] * len(self.names),
+                seed if cfg.merge.seed_as_expert else None,
                 upcycled,
                 "random",
-                cfg.merge.top_k,
-                self.moe_layout,
             )
             self.stages.append(
                 Stage(
@@ -568,24 +602,53 @@ class _Planner:
                     workdir=upcycled,
                     group="baseline",
                     checkpoint=upcycled,
+                    router=self.router,
                 )
             )
-            stage = _merge_stage(cfg.finetune, base.sparse_upcycling_train)
-            if base.compute_match:
-                stage.steps = _matched_steps(
-                    self.btx_flops, self.moe_active, _global_batch(stage), seq
+        waits: list[str] = []
+        if base.compute_match == "time":
+            waits = ["match_compute"]
+            deps = [f"expert_{n}" for n in self.names] + ["merge", "finetune"]
+            deps += ["upcycle_merge"] if base.sparse_upcycling else []
+            self.stages.append(
+                Stage(
+                    "match_compute",
+                    "match",
+                    ["match-compute", "--run-dir", self.run],
+                    deps,
+                    1,
+                    [f"{self.run}/compute_match.json"],
+                    group="baseline",
                 )
-            moe = {**self.finetune_moe_section(), "router": {"type": "topk"}}
+            )
+        if base.dense:
+            stage = _merge_stage(cfg.experts, base.dense_train)
+            self._baseline_steps("baseline_dense", stage, self.dense_active, matched)
+            self.train(
+                "baseline_dense",
+                f"{self.run}/baselines/dense",
+                stage,
+                self.blend,
+                self.seed_checkpoint,
+                self.seed_deps + waits,
+                self.dense_active,
+                "baseline",
+            )
+            added.append("baseline_dense")
+        if base.sparse_upcycling:
+            stage = _merge_stage(cfg.finetune, base.sparse_upcycling_train)
+            self._baseline_steps("baseline_sparse_upcycling", stage, self.moe_active, matched)
+            # the finetune's router and load balancing: only the initialisation differs
             self.train(
                 "baseline_sparse_upcycling",
                 f"{self.run}/baselines/sparse_upcycling",
                 stage,
                 self.blend,
                 upcycled,
-                ["upcycle_merge"],
+                ["upcycle_merge", *waits],
                 self.moe_active,
                 "baseline",
-                moe,
+                self.finetune_moe_section(),
             )
             added.append("baseline_sparse_upcycling")
         return added
@@ -642,105 +705,15 @@ def _check(stages: list[Stage]) -> None:
         seen.add(s.name)
 
 
+def _yaml_text(train_config: dict[str, Any]) -> str:
+    """A train stage's config file exactly as write_plan writes it."""
+    return yaml.safe_dump(train_config, sort_keys=False, default_flow_style=False)
+
+
 def write_plan(cfg: BTXConfig, plan: Plan, train_configs: dict[str, dict]) -> None:
     run = Path(cfg.run_dir)
     (run / "configs").mkdir(parents=True, exist_ok=True)
     for name, train_cfg in train_configs.items():
-        rundir.atomic_write_text(
-            run / "configs" / f"{name}.yaml",
-            yaml.safe_dump(train_cfg, sort_keys=False, default_flow_style=False),
-        )
+        rundir.atomic_write_text(run / "configs" / f"{name}.yaml", _yaml_text(train_cfg))
     rundir.atomic_write_text(run / "btx.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
     save_plan(run, plan)
-
-
-def save_plan(run_dir: str | os.PathLike[str], plan: Plan) -> None:
-    """RUN/plan.json (atomically)."""
-    document = {
-        "format_version": PLAN_FORMAT,
-        "seed_checkpoint": plan.seed_checkpoint,
-        "stages": [s.to_dict() for s in plan.stages],
-    }
-    rundir.atomic_write_text(Path(run_dir) / "plan.json", json.dumps(document, indent=1))
-
-
-def read_plan_file(run_dir: str | os.PathLike[str]) -> Plan:
-    """RUN/plan.json: the stages and the seed checkpoint."""
-    path = Path(run_dir) / "plan.json"
-    if not path.is_file():
-        raise BTXError(f"{run_dir}: no plan.json (not a btx run directory; start it with btx run)")
-    try:
-        document = json.loads(path.read_text())
-    except (ValueError, UnicodeDecodeError) as e:
-        raise BTXError(f"{path}: not valid JSON ({e}); re-run `btx run` to plan again") from e
-    if not isinstance(document, dict) or document.get("format_version") != PLAN_FORMAT:
-        raise BTXError(
-            f"{path}: written by another version of megatron_btx; re-run `btx run` to plan again"
-        )
-    stages = [Stage.from_dict(entry) for entry in document.get("stages", [])]
-    return Plan(stages, document.get("seed_checkpoint"))
-
-
-def read_plan(run_dir: str | os.PathLike[str]) -> list[Stage]:
-    return read_plan_file(run_dir).stages
-
-
-# ---------------------------------------------------------------------------------------------
-# Done markers
-# ---------------------------------------------------------------------------------------------
-def marker_path(stage: Stage | str, run_dir: str | os.PathLike[str]) -> Path:
-    name = stage if isinstance(stage, str) else stage.name
-    return Path(run_dir) / "stages" / f"{name}.done"
-
-
-def outputs_exist(stage: Stage) -> bool:
-    return all(os.path.exists(p) for p in stage.outputs)
-
-
-def stage_done(stage: Stage, run_dir: str | os.PathLike[str]) -> bool:
-    """Finished: its done marker exists, names the same command line, and its outputs exist."""
-    m = marker_path(stage, run_dir)
-    if not m.is_file():
-        return False
-    try:
-        info = json.loads(m.read_text())
-    except ValueError:
-        return False
-    return info.get("argv") == stage.argv and outputs_exist(stage)
-
-
-def mark_done(stage: Stage, run_dir: str | os.PathLike[str], **info: Any) -> Path:
-    """Write the done marker atomically (after checking the outputs)."""
-    if not outputs_exist(stage):
-        missing = [p for p in stage.outputs if not os.path.exists(p)]
-        raise BTXError(f"stage {stage.name}: finished but {missing[0]} does not exist")
-    m = marker_path(stage, run_dir)
-    m.parent.mkdir(parents=True, exist_ok=True)
-    body = {
-        "stage": stage.name,
-        "kind": stage.kind,
-        "argv": stage.argv,
-        "steps": stage.steps,
-        "tokens": stage.tokens,
-        "active_params": stage.active_params,
-        "flops": stage.flops,
-        "finished_ts": time.time(),
-        **info,
-    }
-    rundir.atomic_write_text(m, json.dumps(body, indent=1))
-    return m
-
-
-def read_marker(stage: Stage | str, run_dir: str | os.PathLike[str]) -> dict[str, Any] | None:
-    m = marker_path(stage, run_dir)
-    try:
-        return json.loads(m.read_text())
-    except (OSError, ValueError):
-        return None
-
-
-def fmt_flops(x: float) -> str:
-    if x <= 0:
-        return "-"
-    e = int(math.floor(math.log10(x)))
-    return f"{x / 10**e:.2f}e{e}"

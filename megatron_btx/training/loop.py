@@ -122,41 +122,24 @@ def model_variant(cfg: Config):
     return read_variant(cfg.model.init_from) if cfg.model.init_from else MoEVariant()
 
 
-def _routers_module():
-    """megatron_btx.models.routers when this installation has it (another part of BTX)."""
-    if importlib.util.find_spec("megatron_btx.models.routers") is None:
-        return None
+def router_overrides(router_cfg: dict[str, Any] | None, num_experts: int) -> dict[str, Any]:
+    """TransformerConfig overrides the configured BTX router asks for before the build."""
+    if router_cfg is None:
+        return {}
     from megatron_btx.models import routers
 
-    return routers if hasattr(routers, "install") else None
-
-
-def router_overrides(router_cfg: dict[str, Any] | None, num_experts: int) -> dict[str, Any]:
-    """TransformerConfig overrides the configured router asks for before the build."""
-    mod = _routers_module()
-    if router_cfg is None or mod is None or not hasattr(mod, "config_overrides"):
-        return {}
-    return dict(mod.config_overrides(dict(router_cfg), num_experts=num_experts))
+    return dict(routers.config_overrides(dict(router_cfg), num_experts=num_experts))
 
 
 def install_router(chunks: list[torch.nn.Module], router_cfg: dict[str, Any] | None, tconf) -> str:
-    """Hand the model to ``megatron_btx.models.routers.install`` when a router is configured
-    (after the build, before DDP and the optimizer).
-
-    The default top-k routing is megatron-core's own router and needs nothing."""
+    """Install the BTX router of ``router_cfg`` in every MoE layer (after the build, before DDP
+    and the optimizer). Without one, megatron-core's own top-k router routes."""
     if router_cfg is None:
         return "megatron top-k"
-    rtype = router_cfg.get("type")
-    mod = _routers_module()
-    if mod is None:
-        if rtype in ("topk", "top_k"):
-            return "megatron top-k"
-        raise BTXError(
-            f"moe.router.type={rtype!r} needs megatron_btx.models.routers.install, which this "
-            f"installation lacks; use moe.router.type: topk (megatron's router) or update"
-        )
-    mod.install(chunks, dict(router_cfg), tconf)
-    return str(rtype)
+    from megatron_btx.models import routers
+
+    routers.install(chunks, dict(router_cfg), tconf)
+    return str(router_cfg.get("type"))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -217,6 +200,7 @@ class Trainer:
             cfg, self.tokenizer.vocab_size, (self.tokenizer.bos_id, self.tokenizer.eos_id)
         )
         self.variant = model_variant(cfg)
+        self.router_cfg = cfg.moe.router_settings(cfg.train.steps)
         cfg.validate_model(self.args)
 
         # Decide about resuming before the (slow) distributed start-up, so a wrong flag fails fast.
@@ -312,7 +296,7 @@ class Trainer:
         if p.sequence_parallel and p.tp > 1:
             overrides["sequence_parallel"] = True
         if self.args.is_moe:
-            overrides.update(router_overrides(cfg.moe.router, self.args.num_local_experts))
+            overrides.update(router_overrides(self.router_cfg, self.args.num_local_experts))
         if self.rt.on_gpu and importlib.util.find_spec("scaled_masked_softmax_cuda") is None:
             # megatron's fused masked softmax is a compiled extension (Megatron-LM/apex build);
             # without it the local spec's attention must use the unfused softmax.
@@ -339,22 +323,32 @@ class Trainer:
             perform_initialization=not loading,
             **overrides,
         )
+        from megatron_btx.models.speedups import SpeedOptions, compile_layers
+
         spec = None if cfg.model.spec == "auto" else cfg.model.spec
+        speed = SpeedOptions.from_config(cfg)
         chunks = []
         for i in range(p.vpp or 1):
             chunk = build_model(
-                self.args, config=self.tconf, vp_stage=i if p.vpp else None, spec=spec
+                self.args, config=self.tconf, vp_stage=i if p.vpp else None, spec=spec, speed=speed
             )
             for param in chunk.parameters():
                 tensor_parallel.set_defaults_if_not_set_tensor_model_parallel_attributes(param)
             chunks.append(chunk)
         self.router_name = (
-            install_router(chunks, cfg.moe.router, self.tconf) if self.args.is_moe else None
+            install_router(chunks, self.router_cfg, self.tconf) if self.args.is_moe else None
         )
         # The BTX routers (when configured) want the step and report routing statistics.
-        self.routers = _routers_module() if (self.args.is_moe and cfg.moe.router) else None
+        if self.args.is_moe and self.router_cfg is not None:
+            from megatron_btx.models import routers
+
+            self.routers = routers
+        else:
+            self.routers = None
         if self.rt.on_gpu:
             chunks = [c.cuda(torch.cuda.current_device()) for c in chunks]
+        if speed.compile:
+            compile_layers(chunks)
         if self.tconf.bf16 or self.tconf.fp16:
             chunks = [Float16Module(self.tconf, c) for c in chunks]
         self.ddp_config = DistributedDataParallelConfig(
@@ -478,7 +472,7 @@ class Trainer:
     def train_step(self) -> dict[str, Any]:
         batch = self.loader.next()
         temperature = None
-        if self.routers is not None and hasattr(self.routers, "set_step"):
+        if self.routers is not None:
             temperature = self.routers.set_step(self.model, self.step)
         for m in self.model:
             m.zero_grad_buffer()
@@ -503,7 +497,7 @@ class Trainer:
     def routing_stats(self) -> dict[str, Any]:
         """Per-layer expert load and router entropy from the BTX routers since the last call,
         summed over data-parallel ranks and gathered over pipeline stages (all ranks call)."""
-        if self.routers is None or not hasattr(self.routers, "routing_stats"):
+        if self.routers is None:
             return {}
         from megatron.core import parallel_state as ps
 
@@ -560,7 +554,7 @@ class Trainer:
             from megatron.core.transformer.moe import moe_utils
 
             moe_utils.clear_aux_losses_tracker()
-            if self.routers is not None and hasattr(self.routers, "reset_stats"):
+            if self.routers is not None:
                 self.routers.reset_stats(self.model)
         if out:
             out["all"] = float(total[0] / total[1].clamp(min=1))
@@ -659,6 +653,8 @@ class Trainer:
             self.step,
             resumed=self.resume_from is not None,
             world_size=self.rt.world_size,
+            threads=torch.get_num_threads(),
+            device=self.device.type,
             layout=self.layout(),
             params=self.n_params,
         )

@@ -28,6 +28,8 @@ def main() -> None:
     p.add_argument("--distributed-optimizer", action="store_true")
     p.add_argument("--device", default="cpu", help="cpu | cuda | auto")
     p.add_argument("--dtype", default="fp32", help="fp32 | bf16")
+    p.add_argument("--experts", default=None, help="model.moe_experts: auto | sequential | grouped")
+    p.add_argument("--local-dispatch", action="store_true", help="moe.local_dispatch")
     a = p.parse_args()
 
     from megatron.core import parallel_state as ps
@@ -40,12 +42,14 @@ def main() -> None:
     from megatron_btx import runtime
     from megatron_btx.checkpoint.megatron_io import load_model, read_args
     from megatron_btx.models.llama import MoEOptions, build_model
+    from megatron_btx.models.speedups import SpeedOptions
 
     rt = runtime.init(tp=a.tp, pp=a.pp, ep=a.ep, etp=a.etp, device=a.device)
     args = read_args(a.ckpt)
     moe = MoEOptions(dispatcher=a.dispatcher, load_balancing="none")
+    speed = SpeedOptions(moe_experts=a.experts or "auto", local_dispatch=a.local_dispatch)
     model = build_model(args, tp=a.tp, pp=a.pp, ep=a.ep, etp=a.etp, moe=moe, dtype=a.dtype,
-                        perform_initialization=False).to(rt.device)
+                        perform_initialization=False, speed=speed).to(rt.device)
     load_model(model, a.ckpt)
     config = model.config
     ddp = DDP(
@@ -107,6 +111,11 @@ def main() -> None:
     ok, grad_norm, _ = opt.step()
 
     res = {"grad_norm": float(grad_norm), "layout": vars(a)}
+    # which kernel the experts ran (GroupedExperts records it), and the dispatcher used
+    res["experts"] = sorted({type(m).__name__ + ":" + str(getattr(m, "last_kernel", None))
+                             for m in model.modules() if hasattr(m, "local_experts")})
+    res["dispatchers"] = sorted({type(m.token_dispatcher).__name__ for m in model.modules()
+                                 if hasattr(m, "token_dispatcher")})
     if ps.is_pipeline_last_stage():
         loss = torch.stack([x["lm"] for x in losses]).mean()
         torch.distributed.all_reduce(loss, group=ps.get_data_parallel_group())

@@ -1,0 +1,135 @@
+"""The paper's claims checked on an evaluation's numbers.
+
+A comparative claim holds only when the 95% interval of its paired difference (document-level
+bootstrap, eval/intervals.py) excludes 0 in the claimed direction. Without intervals (an
+evaluation without them), the point estimates decide and the claim says so.
+
+- experts specialise: each expert lower than every other dense model (seed, dense, other
+  experts) on its own domain;
+- experts forget: each expert higher than the seed on every other expert domain;
+- BTX best on average: BTX lower than every rival (seed, dense, BTM top-1/2, sparse upcycling)
+  on the mean over the evaluation's groups (each group weighing the same), and per group;
+- routing specialises: each expert domain's tokens go mostly to its own expert(s) (a share of
+  the top-k assignments, descriptive; no interval).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from megatron_btx.eval.intervals import RIVALS
+
+
+def _difference(entry: dict[str, Any]) -> dict[str, Any]:
+    """A paired difference (loss, nats) for the results: estimate, interval, verdict."""
+    loss = entry["loss"]
+    return {
+        "difference": loss["estimate"],
+        "low": loss["low"],
+        "high": loss["high"],
+        "lower": entry["a_better"],  # the first model is lower, the interval excludes 0
+        "higher": entry["b_better"],
+    }
+
+
+def _experts(result: dict[str, Any]) -> dict[str, Any]:
+    per = result.get("intervals", {}).get("experts") or {}
+    if not per:
+        return {}
+    claims = {}
+    own = {d: {o: _difference(v) for o, v in e["own_domain"].items()} for d, e in per.items()}
+    claims["expert_best_on_own_domain"] = {
+        "holds": all(all(v["lower"] for v in vs.values()) for vs in own.values()),
+        "per_domain": own,
+    }
+    forget = {
+        d: {o: _difference(v) for o, v in e["other_domains_vs_seed"].items()}
+        for d, e in per.items()
+        if e["other_domains_vs_seed"]
+    }
+    if forget:
+        claims["experts_forget_other_domains"] = {
+            "holds": all(all(v["higher"] for v in vs.values()) for vs in forget.values()),
+            "per_expert": forget,
+        }
+    return claims
+
+
+def _btx(result: dict[str, Any]) -> dict[str, Any]:
+    comparisons = result.get("intervals", {}).get("comparisons") or {}
+    models = result["models"]
+    if comparisons:
+        key = (
+            "mean_of_groups" if any("mean_of_groups" in c for c in comparisons.values()) else "mean"
+        )
+        versus = {rival: _difference(c[key]) for rival, c in comparisons.items()}
+        per_group = {
+            group: {rival: _difference(c["groups"][group]) for rival, c in comparisons.items()}
+            for group in next(iter(comparisons.values()))["groups"]
+        }
+        return {
+            "btx_lowest_mean": {
+                "holds": all(v["lower"] for v in versus.values()),
+                "statistic": key,
+                "versus": versus,
+                "per_group": {
+                    g: {"holds": all(v["lower"] for v in vs.values()), "versus": vs}
+                    for g, vs in per_group.items()
+                },
+            }
+        }
+    if "btx" not in models:
+        return {}
+    versus = {
+        k: {"difference": float(np.log(models["btx"]["mean"] / models[k]["mean"]))}
+        for k in RIVALS
+        if k in models
+    }
+    for v in versus.values():
+        v["lower"] = v["difference"] < 0
+    return {
+        "btx_lowest_mean": {
+            "holds": all(v["lower"] for v in versus.values()),
+            "statistic": "point estimates (no intervals)",
+            "versus": versus,
+        }
+    }
+
+
+def _routing(result: dict[str, Any], matrix: dict[str, np.ndarray] | None) -> dict[str, Any]:
+    if not matrix:
+        return {}
+    labels = result["experts"]
+    # the domain each expert's FFN came from (several with split chunks; none when blended)
+    owners = result.get("expert_domains") or labels
+    per = {}
+    for domain, mat in matrix.items():
+        own_experts = [i for i, owner in enumerate(owners) if owner == domain]
+        if not own_experts:
+            continue
+        share = mat.mean(axis=0)
+        by_owner: dict[str, float] = {}
+        for i, owner in enumerate(owners):
+            key = owner if owner is not None else labels[i]
+            by_owner[key] = by_owner.get(key, 0.0) + float(share[i])
+        per[domain] = {
+            "own_share": by_owner[domain],
+            "top_expert": max(by_owner, key=by_owner.get),
+            "uniform": len(own_experts) / len(labels),
+            "own_share_per_layer": [float(x) for x in mat[:, own_experts].sum(axis=1)],
+        }
+    if not per:  # blended experts: no expert belongs to one domain
+        return {}
+    return {
+        "routing_to_own_expert": {
+            "holds": all(v["top_expert"] == d for d, v in per.items()),
+            "per_domain": per,
+        }
+    }
+
+
+def check_claims(result: dict[str, Any], routing: dict[str, np.ndarray] | None) -> dict[str, Any]:
+    """Every claim that the evaluation's models allow (see the module docstring)."""
+    return {**_experts(result), **_btx(result), **_routing(result, routing)}

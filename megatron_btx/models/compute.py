@@ -1,0 +1,69 @@
+"""Compute accounting: the parameters a token passes through in a matrix multiply.
+
+Training FLOPs are 6 x active parameters x tokens (forward 2, backward 4). The active parameters
+of a model are those in a matrix multiply per token:
+
+- attention: q, k, v and the output projection, in every layer;
+- the feed-forward part, layer by layer: a dense layer's SwiGLU FFN; an MoE layer's router plus
+  the experts a token is routed to (top-k: k; Switch and Sample Top-1: 1; soft routing: all of
+  them; Sample Top-1 routes its first MoE layer softly, so all experts there) plus the shared
+  expert when there is one;
+- the output projection, whether or not it shares its weights with the input embedding (it is a
+  matrix multiply either way).
+
+Norm weights and the embedding lookup (a gather, not a multiply) are not counted.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from megatron_btx.models.llama import LlamaArgs, MoEVariant
+
+
+def experts_per_token(
+    args: LlamaArgs, router: dict[str, Any] | None = None, variant: MoEVariant | None = None
+) -> list[int | None]:
+    """Per layer: the routed experts a token passes through, or None for a dense layer."""
+    variant = variant or MoEVariant()
+    layers = args.num_hidden_layers
+    if not args.is_moe:
+        return [None] * layers
+    router_type = (router or {}).get("type", "topk")
+    experts = args.num_local_experts
+    per_type = {"topk": args.num_experts_per_tok, "switch": 1, "sample_top1": 1, "soft": experts}
+    if router_type not in per_type:
+        raise ValueError(f"unknown router type {router_type!r}")
+    counts: list[int | None] = []
+    first_moe = True
+    for layer in range(layers):
+        if not variant.is_moe_layer(layer):
+            counts.append(None)
+            continue
+        k = per_type[router_type]
+        if router_type == "sample_top1" and first_moe:
+            k = experts  # the paper's soft first layer
+        counts.append(k)
+        first_moe = False
+    return counts
+
+
+def active_params(
+    args: LlamaArgs, router: dict[str, Any] | None = None, variant: MoEVariant | None = None
+) -> int:
+    """Parameters in a matrix multiply per token (see the module docstring)."""
+    variant = variant or MoEVariant()
+    hidden = args.hidden_size
+    attention = hidden * args.head_dim * (args.num_attention_heads + 2 * args.num_key_value_heads)
+    attention += args.num_attention_heads * args.head_dim * hidden
+    dense_ffn = variant.dense_ffn_hidden_size or args.intermediate_size
+    total = 0
+    for routed in experts_per_token(args, router, variant):
+        total += attention
+        if routed is None:
+            total += 3 * hidden * dense_ffn
+            continue
+        total += routed * 3 * hidden * args.intermediate_size + hidden * args.num_local_experts
+        if variant.shared_expert_intermediate_size:
+            total += 3 * hidden * variant.shared_expert_intermediate_size
+    return total + args.vocab_size * hidden

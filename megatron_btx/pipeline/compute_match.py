@@ -1,0 +1,148 @@
+"""Compute matching by measured time (`baselines.compute_match: time`), as the paper matched
+GPU-days rather than FLOPs.
+
+Dense expert training needs no all-to-all and runs more tokens per second than MoE training, so
+at equal hardware time the expert stage trains more tokens than its FLOPs share suggests. With
+`time`, the baselines train for as long as BTX did on the same machine:
+
+- the BTX cost is the hardware time of its stages after the seed: every expert's and the
+  finetune's training time, plus the merge's wall time; a stage's hardware time is its training
+  seconds (from its metrics, start-up and evaluation excluded) times the cores it used (threads x
+  processes), so stages that ran two at a time on two cores are counted fairly;
+- each baseline's speed is that of the BTX stage with its architecture, measured in the same run:
+  the dense baseline trains like an expert, sparse upcycling like the finetune;
+- baseline steps = BTX cost / (cost per token at that speed x tokens per step).
+
+`btx match-compute --run-dir RUN` (the plan's `match_compute` stage, after the BTX stages) writes
+`RUN/compute_match.json` and re-plans the run: the planner reads the measured step counts from
+it, as long as the BTX stages' configs it measured are still the plan's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from megatron_btx import rundir
+from megatron_btx.errors import BTXError
+
+RESULT = "compute_match.json"
+
+
+def config_fingerprint(train_config_text: str) -> str:
+    return hashlib.sha256(train_config_text.encode()).hexdigest()[:16]
+
+
+def stage_cost(run_dir: str | Path) -> dict[str, float]:
+    """Training seconds, core-seconds and tokens of one `btx train` run, from its metrics:
+    every train event covers the steps since the previous one at its seconds_per_step."""
+    path = Path(run_dir) / "metrics.jsonl"
+    if not path.is_file():
+        raise BTXError(f"{path}: no metrics; the stage has not trained yet")
+    cores, seconds, steps, previous = 1, 0.0, 0, None
+    for line in path.read_text().splitlines():
+        try:
+            event = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if event.get("event") == "start":
+            cores = int(event.get("threads") or 1) * int(event.get("world_size") or 1)
+            previous = int(event.get("step", 0))
+        elif event.get("event") == "train" and previous is not None:
+            count = int(event["step"]) - previous
+            seconds += count * float(event["seconds_per_step"]) * cores
+            steps += count
+            previous = int(event["step"])
+    config = _train_config(run_dir)
+    tokens_per_step = config["data"]["global_batch_size"] * config["data"]["seq_length"]
+    if steps == 0:
+        raise BTXError(f"{path}: no training steps recorded")
+    return {"core_seconds": seconds, "steps": steps, "tokens": steps * tokens_per_step}
+
+
+def _train_config(run_dir: str | Path) -> dict[str, Any]:
+    import yaml
+
+    return yaml.safe_load((Path(run_dir) / "config.yaml").read_text())
+
+
+def measure(run_dir: str | Path) -> dict[str, Any]:
+    """The BTX cost and each baseline's time-matched steps (see the module docstring)."""
+    from megatron_btx.pipeline import plan as plan_mod
+
+    run = Path(run_dir)
+    stages = plan_mod.read_plan_file(run).by_name()
+    experts = [s for name, s in stages.items() if name.startswith("expert_")]
+    if "finetune" not in stages or not experts:
+        raise BTXError(f"{run}: the plan has no experts or finetune to match")
+    costs = {s.name: stage_cost(s.workdir) for s in [*experts, stages["finetune"]]}
+    merge_marker = plan_mod.read_marker("merge", run) or {}
+    merge_seconds = float(merge_marker.get("seconds", 0.0))
+    btx = sum(c["core_seconds"] for c in costs.values()) + merge_seconds
+    per_token = {
+        "dense": sum(costs[s.name]["core_seconds"] for s in experts)
+        / sum(costs[s.name]["tokens"] for s in experts),
+        "moe": costs["finetune"]["core_seconds"] / costs["finetune"]["tokens"],
+    }
+    baselines = {}
+    for name, kind in (("baseline_dense", "dense"), ("baseline_sparse_upcycling", "moe")):
+        stage = stages.get(name)
+        if stage is None:
+            continue
+        config = _yaml(Path(stage.argv[1]))
+        tokens_per_step = config["data"]["global_batch_size"] * config["data"]["seq_length"]
+        steps = max(1, int(btx / (per_token[kind] * tokens_per_step)))
+        baselines[name] = {"steps": steps, "core_seconds_per_token": per_token[kind]}
+    return {
+        "btx_core_seconds": btx,
+        "merge_seconds": merge_seconds,
+        "stages": costs,
+        "baselines": baselines,
+        "btx_configs": {
+            name: config_fingerprint(Path(stages[name].argv[1]).read_text()) for name in costs
+        },
+    }
+
+
+def _yaml(path: Path) -> dict[str, Any]:
+    import yaml
+
+    return yaml.safe_load(path.read_text())
+
+
+def load(run_dir: str | Path) -> dict[str, Any] | None:
+    """RUN/compute_match.json, or None before it is measured."""
+    path = Path(run_dir) / RESULT
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except (ValueError, UnicodeDecodeError):
+        return None
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="btx match-compute",
+        description="Time-match the baselines of a BTX run to the hardware time its BTX stages "
+        "took (baselines.compute_match: time): writes RUN/compute_match.json and re-plans.",
+    )
+    parser.add_argument("--run-dir", required=True)
+    args = parser.parse_args(argv)
+    from megatron_btx.pipeline import plan as plan_mod
+
+    try:
+        run = Path(args.run_dir).resolve()
+        result = measure(run)
+        rundir.atomic_write_text(run / RESULT, json.dumps(result, indent=1))
+        plan_mod.build_plan(run / "btx.yaml", run)
+    except BTXError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    for name, entry in result["baselines"].items():
+        print(f"{name}: {entry['steps']} steps for {result['btx_core_seconds']:.0f} core-seconds")
+    return 0

@@ -1,0 +1,151 @@
+"""A BTX run's stages as the executors see them: the Stage record, RUN/plan.json, and the done
+markers under RUN/stages/ (see megatron_btx.pipeline.plan for how the plan is made)."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from megatron_btx import rundir
+from megatron_btx.errors import BTXError
+
+#: stage kinds
+KINDS = ("data", "convert", "train", "merge", "match", "eval")
+PLAN_FORMAT = 2
+
+
+@dataclass
+class Stage:
+    name: str  # e.g. "prepare_data", "seed", "expert_code", "merge", "finetune", "evaluate"
+    kind: str  # "data" | "convert" | "train" | "merge" | "eval"
+    argv: list[str]  # the btx command line, run as `btx <argv>`
+    deps: list[str] = field(default_factory=list)  # stages that must finish first
+    nproc: int = 1  # processes (torchrun --nproc-per-node) for train stages
+    outputs: list[str] = field(default_factory=list)  # paths that exist when it is done
+    resumable: bool = False  # train stages: re-running resumes from checkpoints/latest
+    # ---- informational (executors may ignore) -------------------------------------------
+    workdir: str | None = None  # the stage's own folder (train: its run dir)
+    steps: int = 0  # train stages: optimizer steps
+    tokens: int = 0  # train stages: training tokens (steps x global batch x seq length)
+    active_params: int = 0  # train stages: parameters active per token (for FLOPs)
+    flops: float = 0.0  # train stages: 6 x active_params x tokens
+    group: str = "btx"  # btx | baseline | shared (accounting)
+    # ---- what it leaves (the evaluator reads these) -------------------------------------
+    checkpoint: str | None = None  # the checkpoint folder a model-producing stage leaves
+    router: dict[str, Any] | None = None  # an MoE stage's router config
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, entry: dict[str, Any]) -> Stage:
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in entry.items() if k in known})
+
+
+@dataclass
+class Plan:
+    """A run's stages in execution order, and the seed checkpoint they branch from."""
+
+    stages: list[Stage]
+    seed_checkpoint: str | None
+
+    def by_name(self) -> dict[str, Stage]:
+        return {s.name: s for s in self.stages}
+
+
+def save_plan(run_dir: str | os.PathLike[str], plan: Plan) -> None:
+    """RUN/plan.json (atomically)."""
+    document = {
+        "format_version": PLAN_FORMAT,
+        "seed_checkpoint": plan.seed_checkpoint,
+        "stages": [s.to_dict() for s in plan.stages],
+    }
+    rundir.atomic_write_text(Path(run_dir) / "plan.json", json.dumps(document, indent=1))
+
+
+def read_plan_file(run_dir: str | os.PathLike[str]) -> Plan:
+    """RUN/plan.json: the stages and the seed checkpoint."""
+    path = Path(run_dir) / "plan.json"
+    if not path.is_file():
+        raise BTXError(f"{run_dir}: no plan.json (not a btx run directory; start it with btx run)")
+    try:
+        document = json.loads(path.read_text())
+    except (ValueError, UnicodeDecodeError) as e:
+        raise BTXError(f"{path}: not valid JSON ({e}); re-run `btx run` to plan again") from e
+    if not isinstance(document, dict) or document.get("format_version") != PLAN_FORMAT:
+        raise BTXError(
+            f"{path}: written by another version of megatron_btx; re-run `btx run` to plan again"
+        )
+    stages = [Stage.from_dict(entry) for entry in document.get("stages", [])]
+    return Plan(stages, document.get("seed_checkpoint"))
+
+
+def read_plan(run_dir: str | os.PathLike[str]) -> list[Stage]:
+    return read_plan_file(run_dir).stages
+
+
+# ---------------------------------------------------------------------------------------------
+# Done markers
+# ---------------------------------------------------------------------------------------------
+def marker_path(stage: Stage | str, run_dir: str | os.PathLike[str]) -> Path:
+    name = stage if isinstance(stage, str) else stage.name
+    return Path(run_dir) / "stages" / f"{name}.done"
+
+
+def outputs_exist(stage: Stage) -> bool:
+    return all(os.path.exists(p) for p in stage.outputs)
+
+
+def stage_done(stage: Stage, run_dir: str | os.PathLike[str]) -> bool:
+    """Finished: its done marker exists, names the same command line, and its outputs exist."""
+    m = marker_path(stage, run_dir)
+    if not m.is_file():
+        return False
+    try:
+        info = json.loads(m.read_text())
+    except ValueError:
+        return False
+    return info.get("argv") == stage.argv and outputs_exist(stage)
+
+
+def mark_done(stage: Stage, run_dir: str | os.PathLike[str], **info: Any) -> Path:
+    """Write the done marker atomically (after checking the outputs)."""
+    if not outputs_exist(stage):
+        missing = [p for p in stage.outputs if not os.path.exists(p)]
+        raise BTXError(f"stage {stage.name}: finished but {missing[0]} does not exist")
+    m = marker_path(stage, run_dir)
+    m.parent.mkdir(parents=True, exist_ok=True)
+    body = {
+        "stage": stage.name,
+        "kind": stage.kind,
+        "argv": stage.argv,
+        "steps": stage.steps,
+        "tokens": stage.tokens,
+        "active_params": stage.active_params,
+        "flops": stage.flops,
+        "finished_ts": time.time(),
+        **info,
+    }
+    rundir.atomic_write_text(m, json.dumps(body, indent=1))
+    return m
+
+
+def read_marker(stage: Stage | str, run_dir: str | os.PathLike[str]) -> dict[str, Any] | None:
+    m = marker_path(stage, run_dir)
+    try:
+        return json.loads(m.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def fmt_flops(x: float) -> str:
+    if x <= 0:
+        return "-"
+    e = int(math.floor(math.log10(x)))
+    return f"{x / 10**e:.2f}e{e}"

@@ -1,0 +1,107 @@
+"""Every merge variant goes through `btx run` (merge, a few finetune steps) and `btx evaluate`:
+the seed as a shared expert, MoE in some layers, split chunks, blending. The training loop and
+the evaluator build each from the merge's manifest (the one model builder), and the finetune
+trains the variant's own weights."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from test_pipeline_e2e import make_text_domains
+
+from megatron_btx.pipeline import plan
+
+
+def _config(tmp_path: Path, merge: dict) -> Path:
+    doms = make_text_domains(tmp_path / "text", n_files=20, words=200)
+    small = {"micro_batch_size": 4, "global_batch_size": 4, "warmup_steps": 1, "lr": 3e-3}
+    cfg = {
+        "run_dir": str(tmp_path / "run"),
+        "data": {"vocab_size": 300, "split": "test=0.15,valid=0.1", "seq_length": 64},
+        "domains": {n: {"source": str(p)} for n, p in doms.items()},
+        "model": {
+            "hidden_size": 32,
+            "intermediate_size": 64,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 2,
+            "max_position_embeddings": 64,
+        },
+        "seed": {"pretrain": {"steps": 4, **small}},
+        "experts": {"steps": 2, **small},
+        "merge": merge,
+        "finetune": {"steps": 3, **small},
+        "baselines": {"dense": False, "sparse_upcycling": False, "btm": False},
+        "evaluation": {"tokens_per_domain": 128, "micro_batch_size": 4, "btm_top_k": [1]},
+        "train": {"log_interval": 1, "eval_iters": 1},
+    }
+    path = tmp_path / "btx.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def _tensor(checkpoint: str, key: str) -> torch.Tensor:
+    from megatron_btx.checkpoint.dcp_stream import PartialReader
+
+    reader = PartialReader(checkpoint)
+    try:
+        size = reader.md.state_dict_metadata[key].size
+        return reader.read_region(key, [0] * len(size), list(size))
+    finally:
+        reader.close()
+
+
+@pytest.mark.parametrize(
+    "name,merge",
+    [
+        ("shared", {"seed_as_shared_expert": True}),
+        ("partial", {"moe_layers": "1", "dense_ffn": "seed"}),
+        ("split", {"split_chunks": 2}),
+        ("blend", {"blend": True, "split_chunks": 2}),
+    ],
+)
+def test_every_merge_variant_finetunes_and_evaluates(tmp_path, name, merge):
+    cfg = _config(tmp_path, merge)
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+    result = subprocess.run(
+        [sys.executable, "-m", "megatron_btx", "run", str(cfg), "--parallel", "2"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        stdin=subprocess.DEVNULL,
+    )
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-3000:]
+    run = tmp_path / "run"
+    stages = {s.name: s for s in plan.read_plan(run)}
+    merged, finetuned = stages["merge"].checkpoint, stages["finetune"].checkpoint
+    manifest = json.loads((Path(finetuned) / "btx_manifest.json").read_text())
+    merged_manifest = json.loads((Path(merged) / "btx_manifest.json").read_text())
+    assert manifest["moe"] == merged_manifest["moe"]  # the finetune keeps the variant
+    results = json.loads((run / "eval" / "results.json").read_text())
+    assert {"btx", "btx_merge_only"} <= set(results["models"])
+    for model in ("btx", "btx_merge_only"):
+        assert math.isfinite(results["models"][model]["mean"]), model
+    # the finetune moved the model: its held-out loss differs from the merge's
+    assert results["models"]["btx"]["loss"] != results["models"]["btx_merge_only"]["loss"]
+    if name == "shared":
+        key = "decoder.layers.mlp.shared_experts.linear_fc1.weight"
+        before, after = _tensor(merged, key), _tensor(finetuned, key)
+        assert before.shape == after.shape == (2, 2 * 64, 32)
+        assert (after - before).abs().max() > 0  # trained, not frozen or dropped
+    if name == "partial":
+        assert manifest["moe"]["layer_freq"] == [0, 1]
+        dense_fc2 = "decoder.layers.0.mlp.linear_fc2.weight"
+        assert not torch.equal(_tensor(merged, dense_fc2), _tensor(finetuned, dense_fc2))
+    if name in ("split", "blend"):
+        experts = {"split": 8, "blend": 2}[name]
+        assert manifest["model"]["num_local_experts"] == experts
+        assert manifest["model"]["intermediate_size"] == {"split": 32, "blend": 128}[name]
