@@ -668,11 +668,13 @@ class Trainer:
             valid = self.evaluate()
             self._log_eval(valid)
         window: list[dict[str, Any]] = []
-        window_t0 = time.perf_counter()
         run_t0 = time.perf_counter()
         with PreemptionFlag() as flag:
             while self.step < stop_at:
+                step_t0 = time.perf_counter()
                 metrics = self.train_step()
+                # the step alone: logging, validation and checkpoints are not training time
+                metrics["step_seconds"] = time.perf_counter() - step_t0
                 self.step += 1
                 last_loss = metrics["loss"]
                 window.append(metrics)
@@ -688,8 +690,8 @@ class Trainer:
                         if isinstance(window[0][k], float)
                     }
                     avg["lr"] = metrics["lr"]
-                    avg["tokens_per_s"] = tokens_per_step * len(window) / max(now - window_t0, 1e-9)
-                    avg["seconds_per_step"] = (now - window_t0) / len(window)
+                    avg["seconds_per_step"] = avg.pop("step_seconds")
+                    avg["tokens_per_s"] = tokens_per_step / max(avg["seconds_per_step"], 1e-9)
                     avg["consumed_samples"] = self.loader.consumed_samples
                     avg.update(self.routing_stats())
                     self.logger.event("train", self.step, **avg)
@@ -697,12 +699,10 @@ class Trainer:
                         self.step, t.steps, avg, now - run_t0, self.step - start_step
                     )
                     window = []
-                    window_t0 = time.perf_counter()
                 if self.step % t.eval_interval == 0 or self.step == stop_at:
                     if self.valid_ds:
                         valid = self.evaluate()
                         self._log_eval(valid)
-                        window_t0 = time.perf_counter()
                 sig = flag.agreed(self.device)
                 if sig:
                     reason = "signal"
@@ -714,7 +714,6 @@ class Trainer:
                     break
                 if self.step % t.save_interval == 0 and self.step < stop_at:
                     self.save("interval")
-                    window_t0 = time.perf_counter()
         if reason != "signal":
             if self.step < t.steps:
                 reason = "exit_after"
