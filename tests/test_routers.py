@@ -450,9 +450,8 @@ def test_config_overrides_build_valid_configs():
 
     args = llama_args()
     for kind in routers.ROUTER_TYPES:
-        cfg = transformer_config(
-            args, **routers.config_overrides({"type": kind, "capacity_factor": 2.0}, E)
-        )
+        switch = {"capacity_factor": 2.0} if kind == "switch" else {}
+        cfg = transformer_config(args, **routers.config_overrides({"type": kind, **switch}, E))
         k = {"topk": 2, "switch": 1, "sample_top1": 1, "soft": E}[kind]
         assert cfg.moe_router_topk == k
     assert routers.config_overrides({"type": "switch"})["moe_expert_capacity_factor"] == 1.5

@@ -148,6 +148,7 @@ def _trainer_with_model_only(tmp_path, model_section):
     """A Trainer up to its model build (what `_build_model` needs of set-up)."""
     from megatron_btx import runtime
     from megatron_btx.config import Config
+    from megatron_btx.models.llama import MoEVariant
     from megatron_btx.training.loop import Trainer
 
     cfg = Config.from_dict(
@@ -159,6 +160,8 @@ def _trainer_with_model_only(tmp_path, model_section):
     )
     trainer = Trainer(cfg)
     trainer.args = tiny_args(0)
+    trainer.variant = MoEVariant()
+    trainer.router_cfg = None
     trainer.rt = runtime.get()
     trainer.dtype_name = "fp32"
     trainer.resume_from = None

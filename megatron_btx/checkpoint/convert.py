@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import shutil
 import sys
 import time
 from collections.abc import Iterator
@@ -147,6 +148,10 @@ def hf_to_megatron(
         with atomic_folder(save, overwrite) as tmp:
             n = stream_to_torch_dist(adapter.import_tensors(reader.get), args, dt, tmp, str(load))
             tok = copy_tokenizer(load, tmp / TOKENIZER_DIR)
+            if "tokenizer.json" in tok and (load / "config.json").is_file():
+                # an HF tokenizer's special ids: config.json names the ones the model trained with
+                shutil.copy2(load / "config.json", tmp / TOKENIZER_DIR / "config.json")
+                tok.append("config.json")
             (tmp / "hf_config.json").write_text(json.dumps(args.to_hf_dict(), indent=2))
             m = manifest.write(
                 tmp,

@@ -86,12 +86,12 @@ def _dataset_tokens(prefix: str, n_tokens: int, seq_len: int) -> list[int]:
 def _text_tokens(path: Path, tokenizer_path: Path | None, n_tokens: int) -> list[int]:
     if tokenizer_path is None:
         raise BTXError(
-            f"{path}: a text file needs a tokenizer.model (SentencePiece) in the sources or "
-            f"--tokenizer"
+            f"{path}: a text file needs a tokenizer (tokenizer.model or tokenizer.json) in the "
+            f"sources or --tokenizer"
         )
     from megatron_btx.data.tokenizer import Tokenizer
 
-    tokenizer = Tokenizer(tokenizer_path)
+    tokenizer = Tokenizer.load(tokenizer_path)
     content = path.read_text(encoding="utf-8", errors="replace")
     texts = [content]
     if path.suffix == ".jsonl":

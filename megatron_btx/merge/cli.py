@@ -84,7 +84,8 @@ def _router(p: argparse.ArgumentParser) -> None:
     p.add_argument("--centroid-seq-len", type=int, default=256)
     p.add_argument(
         "--tokenizer",
-        help="SentencePiece tokenizer.model for text centroid data (default: the sources')",
+        help="tokenizer for text centroid data: a SentencePiece .model or an HF tokenizer folder "
+        "(default: the sources')",
     )
     p.add_argument(
         "--top-k",

@@ -136,10 +136,10 @@ class MergeJob:
                 f"({len(self.sources)}: the experts in order, then the seed), each an "
                 f"indexed-dataset prefix or a text/jsonl file"
             )
+        # a SentencePiece .model or an HF tokenizer folder; default: the sources' tokenizer
         tokenizer_path = Path(settings.tokenizer) if settings.tokenizer else None
         if tokenizer_path is None and self.tokenizer is not None:
-            candidate = self.tokenizer.folder / "tokenizer.model"
-            tokenizer_path = candidate if candidate.is_file() else None
+            tokenizer_path = self.tokenizer.folder
         tokens = {}
         for source in needed:
             ids = load_tokens(

@@ -142,12 +142,13 @@ def _vocab_size(cfg: BTXConfig) -> int:
         except (OSError, KeyError, ValueError):
             pass
     if cfg.data.tokenizer:
-        try:
-            import sentencepiece
+        from megatron_btx.data.tokenizer import Tokenizer
 
-            processor = sentencepiece.SentencePieceProcessor(model_file=cfg.data.tokenizer)
-            return int(processor.vocab_size())
-        except Exception as e:  # noqa: BLE001 - any failure is the user's file
+        try:  # a SentencePiece .model or an HF tokenizer folder (tokenizer.json)
+            return int(Tokenizer.load(cfg.data.tokenizer).vocab_size)
+        except BTXError:
+            raise
+        except Exception as e:  # noqa: BLE001 - any other failure is the user's file
             raise BTXError(f"data.tokenizer={cfg.data.tokenizer}: cannot read it ({e})") from e
     return cfg.data.vocab_size
 

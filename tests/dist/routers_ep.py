@@ -62,7 +62,7 @@ def main() -> None:
     rank = rt.rank
     refs, states = {}, {}
     for disp, kind in CASES:
-        cfg = {"type": kind, "capacity_factor": 1.0}
+        cfg = {"type": kind, **({"capacity_factor": 1.0} if kind == "switch" else {})}
         model = build(disp, cfg, ep=1)
         for t in model.state_dict().values():
             if isinstance(t, torch.Tensor) and t.is_floating_point():
@@ -81,7 +81,7 @@ def main() -> None:
     assert ps.get_expert_model_parallel_world_size() == 2
     n_local = E // 2
     for disp, kind in CASES:
-        cfg = {"type": kind, "capacity_factor": 1.0}
+        cfg = {"type": kind, **({"capacity_factor": 1.0} if kind == "switch" else {})}
         model = build(disp, cfg, ep=2)
         full = states[(disp, kind)]
         mine = {}
