@@ -1,10 +1,15 @@
-"""HF Llama/Mixtral <-> megatron-core torch_dist checkpoints, as one process without a GPU.
+"""HF checkpoints (Llama, Mistral, Qwen2, Qwen3; Mixtral, Qwen2-MoE, Qwen3-MoE) <-> megatron-core
+torch_dist checkpoints, as one process without a GPU.
 
 megatron-core's distributed checkpoints hold global tensors and reshard on load, so one
 conversion serves every TP/PP/EP layout: `--tp/--pp/--ep` are checked against the model (heads,
 layers, experts) and recorded in the manifest as the intended layout. Both directions stream a
 layer at a time (source tensors are read one by one with plain file reads), so memory holds a
-layer, not the model. Names and layouts come from the model family's adapter (checkpoint.mapping).
+layer, not the model. Names and layouts come from the family's adapter (checkpoint.mapping and
+checkpoint.families). An imported MoE's shape beyond Mixtral's (shared expert, dense layers) is
+recorded in the manifest's ``moe`` entry, from which training and export build the model; the
+export writes the HF family whose function is the checkpoint's, routed as its manifest's
+``training.router`` says (models.hf_config.export_family).
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ from megatron_btx import progress, runtime
 from megatron_btx.checkpoint import manifest
 from megatron_btx.checkpoint import template as tpl
 from megatron_btx.checkpoint.dcp_stream import PartialReader, StreamingDCPWriter
+from megatron_btx.checkpoint.families import import_adapter
 from megatron_btx.checkpoint.hf import (
     HFReader,
     StreamingSafetensorsWriter,
@@ -35,6 +41,7 @@ from megatron_btx.checkpoint.mapping import EMB, adapter_for
 from megatron_btx.checkpoint.megatron_io import atomic_folder, check_target, read_args
 from megatron_btx.checkpoint.sources import DTYPE_NAMES, TOKENIZER_DIR
 from megatron_btx.errors import BTXError
+from megatron_btx.models import hf_config
 from megatron_btx.models.llama import (
     LlamaArgs,
     MoEVariant,
@@ -133,30 +140,35 @@ def hf_to_megatron(
     dtype: str | None = None,
     overwrite: bool = False,
 ) -> dict:
-    """Convert an HF Llama (or Mixtral) folder to a torch_dist checkpoint; return the manifest."""
+    """Convert an HF folder of a supported family (dense or MoE, either expert layout) to a
+    torch_dist checkpoint; return the manifest."""
     t0 = time.time()
     load, save = Path(load), Path(save)
     reader = HFReader(load)
-    args = LlamaArgs.from_hf_config_file(reader.config_path())
+    config_path = reader.config_path()
+    model = hf_config.parse(_read_config(config_path), str(config_path))
+    args, variant = model.args, model.variant
     check_parallel(args, tp, pp, ep)
-    adapter = adapter_for(args)
+    adapter = import_adapter(model, reader.keys())
     adapter.check_hf_keys(reader.keys(), str(load))
     src_dtype = ST_DTYPE_NAMES.get(reader.dtype(adapter.global_names()[EMB]), "fp32")
     dt = to_dtype(dtype or src_dtype)
     check_target(save, overwrite)
     with runtime.single_process():
         with atomic_folder(save, overwrite) as tmp:
-            n = stream_to_torch_dist(adapter.import_tensors(reader.get), args, dt, tmp, str(load))
+            tensors = adapter.import_tensors(reader.get)
+            n = stream_to_torch_dist(tensors, args, dt, tmp, str(load), variant)
             tok = copy_tokenizer(load, tmp / TOKENIZER_DIR)
             if "tokenizer.json" in tok and (load / "config.json").is_file():
                 # an HF tokenizer's special ids: config.json names the ones the model trained with
                 shutil.copy2(load / "config.json", tmp / TOKENIZER_DIR / "config.json")
                 tok.append("config.json")
-            (tmp / "hf_config.json").write_text(json.dumps(args.to_hf_dict(), indent=2))
+            (tmp / "hf_config.json").write_text(json.dumps(adapter.hf_config(), indent=2))
             m = manifest.write(
                 tmp,
                 kind="megatron_torch_dist",
                 model=args.to_dict(),
+                moe=variant.to_manifest(),
                 dtype=DTYPE_NAMES[dt],
                 layout={"tp": tp, "pp": pp, "ep": ep},
                 padded_vocab_size=args.padded_vocab_size,
@@ -165,6 +177,8 @@ def hf_to_megatron(
                     {
                         "path": str(load.resolve()),
                         "format": "hf_safetensors",
+                        "model_type": model.model_type,
+                        "expert_layout": _expert_layout(adapter),
                         "sha256": manifest.sha256_folder(load, "*.safetensors"),
                     }
                 ],
@@ -177,6 +191,19 @@ def hf_to_megatron(
     return m
 
 
+def _read_config(path: Path) -> dict[str, Any]:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise BTXError(f"{path}: not a readable JSON config ({e}); re-save it") from e
+
+
+def _expert_layout(adapter) -> str | None:
+    if not adapter.args.is_moe:
+        return None
+    return "fused" if getattr(adapter, "fused", False) else "per_expert"
+
+
 def megatron_to_hf(
     load: str | Path,
     save: str | Path,
@@ -187,36 +214,44 @@ def megatron_to_hf(
     pp: int = 1,
     ep: int = 1,
 ) -> dict:
-    """Export a torch_dist checkpoint (dense Llama or MoE) as an HF Llama / Mixtral folder."""
+    """Export a torch_dist checkpoint (dense, a merge of any variant, an import, a finetuned
+    MoE) as an HF folder of the family whose function is the checkpoint's: the model's own for a
+    dense one; Mixtral, Qwen2-MoE or Qwen3-MoE for an MoE (models.hf_config.export_family),
+    routed as the manifest's ``training.router`` says. No exact form: a one-line error."""
     t0 = time.time()
     load, save = Path(load), Path(save)
     args = read_args(load)
     check_parallel(args, tp, pp, ep)
     src = manifest.read(load)
     variant = MoEVariant.from_manifest(src.get("moe"))
-    if not variant.is_plain:
-        raise BTXError(
-            f"{load}: a merge variant (shared expert or MoE in some layers) has no HF Mixtral "
-            f"form; export it from a plain merge"
-        )
+    router = (src.get("training") or {}).get("router") if args.is_moe else None
+    try:
+        adapter = adapter_for(args, variant, router)
+    except BTXError as e:
+        raise BTXError(f"{load}: {e}") from e
     dt = to_dtype(dtype or src.get("dtype", "fp32"))
     check_target(save, overwrite)
     if not is_checkpoint(load):
         raise BTXError(f"{load}: not a megatron-core distributed checkpoint (no metadata.json)")
-    adapter = adapter_for(args)
     with runtime.single_process():
         # Keys, shapes and chunks from megatron-core's own sharded state dict of the model on
         # the meta device; tensors read one layer at a time from whatever layout was saved.
         saved_dtype = to_dtype(src.get("dtype", "fp32"))
-        template = tpl.flat_template(build_for_checkpoint(args, saved_dtype, meta=True))
+        template = tpl.flat_template(build_for_checkpoint(args, saved_dtype, variant, meta=True))
         reader = PartialReader(load)
         plan = [(name, shape, dt) for name, shape in adapter.hf_shapes()]
         try:
             with atomic_folder(save, overwrite) as tmp:
                 writer = StreamingSafetensorsWriter(tmp, plan, max_shard_bytes)
                 bar = progress.bar(len(plan), f"export {load.name}", unit="tensor")
+                # cast before the adapter: a shared expert's doubling happens in the output dtype
                 tensors = adapter.export_tensors(
-                    lambda layer: tpl.read_prefix(reader, template, tpl.layer_prefix(layer)),
+                    lambda layer: {
+                        name: tensor.to(dt)
+                        for name, tensor in tpl.read_prefix(
+                            reader, template, tpl.layer_prefix(layer)
+                        ).items()
+                    },
                     lambda name: tpl.read_prefix(reader, template, name)[name],
                 )
                 for name, tensor in tensors:
@@ -226,13 +261,15 @@ def megatron_to_hf(
                 if bar:
                     bar.close()
                 writer.close()
-                write_hf_config(tmp, args.to_hf_dict(), dt)
+                write_hf_config(tmp, adapter.hf_config(), dt)
                 tok_dir = load / TOKENIZER_DIR
                 tok = copy_tokenizer(tok_dir, tmp) if tok_dir.is_dir() else []
                 m = manifest.write(
                     tmp,
                     kind=f"hf_{adapter.family}",
                     model=args.to_dict(),
+                    moe=variant.to_manifest(),
+                    router=router,
                     dtype=DTYPE_NAMES[dt],
                     sources=[
                         {
@@ -288,8 +325,8 @@ def hf_to_megatron_main(argv: list[str] | None = None) -> int:
     return run_cli(
         hf_to_megatron,
         argv,
-        "Convert an HF Llama/Mixtral checkpoint to megatron-core "
-        "torch_dist (loads at any TP/PP/EP).",
+        "Convert an HF checkpoint (Llama, Mistral, Qwen2, Qwen3, Mixtral, Qwen2-MoE, Qwen3-MoE) "
+        "to megatron-core torch_dist (loads at any TP/PP/EP).",
     )
 
 
@@ -300,8 +337,8 @@ def megatron_to_hf_main(argv: list[str] | None = None) -> int:
     return run_cli(
         megatron_to_hf,
         argv,
-        "Export a megatron-core torch_dist checkpoint (dense or "
-        "MoE) to HF Llama / Mixtral safetensors.",
+        "Export a megatron-core torch_dist checkpoint (dense or MoE, any merge variant) to HF "
+        "safetensors of the family that computes the same function.",
         extra,
     )
 

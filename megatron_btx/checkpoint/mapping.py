@@ -1,10 +1,11 @@
-"""Every HF name and shape rule, one adapter per model family: HF <-> megatron-core GPTModel.
+"""HF <-> megatron-core GPTModel names and layouts: the shared rules and the dense Llama adapter.
 
 megatron-core's distributed checkpoints are layout-independent (global tensors, resharded on
 load), so an adapter only maps the unsharded TP=1, PP=1 model; megatron-core does the rest. Each
-family is one :class:`StateDictAdapter` subclass (the shape torchtitan's state-dict adapters
-have): its HF names per layer, the shapes a config implies, and the layout changes both ways.
-:func:`adapter_for` picks the family of a model.
+HF family is one :class:`StateDictAdapter` subclass (the shape torchtitan's state-dict adapters
+have): its HF names per layer, the shapes a config implies, and the layout changes both ways. The
+Llama adapter is here; the other families are in :mod:`megatron_btx.checkpoint.families`, and
+:func:`adapter_for` picks the family a model is written as.
 
 Layouts that differ between HF and megatron-core:
 - attention: HF has q, k, v; megatron has one `linear_qkv` whose rows are grouped per key-value
@@ -12,6 +13,10 @@ Layouts that differ between HF and megatron-core:
 - SwiGLU: HF has gate and up (Mixtral: w1 and w3); megatron's `linear_fc1` is [gate; up].
 - vocabulary: megatron's embedding and output rows are padded to `padded_vocab_size`; the pad rows
   are zero and are dropped on export.
+- q/k/v biases (Qwen2): megatron's one `linear_qkv.bias`, grouped per key-value head like the
+  weight's rows.
+- QK-norm (Qwen3): one RMSNorm weight of size head_dim for all query heads and one for all key
+  heads, in both (megatron's `q_layernorm` / `k_layernorm`, applied per head before RoPE).
 """
 
 from __future__ import annotations
@@ -21,7 +26,8 @@ from collections.abc import Callable, Iterator
 import torch
 
 from megatron_btx.errors import BTXError
-from megatron_btx.models.llama import LlamaArgs
+from megatron_btx.models.hf_config import HFRouting, to_hf
+from megatron_btx.models.llama import LlamaArgs, MoEVariant
 
 # megatron-core (local spec, unsharded) names. Globals are full names; layer tensors are short
 # names under `decoder.layers.{i}.`.
@@ -30,6 +36,9 @@ FINAL_LN = "decoder.final_layernorm.weight"
 OUT = "output_layer.weight"
 LN1 = "input_layernorm.weight"
 QKV = "self_attention.linear_qkv.weight"
+QKV_BIAS = "self_attention.linear_qkv.bias"
+Q_NORM = "self_attention.q_layernorm.weight"
+K_NORM = "self_attention.k_layernorm.weight"
 PROJ = "self_attention.linear_proj.weight"
 LN2 = "pre_mlp_layernorm.weight"
 FC1 = "mlp.linear_fc1.weight"
@@ -37,9 +46,17 @@ FC2 = "mlp.linear_fc2.weight"
 ROUTER = "mlp.router.weight"
 SHARED_FC1 = "mlp.shared_experts.linear_fc1.weight"
 SHARED_FC2 = "mlp.shared_experts.linear_fc2.weight"
-#: a dense layer's tensors; all but the FFN are averaged by the merge
+SHARED_GATE = "mlp.shared_experts.gate_weight"
+#: a dense Llama layer's tensors; all but the FFN are averaged by the merge
 DENSE_LAYER = (LN1, QKV, PROJ, LN2, FC1, FC2)
 ATTENTION_AND_NORMS = (LN1, QKV, PROJ, LN2)
+
+
+def attention_and_norms(args: LlamaArgs) -> tuple[str, ...]:
+    """A layer's tensors outside the FFN (what the merge averages), with the family's extras."""
+    extras = (QKV_BIAS,) if args.qkv_bias else ()
+    return ATTENTION_AND_NORMS + extras + ((Q_NORM, K_NORM) if args.qk_norm else ())
+
 
 #: HF tensors that carry no weights (old checkpoints store RoPE's inverse frequencies).
 IGNORED_HF_SUFFIXES = ("rotary_emb.inv_freq",)
@@ -82,6 +99,17 @@ def qkv_from_mcore(qkv: torch.Tensor, args: LlamaArgs) -> tuple[torch.Tensor, ..
     return tuple(x.reshape(-1, hidden).clone() for x in (q, k, v))
 
 
+def qkv_bias_to_mcore(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, args: LlamaArgs
+) -> torch.Tensor:
+    """HF q, k, v biases -> megatron's `linear_qkv.bias` (grouped as the weight's rows)."""
+    return qkv_to_mcore(q[:, None], k[:, None], v[:, None], args).reshape(-1)
+
+
+def qkv_bias_from_mcore(bias: torch.Tensor, args: LlamaArgs) -> tuple[torch.Tensor, ...]:
+    return tuple(b.reshape(-1) for b in qkv_from_mcore(bias[:, None], args))
+
+
 def pad_vocab(t: torch.Tensor, args: LlamaArgs) -> torch.Tensor:
     if t.shape[0] != args.vocab_size:
         raise BTXError(
@@ -92,9 +120,10 @@ def pad_vocab(t: torch.Tensor, args: LlamaArgs) -> torch.Tensor:
 
 
 class StateDictAdapter:
-    """HF <-> megatron-core names and layouts of one model family (a dense family here; MoE
-    families override the FFN part). Roles name a layer's HF tensors: ln1, q, k, v, o, ln2, then
-    the FFN's (gate, up, down for a dense SwiGLU)."""
+    """HF <-> megatron-core names and layouts of one model family (dense Llama here; the other
+    families override the class attributes and the FFN part). Roles name a layer's HF tensors:
+    ln1, q, k, v, (q_bias, k_bias, v_bias), (q_norm, k_norm), o, ln2, then the FFN's (gate, up,
+    down for a dense SwiGLU)."""
 
     family = "llama"
     #: HF names of the global tensors, by megatron name
@@ -103,9 +132,32 @@ class StateDictAdapter:
         FINAL_LN: "model.norm.weight",
         OUT: "lm_head.weight",
     }
+    #: the HF family stores q/k/v biases (zeros are written for a model without them)
+    HF_QKV_BIAS = False
+    #: the HF family normalises query and key heads (it cannot be left out: RMSNorm is not the
+    #: identity whatever its weight)
+    HF_QK_NORM = False
 
-    def __init__(self, args: LlamaArgs):
+    def __init__(
+        self,
+        args: LlamaArgs,
+        variant: MoEVariant | None = None,
+        routing: HFRouting | None = None,
+        hf_qkv_bias: bool | None = None,
+    ):
         self.args = args
+        self.variant = variant or MoEVariant()
+        self.routing = routing
+        self.hf_qkv_bias = self.HF_QKV_BIAS if hf_qkv_bias is None else hf_qkv_bias
+        if args.qkv_bias and not self.hf_qkv_bias:
+            raise BTXError(f"HF {self.family} has no q/k/v biases; this model has them")
+        if args.qk_norm != self.HF_QK_NORM:
+            has = "has" if args.qk_norm else "has no"
+            raise BTXError(f"this model {has} QK-norm and HF {self.family} does not match it")
+
+    def hf_config(self) -> dict:
+        """The config.json of this family for the model."""
+        return to_hf(self.args, self.variant, self.routing, self.family)
 
     # ---- names and shapes ---------------------------------------------------------------
     def global_names(self) -> dict[str, str]:
@@ -123,13 +175,19 @@ class StateDictAdapter:
             "q": prefix + "self_attn.q_proj.weight",
             "k": prefix + "self_attn.k_proj.weight",
             "v": prefix + "self_attn.v_proj.weight",
-            "o": prefix + "self_attn.o_proj.weight",
-            "ln2": prefix + "post_attention_layernorm.weight",
         }
-        names.update(self.ffn_names(prefix))
+        if self.hf_qkv_bias:
+            for role in ("q", "k", "v"):
+                names[f"{role}_bias"] = prefix + f"self_attn.{role}_proj.bias"
+        if self.HF_QK_NORM:
+            names["q_norm"] = prefix + "self_attn.q_norm.weight"
+            names["k_norm"] = prefix + "self_attn.k_norm.weight"
+        names["o"] = prefix + "self_attn.o_proj.weight"
+        names["ln2"] = prefix + "post_attention_layernorm.weight"
+        names.update(self.ffn_names(prefix, layer))
         return names
 
-    def ffn_names(self, prefix: str) -> dict[str, str]:
+    def ffn_names(self, prefix: str, layer: int) -> dict[str, str]:
         return {
             "gate": prefix + "mlp.gate_proj.weight",
             "up": prefix + "mlp.up_proj.weight",
@@ -148,13 +206,18 @@ class StateDictAdapter:
             "q": (q_rows, hidden),
             "k": (kv_rows, hidden),
             "v": (kv_rows, hidden),
+            "q_bias": (q_rows,),
+            "k_bias": (kv_rows,),
+            "v_bias": (kv_rows,),
+            "q_norm": (args.head_dim,),
+            "k_norm": (args.head_dim,),
             "o": (hidden, q_rows),
             "ln2": (hidden,),
-            **self.ffn_shapes(),
+            **self.ffn_shapes(layer),
         }
         return [(names[role], shapes[role]) for role in names]
 
-    def ffn_shapes(self) -> dict[str, tuple[int, ...]]:
+    def ffn_shapes(self, layer: int) -> dict[str, tuple[int, ...]]:
         hidden, ffn = self.args.hidden_size, self.args.intermediate_size
         return {"gate": (ffn, hidden), "up": (ffn, hidden), "down": (hidden, ffn)}
 
@@ -202,10 +265,21 @@ class StateDictAdapter:
             PROJ: get(names["o"]),
             LN2: get(names["ln2"]),
         }
-        tensors.update(self.ffn_from_hf(names, get))
+        tensors.update(self.attention_extras_from_hf(names, get))
+        tensors.update(self.ffn_from_hf(layer, names, get))
         return tensors
 
-    def ffn_from_hf(self, names: dict[str, str], get) -> dict[str, torch.Tensor]:
+    def attention_extras_from_hf(self, names: dict[str, str], get) -> dict[str, torch.Tensor]:
+        """q/k/v biases and QK-norm weights, when the model has them."""
+        tensors = {}
+        if self.args.qkv_bias:
+            q, k, v = (get(names[f"{role}_bias"]) for role in ("q", "k", "v"))
+            tensors[QKV_BIAS] = qkv_bias_to_mcore(q, k, v, self.args)
+        if self.args.qk_norm:
+            tensors[Q_NORM], tensors[K_NORM] = get(names["q_norm"]), get(names["k_norm"])
+        return tensors
+
+    def ffn_from_hf(self, layer: int, names: dict[str, str], get) -> dict[str, torch.Tensor]:
         return {FC1: torch.cat([get(names["gate"]), get(names["up"])]), FC2: get(names["down"])}
 
     def layer_to_hf(
@@ -218,12 +292,24 @@ class StateDictAdapter:
         yield names["q"], q
         yield names["k"], k
         yield names["v"], v
+        if self.hf_qkv_bias:
+            if self.args.qkv_bias:
+                biases = qkv_bias_from_mcore(tensors[QKV_BIAS], self.args)
+            else:  # adding a zero bias is exact: the function does not change
+                biases = tuple(x.new_zeros(x.shape[0]) for x in (q, k, v))
+            for role, bias in zip(("q", "k", "v"), biases):
+                yield names[f"{role}_bias"], bias
+        if self.HF_QK_NORM:
+            yield names["q_norm"], tensors[Q_NORM]
+            yield names["k_norm"], tensors[K_NORM]
         yield names["o"], tensors[PROJ]
         yield names["ln2"], tensors[LN2]
-        yield from self.ffn_to_hf(names, tensors)
+        yield from self.ffn_to_hf(layer, names, tensors)
 
-    def ffn_to_hf(self, names: dict[str, str], tensors) -> Iterator[tuple[str, torch.Tensor]]:
-        gate, up = _split_fc1(tensors[FC1], self.args.intermediate_size)
+    def ffn_to_hf(
+        self, layer: int, names: dict[str, str], tensors
+    ) -> Iterator[tuple[str, torch.Tensor]]:
+        gate, up = split_fc1(tensors[FC1])
         yield names["gate"], gate
         yield names["up"], up
         yield names["down"], tensors[FC2]
@@ -259,50 +345,19 @@ class StateDictAdapter:
             yield hf_globals[OUT], read_global(OUT)[:vocab].clone()
 
 
-class MixtralAdapter(StateDictAdapter):
-    """HF Mixtral: every layer's FFN is `num_local_experts` SwiGLU experts (w1 = gate, w3 = up,
-    w2 = down) and a router (`block_sparse_moe.gate`)."""
-
-    family = "mixtral"
-
-    def ffn_names(self, prefix: str) -> dict[str, str]:
-        names = {"router": prefix + "block_sparse_moe.gate.weight"}
-        for expert in range(self.args.num_local_experts):
-            for w in ("w1", "w3", "w2"):
-                names[f"e{expert}.{w}"] = prefix + f"block_sparse_moe.experts.{expert}.{w}.weight"
-        return names
-
-    def ffn_shapes(self) -> dict[str, tuple[int, ...]]:
-        hidden, ffn = self.args.hidden_size, self.args.intermediate_size
-        shapes: dict[str, tuple[int, ...]] = {"router": (self.args.num_local_experts, hidden)}
-        for expert in range(self.args.num_local_experts):
-            shapes[f"e{expert}.w1"] = shapes[f"e{expert}.w3"] = (ffn, hidden)
-            shapes[f"e{expert}.w2"] = (hidden, ffn)
-        return shapes
-
-    def ffn_from_hf(self, names: dict[str, str], get) -> dict[str, torch.Tensor]:
-        tensors = {ROUTER: get(names["router"])}
-        for expert in range(self.args.num_local_experts):
-            w1, w3 = get(names[f"e{expert}.w1"]), get(names[f"e{expert}.w3"])
-            tensors[expert_fc1(expert)] = torch.cat([w1, w3])
-            tensors[expert_fc2(expert)] = get(names[f"e{expert}.w2"])
-        return tensors
-
-    def ffn_to_hf(self, names: dict[str, str], tensors) -> Iterator[tuple[str, torch.Tensor]]:
-        yield names["router"], tensors[ROUTER]
-        for expert in range(self.args.num_local_experts):
-            gate, up = _split_fc1(tensors[expert_fc1(expert)], self.args.intermediate_size)
-            yield names[f"e{expert}.w1"], gate
-            yield names[f"e{expert}.w3"], up
-            yield names[f"e{expert}.w2"], tensors[expert_fc2(expert)]
-
-
-def _split_fc1(fc1: torch.Tensor, ffn: int) -> tuple[torch.Tensor, torch.Tensor]:
+def split_fc1(fc1: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """megatron's fused [gate; up] -> (gate, up): row slices, contiguous views of `fc1` (no
     copy: the writers stream them out before the next layer is read)."""
+    ffn = fc1.shape[0] // 2
     return fc1[:ffn], fc1[ffn:]
 
 
-def adapter_for(args: LlamaArgs) -> StateDictAdapter:
-    """The adapter of a model's family: Llama for dense models, Mixtral for MoE ones."""
-    return MixtralAdapter(args) if args.is_moe else StateDictAdapter(args)
+def adapter_for(
+    args: LlamaArgs, variant: MoEVariant | None = None, router: str | None = None
+) -> StateDictAdapter:
+    """The adapter of the HF family a model is written as (models.hf_config.export_family):
+    its own family when dense; Mixtral, Qwen2-MoE or Qwen3-MoE for an MoE, by its attention,
+    its merge `variant` and the `router` it was finetuned with."""
+    from megatron_btx.checkpoint.families import export_adapter
+
+    return export_adapter(args, variant, router)

@@ -41,6 +41,7 @@ from megatron_btx.checkpoint.mapping import (
     qkv_to_mcore,
 )
 from megatron_btx.errors import BTXError
+from megatron_btx.models.hf_config import parse as parse_hf_config
 from megatron_btx.models.llama import LlamaArgs, build_for_checkpoint, to_dtype
 
 log = logging.getLogger(__name__)
@@ -151,7 +152,8 @@ class Source:
             self._pool = None
 
     def layer(self, layer: int) -> dict[str, torch.Tensor]:
-        """Layer `layer`'s tensors by short megatron name (mapping.DENSE_LAYER)."""
+        """Layer `layer`'s tensors by short megatron name (mapping.DENSE_LAYER, plus the
+        family's attention extras: mapping.attention_and_norms)."""
         if self.fmt == "megatron":
             prefix = template.layer_prefix(layer)
             return template.read_prefix(
@@ -187,7 +189,7 @@ class Source:
         q, k, v = read("q"), read("k"), read("v")
         qkv_rows = q.shape[0] + k.shape[0] + v.shape[0]
         qkv_out = None if pool is None else pool.get(QKV, [qkv_rows, q.shape[1]], q.dtype)
-        return {
+        tensors = {
             LN1: read("ln1"),
             QKV: qkv_to_mcore(q, k, v, self.args, out=qkv_out),
             PROJ: read("o"),
@@ -195,6 +197,9 @@ class Source:
             FC1: fc1,
             FC2: read("down"),
         }
+        # the family's attention extras (q/k/v biases, QK-norm): a few vectors, read plainly
+        tensors.update(self.adapter.attention_extras_from_hf(names, self._hf_get))
+        return tensors
 
     def global_tensor(self, name: str, pool: BufferPool | None = None) -> torch.Tensor:
         """EMB / FINAL_LN / OUT (embedding and output padded to the padded vocabulary). With
@@ -286,7 +291,7 @@ def _open_megatron(given: Path, folder: Path) -> Source:
     if args.is_moe:
         raise BTXError(
             f"{given}: is already an MoE ({args.num_local_experts} experts); every source must "
-            f"be a dense Llama"
+            f"be a dense model"
         )
     metadata = read_metadata(folder)
     step = source_manifest.get("step")
@@ -313,10 +318,17 @@ def _open_megatron(given: Path, folder: Path) -> Source:
 
 
 def _open_hf(given: Path) -> Source:
-    args = LlamaArgs.from_hf_config_file(given / "config.json")
+    config_path = given / "config.json"
+    try:
+        config = json.loads(config_path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise BTXError(f"{config_path}: not a readable JSON config ({e}); re-save it") from e
+    hf_model = parse_hf_config(config, str(config_path))
+    args = hf_model.args
     if args.is_moe:
         raise BTXError(
-            f"{given}: is already an MoE (model_type mixtral); every source must be a dense Llama"
+            f"{given}: is already an MoE (model_type {hf_model.model_type}); every source must be "
+            f"a dense model (llama, mistral, qwen2 or qwen3)"
         )
     reader = HFReader(given)  # validates every shard (truncation, index) before anything is read
     keys = reader.keys()

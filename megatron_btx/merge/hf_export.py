@@ -1,8 +1,10 @@
 """`btx merge --export-hf`: the merged model streamed into an HF checkpoint as it is made.
 
-The same merged tensors that go into the torch_dist checkpoint go, through the model family's
-adapter (HF Mixtral for a plain BTX MoE), into safetensors shards whose headers are planned up
-front, so the export costs no extra memory and no second pass over the sources.
+The same merged tensors that go into the torch_dist checkpoint go, through the adapter of the HF
+family that computes the merged model's function (models.hf_config.export_family: Mixtral for a
+plain BTX MoE of Llama or Mistral seeds, Qwen2-MoE for a shared expert, dense layers or Qwen2
+seeds, Qwen3-MoE for Qwen3 seeds), into safetensors shards whose headers are planned up front, so
+the export costs no extra memory and no second pass over the sources.
 """
 
 from __future__ import annotations
@@ -14,20 +16,20 @@ import torch
 
 from megatron_btx.checkpoint import manifest
 from megatron_btx.checkpoint.hf import StreamingSafetensorsWriter, copy_tokenizer, write_hf_config
-from megatron_btx.checkpoint.mapping import EMB, OUT, adapter_for
+from megatron_btx.checkpoint.mapping import EMB, OUT, StateDictAdapter, adapter_for
 from megatron_btx.checkpoint.megatron_io import atomic_folder
 from megatron_btx.checkpoint.sources import TokenizerInfo
 from megatron_btx.errors import BTXError
 from megatron_btx.models.llama import LlamaArgs, MoEVariant
 
 
-def check_exportable(variant: MoEVariant) -> None:
-    """HF Mixtral has no shared expert and no dense layers: refuse before anything is written."""
-    if not variant.is_plain:
-        raise BTXError(
-            "--export-hf writes HF Mixtral, which has no shared expert and no dense layers; drop "
-            "--seed-as-shared-expert / --moe-layers to export"
-        )
+def check_exportable(args: LlamaArgs, variant: MoEVariant) -> StateDictAdapter:
+    """The adapter of the export, chosen before anything is written; a merge with no exact HF
+    form (a shared expert with Qwen3 attention) is refused here, saying why."""
+    try:
+        return adapter_for(args, variant)
+    except BTXError as e:
+        raise BTXError(f"--export-hf: {e}") from e
 
 
 class HFExport:
@@ -42,10 +44,11 @@ class HFExport:
         shard_gb: float,
         overwrite: bool,
         stack: contextlib.ExitStack,
+        variant: MoEVariant | None = None,
     ):
         self.args = args
         self.dtype = dtype
-        self.adapter = adapter_for(args)
+        self.adapter = check_exportable(args, variant or MoEVariant())
         self.tmp = stack.enter_context(atomic_folder(folder, overwrite))
         plan = [(name, shape, dtype) for name, shape in self.adapter.hf_shapes()]
         self.writer = StreamingSafetensorsWriter(self.tmp, plan, int(shard_gb * 1024**3))
@@ -57,13 +60,16 @@ class HFExport:
         self.writer.add(self.adapter.global_names()[name], tensor.to(self.dtype))
 
     def add_layer(self, layer: int, merged: dict[str, torch.Tensor]) -> None:
+        """Layer `layer` of the merge; a shared expert's down projection is doubled in the
+        output dtype (exact: see checkpoint.families.moe)."""
+        merged = {name: tensor.to(self.dtype) for name, tensor in merged.items()}
         for name, tensor in self.adapter.layer_to_hf(layer, merged):
-            self.writer.add(name, tensor.to(self.dtype))
+            self.writer.add(name, tensor)
 
     def finish(self, tokenizer: TokenizerInfo | None, fields: dict) -> None:
         """Close the shards, write config.json, the tokenizer and the manifest."""
         self.writer.close()
-        write_hf_config(self.tmp, self.args.to_hf_dict(), self.dtype)
+        write_hf_config(self.tmp, self.adapter.hf_config(), self.dtype)
         if tokenizer is not None and tokenizer.folder is not None:
             copy_tokenizer(tokenizer.folder, self.tmp)
         manifest.write(self.tmp, kind=f"hf_{self.adapter.family}", **fields)

@@ -126,14 +126,17 @@ def merge_layer(
     keep_ffn = set(plan.expert_sources) | ({plan.shared_source} - {None}) if moe else set()
     if not moe and plan.dense_ffn == "seed":
         keep_ffn = {seed}
+    attention = list(ATTENTION_AND_NORMS)
     for source in sources:
         tensors = read_source_layer(source)
-        for name in ATTENTION_AND_NORMS + ((FC1, FC2) if averaged_ffn else ()):
+        # every tensor outside the FFN, with the family's extras (q/k/v biases, QK-norm)
+        attention = [name for name in tensors if name not in (FC1, FC2)]
+        for name in attention + ([FC1, FC2] if averaged_ffn else []):
             avg.add(source, name, tensors[name])
         if source in keep_ffn:
             ffns[source] = (tensors[FC1], tensors[FC2])
         del tensors
-    merged = {name: avg.result(name) for name in ATTENTION_AND_NORMS}
+    merged = {name: avg.result(name) for name in attention}
     if not moe:
         if averaged_ffn:
             merged[FC1], merged[FC2] = avg.result(FC1), avg.result(FC2)

@@ -30,13 +30,13 @@ from megatron_btx.checkpoint import template as tpl
 from megatron_btx.checkpoint.dcp_stream import StreamingDCPWriter
 from megatron_btx.checkpoint.hf import copy_tokenizer
 from megatron_btx.checkpoint.mapping import (
-    ATTENTION_AND_NORMS,
     EMB,
     FC1,
     FC2,
     FINAL_LN,
     OUT,
     ROUTER,
+    attention_and_norms,
 )
 from megatron_btx.checkpoint.megatron_io import atomic_folder, check_target
 from megatron_btx.checkpoint.sources import (
@@ -114,7 +114,7 @@ class MergeJob:
                 f"{self.out_args.intermediate_size}"
             )
         if settings.export_hf is not None:
-            check_exportable(self.variant)
+            check_exportable(self.out_args, self.variant)
         self.tokenizer: TokenizerInfo | None = next(
             (s.tokenizer for s in sources if s.tokenizer.folder is not None), None
         )
@@ -188,6 +188,7 @@ class MergeJob:
                         settings.hf_shard_gb,
                         settings.overwrite,
                         stack,
+                        self.variant,
                     )
                 stream = LayerStream(self, template, writer, export)
                 with _threads_beside_hashing(self.hash_jobs):
@@ -227,7 +228,7 @@ class MergeJob:
             )
             if export is not None:
                 report["hf_export_tensors_equal"] = verify_hf_export(
-                    export.tmp, tmp, self.out_args, self.dtype
+                    export.tmp, tmp, export.adapter, self.variant, self.dtype
                 )
             written = manifest.write(tmp, **fields, verify=report)
         return written
@@ -395,7 +396,7 @@ class LayerStream:
             job.reads.reads,
             self.pool,
         )
-        averaged = list(ATTENTION_AND_NORMS)
+        averaged = list(attention_and_norms(job.dense))
         if not plan.is_moe_layer(layer) and plan.dense_ffn == "average":
             averaged += [FC1, FC2]
         for name in averaged:

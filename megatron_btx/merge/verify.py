@@ -24,12 +24,12 @@ from megatron_btx.checkpoint import template as tpl
 from megatron_btx.checkpoint.dcp_stream import PartialReader
 from megatron_btx.checkpoint.hf import HFReader, PreadSafetensors
 from megatron_btx.checkpoint.mapping import (
-    ATTENTION_AND_NORMS,
     EMB,
     FINAL_LN,
     OUT,
     ROUTER,
-    adapter_for,
+    StateDictAdapter,
+    attention_and_norms,
 )
 from megatron_btx.checkpoint.sources import Source
 from megatron_btx.errors import BTXError
@@ -75,11 +75,12 @@ def _check_layer(folder, layer, got, sources, reads: ReadPlan, plan: MergePlan, 
     want = merge_layer(
         reads.plan, lambda read: sources[reads.first[read]].layer(layer), layer, reads.reads
     )
-    for name in ATTENTION_AND_NORMS:
+    attention = attention_and_norms(sources[0].args)
+    for name in attention:
         _same(folder, f"layer {layer} {name}", got[name], want[name].to(dtype), "the fp32 average")
         counts["averaged_equal_fp32"] += 1
     for name, tensor in want.items():
-        if name in ATTENTION_AND_NORMS:
+        if name in attention:
             continue
         kind = "its source FFN" if "experts" in name else "the dense FFN"
         _same(folder, f"layer {layer} {name}", got[name], tensor.to(dtype), kind)
@@ -267,11 +268,12 @@ def _verify_logits(folder, sources, plan: MergePlan, out_args, variant) -> dict[
     }
 
 
-def verify_hf_export(hf_folder: Path, mcore_folder: Path, out_args: LlamaArgs, dtype) -> int:
+def verify_hf_export(
+    hf_folder: Path, mcore_folder: Path, adapter: StateDictAdapter, variant: MoEVariant, dtype
+) -> int:
     """Every tensor of the HF export equals the megatron checkpoint's, through the family's
     adapter (layer by layer); returns the number of tensors compared."""
-    template = tpl.flat_template(build_for_checkpoint(out_args, dtype, meta=True))
-    adapter = adapter_for(out_args)
+    template = tpl.flat_template(build_for_checkpoint(adapter.args, dtype, variant, meta=True))
     reader = PartialReader(mcore_folder)
     exported = PreadSafetensors(HFReader(hf_folder).files)
     compared = 0
@@ -283,7 +285,7 @@ def verify_hf_export(hf_folder: Path, mcore_folder: Path, out_args: LlamaArgs, d
         for name, want in tensors:
             if name not in exported:
                 raise BTXError(f"--verify failed: HF export lacks {name!r} ({hf_folder})")
-            if not torch.equal(exported.get(name), want.contiguous()):
+            if not torch.equal(exported.get(name), want.to(dtype).contiguous()):
                 raise BTXError(
                     f"--verify failed: HF export tensor {name!r} differs from the megatron "
                     f"checkpoint ({hf_folder})"

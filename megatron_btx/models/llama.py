@@ -1,7 +1,9 @@
 """Llama hyper-parameters -> megatron-core TransformerConfig and GPTModel (dense or MoE).
 
-`LlamaArgs` carries the fields of an HF `LlamaConfig` (and `MixtralConfig` for MoE), so the HF
-config.json is the one description of a model that every stage shares.
+`LlamaArgs` carries the fields of an HF `LlamaConfig` (and `MixtralConfig` for MoE), plus the
+attention extras of the other Llama-architecture families (Qwen2's q/k/v biases, Qwen3's QK-norm),
+so the HF config.json is the one description of a model that every stage shares
+(:mod:`megatron_btx.models.hf_config` reads and writes it for every family).
 """
 
 from __future__ import annotations
@@ -29,8 +31,13 @@ VOCAB_PAD_MULTIPLE = 128
 
 @dataclass
 class LlamaArgs:
-    """The fields of an HF LlamaConfig that define the function (plus MoE fields)."""
+    """The fields of an HF LlamaConfig that define the function (plus MoE fields and the
+    attention extras of the other families)."""
 
+    #: the family of the attention and norms (the seed's HF model_type): llama | mistral |
+    #: qwen2 | qwen3; an imported MoE keeps its attention's (mixtral -> mistral, qwen2_moe ->
+    #: qwen2, qwen3_moe -> qwen3). Sources of different families never merge.
+    model_type: str = "llama"
     hidden_size: int = 256
     intermediate_size: int = 688
     num_hidden_layers: int = 4
@@ -49,6 +56,17 @@ class LlamaArgs:
     router_aux_loss_coef: float = 0.01
     bos_token_id: int | None = 1
     eos_token_id: int | None = 2
+    #: q/k/v projections with biases (Qwen2, Qwen2-MoE)
+    qkv_bias: bool = False
+    #: RMSNorm of every query and key head before RoPE (Qwen3, Qwen3-MoE)
+    qk_norm: bool = False
+    #: HF sliding_window, kept to be written back: null, or at least max_position_embeddings
+    #: (a shorter window is refused: it has no exact form here)
+    sliding_window: int | None = None
+    #: MoE: the top-k softmax probabilities renormalised to sum to 1 (Mixtral, Qwen with
+    #: norm_topk_prob: true; megatron-core's softmax over the top-k logits) or not (softmax
+    #: over all experts, then top-k: megatron-core's pre-softmax router)
+    norm_topk_prob: bool = True
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -65,6 +83,17 @@ class LlamaArgs:
             raise BTXError(
                 f"num_attention_heads {self.num_attention_heads} is not a multiple of "
                 f"num_key_value_heads {self.num_key_value_heads}"
+            )
+        families = ("llama", "mistral", "qwen2", "qwen3")
+        if self.model_type not in families:
+            raise BTXError(
+                f"model_type {self.model_type!r} is not a supported attention family "
+                f"({', '.join(families)})"
+            )
+        if self.sliding_window is not None and self.sliding_window < self.max_position_embeddings:
+            raise BTXError(
+                f"sliding_window {self.sliding_window} is shorter than max_position_embeddings "
+                f"{self.max_position_embeddings}; sliding-window attention is not supported"
             )
         if self.rope_scaling is not None:
             kind = self.rope_scaling.get("rope_type", self.rope_scaling.get("type"))
@@ -93,40 +122,29 @@ class LlamaArgs:
         if self.is_moe:
             n_exp = self.num_experts_per_tok if active else self.num_local_experts
         router = h * self.num_local_experts if self.is_moe else 0
-        per_layer = qkv + proj + n_exp * ffn + router + 2 * h
+        extras = qkv // h if self.qkv_bias else 0
+        extras += 2 * self.head_dim if self.qk_norm else 0
+        per_layer = qkv + proj + n_exp * ffn + router + 2 * h + extras
         emb = self.vocab_size * h * (1 if self.tie_word_embeddings else 2)
         return L * per_layer + emb + h
 
     # ---- HF config.json -----------------------------------------------------------------
     @classmethod
     def from_hf_dict(cls, cfg: dict[str, Any], source: str = "config.json") -> "LlamaArgs":
-        arch = cfg.get("model_type")
-        if arch not in ("llama", "mixtral"):
+        """The args of an HF config.json of any supported family (models.hf_config). A config
+        whose MoE shape goes beyond LlamaArgs (a shared expert, dense layers) is refused: its
+        model would be built without them; convert it with `btx import-hf`, which records the
+        shape in the checkpoint's manifest."""
+        from megatron_btx.models.hf_config import parse
+
+        model = parse(cfg, source)
+        if not model.variant.is_plain:
             raise BTXError(
-                f"{source}: model_type is {arch!r}, not a Llama (expected 'llama' or 'mixtral'); "
-                f"only Llama-architecture checkpoints are supported"
+                f"{source}: a {model.model_type} with a shared expert or dense layers is more "
+                f"than these fields describe; convert it with `btx import-hf` and start from "
+                f"the converted checkpoint (model.init_from)"
             )
-        if cfg.get("attention_bias") or cfg.get("mlp_bias"):
-            raise BTXError(f"{source}: attention_bias/mlp_bias are not supported (Llama has none)")
-        act = cfg.get("hidden_act", "silu")
-        if act != "silu":
-            raise BTXError(f"{source}: hidden_act {act!r} is not supported (Llama uses silu)")
-        rope = cfg.get("rope_parameters") or {}
-        theta = cfg.get("rope_theta", rope.get("rope_theta", 10000.0))
-        scaling = cfg.get("rope_scaling")
-        if scaling is None and rope.get("rope_type", "default") != "default":
-            scaling = {k: v for k, v in rope.items() if k != "rope_theta"}
-        known = {f.name for f in dataclasses.fields(cls)} - {"extra", "rope_scaling", "rope_theta"}
-        kwargs = {k: cfg[k] for k in known if k in cfg and cfg[k] is not None}
-        if arch == "llama":
-            kwargs["num_local_experts"] = 0
-        eos = kwargs.get("eos_token_id")
-        if isinstance(eos, list):
-            kwargs["eos_token_id"] = eos[0]
-        try:
-            return cls(rope_theta=float(theta), rope_scaling=scaling, **kwargs)
-        except TypeError as e:
-            raise BTXError(f"{source}: {e}") from e
+        return model.args
 
     @classmethod
     def from_hf_config_file(cls, path: str | Path) -> "LlamaArgs":
@@ -140,45 +158,11 @@ class LlamaArgs:
         return cls.from_hf_dict(cfg, str(path))
 
     def to_hf_dict(self) -> dict[str, Any]:
-        """An HF config.json for LlamaForCausalLM or, for MoE, MixtralForCausalLM."""
-        rope: dict[str, Any] = {"rope_theta": self.rope_theta, "rope_type": "default"}
-        if self.rope_scaling:
-            rope = {"rope_theta": self.rope_theta, **self.rope_scaling}
-        d: dict[str, Any] = {
-            "hidden_size": self.hidden_size,
-            "intermediate_size": self.intermediate_size,
-            "num_hidden_layers": self.num_hidden_layers,
-            "num_attention_heads": self.num_attention_heads,
-            "num_key_value_heads": self.num_key_value_heads,
-            "head_dim": self.head_dim,
-            "vocab_size": self.vocab_size,
-            "rms_norm_eps": self.rms_norm_eps,
-            "rope_theta": self.rope_theta,
-            "rope_scaling": self.rope_scaling,
-            "rope_parameters": rope,
-            "max_position_embeddings": self.max_position_embeddings,
-            "tie_word_embeddings": self.tie_word_embeddings,
-            "hidden_act": "silu",
-            "attention_bias": False,
-            "attention_dropout": 0.0,
-            "bos_token_id": self.bos_token_id,
-            "eos_token_id": self.eos_token_id,
-            "torch_dtype": "float32",
-        }
-        if self.is_moe:
-            d.update(
-                model_type="mixtral",
-                architectures=["MixtralForCausalLM"],
-                num_local_experts=self.num_local_experts,
-                num_experts_per_tok=self.num_experts_per_tok,
-                router_aux_loss_coef=self.router_aux_loss_coef,
-                output_router_logits=False,
-                sliding_window=None,
-            )
-        else:
-            d.update(model_type="llama", architectures=["LlamaForCausalLM"], mlp_bias=False)
-        d.update(self.extra)
-        return d
+        """An HF config.json of the model's family (dense), or of the MoE family a Mixtral-shaped
+        MoE of this attention is written as (models.hf_config.export_family)."""
+        from megatron_btx.models.hf_config import to_hf
+
+        return to_hf(self)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -205,13 +189,16 @@ class MoEOptions:
 class MoEVariant:
     """A merged MoE's shape beyond Mixtral's, as a checkpoint manifest's ``moe`` entry records it
     (and megatron-core's TransformerConfig needs it): the seed's FFN as a shared expert, and MoE
-    in only some layers with a dense FFN in the others."""
+    in only some layers with a dense FFN in the others. An imported Qwen2-MoE's shared expert
+    keeps its sigmoid gate (``shared_expert_gate``); a merge's is ungated."""
 
     shared_expert_intermediate_size: int | None = None
     #: per layer: 1 = MoE, 0 = dense; None = every layer is MoE
     layer_freq: tuple[int, ...] | None = None
     #: FFN width of the dense layers (with layer_freq)
     dense_ffn_hidden_size: int | None = None
+    #: the shared expert's output is scaled by sigmoid(gate_weight . x) (HF Qwen2-MoE)
+    shared_expert_gate: bool = False
 
     @classmethod
     def from_manifest(cls, entry: dict[str, Any] | None) -> MoEVariant:
@@ -221,6 +208,7 @@ class MoEVariant:
             shared_expert_intermediate_size=entry.get("shared_expert_intermediate_size") or None,
             layer_freq=tuple(int(x) for x in freq) if freq else None,
             dense_ffn_hidden_size=entry.get("dense_ffn_hidden_size") if freq else None,
+            shared_expert_gate=bool(entry.get("shared_expert_gate", False)),
         )
 
     def to_manifest(self) -> dict[str, Any]:
@@ -228,6 +216,7 @@ class MoEVariant:
             "shared_expert_intermediate_size": self.shared_expert_intermediate_size,
             "layer_freq": list(self.layer_freq) if self.layer_freq is not None else None,
             "dense_ffn_hidden_size": self.dense_ffn_hidden_size,
+            "shared_expert_gate": self.shared_expert_gate,
         }
 
     @property
@@ -243,6 +232,7 @@ class MoEVariant:
         overrides: dict[str, Any] = {}
         if self.shared_expert_intermediate_size:
             overrides["moe_shared_expert_intermediate_size"] = self.shared_expert_intermediate_size
+            overrides["moe_shared_expert_gate"] = self.shared_expert_gate
         if self.layer_freq is not None:
             overrides["moe_layer_freq"] = list(self.layer_freq)
             overrides["ffn_hidden_size"] = self.dense_ffn_hidden_size
@@ -328,7 +318,8 @@ def transformer_config(
         gated_linear_unit=True,
         activation_func=F.silu,
         add_bias_linear=False,
-        add_qkv_bias=False,
+        add_qkv_bias=args.qkv_bias,
+        qk_layernorm=args.qk_norm,
         hidden_dropout=0.0,
         attention_dropout=0.0,
         tensor_model_parallel_size=tp,
@@ -364,7 +355,8 @@ def transformer_config(
             moe_router_load_balancing_type=moe.load_balancing,
             moe_aux_loss_coeff=moe.aux_loss_coeff if moe.load_balancing != "none" else 0.0,
             moe_grouped_gemm=False,
-            moe_router_pre_softmax=False,
+            # renormalised top-k = softmax over the top-k logits; otherwise softmax, then top-k
+            moe_router_pre_softmax=not args.norm_topk_prob,
             moe_expert_capacity_factor=moe.capacity_factor,
             moe_token_drop_policy=moe.drop_policy,
             moe_pad_expert_input_to_capacity=moe.pad_to_capacity,

@@ -92,11 +92,16 @@ def layer_spec(config, requested: str | None = None, speed=None):
         speedups.apply_liger()
     if te:
         spec = specs.get_gpt_layer_with_transformer_engine_spec(
-            num_experts=num_experts, moe_grouped_gemm=experts == "te_grouped"
+            num_experts=num_experts,
+            moe_grouped_gemm=experts == "te_grouped",
+            qk_layernorm=config.qk_layernorm,
         )
     else:
         spec = specs.get_gpt_layer_local_spec(
-            num_experts=num_experts, moe_grouped_gemm=False, normalization="RMSNorm"
+            num_experts=num_experts,
+            moe_grouped_gemm=False,
+            normalization="RMSNorm",
+            qk_layernorm=config.qk_layernorm,
         )
         if config.attention_dropout == 0 and config.context_parallel_size == 1:
             from megatron_btx.models.attention import TorchSDPAttention
