@@ -16,8 +16,8 @@ import pytest
 import torch
 from conftest import DIST, run_script
 from families_common import (
-    V,
     Runtime,
+    V,
     assert_bytes_equal,
     hf_logits,
     hf_tensors,
