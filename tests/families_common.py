@@ -127,10 +127,11 @@ def megatron_model(ckpt: Path, router: dict | None = None):
     return model.eval()
 
 
-def megatron_logits(model, ids: torch.Tensor) -> torch.Tensor:
+def megatron_logits(model, ids: torch.Tensor, vocab: int = V) -> torch.Tensor:
+    """Logits over the real vocabulary (the padded rows dropped)."""
     pos = torch.arange(ids.shape[1]).unsqueeze(0).expand(ids.shape[0], -1)
     with torch.no_grad():
-        return model(ids, pos, None)[..., :V]
+        return model(ids, pos, None)[..., :vocab]
 
 
 def hf_tensors(folder: Path) -> dict[str, torch.Tensor]:

@@ -175,9 +175,11 @@ def _sliding_window(cfg: dict[str, Any], family: str, source: str) -> int | None
 
 def _moe_fields(cfg: dict[str, Any], arch: str, fields: dict[str, Any], source: str) -> MoEVariant:
     """The MoE fields of `fields` from an MoE config; returns the MoE shape beyond Mixtral's."""
+    # transformers 5 maps num_experts <-> num_local_experts and saves either, by family
+    experts = cfg.get("num_local_experts", cfg.get("num_experts"))
     if arch == "mixtral":
         fields.update(
-            num_local_experts=cfg.get("num_local_experts", 8),
+            num_local_experts=8 if experts is None else experts,
             num_experts_per_tok=cfg.get("num_experts_per_tok", 2),
             intermediate_size=cfg.get("intermediate_size"),
             norm_topk_prob=True,
@@ -185,7 +187,7 @@ def _moe_fields(cfg: dict[str, Any], arch: str, fields: dict[str, Any], source: 
         return MoEVariant()
     get = {**_QWEN_MOE_DEFAULTS, **{k: v for k, v in cfg.items() if v is not None}}.get
     layers = int(cfg["num_hidden_layers"])
-    experts = int(get("num_experts", 0))
+    experts = int(experts or 0)
     step = int(get("decoder_sparse_step"))
     dense_only = {int(x) for x in get("mlp_only_layers")}
     freq = tuple(
@@ -320,12 +322,13 @@ def _family_fields(
     if family == "mixtral":
         if not routing.norm_topk_prob:
             raise BTXError("Mixtral always renormalises its top-k; this model does not")
-        return {**moe, "num_local_experts": args.num_local_experts, "sliding_window": None}
+        window = {"sliding_window": args.sliding_window}
+        return {**moe, "num_local_experts": args.num_local_experts, **window}
     dense_layers = [i for i in range(args.num_hidden_layers) if not variant.is_moe_layer(i)]
     qwen = {
         **moe,
         **no_window,
-        "num_experts": args.num_local_experts,
+        "num_experts": args.num_local_experts,  # 4.x's name; 5.x maps it to num_local_experts
         "norm_topk_prob": routing.norm_topk_prob,
         "moe_intermediate_size": args.intermediate_size,
         # the dense layers' FFN (unused when every layer is MoE)

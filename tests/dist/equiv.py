@@ -40,7 +40,7 @@ def main() -> None:
     from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
 
     from megatron_btx import runtime
-    from megatron_btx.checkpoint.megatron_io import load_model, read_args
+    from megatron_btx.checkpoint.megatron_io import load_model, read_args, read_variant
     from megatron_btx.models.llama import MoEOptions, build_model
     from megatron_btx.models.speedups import SpeedOptions
 
@@ -49,7 +49,8 @@ def main() -> None:
     moe = MoEOptions(dispatcher=a.dispatcher, load_balancing="none")
     speed = SpeedOptions(moe_experts=a.experts or "auto", local_dispatch=a.local_dispatch)
     model = build_model(args, tp=a.tp, pp=a.pp, ep=a.ep, etp=a.etp, moe=moe, dtype=a.dtype,
-                        perform_initialization=False, speed=speed).to(rt.device)
+                        perform_initialization=False, speed=speed,
+                        variant=read_variant(a.ckpt)).to(rt.device)
     load_model(model, a.ckpt)
     config = model.config
     ddp = DDP(
