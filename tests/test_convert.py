@@ -152,14 +152,14 @@ def test_crash_mid_write_leaves_nothing(tmp_path, hf_llama, mg_llama, monkeypatc
 
     real = convert.stream_to_torch_dist
 
-    def write_half_then_crash(tensors, args, dtype, folder, source):
+    def write_half_then_crash(tensors, args, dtype, folder, source, variant=None):
         def half():
             for i, item in enumerate(tensors):
                 if i == 10:
                     raise KeyboardInterrupt  # what Ctrl-C or a kill-triggered exception looks like
                 yield item
 
-        return real(half(), args, dtype, folder, source)
+        return real(half(), args, dtype, folder, source, variant)
 
     monkeypatch.setattr(convert, "stream_to_torch_dist", write_half_then_crash)
     with pytest.raises(KeyboardInterrupt):
