@@ -205,9 +205,9 @@ def test_shared_expert_doubling_is_exact_in_bf16(tmp_path):
 
 @pytest.mark.parametrize("family,expected", [("qwen2", "qwen2_moe"), ("mistral", "mixtral")])
 def test_other_seed_families_export(tmp_path, ids, family, expected):
-    """Qwen2 seeds (q/k/v biases, averaged) -> Qwen2-MoE with a shared expert; Mistral seeds ->
-    Mixtral."""
-    srcs = branches(tmp_path, family, count=2, num_hidden_layers=2, tie_word_embeddings=False)
+    """Qwen2 seeds (q/k/v biases, averaged; tied embeddings, as Qwen2.5's small models) ->
+    Qwen2-MoE with a shared expert; Mistral seeds -> Mixtral."""
+    srcs = branches(tmp_path, family, count=2, num_hidden_layers=2)
     shared = family == "qwen2"
     merge(
         srcs[:2],
@@ -217,7 +217,9 @@ def test_other_seed_families_export(tmp_path, ids, family, expected):
         export_hf=tmp_path / "hf",
         verify=True,
     )
-    assert exported_config(tmp_path / "hf")["model_type"] == expected
+    cfg = exported_config(tmp_path / "hf")
+    assert cfg["model_type"] == expected
+    assert cfg["tie_word_embeddings"] == (family == "qwen2")
     assert_export_equals_megatron(tmp_path / "moe", tmp_path / "hf", ids)
     if shared:  # the biases are the fp32 mean of the branches' (all equal), not zeros
         bias = hf_tensors(tmp_path / "hf")["model.layers.0.self_attn.k_proj.bias"]
@@ -237,6 +239,7 @@ def test_qwen3_seeds_export_to_qwen3_moe(tmp_path, ids):
         moe_layers="1",
         split_chunks=2,
         export_hf=tmp_path / "hf",
+        verify=True,
     )
     cfg = exported_config(tmp_path / "hf")
     assert cfg["model_type"] == "qwen3_moe" and cfg["mlp_only_layers"] == [0]
@@ -329,3 +332,23 @@ def test_switch_finetune_exports(tmp_path, data, ids):
     )
     router = {"type": "switch", "capacity_factor": None}
     assert_export_equals_megatron(ckpt, tmp_path / "hf", ids, router=router)
+
+
+def test_megatron_qwen3_sources_merge_like_hf_sources(tmp_path):
+    """Qwen3 sources converted to torch_dist (their QK-norm and head_dim read through the
+    checkpoint's template) merge to exactly the tensors their HF folders give."""
+    from test_merge import all_tensors
+
+    from megatron_btx.checkpoint.convert import hf_to_megatron
+
+    srcs = branches(tmp_path, "qwen3", count=2, num_hidden_layers=2)
+    for src in srcs:
+        hf_to_megatron(src, tmp_path / f"mg_{src.name}")
+    mg = [tmp_path / f"mg_{src.name}" for src in srcs]
+    merge(mg[:2], tmp_path / "a", seed=mg[2], moe_layers="1", verify=True)
+    merge(srcs[:2], tmp_path / "b", seed=srcs[2], moe_layers="1")
+    got, want = all_tensors(tmp_path / "a"), all_tensors(tmp_path / "b")
+    assert got.keys() == want.keys()
+    assert any("q_layernorm" in key for key in got)
+    for key in got:
+        assert torch.equal(got[key], want[key]), key

@@ -229,6 +229,13 @@ def megatron_to_hf(
         adapter = adapter_for(args, variant, router)
     except BTXError as e:
         raise BTXError(f"{load}: {e}") from e
+    if router == "switch":
+        log.warning(
+            "%s: finetuned with the Switch router; the HF export routes every token (Switch's "
+            "capacity drops tokens per micro-batch, which no HF model does): it equals the "
+            "megatron model with capacity_factor null",
+            load,
+        )
     dt = to_dtype(dtype or src.get("dtype", "fp32"))
     check_target(save, overwrite)
     if not is_checkpoint(load):
