@@ -152,8 +152,9 @@ class StateDictAdapter:
         if args.qkv_bias and not self.hf_qkv_bias:
             raise BTXError(f"HF {self.family} has no q/k/v biases; this model has them")
         if args.qk_norm != self.HF_QK_NORM:
-            has = "has" if args.qk_norm else "has no"
-            raise BTXError(f"this model {has} QK-norm and HF {self.family} does not match it")
+            theirs = "has" if self.HF_QK_NORM else "has no"
+            ours = "has" if args.qk_norm else "has none"
+            raise BTXError(f"HF {self.family} {theirs} QK-norm; this model {ours}")
 
     def hf_config(self) -> dict:
         """The config.json of this family for the model."""
