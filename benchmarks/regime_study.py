@@ -114,7 +114,10 @@ def pretrain_seed(base: dict[str, Any], work: Path, data: Path) -> dict[int, Pat
     pretrain = base["seed"]["pretrain"]
     batch = int(pretrain["global_batch_size"]) * int(base["data"]["seq_length"])
     params = _params(base)
-    steps = {tpp: max(1, round(tpp * params / batch)) for tpp in FACTORS["tokens_per_param"]}
+    # Every point is a multiple of the smallest so that one save interval hits them all.
+    smallest = min(FACTORS["tokens_per_param"])
+    unit = max(1, round(smallest * params / batch))
+    steps = {tpp: unit * tpp // smallest for tpp in FACTORS["tokens_per_param"]}
     run = work / "seed"
     config = {
         "run_dir": str(run),
