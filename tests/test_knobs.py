@@ -109,18 +109,18 @@ DEFAULT_MODEL = dict(tc.MODEL)  # hidden 64, FFN 128, 2 layers, 4 heads, context
 MOE_MODEL = dict(tc.MODEL, **tc.MOE)  # 4 experts, top-2
 
 
-def _raw(run_dir: Path, data: Path, model: dict | None = None, **sections) -> dict:
+def _raw(run_dir: Path, data_dir: Path, model: dict | None = None, **sections) -> dict:
     """The training config of the tests: train_common's tiny run, `sections` merged in."""
     raw = {
         "run_dir": str(run_dir),
         "model": dict(model or DEFAULT_MODEL),
         "data": {
-            "path": str(data),
+            "path": str(data_dir),
             "domains": ["code"],
             "seq_length": 64,
             "micro_batch_size": 2,
             "global_batch_size": 8,
-            "cache_dir": str(data / "index_cache"),
+            "cache_dir": str(data_dir / "index_cache"),
         },
         "train": {"steps": 8, "lr": 3e-3, "warmup_steps": 3, "eval_iters": 1},
         "logging": {"tensorboard": False},
@@ -161,8 +161,8 @@ class built:
             runtime.teardown()
 
 
-def _build(tmp_path: Path, data: Path, name: str = "run", **kw):
-    with built(_raw(tmp_path / name, data, **kw)) as trainer:
+def _build(tmp_path: Path, data_dir: Path, name: str = "run", **kw):
+    with built(_raw(tmp_path / name, data_dir, **kw)) as trainer:
         return trainer
 
 
@@ -377,3 +377,328 @@ def test_spec_te_without_transformer_engine_is_refused(tmp_path, data):
         pytest.skip("Transformer Engine is here: tests/test_te_spec.py covers spec te")
     with pytest.raises(BTXError, match="spec 'te' requested but Transformer Engine"):
         _build(tmp_path, data, model=dict(DEFAULT_MODEL, spec="te"))
+
+
+# ---- optimizer and learning-rate schedule ----------------------------------------------------
+def test_optimizer_keys_reach_adamw(tmp_path, data, dense_default):
+    """weight_decay, adam_beta1/2 and adam_eps are the AdamW parameter groups' (megatron's
+    groups: decayed weights, and norms without decay); clip_grad is megatron's clipping norm."""
+    optimizer = {
+        "weight_decay": 0.05,
+        "adam_beta1": 0.8,
+        "adam_beta2": 0.9,
+        "adam_eps": 1e-6,
+        "clip_grad": 0.5,
+    }
+    trainer = _build(tmp_path, data, optimizer=optimizer)
+
+    def groups(t):
+        return sorted((g["weight_decay"], g["betas"], g["eps"]) for g in t.optimizer.param_groups)
+
+    assert groups(dense_default) == [(0.0, (0.9, 0.95), 1e-8), (0.1, (0.9, 0.95), 1e-8)]
+    assert groups(trainer) == [(0.0, (0.8, 0.9), 1e-6), (0.05, (0.8, 0.9), 1e-6)]
+    assert (dense_default.optimizer.config.clip_grad, trainer.optimizer.config.clip_grad) == (
+        1,
+        0.5,
+    )
+
+
+def _first_update(raw: dict) -> float:
+    """Median |change| of the first layer's FFN weights in the first training step."""
+    with built(raw) as trainer:
+        weight = gpt(trainer).decoder.layers[0].mlp.linear_fc1.weight
+        before = weight.detach().clone()
+        trainer.train_step()
+        return float((weight.detach() - before).abs().median())
+
+
+def test_clip_grad_scales_the_first_update(tmp_path, data):
+    """Adam's first step moves a weight by about lr (g / |g|); clipping the gradient to a norm
+    of 1e-12 leaves g ~ 1e-14 per weight, far below adam_eps = 1e-8, so the step shrinks by
+    four orders of magnitude. (clip_grad 0: no clipping; weight decay off so only Adam moves
+    the weights.)"""
+    train = {"lr": 1e-3, "warmup_steps": 0, "lr_decay_style": "constant"}
+    free = _first_update(
+        _raw(tmp_path / "a", data, train=train, optimizer={"weight_decay": 0.0, "clip_grad": 0.0})
+    )
+    clipped = _first_update(
+        _raw(tmp_path / "b", data, train=train, optimizer={"weight_decay": 0.0, "clip_grad": 1e-12})
+    )
+    assert free == pytest.approx(1e-3, rel=0.05)
+    assert clipped < 1e-3 * free
+
+
+def _hand_lr(step: int, style: str, decay_steps: int, lr=1e-3, min_lr=2e-4, warmup=4) -> float:
+    """megatron-LM's schedule written out: linear warmup from 0, then decay to min_lr."""
+    if step <= warmup:
+        return lr * step / warmup
+    if style == "constant":
+        return lr
+    if step > decay_steps:
+        return min_lr
+    ratio = (step - warmup) / (decay_steps - warmup)
+    coeff = 0.5 * (math.cos(math.pi * ratio) + 1.0) if style == "cosine" else 1.0 - ratio
+    return min_lr + coeff * (lr - min_lr)
+
+
+@pytest.mark.parametrize(
+    "style, decay_steps", [("cosine", None), ("cosine", 12), ("linear", None), ("constant", None)]
+)
+def test_schedule_keys_shape_the_learning_rate(tmp_path, data, style, decay_steps):
+    """train.lr, min_lr_ratio, warmup_steps, lr_decay_style and lr_decay_steps (default: steps)
+    give the learning rate of every step."""
+    train = {
+        "steps": 20,
+        "lr": 1e-3,
+        "min_lr_ratio": 0.2,
+        "warmup_steps": 4,
+        "lr_decay_style": style,
+        "lr_decay_steps": decay_steps,
+    }
+    trainer = _build(tmp_path, data, train=train)
+    got = []
+    for _ in range(22):
+        trainer.scheduler.step(1)  # as train_step does before the optimizer step
+        got.append(trainer.optimizer.param_groups[0]["lr"])
+    expected = [_hand_lr(s, style, decay_steps or 20) for s in range(1, 23)]
+    assert got == pytest.approx(expected, rel=1e-9, abs=1e-15)
+
+
+# ---- data ----------------------------------------------------------------------------------------
+def _first_batch(trainer) -> list[torch.Tensor]:
+    return [micro["tokens"] for micro in trainer.loader.batch_at(0)]
+
+
+def test_batch_keys_shape_the_batches(tmp_path, data, dense_default):
+    """seq_length is every sample's length; micro_batch_size the rows of a microbatch;
+    global_batch_size / micro_batch_size the microbatches of a step."""
+    assert [tuple(t.shape) for t in _first_batch(dense_default)] == [(2, 64)] * 4
+    shorter = _build(tmp_path, data, "seq", data={"seq_length": 32})
+    assert [tuple(t.shape) for t in _first_batch(shorter)] == [(2, 32)] * 4
+    wider = _build(tmp_path, data, "micro", data={"micro_batch_size": 4})
+    assert [tuple(t.shape) for t in _first_batch(wider)] == [(4, 64)] * 2
+    larger = _build(tmp_path, data, "global", data={"global_batch_size": 16})
+    assert [tuple(t.shape) for t in _first_batch(larger)] == [(2, 64)] * 8
+
+
+def test_data_domains_weights_set_the_blend(tmp_path, data):
+    """{code: 1, toy: 3}: a quarter of the training samples are code's; validation on both."""
+    trainer = _build(tmp_path, data, data={"domains": {"code": 1.0, "toy": 3.0}})
+    blended = trainer.train_ds  # steps x global batch = 64 samples
+    shares = torch.bincount(torch.as_tensor(blended.dataset_index), minlength=2) / 64
+    names = [Path(ds.dataset_path).name.split("_")[0] for ds in blended.datasets]
+    assert dict(zip(names, shares.tolist())) == {"code": 0.25, "toy": 0.75}
+    assert sorted(trainer.valid_ds) == ["code", "toy"]
+
+
+def test_valid_domains_choose_the_validation_sets(tmp_path, data, dense_default):
+    assert sorted(dense_default.valid_ds) == ["code"]  # default: the blend's domains
+    trainer = _build(tmp_path, data, data={"valid_domains": ["toy"]})
+    assert sorted(trainer.valid_ds) == ["toy"]
+
+
+def test_blend_and_tokenizer_name_the_data_files(tmp_path, data):
+    """data.blend: explicit [prefix, weight] pairs (without data.path, data.tokenizer names the
+    tokenizer); the samples are those files' tokens."""
+    raw = _raw(tmp_path / "run", data)
+    del raw["data"]["path"], raw["data"]["domains"]
+    raw["data"]["blend"] = [[str(data / "toy"), 1.0]]
+    raw["data"]["tokenizer"] = str(data / "tokenizer.model")
+    with built(raw) as trainer:
+        assert trainer.sources.blend == [(str(data / "toy"), 1.0)]
+        assert trainer.sources.tokenizer == str(data / "tokenizer.model")
+        tokens = trainer.loader.batch_at(0)[0]["tokens"][0]
+    toy_words = {"alpha", "beta", "gamma", "delta", "epsilon", "zeta", "eta", "theta"}
+    assert set(trainer.tokenizer.decode(tokens.tolist()).replace(".", " ").split()) <= toy_words
+
+
+def test_tokenizer_sets_the_vocabulary(tmp_path, data):
+    """data.tokenizer: the model's vocabulary (inline models take the tokenizer's size)."""
+    from megatron_btx.data.tokenizer import train_sentencepiece
+
+    text = tmp_path / "text.txt"
+    text.write_text((data.parent / "toy.jsonl").read_text())
+    tokenizer = train_sentencepiece([str(text)], tmp_path / "tok", vocab_size=600)
+    import sentencepiece
+
+    pieces = sentencepiece.SentencePieceProcessor(model_file=tokenizer.path).get_piece_size()
+    assert pieces < 1024  # the eight words of the toy text do not fill 600 pieces
+    trainer = _build(tmp_path, data, data={"tokenizer": tokenizer.path})
+    assert trainer.args.vocab_size == pieces
+    rows = gpt(trainer).embedding.word_embeddings.weight.shape[0]
+    assert rows == 128 * math.ceil(pieces / 128)
+
+
+def test_cache_dir_holds_the_dataset_indices(tmp_path, data):
+    raw = _raw(tmp_path / "run", data)
+    del raw["data"]["cache_dir"]
+    with built(raw):
+        pass
+    assert list((tmp_path / "run" / "data_cache").rglob("*.npy"))  # default: <run_dir>/data_cache
+    _build(tmp_path, data, "other", data={"cache_dir": str(tmp_path / "cache")})
+    assert list((tmp_path / "cache").rglob("*.npy"))
+
+
+# ---- train: a short run in this process -------------------------------------------------------
+def _run(raw: dict):
+    with built(raw) as trainer:
+        return trainer, trainer.run()
+
+
+def _steps_of(run_dir: Path, event: str) -> list[int]:
+    return [r["step"] for r in tc.records(run_dir, event)]
+
+
+def test_run_length_and_interval_keys(tmp_path, data):
+    """steps 6, log every 2, validate every 3, save every 4 and keep 1; a checkpoint also at the
+    end. The defaults (log 10, validate 100, save 500, keep 2) would give one of each."""
+    train = {
+        "steps": 6,
+        "log_interval": 2,
+        "eval_interval": 3,
+        "save_interval": 4,
+        "keep_last": 1,
+    }
+    _, result = _run(_raw(tmp_path / "run", data, train=train, logging={"tensorboard": True}))
+    run = tmp_path / "run"
+    assert result.step == 6 and result.exit_reason == "finished"
+    assert _steps_of(run, "train") == [2, 4, 6]
+    assert _steps_of(run, "eval") == [0, 3, 6]
+    assert _steps_of(run, "checkpoint") == [4, 6]
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["iter_0000006", "latest"]
+    assert list((run / "tensorboard").glob("events.out.tfevents.*"))
+
+    _, result = _run(_raw(tmp_path / "quiet", data, train={"steps": 3}))  # logging.tensorboard off
+    assert _steps_of(tmp_path / "quiet", "train") == [3]
+    assert _steps_of(tmp_path / "quiet", "eval") == [0, 3]
+    assert not (tmp_path / "quiet" / "tensorboard").exists()
+
+
+def test_eval_iters_is_the_validation_batches_per_domain(tmp_path, data):
+    for iters in (1, 3):
+        with built(_raw(tmp_path / f"run{iters}", data, train={"eval_iters": iters})) as trainer:
+            schedules = []
+            real = trainer._run_schedule
+            trainer._run_schedule = lambda batch, fwd: (
+                schedules.append(len(batch)) or real(batch, fwd)
+            )
+            trainer.evaluate()
+        assert schedules == [4] * iters  # global batches of 4 microbatches
+
+
+def test_seed_sets_the_initial_weights_and_the_sample_order(tmp_path, data, dense_default):
+    same = _build(tmp_path, data, "same", train={"seed": 1234})  # the default seed
+    other = _build(tmp_path, data, "other", train={"seed": 99})
+
+    def weights(t):
+        return gpt(t).decoder.layers[0].mlp.linear_fc1.weight
+
+    assert torch.equal(weights(same), weights(dense_default))
+    assert not torch.equal(weights(other), weights(dense_default))
+    assert torch.equal(_first_batch(same)[0], _first_batch(dense_default)[0])
+    assert not torch.equal(_first_batch(other)[0], _first_batch(dense_default)[0])
+
+
+def test_dtype_sets_the_parameter_precision(tmp_path, data, dense_default):
+    trainer = _build(tmp_path, data, train={"dtype": "bf16"})
+    assert gpt(dense_default).embedding.word_embeddings.weight.dtype == torch.float32  # auto, CPU
+    assert gpt(trainer).embedding.word_embeddings.weight.dtype == torch.bfloat16
+    assert trainer.tconf.bf16 and not dense_default.tconf.bf16
+
+
+def test_device_cuda_insists_on_a_gpu(tmp_path, data):
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is here: device cuda runs on it (the GPU checks)")
+    with pytest.raises(BTXError, match="device 'cuda' was requested but torch sees no GPU"):
+        _build(tmp_path, data, train={"device": "cuda"})
+
+
+# ---- moe -----------------------------------------------------------------------------------------
+def _moe_layer(trainer):
+    return gpt(trainer).decoder.layers[0].mlp
+
+
+def test_moe_keys_reach_megatron_core_router_and_dispatcher(tmp_path, data, moe_default):
+    """dispatcher: the token dispatcher's class; load_balancing and aux_loss_coeff: the loss
+    megatron-core's router adds; capacity_factor: its expert capacity (token dropping)."""
+    default = _moe_layer(moe_default)
+    assert type(default.token_dispatcher).__name__ == "MoEAlltoAllTokenDispatcher"
+    assert (default.router.routing_type, default.router.config.moe_aux_loss_coeff) == (
+        "aux_loss",
+        0.01,
+    )
+    assert default.config.moe_expert_capacity_factor is None
+
+    changed = _moe_layer(
+        _build(
+            tmp_path,
+            data,
+            "changed",
+            model=MOE_MODEL,
+            moe={"dispatcher": "allgather", "aux_loss_coeff": 0.2, "capacity_factor": 1.0},
+        )
+    )
+    assert type(changed.token_dispatcher).__name__ == "MoEAllGatherTokenDispatcher"
+    assert changed.router.config.moe_aux_loss_coeff == 0.2
+    assert changed.config.moe_expert_capacity_factor == 1.0
+    off = _moe_layer(_build(tmp_path, data, "off", model=MOE_MODEL, moe={"load_balancing": "none"}))
+    assert (off.router.routing_type, off.router.config.moe_aux_loss_coeff) == ("none", 0.0)
+
+
+@pytest.mark.parametrize("balancing", ["sinkhorn", "seq_aux_loss"])
+def test_megatron_load_balancing_types_train(tmp_path, data, balancing):
+    """moe.load_balancing sinkhorn (no loss: megatron-core's router refuses a coefficient, so
+    moe.aux_loss_coeff is not passed) and seq_aux_loss (the per-sequence loss, logged): the
+    router's balancing type, and a training step runs."""
+    with built(
+        _raw(tmp_path / "run", data, model=MOE_MODEL, moe={"load_balancing": balancing})
+    ) as trainer:
+        assert _moe_layer(trainer).router.routing_type == balancing
+        metrics = trainer.train_step()
+    assert math.isfinite(metrics["loss"])
+    logged = {"sinkhorn": [], "seq_aux_loss": ["seq_load_balancing_loss"]}[balancing]
+    assert [k for k in metrics if "balancing" in k] == logged
+
+
+def test_local_dispatch_replaces_the_dispatcher(tmp_path, data):
+    trainer = _build(tmp_path, data, model=MOE_MODEL, moe={"local_dispatch": True})
+    assert type(_moe_layer(trainer).token_dispatcher).__name__ == "LocalTokenDispatcher"
+
+
+def test_moe_router_keys_reach_the_installed_router(tmp_path, data, moe_default):
+    """moe.router's keys become the installed BTX router's settings in every MoE layer (what
+    each setting does: tests/test_routers.py); moe.aux_loss_coeff is its alpha."""
+    from megatron_btx.models import routers
+
+    assert type(_moe_layer(moe_default).router).__name__ == "TopKRouter"  # megatron-core's
+    switch = {
+        "type": "switch",
+        "capacity_factor": 2.0,
+        "drop_policy": "position",
+        "freeze_experts": True,
+    }
+    trainer = _build(
+        tmp_path, data, "switch", model=MOE_MODEL, moe={"router": switch, "aux_loss_coeff": 0.3}
+    )
+    for layer in gpt(trainer).decoder.layers:
+        settings = layer.mlp.router.settings
+        assert (settings.type, settings.capacity_factor, settings.drop_policy) == (
+            "switch",
+            2.0,
+            "position",
+        )
+        assert settings.alpha == 0.3 and settings.load_balancing
+        assert not any(p.requires_grad for p in layer.mlp.experts.parameters())
+        assert layer.mlp.router.weight.requires_grad
+    sample = {
+        "type": "sample_top1",
+        "temperature": 2.0,
+        "temperature_floor": 0.25,
+        "anneal_steps": 10,
+    }
+    with built(_raw(tmp_path / "sample", data, model=MOE_MODEL, moe={"router": sample})) as trainer:
+        routers.set_step(trainer.model, 5)
+        # linear from 2.0 to 0.25 over 10 steps: halfway at step 5
+        assert [layer.mlp.router.temperature for layer in gpt(trainer).decoder.layers] == [
+            1.125
+        ] * 2
