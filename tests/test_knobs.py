@@ -702,3 +702,268 @@ def test_moe_router_keys_reach_the_installed_router(tmp_path, data, moe_default)
         assert [layer.mlp.router.temperature for layer in gpt(trainer).decoder.layers] == [
             1.125
         ] * 2
+
+
+# =============================================================================================
+# The run config: the plan `btx run` builds (stage command lines, per-stage training configs)
+# =============================================================================================
+def _plan(raw: dict, write: bool = True) -> dict:
+    from megatron_btx.pipeline import plan
+
+    return {s.name: s for s in plan.build_plan(raw, write=write)}
+
+
+def _stage_config(stage) -> dict:
+    return yaml.safe_load(Path(stage.argv[1]).read_text())
+
+
+def _argv_value(argv: list[str], flag: str) -> str | None:
+    return argv[argv.index(flag) + 1] if flag in argv else None
+
+
+@pytest.fixture
+def run_raw(tmp_path):
+    from test_pipeline_plan import _config
+
+    return _config(tmp_path)  # three text-file domains alpha, beta, gamma; the tiny model
+
+
+def test_data_keys_reach_prepare_data_and_every_stage(tmp_path, run_raw):
+    base = _plan(run_raw)
+    prepare = base["prepare_data"].argv
+    assert _argv_value(prepare, "--vocab-size") == "300"
+    assert _argv_value(prepare, "--split") == "test=0.08,valid=0.02"
+    assert "--txt-separator" not in prepare
+    raw = json.loads(json.dumps(run_raw))
+    raw["data"].update(
+        vocab_size=500, split="test=0.1,valid=0.05", txt_separator="<sep>", seq_length=32
+    )
+    changed = _plan(raw)
+    prepare = changed["prepare_data"].argv
+    assert _argv_value(prepare, "--vocab-size") == "500"
+    assert _argv_value(prepare, "--split") == "test=0.1,valid=0.05"
+    assert _argv_value(prepare, "--txt-separator") == "<sep>"
+    for name in ("seed", "expert_alpha", "finetune", "baseline_dense"):
+        assert _stage_config(changed[name])["data"]["seq_length"] == 32
+        assert changed[name].tokens == changed[name].steps * 4 * 32  # global batch 4
+    # the vocabulary is in the model: 200 more embedding and output rows of 32
+    assert changed["seed"].active_params - base["seed"].active_params == 200 * 32
+
+
+def test_builtin_data_keys(tmp_path):
+    from test_pipeline_plan import _config
+
+    raw = _config(tmp_path)
+    raw["domains"] = {"code": "builtin", "math": "builtin"}
+    argv = _plan(raw, write=False)["prepare_data"].argv
+    assert _argv_value(argv, "--builtin-domains") == "code,math"
+    assert _argv_value(argv, "--max-mb") == "4.0"
+    raw["data"]["max_mb"] = 0.5
+    assert _argv_value(_plan(raw, write=False)["prepare_data"].argv, "--max-mb") == "0.5"
+    raw["data"]["txt_separator"] = "<sep>"  # no text files to separate
+    with pytest.raises(BTXError, match=r"data\.txt_separator has no effect"):
+        _plan(raw, write=False)
+
+
+def test_data_tokenizer_and_prepared(tmp_path, run_raw, data):
+    """data.tokenizer: prepare-data tokenizes with it (no vocabulary trained) and the model's
+    vocabulary is its size; data.prepared: no preparation, every stage reads that folder."""
+    raw = json.loads(json.dumps(run_raw))
+    raw["data"]["tokenizer"] = str(data / "tokenizer.model")
+    stages = _plan(raw)
+    argv = stages["prepare_data"].argv
+    assert _argv_value(argv, "--tokenizer") == str(data / "tokenizer.model")
+    assert "--vocab-size" not in argv
+    assert _stage_config(stages["seed"])["model"].get("vocab_size") is None  # the tokenizer's
+    assert stages["seed"].active_params == _plan(run_raw)["seed"].active_params + (1024 - 300) * 32
+
+    raw = json.loads(json.dumps(run_raw))
+    raw["domains"] = {"code": "builtin", "toy": "builtin"}
+    raw["data"] = {"prepared": str(data), "seq_length": 64}
+    stages = _plan(raw)
+    assert "prepare_data" not in stages
+    assert _stage_config(stages["expert_code"])["data"]["path"] == str(data)
+    raw["data"]["tokenizer"] = str(data / "tokenizer.model")
+    with pytest.raises(BTXError, match=r"data\.tokenizer has no effect \(data\.prepared"):
+        _plan(raw, write=False)
+
+
+def test_model_section_reaches_the_seed_and_options_every_stage(tmp_path, run_raw):
+    raw = json.loads(json.dumps(run_raw))
+    raw["model"].update(hidden_size=64, spec="local", recompute=True)
+    stages = _plan(raw)
+    seed = _stage_config(stages["seed"])["model"]
+    assert seed["hidden_size"] == 64 and seed["init_from"] is None
+    for name in ("expert_alpha", "finetune", "baseline_dense", "baseline_sparse_upcycling"):
+        model = _stage_config(stages[name])["model"]
+        assert (model["spec"], model["recompute"], model["hidden_size"]) == ("local", True, None)
+    # hidden 64 instead of 32: attention 4 x 64^2 and SwiGLU 3 x 64 x 64 per layer, output 300 x 64
+    assert stages["seed"].active_params == 2 * (4 * 64 * 64 + 3 * 64 * 64) + 300 * 64
+
+
+def test_seed_init_from_refuses_keys_it_makes_inert(tmp_path, run_raw, data):
+    seed = tc.init_checkpoint(tmp_path, data)
+    raw = json.loads(json.dumps(run_raw))
+    raw["seed"] = {"init_from": str(seed)}
+    for extra, key in (
+        ({"seed": {"init_from": str(seed), "pretrain": {"steps": 5}}}, "seed.pretrain"),
+        ({"seed": {"init_from": str(seed), "domains": ["alpha"]}}, "seed.domains"),
+        ({}, "model.hidden_size"),
+    ):
+        with pytest.raises(BTXError, match=rf"{re.escape(key)} has no effect \(the seed is"):
+            _plan({**raw, **extra}, write=False)
+    raw["model"] = {"spec": "local"}  # training options still reach every stage
+    stages = _plan(raw)
+    assert "seed" not in stages
+    assert _stage_config(stages["expert_alpha"])["model"]["init_from"] == str(seed)
+    assert _stage_config(stages["expert_alpha"])["model"]["spec"] == "local"
+
+
+STAGES = {
+    "seed.pretrain": ("seed", ("seed", "pretrain")),
+    "experts": ("expert_beta", ("experts",)),
+    "finetune": ("finetune", ("finetune",)),
+    "baselines.dense_train": ("baseline_dense", ("baselines", "dense_train")),
+    "baselines.sparse_upcycling_train": (
+        "baseline_sparse_upcycling",
+        ("baselines", "sparse_upcycling_train"),
+    ),
+}
+
+
+@pytest.mark.parametrize("stage", sorted(STAGES))
+def test_stage_keys_reach_their_stage(tmp_path, run_raw, stage):
+    """Each train-stage key lands in that stage's `btx train` config (and nproc in its launch);
+    the dense baseline starts from experts' keys, sparse upcycling from finetune's."""
+    name, path = STAGES[stage]
+    keys = {
+        "steps": 20,
+        "lr": 5e-4,
+        "warmup_steps": 3,
+        "min_lr_ratio": 0.3,
+        "micro_batch_size": 2,
+        "global_batch_size": 8,
+        "nproc": 2,
+        "parallel": {"tp": 2},
+        "train": {"log_interval": 7},
+    }
+    raw = json.loads(json.dumps(run_raw))
+    raw["baselines"] = {"compute_match": "none"}  # else compute matching chooses their steps
+    node = raw
+    for part in path[:-1]:
+        node = node.setdefault(part, {})
+    node[path[-1]] = {**node.get(path[-1], {}), **keys}
+    before = _plan(run_raw)[name]
+    stage_run = _plan(raw)[name]
+    config = _stage_config(stage_run)
+    assert (before.steps, stage_run.steps, stage_run.nproc) != (20, 20, 2)
+    assert stage_run.steps == 20 and stage_run.nproc == 2
+    train = config["train"]
+    assert (train["lr"], train["warmup_steps"], train["min_lr_ratio"]) == (5e-4, 3, 0.3)
+    assert train["log_interval"] == 7
+    assert (config["data"]["micro_batch_size"], config["data"]["global_batch_size"]) == (2, 8)
+    assert config["parallel"]["tp"] == 2
+
+
+def test_warmup_is_at_most_a_fifth_of_a_stage(tmp_path, run_raw):
+    raw = json.loads(json.dumps(run_raw))
+    raw["experts"].update(steps=10, warmup_steps=5)
+    assert _stage_config(_plan(raw)["expert_alpha"])["train"]["warmup_steps"] == 2
+
+
+def test_run_wide_sections_reach_every_stage(tmp_path, run_raw):
+    """train, optimizer and logging: the sections of every stage's training config (a stage's
+    own train keys win)."""
+    raw = json.loads(json.dumps(run_raw))
+    raw["train"] = {"log_interval": 3, "seed": 7}
+    raw["optimizer"] = {"weight_decay": 0.0, "adam_beta2": 0.99}
+    raw["logging"] = {"tensorboard": True}
+    raw["finetune"]["train"] = {"log_interval": 1}
+    stages = _plan(raw)
+    for name in ("seed", "expert_alpha", "finetune", "baseline_dense", "baseline_sparse_upcycling"):
+        config = _stage_config(stages[name])
+        assert config["train"]["seed"] == 7
+        # sparse upcycling trains with the finetune's keys
+        own = name in ("finetune", "baseline_sparse_upcycling")
+        assert config["train"]["log_interval"] == (1 if own else 3)
+        assert (config["optimizer"]["weight_decay"], config["optimizer"]["adam_beta2"]) == (
+            0.0,
+            0.99,
+        )
+        assert config["logging"]["tensorboard"] is True
+    raw["train"] = {"steps": 5}
+    with pytest.raises(BTXError, match=r"train\.steps has no effect"):
+        _plan(raw, write=False)
+
+
+def test_merge_keys_reach_the_merge(tmp_path, run_raw):
+    base = _plan(run_raw)["merge"].argv
+    assert _argv_value(base, "--router-init") == "random" and _argv_value(base, "--top-k") == "2"
+    assert "--seed" in base and "--blend" not in base and "--moe-layers" not in base
+    raw = json.loads(json.dumps(run_raw))
+    raw["merge"] = {
+        "seed_as_expert": False,
+        "router_init": "zero",
+        "top_k": 1,
+        "moe_layers": "1",
+        "dense_ffn": "average",
+        "extra_args": ["--router-seed", "7"],
+    }
+    raw["finetune"]["router"] = {"type": "switch"}  # top-1
+    stages = _plan(raw)
+    argv = stages["merge"].argv
+    assert "--seed" not in argv
+    assert (_argv_value(argv, "--router-init"), _argv_value(argv, "--top-k")) == ("zero", "1")
+    assert (_argv_value(argv, "--moe-layers"), _argv_value(argv, "--dense-ffn")) == ("1", "average")
+    assert _argv_value(argv, "--router-seed") == "7"
+    assert stages["upcycle_merge"].argv[-8:] == argv[-8:]  # the same variant flags
+    raw["merge"] = {"blend": True, "moe_layers": "0", "dense_ffn": "seed"}  # 4 sources
+    argv = _plan(raw)["merge"].argv
+    assert "--blend" in argv and _argv_value(argv, "--dense-ffn") == "seed"
+    raw["merge"] = {"dense_ffn": "seed"}
+    with pytest.raises(BTXError, match=r"merge\.dense_ffn has no effect"):
+        _plan(raw, write=False)
+
+
+def test_centroid_router_init_gives_the_merge_domain_data(tmp_path, run_raw):
+    raw = json.loads(json.dumps(run_raw))
+    raw["merge"] = {"router_init": "centroid"}
+    argv = _plan(raw)["merge"].argv
+    data = argv[argv.index("--centroid-data") + 1 :]
+    run = tmp_path / "run"
+    assert data[:3] == [f"{run}/data/{n}_train_text_document" for n in ("alpha", "beta", "gamma")]
+
+
+def test_finetune_load_balancing_reaches_the_moe_stages(tmp_path, run_raw):
+    raw = json.loads(json.dumps(run_raw))
+    raw["finetune"].update(load_balancing="none", aux_loss_coeff=0.5, router={"type": "soft"})
+    stages = _plan(raw)
+    for name in ("finetune", "baseline_sparse_upcycling"):
+        moe = _stage_config(stages[name])["moe"]
+        assert (moe["load_balancing"], moe["aux_loss_coeff"], moe["router"]) == (
+            "none",
+            0.5,
+            {"type": "soft"},
+        )
+
+
+def test_baseline_steps_are_refused_under_compute_matching(tmp_path, run_raw):
+    raw = json.loads(json.dumps(run_raw))
+    raw["baselines"] = {"dense_train": {"steps": 5}}
+    with pytest.raises(BTXError, match=r"baselines\.dense_train\.steps has no effect"):
+        _plan(raw, write=False)
+
+
+def test_btm_keys_choose_the_evaluated_ensembles(tmp_path, run_raw):
+    from megatron_btx.eval.cli import run_models
+
+    def ensembles(raw) -> list[str]:
+        _plan(raw)
+        return sorted(m for m in run_models(Path(raw["run_dir"]))[2] if m.startswith("btm"))
+
+    assert ensembles(run_raw) == ["btm_top1", "btm_top2"]
+    raw = json.loads(json.dumps(run_raw))
+    raw["evaluation"] = {"btm_top_k": [3]}
+    assert ensembles(raw) == ["btm_top3"]
+    raw["baselines"] = {"btm": False}
+    assert ensembles(raw) == []
