@@ -967,3 +967,58 @@ def test_btm_keys_choose_the_evaluated_ensembles(tmp_path, run_raw):
     assert ensembles(raw) == ["btm_top3"]
     raw["baselines"] = {"btm": False}
     assert ensembles(raw) == []
+
+
+# ---- evaluation: `btx evaluate` of the seed of a tiny run ---------------------------------------
+def _evaluate(tmp_path: Path, data: Path, seed: Path, name: str, **evaluation) -> dict:
+    from megatron_btx.eval.cli import evaluate_run
+
+    raw = {
+        "run_dir": str(tmp_path / name),
+        "data": {"prepared": str(data), "seq_length": 64},
+        "domains": {"code": "builtin", "toy": "builtin"},
+        "seed": {"init_from": str(seed)},
+        "experts": {"steps": 1},
+        "finetune": {"steps": 1},
+        "evaluation": {"tokens_per_domain": 1024, **evaluation},
+    }
+    _plan(raw)
+    return evaluate_run(tmp_path / name, models_wanted=["seed"], device="cpu")
+
+
+def test_evaluation_keys_choose_what_is_scored(tmp_path, base, data):
+    """split: the held-out split scored; tokens_per_domain: the whole windows of seq_length
+    scored per domain; btm_route_tokens: each document's first tokens, kept for BTM's routing
+    and scored for no model; micro_batch_size: windows per forward pass (same losses)."""
+    seed = tc.init_checkpoint(base, data)
+    default = _evaluate(tmp_path, data, seed, "default", btm_route_tokens=16)
+    assert default["split"] == "test"
+    fewer = _evaluate(tmp_path, data, seed, "fewer", btm_route_tokens=16, tokens_per_domain=512)
+    valid = _evaluate(tmp_path, data, seed, "valid", btm_route_tokens=16, split="valid")
+    routed = _evaluate(tmp_path, data, seed, "routed", btm_route_tokens=32)
+    batched = _evaluate(tmp_path, data, seed, "batched", btm_route_tokens=16, micro_batch_size=1)
+    for domain in ("code", "toy"):
+        assert default["tokens"][domain] <= 1024 and fewer["tokens"][domain] <= 512
+        assert fewer["tokens"][domain] < default["tokens"][domain]
+        assert valid["split"] == "valid"
+        assert routed["tokens"][domain] < default["tokens"][domain]
+        loss = default["models"]["seed"]["loss"][domain]
+        assert valid["models"]["seed"]["loss"][domain] != loss
+        assert batched["models"]["seed"]["loss"][domain] == pytest.approx(loss, rel=1e-6)
+
+
+def test_evaluation_routing_writes_the_routing_tables(tmp_path):
+    """evaluation.routing (evaluate_run passes it to report.write_all): routing.{json,md} and
+    the heatmaps for the MoE models, or none of them."""
+    from test_eval_units import _fake_result
+
+    from megatron_btx.eval import report
+
+    result = _fake_result()
+    report.write_all(result, tmp_path / "on", routing=True)
+    report.write_all(result, tmp_path / "off", routing=False)
+    assert (tmp_path / "on" / "routing.md").is_file() and (
+        tmp_path / "on" / "routing.json"
+    ).is_file()
+    assert not list((tmp_path / "off").glob("routing*"))
+    assert (tmp_path / "off" / "results.md").is_file()
