@@ -1,4 +1,5 @@
-"""The training configuration: one YAML file of dataclass sections, with dotted overrides.
+"""The training configuration: one YAML file of dataclass sections, with dotted overrides (every
+key, what it changes and the test that shows it: docs/CONFIG.md).
 
 A run is described by a single YAML file with the sections below (every key optional unless
 said otherwise; the defaults are the BTX paper's where it gives one):

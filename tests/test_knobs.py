@@ -574,16 +574,25 @@ def test_run_length_and_interval_keys(tmp_path, data):
     assert not (tmp_path / "quiet" / "tensorboard").exists()
 
 
+def _validation_schedules(raw: dict) -> list[int]:
+    """The microbatches of every schedule one validation runs (the real schedule still runs)."""
+    schedules: list[int] = []
+    with built(raw) as trainer:
+        real = trainer._run_schedule
+
+        def counted(batch, forward_only):
+            schedules.append(len(batch))
+            return real(batch, forward_only)
+
+        trainer._run_schedule = counted
+        trainer.evaluate()
+    return schedules
+
+
 def test_eval_iters_is_the_validation_batches_per_domain(tmp_path, data):
     for iters in (1, 3):
-        with built(_raw(tmp_path / f"run{iters}", data, train={"eval_iters": iters})) as trainer:
-            schedules = []
-            real = trainer._run_schedule
-            trainer._run_schedule = lambda batch, fwd: (
-                schedules.append(len(batch)) or real(batch, fwd)
-            )
-            trainer.evaluate()
-        assert schedules == [4] * iters  # global batches of 4 microbatches
+        raw = _raw(tmp_path / f"run{iters}", data, train={"eval_iters": iters})
+        assert _validation_schedules(raw) == [4] * iters  # global batches of 4 microbatches
 
 
 def test_seed_sets_the_initial_weights_and_the_sample_order(tmp_path, data, dense_default):
@@ -1022,3 +1031,115 @@ def test_evaluation_routing_writes_the_routing_tables(tmp_path):
     ).is_file()
     assert not list((tmp_path / "off").glob("routing*"))
     assert (tmp_path / "off" / "results.md").is_file()
+
+
+# ---- parallel: `btx train` at 2 processes ------------------------------------------------------
+def _chunk_rows(checkpoint: Path, part: str) -> set[int]:
+    """Rows of every chunk the checkpoint stores of the tensors whose key contains `part`."""
+    from torch.distributed.checkpoint import FileSystemReader
+
+    metadata = FileSystemReader(str(checkpoint)).read_metadata().state_dict_metadata
+    return {
+        chunk.sizes[-2]
+        for key, meta in metadata.items()
+        if part in key and hasattr(meta, "chunks")
+        for chunk in meta.chunks
+    }
+
+
+def _four_layer_reference(tmp_path: Path, data: Path) -> tuple[Path, dict[int, float], str]:
+    """(config, losses, console) of a 3-step one-process run of a 4-layer model (pp 2 x vpp 2
+    stages of one layer) from a step-0 checkpoint every layout loads."""
+    model = dict(tc.MODEL, num_hidden_layers=4)
+    init = tc.write_config(
+        tmp_path / "init.yaml", tmp_path / "init", data, model=model, train={"steps": 0}
+    )
+    tc.check(tc.run(init))
+    start = tmp_path / "init" / "checkpoints" / "iter_0000000"
+    cfg = tc.write_config(
+        tmp_path / "c.yaml",
+        tmp_path / "ref",
+        data,
+        model=dict(model, init_from=str(start)),
+        train={"steps": 3},
+    )
+    out = tc.check(tc.run(cfg)).stdout
+    return cfg, tc.losses(tmp_path / "ref"), out
+
+
+@pytest.fixture(scope="module")
+def four_layers(tmp_path_factory, data):
+    return _four_layer_reference(tmp_path_factory.mktemp("four_layers"), data)
+
+
+def _same_losses(run_dir: Path, ref: dict[int, float]) -> None:
+    got = tc.losses(run_dir)
+    assert sorted(got) == sorted(ref)
+    assert all(abs(got[s] - ref[s]) <= 2e-5 for s in ref), (run_dir.name, got, ref)
+
+
+@pytest.mark.dist
+@pytest.mark.slow
+def test_parallel_keys_split_the_work_and_keep_the_numbers(tmp_path, four_layers):
+    """Each layout key at 2 processes gives the one-process run's losses (2e-5 nats, as in
+    tests/test_train_parallel.py) and shows it acted: sequence_parallel is on in the model,
+    overlap_grad_reduce runs at DP=2."""
+    cfg, ref, ref_out = four_layers
+    assert (
+        "schedule forward_backward_no_pipelining" in ref_out and "sequence parallel" not in ref_out
+    )
+    cases = {
+        "sp": (
+            ["--parallel.tp", "2", "--parallel.sequence_parallel", "true"],
+            ", sequence parallel",
+        ),
+        "overlap": (["--parallel.overlap_grad_reduce", "true"], "DP=2"),
+    }
+    for name, (flags, shown) in cases.items():
+        out = tc.check(tc.run(cfg, ["--run_dir", str(tmp_path / name), *flags], nproc=2)).stdout
+        assert shown in out, (name, out[-2000:])
+        _same_losses(tmp_path / name, ref)
+
+
+@pytest.mark.dist
+@pytest.mark.slow
+@pytest.mark.xfail(
+    strict=True,
+    reason="known bug: at PP=2 x VPP=2 the first step's loss from a loaded checkpoint differs "
+    "from PP=2's and the one-process run's by ~4e-3 nats (PP=2 alone agrees to 1e-7)",
+)
+def test_vpp_interleaves_and_keeps_the_numbers(tmp_path, four_layers):
+    cfg, ref, _ = four_layers
+    flags = ["--run_dir", str(tmp_path / "vpp"), "--parallel.pp", "2", "--parallel.vpp", "2"]
+    out = tc.check(tc.run(cfg, flags, nproc=2)).stdout
+    assert "schedule forward_backward_pipelining_with_interleaving" in out
+    _same_losses(tmp_path / "vpp", ref)
+
+
+@pytest.mark.dist
+@pytest.mark.slow
+@pytest.mark.xfail(
+    strict=True,
+    reason="known bug: an MoE at TP=2 with ETP=1 (whole experts, expert data parallel 2) "
+    "matches the one-process run at step 1 but not after the first update (1e-3 nats at step 2; "
+    "TP=2 with ETP=2 agrees)",
+)
+def test_etp_keeps_experts_whole_and_the_numbers(tmp_path, base, data):
+    """etp=1 under tp=2 stores whole experts beside a split attention, and trains as TP=1."""
+    moe_cfg, moe_ref = tc.reference_run(base, data, moe=True)
+    run = tmp_path / "etp1"
+    flags = [
+        "--run_dir",
+        str(run),
+        "--train.exit_after",
+        "3",
+        "--parallel.tp",
+        "2",
+        "--parallel.etp",
+        "1",
+    ]
+    tc.check(tc.run(moe_cfg, flags, nproc=2))
+    saved = run / "checkpoints" / "iter_0000003"
+    assert _chunk_rows(saved, "self_attention.linear_qkv.weight") == {(4 + 8) * 16 // 2}  # TP 2
+    assert _chunk_rows(saved, "experts") >= {2 * 128}  # whole SwiGLU experts: ETP 1
+    _same_losses(run, {s: v for s, v in tc.losses(moe_ref).items() if s <= 3})

@@ -1,4 +1,5 @@
-"""The BTX run configuration: one YAML file describing a whole Branch-Train-MiX run.
+"""The BTX run configuration: one YAML file describing a whole Branch-Train-MiX run (every key,
+what it changes and the test that shows it: docs/CONFIG.md).
 
 ```yaml
 run_dir: runs/small_btx            # everything of the run lives here (see megatron_btx.pipeline.plan)
@@ -14,7 +15,7 @@ domains:                           # name -> a built-in corpus, or folders/files
   code: builtin                    #   short form: `builtin` / a path / a list of paths
   math: {source: builtin, weight: 0.3}   # weight: finetune (and dense baseline) sampling weight;
   mine: {source: [notes/, a.txt]}  #   default: uniform
-model: {hidden_size: 128, ...}     # the dense architecture (LlamaArgs fields); ignored with seed.init_from
+model: {hidden_size: 128, ...}     # the dense architecture (LlamaArgs fields); refused with seed.init_from
 seed:
   init_from: null                  # an existing seed: megatron checkpoint folder, a run dir with
                                    #   checkpoints/latest, or an HF Llama folder (imported first)
