@@ -161,7 +161,8 @@ def point_config(base: dict[str, Any], point: dict[str, Any], seed: Path, data: 
     raw = json.loads(json.dumps(base))
     raw["run_dir"] = str(run)
     raw["data"]["prepared"] = str(data)
-    raw["seed"] = {"init_from": str(seed), "domains": base["seed"].get("domains")}
+    raw["seed"] = {"init_from": str(seed)}  # its architecture and data are the given seed's
+    raw.pop("model", None)
     raw["experts"]["lr"] = point["expert_lr"]
     total = int(base["experts"]["steps"]) + int(base["finetune"]["steps"])
     raw["experts"]["steps"] = max(1, round(total * point["expert_share"]))

@@ -1,4 +1,5 @@
-"""The training configuration: one YAML file of dataclass sections, with dotted overrides.
+"""The training configuration: one YAML file of dataclass sections, with dotted overrides (every
+key, what it changes and the test that shows it: docs/CONFIG.md).
 
 A run is described by a single YAML file with the sections below (every key optional unless
 said otherwise; the defaults are the BTX paper's where it gives one):
@@ -109,6 +110,14 @@ LLAMA_FIELDS = (
     "bos_token_id",
     "eos_token_id",
 )
+
+#: LlamaArgs fields the model section parses (so every saved config.yaml, which lists them as
+#: null, still loads) but refuses a value for: training would not read it (docs/CONFIG.md).
+INERT_MODEL_KEYS = {
+    "router_aux_loss_coef": "training's load-balancing coefficient is moe.aux_loss_coeff",
+    "bos_token_id": "the BOS/EOS ids are the tokenizer's (data.tokenizer)",
+    "eos_token_id": "the BOS/EOS ids are the tokenizer's (data.tokenizer)",
+}
 
 
 @dataclass
@@ -311,6 +320,9 @@ class Config:
         _one_of("train.lr_decay_style", t.lr_decay_style, ("cosine", "linear", "constant"))
         _one_of("train.resume", t.resume, ("auto", True, False))
         m.validate()
+        for key, instead in INERT_MODEL_KEYS.items():
+            if getattr(self.model, key) is not None:
+                raise BTXError(f"model.{key} has no effect ({instead}); remove it")
         _one_of("model.spec", self.model.spec, ("auto", "local", "te"))
         self._validate_speedups()
         for key in ("steps", "warmup_steps"):

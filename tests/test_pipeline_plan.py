@@ -355,6 +355,7 @@ def test_plan_with_an_hf_seed_imports_it_first(tmp_path):
     (hf / "config.json").write_text(json.dumps(args.to_hf_dict()))
     d = _config(tmp_path)
     d["seed"] = {"init_from": str(hf)}
+    del d["model"]  # the HF seed's architecture
     stages = {s.name: s for s in plan.build_plan(d)}
     imp = stages["import_seed"]
     assert imp.kind == "convert" and imp.argv[:3] == ["import-hf", "--load", str(hf)]

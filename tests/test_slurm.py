@@ -88,7 +88,7 @@ def btx_config(tmp: Path, data: Path, expert_steps: int, seed: Path | None = Non
         "run_dir": str(tmp / "run"),
         "data": {"prepared": str(data), "seq_length": 64},
         "domains": {"code": "builtin", "toy": "builtin"},
-        "model": dict(tc.MODEL),
+        "model": {} if seed else dict(tc.MODEL),  # a given seed has its own architecture
         "seed": {"init_from": str(seed)}
         if seed
         else {

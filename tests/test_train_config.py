@@ -293,7 +293,18 @@ def test_metrics_jsonl_tensorboard_and_offline_wandb(tmp_path, monkeypatch):
         return Run()
 
     monkeypatch.setitem(sys.modules, "wandb", types.SimpleNamespace(init=init))
-    cfg = load(logging={"tensorboard": True, "wandb": True, "wandb_mode": "offline"})
+    off = MetricsLogger(load(logging={"tensorboard": False}), tmp_path / "off", rank=0)
+    off.close()  # logging.wandb false: wandb is never started
+    assert "init" not in calls and not (tmp_path / "off" / "tensorboard").exists()
+    cfg = load(
+        logging={
+            "tensorboard": True,
+            "wandb": True,
+            "wandb_mode": "offline",
+            "wandb_project": "proj",
+            "wandb_name": "name",
+        }
+    )
     lg = MetricsLogger(cfg, tmp_path / "run", rank=0)
     lg.event("train", 10, loss=2.5, lr=1e-4, router_load_l0=[0.5, 0.5])
     lg.event("eval", 10, loss_code=2.0)
@@ -301,6 +312,7 @@ def test_metrics_jsonl_tensorboard_and_offline_wandb(tmp_path, monkeypatch):
     recs = read_metrics(tmp_path / "run")
     assert [r["event"] for r in recs] == ["train", "eval"] and recs[0]["loss"] == 2.5
     assert calls["init"]["mode"] == "offline" and calls["finished"]
+    assert (calls["init"]["project"], calls["init"]["name"]) == ("proj", "name")
     assert calls["log"][0] == (10, {"train/loss": 2.5, "train/lr": 1e-4})
     assert list((tmp_path / "run" / "tensorboard").glob("events.out.tfevents.*"))
     # a second logger (another rank) writes nothing

@@ -353,7 +353,10 @@ def transformer_config(
             moe_router_topk=args.num_experts_per_tok,
             moe_token_dispatcher_type=moe.dispatcher,
             moe_router_load_balancing_type=moe.load_balancing,
-            moe_aux_loss_coeff=moe.aux_loss_coeff if moe.load_balancing != "none" else 0.0,
+            # sinkhorn balances without a loss (megatron-core asserts its coefficient is 0)
+            moe_aux_loss_coeff=moe.aux_loss_coeff
+            if moe.load_balancing in ("aux_loss", "seq_aux_loss")
+            else 0.0,
             moe_grouped_gemm=False,
             # renormalised top-k = softmax over the top-k logits; otherwise softmax, then top-k
             moe_router_pre_softmax=not args.norm_topk_prob,

@@ -1,4 +1,5 @@
-"""The BTX run configuration: one YAML file describing a whole Branch-Train-MiX run.
+"""The BTX run configuration: one YAML file describing a whole Branch-Train-MiX run (every key,
+what it changes and the test that shows it: docs/CONFIG.md).
 
 ```yaml
 run_dir: runs/small_btx            # everything of the run lives here (see megatron_btx.pipeline.plan)
@@ -14,7 +15,7 @@ domains:                           # name -> a built-in corpus, or folders/files
   code: builtin                    #   short form: `builtin` / a path / a list of paths
   math: {source: builtin, weight: 0.3}   # weight: finetune (and dense baseline) sampling weight;
   mine: {source: [notes/, a.txt]}  #   default: uniform
-model: {hidden_size: 128, ...}     # the dense architecture (LlamaArgs fields); ignored with seed.init_from
+model: {hidden_size: 128, ...}     # the dense architecture (LlamaArgs fields); refused with seed.init_from
 seed:
   init_from: null                  # an existing seed: megatron checkpoint folder, a run dir with
                                    #   checkpoints/latest, or an HF Llama folder (imported first)
@@ -312,6 +313,55 @@ class BTXConfig:
                     raise BTXError(f"{key}.nproc={st.nproc} must be >= 1")
         if self.seed.pretrain is not None and self.seed.pretrain.steps is None:
             raise BTXError("seed.pretrain.steps must be set")
+        self._reject_inert_keys()
+
+    def _reject_inert_keys(self) -> None:
+        """Keys that another key makes inert are errors, not silently ignored (docs/CONFIG.md)."""
+        from megatron_btx.config import LLAMA_FIELDS
+
+        def inert(key: str, why: str) -> BTXError:
+            return BTXError(f"{self.source or 'config'}: {key} has no effect ({why}); remove it")
+
+        if self.seed.init_from:
+            given = "the seed is seed.init_from"
+            if self.seed.pretrain is not None:
+                raise inert("seed.pretrain", given)
+            if self.seed.domains is not None:
+                raise inert("seed.domains", given)
+            for key in self.model:
+                if key in LLAMA_FIELDS or key == "init_method_std":
+                    raise inert(f"model.{key}", f"{given}, which has its own architecture")
+        if self.data.prepared:
+            for key in ("tokenizer", "txt_separator"):
+                if getattr(self.data, key) is not None:
+                    raise inert(f"data.{key}", "data.prepared is used as it is")
+        elif self.data.txt_separator is not None and all(
+            self.domain(n).is_builtin for n in self.domain_names
+        ):
+            raise inert("data.txt_separator", "every domain is builtin, none is text files")
+        if self.merge.dense_ffn != "average" and self.merge.moe_layers is None:
+            raise inert("merge.dense_ffn", "every layer is MoE without merge.moe_layers")
+        if self.baselines.compute_match != "none":
+            for name in ("dense_train", "sparse_upcycling_train"):
+                stage = getattr(self.baselines, name)
+                if stage is not None and stage.steps is not None:
+                    raise inert(
+                        f"baselines.{name}.steps",
+                        f"baselines.compute_match={self.baselines.compute_match} chooses them; "
+                        f"set it to none to choose the steps",
+                    )
+        stages = (
+            ("", self),
+            ("seed.pretrain.", self.seed.pretrain),
+            ("experts.", self.experts),
+            ("finetune.", self.finetune),
+            ("baselines.dense_train.", self.baselines.dense_train),
+            ("baselines.sparse_upcycling_train.", self.baselines.sparse_upcycling_train),
+        )
+        for prefix, stage in stages:
+            if stage is not None and "steps" in (stage.train or {}):
+                where = f"{prefix}steps" if prefix else "each stage's steps"
+                raise inert(f"{prefix}train.steps", f"{where} sets a stage's length")
 
     def _resolve(self, p: str) -> str:
         """Paths in the YAML are relative to the current directory if they exist there, else

@@ -636,7 +636,9 @@ class Trainer:
             f"layout: TP={par.tp} PP={par.pp} VPP={par.vpp or 1} EP={par.ep} ETP={self.rt.etp} "
             f"DP={self.rt.dp} on {self.rt.world_size} {self.device.type} process(es), "
             f"{self.dtype_name}, {spec} layer spec, "
-            f"{'distributed' if par.distributed_optimizer else 'regular'} optimizer\n"
+            f"{'distributed' if par.distributed_optimizer else 'regular'} optimizer, "
+            f"schedule {self.fwd_bwd.__name__}"
+            f"{', sequence parallel' if self.tconf.sequence_parallel else ''}\n"
             f"data: {self.sources.describe()}; {len(self.train_ds)} train samples of "
             f"{self.cfg.data.seq_length} tokens; validation on {', '.join(self.valid_ds) or '-'}"
         )
