@@ -430,6 +430,17 @@ class Config:
                 f"model.num_experts_per_tok={args.num_experts_per_tok} exceeds "
                 f"model.num_local_experts={args.num_local_experts}"
             )
+        if (
+            args.is_moe
+            and self.moe.router is None
+            and args.num_experts_per_tok == 1
+            and args.norm_topk_prob
+        ):
+            raise BTXError(
+                "model.num_experts_per_tok=1 with model.norm_topk_prob=true gives every token "
+                "a gate of 1, so megatron's router gets no gradient; set model.norm_topk_prob: "
+                "false (softmax over all experts, Switch-style) or choose moe.router"
+            )
         if self.data.seq_length > args.max_position_embeddings:
             raise BTXError(
                 f"data.seq_length={self.data.seq_length} exceeds "

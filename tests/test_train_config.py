@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 import sys
@@ -140,6 +141,19 @@ def test_world_size_and_model_consistency():
         load(["--parallel.ep", "2"]).validate_model(args)
     with pytest.raises(BTXError, match="moe.router is set but the model is dense"):
         load(["--moe.router.type", "topk"]).validate_model(args)
+    # megatron's router at top-1 with renormalised gates: every gate is 1, no router gradient
+    moe = LlamaArgs(
+        hidden_size=96,
+        num_attention_heads=6,
+        num_hidden_layers=2,
+        intermediate_size=128,
+        num_local_experts=4,
+        num_experts_per_tok=1,
+    )
+    with pytest.raises(BTXError, match="num_experts_per_tok=1 with model.norm_topk_prob=true"):
+        load().validate_model(moe)
+    load().validate_model(dataclasses.replace(moe, norm_topk_prob=False))
+    load(["--moe.router.type", "switch"]).validate_model(moe)
 
 
 def test_yaml_round_trip_and_examples(tmp_path):
