@@ -43,11 +43,14 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 
 #: the study's grid: one factor at a time around CENTRE
-CENTRE = {"tokens_per_param": 16, "expert_lr": 3e-4, "expert_share": 0.5}
+CENTRE = {"tokens_per_param": 16, "expert_lr": 3e-4, "expert_share": 0.5, "compute_match": "flops"}
 FACTORS = {
     "tokens_per_param": [4, 16, 64],
     "expert_lr": [1e-3, 3e-4, 1e-4],
-    "expert_share": [0.5, 0.75],
+    # of each expert's steps + the finetune's steps (the FLOPs share is in the table)
+    "expert_share": [0.25, 0.5, 0.75],
+    # the baselines' budget: BTX's FLOPs, or its measured core-seconds (the paper's GPU-days)
+    "compute_match": ["flops", "time"],
 }
 
 
@@ -63,7 +66,8 @@ def settings() -> list[dict[str, Any]]:
 
 
 def name_of(point: dict[str, Any]) -> str:
-    return f"tpp{point['tokens_per_param']}_lr{point['expert_lr']:g}_share{point['expert_share']:g}"
+    name = f"tpp{point['tokens_per_param']}_lr{point['expert_lr']:g}_share{point['expert_share']:g}"
+    return name if point["compute_match"] == "flops" else f"{name}_{point['compute_match']}"
 
 
 def _btx(*args: str, log: Path, cwd: Path) -> None:
@@ -164,6 +168,7 @@ def point_config(base: dict[str, Any], point: dict[str, Any], seed: Path, data: 
     raw["seed"] = {"init_from": str(seed)}  # its architecture and data are the given seed's
     raw.pop("model", None)
     raw["experts"]["lr"] = point["expert_lr"]
+    raw["baselines"]["compute_match"] = point["compute_match"]
     total = int(base["experts"]["steps"]) + int(base["finetune"]["steps"])
     raw["experts"]["steps"] = max(1, round(total * point["expert_share"]))
     raw["finetune"]["steps"] = max(1, total - raw["experts"]["steps"])
@@ -200,6 +205,7 @@ def summarise(point: dict[str, Any], run: Path) -> dict[str, Any]:
         "btx_minus_best": loss,
         "btx_better": comparisons[best][key]["a_better"],
         "versus": {r: c[key]["loss"] for r, c in comparisons.items()},
+        "expert_flops_share": _expert_flops_share(result["models"]),
         "mean_ppl": {m: models[m].get(key, models[m]["mean"])["perplexity"] for m in models},
         "attention_drift": sum(drift.values()) / len(drift) if drift else None,
         "attention_kept_by_average": diag.get("kept_by_average", {}).get("attention"),
@@ -207,17 +213,27 @@ def summarise(point: dict[str, Any], run: Path) -> dict[str, Any]:
     }
 
 
+def _expert_flops_share(models: dict[str, Any]) -> float | None:
+    """The experts' share of BTX's training FLOPs (the rest is the MoE finetune)."""
+    experts = sum(
+        m.get("train_flops") or 0 for name, m in models.items() if name.startswith("expert_")
+    )
+    total = (models.get("btx") or {}).get("train_flops")
+    return experts / total if total else None
+
+
 def report(rows: list[dict[str, Any]], work: Path) -> str:
     lines = [
-        "| tokens/param | expert lr | expert share | best baseline | BTX - best (nats, 95% CI) | "
-        "attention drift | kept by averaging | merge retention |",
-        "|---|---|---|---|---|---|---|---|",
+        "| tokens/param | expert lr | expert share (steps; FLOPs) | compute match | best baseline "
+        "| BTX - best (nats, 95% CI) | attention drift | kept by averaging | merge retention |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         d = r["btx_minus_best"]
         cell = f"{d['estimate']:+.3f} [{d['low']:+.3f}, {d['high']:+.3f}]"
         lines.append(
-            f"| {r['tokens_per_param']} | {r['expert_lr']:g} | {r['expert_share']:g} | "
+            f"| {r['tokens_per_param']} | {r['expert_lr']:g} | {r['expert_share']:g}; "
+            f"{_num(r.get('expert_flops_share'))} | {r.get('compute_match', 'flops')} | "
             f"{r['best_baseline']} | {cell}{' (BTX better)' if r['btx_better'] else ''} | "
             f"{_num(r['attention_drift'])} | {_num(r['attention_kept_by_average'])} | "
             f"{_num(r['merge_retention'])} |"
@@ -245,7 +261,8 @@ def _plot(rows: list[dict[str, Any]], path: Path) -> None:
         others = {k: v for k, v in CENTRE.items() if k != factor}
         picked = [r for r in rows if all(r[k] == v for k, v in others.items())]
         picked.sort(key=lambda r: r[factor])
-        xs = [r[factor] for r in picked]
+        categorical = isinstance(CENTRE[factor], str)
+        xs = [FACTORS[factor].index(r[factor]) if categorical else r[factor] for r in picked]
         est = [r["btx_minus_best"]["estimate"] for r in picked]
         low = [r["btx_minus_best"]["estimate"] - r["btx_minus_best"]["low"] for r in picked]
         high = [r["btx_minus_best"]["high"] - r["btx_minus_best"]["estimate"] for r in picked]
@@ -253,6 +270,8 @@ def _plot(rows: list[dict[str, Any]], path: Path) -> None:
         ax.axhline(0, color="grey", lw=1, ls="--")
         if factor in ("tokens_per_param", "expert_lr"):
             ax.set_xscale("log")
+        if categorical:
+            ax.set_xticks(range(len(FACTORS[factor])), FACTORS[factor])
         ax.set_xlabel(factor.replace("_", " "))
         ax.set_title(f"others at the centre {others}", fontsize=7)
     axes[0].set_ylabel("BTX - best baseline (nats; < 0: BTX better)")
