@@ -268,7 +268,7 @@ def _plot(rows: list[dict[str, Any]], path: Path) -> None:
         high = [r["btx_minus_best"]["high"] - r["btx_minus_best"]["estimate"] for r in picked]
         ax.errorbar(xs, est, yerr=[low, high], marker="o", capsize=4)
         ax.axhline(0, color="grey", lw=1, ls="--")
-        if factor in ("tokens_per_param", "expert_lr"):
+        if xs and factor in ("tokens_per_param", "expert_lr"):
             ax.set_xscale("log")
         if categorical:
             ax.set_xticks(range(len(FACTORS[factor])), FACTORS[factor])

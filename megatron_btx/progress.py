@@ -14,3 +14,8 @@ def bar(total: int, desc: str, unit: str = "it", enabled: bool = True):
     except ImportError:
         return None
     return tqdm(total=total, desc=desc, unit=unit, file=sys.stderr, leave=False)
+
+
+def note(message: str, source: str = "btx data") -> None:
+    """One progress line on stderr, so JSON or paths printed on stdout stay machine-readable."""
+    print(f"[{source}] {message}", file=sys.stderr, flush=True)

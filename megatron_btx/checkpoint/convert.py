@@ -30,14 +30,14 @@ from megatron_btx import progress, runtime
 from megatron_btx.checkpoint import manifest
 from megatron_btx.checkpoint import template as tpl
 from megatron_btx.checkpoint.dcp_stream import PartialReader, StreamingDCPWriter
-from megatron_btx.checkpoint.families import import_adapter
+from megatron_btx.checkpoint.families import export_adapter, import_adapter
 from megatron_btx.checkpoint.hf import (
     HFReader,
     StreamingSafetensorsWriter,
     copy_tokenizer,
     write_hf_config,
 )
-from megatron_btx.checkpoint.mapping import EMB, adapter_for
+from megatron_btx.checkpoint.mapping import EMB
 from megatron_btx.checkpoint.megatron_io import atomic_folder, check_target, read_args
 from megatron_btx.checkpoint.sources import DTYPE_NAMES, TOKENIZER_DIR
 from megatron_btx.errors import BTXError
@@ -226,7 +226,7 @@ def megatron_to_hf(
     variant = MoEVariant.from_manifest(src.get("moe"))
     router = (src.get("training") or {}).get("router") if args.is_moe else None
     try:
-        adapter = adapter_for(args, variant, router)
+        adapter = export_adapter(args, variant, router)
     except BTXError as e:
         raise BTXError(f"{load}: {e}") from e
     if router == "switch":

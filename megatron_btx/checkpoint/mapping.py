@@ -5,7 +5,7 @@ load), so an adapter only maps the unsharded TP=1, PP=1 model; megatron-core doe
 HF family is one :class:`StateDictAdapter` subclass (the shape torchtitan's state-dict adapters
 have): its HF names per layer, the shapes a config implies, and the layout changes both ways. The
 Llama adapter is here; the other families are in :mod:`megatron_btx.checkpoint.families`, and
-:func:`adapter_for` picks the family a model is written as.
+:func:`~megatron_btx.checkpoint.families.export_adapter` picks the family a model is written as.
 
 Layouts that differ between HF and megatron-core:
 - attention: HF has q, k, v; megatron has one `linear_qkv` whose rows are grouped per key-value
@@ -351,14 +351,3 @@ def split_fc1(fc1: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     copy: the writers stream them out before the next layer is read)."""
     ffn = fc1.shape[0] // 2
     return fc1[:ffn], fc1[ffn:]
-
-
-def adapter_for(
-    args: LlamaArgs, variant: MoEVariant | None = None, router: str | None = None
-) -> StateDictAdapter:
-    """The adapter of the HF family a model is written as (models.hf_config.export_family):
-    its own family when dense; Mixtral, Qwen2-MoE or Qwen3-MoE for an MoE, by its attention,
-    its merge `variant` and the `router` it was finetuned with."""
-    from megatron_btx.checkpoint.families import export_adapter
-
-    return export_adapter(args, variant, router)

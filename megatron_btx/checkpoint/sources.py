@@ -25,6 +25,7 @@ import torch
 from megatron_btx import rundir
 from megatron_btx.checkpoint import manifest, template
 from megatron_btx.checkpoint.dcp_stream import PartialReader, read_metadata
+from megatron_btx.checkpoint.families import export_adapter
 from megatron_btx.checkpoint.hf import ST_DTYPES, TOKENIZER_FILES, HFReader, PreadSafetensors
 from megatron_btx.checkpoint.mapping import (
     EMB,
@@ -36,7 +37,6 @@ from megatron_btx.checkpoint.mapping import (
     PROJ,
     QKV,
     StateDictAdapter,
-    adapter_for,
     pad_vocab,
     qkv_to_mcore,
 )
@@ -125,7 +125,7 @@ class Source:
 
     @property
     def adapter(self) -> StateDictAdapter:
-        return adapter_for(self.args)
+        return export_adapter(self.args)
 
     @property
     def template(self) -> dict[str, Any]:
@@ -332,7 +332,7 @@ def _open_hf(given: Path) -> Source:
         )
     reader = HFReader(given)  # validates every shard (truncation, index) before anything is read
     keys = reader.keys()
-    adapter = adapter_for(args)
+    adapter = export_adapter(args)
     adapter.check_hf_keys(keys, str(given))
     for key, shape in adapter.hf_shapes():
         got = tuple(reader.shape(key))

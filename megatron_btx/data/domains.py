@@ -23,7 +23,6 @@ from megatron_btx.data.hf_tokenizer import HFTokenizer
 from megatron_btx.data.preprocess import (
     MANIFEST_FORMAT,
     DataWarning,
-    _progress,
     expand_inputs,
     iter_documents,
     preprocess_files,
@@ -37,6 +36,7 @@ from megatron_btx.data.tokenizer import (
     train_sentencepiece,
 )
 from megatron_btx.errors import BTXError
+from megatron_btx.progress import note
 
 
 def _fingerprint(files: Iterable[tuple[Path, str]]) -> list[list[Any]]:
@@ -167,14 +167,14 @@ def _train_shared_tokenizer(
     max_read_mb: float,
 ) -> Tokenizer:
     """Train ``out/tokenizer.model`` on a per-domain-balanced sample of the train splits."""
-    _progress(
+    note(
         f"training a {vocab_size}-piece SentencePiece tokenizer on a sample of {', '.join(domains)} ..."
     )
     sentences = _sample_domain_sentences(
         domains, fractions, max_sentences, txt_separator, max_read_mb
     )
     tok = train_sentencepiece(sentences, out / "tokenizer", vocab_size)
-    _progress(f"tokenizer {tok.path}: {tok.vocab_size} pieces, sha256 {tok.sha256[:16]}")
+    note(f"tokenizer {tok.path}: {tok.vocab_size} pieces, sha256 {tok.sha256[:16]}")
     return tok
 
 
@@ -254,9 +254,7 @@ def prepare_domains(
     settings["mixed"] = {"tokens": mixed_tokens, "seed": mixed_seed} if mixed_tokens else None
     old = None if force else _up_to_date(out, domains, settings)
     if old is not None:
-        _progress(
-            f"{out}: up to date (manifest.json matches inputs and settings); use --force to redo"
-        )
+        note(f"{out}: up to date (manifest.json matches inputs and settings); use --force to redo")
         return old
 
     started = time.time()
@@ -296,7 +294,7 @@ def prepare_domains(
     tmp = out / "manifest.json.tmp"
     tmp.write_text(json.dumps(manifest, indent=2) + "\n")
     os.replace(tmp, out / "manifest.json")
-    _progress(
+    note(
         f"{out}: {len(domains)} domains prepared in {manifest['seconds']:.1f}s; manifest "
         f"{out / 'manifest.json'}"
     )

@@ -25,7 +25,7 @@ import zlib
 from collections.abc import Iterator
 from pathlib import Path
 
-from megatron_btx.data.corpora import Document, fetch_debian_file
+from megatron_btx.data.fetch import Document, fetch_debian_file
 from megatron_btx.data.rdata import read_lazyload
 from megatron_btx.errors import BTXError
 

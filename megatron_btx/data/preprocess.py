@@ -42,6 +42,7 @@ import numpy
 from megatron_btx.data.splits import SPLITS, parse_split, split_of
 from megatron_btx.data.tokenizer import Tokenizer, train_sentencepiece
 from megatron_btx.errors import BTXError
+from megatron_btx.progress import note
 
 logger = logging.getLogger(__name__)
 
@@ -53,10 +54,6 @@ MAX_WARNINGS_PER_FILE = 20
 
 class DataWarning(UserWarning):
     """Bad input that was skipped or repaired; the message names the file and line."""
-
-
-def _progress(message: str) -> None:
-    print(f"[btx data] {message}", file=sys.stderr, flush=True)
 
 
 def split_prefix(prefix: str | os.PathLike[str], split: str) -> str:
@@ -352,7 +349,7 @@ def preprocess_files(
             if now - last_report > 5:
                 last_report = now
                 done = sum(writers.documents.values())
-                _progress(
+                note(
                     f"{label}: {done} docs, {sum(writers.tokens.values()) / 1e6:.2f}M tokens, "
                     f"{stats.bytes / 1e6 / (now - started):.1f} MB/s"
                 )
@@ -375,7 +372,7 @@ def preprocess_files(
                 stacklevel=2,
             )
     seconds = time.time() - started
-    _progress(
+    note(
         f"{label}: {stats.documents} docs ({stats.skipped} skipped, {stats.problems} problems) -> "
         + ", ".join(f"{s} {writers.documents[s]} docs/{writers.tokens[s]} tok" for s in SPLITS)
         + f" in {seconds:.1f}s"

@@ -15,8 +15,9 @@ from pathlib import Path
 import torch
 
 from megatron_btx.checkpoint import manifest
+from megatron_btx.checkpoint.families import export_adapter
 from megatron_btx.checkpoint.hf import StreamingSafetensorsWriter, copy_tokenizer, write_hf_config
-from megatron_btx.checkpoint.mapping import EMB, OUT, StateDictAdapter, adapter_for
+from megatron_btx.checkpoint.mapping import EMB, OUT, StateDictAdapter
 from megatron_btx.checkpoint.megatron_io import atomic_folder
 from megatron_btx.checkpoint.sources import TokenizerInfo
 from megatron_btx.errors import BTXError
@@ -27,7 +28,7 @@ def check_exportable(args: LlamaArgs, variant: MoEVariant) -> StateDictAdapter:
     """The adapter of the export, chosen before anything is written; a merge with no exact HF
     form (a shared expert with Qwen3 attention) is refused here, saying why."""
     try:
-        return adapter_for(args, variant)
+        return export_adapter(args, variant)
     except BTXError as e:
         raise BTXError(f"--export-hf: {e}") from e
 
