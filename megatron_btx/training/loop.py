@@ -37,6 +37,7 @@ from megatron_btx import rundir, runtime
 from megatron_btx.config import Config
 from megatron_btx.errors import BTXError
 from megatron_btx.training import checkpointing as ckpt
+from megatron_btx.training import mcore_layouts
 from megatron_btx.training.data import BatchLoader, build_datasets, resolve_sources
 from megatron_btx.training.logger import MetricsLogger
 
@@ -297,6 +298,7 @@ class Trainer:
             overrides["sequence_parallel"] = True
         if self.args.is_moe:
             overrides.update(router_overrides(self.router_cfg, self.args.num_local_experts))
+        overrides.update(mcore_layouts.p2p_overrides(p.pp, p.vpp))
         if self.rt.on_gpu and importlib.util.find_spec("scaled_masked_softmax_cuda") is None:
             # megatron's fused masked softmax is a compiled extension (Megatron-LM/apex build);
             # without it the local spec's attention must use the unfused softmax.
@@ -335,6 +337,7 @@ class Trainer:
             for param in chunk.parameters():
                 tensor_parallel.set_defaults_if_not_set_tensor_model_parallel_attributes(param)
             chunks.append(chunk)
+        mcore_layouts.route_expert_grads(chunks, ep=p.ep, etp=self.rt.etp, tp=p.tp)
         self.router_name = (
             install_router(chunks, self.router_cfg, self.tconf) if self.args.is_moe else None
         )
