@@ -7,6 +7,7 @@ import importlib
 import sys
 
 import megatron_btx
+from megatron_btx.errors import run_command
 
 # name -> (module:function taking argv and returning an exit code, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -86,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
     except (ImportError, AttributeError) as e:
         print(f"btx {name}: not available in this installation ({e})", file=sys.stderr)
         return 2
-    return int(func(rest) or 0)
+    return run_command(func, rest)
 
 
 if __name__ == "__main__":

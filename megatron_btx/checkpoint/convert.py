@@ -18,7 +18,6 @@ import argparse
 import json
 import logging
 import shutil
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -40,7 +39,7 @@ from megatron_btx.checkpoint.hf import (
 from megatron_btx.checkpoint.mapping import EMB, adapter_for
 from megatron_btx.checkpoint.megatron_io import atomic_folder, check_target, read_args
 from megatron_btx.checkpoint.sources import DTYPE_NAMES, TOKENIZER_DIR
-from megatron_btx.errors import BTXError
+from megatron_btx.errors import BTXError, run_command
 from megatron_btx.models import hf_config
 from megatron_btx.models.llama import (
     LlamaArgs,
@@ -153,7 +152,7 @@ def hf_to_megatron(
     adapter.check_hf_keys(reader.keys(), str(load))
     src_dtype = ST_DTYPE_NAMES.get(reader.dtype(adapter.global_names()[EMB]), "fp32")
     dt = to_dtype(dtype or src_dtype)
-    check_target(save, overwrite)
+    check_target(save, overwrite, sources=[load])
     with runtime.single_process():
         with atomic_folder(save, overwrite) as tmp:
             tensors = adapter.import_tensors(reader.get)
@@ -237,7 +236,7 @@ def megatron_to_hf(
             load,
         )
     dt = to_dtype(dtype or src.get("dtype", "fp32"))
-    check_target(save, overwrite)
+    check_target(save, overwrite, sources=[load])
     if not is_checkpoint(load):
         raise BTXError(f"{load}: not a megatron-core distributed checkpoint (no metadata.json)")
     with runtime.single_process():
@@ -320,12 +319,12 @@ def run_cli(fn, argv: list[str] | None, desc: str, extra=None) -> int:
     kwargs = {k: v for k, v in vars(ns).items()}
     if "max_shard_gb" in kwargs:
         kwargs["max_shard_bytes"] = int(kwargs.pop("max_shard_gb") * 1024**3)
-    try:
+
+    def convert() -> int:
         fn(**kwargs)
-    except BTXError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
+        return 0
+
+    return run_command(convert)
 
 
 def hf_to_megatron_main(argv: list[str] | None = None) -> int:

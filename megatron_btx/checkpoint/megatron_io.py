@@ -8,17 +8,17 @@ leaves a partial checkpoint under the final name.
 from __future__ import annotations
 
 import contextlib
-import os
 import queue
 import shutil
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed as dist
 
-from megatron_btx.checkpoint import manifest
+from megatron_btx import rundir
+from megatron_btx.checkpoint import manifest, swap
 from megatron_btx.errors import BTXError
 from megatron_btx.models.llama import LlamaArgs, MoEVariant
 from megatron_btx.rundir import MCORE_METADATA, is_checkpoint
@@ -33,49 +33,89 @@ def _barrier() -> None:
         dist.barrier()
 
 
-def check_target(save: str | Path, overwrite: bool) -> Path:
-    """Refuse to replace an existing checkpoint unless asked to."""
+def check_target(save: str | Path, overwrite: bool, sources: Iterable[str | Path] = ()) -> Path:
+    """Refuse an output folder we must not write or replace: the current directory or one above
+    it (`--save .`), a source folder, one inside a source or one holding a source, a file, and
+    (without `overwrite`) any non-empty folder; with `overwrite`, only an empty folder or one of
+    our checkpoints (it has a manifest) is replaced, never a folder of other files."""
     save = Path(save)
-    if save.exists() and any(save.iterdir()) and not overwrite:
+    target = save.resolve()
+    here = Path.cwd().resolve()
+    if target == here or target in here.parents:
+        raise BTXError(
+            f"--save {save}: is the current directory or a folder above it; name a new folder "
+            f"for the output"
+        )
+    for source in sources:
+        src = Path(source).resolve()
+        if target == src or src in target.parents or target in src.parents:
+            relation = (
+                "is" if target == src else "lies inside" if src in target.parents else "holds"
+            )
+            raise BTXError(
+                f"--save {save}: {relation} the source {source}; write the output to a folder "
+                f"of its own"
+            )
+    if not (save.exists() or save.is_symlink()):
+        return save
+    if not save.is_dir():
+        raise BTXError(f"--save {save}: is a file, not a folder; choose a folder for the output")
+    try:
+        entries = [p.name for p in save.iterdir()]
+    except OSError as e:
+        raise BTXError(f"--save {save}: cannot be read ({e.strerror})") from e
+    if entries and not overwrite:
         raise BTXError(
             f"{save}: already exists and is not empty; pass --overwrite to replace it, or "
             f"choose another --save folder"
+        )
+    if entries and manifest.MANIFEST not in entries:
+        raise BTXError(
+            f"{save}: holds files that are not a megatron_btx checkpoint (no "
+            f"{manifest.MANIFEST}); --overwrite only replaces our own outputs: remove it "
+            f"yourself or choose another --save folder"
         )
     return save
 
 
 @contextlib.contextmanager
 def atomic_folder(final: str | Path, overwrite: bool = False) -> Iterator[Path]:
-    """Yield a temporary folder beside `final`; on success rename it to `final`.
+    """Yield a temporary folder beside `final`; on success put it in place of `final`.
 
-    On an exception the temporary folder is removed and `final` is untouched. Collective-safe:
-    every rank gets the same path; rank 0 creates, renames and cleans up."""
+    Rank 0 holds the output's lock (``.NAME.lock`` beside it) throughout, so two commands never
+    write one output; under it, a replacement an earlier command left half done is finished or
+    undone first (:func:`~megatron_btx.checkpoint.swap.recover`), and `final` is checked
+    (:func:`check_target`). On an exception the temporary folder is removed and `final` is
+    untouched. The commit swaps the folders in one step where the file system can
+    (:func:`~megatron_btx.checkpoint.swap.replace_folder`), so no moment leaves no output.
+    Collective-safe: every rank gets the same path; rank 0 locks, creates, commits, cleans up."""
     final = Path(final)
-    check_target(final, overwrite)
-    tmp = final.parent / f".{final.name}.tmp"
-    if _rank() == 0:
-        final.parent.mkdir(parents=True, exist_ok=True)
-        if tmp.exists():
-            shutil.rmtree(tmp)  # left over from a crash: never trusted
-        tmp.mkdir()
-    _barrier()
-    try:
-        yield tmp
-        _barrier()
-    except BaseException:
+    lock = (
+        rundir.locked(final, "output folder", rundir.lock_path_beside(final))
+        if _rank() == 0
+        else contextlib.nullcontext()
+    )
+    with lock:
         if _rank() == 0:
-            shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    if _rank() == 0:
-        if final.exists():
-            old = final.parent / f".{final.name}.old"
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(final, old)
-            os.replace(tmp, final)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, final)
-    _barrier()
+            swap.recover(final)
+        check_target(final, overwrite)
+        tmp = swap.temporary_name(final)
+        if _rank() == 0:
+            final.parent.mkdir(parents=True, exist_ok=True)
+            if tmp.exists():
+                shutil.rmtree(tmp)  # left over from a crash: never trusted
+            tmp.mkdir()
+        _barrier()
+        try:
+            yield tmp
+            _barrier()
+        except BaseException:
+            if _rank() == 0:
+                shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        if _rank() == 0:
+            swap.replace_folder(tmp, final)
+        _barrier()
 
 
 def save_model(
@@ -123,8 +163,9 @@ def unwrap(model: torch.nn.Module) -> torch.nn.Module:
 def load_model(
     model: torch.nn.Module | list[torch.nn.Module], folder: str | Path, strict: bool = True
 ) -> None:
-    """Load a torch_dist checkpoint into `model` at whatever layout `model` was built with."""
-    from megatron.core import dist_checkpointing
+    """Load a torch_dist checkpoint into `model` at whatever layout `model` was built with
+    (through :mod:`megatron_btx.checkpoint.safe_dcp`: nothing in the folder runs as code)."""
+    from megatron_btx.checkpoint import safe_dcp
 
     folder = Path(folder)
     if not is_checkpoint(folder):
@@ -135,7 +176,7 @@ def load_model(
     models = model if isinstance(model, list) else [model]
     state = sharded_state_dict(models)
     check_model_keys(folder, state)
-    loaded = dist_checkpointing.load(state, str(folder))
+    loaded = safe_dcp.load(state, folder)
     for i, m in enumerate(models):
         key = "model" if len(models) == 1 else f"model{i}"
         missing, unexpected = unwrap(m).load_state_dict(loaded[key], strict=False)
@@ -187,10 +228,60 @@ def read_variant(folder: str | Path) -> MoEVariant:
     return MoEVariant.from_manifest(manifest.read(folder).get("moe"))
 
 
-def read_args(folder: str | Path) -> LlamaArgs:
-    """The model hyper-parameters recorded in a checkpoint's manifest."""
+def read_args(folder: str | Path, metadata: Any = None) -> LlamaArgs:
+    """The model hyper-parameters recorded in a checkpoint's manifest, checked against the
+    checkpoint's own tensor index (`metadata`: its DCP metadata, read when not given) before
+    anything builds a model of them (:func:`check_sizes`)."""
+    from megatron_btx.checkpoint.dcp_stream import read_metadata
+
+    args = _manifest_args(folder)
+    check_sizes(args, folder, metadata if metadata is not None else read_metadata(folder))
+    return args
+
+
+#: the tensors whose global shapes pin a checkpoint's sizes down: (layers, hidden, heads, vocab)
+SIZE_KEYS = (
+    "embedding.word_embeddings.weight",
+    "decoder.layers.self_attention.linear_qkv.weight",
+    "decoder.layers.self_attention.linear_proj.weight",
+)
+
+
+def check_sizes(args: LlamaArgs, folder: str | Path, metadata: Any) -> None:
+    """The sizes a manifest claims are those of the tensors the checkpoint holds: the
+    embedding is padded vocabulary x hidden, and the stacked attention weights have one entry
+    per layer of the heads' shapes. A manifest edited to claim 100,000 layers (or a vocabulary
+    of billions) then fails here at once, instead of after minutes and gigabytes spent building
+    a model of that size (even on the meta device)."""
+    index = metadata.state_dict_metadata
+    h, layers, d = args.hidden_size, args.num_hidden_layers, args.head_dim
+    want = dict(
+        zip(
+            SIZE_KEYS,
+            (
+                (args.padded_vocab_size, h),
+                (layers, (args.num_attention_heads + 2 * args.num_key_value_heads) * d, h),
+                (layers, h, args.num_attention_heads * d),
+            ),
+        )
+    )
+    for key, shape in want.items():
+        entry = index.get(key)
+        got = tuple(entry.size) if entry is not None and hasattr(entry, "size") else None
+        if got != shape:
+            raise BTXError(
+                f"{folder}: {manifest.MANIFEST} implies {key} of shape {shape}, the checkpoint "
+                f"holds {got if got is not None else 'none'}; the manifest does not describe "
+                f"this checkpoint"
+            )
+
+
+def _manifest_args(folder: str | Path) -> LlamaArgs:
     m = manifest.read(folder)
+    model = m.get("model")
+    if not isinstance(model, dict):
+        raise BTXError(f"{folder}/{manifest.MANIFEST}: no 'model' entry; the manifest is corrupt")
     try:
-        return LlamaArgs.from_dict(m["model"])
-    except (KeyError, TypeError) as e:
-        raise BTXError(f"{folder}/{manifest.MANIFEST}: no valid 'model' entry ({e})") from e
+        return LlamaArgs.from_dict(model)
+    except (BTXError, ValueError, TypeError) as e:
+        raise BTXError(f"{folder}/{manifest.MANIFEST}: invalid 'model' entry ({e})") from e

@@ -5,9 +5,8 @@ from __future__ import annotations
 
 import argparse
 import logging
-import sys
 
-from megatron_btx.errors import BTXError
+from megatron_btx.errors import run_command
 from megatron_btx.merge.run import merge
 from megatron_btx.merge.settings import MergeSettings
 
@@ -165,11 +164,11 @@ def _outputs(p: argparse.ArgumentParser) -> None:
 def main(argv: list[str] | None = None) -> int:
     ns = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    try:
-        written = merge(MergeSettings.from_args(ns))
-    except BTXError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    return run_command(_merge, ns)
+
+
+def _merge(ns: argparse.Namespace) -> int:
+    written = merge(MergeSettings.from_args(ns))
     record = written["merge"]
     print(
         f"wrote {ns.save}: {record['num_experts']} experts (top-{record['top_k']}), "

@@ -70,9 +70,9 @@ def merge(settings: MergeSettings) -> dict[str, Any]:
     """Merge dense sources into one MoE torch_dist checkpoint; returns the manifest written."""
     t0 = time.time()
     settings.validate()
-    check_target(settings.save, settings.overwrite)
+    check_target(settings.save, settings.overwrite, settings.source_paths)
     if settings.export_hf is not None:
-        check_target(settings.export_hf, settings.overwrite)
+        check_target(settings.export_hf, settings.overwrite, settings.source_paths)
     sources: list[Source] = []
     try:
         for path in settings.source_paths:

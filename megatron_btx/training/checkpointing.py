@@ -261,7 +261,7 @@ def load(
     changes with the regular optimizer, and the distributed optimizer's fully reshardable
     format); a change it cannot follow drops the optimizer state with a warning. RNG states are
     per rank and restored only at an unchanged layout."""
-    from megatron.core import dist_checkpointing
+    from megatron_btx.checkpoint import safe_dcp
 
     m = manifest.read(folder)
     saved = layout_of(m)
@@ -293,7 +293,7 @@ def load(
         state["rng_state"] = _rng_sharded_object(None)
     if has_train_state and not same and load_rng:
         _warn_rank0(f"{folder}: layout changed, RNG states are re-seeded rather than restored")
-    loaded = dist_checkpointing.load(state, str(folder))
+    loaded = safe_dcp.load(state, folder)
     models = model
     for i, mod in enumerate(models):
         key = "model" if len(models) == 1 else f"model{i}"
@@ -340,7 +340,7 @@ def _warn_rank0(msg: str) -> None:
 
 def read_train_state(folder: Path) -> dict[str, Any]:
     """The common train_state of a checkpoint without loading tensors."""
-    from megatron.core import dist_checkpointing
+    from megatron_btx.checkpoint import safe_dcp
 
-    common = dist_checkpointing.load_common_state_dict(str(folder))
+    common = safe_dcp.load_common(folder)
     return dict(common.get("train_state") or {})

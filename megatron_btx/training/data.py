@@ -129,6 +129,8 @@ def build_datasets(
             create_attention_mask=False,
         )
     valid = {k: v for k, v in valid.items() if v is not None and len(v) > 0}
+    for name in sorted(set(sources.valid) - set(valid)):
+        log.warning("domain %s: its valid split is empty; validation skips it", name)
     return train, valid
 
 
