@@ -31,6 +31,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "megatron_btx.checkpoint.convert:megatron_to_hf_main",
         "megatron-core torch_dist -> HF Llama/Mixtral safetensors",
     ),
+    "verify": (
+        "megatron_btx.checkpoint.integrity:main",
+        "re-hash a checkpoint's files against the sha256 its manifest records",
+    ),
     "launch": (
         "megatron_btx.pipeline.launch:main",
         "submit the BTX plan to Slurm as dependent sbatch jobs (srun + torchrun, requeue)",

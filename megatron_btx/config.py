@@ -537,6 +537,12 @@ def coerce(value: Any, typ: Any, key: str, source: str) -> Any:
                 return coerce(value, a, key, source)
             except BTXError as e:
                 errors.append(str(e))
+                # a mapping or list given where one is allowed: its own error says what is
+                # wrong inside it (a key, a non-finite number), better than "wrong type"
+                if typing.get_origin(a) in (dict, list) and isinstance(
+                    value, dict if typing.get_origin(a) is dict else (list, tuple)
+                ):
+                    raise
         raise BTXError(
             errors[0]
             if len(errors) == 1
@@ -727,5 +733,8 @@ def load(
         )
         raw = apply_overrides(raw, pairs)  # type: ignore[arg-type]
     cfg = Config.from_dict(raw, source)
-    cfg.validate()
+    try:
+        cfg.validate()
+    except BTXError as e:  # name the file (build errors already do)
+        raise (e if str(e).startswith(source) else BTXError(f"{source}: {e}")) from None
     return cfg

@@ -34,7 +34,17 @@ class BTXError(Exception):
 
 
 def error_line(exc: BaseException) -> str | None:
-    """The one-line report of a user error (``error: ...``), or None for anything else."""
+    """The one-line report of a user error (``error: ...``), or None for anything else. An
+    error torch's distributed checkpointing collected from the ranks (its `failures`: rank ->
+    (exception, traceback)) is reported by the first user error among them."""
+    failures = getattr(exc, "failures", None)
+    if isinstance(failures, dict):
+        for failure in failures.values():
+            cause = failure[0] if isinstance(failure, tuple) else failure
+            line = error_line(cause) if isinstance(cause, BaseException) else None
+            if line is not None:
+                return line
+        return None
     if isinstance(exc, BTXError):
         text = str(exc)
     elif isinstance(exc, OSError) and exc.errno in USER_OS_ERRORS:
@@ -51,10 +61,13 @@ def run_command(main: Callable[..., Any], *args: Any, quiet: bool = False) -> in
     :data:`EXIT_ERROR` for a user error."""
     try:
         return int(main(*args) or 0)
-    except (BTXError, OSError) as exc:
+    except BaseException as exc:  # noqa: BLE001 - anything but a user error is raised again
         line = error_line(exc)
         if line is None:
             raise
         if not quiet:
+            from megatron_btx import progress
+
+            progress.close_all()
             print(line, file=sys.stderr, flush=True)
         return EXIT_ERROR

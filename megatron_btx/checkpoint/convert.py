@@ -17,7 +17,9 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import shutil
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -26,7 +28,7 @@ from typing import Any
 import torch
 
 from megatron_btx import progress, runtime
-from megatron_btx.checkpoint import manifest
+from megatron_btx.checkpoint import integrity, manifest
 from megatron_btx.checkpoint import template as tpl
 from megatron_btx.checkpoint.dcp_stream import PartialReader, StreamingDCPWriter
 from megatron_btx.checkpoint.families import import_adapter
@@ -185,6 +187,7 @@ def hf_to_megatron(
                     "files": tok,
                     "sha256": manifest.sha256_folder(tmp / TOKENIZER_DIR) if tok else {},
                 },
+                files=integrity.hash_tree(tmp),
             )
     log.info("converted %s -> %s in %.1fs", load, save, time.time() - t0)
     return m
@@ -212,11 +215,14 @@ def megatron_to_hf(
     tp: int = 1,
     pp: int = 1,
     ep: int = 1,
+    verify_hashes: bool = True,
 ) -> dict:
     """Export a torch_dist checkpoint (dense, a merge of any variant, an import, a finetuned
     MoE) as an HF folder of the family whose function is the checkpoint's: the model's own for a
     dense one; Mixtral, Qwen2-MoE or Qwen3-MoE for an MoE (models.hf_config.export_family),
-    routed as the manifest's ``training.router`` says. No exact form: a one-line error."""
+    routed as the manifest's ``training.router`` says. No exact form: a one-line error.
+    With `verify_hashes`, the source's files are checked against its manifest's sha256 on a
+    second thread while it is read; a mismatch fails the export before anything is committed."""
     t0 = time.time()
     load, save = Path(load), Path(save)
     args = read_args(load)
@@ -246,6 +252,7 @@ def megatron_to_hf(
         template = tpl.flat_template(build_for_checkpoint(args, saved_dtype, variant, meta=True))
         reader = PartialReader(load)
         plan = [(name, shape, dt) for name, shape in adapter.hf_shapes()]
+        source_check = integrity.BackgroundCheck(load, verify_hashes)
         try:
             with atomic_folder(save, overwrite) as tmp:
                 writer = StreamingSafetensorsWriter(tmp, plan, max_shard_bytes)
@@ -285,8 +292,11 @@ def megatron_to_hf(
                         }
                     ],
                     tokenizer={"files": tok},
+                    files=integrity.hash_tree(tmp),
                 )
+                source_check.result()  # a changed source file: nothing is committed
         finally:
+            source_check.close()
             reader.close()
     log.info("exported %s -> %s in %.1fs", load, save, time.time() - t0)
     return m
@@ -317,8 +327,16 @@ def run_cli(fn, argv: list[str] | None, desc: str, extra=None) -> int:
     ns = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     kwargs = {k: v for k, v in vars(ns).items()}
+    for flag in ("tp", "pp", "ep"):
+        if kwargs[flag] < 1:
+            print(f"error: --{flag} {kwargs[flag]} must be >= 1", file=sys.stderr)
+            return 2
     if "max_shard_gb" in kwargs:
-        kwargs["max_shard_bytes"] = int(kwargs.pop("max_shard_gb") * 1024**3)
+        gb = kwargs.pop("max_shard_gb")
+        if not math.isfinite(gb) or gb <= 0:
+            print(f"error: --max-shard-gb {gb} must be a number > 0", file=sys.stderr)
+            return 2
+        kwargs["max_shard_bytes"] = max(1, int(gb * 1024**3))
 
     def convert() -> int:
         fn(**kwargs)
@@ -339,6 +357,12 @@ def hf_to_megatron_main(argv: list[str] | None = None) -> int:
 def megatron_to_hf_main(argv: list[str] | None = None) -> int:
     def extra(p):
         p.add_argument("--max-shard-gb", type=float, default=2.0, help="safetensors shard size")
+        p.add_argument(
+            "--no-verify-hashes",
+            dest="verify_hashes",
+            action="store_false",
+            help="do not check the source's files against its manifest's sha256 (faster)",
+        )
 
     return run_cli(
         megatron_to_hf,

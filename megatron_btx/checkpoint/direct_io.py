@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import hashlib
 import mmap
 import os
 import queue
@@ -26,6 +27,32 @@ from collections.abc import Callable
 from pathlib import Path
 
 _ALIGN = 4096  # the largest logical block size O_DIRECT asks for on Linux
+
+
+#: sha256 of the files DirectWriters of this process wrote, by (device, inode), with the size
+#: and modification time they had when closed (see :func:`written_digest`)
+_DIGESTS: dict[tuple[int, int], tuple[int, int, str]] = {}
+_DIGESTS_LOCK = threading.Lock()
+
+
+def _remember_digest(fd: int, path: Path, digest: str) -> None:
+    st = os.fstat(fd)
+    with _DIGESTS_LOCK:
+        _DIGESTS[(st.st_dev, st.st_ino)] = (st.st_size, st.st_mtime_ns, digest)
+
+
+def written_digest(path: str | Path) -> str | None:
+    """The sha256 of `path` if a DirectWriter of this process wrote it and it has not changed
+    since (same inode, size and modification time; a rename keeps all three), else None."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    with _DIGESTS_LOCK:
+        known = _DIGESTS.get((st.st_dev, st.st_ino))
+    if known is None or known[:2] != (st.st_size, st.st_mtime_ns):
+        return None
+    return known[2]
 
 
 class WriteBehind:
@@ -167,6 +194,9 @@ class DirectWriter:
         self._fill = 0  # bytes staged in self._buf
         self._base = 0  # file offset of self._buf[0]
         self._closed = False
+        # sha256 of the bytes as they are written, on the writer thread (which mostly waits for
+        # the disk): the checkpoint's manifest records it without reading the file back
+        self._sha256 = hashlib.sha256()
 
     @property
     def direct(self) -> bool:
@@ -185,6 +215,7 @@ class DirectWriter:
     def _write_block(self, buf: mmap.mmap, n: int, offset: int) -> None:
         with memoryview(buf) as whole:
             view = whole[:n]
+            self._sha256.update(view)  # blocks run in file order on the one writer thread
             aligned = n - n % _ALIGN if self._dfd >= 0 else 0
             if aligned:
                 try:
@@ -199,6 +230,9 @@ class DirectWriter:
                 self._pwrite_all(self._fd, view[aligned:], offset + aligned)
 
     def _close_fds(self) -> None:
+        if self._fd >= 0 and not self._behind.failed:
+            with contextlib.suppress(OSError):
+                _remember_digest(self._fd, self.path, self._sha256.hexdigest())
         for fd in (self._dfd, self._fd):
             if fd >= 0:
                 with contextlib.suppress(OSError):

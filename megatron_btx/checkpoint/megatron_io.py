@@ -8,7 +8,10 @@ leaves a partial checkpoint under the final name.
 from __future__ import annotations
 
 import contextlib
+import errno
+import os
 import queue
+import re
 import shutil
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -142,8 +145,22 @@ def save_model(
     fa._results_queue = queue.Queue()
     try:
         dist_checkpointing.save(state, str(folder), async_sharded_save=False)
+    except BaseException as e:
+        if _disk_full(folder):  # torch's writer reports a full disk as "unexpected pos ..."
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(folder)) from e
+        raise
     finally:
         fa._results_queue = saved_queue
+
+
+def _disk_full(folder: str | Path) -> bool:
+    """Whether the file system of `folder` has (almost) no space left: less than 16 MiB free
+    right after a write into it failed means the write failed for want of space."""
+    try:
+        stats = os.statvfs(folder)
+    except OSError:
+        return False
+    return stats.f_bavail * stats.f_frsize < 16 * 1024 * 1024
 
 
 def sharded_state_dict(model: torch.nn.Module | list[torch.nn.Module]) -> dict[str, Any]:
@@ -239,41 +256,47 @@ def read_args(folder: str | Path, metadata: Any = None) -> LlamaArgs:
     return args
 
 
-#: the tensors whose global shapes pin a checkpoint's sizes down: (layers, hidden, heads, vocab)
-SIZE_KEYS = (
-    "embedding.word_embeddings.weight",
-    "decoder.layers.self_attention.linear_qkv.weight",
-    "decoder.layers.self_attention.linear_proj.weight",
-)
-
-
 def check_sizes(args: LlamaArgs, folder: str | Path, metadata: Any) -> None:
     """The sizes a manifest claims are those of the tensors the checkpoint holds: the
-    embedding is padded vocabulary x hidden, and the stacked attention weights have one entry
-    per layer of the heads' shapes. A manifest edited to claim 100,000 layers (or a vocabulary
-    of billions) then fails here at once, instead of after minutes and gigabytes spent building
-    a model of that size (even on the meta device)."""
+    embedding is padded vocabulary x hidden, and there is one attention weight of the heads'
+    shapes per layer (stacked along a first axis of length layers, or one key per layer where
+    layers differ). A manifest edited to claim 100,000 layers (or a vocabulary of billions)
+    then fails here at once, instead of after minutes and gigabytes spent building a model of
+    that size (even on the meta device)."""
     index = metadata.state_dict_metadata
     h, layers, d = args.hidden_size, args.num_hidden_layers, args.head_dim
-    want = dict(
-        zip(
-            SIZE_KEYS,
-            (
-                (args.padded_vocab_size, h),
-                (layers, (args.num_attention_heads + 2 * args.num_key_value_heads) * d, h),
-                (layers, h, args.num_attention_heads * d),
-            ),
-        )
-    )
+    qkv = ((args.num_attention_heads + 2 * args.num_key_value_heads) * d, h)
+    proj = (h, args.num_attention_heads * d)
+    found = {"embedding.word_embeddings.weight": _shape(index, "embedding.word_embeddings.weight")}
+    want = {"embedding.word_embeddings.weight": (args.padded_vocab_size, h)}
+    for name, shape in (("linear_qkv", qkv), ("linear_proj", proj)):
+        stacked = f"decoder.layers.self_attention.{name}.weight"
+        if stacked in index:
+            found[stacked], want[stacked] = _shape(index, stacked), (layers, *shape)
+            continue
+        per_layer = re.compile(rf"decoder\.layers\.(\d+)\.self_attention\.{name}\.weight")
+        shapes = {
+            int(m.group(1)): _shape(index, key)
+            for key in index
+            if (m := per_layer.fullmatch(key)) is not None
+        }
+        key = f"decoder.layers.<i>.self_attention.{name}.weight"
+        found[key] = (len(shapes), *next(iter(set(shapes.values())), ()))
+        if len(set(shapes.values())) > 1 or sorted(shapes) != list(range(len(shapes))):
+            found[key] = None  # layers missing or of different shapes
+        want[key] = (layers, *shape)
     for key, shape in want.items():
-        entry = index.get(key)
-        got = tuple(entry.size) if entry is not None and hasattr(entry, "size") else None
-        if got != shape:
+        if found[key] != shape:
             raise BTXError(
                 f"{folder}: {manifest.MANIFEST} implies {key} of shape {shape}, the checkpoint "
-                f"holds {got if got is not None else 'none'}; the manifest does not describe "
-                f"this checkpoint"
+                f"holds {found[key] if found[key] is not None else 'none'}; the manifest does "
+                f"not describe this checkpoint"
             )
+
+
+def _shape(index: dict[str, Any], key: str) -> tuple[int, ...] | None:
+    entry = index.get(key)
+    return tuple(entry.size) if entry is not None and hasattr(entry, "size") else None
 
 
 def _manifest_args(folder: str | Path) -> LlamaArgs:

@@ -143,11 +143,29 @@ def _load_sharded(strategy, sharded_state_dict, checkpoint_dir) -> dict[str, Any
 def load(sharded_state_dict: dict[str, Any], folder: str | os.PathLike[str]) -> dict[str, Any]:
     """megatron-core's `dist_checkpointing.load` of `folder` through our strategies."""
     from megatron.core import dist_checkpointing
+    from torch.distributed.checkpoint.api import CheckpointException
 
     sharded, common = strategies()
-    return dist_checkpointing.load(
-        sharded_state_dict, str(folder), sharded_strategy=sharded, common_strategy=common
-    )
+    try:
+        return dist_checkpointing.load(
+            sharded_state_dict, str(folder), sharded_strategy=sharded, common_strategy=common
+        )
+    except CheckpointException as e:  # DCP gathers each rank's error into one of these
+        raise _one_error(folder, e) from e
+
+
+def _one_error(folder: str | os.PathLike[str], error: BaseException) -> BTXError:
+    """The first rank's error of a failed DCP load as one line: our own refusal as it is, any
+    other (a key or shape the checkpoint lacks) named with the checkpoint."""
+    failures = getattr(error, "failures", {}) or {}
+    for failure in failures.values():
+        cause = failure[0] if isinstance(failure, tuple) else failure
+        if isinstance(cause, BTXError):
+            return cause
+    cause = next(iter(failures.values()), (error,))
+    cause = cause[0] if isinstance(cause, tuple) else cause
+    first = (str(cause).strip().splitlines() or [type(cause).__name__])[0][:300]
+    return BTXError(f"{folder}: cannot be loaded into this model ({type(cause).__name__}: {first})")
 
 
 def load_common(folder: str | os.PathLike[str]) -> dict[str, Any]:

@@ -157,6 +157,12 @@ def _outputs(p: argparse.ArgumentParser) -> None:
         action="store_true",
         help="re-read the output and check it against the sources before committing",
     )
+    p.add_argument(
+        "--no-verify-hashes",
+        dest="verify_hashes",
+        action="store_false",
+        help="do not check megatron sources' files against their manifests' sha256",
+    )
     p.add_argument("--overwrite", action="store_true", help="replace existing output folders")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 

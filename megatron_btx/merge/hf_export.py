@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from megatron_btx.checkpoint import manifest
+from megatron_btx.checkpoint import integrity, manifest
 from megatron_btx.checkpoint.hf import StreamingSafetensorsWriter, copy_tokenizer, write_hf_config
 from megatron_btx.checkpoint.mapping import EMB, OUT, StateDictAdapter, adapter_for
 from megatron_btx.checkpoint.megatron_io import atomic_folder
@@ -72,4 +72,5 @@ class HFExport:
         write_hf_config(self.tmp, self.adapter.hf_config(), self.dtype)
         if tokenizer is not None and tokenizer.folder is not None:
             copy_tokenizer(tokenizer.folder, self.tmp)
-        manifest.write(self.tmp, kind=f"hf_{self.adapter.family}", **fields)
+        files = integrity.hash_tree(self.tmp)
+        manifest.write(self.tmp, kind=f"hf_{self.adapter.family}", **fields, files=files)

@@ -25,7 +25,7 @@ from typing import Any
 import torch
 
 from megatron_btx import progress, runtime
-from megatron_btx.checkpoint import manifest
+from megatron_btx.checkpoint import integrity, manifest
 from megatron_btx.checkpoint import template as tpl
 from megatron_btx.checkpoint.dcp_stream import StreamingDCPWriter
 from megatron_btx.checkpoint.hf import copy_tokenizer
@@ -236,6 +236,9 @@ class MergeJob:
     def _manifest_fields(self, tmp: Path, tok_files: list[str], lineage) -> dict[str, Any]:
         settings, plan = self.settings, self.plan
         hashes = {read: job.result() for read, job in self.hash_jobs.items()}
+        for read, first in self.reads.first.items():
+            if settings.verify_hashes:  # sources with a manifest that records hashes
+                integrity.check_source(self.sources[first].folder, hashes[read])
         centroid = plan.router_init == "centroid"
         record = {
             "experts": [str(s.given) for s in self.sources[: len(settings.experts)]],
@@ -269,6 +272,7 @@ class MergeJob:
                 for index in range(len(self.sources))
             ],
             "merge": record,
+            "files": integrity.hash_tree(tmp),
             "tokenizer": {
                 "files": tok_files,
                 "sha256": manifest.sha256_folder(tmp / TOKENIZER_DIR) if tok_files else {},

@@ -48,6 +48,8 @@ class MergeSettings:
     export_hf: str | None = None
     hf_shard_gb: float = 1.0
     verify: bool = False
+    #: check each megatron source's files against the sha256 its manifest records
+    verify_hashes: bool = True
     overwrite: bool = False
     progress: bool = True
 

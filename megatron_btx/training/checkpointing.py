@@ -36,7 +36,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from megatron_btx.checkpoint import manifest
+from megatron_btx.checkpoint import integrity, manifest
 from megatron_btx.checkpoint.megatron_io import (
     atomic_folder,
     check_model_keys,
@@ -217,6 +217,7 @@ def save(
         # save_model builds the same model sharded state dict again (same keys) and writes
         # everything in one synchronous dist_checkpointing.save.
         save_model(model, tmp, extra_state=extra)
+        hashes = integrity.gather_rank_hashes(tmp)  # each rank hashes its own data files
         if _rank() == 0:
             if tokenizer:  # a tokenizer.model, or an HF folder's tokenizer.json + configs
                 from megatron_btx.data.tokenizer import copy_tokenizer_files
@@ -225,7 +226,11 @@ def save(
             for name, text in files.items():
                 (tmp / name).write_text(text)
             manifest.write(
-                tmp, **manifest_fields, step=step, consumed_samples=train_state["consumed_samples"]
+                tmp,
+                **manifest_fields,
+                step=step,
+                consumed_samples=train_state["consumed_samples"],
+                files=integrity.hash_tree(tmp, known=hashes),
             )
         if fault == "kill_in_save":
             _barrier()
