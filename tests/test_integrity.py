@@ -133,3 +133,38 @@ def test_training_saves_record_every_file(base, data):
     ):
         assert name in recorded, sorted(recorded)
     assert btx("verify", str(ck)).returncode == 0
+
+
+def test_merge_without_output_hashes(mg_llama, tmp_path):
+    """--no-hash-output: nothing recorded (and nothing hashed while writing); `btx verify`
+    then says there is nothing to check."""
+    out = tmp_path / "moe"
+    proc = btx(
+        "merge", "--experts", str(mg_llama), str(mg_llama), "--save", str(out), "--no-hash-output"
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert manifest.read(out).get("files") is None
+    verify = btx("verify", str(out))
+    assert verify.returncode == 2 and "records no file hashes" in verify.stderr
+
+
+def test_writer_digest_is_the_files_sha256(tmp_path):
+    """The digest a DirectWriter computes while writing (on its write-behind thread) is the
+    file's sha256; it is forgotten once the file changes, and not computed when switched off."""
+    import os
+
+    from megatron_btx.checkpoint.direct_io import DirectWriter, written_digest
+
+    data = os.urandom(5 * 1024 * 1024 + 123)  # spans several staging buffers and a tail
+    with DirectWriter(tmp_path / "a.bin", chunk=1024 * 1024) as f:
+        f.write(data[:100])
+        f.write(data[100:])
+    assert written_digest(tmp_path / "a.bin") == hashlib.sha256(data).hexdigest()
+    os.replace(tmp_path / "a.bin", tmp_path / "b.bin")  # a rename keeps it
+    assert written_digest(tmp_path / "b.bin") == hashlib.sha256(data).hexdigest()
+    with open(tmp_path / "b.bin", "ab") as f:
+        f.write(b"x")
+    assert written_digest(tmp_path / "b.bin") is None
+    with DirectWriter(tmp_path / "c.bin", sha256=False) as f:
+        f.write(data)
+    assert written_digest(tmp_path / "c.bin") is None

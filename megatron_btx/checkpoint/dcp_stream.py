@@ -79,8 +79,9 @@ class StreamingDCPWriter:
     the next part; :meth:`finish` waits for them. Use it as a context manager (or call
     :meth:`close`) so that the thread also stops when the caller fails half way."""
 
-    def __init__(self, folder: str | Path, write_behind_mb: int = 128):
+    def __init__(self, folder: str | Path, write_behind_mb: int = 128, sha256: bool = True):
         self.folder = Path(folder)
+        self.sha256 = sha256  # each data file's digest, computed as it is written
         chunk = 16 * 1024 * 1024
         self._behind = WriteBehind(chunk, depth=max(1, write_behind_mb * 1024 * 1024 // chunk - 1))
         self._tensor_md: dict[str, Any] = {}
@@ -143,7 +144,8 @@ class StreamingDCPWriter:
         self._nfiles += 1
         transforms = _StorageWriterTransforms()
         start = self.bytes_written
-        with DirectWriter(self.folder / name, behind=self._behind) as stream, _no_zip_crc32():
+        stream = DirectWriter(self.folder / name, behind=self._behind, sha256=self.sha256)
+        with stream, _no_zip_crc32():
             for obj in objects:  # bytes first, then tensors: megatron-core's order
                 fqn = obj.unique_key
                 if fqn in self._bytes_md:

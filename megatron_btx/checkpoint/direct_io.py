@@ -159,7 +159,8 @@ class WriteBehind:
 
 
 class DirectWriter:
-    """A write-only, sequential binary file (write/tell/flush/close), `with`-able.
+    """A write-only, sequential binary file (write/tell/flush/close), `with`-able; with
+    `sha256`, its digest is computed as it is written (see :func:`written_digest`).
 
     Alone it has its own :class:`WriteBehind` (`chunk` bytes per request, `depth` in flight) and
     `close` waits for its data. Given a shared `behind`, `close` only queues the file's last
@@ -172,6 +173,7 @@ class DirectWriter:
         chunk: int = 16 * 1024 * 1024,
         depth: int = 2,
         behind: WriteBehind | None = None,
+        sha256: bool = True,
     ):
         self.path = Path(path)
         self._own = behind is None
@@ -196,7 +198,7 @@ class DirectWriter:
         self._closed = False
         # sha256 of the bytes as they are written, on the writer thread (which mostly waits for
         # the disk): the checkpoint's manifest records it without reading the file back
-        self._sha256 = hashlib.sha256()
+        self._sha256 = hashlib.sha256() if sha256 else None
 
     @property
     def direct(self) -> bool:
@@ -215,7 +217,8 @@ class DirectWriter:
     def _write_block(self, buf: mmap.mmap, n: int, offset: int) -> None:
         with memoryview(buf) as whole:
             view = whole[:n]
-            self._sha256.update(view)  # blocks run in file order on the one writer thread
+            if self._sha256 is not None:  # blocks run in file order on the one writer thread
+                self._sha256.update(view)
             aligned = n - n % _ALIGN if self._dfd >= 0 else 0
             if aligned:
                 try:
@@ -230,7 +233,7 @@ class DirectWriter:
                 self._pwrite_all(self._fd, view[aligned:], offset + aligned)
 
     def _close_fds(self) -> None:
-        if self._fd >= 0 and not self._behind.failed:
+        if self._fd >= 0 and self._sha256 is not None and not self._behind.failed:
             with contextlib.suppress(OSError):
                 _remember_digest(self._fd, self.path, self._sha256.hexdigest())
         for fd in (self._dfd, self._fd):

@@ -282,8 +282,10 @@ class StreamingSafetensorsWriter:
         folder: Path,
         plan: list[tuple[str, tuple[int, ...], torch.dtype]],
         max_shard_bytes: int,
+        sha256: bool = True,
     ):
         self.folder = folder
+        self.sha256 = sha256  # each shard's digest, computed as it is written
         folder.mkdir(parents=True, exist_ok=True)
         self.shards: list[list[tuple[str, tuple[int, ...], torch.dtype]]] = [[]]
         size = 0
@@ -324,7 +326,9 @@ class StreamingSafetensorsWriter:
             off += nb
         hb = json.dumps(header, separators=(",", ":")).encode()
         hb += b" " * (-len(hb) % 8)
-        self._fh = DirectWriter(self.folder / (self.names[self._shard] + ".tmp"))
+        self._fh = DirectWriter(
+            self.folder / (self.names[self._shard] + ".tmp"), sha256=self.sha256
+        )
         self._fh.write(struct.pack("<Q", len(hb)))
         self._fh.write(hb)
         self._left = [n for n, _, _ in items]

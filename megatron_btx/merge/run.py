@@ -178,7 +178,7 @@ class MergeJob:
                 build_for_checkpoint(self.out_args, self.dtype, self.variant, meta=True)
             )
             with contextlib.ExitStack() as stack:
-                writer = stack.enter_context(StreamingDCPWriter(tmp))
+                writer = stack.enter_context(StreamingDCPWriter(tmp, sha256=settings.hash_output))
                 export = None
                 if settings.export_hf is not None:
                     export = HFExport(
@@ -189,6 +189,7 @@ class MergeJob:
                         settings.overwrite,
                         stack,
                         self.variant,
+                        settings.hash_output,
                     )
                 stream = LayerStream(self, template, writer, export)
                 with _threads_beside_hashing(self.hash_jobs):
@@ -272,7 +273,7 @@ class MergeJob:
                 for index in range(len(self.sources))
             ],
             "merge": record,
-            "files": integrity.hash_tree(tmp),
+            "files": integrity.hash_tree(tmp) if settings.hash_output else None,
             "tokenizer": {
                 "files": tok_files,
                 "sha256": manifest.sha256_folder(tmp / TOKENIZER_DIR) if tok_files else {},
