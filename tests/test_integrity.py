@@ -6,26 +6,14 @@ from __future__ import annotations
 
 import hashlib
 import shutil
-import subprocess
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent / "dist"))
 import train_common as tc  # noqa: E402
+from cli_contract import btx  # noqa: E402
 
 from megatron_btx.checkpoint import manifest  # noqa: E402
-
-
-def btx(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "megatron_btx", *args],
-        cwd=tc.ROOT,
-        env=tc.env(),
-        capture_output=True,
-        text=True,
-        timeout=300,
-        stdin=subprocess.DEVNULL,
-    )
 
 
 def flip_a_bit(path: Path) -> None:

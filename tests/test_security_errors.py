@@ -17,30 +17,11 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent / "dist"))
 import train_common as tc  # noqa: E402
+from cli_contract import btx, one_error  # noqa: E402
 
 from megatron_btx.pipeline import plan  # noqa: E402
 
 ROOT = tc.ROOT
-
-
-def btx(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "megatron_btx", *args],
-        cwd=cwd,
-        env=tc.env(),
-        capture_output=True,
-        text=True,
-        timeout=300,
-        stdin=subprocess.DEVNULL,
-    )
-
-
-def one_error(proc: subprocess.CompletedProcess, needle: str = "") -> str:
-    assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-3000:]
-    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
-    assert len(errors) == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
-    assert needle in errors[0], errors[0]
-    return errors[0]
 
 
 # ---- corrupt inputs ------------------------------------------------------------------------
@@ -150,38 +131,36 @@ def test_status_with_a_corrupt_running_or_done_file(tmp_path, record):
     assert states["a"] in ("running", "interrupted", "pending"), proc.stdout
 
 
-def test_evaluate_report_of_the_btx_model_alone():
-    """`evaluate --models btx` scores one model: nothing to compare it with (was StopIteration
-    while the report was written)."""
-    from megatron_btx.eval import report
+def test_evaluate_the_btx_model_alone(tmp_path, base, data):
+    """`btx evaluate --models btx` scores one model, with nothing to compare it with (was a
+    StopIteration traceback while the report was written). The BTX model here is the step-0
+    MoE checkpoint of the training tests, named as the finetune stage's in plan.json."""
+    import json
 
-    result = {
-        "domains": ["code"],
-        "experts": ["code", "seed"],
-        "models": {
-            "btx": {
-                "perplexity": {"code": 3.0},
-                "mean": 3.0,
-                "loss": {"code": 1.1},
-                "active_params": 10,
-                "train_flops": 1.0,
-                "train_tokens": 1,
-                "train_seconds": 1.0,
-                "kind": "moe",
-            }
-        },
-        "routing": {},
-        "tokens": {"code": 1},
-        "documents": {"code": 1},
-        "missing": {},
-        "btm": {},
-        "split": "test",
-        "run_dir": "RUN",
-        "seconds": 1.0,
+    import yaml
+
+    moe = tc.init_checkpoint(base, data, moe=True)
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    config = {
+        "run_dir": str(run_dir),
+        "data": {"prepared": str(data), "seq_length": 64},
+        "domains": {"code": "builtin", "toy": "builtin"},
+        "seed": {"init_from": str(moe)},
+        "experts": {"steps": 1},
+        "finetune": {"steps": 1},
+        "baselines": {"btm": False},
+        "evaluation": {"tokens_per_domain": 256, "btm_top_k": [1]},
     }
-    result["claims"] = report.check_claims(result)
-    text = report.results_md(result)
-    assert "| btx |" in text and "3.00" in text
+    (run_dir / "btx.yaml").write_text(yaml.safe_dump(config))
+    finetune = plan.Stage(
+        "finetune", "train", ["train", "x.yaml"], checkpoint=str(moe), router={"type": "topk"}
+    )
+    plan.save_plan(run_dir, plan.Plan([finetune], None))
+    proc = btx("evaluate", "--run-dir", str(run_dir), "--models", "btx")
+    assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    result = json.loads((run_dir / "eval" / "results.json").read_text())
+    assert list(result["models"]) == ["btx"] and "| btx |" in proc.stdout
 
 
 # ---- a full disk --------------------------------------------------------------------------------

@@ -23,6 +23,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent / "dist"))
 import train_common as tc  # noqa: E402
+from cli_contract import btx, one_error  # noqa: E402
 
 from megatron_btx import rundir  # noqa: E402
 from megatron_btx.checkpoint import manifest, megatron_io, swap  # noqa: E402
@@ -39,26 +40,6 @@ def start(*args: str, cwd: Path = tc.ROOT) -> subprocess.Popen:
         stdin=subprocess.DEVNULL,
         start_new_session=True,  # its own process group: we can stop it and its children
     )
-
-
-def btx(*args: str, cwd: Path = tc.ROOT) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "megatron_btx", *args],
-        cwd=cwd,
-        env=tc.env(),
-        capture_output=True,
-        text=True,
-        timeout=300,
-        stdin=subprocess.DEVNULL,
-    )
-
-
-def one_error(proc: subprocess.CompletedProcess, needle: str) -> str:
-    assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-3000:]
-    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
-    assert len(errors) == 1 and "Traceback" not in proc.stderr, proc.stderr
-    assert needle in errors[0], errors[0]
-    return errors[0]
 
 
 def stopped_holding(proc: subprocess.Popen, lock: Path, timeout: float = 180) -> None:

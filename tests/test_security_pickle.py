@@ -25,6 +25,7 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).parent / "dist"))
 import train_common as tc  # noqa: E402
+from cli_contract import btx  # noqa: E402
 
 from megatron_btx.checkpoint import manifest  # noqa: E402
 from megatron_btx.errors import BTXError  # noqa: E402
@@ -71,18 +72,6 @@ def plant_rng_state(folder: Path, marker: Path) -> None:
     md.storage_data[index] = _StorageInfo("__9_0.distcp", 0, len(blob.getvalue()))
     (folder / ".metadata").write_bytes(pickle.dumps(md))
     _rerecord(folder, ".metadata", "__9_0.distcp")
-
-
-def btx(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "megatron_btx", *args],
-        cwd=tc.ROOT,
-        env=tc.env(),
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        stdin=subprocess.DEVNULL,
-    )
 
 
 def refused(proc: subprocess.CompletedProcess, marker: Path, *unwritten: Path) -> None:

@@ -160,7 +160,7 @@ def test_exit_after_and_resume_flags(tmp_path, base, data):
     assert proc.returncode == 2 and "already has checkpoints" in proc.stderr
     shutil.rmtree(tmp_path / "run")
     proc = tc.run(cfg, ["--resume"])
-    XX
+    assert proc.returncode == 2 and "no 'latest'" in proc.stderr
 
 
 def test_init_from_converted_hf_checkpoint(tmp_path, data):

@@ -368,14 +368,6 @@ def preprocess_files(
     except BaseException:
         writers.abort()
         raise
-    for s in SPLITS:
-        if writers.documents[s] == 0 and (s == "train" or fractions.get(s, 0.0) > 0):
-            warnings.warn(
-                f"{label}: the {s} split is empty ({writers.documents} documents per split); "
-                "give more documents or raise its --split fraction",
-                DataWarning,
-                stacklevel=2,
-            )
     seconds = time.time() - started
     _progress(
         f"{label}: {stats.documents} docs ({stats.skipped} skipped, {stats.problems} problems) -> "
