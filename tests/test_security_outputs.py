@@ -26,7 +26,7 @@ import train_common as tc  # noqa: E402
 from cli_contract import btx, one_error  # noqa: E402
 
 from megatron_btx import rundir  # noqa: E402
-from megatron_btx.checkpoint import manifest, megatron_io, swap  # noqa: E402
+from megatron_btx.checkpoint import manifest, megatron_io  # noqa: E402
 from megatron_btx.errors import BTXError  # noqa: E402
 
 
@@ -203,6 +203,8 @@ def test_killed_between_the_two_renames_recovers(tmp_path, monkeypatch):
     """A file system without an atomic swap: the process dies after moving the old output
     aside and before moving the new one in. The next command puts the old one back (and then
     writes its own); nothing is ever lost."""
+    from megatron_btx.checkpoint import swap
+
     final = tmp_path / "out"
     _filled(final, "old")
     monkeypatch.setattr(swap, "exchange", lambda first, second: False)
@@ -235,6 +237,8 @@ def test_atomic_swap_where_the_file_system_has_it(tmp_path, monkeypatch):
     """renameat2(RENAME_EXCHANGE): one step, the old folder ends under the temporary name; a
     crash before it is removed leaves the new output in place and a stale temporary folder
     that the next write removes."""
+    from megatron_btx.checkpoint import swap
+
     final = tmp_path / "out"
     _filled(final, "old")
     tmp = tmp_path / ".out.tmp"
