@@ -112,8 +112,8 @@ def check_fields(m: dict[str, Any], where: str) -> None:
     if freq is not None and not (isinstance(freq, list) and all(x in (0, 1) for x in freq)):
         raise bad("moe.layer_freq", freq, "is not a list of 0/1 per layer")
     for key in ("shared_expert_intermediate_size", "dense_ffn_hidden_size"):
-        if moe.get(key) is not None and not (_natural(moe[key]) and moe[key] > 0):
-            raise bad(f"moe.{key}", moe[key], "is not a positive size")
+        if moe.get(key) is not None and not _natural(moe[key]):
+            raise bad(f"moe.{key}", moe[key], "is not a size")
     files = m.get("files") or {}
     if any(not (isinstance(k, str) and isinstance(v, str)) for k, v in files.items()):
         raise bad("files", "...", "is not a map of file names to sha256 digests")
