@@ -42,6 +42,14 @@ def start(*args: str, cwd: Path = tc.ROOT) -> subprocess.Popen:
     )
 
 
+def _signal_group(proc: subprocess.Popen, sig: int) -> None:
+    """Signal the process group we started (gone already when it finished on its own)."""
+    try:
+        os.killpg(proc.pid, sig)
+    except ProcessLookupError:
+        pass
+
+
 def stopped_holding(proc: subprocess.Popen, lock: Path, timeout: float = 180) -> None:
     """Wait until `proc` holds `lock` (the file names its pid), then freeze its process group."""
     deadline = time.monotonic() + timeout
@@ -71,7 +79,7 @@ def test_second_merge_into_one_save_is_refused(mg_llama, tmp_path):
         )
         one_error(second, f"in use by another btx command (pid {first.pid})")
     finally:
-        os.killpg(first.pid, signal.SIGCONT)
+        _signal_group(first, signal.SIGCONT)
     assert first.wait(timeout=300) == 0
     assert manifest.read(save)["merge"]["num_experts"] == 2  # the first one's output, whole
     assert not (tmp_path / ".moe.lock").exists() and not (tmp_path / ".moe.tmp").exists()
@@ -93,7 +101,7 @@ def test_second_train_on_one_run_dir_is_refused(tmp_path, data):
         second = tc.run(cfg)
         one_error(second, f"run directory is in use by another btx command (pid {first.pid})")
     finally:
-        os.killpg(first.pid, signal.SIGCONT)
+        _signal_group(first, signal.SIGCONT)
     assert first.wait(timeout=300) == 0
     assert tc.latest(tmp_path / "run") == "iter_0000003"
     assert not (tmp_path / "run" / rundir.LOCK_NAME).exists()
@@ -118,7 +126,7 @@ def test_second_btx_run_is_refused_and_a_killed_one_leaves_no_lock(tmp_path, bas
         stopped_holding(first, tmp_path / "run" / rundir.LOCK_NAME)
         one_error(btx("run", str(path), "--dry-run"), f"(pid {first.pid})")
     finally:
-        os.killpg(first.pid, signal.SIGKILL)  # with any stage it started
+        _signal_group(first, signal.SIGKILL)  # with any stage it started
         first.wait(timeout=60)
     again = btx("run", str(path), "--dry-run")
     assert again.returncode == 0, again.stderr
