@@ -195,9 +195,12 @@ def hf_to_megatron(
 
 def _read_config(path: Path) -> dict[str, Any]:
     try:
-        return json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        config = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
         raise BTXError(f"{path}: not a readable JSON config ({e}); re-save it") from e
+    if not isinstance(config, dict):
+        raise BTXError(f"{path}: the top level is a {type(config).__name__}, not a JSON object")
+    return config
 
 
 def _expert_layout(adapter) -> str | None:
