@@ -21,7 +21,7 @@ setup(
     packages=find_packages(include=["megatron_btx", "megatron_btx.*"]),
     py_modules=[],
     install_requires=[
-        "torch>=2.4",
+        "torch>=2.6",
         "megatron-core>=0.16.0",
         "sentencepiece>=0.2",
         "tokenizers>=0.20",

@@ -7,6 +7,7 @@ import importlib
 import sys
 
 import megatron_btx
+from megatron_btx.errors import run_command
 
 # name -> (module:function taking argv and returning an exit code, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -29,6 +30,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "export-hf": (
         "megatron_btx.checkpoint.convert:megatron_to_hf_main",
         "megatron-core torch_dist -> HF Llama/Mixtral safetensors",
+    ),
+    "verify": (
+        "megatron_btx.checkpoint.integrity:main",
+        "re-hash a checkpoint's files against the sha256 its manifest records",
     ),
     "launch": (
         "megatron_btx.pipeline.launch:main",
@@ -86,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
     except (ImportError, AttributeError) as e:
         print(f"btx {name}: not available in this installation ({e})", file=sys.stderr)
         return 2
-    return int(func(rest) or 0)
+    return run_command(func, rest)
 
 
 if __name__ == "__main__":

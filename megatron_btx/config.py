@@ -73,8 +73,10 @@ or keys, wrong types and inconsistent settings raise :class:`BTXError` naming th
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
+import math
 import os
 import types
 import typing
@@ -339,8 +341,7 @@ class Config:
             raise BTXError(f"train.lr_decay_steps={t.lr_decay_steps} must be >= 1 (or null)")
         if t.exit_after is not None and t.exit_after < 0:
             raise BTXError(f"train.exit_after={t.exit_after} must be >= 0 (or null)")
-        if self.optimizer.clip_grad < 0:
-            raise BTXError(f"optimizer.clip_grad={self.optimizer.clip_grad} must be >= 0")
+        self._validate_numbers()
         for key in ("seq_length", "micro_batch_size", "global_batch_size"):
             if getattr(d, key) < 1:
                 raise BTXError(f"data.{key}={getattr(d, key)} must be >= 1")
@@ -375,6 +376,26 @@ class Config:
                 f"moe.local_dispatch needs every expert on its rank (parallel.ep = 1, tp = 1, "
                 f"etp = 1; got ep={p.ep}, tp={p.tp}, etp={p.etp}); set it to false"
             )
+
+    def _validate_numbers(self) -> None:
+        """Ranges of the optimizer's, the MoE's and the model's numbers (each is finite: every
+        float key is checked so when it is read, see :func:`coerce`)."""
+        o, m = self.optimizer, self.moe
+        for key, value in (("adam_beta1", o.adam_beta1), ("adam_beta2", o.adam_beta2)):
+            if not 0.0 <= value < 1.0:
+                raise BTXError(f"optimizer.{key}={value} must be in [0, 1)")
+        if o.adam_eps <= 0:
+            raise BTXError(f"optimizer.adam_eps={o.adam_eps} must be > 0")
+        if o.weight_decay < 0:
+            raise BTXError(f"optimizer.weight_decay={o.weight_decay} must be >= 0")
+        if o.clip_grad < 0:
+            raise BTXError(f"optimizer.clip_grad={o.clip_grad} must be >= 0 (0: no clipping)")
+        if m.aux_loss_coeff < 0:
+            raise BTXError(f"moe.aux_loss_coeff={m.aux_loss_coeff} must be >= 0")
+        if m.capacity_factor is not None and m.capacity_factor <= 0:
+            raise BTXError(f"moe.capacity_factor={m.capacity_factor} must be > 0 (or null)")
+        if self.model.init_method_std <= 0:
+            raise BTXError(f"model.init_method_std={self.model.init_method_std} must be > 0")
 
     def validate_world(self, world_size: int) -> None:
         p, d = self.parallel, self.data
@@ -516,6 +537,12 @@ def coerce(value: Any, typ: Any, key: str, source: str) -> Any:
                 return coerce(value, a, key, source)
             except BTXError as e:
                 errors.append(str(e))
+                # a mapping or list given where one is allowed: its own error says what is
+                # wrong inside it (a key, a non-finite number), better than "wrong type"
+                if typing.get_origin(a) in (dict, list) and isinstance(
+                    value, dict if typing.get_origin(a) is dict else (list, tuple)
+                ):
+                    raise
         raise BTXError(
             errors[0]
             if len(errors) == 1
@@ -542,13 +569,16 @@ def coerce(value: Any, typ: Any, key: str, source: str) -> Any:
                 if f.is_integer():
                     return int(f)
     elif typ is float:
+        number = None
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):
-            try:
-                return float(value)
-            except ValueError:
-                pass
+            number = float(value)
+        elif isinstance(value, str):
+            with contextlib.suppress(ValueError):
+                number = float(value)
+        if number is not None:
+            if not math.isfinite(number):
+                raise BTXError(f"{source}: {key}={value!r} must be a finite number")
+            return number
     elif typ is str:
         if isinstance(value, str):
             return value
@@ -577,14 +607,63 @@ def _tname(typ: Any) -> str:
 # ---------------------------------------------------------------------------------------------
 # YAML and overrides
 # ---------------------------------------------------------------------------------------------
+#: how deep a YAML config may nest (sections, mappings in them, lists): far more than any real
+#: config, far less than Python's recursion limit
+MAX_YAML_DEPTH = 50
+
+
+class YAMLRefused(yaml.composer.ComposerError):
+    """Valid YAML that a config may not use: an alias, or nesting past MAX_YAML_DEPTH."""
+
+
+class _ConfigLoader(yaml.SafeLoader):
+    """PyYAML's safe loader without aliases (`*name`) and with a nesting limit: an alias lets a
+    1 KB file ("billion laughs") expand to gigabytes when the config is copied or dumped, and a
+    deep nest overflows the recursion limit. Neither has a use in a config."""
+
+    def compose_node(self, parent, index):
+        event = self.peek_event()
+        if isinstance(event, yaml.AliasEvent):
+            raise YAMLRefused(
+                None, None, f"alias *{event.anchor}: YAML aliases are not allowed", event.start_mark
+            )
+        self._btx_depth = getattr(self, "_btx_depth", 0) + 1
+        try:
+            if self._btx_depth > MAX_YAML_DEPTH:
+                raise YAMLRefused(
+                    None, None, f"nested deeper than {MAX_YAML_DEPTH} levels", event.start_mark
+                )
+            return super().compose_node(parent, index)
+        finally:
+            self._btx_depth -= 1
+
+
+def parse_yaml(text: str, where: str, invalid_as_text: bool = False) -> Any:
+    """A YAML document without aliases or deep nesting (:class:`_ConfigLoader`); BTXError
+    naming `where` when it uses either, or is not valid YAML (unless `invalid_as_text`: then
+    the text itself, as an override value that is not YAML is the string given)."""
+    try:
+        return yaml.load(text, Loader=_ConfigLoader)  # a SafeLoader subclass
+    except YAMLRefused as e:
+        raise BTXError(f"{where}: {e.problem} ({' '.join(str(e.problem_mark).split())})") from e
+    except yaml.YAMLError as e:
+        if invalid_as_text:
+            return text
+        raise BTXError(f"{where}: not valid YAML ({' '.join(str(e).split())})") from e
+
+
 def read_yaml(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """A config file's top-level mapping (see :func:`parse_yaml`)."""
     path = Path(path)
     if not path.is_file():
         raise BTXError(f"{path}: config file not found")
     try:
-        raw = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as e:
-        raise BTXError(f"{path}: not valid YAML ({e})") from e
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise BTXError(f"{path}: not UTF-8 text (byte {e.start}); save the config as UTF-8") from e
+    except OSError as e:
+        raise BTXError(f"{path}: cannot be read ({e.strerror})") from e
+    raw = parse_yaml(text, str(path))
     if raw is None:
         return {}
     if not isinstance(raw, dict):
@@ -610,10 +689,7 @@ def parse_overrides(argv: list[str]) -> list[tuple[str, Any]]:
                 raise BTXError(f"override --{key} has no value")
             raw = argv[i + 1]
             i += 2
-        try:
-            value = yaml.safe_load(raw) if raw != "" else ""
-        except yaml.YAMLError:
-            value = raw
+        value = parse_yaml(raw, f"override --{key}", invalid_as_text=True) if raw != "" else ""
         out.append((key, value))
     return out
 
@@ -657,5 +733,8 @@ def load(
         )
         raw = apply_overrides(raw, pairs)  # type: ignore[arg-type]
     cfg = Config.from_dict(raw, source)
-    cfg.validate()
+    try:
+        cfg.validate()
+    except BTXError as e:  # name the file (build errors already do)
+        raise (e if str(e).startswith(source) else BTXError(f"{source}: {e}")) from None
     return cfg

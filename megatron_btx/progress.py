@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import sys
+import weakref
+
+#: the bars made here and not yet garbage (see close_all)
+_BARS: weakref.WeakSet = weakref.WeakSet()
 
 
 def bar(total: int, desc: str, unit: str = "it", enabled: bool = True):
@@ -13,7 +17,16 @@ def bar(total: int, desc: str, unit: str = "it", enabled: bool = True):
         from tqdm import tqdm
     except ImportError:
         return None
-    return tqdm(total=total, desc=desc, unit=unit, file=sys.stderr, leave=False)
+    made = tqdm(total=total, desc=desc, unit=unit, file=sys.stderr, leave=False)
+    _BARS.add(made)
+    return made
+
+
+def close_all() -> None:
+    """Close every bar still open (after an error, so that the one-line error message starts
+    on a line of its own instead of after a half-drawn bar)."""
+    for open_bar in list(_BARS):
+        open_bar.close()
 
 
 def note(message: str, source: str = "btx data") -> None:

@@ -27,6 +27,8 @@ LATEST = "latest"
 MCORE_METADATA = "metadata.json"
 ITER_RE = re.compile(r"^iter_(\d{7,})$")
 LOCK_NAME = ".btx.lock"
+#: set by hold_for_exec: the lock file the launching process holds for this one
+LOCK_ENV = "BTX_HELD_LOCK"
 
 log = logging.getLogger(__name__)
 
@@ -144,30 +146,103 @@ def atomic_write_text(path: str | os.PathLike[str], text: str, durable: bool = F
         raise
 
 
-@contextlib.contextmanager
-def locked(folder: str | os.PathLike[str], what: str = "folder") -> Iterator[Path]:
-    """Hold an exclusive lock on `folder` (created if missing) for the duration.
+#: lock files this process holds: path -> (descriptor, depth); a command that locks its output
+#: early (to fail fast) and again where it writes it takes the lock once
+_HELD: dict[str, list[int]] = {}
 
-    The lock is an `flock` on ``FOLDER/.btx.lock``, which records the holder's pid. The kernel
-    drops it when the holder exits, however it exits, so a crash never leaves a stale lock. A
-    second command on the same folder fails at once with one line naming the pid that holds it."""
+
+def lock_path_beside(path: str | os.PathLike[str]) -> Path:
+    """The lock file of an output that is replaced as a whole (a checkpoint folder renamed into
+    place): ``.NAME.lock`` beside it, which outlives the folder's replacement."""
+    path = Path(path)
+    return path.parent / f".{path.name}.lock"
+
+
+@contextlib.contextmanager
+def locked(
+    folder: str | os.PathLike[str],
+    what: str = "folder",
+    lock_file: str | os.PathLike[str] | None = None,
+) -> Iterator[Path]:
+    """Hold an exclusive lock on `folder` for the duration.
+
+    The lock is an `flock` on ``FOLDER/.btx.lock`` (created with its folder when missing), or on
+    `lock_file` for an output that is replaced as a whole (see :func:`lock_path_beside`); it
+    records the holder's pid. The kernel drops it when the holder exits, however it exits, so a
+    crash never leaves a stale lock; a clean exit removes the file. A second command on the same
+    folder fails at once with one line naming the pid that holds it. Re-entrant within a
+    process; the descriptor is inherited by a process exec'd in its place (torchrun, started by
+    `btx train --nproc-per-node`), which keeps holding it."""
     folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    lock_path = folder / LOCK_NAME
-    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+    lock_path = Path(lock_file) if lock_file is not None else folder / LOCK_NAME
+    created = not lock_path.parent.exists()
+    lock_path.parent.mkdir(parents=True, exist_ok=True)
+    key = os.path.abspath(lock_path)
+    if key in _HELD:
+        _HELD[key][1] += 1
+        try:
+            yield folder
+        finally:
+            _HELD[key][1] -= 1
+        return
     try:
+        fd = _acquire(lock_path, folder, what)
+    except BaseException:
+        if created:
+            with contextlib.suppress(OSError):
+                lock_path.parent.rmdir()
+        raise
+    _HELD[key] = [fd, 1]
+    try:
+        yield folder
+    finally:
+        del _HELD[key]
+        with contextlib.suppress(OSError):
+            os.unlink(lock_path)  # while still holding it: see _acquire
+        os.close(fd)
+        if created:  # a command that failed before writing anything leaves nothing behind
+            with contextlib.suppress(OSError):
+                lock_path.parent.rmdir()  # only when empty
+
+
+def hold_for_exec(folder: str | os.PathLike[str], what: str = "folder") -> None:
+    """Take `folder`'s lock for a process about to exec another (`btx train --nproc-per-node`
+    becoming torchrun): the descriptor survives the exec, so the new program and its children
+    hold the lock until they all exit, and :func:`held_by_launcher` tells them so."""
+    lock_path = Path(folder) / LOCK_NAME
+    lock_path.parent.mkdir(parents=True, exist_ok=True)
+    fd = _acquire(lock_path, Path(folder), what)
+    os.set_inheritable(fd, True)
+    os.environ[LOCK_ENV] = os.path.abspath(lock_path)
+
+
+def held_by_launcher(folder: str | os.PathLike[str]) -> bool:
+    """Whether the process that started this one holds `folder`'s lock (:func:`hold_for_exec`)."""
+    return os.environ.get(LOCK_ENV) == os.path.abspath(Path(folder) / LOCK_NAME)
+
+
+def _acquire(lock_path: Path, folder: Path, what: str) -> int:
+    """An exclusive flock on `lock_path`, whose file is the one at that path when we hold it (a
+    holder that finished may have removed it after we opened it: then open it again)."""
+    while True:
+        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as e:
-            if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
-                raise
             holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown"
+            os.close(fd)
+            if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                raise BTXError(f"{lock_path}: cannot lock ({e.strerror})") from None
             raise BTXError(
                 f"{folder}: this {what} is in use by another btx command (pid {holder}); wait "
                 f"for it to finish or stop it"
             ) from None
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
-        yield folder
-    finally:
+        try:
+            same = os.fstat(fd).st_ino == os.stat(lock_path).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+            return fd
         os.close(fd)

@@ -211,6 +211,8 @@ def test_cli_main(tok: Tokenizer, tmp_path: Path, capsys: pytest.CaptureFixture[
                 str(src),
                 "--output-prefix",
                 str(tmp_path / "cli2"),
+                "--split",
+                "test=0.2,valid=0.2",
                 "--train-tokenizer",
                 "--vocab-size",
                 "400",

@@ -175,10 +175,10 @@ def test_cli_errors_and_print_config(tmp_path, capsys):
 
     path = tmp_path / "c.yaml"
     path.write_text(yaml.safe_dump(BASE))
-    assert main([str(path), "--train.lrr", "1"]) == 1
+    assert main([str(path), "--train.lrr", "1"]) == 2
     err = capsys.readouterr().err
     assert "error:" in err and "unknown key 'train.lrr'" in err and "Traceback" not in err
-    assert main([str(tmp_path / "missing.yaml")]) == 1
+    assert main([str(tmp_path / "missing.yaml")]) == 2
     assert "config file not found" in capsys.readouterr().err
     assert main([str(path), "--print-config", "--train.lr", "2e-4", "--resume"]) == 0
     printed = yaml.safe_load(capsys.readouterr().out)
@@ -381,18 +381,14 @@ def test_router_settings_the_router_cannot_honour_are_errors(args, message):
         load(args)
 
 
-def test_model_args_from_init_from_conflict(tmp_path):
-    from megatron_btx.checkpoint import manifest
-    from megatron_btx.models.llama import LlamaArgs
+def test_model_args_from_init_from_conflict(mg_llama):
     from megatron_btx.training.loop import resolve_model_args
 
-    ck = tmp_path / "ck"
-    ck.mkdir()
-    manifest.write(ck, model=LlamaArgs(hidden_size=64, num_attention_heads=4).to_dict())
+    ck = mg_llama  # hidden 64, 4 heads, vocabulary 300 (padded 384)
     cfg = load(model={"init_from": str(ck)})
-    assert resolve_model_args(cfg, 500).hidden_size == 64
+    assert resolve_model_args(cfg, 300).hidden_size == 64
     with pytest.raises(BTXError, match="model.hidden_size=128 conflicts with model.init_from"):
-        resolve_model_args(load(model={"init_from": str(ck), "hidden_size": 128}), 500)
+        resolve_model_args(load(model={"init_from": str(ck), "hidden_size": 128}), 300)
     with pytest.raises(BTXError, match="the tokenizer has 9000 tokens"):
         resolve_model_args(cfg, 9000)
     inline = resolve_model_args(load(model={"hidden_size": 32, "num_attention_heads": 2}), 1000)

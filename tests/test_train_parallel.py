@@ -44,6 +44,12 @@ def test_dense_layouts_match_single_process(tmp_path, base, data, layout):
     run_dir = tmp_path / "run"
     tc.check(tc.run(cfg, ["--run_dir", str(run_dir), "--train.exit_after", "5", *layout], nproc=2))
     _compare(ref_dir, run_dir, range(1, 6))
+    # the manifest records every file's sha256, rank 1's data files hashed on rank 1
+    from megatron_btx.checkpoint import integrity
+
+    ckpt = run_dir / "checkpoints" / tc.latest(run_dir)
+    assert any(name.startswith("__1_") for name in integrity.recorded_hashes(ckpt))
+    assert integrity.problems(ckpt) == []
 
 
 def test_moe_ep2_matches_ep1(tmp_path, base, data):

@@ -157,10 +157,10 @@ def test_exit_after_and_resume_flags(tmp_path, base, data):
     assert tc.latest(tmp_path / "run") == "iter_0000002"
     assert tc.records(tmp_path / "run", "end")[-1]["reason"] == "exit_after"
     proc = tc.run(cfg, ["--no-resume"])
-    assert proc.returncode == 1 and "already has checkpoints" in proc.stderr
+    assert proc.returncode == 2 and "already has checkpoints" in proc.stderr
     shutil.rmtree(tmp_path / "run")
     proc = tc.run(cfg, ["--resume"])
-    assert proc.returncode == 1 and "no 'latest'" in proc.stderr
+    assert proc.returncode == 2 and "no 'latest'" in proc.stderr
 
 
 def test_init_from_converted_hf_checkpoint(tmp_path, data):

@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import shutil
 import sys
 import time
@@ -27,7 +28,7 @@ from typing import Any
 import torch
 
 from megatron_btx import progress, runtime
-from megatron_btx.checkpoint import manifest
+from megatron_btx.checkpoint import integrity, manifest
 from megatron_btx.checkpoint import template as tpl
 from megatron_btx.checkpoint.dcp_stream import PartialReader, StreamingDCPWriter
 from megatron_btx.checkpoint.families import export_adapter, import_adapter
@@ -40,7 +41,7 @@ from megatron_btx.checkpoint.hf import (
 from megatron_btx.checkpoint.mapping import EMB
 from megatron_btx.checkpoint.megatron_io import atomic_folder, check_target, read_args
 from megatron_btx.checkpoint.sources import DTYPE_NAMES, TOKENIZER_DIR
-from megatron_btx.errors import BTXError
+from megatron_btx.errors import BTXError, run_command
 from megatron_btx.models import hf_config
 from megatron_btx.models.llama import (
     LlamaArgs,
@@ -153,7 +154,7 @@ def hf_to_megatron(
     adapter.check_hf_keys(reader.keys(), str(load))
     src_dtype = ST_DTYPE_NAMES.get(reader.dtype(adapter.global_names()[EMB]), "fp32")
     dt = to_dtype(dtype or src_dtype)
-    check_target(save, overwrite)
+    check_target(save, overwrite, sources=[load])
     with runtime.single_process():
         with atomic_folder(save, overwrite) as tmp:
             tensors = adapter.import_tensors(reader.get)
@@ -186,6 +187,7 @@ def hf_to_megatron(
                     "files": tok,
                     "sha256": manifest.sha256_folder(tmp / TOKENIZER_DIR) if tok else {},
                 },
+                files=integrity.hash_tree(tmp),
             )
     log.info("converted %s -> %s in %.1fs", load, save, time.time() - t0)
     return m
@@ -193,9 +195,12 @@ def hf_to_megatron(
 
 def _read_config(path: Path) -> dict[str, Any]:
     try:
-        return json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        config = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
         raise BTXError(f"{path}: not a readable JSON config ({e}); re-save it") from e
+    if not isinstance(config, dict):
+        raise BTXError(f"{path}: the top level is a {type(config).__name__}, not a JSON object")
+    return config
 
 
 def _expert_layout(adapter) -> str | None:
@@ -213,11 +218,14 @@ def megatron_to_hf(
     tp: int = 1,
     pp: int = 1,
     ep: int = 1,
+    verify_hashes: bool = True,
 ) -> dict:
     """Export a torch_dist checkpoint (dense, a merge of any variant, an import, a finetuned
     MoE) as an HF folder of the family whose function is the checkpoint's: the model's own for a
     dense one; Mixtral, Qwen2-MoE or Qwen3-MoE for an MoE (models.hf_config.export_family),
-    routed as the manifest's ``training.router`` says. No exact form: a one-line error."""
+    routed as the manifest's ``training.router`` says. No exact form: a one-line error.
+    With `verify_hashes`, the source's files are checked against its manifest's sha256 on a
+    second thread while it is read; a mismatch fails the export before anything is committed."""
     t0 = time.time()
     load, save = Path(load), Path(save)
     args = read_args(load)
@@ -237,7 +245,7 @@ def megatron_to_hf(
             load,
         )
     dt = to_dtype(dtype or src.get("dtype", "fp32"))
-    check_target(save, overwrite)
+    check_target(save, overwrite, sources=[load])
     if not is_checkpoint(load):
         raise BTXError(f"{load}: not a megatron-core distributed checkpoint (no metadata.json)")
     with runtime.single_process():
@@ -247,6 +255,7 @@ def megatron_to_hf(
         template = tpl.flat_template(build_for_checkpoint(args, saved_dtype, variant, meta=True))
         reader = PartialReader(load)
         plan = [(name, shape, dt) for name, shape in adapter.hf_shapes()]
+        source_check = integrity.BackgroundCheck(load, verify_hashes)
         try:
             with atomic_folder(save, overwrite) as tmp:
                 writer = StreamingSafetensorsWriter(tmp, plan, max_shard_bytes)
@@ -286,8 +295,11 @@ def megatron_to_hf(
                         }
                     ],
                     tokenizer={"files": tok},
+                    files=integrity.hash_tree(tmp),
                 )
+                source_check.result()  # a changed source file: nothing is committed
         finally:
+            source_check.close()
             reader.close()
     log.info("exported %s -> %s in %.1fs", load, save, time.time() - t0)
     return m
@@ -318,14 +330,22 @@ def run_cli(fn, argv: list[str] | None, desc: str, extra=None) -> int:
     ns = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     kwargs = {k: v for k, v in vars(ns).items()}
+    for flag in ("tp", "pp", "ep"):
+        if kwargs[flag] < 1:
+            print(f"error: --{flag} {kwargs[flag]} must be >= 1", file=sys.stderr)
+            return 2
     if "max_shard_gb" in kwargs:
-        kwargs["max_shard_bytes"] = int(kwargs.pop("max_shard_gb") * 1024**3)
-    try:
+        gb = kwargs.pop("max_shard_gb")
+        if not math.isfinite(gb) or gb <= 0:
+            print(f"error: --max-shard-gb {gb} must be a number > 0", file=sys.stderr)
+            return 2
+        kwargs["max_shard_bytes"] = max(1, int(gb * 1024**3))
+
+    def convert() -> int:
         fn(**kwargs)
-    except BTXError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
+        return 0
+
+    return run_command(convert)
 
 
 def hf_to_megatron_main(argv: list[str] | None = None) -> int:
@@ -340,6 +360,12 @@ def hf_to_megatron_main(argv: list[str] | None = None) -> int:
 def megatron_to_hf_main(argv: list[str] | None = None) -> int:
     def extra(p):
         p.add_argument("--max-shard-gb", type=float, default=2.0, help="safetensors shard size")
+        p.add_argument(
+            "--no-verify-hashes",
+            dest="verify_hashes",
+            action="store_false",
+            help="do not check the source's files against its manifest's sha256 (faster)",
+        )
 
     return run_cli(
         megatron_to_hf,

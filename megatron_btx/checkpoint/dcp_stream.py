@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import math
 import os
 import pickle
 import uuid
@@ -30,6 +31,7 @@ from typing import Any
 import torch
 
 from megatron_btx.checkpoint.direct_io import DirectWriter, WriteBehind
+from megatron_btx.checkpoint.safe_pickle import load_dcp_metadata, torch_load
 from megatron_btx.errors import BTXError
 
 
@@ -77,8 +79,9 @@ class StreamingDCPWriter:
     the next part; :meth:`finish` waits for them. Use it as a context manager (or call
     :meth:`close`) so that the thread also stops when the caller fails half way."""
 
-    def __init__(self, folder: str | Path, write_behind_mb: int = 128):
+    def __init__(self, folder: str | Path, write_behind_mb: int = 128, sha256: bool = True):
         self.folder = Path(folder)
+        self.sha256 = sha256  # each data file's digest, computed as it is written
         chunk = 16 * 1024 * 1024
         self._behind = WriteBehind(chunk, depth=max(1, write_behind_mb * 1024 * 1024 // chunk - 1))
         self._tensor_md: dict[str, Any] = {}
@@ -141,7 +144,8 @@ class StreamingDCPWriter:
         self._nfiles += 1
         transforms = _StorageWriterTransforms()
         start = self.bytes_written
-        with DirectWriter(self.folder / name, behind=self._behind) as stream, _no_zip_crc32():
+        stream = DirectWriter(self.folder / name, behind=self._behind, sha256=self.sha256)
+        with stream, _no_zip_crc32():
             for obj in objects:  # bytes first, then tensors: megatron-core's order
                 fqn = obj.unique_key
                 if fqn in self._bytes_md:
@@ -275,20 +279,15 @@ class StreamingDCPWriter:
 
 
 def read_metadata(folder: str | Path):
-    """The DCP `.metadata` of a torch_dist checkpoint (keys, global shapes, dtypes, chunks)."""
-    from torch.distributed.checkpoint import FileSystemReader
-
+    """The DCP `.metadata` of a torch_dist checkpoint (keys, global shapes, dtypes, chunks),
+    read with the restricted unpickler (:mod:`megatron_btx.checkpoint.safe_pickle`): a
+    tampered file is refused, never run."""
     folder = Path(folder)
     if not (folder / ".metadata").is_file():
         raise BTXError(
             f"{folder}: no .metadata; not a complete torch_dist checkpoint (an interrupted save?)"
         )
-    try:
-        return FileSystemReader(str(folder)).read_metadata()
-    except Exception as e:  # pickle/IO errors: name the file
-        raise BTXError(
-            f"{folder}/.metadata: cannot be read ({e}); the checkpoint is corrupt"
-        ) from e
+    return load_dcp_metadata(folder / ".metadata")
 
 
 class PartialReader:
@@ -322,6 +321,12 @@ class PartialReader:
                 fd = self._fds[info.relative_path] = os.open(path, os.O_RDONLY)
             except OSError as e:
                 raise BTXError(f"{path}: cannot open checkpoint data file ({e})") from e
+        size = os.fstat(fd).st_size
+        if info.offset + info.length > size:
+            raise BTXError(
+                f"{self.folder / info.relative_path}: truncated (a chunk ends at byte "
+                f"{info.offset + info.length}, the file has {size})"
+            )
         buf = bytearray(info.length)
         view = memoryview(buf)
         got = 0
@@ -362,10 +367,17 @@ class PartialReader:
             hi = [min(o + s, co + cs) for o, s, co, cs in zip(offsets, sizes, c.offsets, c.sizes)]
             if any(h <= l for l, h in zip(lo, hi)):
                 continue
-            info = self.md.storage_data[MetadataIndex(key, c.offsets)]
+            info = self.md.storage_data.get(MetadataIndex(key, c.offsets))
+            if info is None:
+                raise BTXError(f"{self.folder}: tensor {key!r} has a chunk with no data; corrupt")
             blob = self._read_blob(info)
-            t = torch.load(io.BytesIO(blob), map_location="cpu", weights_only=True)
+            t = torch_load(blob, f"{self.folder / info.relative_path} (tensor {key!r})")
             del blob
+            if not isinstance(t, torch.Tensor) or t.numel() != math.prod(c.sizes):
+                raise BTXError(
+                    f"{self.folder / info.relative_path}: the chunk of {key!r} at "
+                    f"{tuple(c.offsets)} is not a tensor of {tuple(c.sizes)}; corrupt"
+                )
             if tuple(t.shape) != tuple(c.sizes):
                 t = t.reshape(tuple(c.sizes))
             src = t[tuple(slice(l - co, h - co) for l, h, co in zip(lo, hi, c.offsets))]

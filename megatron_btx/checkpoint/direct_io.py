@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import hashlib
 import mmap
 import os
 import queue
@@ -26,6 +27,32 @@ from collections.abc import Callable
 from pathlib import Path
 
 _ALIGN = 4096  # the largest logical block size O_DIRECT asks for on Linux
+
+
+#: sha256 of the files DirectWriters of this process wrote, by (device, inode), with the size
+#: and modification time they had when closed (see :func:`written_digest`)
+_DIGESTS: dict[tuple[int, int], tuple[int, int, str]] = {}
+_DIGESTS_LOCK = threading.Lock()
+
+
+def _remember_digest(fd: int, path: Path, digest: str) -> None:
+    st = os.fstat(fd)
+    with _DIGESTS_LOCK:
+        _DIGESTS[(st.st_dev, st.st_ino)] = (st.st_size, st.st_mtime_ns, digest)
+
+
+def written_digest(path: str | Path) -> str | None:
+    """The sha256 of `path` if a DirectWriter of this process wrote it and it has not changed
+    since (same inode, size and modification time; a rename keeps all three), else None."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    with _DIGESTS_LOCK:
+        known = _DIGESTS.get((st.st_dev, st.st_ino))
+    if known is None or known[:2] != (st.st_size, st.st_mtime_ns):
+        return None
+    return known[2]
 
 
 class WriteBehind:
@@ -132,7 +159,8 @@ class WriteBehind:
 
 
 class DirectWriter:
-    """A write-only, sequential binary file (write/tell/flush/close), `with`-able.
+    """A write-only, sequential binary file (write/tell/flush/close), `with`-able; with
+    `sha256`, its digest is computed as it is written (see :func:`written_digest`).
 
     Alone it has its own :class:`WriteBehind` (`chunk` bytes per request, `depth` in flight) and
     `close` waits for its data. Given a shared `behind`, `close` only queues the file's last
@@ -145,6 +173,7 @@ class DirectWriter:
         chunk: int = 16 * 1024 * 1024,
         depth: int = 2,
         behind: WriteBehind | None = None,
+        sha256: bool = True,
     ):
         self.path = Path(path)
         self._own = behind is None
@@ -167,6 +196,9 @@ class DirectWriter:
         self._fill = 0  # bytes staged in self._buf
         self._base = 0  # file offset of self._buf[0]
         self._closed = False
+        # sha256 of the bytes as they are written, on the writer thread (which mostly waits for
+        # the disk): the checkpoint's manifest records it without reading the file back
+        self._sha256 = hashlib.sha256() if sha256 else None
 
     @property
     def direct(self) -> bool:
@@ -185,6 +217,8 @@ class DirectWriter:
     def _write_block(self, buf: mmap.mmap, n: int, offset: int) -> None:
         with memoryview(buf) as whole:
             view = whole[:n]
+            if self._sha256 is not None:  # blocks run in file order on the one writer thread
+                self._sha256.update(view)
             aligned = n - n % _ALIGN if self._dfd >= 0 else 0
             if aligned:
                 try:
@@ -199,6 +233,9 @@ class DirectWriter:
                 self._pwrite_all(self._fd, view[aligned:], offset + aligned)
 
     def _close_fds(self) -> None:
+        if self._fd >= 0 and self._sha256 is not None and not self._behind.failed:
+            with contextlib.suppress(OSError):
+                _remember_digest(self._fd, self.path, self._sha256.hexdigest())
         for fd in (self._dfd, self._fd):
             if fd >= 0:
                 with contextlib.suppress(OSError):

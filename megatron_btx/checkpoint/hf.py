@@ -40,8 +40,17 @@ ST_NAMES = {dtype: name for name, dtype in ST_DTYPES.items()}
 HF_DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
 
 
+#: bytes per element of every safetensors dtype (the header is validated against these; only
+#: ST_DTYPES can be read)
+ST_ITEMSIZE = dict(F64=8, F32=4, F16=2, BF16=2, I64=8, I32=4, I16=2, I8=1, U64=8, U32=4, U16=2)
+ST_ITEMSIZE.update(U8=1, BOOL=1, F8_E4M3=1, F8_E5M2=1)
+#: the safetensors library's own limit on the JSON header
+MAX_HEADER_BYTES = 100 * 1024 * 1024
+
+
 def _read_header(path: Path) -> tuple[int, dict]:
-    """Validate the header and the data length, so a truncated file is named, not mis-read.
+    """Read and validate the whole header before anything is allocated from it (see
+    :func:`check_header`), so a truncated, corrupt or hostile file is named, not mis-read.
     Returns (byte offset of the data, header)."""
     try:
         size = path.stat().st_size
@@ -50,19 +59,69 @@ def _read_header(path: Path) -> tuple[int, dict]:
             if len(head) < 8:
                 raise ValueError("file shorter than the 8-byte header length")
             (n,) = struct.unpack("<Q", head)
-            if n > size - 8:
+            if n > size - 8 or n > MAX_HEADER_BYTES:
                 raise ValueError(f"header length {n} exceeds the file size {size}")
-            header = json.loads(f.read(n))
-        end = max(
-            (v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0
-        )
-        if 8 + n + end > size:
-            raise ValueError(f"data ends at byte {8 + n + end} but the file has {size} bytes")
-    except (OSError, ValueError, KeyError, TypeError) as e:
+            header = json.loads(f.read(n).decode("utf-8"), object_pairs_hook=_no_duplicates)
+    except (OSError, ValueError, RecursionError) as e:  # JSON and UTF-8 errors are ValueErrors
         raise BTXError(
             f"{path}: corrupt or truncated safetensors file ({e}); re-download or re-save it"
         ) from e
+    check_header(path, header, size - 8 - n)
     return 8 + n, header
+
+
+def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    keys = [k for k, _ in pairs]
+    if len(set(keys)) != len(keys):
+        dup = next(k for k in keys if keys.count(k) > 1)
+        raise ValueError(f"the header names {dup!r} twice")
+    return dict(pairs)
+
+
+def check_header(path: Path, header: Any, data_bytes: int) -> None:
+    """Every tensor entry of a safetensors header is sound, or one BTXError naming the file and
+    the tensor: a known dtype, a shape of non-negative ints, `data_offsets` [start, end] with
+    start <= end and end - start = elements x dtype size, inside the file's `data_bytes`, and no
+    two tensors' bytes overlapping (so elements x size summed is at most the file's size)."""
+
+    def bad(key: str, what: str) -> BTXError:
+        return BTXError(f"{path}: tensor {key!r} {what}; the file is corrupt or not safetensors")
+
+    if not isinstance(header, dict):
+        raise BTXError(f"{path}: the safetensors header is a {type(header).__name__}, not a map")
+    if not isinstance(header.get("__metadata__", {}), dict):
+        raise BTXError(f"{path}: the safetensors header's __metadata__ is not a map")
+    spans = []
+    for key, entry in header.items():
+        if key == "__metadata__":
+            continue
+        if not isinstance(entry, dict):
+            raise bad(key, "has no dtype/shape/data_offsets entry")
+        dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
+        if not isinstance(dtype, str) or dtype not in ST_ITEMSIZE:
+            raise bad(key, f"has unknown dtype {dtype!r}")
+        if not isinstance(shape, list) or not all(_natural(d) for d in shape):
+            raise bad(key, f"has shape {shape!r} (not a list of non-negative integers)")
+        if not (isinstance(offsets, list) and len(offsets) == 2 and all(map(_natural, offsets))):
+            raise bad(key, f"has data_offsets {offsets!r} (not two non-negative integers)")
+        start, end = offsets
+        if start > end:
+            raise bad(key, f"starts at byte {start} after it ends ({end})")
+        if end > data_bytes:
+            raise bad(key, f"ends at data byte {end}, past the file's {data_bytes} data bytes")
+        need = math.prod(shape) * ST_ITEMSIZE[dtype]
+        if end - start != need:
+            raise bad(key, f"is {dtype}{shape} ({need} bytes) but data_offsets span {end - start}")
+        if end > start:  # an empty tensor holds no bytes to overlap
+            spans.append((start, end, key))
+    spans.sort()
+    for (_, first_end, first), (second_start, _, second) in zip(spans, spans[1:]):
+        if second_start < first_end:
+            raise bad(second, f"overlaps the bytes of {first!r}")
+
+
+def _natural(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
 class PreadSafetensors:
@@ -77,6 +136,8 @@ class PreadSafetensors:
             for k, v in header.items():
                 if k == "__metadata__":
                     continue
+                if k in self._where:
+                    raise BTXError(f"{f}: tensor {k!r} is also in {self._where[k][0]}")
                 b, e = v["data_offsets"]
                 self._where[k] = (Path(f), base + b, e - b, v["dtype"], list(v["shape"]))
         self._fds: dict[Path, int] = {}
@@ -149,10 +210,7 @@ class HFReader(PreadSafetensors):
         single = self.folder / SINGLE_NAME
         weight_map = None
         if index.is_file():
-            try:
-                weight_map = json.loads(index.read_text())["weight_map"]
-            except (json.JSONDecodeError, KeyError) as e:
-                raise BTXError(f"{index}: not a valid safetensors index ({e})") from e
+            weight_map = read_index(index)
             files = sorted(set(weight_map.values()))
         elif single.is_file():
             files = [SINGLE_NAME]
@@ -184,6 +242,26 @@ class HFReader(PreadSafetensors):
         return self.folder / "config.json"
 
 
+def read_index(index: Path) -> dict[str, str]:
+    """The weight map of a sharded checkpoint's index: tensor name -> shard file, every shard a
+    relative path inside the index's folder (no absolute path, no `..`), so a hostile index
+    cannot make us read (and export) a file from elsewhere."""
+    try:
+        weight_map = json.loads(index.read_bytes().decode("utf-8"))["weight_map"]
+    except (OSError, ValueError, KeyError, TypeError, RecursionError) as e:
+        raise BTXError(f"{index}: not a valid safetensors index ({e})") from e
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise BTXError(f"{index}: weight_map is not a map of tensor names to shard files")
+    for name, shard in weight_map.items():
+        parts = Path(shard).parts if isinstance(shard, str) else ()
+        if not parts or Path(shard).is_absolute() or ".." in parts or "\0" in shard:
+            raise BTXError(
+                f"{index}: tensor {name!r} is mapped to {shard!r}, outside the checkpoint "
+                f"folder; a shard must be a file beside the index"
+            )
+    return weight_map
+
+
 def copy_tokenizer(src: Path, dst: Path) -> list[str]:
     """Copy the tokenizer files that exist in `src` to `dst`; return their names."""
     copied = []
@@ -204,8 +282,10 @@ class StreamingSafetensorsWriter:
         folder: Path,
         plan: list[tuple[str, tuple[int, ...], torch.dtype]],
         max_shard_bytes: int,
+        sha256: bool = True,
     ):
         self.folder = folder
+        self.sha256 = sha256  # each shard's digest, computed as it is written
         folder.mkdir(parents=True, exist_ok=True)
         self.shards: list[list[tuple[str, tuple[int, ...], torch.dtype]]] = [[]]
         size = 0
@@ -246,7 +326,9 @@ class StreamingSafetensorsWriter:
             off += nb
         hb = json.dumps(header, separators=(",", ":")).encode()
         hb += b" " * (-len(hb) % 8)
-        self._fh = DirectWriter(self.folder / (self.names[self._shard] + ".tmp"))
+        self._fh = DirectWriter(
+            self.folder / (self.names[self._shard] + ".tmp"), sha256=self.sha256
+        )
         self._fh.write(struct.pack("<Q", len(hb)))
         self._fh.write(hb)
         self._left = [n for n, _, _ in items]

@@ -18,6 +18,8 @@ import megatron_btx
 from megatron_btx.errors import BTXError
 
 MANIFEST = "btx_manifest.json"
+#: the dtype names a manifest may record (ours, and the torch names)
+DTYPE_NAMES = ("fp32", "bf16", "fp16", "float32", "bfloat16", "float16")
 FORMAT_VERSION = 1
 
 
@@ -68,10 +70,50 @@ def read(folder: str | Path) -> dict[str, Any]:
     path = Path(folder) / MANIFEST
     if not path.is_file():
         raise BTXError(f"{folder}: no {MANIFEST}; not a checkpoint written by megatron_btx")
-    m = json.loads(path.read_text())
-    if m.get("format_version", 0) > FORMAT_VERSION:
+    try:
+        m = json.loads(path.read_bytes().decode("utf-8"))
+    except (OSError, ValueError, RecursionError) as e:  # JSON and UTF-8 errors are ValueErrors
+        raise BTXError(f"{path}: cannot be read ({e}); the checkpoint's manifest is corrupt") from e
+    if not isinstance(m, dict):
+        raise BTXError(f"{path}: holds a {type(m).__name__}, not a manifest; it is corrupt")
+    version = m.get("format_version", 0)
+    if not isinstance(version, int):
+        raise BTXError(f"{path}: format_version {version!r} is not a number; it is corrupt")
+    if version > FORMAT_VERSION:
         raise BTXError(
             f"{path}: format version {m['format_version']} is newer than this megatron_btx "
             f"understands ({FORMAT_VERSION}); upgrade megatron_btx"
         )
+    check_fields(m, str(path))
     return m
+
+
+def _natural(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def check_fields(m: dict[str, Any], where: str) -> None:
+    """The manifest entries later stages act on have the types they are read as (a corrupt or
+    hand-edited manifest is one line naming the entry, not a traceback where it is used)."""
+
+    def bad(key: str, value: Any, what: str) -> BTXError:
+        return BTXError(f"{where}: {key}={value!r} {what}; the manifest is corrupt")
+
+    for key in ("model", "layout", "moe", "files"):
+        if m.get(key) is not None and not isinstance(m[key], dict):
+            raise bad(key, m[key], "is not a mapping")
+    if m.get("dtype") is not None and m["dtype"] not in DTYPE_NAMES:
+        raise bad("dtype", m["dtype"], f"is not one of {', '.join(DTYPE_NAMES)}")
+    for key in ("step", "consumed_samples"):
+        if m.get(key) is not None and not _natural(m[key]):
+            raise bad(key, m[key], "is not a count")
+    moe = m.get("moe") or {}
+    freq = moe.get("layer_freq")
+    if freq is not None and not (isinstance(freq, list) and all(x in (0, 1) for x in freq)):
+        raise bad("moe.layer_freq", freq, "is not a list of 0/1 per layer")
+    for key in ("shared_expert_intermediate_size", "dense_ffn_hidden_size"):
+        if moe.get(key) is not None and not _natural(moe[key]):
+            raise bad(f"moe.{key}", moe[key], "is not a size")
+    files = m.get("files") or {}
+    if any(not (isinstance(k, str) and isinstance(v, str)) for k, v in files.items()):
+        raise bad("files", "...", "is not a map of file names to sha256 digests")

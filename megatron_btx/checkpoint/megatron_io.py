@@ -8,17 +8,20 @@ leaves a partial checkpoint under the final name.
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import queue
+import re
 import shutil
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed as dist
 
-from megatron_btx.checkpoint import manifest
+from megatron_btx import rundir
+from megatron_btx.checkpoint import manifest, swap
 from megatron_btx.errors import BTXError
 from megatron_btx.models.llama import LlamaArgs, MoEVariant
 from megatron_btx.rundir import MCORE_METADATA, is_checkpoint
@@ -33,49 +36,89 @@ def _barrier() -> None:
         dist.barrier()
 
 
-def check_target(save: str | Path, overwrite: bool) -> Path:
-    """Refuse to replace an existing checkpoint unless asked to."""
+def check_target(save: str | Path, overwrite: bool, sources: Iterable[str | Path] = ()) -> Path:
+    """Refuse an output folder we must not write or replace: the current directory or one above
+    it (`--save .`), a source folder, one inside a source or one holding a source, a file, and
+    (without `overwrite`) any non-empty folder; with `overwrite`, only an empty folder or one of
+    our checkpoints (it has a manifest) is replaced, never a folder of other files."""
     save = Path(save)
-    if save.exists() and any(save.iterdir()) and not overwrite:
+    target = save.resolve()
+    here = Path.cwd().resolve()
+    if target == here or target in here.parents:
+        raise BTXError(
+            f"--save {save}: is the current directory or a folder above it; name a new folder "
+            f"for the output"
+        )
+    for source in sources:
+        src = Path(source).resolve()
+        if target == src or src in target.parents or target in src.parents:
+            relation = (
+                "is" if target == src else "lies inside" if src in target.parents else "holds"
+            )
+            raise BTXError(
+                f"--save {save}: {relation} the source {source}; write the output to a folder "
+                f"of its own"
+            )
+    if not (save.exists() or save.is_symlink()):
+        return save
+    if not save.is_dir():
+        raise BTXError(f"--save {save}: is a file, not a folder; choose a folder for the output")
+    try:
+        entries = [p.name for p in save.iterdir()]
+    except OSError as e:
+        raise BTXError(f"--save {save}: cannot be read ({e.strerror})") from e
+    if entries and not overwrite:
         raise BTXError(
             f"{save}: already exists and is not empty; pass --overwrite to replace it, or "
             f"choose another --save folder"
+        )
+    if entries and manifest.MANIFEST not in entries:
+        raise BTXError(
+            f"{save}: holds files that are not a megatron_btx checkpoint (no "
+            f"{manifest.MANIFEST}); --overwrite only replaces our own outputs: remove it "
+            f"yourself or choose another --save folder"
         )
     return save
 
 
 @contextlib.contextmanager
 def atomic_folder(final: str | Path, overwrite: bool = False) -> Iterator[Path]:
-    """Yield a temporary folder beside `final`; on success rename it to `final`.
+    """Yield a temporary folder beside `final`; on success put it in place of `final`.
 
-    On an exception the temporary folder is removed and `final` is untouched. Collective-safe:
-    every rank gets the same path; rank 0 creates, renames and cleans up."""
+    Rank 0 holds the output's lock (``.NAME.lock`` beside it) throughout, so two commands never
+    write one output; under it, a replacement an earlier command left half done is finished or
+    undone first (:func:`~megatron_btx.checkpoint.swap.recover`), and `final` is checked
+    (:func:`check_target`). On an exception the temporary folder is removed and `final` is
+    untouched. The commit swaps the folders in one step where the file system can
+    (:func:`~megatron_btx.checkpoint.swap.replace_folder`), so no moment leaves no output.
+    Collective-safe: every rank gets the same path; rank 0 locks, creates, commits, cleans up."""
     final = Path(final)
-    check_target(final, overwrite)
-    tmp = final.parent / f".{final.name}.tmp"
-    if _rank() == 0:
-        final.parent.mkdir(parents=True, exist_ok=True)
-        if tmp.exists():
-            shutil.rmtree(tmp)  # left over from a crash: never trusted
-        tmp.mkdir()
-    _barrier()
-    try:
-        yield tmp
-        _barrier()
-    except BaseException:
+    lock = (
+        rundir.locked(final, "output folder", rundir.lock_path_beside(final))
+        if _rank() == 0
+        else contextlib.nullcontext()
+    )
+    with lock:
         if _rank() == 0:
-            shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    if _rank() == 0:
-        if final.exists():
-            old = final.parent / f".{final.name}.old"
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(final, old)
-            os.replace(tmp, final)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, final)
-    _barrier()
+            swap.recover(final)
+        check_target(final, overwrite)
+        tmp = swap.temporary_name(final)
+        if _rank() == 0:
+            final.parent.mkdir(parents=True, exist_ok=True)
+            if tmp.exists():
+                shutil.rmtree(tmp)  # left over from a crash: never trusted
+            tmp.mkdir()
+        _barrier()
+        try:
+            yield tmp
+            _barrier()
+        except BaseException:
+            if _rank() == 0:
+                shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        if _rank() == 0:
+            swap.replace_folder(tmp, final)
+        _barrier()
 
 
 def save_model(
@@ -102,8 +145,22 @@ def save_model(
     fa._results_queue = queue.Queue()
     try:
         dist_checkpointing.save(state, str(folder), async_sharded_save=False)
+    except BaseException as e:
+        if _disk_full(folder):  # torch's writer reports a full disk as "unexpected pos ..."
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(folder)) from e
+        raise
     finally:
         fa._results_queue = saved_queue
+
+
+def _disk_full(folder: str | Path) -> bool:
+    """Whether the file system of `folder` has (almost) no space left: less than 16 MiB free
+    right after a write into it failed means the write failed for want of space."""
+    try:
+        stats = os.statvfs(folder)
+    except OSError:
+        return False
+    return stats.f_bavail * stats.f_frsize < 16 * 1024 * 1024
 
 
 def sharded_state_dict(model: torch.nn.Module | list[torch.nn.Module]) -> dict[str, Any]:
@@ -123,8 +180,9 @@ def unwrap(model: torch.nn.Module) -> torch.nn.Module:
 def load_model(
     model: torch.nn.Module | list[torch.nn.Module], folder: str | Path, strict: bool = True
 ) -> None:
-    """Load a torch_dist checkpoint into `model` at whatever layout `model` was built with."""
-    from megatron.core import dist_checkpointing
+    """Load a torch_dist checkpoint into `model` at whatever layout `model` was built with
+    (through :mod:`megatron_btx.checkpoint.safe_dcp`: nothing in the folder runs as code)."""
+    from megatron_btx.checkpoint import safe_dcp
 
     folder = Path(folder)
     if not is_checkpoint(folder):
@@ -135,7 +193,7 @@ def load_model(
     models = model if isinstance(model, list) else [model]
     state = sharded_state_dict(models)
     check_model_keys(folder, state)
-    loaded = dist_checkpointing.load(state, str(folder))
+    loaded = safe_dcp.load(state, folder)
     for i, m in enumerate(models):
         key = "model" if len(models) == 1 else f"model{i}"
         missing, unexpected = unwrap(m).load_state_dict(loaded[key], strict=False)
@@ -187,10 +245,66 @@ def read_variant(folder: str | Path) -> MoEVariant:
     return MoEVariant.from_manifest(manifest.read(folder).get("moe"))
 
 
-def read_args(folder: str | Path) -> LlamaArgs:
-    """The model hyper-parameters recorded in a checkpoint's manifest."""
+def read_args(folder: str | Path, metadata: Any = None) -> LlamaArgs:
+    """The model hyper-parameters recorded in a checkpoint's manifest, checked against the
+    checkpoint's own tensor index (`metadata`: its DCP metadata, read when not given) before
+    anything builds a model of them (:func:`check_sizes`)."""
+    from megatron_btx.checkpoint.dcp_stream import read_metadata
+
+    args = _manifest_args(folder)
+    check_sizes(args, folder, metadata if metadata is not None else read_metadata(folder))
+    return args
+
+
+def check_sizes(args: LlamaArgs, folder: str | Path, metadata: Any) -> None:
+    """The sizes a manifest claims are those of the tensors the checkpoint holds: the
+    embedding is padded vocabulary x hidden, and there is one attention weight of the heads'
+    shapes per layer (stacked along a first axis of length layers, or one key per layer where
+    layers differ). A manifest edited to claim 100,000 layers (or a vocabulary of billions)
+    then fails here at once, instead of after minutes and gigabytes spent building a model of
+    that size (even on the meta device)."""
+    index = metadata.state_dict_metadata
+    h, layers, d = args.hidden_size, args.num_hidden_layers, args.head_dim
+    qkv = ((args.num_attention_heads + 2 * args.num_key_value_heads) * d, h)
+    proj = (h, args.num_attention_heads * d)
+    found = {"embedding.word_embeddings.weight": _shape(index, "embedding.word_embeddings.weight")}
+    want = {"embedding.word_embeddings.weight": (args.padded_vocab_size, h)}
+    for name, shape in (("linear_qkv", qkv), ("linear_proj", proj)):
+        stacked = f"decoder.layers.self_attention.{name}.weight"
+        if stacked in index:
+            found[stacked], want[stacked] = _shape(index, stacked), (layers, *shape)
+            continue
+        per_layer = re.compile(rf"decoder\.layers\.(\d+)\.self_attention\.{name}\.weight")
+        shapes = {
+            int(m.group(1)): _shape(index, key)
+            for key in index
+            if (m := per_layer.fullmatch(key)) is not None
+        }
+        key = f"decoder.layers.<i>.self_attention.{name}.weight"
+        found[key] = (len(shapes), *next(iter(set(shapes.values())), ()))
+        if len(set(shapes.values())) > 1 or sorted(shapes) != list(range(len(shapes))):
+            found[key] = None  # layers missing or of different shapes
+        want[key] = (layers, *shape)
+    for key, shape in want.items():
+        if found[key] != shape:
+            raise BTXError(
+                f"{folder}: {manifest.MANIFEST} implies {key} of shape {shape}, the checkpoint "
+                f"holds {found[key] if found[key] is not None else 'none'}; the manifest does "
+                f"not describe this checkpoint"
+            )
+
+
+def _shape(index: dict[str, Any], key: str) -> tuple[int, ...] | None:
+    entry = index.get(key)
+    return tuple(entry.size) if entry is not None and hasattr(entry, "size") else None
+
+
+def _manifest_args(folder: str | Path) -> LlamaArgs:
     m = manifest.read(folder)
+    model = m.get("model")
+    if not isinstance(model, dict):
+        raise BTXError(f"{folder}/{manifest.MANIFEST}: no 'model' entry; the manifest is corrupt")
     try:
-        return LlamaArgs.from_dict(m["model"])
-    except (KeyError, TypeError) as e:
-        raise BTXError(f"{folder}/{manifest.MANIFEST}: no valid 'model' entry ({e})") from e
+        return LlamaArgs.from_dict(model)
+    except (BTXError, ValueError, TypeError) as e:
+        raise BTXError(f"{folder}/{manifest.MANIFEST}: invalid 'model' entry ({e})") from e

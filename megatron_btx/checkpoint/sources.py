@@ -287,13 +287,13 @@ def _open_megatron(given: Path, folder: Path) -> Source:
     from megatron_btx.checkpoint.megatron_io import read_args
 
     source_manifest = manifest.read(folder)
-    args = read_args(folder)
+    metadata = read_metadata(folder)
+    args = read_args(folder, metadata)  # checked against the metadata: before any model is built
     if args.is_moe:
         raise BTXError(
             f"{given}: is already an MoE ({args.num_local_experts} experts); every source must "
             f"be a dense model"
         )
-    metadata = read_metadata(folder)
     step = source_manifest.get("step")
     if step is None:
         match = re.match(r"iter_(\d+)$", folder.name)

@@ -112,6 +112,8 @@ def _check_prefix(prefix: str, what: str) -> int:
                 f"{what}: dataset file {prefix + ext} not found; create it with `btx prepare-data` "
                 "(outputs are <prefix>_{train,valid,test}_text_document.{bin,idx}) or fix the prefix"
             )
+    if os.path.getsize(prefix + ".bin") == 0:  # an empty split: megatron cannot mmap it
+        return 0
     return len(IndexedDataset(prefix).sequence_lengths)
 
 

@@ -29,6 +29,7 @@ from megatron_btx.data.preprocess import (
     split_prefix,
 )
 from megatron_btx.data.splits import SPLITS, parse_split, split_of
+from megatron_btx.data.staging import staged_tokenizer
 from megatron_btx.data.tokenizer import (
     ROUND_TRIP_SETTINGS,
     Tokenizer,
@@ -138,23 +139,18 @@ def _up_to_date(out: Path, domains: Iterable[str], settings: dict[str, Any]) -> 
     return old if fresh and old["tokenizer"].get("sha256") == tokenizer.sha256 else None
 
 
-def _install_tokenizer(out: Path, given: Tokenizer) -> tuple[Tokenizer, str]:
-    """Copy a given tokenizer into the data folder (``tokenizer.model``, or ``tokenizer/`` for an
-    HF folder) atomically; return it loaded from there and its name in the folder."""
+def _install_tokenizer(out: Path, given: Tokenizer, staging: Path) -> tuple[Tokenizer, str]:
+    """Copy a given tokenizer into `staging` (``tokenizer.model``, or ``tokenizer/`` for an HF
+    folder; put in the data folder when every domain is done) unless it already is the folder's;
+    return it loaded and its name in the folder."""
+    name = "tokenizer.model" if given.kind == "sentencepiece" else "tokenizer"
+    if os.path.abspath(given.path) == os.path.abspath(out / name):
+        return Tokenizer(out / name), name
     if given.kind == "sentencepiece":
-        name, target = "tokenizer.model", out / "tokenizer.model"
-        if os.path.abspath(given.path) != os.path.abspath(target):
-            shutil.copyfile(given.path, str(target) + ".tmp")
-            os.replace(str(target) + ".tmp", target)
-        return Tokenizer(target), name
-    name, target = "tokenizer", out / "tokenizer"
-    if os.path.abspath(given.path) != os.path.abspath(target):
-        staging = out / f"tokenizer.tmp{os.getpid()}"
-        shutil.rmtree(staging, ignore_errors=True)
-        given.copy_to(staging)
-        shutil.rmtree(target, ignore_errors=True)
-        os.replace(staging, target)
-    return Tokenizer(target), name
+        shutil.copyfile(given.path, staging / name)
+    else:
+        given.copy_to(staging / name)
+    return Tokenizer(staging / name), name
 
 
 def _train_shared_tokenizer(
@@ -166,7 +162,8 @@ def _train_shared_tokenizer(
     max_sentences: int,
     max_read_mb: float,
 ) -> Tokenizer:
-    """Train ``out/tokenizer.model`` on a per-domain-balanced sample of the train splits."""
+    """Train ``out/tokenizer.model`` on a per-domain-balanced sample of the train splits (`out`:
+    the staging folder of :func:`~megatron_btx.data.staging.staged_tokenizer`)."""
     note(
         f"training a {vocab_size}-piece SentencePiece tokenizer on a sample of {', '.join(domains)} ..."
     )
@@ -258,32 +255,41 @@ def prepare_domains(
         return old
 
     started = time.time()
-    if given is not None:
-        tok, tok_name = _install_tokenizer(out, given)
-    else:
-        tok = _train_shared_tokenizer(
-            domains,
-            out,
-            vocab_size,
-            fractions,
-            txt_separator,
-            tokenizer_sentences,
-            tokenizer_max_read_mb,
-        )
-        tok_name = "tokenizer.model"
+    (out / "manifest.json").unlink(missing_ok=True)  # no manifest until the folder is whole again
+    with staged_tokenizer(out) as staging:  # in place once every domain is done, else removed
+        if given is not None:
+            tok, tok_name = _install_tokenizer(out, given, staging)
+        else:
+            tok = _train_shared_tokenizer(
+                domains,
+                staging,
+                vocab_size,
+                fractions,
+                txt_separator,
+                tokenizer_sentences,
+                tokenizer_max_read_mb,
+            )
+            tok_name = "tokenizer.model"
 
-    results = _prepare_each(domains, out, tok, fractions, workers, txt_separator)
-    mixed = None
-    if mixed_tokens:
-        from megatron_btx.data.mixed import prepare_mixed
+        results = _prepare_each(domains, out, tok, fractions, workers, txt_separator)
+        mixed = None
+        if mixed_tokens:
+            from megatron_btx.data.mixed import prepare_mixed
 
-        mixed = prepare_mixed(
-            domains, out, tok, fractions, txt_separator, seed=mixed_seed, target_tokens=mixed_tokens
-        )
+            mixed = prepare_mixed(
+                domains,
+                out,
+                tok,
+                fractions,
+                txt_separator,
+                seed=mixed_seed,
+                target_tokens=mixed_tokens,
+            )
+        tokenizer_entry = _tokenizer_entry(tok, tok_name)
     manifest = {
         "settings": settings,
         "mixed": mixed,
-        "tokenizer": _tokenizer_entry(tok, tok_name),
+        "tokenizer": tokenizer_entry,
         "split": fractions,
         "domains": results,
         "eos_appended": True,

@@ -39,9 +39,10 @@ from typing import IO, Any
 
 import numpy
 
-from megatron_btx.data.splits import SPLITS, parse_split, split_of
+from megatron_btx.data.splits import SPLITS, check_split_sizes, parse_split, split_of
+from megatron_btx.data.staging import output_lock
 from megatron_btx.data.tokenizer import Tokenizer, train_sentencepiece
-from megatron_btx.errors import BTXError
+from megatron_btx.errors import BTXError, run_command
 from megatron_btx.progress import note
 
 logger = logging.getLogger(__name__)
@@ -359,18 +360,11 @@ def preprocess_files(
                 f"{stats.skipped} skipped); give .txt files (one document each) or .jsonl with a "
                 "'text' field per line"
             )
+        check_split_sizes(label, writers.documents, fractions)  # before anything is committed
         paths = writers.commit()
     except BaseException:
         writers.abort()
         raise
-    for s in SPLITS:
-        if writers.documents[s] == 0 and (s == "train" or fractions.get(s, 0.0) > 0):
-            warnings.warn(
-                f"{label}: the {s} split is empty ({writers.documents} documents per split); "
-                "give more documents or raise its --split fraction",
-                DataWarning,
-                stacklevel=2,
-            )
     seconds = time.time() - started
     note(
         f"{label}: {stats.documents} docs ({stats.skipped} skipped, {stats.problems} problems) -> "
@@ -586,15 +580,17 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``btx prepare-data`` and ``tools/preprocess_data.py``; returns the exit code.
 
-    User errors (BTXError) are printed as one ``error:`` line and give exit code 2.
+    User errors (BTXError, a full disk) are printed as one ``error:`` line and give exit code 2;
+    the output is locked while it is written.
     """
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    try:
+    return run_command(_run_locked, args)
+
+
+def _run_locked(args: argparse.Namespace) -> int:
+    with output_lock(args.output_dir, args.output_prefix):  # one writer per output
         run(args)
-    except BTXError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
     return 0
 
 

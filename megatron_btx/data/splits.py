@@ -66,3 +66,25 @@ def parse_split(spec: str | dict[str, float] | None) -> dict[str, float]:
             f"--split: test={test} and valid={valid} must be >= 0 and sum to less than 1"
         )
     return {"test": test, "valid": valid}
+
+
+def check_split_sizes(label: str, documents: dict[str, int], fractions: dict[str, float]) -> None:
+    """Every split that is meant to hold documents holds some: the train split always, valid and
+    test when their fraction is above 0. An empty one is an error at preparation (one line naming
+    the domain, the split and the fix), not a crash in training ("cannot mmap an empty file") or
+    an evaluation on nothing; a split given fraction 0 stays empty on purpose, and training skips
+    validation on it with a warning."""
+    total = sum(documents.values())
+    for split in SPLITS:
+        wanted = split == "train" or fractions.get(split, 0.0) > 0
+        if wanted and documents.get(split, 0) == 0:
+            fix = (
+                "lower the valid and test fractions"
+                if split == "train"
+                else f"raise its fraction (e.g. --split {split}=0.1) or set it to 0 for no {split} split"
+            )
+            raise BTXError(
+                f"{label}: the {split} split is empty ({total} documents in all, split "
+                f"test={fractions.get('test', 0.0)} valid={fractions.get('valid', 0.0)}); give "
+                f"more documents or {fix}"
+            )

@@ -29,9 +29,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import yaml
 
-from megatron_btx.errors import BTXError
+from megatron_btx.errors import BTXError, run_command
 
 log = logging.getLogger(__name__)
 
@@ -47,13 +46,14 @@ def run_models(run_dir: Path) -> tuple[Any, list, dict[str, dict[str, Any]]]:
     """(BTX config, stages, model name -> {checkpoint, stages: [names], kind, ...}), from the
     run's plan.json: every stage there names the checkpoint it leaves and, for an MoE, its
     router; the plan names the seed checkpoint."""
+    from megatron_btx.config import read_yaml
     from megatron_btx.pipeline import config as btx_config
     from megatron_btx.pipeline import plan as plan_mod
 
     cfg_path = run_dir / "btx.yaml"
     if not cfg_path.is_file():
         raise BTXError(f"{run_dir}: no btx.yaml (not a btx run directory; start it with btx run)")
-    cfg = btx_config.load(yaml.safe_load(cfg_path.read_text()))
+    cfg = btx_config.load(read_yaml(cfg_path))
     plan = plan_mod.read_plan_file(run_dir)
     by_name = plan.by_name()
     models: dict[str, dict[str, Any]] = {}
@@ -406,28 +406,28 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING)
     for name in ("megatron", "megatron.core"):
         logging.getLogger(name).setLevel(logging.ERROR)
-    try:
-        from megatron_btx.eval import lm_eval  # --lm-eval: checked before the perplexity eval
+    return run_command(_evaluate, args)
 
-        lm_tasks = lm_eval.requested_tasks(args.lm_eval, args.lm_eval_tasks_dir)
-        res = evaluate_run(
-            args.run_dir, args.tokens_per_domain, args.split, args.models, args.out, args.device
+
+def _evaluate(args: argparse.Namespace) -> int:
+    from megatron_btx.eval import lm_eval  # --lm-eval: checked before the perplexity eval
+
+    lm_tasks = lm_eval.requested_tasks(args.lm_eval, args.lm_eval_tasks_dir)
+    res = evaluate_run(
+        args.run_dir, args.tokens_per_domain, args.split, args.models, args.out, args.device
+    )
+    out = Path(args.out) if args.out else Path(args.run_dir) / "eval"
+    if lm_tasks:  # downstream tasks on each model's HF export
+        models = run_models(Path(args.run_dir).resolve())[2]
+        lm_eval.evaluate_run_models(
+            res, models, out, lm_tasks, args.lm_eval_tasks_dir, args.lm_eval_limit, _progress
         )
-        out = Path(args.out) if args.out else Path(args.run_dir) / "eval"
-        if lm_tasks:  # downstream tasks on each model's HF export
-            models = run_models(Path(args.run_dir).resolve())[2]
-            lm_eval.evaluate_run_models(
-                res, models, out, lm_tasks, args.lm_eval_tasks_dir, args.lm_eval_limit, _progress
-            )
-    except BTXError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
     if not args.no_table:
         print((out / "results.md").read_text())
     bad = [m for m, r in res["models"].items() if not np.isfinite(r["mean"])]
     if bad:
         print(f"error: non-finite perplexity for {', '.join(bad)}", file=sys.stderr)
-        return 1
+        return 2
     return 0
 
 

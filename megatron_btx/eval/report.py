@@ -171,7 +171,7 @@ def claims_md(claims: dict[str, Any]) -> str:
             parts = [f"vs {k} {_diff(v)}" for k, v in g["versus"].items()]
             out.append(f"  - {group}: **{mark(g['holds'])}** ({'; '.join(parts)})")
     c = claims.get("routing_to_own_expert")
-    if c:
+    if c and c["per_domain"]:
         parts = [
             f"{d}: own {v['own_share']:.0%} (top: {v['top_expert']})"
             for d, v in c["per_domain"].items()

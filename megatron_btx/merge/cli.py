@@ -5,9 +5,8 @@ from __future__ import annotations
 
 import argparse
 import logging
-import sys
 
-from megatron_btx.errors import BTXError
+from megatron_btx.errors import run_command
 from megatron_btx.merge.run import merge
 from megatron_btx.merge.settings import MergeSettings
 
@@ -158,6 +157,19 @@ def _outputs(p: argparse.ArgumentParser) -> None:
         action="store_true",
         help="re-read the output and check it against the sources before committing",
     )
+    p.add_argument(
+        "--no-verify-hashes",
+        dest="verify_hashes",
+        action="store_false",
+        help="do not check megatron sources' files against their manifests' sha256",
+    )
+    p.add_argument(
+        "--no-hash-output",
+        dest="hash_output",
+        action="store_false",
+        help="do not record the output files' sha256 in its manifest (saves ~1 s of CPU per "
+        "2 GB written; `btx verify` then has nothing to check)",
+    )
     p.add_argument("--overwrite", action="store_true", help="replace existing output folders")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
@@ -165,11 +177,11 @@ def _outputs(p: argparse.ArgumentParser) -> None:
 def main(argv: list[str] | None = None) -> int:
     ns = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    try:
-        written = merge(MergeSettings.from_args(ns))
-    except BTXError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    return run_command(_merge, ns)
+
+
+def _merge(ns: argparse.Namespace) -> int:
+    written = merge(MergeSettings.from_args(ns))
     record = written["merge"]
     print(
         f"wrote {ns.save}: {record['num_experts']} experts (top-{record['top_k']}), "

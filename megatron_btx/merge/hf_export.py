@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from megatron_btx.checkpoint import manifest
+from megatron_btx.checkpoint import integrity, manifest
 from megatron_btx.checkpoint.families import export_adapter
 from megatron_btx.checkpoint.hf import StreamingSafetensorsWriter, copy_tokenizer, write_hf_config
 from megatron_btx.checkpoint.mapping import EMB, OUT, StateDictAdapter
@@ -46,13 +46,17 @@ class HFExport:
         overwrite: bool,
         stack: contextlib.ExitStack,
         variant: MoEVariant | None = None,
+        hash_files: bool = True,
     ):
         self.args = args
+        self.hash_files = hash_files
         self.dtype = dtype
         self.adapter = check_exportable(args, variant or MoEVariant())
         self.tmp = stack.enter_context(atomic_folder(folder, overwrite))
         plan = [(name, shape, dtype) for name, shape in self.adapter.hf_shapes()]
-        self.writer = StreamingSafetensorsWriter(self.tmp, plan, int(shard_gb * 1024**3))
+        self.writer = StreamingSafetensorsWriter(
+            self.tmp, plan, int(shard_gb * 1024**3), sha256=hash_files
+        )
 
     def add_global(self, name: str, tensor: torch.Tensor) -> None:
         """A global tensor in megatron form (embedding and output padded)."""
@@ -73,4 +77,5 @@ class HFExport:
         write_hf_config(self.tmp, self.adapter.hf_config(), self.dtype)
         if tokenizer is not None and tokenizer.folder is not None:
             copy_tokenizer(tokenizer.folder, self.tmp)
-        manifest.write(self.tmp, kind=f"hf_{self.adapter.family}", **fields)
+        files = integrity.hash_tree(self.tmp) if self.hash_files else None
+        manifest.write(self.tmp, kind=f"hf_{self.adapter.family}", **fields, files=files)

@@ -25,7 +25,7 @@ from typing import Any
 import torch
 
 from megatron_btx import progress, runtime
-from megatron_btx.checkpoint import manifest
+from megatron_btx.checkpoint import integrity, manifest
 from megatron_btx.checkpoint import template as tpl
 from megatron_btx.checkpoint.dcp_stream import StreamingDCPWriter
 from megatron_btx.checkpoint.hf import copy_tokenizer
@@ -70,9 +70,9 @@ def merge(settings: MergeSettings) -> dict[str, Any]:
     """Merge dense sources into one MoE torch_dist checkpoint; returns the manifest written."""
     t0 = time.time()
     settings.validate()
-    check_target(settings.save, settings.overwrite)
+    check_target(settings.save, settings.overwrite, settings.source_paths)
     if settings.export_hf is not None:
-        check_target(settings.export_hf, settings.overwrite)
+        check_target(settings.export_hf, settings.overwrite, settings.source_paths)
     sources: list[Source] = []
     try:
         for path in settings.source_paths:
@@ -178,7 +178,7 @@ class MergeJob:
                 build_for_checkpoint(self.out_args, self.dtype, self.variant, meta=True)
             )
             with contextlib.ExitStack() as stack:
-                writer = stack.enter_context(StreamingDCPWriter(tmp))
+                writer = stack.enter_context(StreamingDCPWriter(tmp, sha256=settings.hash_output))
                 export = None
                 if settings.export_hf is not None:
                     export = HFExport(
@@ -189,6 +189,7 @@ class MergeJob:
                         settings.overwrite,
                         stack,
                         self.variant,
+                        settings.hash_output,
                     )
                 stream = LayerStream(self, template, writer, export)
                 with _threads_beside_hashing(self.hash_jobs):
@@ -236,6 +237,9 @@ class MergeJob:
     def _manifest_fields(self, tmp: Path, tok_files: list[str], lineage) -> dict[str, Any]:
         settings, plan = self.settings, self.plan
         hashes = {read: job.result() for read, job in self.hash_jobs.items()}
+        for read, first in self.reads.first.items():
+            if settings.verify_hashes:  # sources with a manifest that records hashes
+                integrity.check_source(self.sources[first].folder, hashes[read])
         centroid = plan.router_init == "centroid"
         record = {
             "experts": [str(s.given) for s in self.sources[: len(settings.experts)]],
@@ -269,6 +273,7 @@ class MergeJob:
                 for index in range(len(self.sources))
             ],
             "merge": record,
+            "files": integrity.hash_tree(tmp) if settings.hash_output else None,
             "tokenizer": {
                 "files": tok_files,
                 "sha256": manifest.sha256_folder(tmp / TOKENIZER_DIR) if tok_files else {},

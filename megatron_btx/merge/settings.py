@@ -48,6 +48,10 @@ class MergeSettings:
     export_hf: str | None = None
     hf_shard_gb: float = 1.0
     verify: bool = False
+    #: check each source's files against the sha256 its manifest records
+    verify_hashes: bool = True
+    #: record the sha256 of every output file (hashed as written: ~1 s of CPU per 2 GB)
+    hash_output: bool = True
     overwrite: bool = False
     progress: bool = True
 
@@ -89,11 +93,10 @@ class MergeSettings:
                 raise BTXError(f"{flag} {value} must be >= 1")
         if self.seed_as_shared_expert and self.seed is None:
             raise BTXError("--seed-as-shared-expert needs --seed")
-        if (
-            self.export_hf is not None
-            and Path(self.export_hf).resolve() == Path(self.save).resolve()
-        ):
-            raise BTXError("--export-hf must be a different folder from --save")
+        if self.export_hf is not None:
+            export, save = Path(self.export_hf).resolve(), Path(self.save).resolve()
+            if export == save or save in export.parents or export in save.parents:
+                raise BTXError("--export-hf must be a folder apart from --save (not in it)")
 
     def recorded(self) -> dict:
         """The settings as the output manifest records them (paths as given)."""

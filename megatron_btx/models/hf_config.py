@@ -121,7 +121,7 @@ def parse(cfg: dict[str, Any], source: str = "config.json") -> HFModel:
     }
     try:
         args = LlamaArgs(rope_theta=float(theta), rope_scaling=scaling, **fields)
-    except (TypeError, BTXError) as e:
+    except (TypeError, ValueError, BTXError) as e:  # ValueError: rope_theta "abc"
         raise BTXError(f"{source}: {e}") from e
     return HFModel(args, variant, arch)
 

@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from megatron_btx.errors import BTXError
+from megatron_btx.models.arg_checks import check_llama_fields
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +71,7 @@ class LlamaArgs:
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        check_llama_fields(self)  # types and ranges first: one line naming a bad field
         if self.num_key_value_heads is None:
             self.num_key_value_heads = self.num_attention_heads
         if self.head_dim is None:
@@ -152,10 +154,15 @@ class LlamaArgs:
         if not path.is_file():
             raise BTXError(f"{path}: config.json not found; an HF checkpoint folder needs one")
         try:
-            cfg = json.loads(path.read_text())
-        except json.JSONDecodeError as e:
+            cfg = json.loads(path.read_bytes().decode("utf-8"))
+        except (OSError, ValueError, RecursionError) as e:  # JSON and UTF-8 errors
             raise BTXError(f"{path}: not valid JSON ({e}); re-save the config") from e
-        return cls.from_hf_dict(cfg, str(path))
+        if not isinstance(cfg, dict):
+            raise BTXError(f"{path}: the top level is a {type(cfg).__name__}, not a JSON object")
+        try:
+            return cls.from_hf_dict(cfg, str(path))
+        except (BTXError, ValueError, TypeError) as e:  # a bad field's value: name the file
+            raise (e if str(path) in str(e) else BTXError(f"{path}: {e}")) from None
 
     def to_hf_dict(self) -> dict[str, Any]:
         """An HF config.json of the model's family (dense), or of the MoE family a Mixtral-shaped

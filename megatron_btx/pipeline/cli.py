@@ -9,7 +9,8 @@ import sys
 import time
 from pathlib import Path
 
-from megatron_btx.errors import BTXError
+from megatron_btx import rundir
+from megatron_btx.errors import BTXError, run_command
 
 
 def _run_parser() -> argparse.ArgumentParser:
@@ -43,43 +44,47 @@ def _run_parser() -> argparse.ArgumentParser:
 
 
 def run_main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    return run_command(_run, argv)
+
+
+def _run(argv: list[str]) -> int:
+    from megatron_btx.pipeline import config as btx_config
     from megatron_btx.pipeline import local, plan
 
-    argv = list(sys.argv[1:] if argv is None else argv)
     args, rest = _run_parser().parse_known_args(argv)
-    try:
-        from megatron_btx.pipeline import config as btx_config
+    cfg = btx_config.load(args.config, rest or None)
+    if args.run_dir is not None:
+        cfg.run_dir = args.run_dir
+    with rundir.locked(cfg.run_dir, "run directory"):
+        return _run_locked(args, cfg, local, plan)
 
-        cfg = btx_config.load(args.config, rest or None)
-        stages = plan.build_plan(cfg, args.run_dir)
-        run_dir = cfg.run_dir
-        if args.only:
-            unknown = [n for n in args.only if n not in {s.name for s in stages}]
-            if unknown:
-                raise BTXError(
-                    f"--only {unknown[0]}: no such stage (stages: "
-                    f"{', '.join(s.name for s in stages)})"
-                )
-        print(
-            f"[btx run] plan: {len(stages)} stages in {run_dir} (btx status {run_dir})", flush=True
-        )
-        for s in stages:
-            extra = (
-                f"  {s.steps} steps, {s.tokens:,} tokens, {plan.fmt_flops(s.flops)} FLOPs"
-                if s.kind == "train"
-                else ""
+
+def _run_locked(args: argparse.Namespace, cfg, local, plan) -> int:
+    """Plan and execute the run (holding the run directory's lock)."""
+    stages = plan.build_plan(cfg, args.run_dir)
+    run_dir = cfg.run_dir
+    if args.only:
+        unknown = [n for n in args.only if n not in {s.name for s in stages}]
+        if unknown:
+            raise BTXError(
+                f"--only {unknown[0]}: no such stage (stages: {', '.join(s.name for s in stages)})"
             )
-            dep = f" <- {', '.join(s.deps)}" if s.deps else ""
-            print(f"  {s.name:<26} {s.kind:<6}{extra}{dep}", flush=True)
-        if args.dry_run:
-            for s in stages:
-                print(f"btx {' '.join(s.argv)}")
-            return 0
-        ex = local.LocalExecutor(stages, run_dir, args.parallel, args.threads, args.quiet)
-        rc = ex.execute(args.only)
-    except BTXError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+    print(f"[btx run] plan: {len(stages)} stages in {run_dir} (btx status {run_dir})", flush=True)
+    for s in stages:
+        extra = (
+            f"  {s.steps} steps, {s.tokens:,} tokens, {plan.fmt_flops(s.flops)} FLOPs"
+            if s.kind == "train"
+            else ""
+        )
+        dep = f" <- {', '.join(s.deps)}" if s.deps else ""
+        print(f"  {s.name:<26} {s.kind:<6}{extra}{dep}", flush=True)
+    if args.dry_run:
+        for s in stages:
+            print(f"btx {' '.join(s.argv)}")
+        return 0
+    ex = local.LocalExecutor(stages, run_dir, args.parallel, args.threads, args.quiet)
+    rc = ex.execute(args.only)
     table = Path(run_dir) / "eval" / "results.md"
     if rc == 0 and table.is_file() and not args.only:
         print("\n" + table.read_text(), flush=True)
@@ -108,7 +113,7 @@ def _progress(stage, run_dir: Path) -> str:
         with open(Path(stage.workdir) / "metrics.jsonl") as f:
             for line in f:
                 ev = json.loads(line)
-                if ev.get("event") in ("train", "checkpoint", "end"):
+                if isinstance(ev, dict) and ev.get("event") in ("train", "checkpoint", "end"):
                     step = ev.get("step", step)
     except (OSError, ValueError):
         return ""
@@ -141,20 +146,28 @@ def stage_states(run_dir: str | os.PathLike[str]) -> list[dict]:
         running = _read(stages_dir / f"{s.name}.running")
         failed = _read(stages_dir / f"{s.name}.failed")
         if s.name in valid and marker:
-            row.update(state="done", started=marker.get("started"), seconds=marker.get("seconds"))
+            row.update(
+                state="done",
+                started=_text(marker.get("started")),
+                seconds=_number(marker.get("seconds")),
+            )
         elif running:
-            alive = running.get("host") != socket.gethostname() or _pid_alive(running["pid"])
+            pid = running.get("pid")
+            alive = running.get("host") != socket.gethostname() or (
+                isinstance(pid, int) and not isinstance(pid, bool) and pid > 0 and _pid_alive(pid)
+            )
+            start_time = _number(running.get("start_time"))
             row.update(
                 state="running" if alive else "interrupted",
-                started=running.get("started"),
-                seconds=round(time.time() - running.get("start_time", time.time()), 1),
+                started=_text(running.get("started")),
+                seconds=None if start_time is None else round(time.time() - start_time, 1),
                 detail=_progress(s, run),
             )
         elif failed:
             row.update(
                 state="failed",
-                seconds=failed.get("seconds"),
-                detail=f"{failed.get('reason')} (log {failed.get('log')})",
+                seconds=_number(failed.get("seconds")),
+                detail=f"{_text(failed.get('reason'))} (log {_text(failed.get('log'))})",
             )
         elif marker:
             row.update(state="stale", detail="done before a stage it needs was redone")
@@ -166,25 +179,38 @@ def stage_states(run_dir: str | os.PathLike[str]) -> list[dict]:
     return out
 
 
+def _number(value) -> float | None:
+    """A number from a hand-editable record, or None (a string or list there is not one)."""
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+    return float(value) if ok and value == value else None
+
+
+def _text(value) -> str | None:
+    return value if isinstance(value, str) else None if value is None else repr(value)
+
+
 def _read(path: Path) -> dict | None:
+    """A stage's .running / .failed record; None when missing or not a readable JSON object
+    (a hand-edited or half-written file is treated as absent)."""
     try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
+        record = json.loads(path.read_bytes().decode("utf-8"))
+    except (OSError, ValueError, RecursionError):
         return None
+    return record if isinstance(record, dict) else None
 
 
 def status_main(argv: list[str] | None = None) -> int:
-    from megatron_btx.pipeline import plan
-
     p = argparse.ArgumentParser(prog="btx status", description="Show each stage of a BTX run.")
     p.add_argument("run_dir")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     args = p.parse_args(argv)
-    try:
-        rows = stage_states(args.run_dir)
-    except BTXError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+    return run_command(_status, args)
+
+
+def _status(args: argparse.Namespace) -> int:
+    from megatron_btx.pipeline import plan
+
+    rows = stage_states(args.run_dir)
     if args.json:
         print(json.dumps(rows, indent=1))
         return 0

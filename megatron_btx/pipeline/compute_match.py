@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from megatron_btx import rundir
+from megatron_btx.config import read_yaml
 from megatron_btx.errors import BTXError
 
 RESULT = "compute_match.json"
@@ -65,9 +66,7 @@ def stage_cost(run_dir: str | Path) -> dict[str, float]:
 
 
 def _train_config(run_dir: str | Path) -> dict[str, Any]:
-    import yaml
-
-    return yaml.safe_load((Path(run_dir) / "config.yaml").read_text())
+    return read_yaml(Path(run_dir) / "config.yaml")  # no aliases, bounded nesting
 
 
 def measure(run_dir: str | Path) -> dict[str, Any]:
@@ -109,9 +108,7 @@ def measure(run_dir: str | Path) -> dict[str, Any]:
 
 
 def _yaml(path: Path) -> dict[str, Any]:
-    import yaml
-
-    return yaml.safe_load(path.read_text())
+    return read_yaml(path)
 
 
 def load(run_dir: str | Path) -> dict[str, Any] | None:

@@ -23,7 +23,8 @@ import os
 import sys
 from pathlib import Path
 
-from megatron_btx.errors import BTXError
+from megatron_btx import rundir
+from megatron_btx.errors import BTXError, run_command
 
 
 def _kv(text: str) -> tuple[str, str]:
@@ -178,6 +179,17 @@ def options_from_args(a: argparse.Namespace):
     )
 
 
+def _run_dir_of(a: argparse.Namespace, rest: list[str]) -> str:
+    """The run directory a launch writes (to lock it before the plan is written)."""
+    if a.run_dir is not None:
+        return a.run_dir
+    if Path(a.config).is_dir():
+        return a.config
+    from megatron_btx.pipeline import config as cfg_mod
+
+    return cfg_mod.load(a.config, rest or None).run_dir
+
+
 def load_stages(config: str, run_dir: str | None, overrides: list[str] | None = None):
     """(stages, run_dir) from a BTX config (the plan is built and written) or a run dir."""
     from megatron_btx.pipeline import config as cfg_mod
@@ -205,15 +217,17 @@ def main(argv: list[str] | None = None) -> int:
     bad = [r for r in rest if r.startswith("-") and not r.startswith("--") or r == "--"]
     if bad or (rest and not rest[0].startswith("--")):
         build_parser().error(f"unrecognized arguments: {' '.join(rest)}")
-    try:
-        from megatron_btx.pipeline.slurm import launch
+    return run_command(_launch, a, rest)
 
-        opts = options_from_args(a)
+
+def _launch(a: argparse.Namespace, rest: list[str]) -> int:
+    from megatron_btx.pipeline.slurm import check_options, launch
+
+    opts = options_from_args(a)
+    check_options(opts)  # before anything is written
+    with rundir.locked(_run_dir_of(a, rest), "run directory"):
         stages, run_dir = load_stages(a.config, a.run_dir, rest)
         status = launch(stages, run_dir, opts, dry_run=a.dry_run)
-    except BTXError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
     if not a.dry_run:
         n = sum(1 for v in status.values() if v not in ("done", "dry-run"))
         print(f"{n} job(s) queued; follow them with `squeue -u $USER` and the logs above")

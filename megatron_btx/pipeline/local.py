@@ -307,17 +307,18 @@ def critical_path(stages: list[Stage]) -> dict[str, float]:
 
 
 def _is_moe_stage(stage: Stage) -> bool:
-    try:
-        import yaml
+    from megatron_btx.config import read_yaml
+    from megatron_btx.errors import BTXError
 
-        tc = yaml.safe_load(Path(stage.argv[1]).read_text())
+    try:
+        tc = read_yaml(stage.argv[1])  # no aliases, bounded nesting
         init = (tc.get("model") or {}).get("init_from")
         if init and (Path(init) / "btx_manifest.json").is_file():
             m = json.loads((Path(init) / "btx_manifest.json").read_text())
             return int(m.get("model", {}).get("num_local_experts", 0) or 0) > 0
         return bool(tc.get("moe", {}).get("router"))
-    except (OSError, ValueError, IndexError, AttributeError):
-        return False
+    except (BTXError, OSError, ValueError, IndexError, AttributeError, TypeError):
+        return False  # a priority hint only: an unreadable config just loses it
 
 
 def fingerprint(stage: Stage) -> str:

@@ -110,6 +110,55 @@ def _q(s: str) -> str:
     return shlex.quote(str(s))
 
 
+#: what ends a line or otherwise changes a script's meaning whatever the quoting: C0 controls,
+#: DEL and the Unicode line separators (a newline in a comment or an #SBATCH line starts a
+#: command, and ends the #SBATCH options)
+_CONTROL = re.compile(r"[\x00-\x1f\x7f\x85\u2028\u2029]")
+_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+_SIGNAL = re.compile(r"[A-Z0-9]+")
+
+
+def check_script_text(what: str, value: Any) -> None:
+    """Refuse a value bound for a rendered script that contains a control character (one line
+    naming `what`); every such value is also shell-quoted where it is used."""
+    match = _CONTROL.search(str(value))
+    if match:
+        raise BTXError(
+            f"{what} {str(value)!r} contains the control character {match.group()!r}; it would "
+            f"change the sbatch script's meaning, remove it"
+        )
+
+
+def check_options(opts: SlurmOptions) -> None:
+    """Every string of the options that reaches a script is free of control characters, an
+    environment name is a shell identifier and the signal a signal name."""
+    for key in ("partition", "account", "time", "qos", "mem", "container_image", "python"):
+        check_script_text(f"--{key.replace('_', '-')}", getattr(opts, key) or "")
+    for key in ("container_mounts", "apptainer", "job_prefix"):
+        check_script_text(f"--{key.replace('_', '-')}", getattr(opts, key) or "")
+    for item in [*opts.extra_sbatch, *opts.setup, *opts.stage_nodes]:
+        check_script_text("a --extra-sbatch / --setup / --stage-nodes value", item)
+    for name, value in opts.env.items():
+        if not _ENV_NAME.fullmatch(name):
+            raise BTXError(f"--env {name!r}=...: an environment variable name is A-Z, 0-9 and _")
+        check_script_text(f"--env {name}", value)
+    if not _SIGNAL.fullmatch(opts.signal_name):
+        raise BTXError(f"signal {opts.signal_name!r}: give a signal name such as USR1")
+    check_script_text("the working directory", opts.cwd())
+
+
+def check_stage(stage: Any, run_dir: str) -> None:
+    """The stage's name is a plain word (it names files and jobs) and nothing of it that goes
+    into the script has a control character."""
+    from megatron_btx.pipeline.plan_checks import valid_stage_name
+
+    if not valid_stage_name(stage.name):
+        raise BTXError(f"stage name {stage.name!r}: only letters, digits, '_', '.' and '-'")
+    check_script_text("the run directory", run_dir)
+    for item in [*stage.argv, *stage.deps, *stage.outputs]:
+        check_script_text(f"stage {stage.name}: the value", item)
+
+
 def stage_nodes(stage: Any, opts: SlurmOptions) -> int:
     if stage.name in opts.stage_nodes:
         return int(opts.stage_nodes[stage.name])
@@ -194,7 +243,7 @@ def _sbatch_options(stage: Any, logs: str, opts: SlurmOptions, nodes: int, gpus:
             options.append(f"--{key}={getattr(opts, key)}")
     for extra in opts.extra_sbatch:
         options.append(extra if extra.startswith("-") else f"--{extra}")
-    return options
+    return [_q(option) for option in options]  # sbatch reads #SBATCH lines shell-quoted
 
 
 def _preemptible(stage: Any) -> bool:
@@ -231,22 +280,16 @@ def _step(stage: Any, opts: SlurmOptions, nodes: int, gpus: int) -> tuple[list[s
         srun = ["srun", "--nodes=1", "--ntasks=1", "--kill-on-bad-exit=1", *step_res, *c_srun]
         return [], shlex.join([*srun, *c_pre, py, "-m", "megatron_btx", *stage.argv])
     nproc = max(1, int(getattr(stage, "nproc", 1) or 1))
-    inner = [
-        py,
-        "-m",
-        "megatron_btx.pipeline.slurm",
-        "torchrun",
-        "--nnodes=$SLURM_NNODES",
-        "--node-rank=$SLURM_NODEID",
-        f"--nproc-per-node={nproc}",
-        "--master-addr=$MASTER_ADDR",
-        "--master-port=$MASTER_PORT",
-        "-m",
-        "megatron_btx",
-        *stage.argv,
-    ]
-    # $SLURM_NODEID differs per node: expand it inside each srun task, not here.
-    inner_s = " ".join(a if a.startswith("--") and "$" in a else _q(a) for a in inner)
+    # $SLURM_NODEID differs per node: these are expanded inside each srun task, not here; they
+    # are ours. Everything else, the stage's arguments above all, is quoted.
+    rendezvous = (
+        "--nnodes=$SLURM_NNODES --node-rank=$SLURM_NODEID "
+        f"--nproc-per-node={nproc} --master-addr=$MASTER_ADDR --master-port=$MASTER_PORT"
+    )
+    inner_s = (
+        f"{shlex.join([py, '-m', 'megatron_btx.pipeline.slurm', 'torchrun'])} {rendezvous} "
+        f"{shlex.join(['-m', 'megatron_btx', *stage.argv])}"
+    )
     setup = [
         'MASTER_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)',
         "MASTER_PORT=$((20000 + SLURM_JOB_ID % 20000))",
@@ -294,6 +337,8 @@ def _finish_lines(stage: Any, run_dir: str, helper: str, opts: SlurmOptions) -> 
 def render_script(stage: Any, run_dir: str | os.PathLike[str], opts: SlurmOptions) -> str:
     """The sbatch script of one stage (a complete bash script; #SBATCH lines first)."""
     run_dir = os.fspath(run_dir)
+    check_options(opts)
+    check_stage(stage, run_dir)
     nodes = stage_nodes(stage, opts)
     gpus = stage_gpus(stage, opts)
     nproc = max(1, int(getattr(stage, "nproc", 1) or 1))

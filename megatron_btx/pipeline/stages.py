@@ -13,6 +13,7 @@ from typing import Any
 
 from megatron_btx import rundir
 from megatron_btx.errors import BTXError
+from megatron_btx.pipeline.plan_checks import check_stage_entry, stage_entries
 
 #: stage kinds
 KINDS = ("data", "convert", "train", "merge", "match", "eval")
@@ -76,13 +77,14 @@ def read_plan_file(run_dir: str | os.PathLike[str]) -> Plan:
         raise BTXError(f"{run_dir}: no plan.json (not a btx run directory; start it with btx run)")
     try:
         document = json.loads(path.read_text())
-    except (ValueError, UnicodeDecodeError) as e:
+    except (ValueError, RecursionError) as e:  # JSON and UTF-8 errors are ValueErrors
         raise BTXError(f"{path}: not valid JSON ({e}); re-run `btx run` to plan again") from e
     if not isinstance(document, dict) or document.get("format_version") != PLAN_FORMAT:
         raise BTXError(
             f"{path}: written by another version of megatron_btx; re-run `btx run` to plan again"
         )
-    stages = [Stage.from_dict(entry) for entry in document.get("stages", [])]
+    entries = stage_entries(document, path)
+    stages = [Stage.from_dict(check_stage_entry(entry, path)) for entry in entries]
     return Plan(stages, document.get("seed_checkpoint"))
 
 
@@ -107,11 +109,8 @@ def stage_done(stage: Stage, run_dir: str | os.PathLike[str]) -> bool:
     m = marker_path(stage, run_dir)
     if not m.is_file():
         return False
-    try:
-        info = json.loads(m.read_text())
-    except ValueError:
-        return False
-    return info.get("argv") == stage.argv and outputs_exist(stage)
+    info = read_marker(stage, run_dir)
+    return info is not None and info.get("argv") == stage.argv and outputs_exist(stage)
 
 
 def mark_done(stage: Stage, run_dir: str | os.PathLike[str], **info: Any) -> Path:
@@ -139,9 +138,10 @@ def mark_done(stage: Stage, run_dir: str | os.PathLike[str], **info: Any) -> Pat
 def read_marker(stage: Stage | str, run_dir: str | os.PathLike[str]) -> dict[str, Any] | None:
     m = marker_path(stage, run_dir)
     try:
-        return json.loads(m.read_text())
+        info = json.loads(m.read_text())
     except (OSError, ValueError):
         return None
+    return info if isinstance(info, dict) else None  # a hand-edited marker: not done
 
 
 def fmt_flops(x: float) -> str:

@@ -36,7 +36,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from megatron_btx.checkpoint import manifest
+from megatron_btx.checkpoint import integrity, manifest
 from megatron_btx.checkpoint.megatron_io import (
     atomic_folder,
     check_model_keys,
@@ -217,6 +217,7 @@ def save(
         # save_model builds the same model sharded state dict again (same keys) and writes
         # everything in one synchronous dist_checkpointing.save.
         save_model(model, tmp, extra_state=extra)
+        hashes = integrity.gather_rank_hashes(tmp)  # each rank hashes its own data files
         if _rank() == 0:
             if tokenizer:  # a tokenizer.model, or an HF folder's tokenizer.json + configs
                 from megatron_btx.data.tokenizer import copy_tokenizer_files
@@ -225,7 +226,11 @@ def save(
             for name, text in files.items():
                 (tmp / name).write_text(text)
             manifest.write(
-                tmp, **manifest_fields, step=step, consumed_samples=train_state["consumed_samples"]
+                tmp,
+                **manifest_fields,
+                step=step,
+                consumed_samples=train_state["consumed_samples"],
+                files=integrity.hash_tree(tmp, known=hashes),
             )
         if fault == "kill_in_save":
             _barrier()
@@ -261,7 +266,7 @@ def load(
     changes with the regular optimizer, and the distributed optimizer's fully reshardable
     format); a change it cannot follow drops the optimizer state with a warning. RNG states are
     per rank and restored only at an unchanged layout."""
-    from megatron.core import dist_checkpointing
+    from megatron_btx.checkpoint import safe_dcp
 
     m = manifest.read(folder)
     saved = layout_of(m)
@@ -293,7 +298,7 @@ def load(
         state["rng_state"] = _rng_sharded_object(None)
     if has_train_state and not same and load_rng:
         _warn_rank0(f"{folder}: layout changed, RNG states are re-seeded rather than restored")
-    loaded = dist_checkpointing.load(state, str(folder))
+    loaded = safe_dcp.load(state, folder)
     models = model
     for i, mod in enumerate(models):
         key = "model" if len(models) == 1 else f"model{i}"
@@ -340,7 +345,7 @@ def _warn_rank0(msg: str) -> None:
 
 def read_train_state(folder: Path) -> dict[str, Any]:
     """The common train_state of a checkpoint without loading tensors."""
-    from megatron.core import dist_checkpointing
+    from megatron_btx.checkpoint import safe_dcp
 
-    common = dist_checkpointing.load_common_state_dict(str(folder))
+    common = safe_dcp.load_common(folder)
     return dict(common.get("train_state") or {})

@@ -4,19 +4,22 @@ Run it under ``torchrun`` for several processes (``torchrun --nproc-per-node 4 -
 megatron_btx.training CONFIG ...`` or ``torchrun $(which btx) train CONFIG ...``), or pass
 ``--nproc-per-node N`` to have it start ``torchrun --standalone`` itself. Without either it is
 one process. Exit code 0 when training finished, stopped at ``train.exit_after`` or was preempted
-by SIGTERM/SIGUSR1 (after saving a checkpoint); 1 on a configuration or data error (printed
-without a traceback).
+by SIGTERM/SIGUSR1 (after saving a checkpoint); 2 on a configuration or data error, a full disk
+or another command holding the run directory (one line on stderr, no traceback). The run
+directory is locked for the whole run (:func:`megatron_btx.rundir.locked`).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import shutil
 import sys
 
-from megatron_btx.errors import BTXError
+from megatron_btx import rundir
+from megatron_btx.errors import run_command
 
 USAGE = (
     "btx train CONFIG [--resume | --no-resume] [--nproc-per-node N] [--print-config] "
@@ -103,29 +106,40 @@ def _relaunch(nproc: int, argv: list[str]) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    rank = int(os.environ.get("RANK", "0"))
+    return run_command(_main, argv, quiet=rank != 0)
+
+
+def _main(argv: list[str]) -> int:
     from megatron_btx import config as config_mod
 
-    argv = list(sys.argv[1:] if argv is None else argv)
     args, rest = _parser().parse_known_args(argv)
-    try:
-        cfg = config_mod.load(args.config, rest)
-        if args.resume is not None:
-            cfg.train.resume = args.resume
-        if args.print_config:
-            print(cfg.to_yaml(), end="")
-            return 0
-        if args.nproc_per_node and "LOCAL_RANK" not in os.environ and args.nproc_per_node > 1:
-            return _relaunch(args.nproc_per_node, argv)
-        _setup_logging()
-        from megatron_btx.training.loop import train
+    cfg = config_mod.load(args.config, rest)
+    if args.resume is not None:
+        cfg.train.resume = args.resume
+    if args.print_config:
+        print(cfg.to_yaml(), end="")
+        return 0
+    if args.nproc_per_node and "LOCAL_RANK" not in os.environ and args.nproc_per_node > 1:
+        rundir.hold_for_exec(cfg.run_dir, "run directory")  # torchrun inherits the lock
+        return _relaunch(args.nproc_per_node, argv)
+    _setup_logging()
+    from megatron_btx.training.loop import train
 
+    with _run_lock(cfg.run_dir):
         train(cfg)
-    except BTXError as e:
-        rank = int(os.environ.get("RANK", "0"))
-        if rank == 0:
-            print(f"error: {e}", file=sys.stderr, flush=True)
-        return 1
     return 0
+
+
+def _run_lock(run_dir: str):
+    """The run directory's lock, held by one process of the job: the launcher that exec'd
+    torchrun holds it for all ranks (`--nproc-per-node`); under an external torchrun, rank 0
+    takes it, and if another command holds it, rank 0's one-line error ends the job (torchrun
+    stops the other ranks)."""
+    if int(os.environ.get("RANK", "0")) != 0 or rundir.held_by_launcher(run_dir):
+        return contextlib.nullcontext()
+    return rundir.locked(run_dir, "run directory")
 
 
 if __name__ == "__main__":

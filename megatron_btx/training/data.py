@@ -52,8 +52,13 @@ def resolve_sources(cfg: Config) -> DataSources:
             )
         import json
 
-        manifest = json.loads(manifest_path.read_text())
-        domains = manifest.get("domains", {})
+        try:
+            manifest = json.loads(manifest_path.read_bytes().decode("utf-8"))
+        except (ValueError, RecursionError) as e:  # JSON and UTF-8 errors are ValueErrors
+            raise BTXError(f"{manifest_path}: not valid JSON ({e}); re-run btx prepare-data") from e
+        domains = manifest.get("domains") if isinstance(manifest, dict) else None
+        if not isinstance(domains, dict):
+            raise BTXError(f"{manifest_path}: no 'domains' map; re-run btx prepare-data")
         if tokenizer is None:
             # "tokenizer.model" (SentencePiece) or "tokenizer" (an HF tokenizer folder)
             tokenizer = str(root / manifest.get("tokenizer", {}).get("path", "tokenizer.model"))
@@ -129,6 +134,8 @@ def build_datasets(
             create_attention_mask=False,
         )
     valid = {k: v for k, v in valid.items() if v is not None and len(v) > 0}
+    for name in sorted(set(sources.valid) - set(valid)):
+        log.warning("domain %s: its valid split is empty; validation skips it", name)
     return train, valid
 
 

@@ -13,7 +13,7 @@ def main() -> None:
     import torch.distributed as dist
 
     from megatron_btx import runtime
-    from megatron_btx.checkpoint import manifest
+    from megatron_btx.checkpoint import integrity, manifest
     from megatron_btx.checkpoint.megatron_io import load_model, read_args, save_model
     from megatron_btx.models.llama import build_model
 
@@ -28,18 +28,19 @@ def main() -> None:
     dist.barrier()
     save_model(model, dst)
     if dist.get_rank() == 0:
-        m = manifest.read(src)
-        m.pop("format_version", None)
-        m["layout"] = {"tp": world, "pp": 1, "ep": 1}
-        m["step"] = 7
-        manifest.write(dst, **{k: v for k, v in m.items() if k not in ("tool", "tool_version",
-                                                                        "created")})
         for name in ("tokenizer", "hf_config.json"):
             p = src / name
             if p.is_dir():
                 shutil.copytree(p, dst / name)
             elif p.is_file():
                 shutil.copy2(p, dst / name)
+        m = manifest.read(src)
+        m.pop("format_version", None)
+        m["layout"] = {"tp": world, "pp": 1, "ep": 1}
+        m["step"] = 7
+        m["files"] = integrity.hash_tree(dst)  # this checkpoint's own files
+        manifest.write(dst, **{k: v for k, v in m.items() if k not in ("tool", "tool_version",
+                                                                        "created")})
     runtime.teardown()
 
 
