@@ -11,6 +11,7 @@ import pytest
 import yaml
 
 from megatron_btx.errors import BTXError
+from megatron_btx.eval.cli import expert_labels
 from megatron_btx.pipeline import config as btx_config
 from megatron_btx.pipeline import local, plan
 
@@ -170,6 +171,11 @@ def test_general_domain_seed_data_and_mixed_documents(tmp_path):
     merge = stages["merge"].argv
     experts = merge[merge.index("--experts") + 1 : merge.index("--seed")]
     assert [Path(e).parts[-3] for e in experts] == ["alpha", "beta"]  # runs/experts/<name>/...
+    # the evaluator labels the MoE's routed experts in the merge's order, the seed last; gamma
+    # (no expert) is not one of them (it once was: routing tables and the routing claim were
+    # read against shifted labels)
+    labels, owners = expert_labels(btx_config.load(raw), None)
+    assert labels == owners == ["alpha", "beta", "seed"]
     with pytest.raises(BTXError, match="seed.domains"):
         plan.build_plan({**raw, "seed": {**raw["seed"], "domains": ["nope"]}}, write=False)
 

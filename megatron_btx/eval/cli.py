@@ -95,7 +95,9 @@ def expert_labels(cfg, merged: str | None) -> tuple[list[str], list[str | None]]
     """(a label per routed expert of the BTX MoE, the domain its FFN came from), from the merged
     checkpoint's manifest: `code`, or `code.0`, `code.1` with split chunks, `blend0` (no single
     domain) when blended; the seed's expert is `seed`."""
-    sources = list(cfg.domain_names) + (["seed"] if cfg.merge.seed_as_expert else [])
+    # the merge's sources, in the plan's order: one expert per expert domain, then the seed
+    # (a domain with `expert: false`, e.g. general text, is in the blend but has no expert)
+    sources = list(cfg.expert_names) + (["seed"] if cfg.merge.seed_as_expert else [])
     record: dict[str, Any] = {}
     if merged and Path(merged, "btx_manifest.json").is_file():
         from megatron_btx.checkpoint import manifest
