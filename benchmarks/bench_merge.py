@@ -34,6 +34,38 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def mergekit_argv(python: str, srcs: list[Path], work: Path) -> list[str]:
+    """mergekit-moe's command for the same merge as ours (3 experts + the seed as base and
+    fourth expert, random gates, top-2, bf16) into WORK/out_mk; writes its YAML config."""
+    cfg = work / "mergekit_moe.yml"
+    cfg.write_text(
+        json.dumps(
+            {
+                "base_model": str(srcs[3]),
+                "gate_mode": "random",
+                "dtype": "bfloat16",
+                "experts_per_token": 2,
+                "experts": [{"source_model": str(s)} for s in srcs],
+            },
+            indent=2,
+        )
+    )
+    return [
+        python,
+        "-m",
+        "mergekit.scripts.moe",
+        str(cfg),
+        str(work / "out_mk"),
+        "--i-understand-this-is-not-useful-without-training",
+        "--no-copy-tokenizer",
+        "--device",
+        "cpu",
+        "--out-shard-size",
+        "1B",
+        "--lazy-unpickle",
+    ]
+
+
 def make_llama(
     path: Path,
     layers: int,
@@ -375,33 +407,7 @@ def main() -> int:
     shutil.rmtree(work / "out_btx2_hf", ignore_errors=True)
     mk_ok = Path(a.mk_python).is_file()
     if mk_ok:
-        cfg = work / "mergekit_moe.yml"
-        cfg.write_text(
-            json.dumps(
-                {
-                    "base_model": str(srcs[3]),
-                    "gate_mode": "random",
-                    "dtype": "bfloat16",
-                    "experts_per_token": 2,
-                    "experts": [{"source_model": str(s)} for s in srcs],
-                },
-                indent=2,
-            )
-        )
-        mk = [
-            a.mk_python,
-            "-m",
-            "mergekit.scripts.moe",
-            str(cfg),
-            str(work / "out_mk"),
-            "--i-understand-this-is-not-useful-without-training",
-            "--no-copy-tokenizer",
-            "--device",
-            "cpu",
-            "--out-shard-size",
-            "1B",
-            "--lazy-unpickle",
-        ]
+        mk = mergekit_argv(a.mk_python, srcs, work)
         run("mergekit-moe (gate_mode random) -> HF", mk, work / "out_mk")
     else:
         results["mergekit"] = f"not run: {a.mk_python} not found"

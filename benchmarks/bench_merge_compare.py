@@ -48,39 +48,11 @@ def merge_cmd(code: Path, srcs: list[Path], save: Path, export: Path | None = No
 
 
 def mergekit_cmd(python: str, srcs: list[Path], work: Path) -> list[str]:
-    cfg = work / "mergekit_moe.yml"
-    cfg.write_text(
-        json.dumps(
-            {
-                "base_model": str(srcs[3]),
-                "gate_mode": "random",
-                "dtype": "bfloat16",
-                "experts_per_token": 2,
-                "experts": [{"source_model": str(s)} for s in srcs],
-            }
-        )
-    )
-    return [
-        "sh",
-        "-c",
-        f"rm -rf {shlex.quote(str(work / 'out_mk'))} && exec "
-        + shlex.join(
-            [
-                python,
-                "-m",
-                "mergekit.scripts.moe",
-                str(cfg),
-                str(work / "out_mk"),
-                "--i-understand-this-is-not-useful-without-training",
-                "--no-copy-tokenizer",
-                "--device",
-                "cpu",
-                "--out-shard-size",
-                "1B",
-                "--lazy-unpickle",
-            ]
-        ),
-    ]
+    """bench_merge's mergekit-moe command, removing its previous output first."""
+    from bench_merge import mergekit_argv
+
+    out = shlex.quote(str(work / "out_mk"))
+    return ["sh", "-c", f"rm -rf {out} && exec " + shlex.join(mergekit_argv(python, srcs, work))]
 
 
 def farm_bench(a: list[str], b: list[str], rounds: int, timeout: int) -> dict[str, dict]:
