@@ -270,6 +270,8 @@ def _plot(rows: list[dict[str, Any]], path: Path) -> None:
         ax.axhline(0, color="grey", lw=1, ls="--")
         if xs and factor in ("tokens_per_param", "expert_lr"):
             ax.set_xscale("log")
+            ax.minorticks_off()
+            ax.set_xticks(xs, [f"{x:g}" for x in xs])
         if categorical:
             ax.set_xticks(range(len(FACTORS[factor])), FACTORS[factor])
         ax.set_xlabel(factor.replace("_", " "))
