@@ -112,8 +112,7 @@ def test_second_btx_run_is_refused_and_a_killed_one_leaves_no_lock(tmp_path, bas
         "run_dir": str(tmp_path / "run"),
         "data": {"prepared": str(data), "seq_length": 64},
         "domains": {"code": "builtin", "toy": "builtin"},
-        "seed": {"init_from": str(tc.init_checkpoint(base, data))},
-        "model": dict(tc.MODEL),
+        "seed": {"init_from": str(tc.init_checkpoint(base, data))},  # its architecture
         "experts": {"steps": 50, "micro_batch_size": 2, "global_batch_size": 4},
         "finetune": {"steps": 1, "micro_batch_size": 2, "global_batch_size": 4},
         "baselines": {"dense": False, "sparse_upcycling": False, "btm": False},
