@@ -12,7 +12,7 @@ from megatron_btx.errors import run_command
 # name -> (module:function taking argv and returning an exit code, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
     "prepare-data": (
-        "megatron_btx.data.preprocess:main",
+        "megatron_btx.data.cli:main",
         "text/JSONL (or the built-in corpora) -> SentencePiece + indexed datasets",
     ),
     "train": (

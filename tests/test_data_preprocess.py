@@ -10,11 +10,11 @@ from pathlib import Path
 import pytest
 from megatron.core.datasets.indexed_dataset import IndexedDataset
 
+from megatron_btx.data.cli import main
 from megatron_btx.data.domains import prepare_domains
 from megatron_btx.data.preprocess import (
     DataWarning,
     iter_documents,
-    main,
     preprocess_files,
     split_prefix,
 )

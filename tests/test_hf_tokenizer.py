@@ -15,9 +15,10 @@ from hf_tokenizers import make_hf_tokenizer
 from megatron.core.datasets.indexed_dataset import IndexedDataset
 
 from megatron_btx.checkpoint.sources import TokenizerInfo
+from megatron_btx.data.cli import main
 from megatron_btx.data.domains import prepare_domains
 from megatron_btx.data.hf_tokenizer import HFTokenizer, TokenizerWarning
-from megatron_btx.data.preprocess import iter_documents, main, split_prefix
+from megatron_btx.data.preprocess import iter_documents, split_prefix
 from megatron_btx.data.splits import SPLITS, split_of
 from megatron_btx.data.tokenizer import Tokenizer
 from megatron_btx.errors import BTXError

@@ -48,7 +48,7 @@ def _fingerprint(files: Iterable[tuple[Path, str]]) -> list[list[Any]]:
     return out
 
 
-def _sample_domain_sentences(
+def sample_domain_sentences(
     domains: Mapping[str, Sequence[str | os.PathLike[str]]],
     fractions: dict[str, float],
     max_sentences: int,
@@ -167,7 +167,7 @@ def _train_shared_tokenizer(
     note(
         f"training a {vocab_size}-piece SentencePiece tokenizer on a sample of {', '.join(domains)} ..."
     )
-    sentences = _sample_domain_sentences(
+    sentences = sample_domain_sentences(
         domains, fractions, max_sentences, txt_separator, max_read_mb
     )
     tok = train_sentencepiece(sentences, out / "tokenizer", vocab_size)
