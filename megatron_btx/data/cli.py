@@ -19,8 +19,9 @@ from typing import Any
 from megatron_btx.data.domains import prepare_domains, sample_domain_sentences
 from megatron_btx.data.preprocess import preprocess_files
 from megatron_btx.data.splits import parse_split
+from megatron_btx.data.spm_tokenizer import train_sentencepiece
 from megatron_btx.data.staging import output_lock
-from megatron_btx.data.tokenizer import Tokenizer, train_sentencepiece
+from megatron_btx.data.tokenizer_base import Tokenizer
 from megatron_btx.errors import BTXError, run_command
 
 

@@ -38,7 +38,8 @@ from typing import IO, Any
 import numpy
 
 from megatron_btx.data.splits import SPLITS, check_split_sizes, parse_split, split_of
-from megatron_btx.data.tokenizer import Tokenizer
+from megatron_btx.data.tokenizer import load_tokenizer
+from megatron_btx.data.tokenizer_base import Tokenizer
 from megatron_btx.errors import BTXError
 from megatron_btx.progress import note
 
@@ -329,7 +330,7 @@ def preprocess_files(
     one thread; tokenisation dominates). Returns per-split document and token counts (tokens
     include the EOS appended to each document). Raises BTXError if no document was found.
     """
-    tok = tokenizer if isinstance(tokenizer, Tokenizer) else Tokenizer.load(tokenizer)
+    tok = tokenizer if isinstance(tokenizer, Tokenizer) else load_tokenizer(tokenizer)
     fractions = parse_split(dict(split) if isinstance(split, Mapping) else split)
     prefix = os.fspath(output_prefix)
     label = name or os.path.basename(prefix)

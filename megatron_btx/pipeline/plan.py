@@ -142,10 +142,10 @@ def _vocab_size(cfg: BTXConfig) -> int:
         except (OSError, KeyError, ValueError):
             pass
     if cfg.data.tokenizer:
-        from megatron_btx.data.tokenizer import Tokenizer
+        from megatron_btx.data.tokenizer import load_tokenizer
 
         try:  # a SentencePiece .model or an HF tokenizer folder (tokenizer.json)
-            return int(Tokenizer.load(cfg.data.tokenizer).vocab_size)
+            return int(load_tokenizer(cfg.data.tokenizer).vocab_size)
         except BTXError:
             raise
         except Exception as e:  # noqa: BLE001 - any other failure is the user's file

@@ -189,14 +189,14 @@ class Trainer:
 
     # ---- set-up ---------------------------------------------------------------------------
     def setup(self) -> None:
-        from megatron_btx.data.tokenizer import Tokenizer
+        from megatron_btx.data.tokenizer import load_tokenizer
 
         cfg = self.cfg
         world = int(os.environ.get("WORLD_SIZE", "1"))
         cfg.validate(world)
         p, t = cfg.parallel, cfg.train
         self.sources = resolve_sources(cfg)
-        self.tokenizer = Tokenizer.load(self.sources.tokenizer)
+        self.tokenizer = load_tokenizer(self.sources.tokenizer)
         self.args = resolve_model_args(
             cfg, self.tokenizer.vocab_size, (self.tokenizer.bos_id, self.tokenizer.eos_id)
         )
