@@ -116,12 +116,13 @@ def _model_options() -> set[str]:
 def seed_args(cfg: BTXConfig):
     """The dense architecture (LlamaArgs) of the seed and experts, as far as known at plan time
     (the vocabulary is the tokenizer's; data.vocab_size until the data is prepared)."""
+    from megatron_btx.models.hf_config import read_plain_args
     from megatron_btx.models.llama import LlamaArgs
 
     if cfg.seed.init_from:
         src = cfg.seed.init_from
         if _is_hf(src):
-            return LlamaArgs.from_hf_config_file(Path(src) / "config.json")
+            return read_plain_args(Path(src) / "config.json")
         from megatron_btx.checkpoint.megatron_io import read_args
 
         return read_args(_resolve_checkpoint(src))
