@@ -52,8 +52,8 @@ from megatron_btx import rundir
 from megatron_btx.errors import BTXError
 from megatron_btx.pipeline import config as btx_config
 from megatron_btx.pipeline.config import BTXConfig, StageTrain
+from megatron_btx.pipeline.plan_checks import KINDS
 from megatron_btx.pipeline.stages import (  # re-exported: the executors' view of a plan
-    KINDS,
     Plan,
     Stage,
     fmt_flops,
