@@ -49,7 +49,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "show each stage of a BTX run directory (done/running/failed/pending)",
     ),
     "match-compute": (
-        "megatron_btx.pipeline.compute_match:main",
+        "megatron_btx.pipeline.cli:match_compute_main",
         "time-match a BTX run's baselines to the hardware time of its BTX stages",
     ),
     "evaluate": (

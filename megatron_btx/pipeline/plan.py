@@ -50,6 +50,7 @@ import yaml
 
 from megatron_btx import rundir
 from megatron_btx.errors import BTXError
+from megatron_btx.pipeline import compute_match
 from megatron_btx.pipeline import config as btx_config
 from megatron_btx.pipeline.config import BTXConfig, StageTrain
 from megatron_btx.pipeline.plan_checks import KINDS
@@ -553,8 +554,6 @@ class _Planner:
         """Baseline steps measured by `btx match-compute` for these very BTX stages (their
         configs unchanged since), else nothing (the plan then holds FLOPs-matched steps until
         the measurement re-plans it)."""
-        from megatron_btx.pipeline import compute_match
-
         measured = compute_match.load(self.run)
         if not measured:
             return {}
