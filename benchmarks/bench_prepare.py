@@ -56,7 +56,7 @@ def make_tokenizers(work: Path, corpus: Path, vocab: int, hf_dir: str | None) ->
     from hf_tokenizers import make_hf_tokenizer
 
     from megatron_btx.data.preprocess import iter_documents
-    from megatron_btx.data.tokenizer import train_sentencepiece
+    from megatron_btx.data.spm_tokenizer import train_sentencepiece
 
     texts = [text for _, text in iter_documents([corpus])]
     sp = train_sentencepiece(texts, work / "spm", vocab)

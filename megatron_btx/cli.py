@@ -12,7 +12,7 @@ from megatron_btx.errors import run_command
 # name -> (module:function taking argv and returning an exit code, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
     "prepare-data": (
-        "megatron_btx.data.preprocess:main",
+        "megatron_btx.data.cli:main",
         "text/JSONL (or the built-in corpora) -> SentencePiece + indexed datasets",
     ),
     "train": (
@@ -49,7 +49,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "show each stage of a BTX run directory (done/running/failed/pending)",
     ),
     "match-compute": (
-        "megatron_btx.pipeline.compute_match:main",
+        "megatron_btx.pipeline.cli:match_compute_main",
         "time-match a BTX run's baselines to the hardware time of its BTX stages",
     ),
     "evaluate": (

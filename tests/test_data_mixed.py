@@ -21,7 +21,8 @@ from megatron_btx.data.mixed import (
 )
 from megatron_btx.data.preprocess import split_prefix
 from megatron_btx.data.splits import split_of
-from megatron_btx.data.tokenizer import Tokenizer, train_sentencepiece
+from megatron_btx.data.spm_tokenizer import train_sentencepiece
+from megatron_btx.data.tokenizer_base import Tokenizer
 from megatron_btx.errors import BTXError
 
 SPLIT = {"test": 0.3, "valid": 0.1}

@@ -10,16 +10,18 @@ from pathlib import Path
 import pytest
 from megatron.core.datasets.indexed_dataset import IndexedDataset
 
+from megatron_btx.data.cli import main
 from megatron_btx.data.domains import prepare_domains
 from megatron_btx.data.preprocess import (
     DataWarning,
     iter_documents,
-    main,
     preprocess_files,
     split_prefix,
 )
 from megatron_btx.data.splits import SPLITS, parse_split, split_of
-from megatron_btx.data.tokenizer import Tokenizer, train_sentencepiece
+from megatron_btx.data.spm_tokenizer import train_sentencepiece
+from megatron_btx.data.tokenizer import load_tokenizer
+from megatron_btx.data.tokenizer_base import Tokenizer
 from megatron_btx.errors import BTXError
 
 DOCS = {
@@ -220,7 +222,7 @@ def test_cli_main(tok: Tokenizer, tmp_path: Path, capsys: pytest.CaptureFixture[
         )
         == 0
     )
-    assert Tokenizer.load(tmp_path / "cli2_tokenizer.model").vocab_size <= 400
+    assert load_tokenizer(tmp_path / "cli2_tokenizer.model").vocab_size <= 400
     assert (
         main(
             [
@@ -247,7 +249,7 @@ def test_prepare_domains_manifest_and_idempotence(tmp_path: Path) -> None:
     )
     out = tmp_path / "prepared"
     manifest = prepare_domains({"code": [code], "prose": [prose]}, out, vocab_size=400, split=SPLIT)
-    tok = Tokenizer.load(out / "tokenizer.model")
+    tok = load_tokenizer(out / "tokenizer.model")
     assert manifest["tokenizer"]["sha256"] == tok.sha256
     assert set(manifest["domains"]) == {"code", "prose"}
     for name in ("code", "prose"):

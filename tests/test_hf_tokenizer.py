@@ -15,11 +15,12 @@ from hf_tokenizers import make_hf_tokenizer
 from megatron.core.datasets.indexed_dataset import IndexedDataset
 
 from megatron_btx.checkpoint.sources import TokenizerInfo
+from megatron_btx.data.cli import main
 from megatron_btx.data.domains import prepare_domains
 from megatron_btx.data.hf_tokenizer import HFTokenizer, TokenizerWarning
-from megatron_btx.data.preprocess import iter_documents, main, split_prefix
+from megatron_btx.data.preprocess import iter_documents, split_prefix
 from megatron_btx.data.splits import SPLITS, split_of
-from megatron_btx.data.tokenizer import Tokenizer
+from megatron_btx.data.tokenizer import load_tokenizer
 from megatron_btx.errors import BTXError
 
 sys.path.insert(0, str(Path(__file__).parent / "dist"))
@@ -101,19 +102,19 @@ def test_special_id_precedence(seed_tokenizer, tmp_path):
     folder = tmp_path / "tok"
     shutil.copytree(seed_tokenizer, folder)
     reference = AutoTokenizer.from_pretrained(seed_tokenizer)
-    tok = Tokenizer.load(folder)
+    tok = load_tokenizer(folder)
     assert isinstance(tok, HFTokenizer) and tok.eos_id == _config_eos(seed_tokenizer)
     assert tok.pad_id == -1  # qwen2: pad_token = eos; llama3: no pad anywhere
 
     generation = json.loads((folder / "generation_config.json").read_text())
     generation["eos_token_id"] = reference.convert_tokens_to_ids(reference.all_special_tokens[-1])
     (folder / "generation_config.json").write_text(json.dumps(generation))
-    assert Tokenizer.load(folder).eos_id == _config_eos(seed_tokenizer)  # config.json still wins
+    assert load_tokenizer(folder).eos_id == _config_eos(seed_tokenizer)  # config.json still wins
     (folder / "config.json").unlink()
-    assert Tokenizer.load(folder).eos_id == generation["eos_token_id"]
+    assert load_tokenizer(folder).eos_id == generation["eos_token_id"]
     (folder / "generation_config.json").unlink()
-    assert Tokenizer.load(folder).eos_id == reference.eos_token_id  # tokenizer_config.json
-    assert Tokenizer.load(folder).bos_id == (
+    assert load_tokenizer(folder).eos_id == reference.eos_token_id  # tokenizer_config.json
+    assert load_tokenizer(folder).bos_id == (
         reference.bos_token_id if reference.bos_token_id is not None else -1
     )
 
@@ -123,24 +124,24 @@ def test_hf_tokenizer_errors(seed_tokenizer, tmp_path, capsys):
     empty = tmp_path / "empty"
     empty.mkdir()
     with pytest.raises(BTXError, match="has no tokenizer.json"):
-        Tokenizer.load(empty)
+        load_tokenizer(empty)
     broken = tmp_path / "broken"
     shutil.copytree(seed_tokenizer, broken)
     (broken / "tokenizer.json").write_text('{"model": 1}')
     with pytest.raises(BTXError, match="not a valid tokenizer.json"):
-        Tokenizer.load(broken)
+        load_tokenizer(broken)
     no_eos = tmp_path / "no_eos"
     no_eos.mkdir()
     shutil.copy(seed_tokenizer / "tokenizer.json", no_eos / "tokenizer.json")
     with pytest.raises(BTXError, match="no EOS"):
-        Tokenizer.load(no_eos)
+        load_tokenizer(no_eos)
     (no_eos / "tokenizer_config.json").write_text(json.dumps({"eos_token": "<|nope|>"}))
     with pytest.raises(BTXError, match=r"'<\|nope\|>' is not in tokenizer.json"):
-        Tokenizer.load(no_eos)
+        load_tokenizer(no_eos)
     (no_eos / "tokenizer_config.json").unlink()
     (no_eos / "config.json").write_text(json.dumps({"eos_token_id": 10**6}))
     with pytest.raises(BTXError, match="outside tokenizer.json's vocabulary"):
-        Tokenizer.load(no_eos)
+        load_tokenizer(no_eos)
     src = _write_jsonl(tmp_path / "a.jsonl", DOMAINS["code"])
     argv = ["--input", str(src), "--output-prefix", str(tmp_path / "x"), "--tokenizer", str(empty)]
     assert main(argv) == 2
@@ -180,6 +181,6 @@ def test_train_on_hf_tokenized_code_loses_loss(tmp_path, data):
     assert manifest["tokenizer"]["eos_id"] == _config_eos(seed)
     for name in ("tokenizer.json", "tokenizer_config.json", "generation_config.json"):
         assert (ckpt / "tokenizer" / name).read_bytes() == (seed / name).read_bytes()
-    assert Tokenizer.load(ckpt / "tokenizer").eos_id == _config_eos(seed)
+    assert load_tokenizer(ckpt / "tokenizer").eos_id == _config_eos(seed)
     # the merge compares this hash across its sources
     assert TokenizerInfo.of(ckpt / "tokenizer").sha256 == _sha256(seed / "tokenizer.json")

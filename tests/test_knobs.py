@@ -514,7 +514,7 @@ def test_blend_and_tokenizer_name_the_data_files(tmp_path, data):
 
 def test_tokenizer_sets_the_vocabulary(tmp_path, data):
     """data.tokenizer: the model's vocabulary (inline models take the tokenizer's size)."""
-    from megatron_btx.data.tokenizer import train_sentencepiece
+    from megatron_btx.data.spm_tokenizer import train_sentencepiece
 
     text = tmp_path / "text.txt"
     text.write_text((data.parent / "toy.jsonl").read_text())

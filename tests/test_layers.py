@@ -1,6 +1,7 @@
 """The package's layers, read from its own import statements: a stage imports the layers below it
 (checkpoint, models, data, runtime), never another stage; the layers below never import a stage;
-nothing outside runtime/ touches runtime.cpu; convert, train and eval never load the merge."""
+nothing outside runtime/ touches runtime.cpu; convert, train and eval never load the merge; no
+two modules import each other, directly or round a longer circle."""
 
 from __future__ import annotations
 
@@ -101,3 +102,52 @@ def test_size_limits():
             if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
                 length = node.end_lineno - node.lineno + 1
                 assert length <= 120, f"{path.relative_to(ROOT)}:{node.name} has {length} lines"
+
+
+def _module_files() -> dict[str, object]:
+    """Every module of the package by its dotted name (a package by its ``__init__.py``)."""
+    modules = {}
+    for path in PACKAGE.rglob("*.py"):
+        parts = path.relative_to(ROOT).with_suffix("").parts
+        name = ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+        modules[name] = path
+    return modules
+
+
+def _import_graph() -> dict[str, set[str]]:
+    """module -> the package modules it imports (the longest dotted prefix of each imported name
+    that is a module: ``megatron_btx.data.preprocess.split_prefix`` -> ``...preprocess``)."""
+    modules = _module_files()
+    graph: dict[str, set[str]] = {}
+    for name, path in modules.items():
+        targets = set()
+        for imported in _imports(path):
+            parts = imported.split(".")
+            while parts and ".".join(parts) not in modules:
+                parts.pop()
+            if parts and ".".join(parts) != name:
+                targets.add(".".join(parts))
+        graph[name] = targets
+    return graph
+
+
+def test_no_two_modules_import_each_other():
+    """No import circle, lazy imports inside functions included: each module sits above the
+    ones it imports (what `farm-studio look` reports as circles)."""
+    graph = _import_graph()
+    circles = []
+    state: dict[str, str] = {}  # "open" while on the current path, "done" after
+
+    def visit(module: str, path: list[str]) -> None:
+        state[module] = "open"
+        for target in sorted(graph[module]):
+            if state.get(target) == "open":
+                circles.append(path[path.index(target) :] + [target])
+            elif target not in state:
+                visit(target, [*path, target])
+        state[module] = "done"
+
+    for module in sorted(graph):
+        if module not in state:
+            visit(module, [module])
+    assert not circles, "import circles: " + "; ".join(" -> ".join(c) for c in circles)

@@ -346,6 +346,7 @@ def test_run_dry_run_prints_plan(tmp_path, capsys):
 
 
 def test_plan_with_an_hf_seed_imports_it_first(tmp_path):
+    from megatron_btx.models.hf_config import to_hf
     from megatron_btx.models.llama import LlamaArgs
 
     hf = tmp_path / "hf_seed"
@@ -358,7 +359,7 @@ def test_plan_with_an_hf_seed_imports_it_first(tmp_path):
         vocab_size=300,
         max_position_embeddings=64,
     )
-    (hf / "config.json").write_text(json.dumps(args.to_hf_dict()))
+    (hf / "config.json").write_text(json.dumps(to_hf(args)))
     d = _config(tmp_path)
     d["seed"] = {"init_from": str(hf)}
     del d["model"]  # the HF seed's architecture

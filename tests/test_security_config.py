@@ -16,7 +16,7 @@ from cli_contract import btx, one_error  # noqa: E402
 
 from megatron_btx import config as train_config
 from megatron_btx.errors import BTXError
-from megatron_btx.models.llama import LlamaArgs
+from megatron_btx.models.hf_config import read_plain_args
 
 ROOT = Path(__file__).resolve().parents[1]
 BASE = {"run_dir": "runs/x", "data": {"path": "data/small"}}
@@ -134,7 +134,7 @@ def test_hf_config_values_are_checked(hf_llama, tmp_path, change, needle):
     config = json.loads((hf_llama / "config.json").read_text())
     path.write_text(json.dumps({**config, **change}))
     with pytest.raises(BTXError) as e:
-        LlamaArgs.from_hf_config_file(path)
+        read_plain_args(path)
     assert str(path) in str(e.value) and needle in str(e.value)
 
 

@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Command-line wrapper for megatron_btx.data.preprocess.main (see --help).
+"""Command-line wrapper for megatron_btx.data.cli.main (`btx prepare-data`, see --help).
 
 Kept as a script so it runs from a checkout without installing the package.
 """
@@ -10,7 +10,7 @@ import sys
 
 def _main() -> int:
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    from megatron_btx.data.preprocess import main
+    from megatron_btx.data.cli import main
 
     return main()
 

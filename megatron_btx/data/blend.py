@@ -32,7 +32,8 @@ from megatron.core.tokenizers import MegatronTokenizerBase
 from megatron_btx import runtime
 from megatron_btx.data.preprocess import split_prefix
 from megatron_btx.data.splits import SPLITS
-from megatron_btx.data.tokenizer import Tokenizer
+from megatron_btx.data.tokenizer import load_tokenizer
+from megatron_btx.data.tokenizer_base import Tokenizer
 from megatron_btx.errors import BTXError
 
 logger = logging.getLogger(__name__)
@@ -44,7 +45,7 @@ class MegatronTokenizerAdapter(MegatronTokenizerBase):
     """Our SentencePiece :class:`Tokenizer` in the shape megatron-core datasets expect."""
 
     def __init__(self, tokenizer: Tokenizer | str | os.PathLike[str]) -> None:
-        tok = tokenizer if isinstance(tokenizer, Tokenizer) else Tokenizer.load(tokenizer)
+        tok = tokenizer if isinstance(tokenizer, Tokenizer) else load_tokenizer(tokenizer)
         super().__init__(tok.path, {})
         self._tok = tok
         # Hashed into megatron's dataset cache key: content hash, not path, so moving the data

@@ -29,13 +29,14 @@ from megatron_btx.data.preprocess import (
     split_prefix,
 )
 from megatron_btx.data.splits import SPLITS, parse_split, split_of
-from megatron_btx.data.staging import staged_tokenizer
-from megatron_btx.data.tokenizer import (
+from megatron_btx.data.spm_tokenizer import (
     ROUND_TRIP_SETTINGS,
-    Tokenizer,
     _sample_sentences,
     train_sentencepiece,
 )
+from megatron_btx.data.staging import staged_tokenizer
+from megatron_btx.data.tokenizer import load_tokenizer
+from megatron_btx.data.tokenizer_base import Tokenizer
 from megatron_btx.errors import BTXError
 from megatron_btx.progress import note
 
@@ -48,7 +49,7 @@ def _fingerprint(files: Iterable[tuple[Path, str]]) -> list[list[Any]]:
     return out
 
 
-def _sample_domain_sentences(
+def sample_domain_sentences(
     domains: Mapping[str, Sequence[str | os.PathLike[str]]],
     fractions: dict[str, float],
     max_sentences: int,
@@ -121,7 +122,7 @@ def _up_to_date(out: Path, domains: Iterable[str], settings: dict[str, Any]) -> 
     """The existing manifest when it records these settings and every output still exists."""
     try:
         old = json.loads((out / "manifest.json").read_text())
-        tokenizer = Tokenizer(out / old["tokenizer"]["path"])
+        tokenizer = load_tokenizer(out / old["tokenizer"]["path"])
     except (OSError, json.JSONDecodeError, KeyError, TypeError, BTXError):
         return None
     outputs_exist = all(
@@ -145,12 +146,12 @@ def _install_tokenizer(out: Path, given: Tokenizer, staging: Path) -> tuple[Toke
     return it loaded and its name in the folder."""
     name = "tokenizer.model" if given.kind == "sentencepiece" else "tokenizer"
     if os.path.abspath(given.path) == os.path.abspath(out / name):
-        return Tokenizer(out / name), name
+        return load_tokenizer(out / name), name
     if given.kind == "sentencepiece":
         shutil.copyfile(given.path, staging / name)
     else:
         given.copy_to(staging / name)
-    return Tokenizer(staging / name), name
+    return load_tokenizer(staging / name), name
 
 
 def _train_shared_tokenizer(
@@ -167,7 +168,7 @@ def _train_shared_tokenizer(
     note(
         f"training a {vocab_size}-piece SentencePiece tokenizer on a sample of {', '.join(domains)} ..."
     )
-    sentences = _sample_domain_sentences(
+    sentences = sample_domain_sentences(
         domains, fractions, max_sentences, txt_separator, max_read_mb
     )
     tok = train_sentencepiece(sentences, out / "tokenizer", vocab_size)
@@ -246,7 +247,7 @@ def prepare_domains(
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DataWarning)
         files = {name: expand_inputs(paths) for name, paths in domains.items()}
-    given = Tokenizer.load(tokenizer) if tokenizer else None
+    given = load_tokenizer(tokenizer) if tokenizer else None
     settings = _settings(files, given, vocab_size, fractions, txt_separator, tokenizer_sentences)
     settings["mixed"] = {"tokens": mixed_tokens, "seed": mixed_seed} if mixed_tokens else None
     old = None if force else _up_to_date(out, domains, settings)

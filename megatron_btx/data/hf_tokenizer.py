@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from megatron_btx.data.tokenizer import Tokenizer, file_sha256
+from megatron_btx.data.tokenizer_base import Tokenizer, file_sha256
 from megatron_btx.errors import BTXError
 
 #: The files of an HF tokenizer folder that travel with it (into a prepared data folder and a

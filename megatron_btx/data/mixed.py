@@ -37,7 +37,7 @@ from megatron_btx.data.splits import parse_split, split_of
 from megatron_btx.errors import BTXError
 
 if TYPE_CHECKING:
-    from megatron_btx.data.tokenizer import Tokenizer
+    from megatron_btx.data.tokenizer_base import Tokenizer
 
 MIXED_NAME = "mixed"
 SEGMENTS_FORMAT = 1
@@ -267,7 +267,7 @@ def prepare_mixed(
 ) -> dict[str, Any]:
     """Write ``<out>/mixed_test_text_document.{bin,idx}`` and ``<out>/mixed_test_segments.json``.
 
-    ``tokenizer`` is the run's :class:`~megatron_btx.data.tokenizer.Tokenizer`. Returns the
+    ``tokenizer`` is the run's :class:`~megatron_btx.data.tokenizer_base.Tokenizer`. Returns the
     manifest entry: documents, tokens, tokens per domain, and the file names.
     """
     from megatron.core.datasets.indexed_dataset import DType, IndexedDatasetBuilder

@@ -89,9 +89,9 @@ def _text_tokens(path: Path, tokenizer_path: Path | None, n_tokens: int) -> list
             f"{path}: a text file needs a tokenizer (tokenizer.model or tokenizer.json) in the "
             f"sources or --tokenizer"
         )
-    from megatron_btx.data.tokenizer import Tokenizer
+    from megatron_btx.data.tokenizer import load_tokenizer
 
-    tokenizer = Tokenizer.load(tokenizer_path)
+    tokenizer = load_tokenizer(tokenizer_path)
     content = path.read_text(encoding="utf-8", errors="replace")
     texts = [content]
     if path.suffix == ".jsonl":

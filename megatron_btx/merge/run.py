@@ -55,6 +55,7 @@ from megatron_btx.merge.layer import accumulate, merge_layer, random_router
 from megatron_btx.merge.plan import MergePlan, ReadPlan, make_plan
 from megatron_btx.merge.settings import MergeSettings
 from megatron_btx.merge.verify import verify_checkpoint, verify_hf_export
+from megatron_btx.models.hf_config import to_hf
 from megatron_btx.models.llama import (
     LlamaArgs,
     MoEVariant,
@@ -203,7 +204,7 @@ class MergeJob:
         if self.tokenizer is not None:
             tok_files = copy_tokenizer(self.tokenizer.folder, tmp / TOKENIZER_DIR)
         if self.variant.is_plain:
-            (tmp / "hf_config.json").write_text(json.dumps(self.out_args.to_hf_dict(), indent=2))
+            (tmp / "hf_config.json").write_text(json.dumps(to_hf(self.out_args), indent=2))
         fields = self._manifest_fields(tmp, tok_files, lineage)
         written = manifest.write(tmp, **fields)
         if export is not None:

@@ -22,6 +22,8 @@ Qwen2's q/k/v biases, activations other than SiLU.
 from __future__ import annotations
 
 import dataclasses
+import json
+from pathlib import Path
 from typing import Any
 
 from megatron_btx.errors import BTXError
@@ -124,6 +126,39 @@ def parse(cfg: dict[str, Any], source: str = "config.json") -> HFModel:
     except (TypeError, ValueError, BTXError) as e:  # ValueError: rope_theta "abc"
         raise BTXError(f"{source}: {e}") from e
     return HFModel(args, variant, arch)
+
+
+def plain_args(cfg: dict[str, Any], source: str = "config.json") -> LlamaArgs:
+    """The args of an HF config.json of any supported family, for a model built from those
+    fields alone (a training config's ``model.hf_config``, the pipeline's seed). A config whose
+    MoE shape goes beyond LlamaArgs (a shared expert, dense layers) is refused: its model would
+    be built without them; convert it with `btx import-hf`, which records the shape in the
+    checkpoint's manifest."""
+    model = parse(cfg, source)
+    if not model.variant.is_plain:
+        raise BTXError(
+            f"{source}: a {model.model_type} with a shared expert or dense layers is more "
+            f"than these fields describe; convert it with `btx import-hf` and start from "
+            f"the converted checkpoint (model.init_from)"
+        )
+    return model.args
+
+
+def read_plain_args(path: str | Path) -> LlamaArgs:
+    """:func:`plain_args` of a config.json file; every error is a BTXError naming the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise BTXError(f"{path}: config.json not found; an HF checkpoint folder needs one")
+    try:
+        cfg = json.loads(path.read_bytes().decode("utf-8"))
+    except (OSError, ValueError, RecursionError) as e:  # JSON and UTF-8 errors
+        raise BTXError(f"{path}: not valid JSON ({e}); re-save the config") from e
+    if not isinstance(cfg, dict):
+        raise BTXError(f"{path}: the top level is a {type(cfg).__name__}, not a JSON object")
+    try:
+        return plain_args(cfg, str(path))
+    except (BTXError, ValueError, TypeError) as e:  # a bad field's value: name the file
+        raise (e if str(path) in str(e) else BTXError(f"{path}: {e}")) from None
 
 
 def _check_attention(cfg: dict[str, Any], arch: str, family: str, source: str) -> None:

@@ -10,11 +10,9 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
 import logging
 import math
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -129,47 +127,6 @@ class LlamaArgs:
         per_layer = qkv + proj + n_exp * ffn + router + 2 * h + extras
         emb = self.vocab_size * h * (1 if self.tie_word_embeddings else 2)
         return L * per_layer + emb + h
-
-    # ---- HF config.json -----------------------------------------------------------------
-    @classmethod
-    def from_hf_dict(cls, cfg: dict[str, Any], source: str = "config.json") -> "LlamaArgs":
-        """The args of an HF config.json of any supported family (models.hf_config). A config
-        whose MoE shape goes beyond LlamaArgs (a shared expert, dense layers) is refused: its
-        model would be built without them; convert it with `btx import-hf`, which records the
-        shape in the checkpoint's manifest."""
-        from megatron_btx.models.hf_config import parse
-
-        model = parse(cfg, source)
-        if not model.variant.is_plain:
-            raise BTXError(
-                f"{source}: a {model.model_type} with a shared expert or dense layers is more "
-                f"than these fields describe; convert it with `btx import-hf` and start from "
-                f"the converted checkpoint (model.init_from)"
-            )
-        return model.args
-
-    @classmethod
-    def from_hf_config_file(cls, path: str | Path) -> "LlamaArgs":
-        path = Path(path)
-        if not path.is_file():
-            raise BTXError(f"{path}: config.json not found; an HF checkpoint folder needs one")
-        try:
-            cfg = json.loads(path.read_bytes().decode("utf-8"))
-        except (OSError, ValueError, RecursionError) as e:  # JSON and UTF-8 errors
-            raise BTXError(f"{path}: not valid JSON ({e}); re-save the config") from e
-        if not isinstance(cfg, dict):
-            raise BTXError(f"{path}: the top level is a {type(cfg).__name__}, not a JSON object")
-        try:
-            return cls.from_hf_dict(cfg, str(path))
-        except (BTXError, ValueError, TypeError) as e:  # a bad field's value: name the file
-            raise (e if str(path) in str(e) else BTXError(f"{path}: {e}")) from None
-
-    def to_hf_dict(self) -> dict[str, Any]:
-        """An HF config.json of the model's family (dense), or of the MoE family a Mixtral-shaped
-        MoE of this attention is written as (models.hf_config.export_family)."""
-        from megatron_btx.models.hf_config import to_hf
-
-        return to_hf(self)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

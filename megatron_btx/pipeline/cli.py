@@ -1,4 +1,5 @@
-"""``btx run CONFIG`` (execute a BTX plan locally) and ``btx status RUN_DIR``."""
+"""``btx run CONFIG`` (execute a BTX plan locally), ``btx status RUN_DIR`` and
+``btx match-compute --run-dir RUN`` (time-match the baselines, then re-plan)."""
 
 from __future__ import annotations
 
@@ -227,4 +228,30 @@ def _status(args: argparse.Namespace) -> int:
     for r in rows:
         counts[r["state"]] = counts.get(r["state"], 0) + 1
     print(", ".join(f"{v} {k}" for k, v in counts.items()))
+    return 0
+
+
+def match_compute_main(argv: list[str] | None = None) -> int:
+    """``btx match-compute --run-dir RUN``: measure the BTX stages' hardware time
+    (:func:`megatron_btx.pipeline.compute_match.measure`), write RUN/compute_match.json, re-plan."""
+    parser = argparse.ArgumentParser(
+        prog="btx match-compute",
+        description="Time-match the baselines of a BTX run to the hardware time its BTX stages "
+        "took (baselines.compute_match: time): writes RUN/compute_match.json and re-plans.",
+    )
+    parser.add_argument("--run-dir", required=True)
+    args = parser.parse_args(argv)
+    from megatron_btx.pipeline import compute_match
+    from megatron_btx.pipeline import plan as plan_mod
+
+    try:
+        run = Path(args.run_dir).resolve()
+        result = compute_match.measure(run)
+        rundir.atomic_write_text(run / compute_match.RESULT, json.dumps(result, indent=1))
+        plan_mod.build_plan(run / "btx.yaml", run)
+    except BTXError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    for name, entry in result["baselines"].items():
+        print(f"{name}: {entry['steps']} steps for {result['btx_core_seconds']:.0f} core-seconds")
     return 0

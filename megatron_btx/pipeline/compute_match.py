@@ -13,23 +13,24 @@ at equal hardware time the expert stage trains more tokens than its FLOPs share 
   the dense baseline trains like an expert, sparse upcycling like the finetune;
 - baseline steps = BTX cost / (cost per token at that speed x tokens per step).
 
-`btx match-compute --run-dir RUN` (the plan's `match_compute` stage, after the BTX stages) writes
-`RUN/compute_match.json` and re-plans the run: the planner reads the measured step counts from
-it, as long as the BTX stages' configs it measured are still the plan's.
+`btx match-compute --run-dir RUN` (the plan's `match_compute` stage, after the BTX stages;
+:func:`megatron_btx.pipeline.cli.match_compute_main`) writes `RUN/compute_match.json` with
+:func:`measure` and re-plans the run: the planner reads the measured step counts from it
+(:func:`load`), as long as the BTX stages' configs it measured are still the plan's. This module
+reads the plan through :mod:`megatron_btx.pipeline.stages` and is read by the planner, never the
+reverse.
 """
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
-import sys
 from pathlib import Path
 from typing import Any
 
-from megatron_btx import rundir
 from megatron_btx.config import read_yaml
 from megatron_btx.errors import BTXError
+from megatron_btx.pipeline.stages import read_marker, read_plan_file
 
 RESULT = "compute_match.json"
 
@@ -71,15 +72,13 @@ def _train_config(run_dir: str | Path) -> dict[str, Any]:
 
 def measure(run_dir: str | Path) -> dict[str, Any]:
     """The BTX cost and each baseline's time-matched steps (see the module docstring)."""
-    from megatron_btx.pipeline import plan as plan_mod
-
     run = Path(run_dir)
-    stages = plan_mod.read_plan_file(run).by_name()
+    stages = read_plan_file(run).by_name()
     experts = [s for name, s in stages.items() if name.startswith("expert_")]
     if "finetune" not in stages or not experts:
         raise BTXError(f"{run}: the plan has no experts or finetune to match")
     costs = {s.name: stage_cost(s.workdir) for s in [*experts, stages["finetune"]]}
-    merge_marker = plan_mod.read_marker("merge", run) or {}
+    merge_marker = read_marker("merge", run) or {}
     merge_seconds = float(merge_marker.get("seconds", 0.0))
     btx = sum(c["core_seconds"] for c in costs.values()) + merge_seconds
     per_token = {
@@ -120,26 +119,3 @@ def load(run_dir: str | Path) -> dict[str, Any] | None:
         return json.loads(path.read_text())
     except (ValueError, UnicodeDecodeError):
         return None
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="btx match-compute",
-        description="Time-match the baselines of a BTX run to the hardware time its BTX stages "
-        "took (baselines.compute_match: time): writes RUN/compute_match.json and re-plans.",
-    )
-    parser.add_argument("--run-dir", required=True)
-    args = parser.parse_args(argv)
-    from megatron_btx.pipeline import plan as plan_mod
-
-    try:
-        run = Path(args.run_dir).resolve()
-        result = measure(run)
-        rundir.atomic_write_text(run / RESULT, json.dumps(result, indent=1))
-        plan_mod.build_plan(run / "btx.yaml", run)
-    except BTXError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    for name, entry in result["baselines"].items():
-        print(f"{name}: {entry['steps']} steps for {result['btx_core_seconds']:.0f} core-seconds")
-    return 0

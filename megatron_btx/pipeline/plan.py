@@ -50,10 +50,11 @@ import yaml
 
 from megatron_btx import rundir
 from megatron_btx.errors import BTXError
+from megatron_btx.pipeline import compute_match
 from megatron_btx.pipeline import config as btx_config
 from megatron_btx.pipeline.config import BTXConfig, StageTrain
+from megatron_btx.pipeline.plan_checks import KINDS
 from megatron_btx.pipeline.stages import (  # re-exported: the executors' view of a plan
-    KINDS,
     Plan,
     Stage,
     fmt_flops,
@@ -116,12 +117,13 @@ def _model_options() -> set[str]:
 def seed_args(cfg: BTXConfig):
     """The dense architecture (LlamaArgs) of the seed and experts, as far as known at plan time
     (the vocabulary is the tokenizer's; data.vocab_size until the data is prepared)."""
+    from megatron_btx.models.hf_config import read_plain_args
     from megatron_btx.models.llama import LlamaArgs
 
     if cfg.seed.init_from:
         src = cfg.seed.init_from
         if _is_hf(src):
-            return LlamaArgs.from_hf_config_file(Path(src) / "config.json")
+            return read_plain_args(Path(src) / "config.json")
         from megatron_btx.checkpoint.megatron_io import read_args
 
         return read_args(_resolve_checkpoint(src))
@@ -142,10 +144,10 @@ def _vocab_size(cfg: BTXConfig) -> int:
         except (OSError, KeyError, ValueError):
             pass
     if cfg.data.tokenizer:
-        from megatron_btx.data.tokenizer import Tokenizer
+        from megatron_btx.data.tokenizer import load_tokenizer
 
         try:  # a SentencePiece .model or an HF tokenizer folder (tokenizer.json)
-            return int(Tokenizer.load(cfg.data.tokenizer).vocab_size)
+            return int(load_tokenizer(cfg.data.tokenizer).vocab_size)
         except BTXError:
             raise
         except Exception as e:  # noqa: BLE001 - any other failure is the user's file
@@ -552,8 +554,6 @@ class _Planner:
         """Baseline steps measured by `btx match-compute` for these very BTX stages (their
         configs unchanged since), else nothing (the plan then holds FLOPs-matched steps until
         the measurement re-plans it)."""
-        from megatron_btx.pipeline import compute_match
-
         measured = compute_match.load(self.run)
         if not measured:
             return {}

@@ -16,6 +16,9 @@ from typing import Any
 
 from megatron_btx.errors import BTXError
 
+#: stage kinds: what a stage entry's ``kind`` may be
+KINDS = ("data", "convert", "train", "merge", "match", "eval")
+
 #: what a stage name may be: it names files and Slurm jobs and is pasted into scripts (quoted)
 STAGE_NAME = re.compile(r"[A-Za-z0-9_.-]+")
 
@@ -53,8 +56,6 @@ def check_stage_entry(entry: Any, path: Path) -> dict[str, Any]:
 
     def bad(key: str, what: str) -> BTXError:
         return BTXError(f"{path}: stage {name}: {key}={entry.get(key)!r} {what}")
-
-    from megatron_btx.pipeline.stages import KINDS  # which imports this module
 
     if entry.get("kind") not in KINDS:
         raise bad("kind", f"is not one of {', '.join(KINDS)}")

@@ -15,15 +15,13 @@ from megatron_btx import rundir
 from megatron_btx.errors import BTXError
 from megatron_btx.pipeline.plan_checks import check_stage_entry, stage_entries
 
-#: stage kinds
-KINDS = ("data", "convert", "train", "merge", "match", "eval")
 PLAN_FORMAT = 2
 
 
 @dataclass
 class Stage:
     name: str  # e.g. "prepare_data", "seed", "expert_code", "merge", "finetune", "evaluate"
-    kind: str  # "data" | "convert" | "train" | "merge" | "eval"
+    kind: str  # one of plan_checks.KINDS: "data", "convert", "train", "merge", "match", "eval"
     argv: list[str]  # the btx command line, run as `btx <argv>`
     deps: list[str] = field(default_factory=list)  # stages that must finish first
     nproc: int = 1  # processes (torchrun --nproc-per-node) for train stages

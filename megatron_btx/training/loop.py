@@ -68,6 +68,7 @@ def resolve_model_args(
     A model defined inline takes its vocabulary and ``special_ids`` (BOS, EOS; -1 for none) from
     the tokenizer, so its HF export names the tokenizer's ids (an HF tokenizer's are not 1/2)."""
     from megatron_btx.checkpoint.megatron_io import read_args
+    from megatron_btx.models.hf_config import read_plain_args
     from megatron_btx.models.llama import LlamaArgs
 
     mc = cfg.model
@@ -87,7 +88,7 @@ def resolve_model_args(
         path = Path(mc.hf_config)
         if path.is_dir():
             path = path / "config.json"
-        args = LlamaArgs.from_hf_config_file(path)
+        args = read_plain_args(path)
         if inline:
             args = dataclasses.replace(args, **inline)
     else:
@@ -189,14 +190,14 @@ class Trainer:
 
     # ---- set-up ---------------------------------------------------------------------------
     def setup(self) -> None:
-        from megatron_btx.data.tokenizer import Tokenizer
+        from megatron_btx.data.tokenizer import load_tokenizer
 
         cfg = self.cfg
         world = int(os.environ.get("WORLD_SIZE", "1"))
         cfg.validate(world)
         p, t = cfg.parallel, cfg.train
         self.sources = resolve_sources(cfg)
-        self.tokenizer = Tokenizer.load(self.sources.tokenizer)
+        self.tokenizer = load_tokenizer(self.sources.tokenizer)
         self.args = resolve_model_args(
             cfg, self.tokenizer.vocab_size, (self.tokenizer.bos_id, self.tokenizer.eos_id)
         )
@@ -565,6 +566,8 @@ class Trainer:
 
     # ---- checkpoints ----------------------------------------------------------------------
     def save(self, reason: str) -> Path:
+        from megatron_btx.models.hf_config import to_hf
+
         t0 = time.perf_counter()
         train_state = {
             "step": self.step,
@@ -607,7 +610,7 @@ class Trainer:
             self.sources.tokenizer,
             {
                 "config.yaml": self.cfg.to_yaml(),
-                "hf_config.json": json.dumps(self.args.to_hf_dict(), indent=2),
+                "hf_config.json": json.dumps(to_hf(self.args), indent=2),
             },
             self.cfg.train.keep_last,
             fault=fault,
