@@ -27,7 +27,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def merge_cmd(code: Path, srcs: list[Path], save: Path, export: Path | None = None) -> list[str]:
+def merge_cmd(
+    code: Path, srcs: list[Path], save: Path, export: Path | None = None, *extra: str
+) -> list[str]:
     cmd = [
         "env",
         f"PYTHONPATH={code}",
@@ -44,7 +46,7 @@ def merge_cmd(code: Path, srcs: list[Path], save: Path, export: Path | None = No
     ]
     if export is not None:
         cmd += ["--export-hf", str(export)]
-    return cmd
+    return cmd + list(extra)
 
 
 def mergekit_cmd(python: str, srcs: list[Path], work: Path) -> list[str]:
@@ -101,6 +103,12 @@ def main() -> int:
         old = merge_cmd(Path(a.before).resolve(), srcs, work / "out_b")
         results["comparisons"]["this version vs --before (torch_dist)"] = farm_bench(
             new, old, a.rounds, a.timeout
+        )
+        # the same without the sha256 of every written file (issue 12's integrity manifest,
+        # which the earlier version does not compute): the layout change alone
+        unhashed = merge_cmd(ROOT, srcs, work / "out_a", None, "--no-hash-output")
+        results["comparisons"]["this version --no-hash-output vs --before"] = farm_bench(
+            unhashed, old, a.rounds, a.timeout
         )
     print(
         f"{'comparison':58s} {'A wall s':>10s} {'B wall s':>10s} {'A/B wall (min/median/max)':>28s}"

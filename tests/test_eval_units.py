@@ -204,3 +204,13 @@ def test_a_claim_holds_only_when_its_interval_excludes_zero():
     assert versus["low"] < 0 < versus["high"]
     assert not r["claims"]["btx_lowest_mean"]["holds"]
     assert "DOES NOT HOLD" in report.claims_md(r["claims"])
+
+
+def test_diagnostics_section_names_the_plot_only_when_one_was_drawn():
+    """results.md points at diagnostics.png only when evaluate drew it (matplotlib present);
+    without it, it says why there is none instead of naming a missing file."""
+    diag = {"retention": {"code": 0.64, "math": None}}
+    drawn = "\n".join(report.diagnostics_md({**diag, "plot": "diagnostics.png"}))
+    assert "code 64%, math -" in drawn and "Plot: diagnostics.png." in drawn
+    missing = "\n".join(report.diagnostics_md(diag))
+    assert "diagnostics.png" not in missing and "matplotlib is not installed" in missing

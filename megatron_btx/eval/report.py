@@ -319,7 +319,9 @@ def diagnostics_md(diag: dict[str, Any] | None) -> list[str]:
             "",
             f"Merge retention (share of each expert's loss gain the merge keeps): {shown}.",
         ]
-    return lines + ["", "Plot: diagnostics.png."]
+    if diag.get("plot"):
+        return lines + ["", f"Plot: {diag['plot']}."]
+    return lines + ["", "No plot: matplotlib is not installed (pip install megatron_btx[plots])."]
 
 
 # ---------------------------------------------------------------------------------------------

@@ -8,7 +8,7 @@ data:
   vocab_size: 8000                 # SentencePiece vocabulary trained on the domains
   tokenizer: null                  # or an existing SentencePiece .model (e.g. the seed's)
   max_mb: 4.0                      # built-in corpora: MB of text kept per domain (0 = all)
-  split: test=0.02,valid=0.02      # held-out document fractions (by a stable hash of the key)
+  split: test=0.08,valid=0.02      # held-out document fractions (by a stable hash of the key)
   txt_separator: null              # text files: a line equal to this separates documents
   seq_length: 256
 domains:                           # name -> a built-in corpus, or folders/files of text
@@ -30,16 +30,16 @@ merge:
 finetune:                          # train-stage keys for the MoE finetune, plus:
   steps: 60
   router: {type: topk}             # topk | switch | sample_top1 | soft (megatron_btx.models.routers)
-  load_balancing: aux_loss         # aux_loss | seq_aux_loss | sinkhorn | none
+  load_balancing: aux_loss         # aux_loss | none (what the BTX routers implement)
   aux_loss_coeff: 0.01             # alpha
 baselines:
   dense: true                      # the seed continued on the blend
   sparse_upcycling: true           # N copies of the seed -> MoE, trained on the blend
   btm: true                        # experts kept separate, tf-idf routed ensembles at eval
-  compute_match: true              # dense/upcycling steps chosen to equal the BTX FLOPs budget
+  compute_match: flops             # flops | time (measured wall time per stage) | none
 evaluation:
   split: test                      # held-out split to score (test | valid)
-  tokens_per_domain: 16384         # scored tokens per domain (whole sequences of seq_length)
+  tokens_per_domain: 65536         # scored tokens per domain (whole sequences of seq_length)
   btm_top_k: [1, 2]
   routing: true                    # routing tables and heatmaps for the BTX MoE
 train: {}                          # defaults for every train stage: any key of the training
