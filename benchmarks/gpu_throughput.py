@@ -213,7 +213,8 @@ def count_expert_rows(counted: dict):
 def measure_env(a) -> dict:
     import torch
 
-    from megatron_btx.models.grouped_experts import grouped_mm_fast_path, grouped_mm_unavailable
+    from megatron_btx.models.grouped_experts import grouped_mm_unavailable
+    from megatron_btx.models.specs import grouped_mm_fast_path
 
     dev = torch.device(a.device)
     dtype = torch.bfloat16 if a.dtype == "bf16" else torch.float32

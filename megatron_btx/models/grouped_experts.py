@@ -31,16 +31,6 @@ GROUPED_MM = "grouped_mm"
 LOOP = "loop"
 
 
-def grouped_mm_fast_path(device: torch.device, dtype: torch.dtype) -> bool:
-    """True where `torch._grouped_mm` runs its fused kernel rather than a per-group loop:
-    CUDA devices of compute capability 9.x or 10.x with bf16 operands (torch's own dispatch
-    rule in `_grouped_mm_cuda`). Elsewhere torch falls back to one `mm` per group."""
-    if device.type != "cuda" or dtype != torch.bfloat16 or not hasattr(torch, "_grouped_mm"):
-        return False
-    major, _ = torch.cuda.get_device_capability(device)
-    return major in (9, 10)
-
-
 @functools.cache
 def grouped_mm_unavailable(device_type: str, dtype: torch.dtype) -> str | None:
     """Why `torch._grouped_mm` cannot run a 2D x 3D product with offsets on this device type

@@ -52,6 +52,18 @@ def chosen_spec(requested: str | None = None) -> str:
     return spec
 
 
+def grouped_mm_fast_path(device: torch.device, dtype: torch.dtype) -> bool:
+    """True where `torch._grouped_mm` runs its fused kernel rather than a per-group loop:
+    CUDA devices of compute capability 9.x or 10.x with bf16 operands (torch's own dispatch
+    rule in `_grouped_mm_cuda`). Elsewhere torch falls back to one `mm` per group. Here, not in
+    models/grouped_experts.py, so that choosing the experts module does not import that module
+    (its torch.compiler.disable decorators import torch._dynamo: 0.45 s per process)."""
+    if device.type != "cuda" or dtype != torch.bfloat16 or not hasattr(torch, "_grouped_mm"):
+        return False
+    major, _ = torch.cuda.get_device_capability(device)
+    return major in (9, 10)
+
+
 def experts_module(config, te: bool, requested: str = "auto") -> str:
     """Which module computes the MoE experts: `te_grouped` (TE's TEGroupedMLP), `grouped`
     (ours, torch's grouped matmul), `sequential` (megatron-core's per-expert loop).
@@ -59,7 +71,6 @@ def experts_module(config, te: bool, requested: str = "auto") -> str:
     `auto` picks a grouped GEMM where it is faster: with TE, always (TE's grouped GEMM); without
     TE, on a GPU run in bf16 where torch's grouped matmul has its fused kernel (elsewhere torch
     loops over the experts itself, so it would be the sequential loop under another name)."""
-    from megatron_btx.models.grouped_experts import grouped_mm_fast_path
     from megatron_btx.models.speedups import MOE_EXPERTS
 
     if requested not in MOE_EXPERTS:
