@@ -34,6 +34,21 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def merge_argv(code: Path, srcs: list[Path]) -> list[str]:
+    """Our merge of 3 experts + the seed (the 4th source) with the code of checkout `code`;
+    the caller adds --save (and --export-hf)."""
+    return [
+        sys.executable,
+        str(code / "tools" / "convert_dense_to_moe.py"),
+        "--experts",
+        *map(str, srcs[:3]),
+        "--seed",
+        str(srcs[3]),
+        "--no-progress",
+        "--overwrite",
+    ]
+
+
 def mergekit_argv(python: str, srcs: list[Path], work: Path) -> list[str]:
     """mergekit-moe's command for the same merge as ours (3 experts + the seed as base and
     fourth expert, random gates, top-2, bf16) into WORK/out_mk; writes its YAML config."""
@@ -320,16 +335,7 @@ def main() -> int:
     print(f"made 4 sources of {du(srcs[0])} GB each in {time.time() - t:.0f}s", flush=True)
     files = [str(f) for s in srcs for f in sorted(s.glob("*.safetensors"))]
     env = dict(os.environ, OMP_NUM_THREADS=str(os.cpu_count()), PYTHONWARNINGS="ignore")
-    ours = [
-        sys.executable,
-        str(ROOT / "tools" / "convert_dense_to_moe.py"),
-        "--experts",
-        *map(str, srcs[:3]),
-        "--seed",
-        str(srcs[3]),
-        "--no-progress",
-        "--overwrite",
-    ]
+    ours = merge_argv(ROOT, srcs)
 
     def run(name: str, cmd: list[str], out: Path | None = None, layers: int = a.layers) -> dict:
         if a.cold:
@@ -413,16 +419,7 @@ def main() -> int:
         results["mergekit"] = f"not run: {a.mk_python} not found"
     for L in a.depths:
         s = models(L)
-        ours_l = [
-            sys.executable,
-            str(ROOT / "tools" / "convert_dense_to_moe.py"),
-            "--experts",
-            *map(str, s[:3]),
-            "--seed",
-            str(s[3]),
-            "--no-progress",
-            "--overwrite",
-        ]
+        ours_l = merge_argv(ROOT, s)
         if not a.cold:
             subprocess.run(
                 ["cat", *[str(f) for x in s for f in x.glob("*.safetensors")]],

@@ -30,20 +30,10 @@ ROOT = Path(__file__).resolve().parents[1]
 def merge_cmd(
     code: Path, srcs: list[Path], save: Path, export: Path | None = None, *extra: str
 ) -> list[str]:
-    cmd = [
-        "env",
-        f"PYTHONPATH={code}",
-        sys.executable,
-        str(code / "tools" / "convert_dense_to_moe.py"),
-        "--experts",
-        *map(str, srcs[:3]),
-        "--seed",
-        str(srcs[3]),
-        "--save",
-        str(save),
-        "--overwrite",
-        "--no-progress",
-    ]
+    """bench_merge's merge command run with the code of checkout `code` (PYTHONPATH)."""
+    from bench_merge import merge_argv
+
+    cmd = ["env", f"PYTHONPATH={code}", *merge_argv(code, srcs), "--save", str(save)]
     if export is not None:
         cmd += ["--export-hf", str(export)]
     return cmd + list(extra)
