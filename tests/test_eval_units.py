@@ -214,3 +214,58 @@ def test_diagnostics_section_names_the_plot_only_when_one_was_drawn():
     assert "code 64%, math -" in drawn and "Plot: diagnostics.png." in drawn
     missing = "\n".join(report.diagnostics_md(diag))
     assert "diagnostics.png" not in missing and "matplotlib is not installed" in missing
+
+
+def test_expert_claims_in_the_faithful_setup():
+    """The paper's setup: a seed that knows only general text. Each expert is planted 0.5 nats
+    below the seed and the other expert on its own domain, but 0.4 nats above the dense baseline
+    (trained on the whole budget) there; both experts are below the seed on the other expert
+    domain (the seed never saw it) and 0.6 nats above it on general text (forgetting). The
+    specialisation claim is decided by the seed and the other expert only, and forgetting is
+    measured on general text: both hold; without a general domain, forgetting is measured on the
+    other expert domain, where it does not hold."""
+    from megatron_btx.eval import claims, intervals
+
+    doms = ["code", "math", "general"]
+    level = {  # mean loss per domain (code, math, general)
+        "seed": [4.0, 4.0, 2.0],
+        "expert_code": [2.5, 3.5, 2.6],
+        "expert_math": [3.5, 2.5, 2.6],
+        "dense": [2.1, 2.1, 2.1],
+    }
+    rng = np.random.default_rng(1)
+    sets = {d: _eval_set(d, 30, 8) for d in doms}
+    hardness = {d: rng.normal(0, 0.3, size=(30, 1)) for d in doms}
+    per_model = {
+        name: {
+            d: -(lv + hardness[d] - hardness[d].mean() + rng.normal(0, 0.05, size=(30, 8)))
+            for d, lv in zip(doms, levels)
+        }
+        for name, levels in level.items()
+    }
+
+    def check(groups, domains):
+        found = intervals.compute(
+            {m: {d: v[d] for d in domains} for m, v in per_model.items()},
+            {d: sets[d] for d in domains},
+            groups,
+            replicates=1000,
+        )
+        return claims.check_claims({"models": {}, "intervals": found}, None)
+
+    faithful = check({"experts": ["code", "math"], "general": ["general"]}, doms)
+    best = faithful["expert_best_on_own_domain"]
+    assert best["holds"]
+    code_vs = best["per_domain"]["code"]
+    assert code_vs["dense"]["higher"] and code_vs["dense"]["difference"] == pytest.approx(
+        0.4, abs=0.03
+    )
+    assert code_vs["seed"]["difference"] == pytest.approx(-1.5, abs=0.03)
+    forget = faithful["experts_forget_other_domains"]
+    assert forget["holds"] and forget["on"] == "general"
+    assert set(forget["per_expert"]["code"]) == {"general"}
+    assert forget["per_expert"]["code"]["general"]["difference"] == pytest.approx(0.6, abs=0.03)
+    in_domain_only = check({"experts": ["code", "math"]}, ["code", "math"])
+    forget = in_domain_only["experts_forget_other_domains"]
+    assert not forget["holds"] and forget["on"] == "other_expert_domains"
+    assert forget["per_expert"]["code"]["math"]["difference"] == pytest.approx(-0.5, abs=0.03)

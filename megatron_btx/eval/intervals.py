@@ -65,7 +65,9 @@ def compute(
             for rival in RIVALS
             if rival in complete
         }
-    out["experts"] = _expert_comparisons(complete, groups.get("experts", []), boot)
+    out["experts"] = _expert_comparisons(
+        complete, groups.get("experts", []), groups.get("general", []), boot
+    )
     if segment_labels is not None and MIXED in sets:
         out["mixed_by_segment"] = _mixed_by_segment(
             per_model, sets[MIXED], segment_labels, segment_domains or []
@@ -73,10 +75,15 @@ def compute(
     return out
 
 
-def _expert_comparisons(scores, expert_domains: list[str], boot) -> dict[str, Any]:
-    """Each expert minus every other dense model on the expert's own domain (is it the best
-    there?), and minus the seed on every other expert domain (did it forget?), paired."""
+def _expert_comparisons(
+    scores, expert_domains: list[str], general_domains: list[str], boot
+) -> dict[str, Any]:
+    """Paired, per expert: minus every other dense model on the expert's own domain (is it the
+    best there?), and minus the seed where forgetting shows (did it forget?): on the general
+    domains, the seed's own data, when the evaluation has them; else on the other expert
+    domains (a seed that never saw those is worse there by construction)."""
     dense = [m for m in scores if m in ("seed", "dense") or m.startswith("expert_")]
+    forgetting_on = general_domains or None
     out: dict[str, Any] = {}
     for domain in expert_domains:
         expert = f"expert_{domain}"
@@ -91,10 +98,13 @@ def _expert_comparisons(scores, expert_domains: list[str], boot) -> dict[str, An
         if "seed" in scores:
             forgetting = {
                 d: stats.paired_difference(boot, scores[expert], scores["seed"], [d])
-                for d in expert_domains
-                if d != domain
+                for d in (forgetting_on or [e for e in expert_domains if e != domain])
             }
-        out[domain] = {"own_domain": own, "other_domains_vs_seed": forgetting}
+        out[domain] = {
+            "own_domain": own,
+            "other_domains_vs_seed": forgetting,
+            "forgetting_on": "general" if forgetting_on else "other_expert_domains",
+        }
     return out
 
 

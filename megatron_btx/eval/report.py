@@ -149,14 +149,18 @@ def claims_md(claims: dict[str, Any]) -> str:
             for d, vs in c["per_domain"].items()
         ]
         out.append(
-            f"- Each expert lower than every other dense model on its own domain (expert minus "
-            f"other): **{mark(c['holds'])}** ({'; '.join(parts)})"
+            f"- Each expert lower than the seed and every other expert on its own domain (expert "
+            f"minus other; the dense baseline shown, not deciding): **{mark(c['holds'])}** "
+            f"({'; '.join(parts)})"
         )
     c = claims.get("experts_forget_other_domains")
     if c:
         n_bad = sum(not v["higher"] for vs in c["per_expert"].values() for v in vs.values())
+        where = {"general": "general text, the seed's own data"}.get(
+            c.get("on"), "the other expert domains"
+        )
         out.append(
-            f"- Experts worse than the seed on the other expert domains (forgetting): "
+            f"- Experts worse than the seed on {where} (forgetting): "
             f"**{mark(c['holds'])}**"
             + (f" ({n_bad} expert/domain pairs are not clearly worse)" if n_bad else "")
         )
