@@ -8,6 +8,7 @@ import json
 from pathlib import Path
 
 import yaml
+from cli_contract import btx
 from test_pipeline_plan import _config
 
 from megatron_btx.pipeline import compute_match, plan
@@ -94,9 +95,6 @@ def test_compute_match_none_and_flops_and_booleans(tmp_path):
 def test_time_matched_run_end_to_end(tmp_path):
     """`btx run` with compute_match: time measures after the BTX stages, re-plans, and the
     baseline trains the measured steps (its final checkpoint is the re-planned one)."""
-    import os
-    import subprocess
-    import sys
 
     from test_pipeline_variants import _config as variant_config
 
@@ -109,16 +107,7 @@ def test_time_matched_run_end_to_end(tmp_path):
         "compute_match": "time",
     }
     cfg.write_text(yaml.safe_dump(raw))
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
-    result = subprocess.run(
-        [sys.executable, "-m", "megatron_btx", "run", str(cfg), "--parallel", "2"],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-        stdin=subprocess.DEVNULL,
-    )
+    result = btx("run", str(cfg), "--parallel", "2", cwd=tmp_path, timeout=600)
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-3000:]
     run = tmp_path / "run"
     measured = json.loads((run / compute_match.RESULT).read_text())

@@ -53,6 +53,16 @@ def make_text_domains(root: Path, n_files: int = 30, words: int = 300) -> dict[s
     return out
 
 
+#: the tiny Llama of the pipeline tests (also test_pipeline_plan's and test_pipeline_variants')
+TINY_MODEL = {
+    "hidden_size": 32,
+    "intermediate_size": 64,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 2,
+    "max_position_embeddings": 64,
+}
+
+
 def tiny_config(tmp_path: Path) -> Path:
     doms = make_text_domains(tmp_path / "text")
     small = {"micro_batch_size": 4, "global_batch_size": 4}
@@ -60,13 +70,7 @@ def tiny_config(tmp_path: Path) -> Path:
         "run_dir": str(tmp_path / "run"),
         "data": {"vocab_size": 300, "split": "test=0.15,valid=0.1", "seq_length": 64},
         "domains": {n: {"source": str(p)} for n, p in doms.items()},
-        "model": {
-            "hidden_size": 32,
-            "intermediate_size": 64,
-            "num_hidden_layers": 2,
-            "num_attention_heads": 2,
-            "max_position_embeddings": 64,
-        },
+        "model": dict(TINY_MODEL),
         "seed": {"pretrain": {"steps": 8, "lr": 3e-3, "warmup_steps": 1, **small}},
         "experts": {"steps": 6, "lr": 2e-3, "warmup_steps": 1, **small},
         "finetune": {"steps": 4, "lr": 2e-3, "warmup_steps": 1, **small},

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from test_pipeline_e2e import TINY_MODEL
 
 from megatron_btx.errors import BTXError
 from megatron_btx.eval.cli import expert_labels
@@ -33,13 +34,7 @@ def _config(tmp_path: Path, **over) -> dict:
         "run_dir": str(tmp_path / "run"),
         "data": {"vocab_size": 300, "seq_length": 64},
         "domains": {n: {"source": p} for n, p in doms.items()},
-        "model": {
-            "hidden_size": 32,
-            "intermediate_size": 64,
-            "num_hidden_layers": 2,
-            "num_attention_heads": 2,
-            "max_position_embeddings": 64,
-        },
+        "model": dict(TINY_MODEL),
         "seed": {"pretrain": {"steps": 10, "global_batch_size": 4, "micro_batch_size": 4}},
         "experts": {"steps": 8, "global_batch_size": 4, "micro_batch_size": 4},
         "finetune": {"steps": 6, "global_batch_size": 4, "micro_batch_size": 4},

@@ -7,15 +7,13 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
-from test_pipeline_e2e import make_text_domains
+from cli_contract import btx
+from test_pipeline_e2e import TINY_MODEL, make_text_domains
 
 from megatron_btx.pipeline import plan
 
@@ -27,13 +25,7 @@ def _config(tmp_path: Path, merge: dict) -> Path:
         "run_dir": str(tmp_path / "run"),
         "data": {"vocab_size": 300, "split": "test=0.15,valid=0.1", "seq_length": 64},
         "domains": {n: {"source": str(p)} for n, p in doms.items()},
-        "model": {
-            "hidden_size": 32,
-            "intermediate_size": 64,
-            "num_hidden_layers": 2,
-            "num_attention_heads": 2,
-            "max_position_embeddings": 64,
-        },
+        "model": dict(TINY_MODEL),
         "seed": {"pretrain": {"steps": 4, **small}},
         "experts": {"steps": 2, **small},
         "merge": merge,
@@ -69,16 +61,7 @@ def _tensor(checkpoint: str, key: str) -> torch.Tensor:
 )
 def test_every_merge_variant_finetunes_and_evaluates(tmp_path, name, merge):
     cfg = _config(tmp_path, merge)
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
-    result = subprocess.run(
-        [sys.executable, "-m", "megatron_btx", "run", str(cfg), "--parallel", "2"],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-        stdin=subprocess.DEVNULL,
-    )
+    result = btx("run", str(cfg), "--parallel", "2", cwd=tmp_path, timeout=600)
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-3000:]
     run = tmp_path / "run"
     stages = {s.name: s for s in plan.read_plan(run)}
