@@ -365,18 +365,11 @@ def main() -> int:
     )
     dd.unlink(missing_ok=True)
     # the same bytes around the page cache, as our writers do (O_DIRECT): the lower floor
+    dd_direct = ["dd", "if=/dev/zero", f"of={dd}", "bs=8M", f"count={max(1, mb // 8)}"]
+    dd_direct += ["oflag=direct", "conv=fsync", "status=none"]
     run(
         f"dd {mb} MB to disk, O_DIRECT + fsync",
-        [
-            "dd",
-            "if=/dev/zero",
-            f"of={dd}",
-            "bs=8M",
-            f"count={max(1, mb // 8)}",
-            "oflag=direct",
-            "conv=fsync",
-            "status=none",
-        ],
+        dd_direct,
     )
     dd.unlink(missing_ok=True)
     rounds = [(results["runs"][0]["wall_s"], r["wall_s"], results["runs"][-1]["wall_s"])]
@@ -392,16 +385,7 @@ def main() -> int:
         )
         d = run(
             f"dd {mb} MB to disk, O_DIRECT + fsync (round {k})",
-            [
-                "dd",
-                "if=/dev/zero",
-                f"of={dd}",
-                "bs=8M",
-                f"count={max(1, mb // 8)}",
-                "oflag=direct",
-                "conv=fsync",
-                "status=none",
-            ],
+            dd_direct,
         )
         dd.unlink(missing_ok=True)
         rounds.append((c["wall_s"], o["wall_s"], d["wall_s"]))
