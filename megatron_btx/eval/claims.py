@@ -40,6 +40,7 @@ def _experts(result: dict[str, Any]) -> dict[str, Any]:
     per = result.get("intervals", {}).get("experts") or {}
     if not per:
         return {}
+    groups = result["intervals"].get("groups") or {}
     claims = {}
     own = {d: {o: _difference(v) for o, v in e["own_domain"].items()} for d, e in per.items()}
     claims["expert_best_on_own_domain"] = {
@@ -57,7 +58,8 @@ def _experts(result: dict[str, Any]) -> dict[str, Any]:
     if forget:
         claims["experts_forget_other_domains"] = {
             "holds": all(all(v["higher"] for v in vs.values()) for vs in forget.values()),
-            "on": next(iter(per.values())).get("forgetting_on", "other_expert_domains"),
+            # where intervals measured it: general text when the evaluation has any
+            "on": "general" if groups.get("general") else "other_expert_domains",
             "per_expert": forget,
         }
     return claims

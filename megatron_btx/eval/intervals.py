@@ -83,7 +83,6 @@ def _expert_comparisons(
     domains, the seed's own data, when the evaluation has them; else on the other expert
     domains (a seed that never saw those is worse there by construction)."""
     dense = [m for m in scores if m in ("seed", "dense") or m.startswith("expert_")]
-    forgetting_on = general_domains or None
     out: dict[str, Any] = {}
     for domain in expert_domains:
         expert = f"expert_{domain}"
@@ -98,13 +97,9 @@ def _expert_comparisons(
         if "seed" in scores:
             forgetting = {
                 d: stats.paired_difference(boot, scores[expert], scores["seed"], [d])
-                for d in (forgetting_on or [e for e in expert_domains if e != domain])
+                for d in (general_domains or [e for e in expert_domains if e != domain])
             }
-        out[domain] = {
-            "own_domain": own,
-            "other_domains_vs_seed": forgetting,
-            "forgetting_on": "general" if forgetting_on else "other_expert_domains",
-        }
+        out[domain] = {"own_domain": own, "other_domains_vs_seed": forgetting}
     return out
 
 
