@@ -24,6 +24,8 @@ import sys
 import time
 from pathlib import Path
 
+from bench_merge import merge_argv, mergekit_argv  # this folder: run as a script
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -31,8 +33,6 @@ def merge_cmd(
     code: Path, srcs: list[Path], save: Path, export: Path | None = None, *extra: str
 ) -> list[str]:
     """bench_merge's merge command run with the code of checkout `code` (PYTHONPATH)."""
-    from bench_merge import merge_argv
-
     cmd = ["env", f"PYTHONPATH={code}", *merge_argv(code, srcs), "--save", str(save)]
     if export is not None:
         cmd += ["--export-hf", str(export)]
@@ -41,8 +41,6 @@ def merge_cmd(
 
 def mergekit_cmd(python: str, srcs: list[Path], work: Path) -> list[str]:
     """bench_merge's mergekit-moe command, removing its previous output first."""
-    from bench_merge import mergekit_argv
-
     out = shlex.quote(str(work / "out_mk"))
     return ["sh", "-c", f"rm -rf {out} && exec " + shlex.join(mergekit_argv(python, srcs, work))]
 
