@@ -1,20 +1,23 @@
 """megatron-core's checkpoint loading with our readers: nothing in a checkpoint runs as code.
 
-megatron-core's `dist_checkpointing.load` reads a torch_dist folder with three unpicklers:
-torch's `FileSystemReader.read_metadata` (`pickle.load` of `.metadata`), torch's
+megatron-core's `dist_checkpointing.load` reads a torch_dist folder with unpicklers: torch's
+`FileSystemReader.read_metadata` (`pickle.load` of `.metadata`), torch's
 `DefaultLoadPlanner.load_bytes` (`torch.load(weights_only=False)` of every byte object in the
-`.distcp` files, e.g. the RNG states of a training checkpoint), and `torch.load` of `common.pt`
-with the torch default. Every load in megatron_btx goes through :func:`load` and
-:func:`load_common` here instead, which hand megatron-core
+`.distcp` files, e.g. the RNG states of a training checkpoint), and `torch.load` of the common
+state: `common.pt` (megatron-core <= 0.16) or the `common_state` byte object inside the torch_dist
+files (0.17 and later, which write no `common.pt`). Every load in megatron_btx goes through
+:func:`load` and :func:`load_common` here instead, with
 
 - :class:`SafeFileSystemReader`, a StorageReader whose metadata comes from the restricted
   unpickler (:func:`~megatron_btx.checkpoint.safe_pickle.load_dcp_metadata`, cached);
-- :class:`SafeTorchDistLoadStrategy`, the torch_dist load strategy with that reader and a planner
-  whose byte objects are read with ``weights_only=True``;
-- :class:`SafeCommonLoadStrategy`, `common.pt` read with ``weights_only=True``.
+- a load planner whose byte objects are read with ``weights_only=True``;
+- the common state read with ``weights_only=True``, from either place.
 
-The strategy's `load` is megatron-core's own sequence of its public helpers (state-dict keys to
-DCP keys, DCP load, back), so tensors, optimizer state and objects load exactly as they would.
+:func:`load` is megatron-core's own load sequence (preprocess, integrity validation, DCP load,
+factory merges) written with the helpers both API generations share, so it does not depend on
+`dist_checkpointing.load`'s signature (0.17 dropped its ``common_strategy`` argument and the
+`TorchCommonLoadStrategy` class; its sharded strategy's ``load`` grew an argument). Tensors,
+optimizer state and objects load exactly as megatron-core loads them.
 """
 
 from __future__ import annotations
@@ -68,49 +71,8 @@ def _planner_class():
     return SafeLoadPlanner
 
 
-def strategies():
-    """(sharded, common) load strategies for megatron-core's `dist_checkpointing.load`."""
-    from megatron.core.dist_checkpointing.strategies import torch as mcore_torch
-    from megatron.core.dist_checkpointing.strategies.common import TorchCommonLoadStrategy
-
-    class SafeTorchDistLoadStrategy(mcore_torch.TorchDistLoadShardedStrategy):
-        """The torch_dist load strategy reading through :class:`SafeFileSystemReader`."""
-
-        def load(self, sharded_state_dict, checkpoint_dir):
-            return _load_sharded(self, sharded_state_dict, checkpoint_dir)
-
-        def load_tensors_metadata(self, checkpoint_dir, metadata=None):
-            if metadata is None:
-                metadata = SafeFileSystemReader(checkpoint_dir).read_metadata()
-            return super().load_tensors_metadata(checkpoint_dir, metadata)
-
-        def load_sharded_metadata(self, checkpoint_dir):
-            from megatron.core.dist_checkpointing.mapping import ShardedObject
-            from torch.distributed.checkpoint.metadata import BytesStorageMetadata
-
-            metadata = SafeFileSystemReader(checkpoint_dir).read_metadata()
-            found = {}
-            for key, entry in metadata.state_dict_metadata.items():
-                if isinstance(entry, BytesStorageMetadata):
-                    obj = ShardedObject.empty_from_unique_key(key)
-                    found[obj.unique_key] = obj
-            found.update(self.load_tensors_metadata(checkpoint_dir, metadata))
-            return found
-
-    class SafeCommonLoadStrategy(TorchCommonLoadStrategy):
-        """`common.pt` as weights only."""
-
-        def load_common(self, checkpoint_dir):
-            return load_common(checkpoint_dir)
-
-        def load_sharded_objects(self, sharded_objects_state_dict, checkpoint_dir):
-            raise BTXError(f"{checkpoint_dir}: objects outside the torch_dist files: not supported")
-
-    return SafeTorchDistLoadStrategy(), SafeCommonLoadStrategy()
-
-
-def _load_sharded(strategy, sharded_state_dict, checkpoint_dir) -> dict[str, Any]:
-    """megatron-core's torch_dist load (TorchDistLoadShardedStrategy.load) with our reader and
+def _load_sharded(sharded_state_dict, checkpoint_dir) -> dict[str, Any]:
+    """megatron-core's torch_dist load of sharded tensors and objects with our reader and
     planner: megatron keys -> DCP keys and torch ShardedTensors, DCP load, and back."""
     from megatron.core.dist_checkpointing.dict_utils import nested_values
     from megatron.core.dist_checkpointing.mapping import ShardedTensor
@@ -131,7 +93,6 @@ def _load_sharded(strategy, sharded_state_dict, checkpoint_dir) -> dict[str, Any
         allow_shape_mismatch_sharded_tensors=loose_shapes,
     )
     dcp.load_state_dict(pyt_state_dict, reader, planner=planner)
-    strategy.cached_global_metadata = reader.read_metadata()
     loaded = {k: mcore_torch._unwrap_pyt_sharded_tensor(v) for k, v in pyt_state_dict.items()}
     loaded = mcore_torch._replace_sharded_keys_with_state_dict_keys(
         loaded, flat_mapping, rename_mapping
@@ -141,15 +102,35 @@ def _load_sharded(strategy, sharded_state_dict, checkpoint_dir) -> dict[str, Any
 
 
 def load(sharded_state_dict: dict[str, Any], folder: str | os.PathLike[str]) -> dict[str, Any]:
-    """megatron-core's `dist_checkpointing.load` of `folder` through our strategies."""
-    from megatron.core import dist_checkpointing
+    """`sharded_state_dict` (megatron-core ShardedTensors, ShardedObjects, factories) loaded from
+    the torch_dist checkpoint `folder`, as megatron-core's `dist_checkpointing.load` with its
+    defaults (access integrity validated, unexpected keys assumed fine) loads it."""
+    from megatron.core.dist_checkpointing import mapping, state_dict_utils, utils, validation
+    from megatron.core.dist_checkpointing.core import check_is_distributed_checkpoint
+    from megatron.core.dist_checkpointing.dict_utils import merge
     from torch.distributed.checkpoint.api import CheckpointException
 
-    sharded, common = strategies()
+    if not check_is_distributed_checkpoint(str(folder)):
+        raise BTXError(f"{folder}: not a torch_dist checkpoint (no metadata.json)")
     try:
-        return dist_checkpointing.load(
-            sharded_state_dict, str(folder), sharded_strategy=sharded, common_strategy=common
+        utils.force_all_tensors_to_non_fp8(sharded_state_dict)
+        common = load_common(folder)
+        sharded_state_dict, nonpersistent, factories = state_dict_utils.load_preprocess(
+            sharded_state_dict
         )
+        merge(common, nonpersistent)
+        sharded_state_dict, _ = utils.extract_sharded_base(sharded_state_dict)
+        local, global_ = validation.determine_global_metadata(sharded_state_dict)
+        sharded_state_dict, _, _ = validation.validate_integrity_and_strict_load(
+            sharded_state_dict,
+            validation.StrictHandling.ASSUME_OK_UNEXPECTED,
+            True,
+            local,
+            global_,
+            None,
+        )
+        merge(common, _load_sharded(sharded_state_dict, folder))
+        return mapping.apply_factory_merges(common, factories)
     except CheckpointException as e:  # DCP gathers each rank's error into one of these
         raise _one_error(folder, e) from e
 
@@ -168,12 +149,31 @@ def _one_error(folder: str | os.PathLike[str], error: BaseException) -> BTXError
     return BTXError(f"{folder}: cannot be loaded into this model ({type(cause).__name__}: {first})")
 
 
+#: where megatron-core >= 0.17 keeps the common state: one ShardedObject in the torch_dist files
+COMMON_STATE_KEY = "common_state"
+
+
 def load_common(folder: str | os.PathLike[str]) -> dict[str, Any]:
-    """A checkpoint's `common.pt` (the replicated state: train_state, ...), weights only."""
+    """A checkpoint's common (replicated) state: train_state, ..., weights only. From
+    `common.pt` where there is one (megatron-core <= 0.16, and the merge's writer), else from
+    the `common_state` object megatron-core >= 0.17 saves among the torch_dist files."""
+    from megatron.core.dist_checkpointing.mapping import ShardedObject
+    from torch.distributed.checkpoint.metadata import BytesStorageMetadata
+
     path = Path(folder) / COMMON_FILE
-    if not path.is_file():
-        raise BTXError(f"{path}: missing; not a complete torch_dist checkpoint")
-    loaded = torch_load(path, str(path))
+    if path.is_file():
+        loaded = torch_load(path, str(path))
+        where = str(path)
+    else:
+        obj = ShardedObject(COMMON_STATE_KEY, None, (1,), (0,))
+        entries = SafeFileSystemReader(folder).read_metadata().state_dict_metadata
+        if not isinstance(entries.get(obj.unique_key), BytesStorageMetadata):
+            raise BTXError(
+                f"{folder}: neither {COMMON_FILE} nor a {COMMON_STATE_KEY} object; not a "
+                f"complete torch_dist checkpoint"
+            )
+        loaded = _load_sharded({COMMON_STATE_KEY: obj}, folder)[COMMON_STATE_KEY]
+        where = f"{folder} ({COMMON_STATE_KEY})"
     if not isinstance(loaded, dict):
-        raise BTXError(f"{path}: holds a {type(loaded).__name__}, not a state dict; corrupt")
+        raise BTXError(f"{where}: holds a {type(loaded).__name__}, not a state dict; corrupt")
     return loaded
