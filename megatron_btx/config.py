@@ -228,8 +228,14 @@ class MoEConfig:
         router = dict(self.router)
         router["load_balancing"] = self.load_balancing != "none"
         router["alpha"] = self.aux_loss_coeff
-        if router.get("type") == "sample_top1":
-            router.setdefault("anneal_steps", train_steps)
+        from megatron_btx.models import router_types
+
+        name = router.get("type")
+        known = isinstance(name, str) and name in router_types.names()
+        for key, value in (
+            router_types.get(name).run_defaults(train_steps) if known else {}
+        ).items():
+            router.setdefault(key, value)
         return router
 
     def validate(self) -> None:

@@ -78,11 +78,13 @@ def test_config_md_lists_every_key():
     (moe.router.*) and of the run config (megatron_btx/pipeline/config.py) has a row in
     docs/CONFIG.md, and every row is a real key; every test the table names exists."""
     from megatron_btx import config as train_config
-    from megatron_btx.models.router_settings import RouterSettings
+    from megatron_btx.models import router_types
+    from megatron_btx.models.router_settings import COMMON
     from megatron_btx.pipeline import config as run_config
 
     training = set(_field_paths(train_config.Config, ""))
-    training |= {f"moe.router.{k}" for k in _field_paths(RouterSettings, "")}
+    options = {k for name in router_types.names() for k in router_types.get(name).options}
+    training |= {f"moe.router.{k}" for k in [*COMMON, *options]}
     listed, tests = _table_keys("The training config")
     assert training - listed == set(), "training keys missing from docs/CONFIG.md"
     assert listed - training == set(), "rows of docs/CONFIG.md that are no training key"
@@ -691,7 +693,8 @@ def test_moe_router_keys_reach_the_installed_router(tmp_path, data, moe_default)
     )
     for layer in gpt(trainer).decoder.layers:
         settings = layer.mlp.router.settings
-        assert (settings.type, settings.capacity_factor, settings.drop_policy) == (
+        options = settings.options
+        assert (settings.type, options["capacity_factor"], options["drop_policy"]) == (
             "switch",
             2.0,
             "position",

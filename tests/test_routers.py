@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from megatron_btx.errors import BTXError
-from megatron_btx.models import routers
+from megatron_btx.models import router_types, routers
 
 H, E, V = 64, 4, 1000
 REPO = Path(__file__).resolve().parents[1]
@@ -411,7 +411,7 @@ def test_install_keeps_weights_names_and_rng():
     assert model.decoder.layers[0].mlp.router.mode == "soft"
 
 
-@pytest.mark.parametrize("kind", routers.ROUTER_TYPES)
+@pytest.mark.parametrize("kind", router_types.names())
 def test_every_router_trains_a_model_and_reports_stats(kind):
     model = build({"type": kind})
     routers.routing_stats(model)
@@ -449,7 +449,7 @@ def test_config_overrides_build_valid_configs():
     from megatron_btx.models.llama import transformer_config
 
     args = llama_args()
-    for kind in routers.ROUTER_TYPES:
+    for kind in router_types.names():
         switch = {"capacity_factor": 2.0} if kind == "switch" else {}
         cfg = transformer_config(args, **routers.config_overrides({"type": kind, **switch}, E))
         k = {"topk": 2, "switch": 1, "sample_top1": 1, "soft": E}[kind]
@@ -464,10 +464,14 @@ def test_config_overrides_build_valid_configs():
         ({"type": "topk", "alpa": 0.1}, "alpa"),
         ({"alpha": -1.0}, "alpha"),
         ({"load_balancing": "yes"}, "load_balancing"),
-        ({"capacity_factor": 0}, "capacity_factor"),
-        ({"drop_policy": "random"}, "drop_policy"),
-        ({"temperature": 0.4, "temperature_floor": 0.5}, "temperature_floor"),
-        ({"anneal_steps": -5}, "anneal_steps"),
+        ({"type": "switch", "capacity_factor": 0}, "capacity_factor"),
+        ({"type": "switch", "drop_policy": "random"}, "drop_policy"),
+        (
+            {"type": "sample_top1", "temperature": 0.4, "temperature_floor": 0.5},
+            "temperature_floor",
+        ),
+        ({"type": "sample_top1", "anneal_steps": -5}, "anneal_steps"),
+        ({"drop_policy": "position"}, "drop_policy"),  # a switch key on the default topk
     ],
 )
 def test_bad_config_names_the_key(cfg, key):
@@ -515,5 +519,5 @@ def test_routers_under_expert_parallelism():
     ]
     res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-5000:]
-    assert res.stdout.count("EP-OK") == 2 * 2 * len(routers.ROUTER_TYPES), res.stdout[-3000:]
+    assert res.stdout.count("EP-OK") == 2 * 2 * len(router_types.names()), res.stdout[-3000:]
     assert res.stdout.count("TP-OK") == 2 * 2, res.stdout[-3000:]

@@ -50,6 +50,7 @@ from megatron_btx.models.llama import (
     check_parallel,
     to_dtype,
 )
+from megatron_btx.models.router_settings import router_note
 from megatron_btx.rundir import is_checkpoint
 
 log = logging.getLogger(__name__)
@@ -237,13 +238,9 @@ def megatron_to_hf(
         adapter = export_adapter(args, variant, router)
     except BTXError as e:
         raise BTXError(f"{load}: {e}") from e
-    if router == "switch":
-        log.warning(
-            "%s: finetuned with the Switch router; the HF export routes every token (Switch's "
-            "capacity drops tokens per micro-batch, which no HF model does): it equals the "
-            "megatron model with capacity_factor null",
-            load,
-        )
+    note = router_note(router)
+    if note:
+        log.warning("%s: %s", load, note)
     dt = to_dtype(dtype or src.get("dtype", "fp32"))
     check_target(save, overwrite, sources=[load])
     if not is_checkpoint(load):

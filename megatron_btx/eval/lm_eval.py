@@ -176,10 +176,9 @@ def why_not_exportable(model: Mapping[str, Any]) -> str | None:
     itself refuses what it cannot write exactly, e.g. merge variants), or None."""
     if model.get("kind") == "btm" or not model.get("checkpoint"):
         return "an ensemble of separate experts has no single HF model"
-    router = model.get("router") or {}
-    if router.get("type", "topk") != "topk":
-        return f"router {router['type']!r} has no exact HF Mixtral form"
-    return None
+    from megatron_btx.models.router_settings import why_no_hf_form
+
+    return why_no_hf_form(model.get("router"))
 
 
 def export_model(checkpoint: str | os.PathLike[str], hf_dir: Path) -> Path:

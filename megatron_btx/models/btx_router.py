@@ -1,6 +1,6 @@
-"""The BTX router class: megatron-core's TopKRouter with the paper's routing modes, its
-load-balancing loss and routing statistics (see :mod:`megatron_btx.models.routers` for the
-methods, the loss and how the training loop installs it).
+"""The BTX router class: megatron-core's TopKRouter with a routing method of
+:mod:`megatron_btx.models.router_types`, the paper's load-balancing loss and routing statistics
+(see :mod:`megatron_btx.models.routers` for the loss and how the training loop installs it).
 
 Kept apart from :mod:`megatron_btx.models.routers` because it subclasses a megatron-core class at
 import time: importing the settings and helpers stays cheap.
@@ -15,11 +15,12 @@ import torch.distributed as dist
 from megatron.core.transformer.moe import moe_utils
 from megatron.core.transformer.moe.router import TopKRouter
 
-from megatron_btx.models.router_settings import RouterSettings, temperature_at
+from megatron_btx.models.router_settings import RouterSettings
+from megatron_btx.models.router_types import RouterType
 
 
 class BTXRouter(TopKRouter):
-    """megatron-core's TopKRouter with the BTX routing modes, the paper's load-balancing loss
+    """megatron-core's TopKRouter with a BTX routing method, the paper's load-balancing loss
     and routing statistics. Gating (W x, input jitter, router dtype, z-loss) is megatron's;
     only :meth:`routing` is replaced, so the parameter names and the dispatcher contract
     (``probs``, ``routing_map`` of shape [tokens, E]) are unchanged."""
@@ -29,26 +30,30 @@ class BTXRouter(TopKRouter):
         config: Any,
         pg_collection: Any,
         settings: RouterSettings,
-        mode: str,
+        kind: RouterType,
         base_config: Any,
     ) -> None:
         super().__init__(config=config, pg_collection=pg_collection)
         self.settings = settings
-        #: What this layer does: the settings' type, except the first layer of sample_top1.
-        self.mode = mode
+        #: What this layer does: the settings' type, or the one it routes this layer with
+        #: (Sample Top-1's first layer routes softly).
+        self.kind = kind
         #: The config the model was built with, so install() can be called again.
         self.base_config = base_config
-        self.step = 0
-        self.temperature = temperature_at(
-            0, settings.temperature, settings.temperature_floor, settings.anneal_steps
-        )
         self._stats: dict[str, torch.Tensor] = {}
+        self.set_step(0)
+
+    @property
+    def mode(self) -> str:
+        """The name of the routing method this layer uses."""
+        return self.kind.name
 
     # ---- schedule ----------------------------------------------------------------------
-    def set_step(self, step: int) -> None:
+    def set_step(self, step: int) -> float | None:
+        """The settings' type's schedule at `step` (every layer follows it, whatever the
+        layer's own method); returns the value it logs."""
         self.step = int(step)
-        s = self.settings
-        self.temperature = temperature_at(step, s.temperature, s.temperature_floor, s.anneal_steps)
+        return self.settings.kind.set_step(self, self.step)
 
     # ---- routing -----------------------------------------------------------------------
     def routing(self, logits: torch.Tensor, padding_mask: torch.Tensor | None = None):
@@ -62,39 +67,14 @@ class BTXRouter(TopKRouter):
         logits = self.apply_z_loss(logits, padding_mask=padding_mask)
         scores = torch.softmax(logits.float(), dim=-1)  # p(x): the routing distribution
 
-        if self.mode == "topk":
-            probs, routing_map = moe_utils.topk_routing_with_score_function(
-                logits,
-                self.topk,
-                use_pre_softmax=False,
-                score_function="softmax",
-                fused=self.config.moe_router_fusion,
-            )
-            assign = probs  # g = SoftMax(TopK(Wx)), sums to 1 per token
-        elif self.mode == "switch":
-            probs, routing_map = moe_utils.topk_routing_with_score_function(
-                logits,
-                1,
-                use_pre_softmax=True,
-                score_function="softmax",
-                fused=self.config.moe_router_fusion,
-            )
-            assign = routing_map.to(scores.dtype)  # the one-hot choice, before dropping
-        elif self.mode == "sample_top1":
-            probs, routing_map = self._sample_top1(logits)
-            assign = probs
-        else:  # soft
-            probs = scores.to(logits.dtype)
-            routing_map = torch.ones_like(logits, dtype=torch.bool)
-            assign = probs
+        probs, routing_map, assign = self.kind.route(self, logits, scores)
 
         if valid is not None:
             # Padding tokens go nowhere (no expert compute, no statistics, no loss).
             routing_map = routing_map & valid.unsqueeze(-1)
             probs = probs * valid.unsqueeze(-1).to(probs.dtype)
         before_drop = routing_map
-        if self.mode == "switch" and self.settings.capacity_factor is not None:
-            probs, routing_map = self._drop_over_capacity(probs, routing_map)
+        probs, routing_map = self.kind.after_route(self, probs, routing_map)
 
         lb_value = None
         if (
@@ -105,49 +85,6 @@ class BTXRouter(TopKRouter):
         ):
             probs, lb_value = self._attach_load_balancing_loss(probs, assign, scores, valid)
         self._record(scores, routing_map, before_drop, valid, lb_value)
-        return probs, routing_map
-
-    def _drop_over_capacity(
-        self, probs: torch.Tensor, routing_map: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Switch capacity: each expert keeps at most ceil(T / E * capacity_factor) of this
-        rank's T tokens (megatron's get_capacity; per rank, before dispatch, as megatron).
-        "probs" keeps the most probable (megatron's apply_router_token_dropping);
-        "position" keeps the earliest, by a cumulative count, because megatron's
-        "position" policy takes torch.topk over tied ones, which keeps arbitrary tokens."""
-        T, E = routing_map.shape
-        capacity = moe_utils.get_capacity(
-            num_tokens=T, num_experts=E, capacity_factor=self.settings.capacity_factor
-        )
-        if self.settings.drop_policy == "probs":
-            return moe_utils.apply_router_token_dropping(
-                probs,
-                routing_map,
-                router_topk=1,
-                capacity_factor=self.settings.capacity_factor,
-                drop_policy="probs",
-            )
-        keep = routing_map & (routing_map.int().cumsum(dim=0) <= capacity)
-        return probs * keep, keep
-
-    def _sample_top1(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Gumbel-softmax top-1. Train: a hard sample in the forward, the soft sample's
-        gradient in the backward (straight-through), so the router learns while every token
-        still runs exactly one expert at full weight, as at inference. Eval: the argmax."""
-        if self.training:
-            # Noise from the device's default generator: megatron's activation checkpointing
-            # saves and restores it, so a recomputed forward draws the same sample.
-            u = torch.rand_like(logits, dtype=torch.float32)
-            gumbel = -torch.log(-torch.log(u.clamp(1e-10, 1.0 - 1e-7)))
-            soft = torch.softmax((logits.float() + gumbel) / self.temperature, dim=-1)
-            index = soft.argmax(dim=-1, keepdim=True)
-            hard = torch.zeros_like(soft).scatter(1, index, 1.0)
-            probs = hard - soft.detach() + soft
-        else:
-            index = logits.argmax(dim=-1, keepdim=True)
-            probs = torch.zeros_like(logits, dtype=torch.float32).scatter(1, index, 1.0)
-        routing_map = torch.zeros_like(logits, dtype=torch.bool).scatter(1, index, True)
-        probs = (probs * routing_map).to(logits.dtype)
         return probs, routing_map
 
     # ---- load balancing ----------------------------------------------------------------

@@ -5,9 +5,9 @@ of a model are those in a matrix multiply per token:
 
 - attention: q, k, v and the output projection, in every layer;
 - the feed-forward part, layer by layer: a dense layer's SwiGLU FFN; an MoE layer's router plus
-  the experts a token is routed to (top-k: k; Switch and Sample Top-1: 1; soft routing: all of
-  them; Sample Top-1 routes its first MoE layer softly, so all experts there) plus the shared
-  expert when there is one;
+  the experts a token is routed to (as many as the layer's router type says: top-k k; Switch and
+  Sample Top-1 1; soft routing all of them; Sample Top-1 routes its first MoE layer softly, so
+  all experts there) plus the shared expert when there is one;
 - the output projection, whether or not it shares its weights with the input embedding (it is a
   matrix multiply either way).
 
@@ -19,6 +19,8 @@ from __future__ import annotations
 from typing import Any
 
 from megatron_btx.models.llama import LlamaArgs, MoEVariant
+from megatron_btx.models.router_settings import COMMON, type_name
+from megatron_btx.models.router_types import get as router_type
 
 
 def experts_per_token(
@@ -29,22 +31,16 @@ def experts_per_token(
     layers = args.num_hidden_layers
     if not args.is_moe:
         return [None] * layers
-    router_type = (router or {}).get("type", "topk")
-    experts = args.num_local_experts
-    per_type = {"topk": args.num_experts_per_tok, "switch": 1, "sample_top1": 1, "soft": experts}
-    if router_type not in per_type:
-        raise ValueError(f"unknown router type {router_type!r}")
+    kind = router_type(type_name(router or {}) or COMMON["type"])
     counts: list[int | None] = []
-    first_moe = True
+    moe_index = 0
     for layer in range(layers):
         if not variant.is_moe_layer(layer):
             counts.append(None)
             continue
-        k = per_type[router_type]
-        if router_type == "sample_top1" and first_moe:
-            k = experts  # the paper's soft first layer
-        counts.append(k)
-        first_moe = False
+        layer_kind = kind.for_layer(moe_index)
+        counts.append(layer_kind.top_k(args.num_experts_per_tok, args.num_local_experts))
+        moe_index += 1
     return counts
 
 

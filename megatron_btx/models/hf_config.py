@@ -28,6 +28,8 @@ from typing import Any
 
 from megatron_btx.errors import BTXError
 from megatron_btx.models.llama import LlamaArgs, MoEVariant
+from megatron_btx.models.router_settings import hf_routing
+from megatron_btx.models.router_types import HFRouting
 
 #: dense families by HF model_type
 DENSE_FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
@@ -44,15 +46,6 @@ ARCHITECTURES = {
 }
 #: HF defaults of the keys a saved config.json may lack (transformers 5.24 values)
 _QWEN_MOE_DEFAULTS = {"norm_topk_prob": False, "decoder_sparse_step": 1, "mlp_only_layers": []}
-
-
-@dataclasses.dataclass(frozen=True)
-class HFRouting:
-    """How an HF MoE routes: top-k of softmax(W x) over all experts, renormalised over the k
-    chosen (Mixtral, Qwen with ``norm_topk_prob: true``) or not."""
-
-    top_k: int
-    norm_topk_prob: bool
 
 
 @dataclasses.dataclass(frozen=True)
@@ -256,25 +249,10 @@ def _moe_fields(cfg: dict[str, Any], arch: str, fields: dict[str, Any], source: 
 
 
 # ---- which HF family a model is written as --------------------------------------------------
-def export_routing(args: LlamaArgs, router: str | None) -> HFRouting:
+def export_routing(args: LlamaArgs, router: str | dict | None) -> HFRouting:
     """The HF routing equal to what the megatron model computes with `router` (a finetuned
     checkpoint's manifest ``training.router``; None for a merge output or an import)."""
-    k, experts = args.num_experts_per_tok, args.num_local_experts
-    if router in (None, "megatron top-k"):
-        return HFRouting(k, args.norm_topk_prob)
-    if router in ("topk", "top_k"):
-        return HFRouting(k, True)  # SoftMax(TopK(Wx)): the top-k probabilities renormalised
-    if router == "switch":
-        return HFRouting(1, False)  # softmax(Wx) of the chosen expert, not renormalised
-    if router == "soft":
-        return HFRouting(experts, False)  # every expert weighted by softmax(Wx)
-    if router == "sample_top1":
-        raise BTXError(
-            "router sample_top1 has no exact HF form: it routes its first MoE layer softly (every "
-            "expert) and the others to the argmax with weight 1, and an HF config has one top-k "
-            "for all layers; finetune with router topk, switch or soft to export"
-        )
-    raise BTXError(f"router {router!r} is unknown; cannot choose an HF form for it")
+    return hf_routing(router, args.num_experts_per_tok, args.num_local_experts, args.norm_topk_prob)
 
 
 def export_family(args: LlamaArgs, variant: MoEVariant, routing: HFRouting | None) -> str:

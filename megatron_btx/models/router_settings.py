@@ -1,111 +1,131 @@
-"""The validated settings of a BTX router (:class:`RouterSettings`) and the Sample Top-1
-temperature schedule: shared by the router itself (:mod:`megatron_btx.models.btx_router`) and
-the code that installs it (:mod:`megatron_btx.models.routers`)."""
+"""The validated settings of a BTX router (:class:`RouterSettings`): the keys every routing
+method has (its type, the paper's load-balancing loss, frozen experts) and the type's own options
+(:mod:`megatron_btx.models.router_types` declares them), shared by the router
+(:mod:`megatron_btx.models.btx_router`) and the code that installs it
+(:mod:`megatron_btx.models.routers`)."""
 
 from __future__ import annotations
 
-import dataclasses
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from types import MappingProxyType
 from typing import Any
 
 from megatron_btx.errors import BTXError
+from megatron_btx.models import router_types
 
-ROUTER_TYPES = ("topk", "switch", "sample_top1", "soft")
-DROP_POLICIES = ("probs", "position")
-#: keys that only one router type reads (setting them for another type would do nothing)
-TYPE_KEYS = {
-    "capacity_factor": ("switch",),
-    "drop_policy": ("switch",),
-    "temperature": ("sample_top1",),
-    "temperature_floor": ("sample_top1",),
-    "anneal_steps": ("sample_top1",),
+#: what a training checkpoint's manifest names as its router when no BTX router was installed
+MEGATRON_ROUTER = "megatron top-k"
+#: the keys every router type has, and their defaults
+COMMON = {
+    "type": "topk",
+    #: add the paper's load-balancing loss alpha * N * sum_i u_i p_i (per MoE layer)
+    "load_balancing": True,
+    "alpha": 0.01,
+    #: paper ablation: train only the routers (and the dense parts), not the expert FFNs
+    "freeze_experts": False,
 }
 
 
 @dataclass(frozen=True)
 class RouterSettings:
-    """The validated ``router_cfg`` of :func:`install` (one place for defaults and checks)."""
+    """The validated ``router_cfg`` of :func:`~megatron_btx.models.routers.install`."""
 
     type: str = "topk"
-    #: Add the paper's load-balancing loss alpha * N * sum_i u_i p_i (per MoE layer).
     load_balancing: bool = True
     alpha: float = 0.01
-    #: switch only: expert capacity = ceil(tokens * capacity_factor / E); None = no dropping.
-    capacity_factor: float | None = 1.5
-    #: switch only: which tokens an over-full expert keeps: the most probable ("probs",
-    #: megatron's default) or the first in the micro-batch ("position", the Switch paper's).
-    drop_policy: str = "probs"
-    #: sample_top1 only: Gumbel-softmax temperature at step 0, its floor, and the steps of the
-    #: linear annealing from one to the other (0: the floor from the start).
-    temperature: float = 1.0
-    temperature_floor: float = 0.5
-    anneal_steps: int = 1000
-    #: Paper ablation: train only the routers (and the dense parts), not the expert FFNs.
     freeze_experts: bool = False
+    #: the type's own keys (all of them, defaults filled in), read-only
+    options: Any = field(default_factory=lambda: MappingProxyType({}))
+
+    @property
+    def kind(self) -> router_types.RouterType:
+        return router_types.get(self.type)
 
     @classmethod
-    def from_dict(cls, cfg: dict[str, Any] | "RouterSettings" | None) -> "RouterSettings":
+    def from_dict(cls, cfg: dict[str, Any] | RouterSettings | None) -> RouterSettings:
         """Validate a router config dict; a bad key or value is a BTXError naming the key."""
         if isinstance(cfg, RouterSettings):
             return cfg
         cfg = dict(cfg or {})
-        known = [f.name for f in dataclasses.fields(cls)]
+        name = cfg.get("type", COMMON["type"])
+        if not isinstance(name, str) or name not in router_types.names():
+            raise BTXError(
+                f"router config key 'type': must be one of {', '.join(router_types.names())} "
+                f"(got {name!r})"
+            )
+        kind = router_types.get(name)
+        known = [*COMMON, *kind.options]
         for key in cfg:
-            if key not in known:
+            if key in known:
+                continue
+            owners = [t for t in router_types.names() if key in router_types.get(t).options]
+            if owners:
                 raise BTXError(
-                    f"router config: unknown key {key!r} (known keys: {', '.join(known)})"
+                    f"router config key {key!r} applies to router type {' or '.join(owners)}, "
+                    f"not {kind.name!r}: remove it"
                 )
-        s = cls(**cfg)
-        s._check()
-        for key, types in TYPE_KEYS.items():
-            if key in cfg and s.type not in types:
-                raise BTXError(
-                    f"router config key {key!r} applies to router type {' or '.join(types)}, "
-                    f"not {s.type!r}: remove it"
-                )
-        return s
-
-    def _check(self) -> None:
-        def bad(key: str, why: str) -> BTXError:
-            return BTXError(f"router config key {key!r}: {why} (got {getattr(self, key)!r})")
-
-        if self.type not in ROUTER_TYPES:
-            raise bad("type", f"must be one of {', '.join(ROUTER_TYPES)}")
+            raise BTXError(f"router config: unknown key {key!r} (known keys: {', '.join(known)})")
+        common = {k: cfg.get(k, v) for k, v in COMMON.items()}
+        options = {k: cfg.get(k, v) for k, v in kind.options.items()}
         for key in ("load_balancing", "freeze_experts"):
-            if not isinstance(getattr(self, key), bool):
-                raise bad(key, "must be true or false")
-        if not _is_number(self.alpha) or self.alpha < 0:
-            raise bad("alpha", "must be a number >= 0")
-        if self.capacity_factor is not None and (
-            not _is_number(self.capacity_factor) or self.capacity_factor <= 0
-        ):
-            raise bad("capacity_factor", "must be a number > 0, or null for no token dropping")
-        if self.drop_policy not in DROP_POLICIES:
-            raise bad("drop_policy", f"must be one of {', '.join(DROP_POLICIES)}")
-        if not _is_number(self.temperature) or self.temperature <= 0:
-            raise bad("temperature", "must be a number > 0")
-        if not _is_number(self.temperature_floor) or self.temperature_floor <= 0:
-            raise bad("temperature_floor", "must be a number > 0")
-        if self.temperature_floor > self.temperature:
-            raise bad("temperature_floor", f"must not exceed temperature {self.temperature}")
-        if (
-            not isinstance(self.anneal_steps, int)
-            or isinstance(self.anneal_steps, bool)
-            or self.anneal_steps < 0
-        ):
-            raise bad("anneal_steps", "must be an integer >= 0")
+            if not isinstance(common[key], bool):
+                raise BTXError(
+                    f"router config key {key!r}: must be true or false (got {common[key]!r})"
+                )
+        alpha = common["alpha"]
+        if not _is_number(alpha) or alpha < 0:
+            raise BTXError(f"router config key 'alpha': must be a number >= 0 (got {alpha!r})")
+        kind.check_options(options)
+        return cls(**common, options=MappingProxyType(options))
+
+    def to_dict(self) -> dict[str, Any]:
+        """The flat config dict this was read from (defaults filled in)."""
+        return {
+            "type": self.type,
+            "load_balancing": self.load_balancing,
+            "alpha": self.alpha,
+            "freeze_experts": self.freeze_experts,
+            **self.options,
+        }
 
 
 def _is_number(x: Any) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
 
 
-def temperature_at(step: int, start: float, floor: float, anneal_steps: int) -> float:
-    """Gumbel-softmax temperature at ``step``: linear from ``start`` to ``floor`` over
-    ``anneal_steps`` steps, then ``floor`` (a high temperature explores experts early; the floor
-    keeps the soft sample's gradient from becoming too peaked and noisy, 0.5 in the paper)."""
-    if anneal_steps <= 0:
-        return float(floor)
-    frac = min(max(step, 0) / anneal_steps, 1.0)
-    return float(start + (floor - start) * frac)
+def type_name(router: dict[str, Any] | str | None) -> str | None:
+    """The router type of a run's router entry: a config dict, a manifest's type name, or None
+    (megatron-core's own top-k router)."""
+    if router is None or isinstance(router, str):
+        return router
+    return router.get("type", COMMON["type"])
+
+
+def hf_routing(router: dict[str, Any] | str | None, top_k: int, num_experts: int, norm: bool):
+    """The HF routing of a model routed by `router` (None: megatron-core's top-k router, whose
+    renormalisation is the model's `norm`)."""
+    name = type_name(router)
+    if name in (None, MEGATRON_ROUTER):
+        return router_types.HFRouting(top_k, norm)
+    return router_types.get(name).hf_routing(top_k, num_experts)
+
+
+def router_note(router: dict[str, Any] | str | None) -> str | None:
+    """The router type's warning for an HF export of a model it routes (None: none)."""
+    name = type_name(router)
+    if name in (None, MEGATRON_ROUTER):
+        return None
+    return router_types.get(name).export_note()
+
+
+def why_no_hf_form(router: dict[str, Any] | str | None) -> str | None:
+    """Why a model routed by `router` has no HF export (the type's reason), or None."""
+    name = type_name(router)
+    if name in (None, MEGATRON_ROUTER):
+        return None
+    try:
+        router_types.get(name).hf_routing(2, 2)
+    except BTXError as e:
+        return str(e)
+    return None

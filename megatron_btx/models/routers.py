@@ -1,26 +1,7 @@
-"""The four BTX routing methods on top of megatron-core's ``TopKRouter`` / ``MoELayer``.
-
-The BTX paper (Sukhbaatar et al. 2024, section Routing) studies four routers for the MoE that
-mixes the domain experts' FFNs:
-
-``topk`` (default, k = ``num_experts_per_tok``)
-    g = SoftMax(TopK(W x)); megatron-core's top-k with ``moe_router_pre_softmax=False``.
-``switch``
-    Top-1 with a capacity factor (default 1.5): each expert takes at most
-    ``ceil(tokens / E * capacity_factor)`` tokens of a rank's micro-batch, the rest are dropped
-    (the token passes through the residual only). The gate is the softmax probability of the
-    chosen expert (Switch Transformer): megatron-core's pre-softmax top-1, then its
-    ``apply_router_token_dropping`` (``drop_policy: probs``, keep the most probable) or a
-    first-come cut (``drop_policy: position``, the Switch paper's).
-``sample_top1``
-    Top-1 sampled with Gumbel-softmax at training (straight-through: the forward uses the hard
-    one-hot sample, the backward the gradient of the soft sample at temperature tau), the argmax
-    at inference. tau is annealed linearly from ``temperature`` to ``temperature_floor`` over
-    ``anneal_steps`` steps (:func:`set_step`). The sampled expert, argmax(W x + Gumbel noise),
-    does not depend on tau, so with hard samples tau shapes only the gradient. The first MoE
-    layer routes softly (paper).
-``soft``
-    Every expert gets every token, weighted by softmax(W x) over all experts.
+"""The BTX routers on top of megatron-core's ``TopKRouter`` / ``MoELayer``: installing them in a
+built model, stepping their schedules and reading their routing statistics. The routing methods
+themselves (the paper's topk, switch, sample_top1 and soft, and any plugin's) are entries of
+:mod:`megatron_btx.models.router_types`.
 
 The load-balancing loss is the paper's, per layer:
 
@@ -68,22 +49,19 @@ from __future__ import annotations
 
 import copy
 import logging
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import torch
 
 from megatron_btx.errors import BTXError
-from megatron_btx.models.router_settings import (
-    DROP_POLICIES,
-    ROUTER_TYPES,
-    RouterSettings,
-    temperature_at,
-)
+from megatron_btx.models import router_types
+from megatron_btx.models.router_settings import RouterSettings
+from megatron_btx.models.router_types import temperature_at
 
 log = logging.getLogger(__name__)
 
-__all__ = ["DROP_POLICIES", "ROUTER_TYPES", "RouterSettings", "install", "temperature_at"]
+__all__ = ["RouterSettings", "config_overrides", "install", "temperature_at"]
 
 
 def config_overrides(
@@ -93,22 +71,13 @@ def config_overrides(
 
     Not strictly required (``install`` gives each MoE layer its own config copy), but they keep
     the model-wide config equal to what the routers do and satisfy megatron's validation (top-1
-    with softmax needs ``moe_router_pre_softmax``). ``num_experts`` is needed only for ``soft``
-    (top-k with k = E)."""
+    with softmax needs ``moe_router_pre_softmax``). ``num_experts`` is needed by methods whose
+    experts per token depend on it (soft: all of them)."""
     s = RouterSettings.from_dict(router_cfg)
-    if s.type == "topk":
-        return {}  # k is the model's num_experts_per_tok; install() enforces SoftMax(TopK)
-    if s.type == "switch":
-        return {
-            "moe_router_topk": 1,
-            "moe_router_pre_softmax": True,
-            "moe_expert_capacity_factor": s.capacity_factor,
-            "moe_token_drop_policy": s.drop_policy,
-        }
-    if s.type == "sample_top1":
-        return {"moe_router_topk": 1, "moe_router_pre_softmax": True}
-    # soft
-    return {"moe_router_topk": num_experts} if num_experts else {}
+    if num_experts is None:
+        overrides = s.kind.model_overrides(s.options, 0)
+        return {k: v for k, v in overrides.items() if k != "moe_router_topk" or v}
+    return s.kind.model_overrides(s.options, num_experts)
 
 
 # --------------------------------------------------------------------------------------------
@@ -150,22 +119,18 @@ def btx_routers(model: Any) -> Iterator[Any]:
             yield layer.router
 
 
-def first_moe_layer_number(config: Any) -> int:
-    """The 1-based global number of the model's first MoE layer (from ``moe_layer_freq``),
-    known on every pipeline stage, unlike the layers a stage happens to hold."""
+def moe_index(config: Any, layer_number: int) -> int:
+    """How many MoE layers come before the 1-based global layer `layer_number` (from
+    ``moe_layer_freq``: known on every pipeline stage, unlike the layers a stage holds)."""
     freq = getattr(config, "moe_layer_freq", 1)
     if isinstance(freq, int):
-        return 1  # layer 0 % freq == 0 is always an MoE layer
-    pattern = list(freq)
-    if 1 not in pattern:
-        raise BTXError("moe_layer_freq has no MoE layer")
-    return pattern.index(1) + 1
+        return sum(1 for i in range(layer_number - 1) if i % freq == 0)
+    return sum(list(freq)[: layer_number - 1])
 
 
-def _layer_config(base: Any, mode: str, s: RouterSettings) -> Any:
+def _layer_config(base: Any, kind: router_types.RouterType, s: RouterSettings) -> Any:
     """A private TransformerConfig copy for one MoE layer's router and token dispatcher."""
     cfg = copy.copy(base)
-    E = base.num_moe_experts
     cfg.moe_router_load_balancing_type = "none"  # our loss replaces megatron's
     cfg.moe_aux_loss_coeff = 0.0
     cfg.moe_router_enable_expert_bias = False
@@ -174,19 +139,7 @@ def _layer_config(base: Any, mode: str, s: RouterSettings) -> Any:
     cfg.moe_router_num_groups = None
     cfg.moe_router_group_topk = None
     cfg.moe_expert_capacity_factor = None
-    if mode == "topk":
-        cfg.moe_router_pre_softmax = False
-    elif mode == "switch":
-        cfg.moe_router_topk = 1
-        cfg.moe_router_pre_softmax = True
-        cfg.moe_expert_capacity_factor = s.capacity_factor
-        cfg.moe_token_drop_policy = s.drop_policy
-    elif mode == "sample_top1":
-        cfg.moe_router_topk = 1
-        cfg.moe_router_pre_softmax = True
-    else:  # soft
-        cfg.moe_router_topk = E
-        cfg.moe_router_pre_softmax = True
+    kind.layer_config(cfg, s.options)
     return cfg
 
 
@@ -243,21 +196,14 @@ def install(model: Any, router_cfg: dict[str, Any] | RouterSettings, config: Any
                 "routers.install: moe_router_enable_expert_bias is not supported by the BTX "
                 "routers; build the model without it"
             )
-        mode = s.type
-        if s.type == "sample_top1" and old.layer_number == first_moe_layer_number(base):
-            mode = "soft"  # the paper routes the first MoE layer softly under Sample Top-1
-        if mode == "topk" and base.moe_router_topk < 2:
-            raise BTXError(
-                "router type 'topk' with num_experts_per_tok=1 gives every token the constant "
-                "weight SoftMax(TopK)=1, so the router learns nothing; use type 'switch' "
-                "(softmax-weighted top-1) or 'sample_top1', or num_experts_per_tok >= 2"
-            )
-        cfg = _layer_config(base, mode, s)
+        kind = s.kind.for_layer(moe_index(base, old.layer_number))
+        kind.check_model(base.moe_router_topk, base.num_moe_experts)
+        cfg = _layer_config(base, kind, s)
         # The throw-away initialisation must not consume the RNG (it would shift every later
         # random draw, e.g. dropout or Gumbel noise, relative to a run that installs nothing).
         init_cfg = copy.copy(cfg)
         init_cfg.perform_initialization = False
-        new = cls(init_cfg, _pg_collection(old), s, mode, base)
+        new = cls(init_cfg, _pg_collection(old), s, kind, base)
         new.config = cfg
         new.weight = old.weight  # the same Parameter: name, value, attributes, optimizer refs
         if old.bias is not None:
@@ -286,14 +232,13 @@ def install(model: Any, router_cfg: dict[str, Any] | RouterSettings, config: Any
 
 
 def set_step(model: Any, step: int) -> float | None:
-    """Tell every router the training step (Sample Top-1's temperature schedule). Returns the
-    temperature for logging, None when no router samples."""
-    temp = None
+    """Tell every router the training step (e.g. Sample Top-1's temperature schedule). Returns
+    the value the router type logs (the temperature), None when it has no schedule."""
+    value = None
     for r in btx_routers(model):
-        r.set_step(step)
-        if r.settings.type == "sample_top1":
-            temp = r.temperature
-    return temp
+        logged = r.set_step(step)
+        value = logged if logged is not None else value
+    return value
 
 
 def routing_stats(model: Any, reset: bool = True, group: Any = None) -> dict[int, dict[str, Any]]:
@@ -315,9 +260,3 @@ def reset_stats(model: Any) -> None:
     """Forget the statistics gathered so far (e.g. after validation forwards)."""
     for r in btx_routers(model):
         r._stats = {}
-
-
-def router_parameters(model: Any) -> Iterable[torch.nn.Parameter]:
-    """The router weights (e.g. for a separate learning rate or a check that they train)."""
-    for r in btx_routers(model):
-        yield r.weight

@@ -136,9 +136,11 @@ def router_overrides(router_cfg: dict[str, Any] | None, num_experts: int) -> dic
 def install_router(chunks: list[torch.nn.Module], router_cfg: dict[str, Any] | None, tconf) -> str:
     """Install the BTX router of ``router_cfg`` in every MoE layer (after the build, before DDP
     and the optimizer). Without one, megatron-core's own top-k router routes."""
-    if router_cfg is None:
-        return "megatron top-k"
     from megatron_btx.models import routers
+    from megatron_btx.models.router_settings import MEGATRON_ROUTER
+
+    if router_cfg is None:
+        return MEGATRON_ROUTER
 
     routers.install(chunks, dict(router_cfg), tconf)
     return str(router_cfg.get("type"))

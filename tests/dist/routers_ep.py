@@ -18,7 +18,7 @@ import torch.distributed as dist
 warnings.filterwarnings("ignore")
 
 from megatron_btx import runtime  # noqa: E402
-from megatron_btx.models import routers  # noqa: E402
+from megatron_btx.models import router_types, routers  # noqa: E402
 from megatron_btx.models.llama import (  # noqa: E402
     LlamaArgs,
     MoEOptions,
@@ -30,7 +30,7 @@ E = 4
 ARGS = LlamaArgs(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                  num_attention_heads=4, num_key_value_heads=2, vocab_size=1000,
                  num_local_experts=E, num_experts_per_tok=2)
-CASES = [(d, t) for d in ("alltoall", "allgather") for t in routers.ROUTER_TYPES]
+CASES = [(d, t) for d in ("alltoall", "allgather") for t in router_types.names()]
 
 
 def run(model, rank: int):
