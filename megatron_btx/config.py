@@ -491,7 +491,11 @@ def build_dataclass(
     """A config dataclass from a plain dict (YAML), recursing into dataclass and optional
     dataclass fields. Unknown keys (with a close match suggested) and values of the wrong type
     are a BTXError naming the full dotted key and the file. `exclude` names fields that are set
-    by code, not by the user (they count as unknown keys)."""
+    by code, not by the user (they count as unknown keys). A dataclass with a
+    ``from_config(data, prefix, source)`` classmethod builds itself (sections whose keys come
+    from a registry)."""
+    if hasattr(cls, "from_config"):  # a section with keys of its own (e.g. a registry's)
+        return cls.from_config(data, prefix, source)
     if data is None:
         data = {}
     if not isinstance(data, dict):

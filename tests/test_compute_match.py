@@ -33,7 +33,7 @@ def test_time_matching_by_hand(tmp_path):
     run = Path(raw["run_dir"])
     match = stages["match_compute"]
     assert match.argv == ["match-compute", "--run-dir", str(run)]
-    assert {"expert_alpha", "merge", "finetune", "upcycle_merge"} <= set(match.deps)
+    assert {"expert_alpha", "merge", "finetune"} <= set(match.deps)
     assert "match_compute" in stages["baseline_dense"].deps
     assert "match_compute" in stages["baseline_sparse_upcycling"].deps
     flops_steps = stages["baseline_dense"].steps  # until measured: the FLOPs-matched steps

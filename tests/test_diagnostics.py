@@ -58,8 +58,10 @@ def test_drift_cosine_and_kept_by_average_by_hand(tmp_path):
 def test_merge_retention_by_hand():
     losses = {
         "seed": {"code": 3.0, "math": 2.0},
-        "expert_code": {"code": 2.0},
-        "expert_math": {"math": 2.5},  # worse than the seed: no gain to keep
-        "btx_merge_only": {"code": 2.75, "math": 1.9},
+        "experts": {
+            "code": {"code": 2.0},
+            "math": {"math": 2.5},  # worse than the seed: no gain to keep
+        },
+        "merged": {"code": 2.75, "math": 1.9},
     }
     assert merge_retention(losses, ["code", "math"]) == {"code": 0.25, "math": None}

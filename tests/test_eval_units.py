@@ -111,6 +111,25 @@ def _eval_set(domain: str, n_docs: int, tokens_per_doc: int):
     )
 
 
+def _specs(names) -> dict[str, dict]:
+    """Each model's plan entry, as the planner writes them (megatron_btx.pipeline.models)."""
+    specs = {}
+    for name in names:
+        spec = {"kind": "dense", "role": "rival", "part": None, "domain": None}
+        if name == "seed":
+            spec["part"] = "seed"
+        elif name.startswith("expert_"):
+            spec.update(role="reference", part="expert", domain=name[len("expert_") :])
+        elif name == "btx":
+            spec.update(kind="moe", role="btx")
+        elif name == "sparse_upcycling":
+            spec["kind"] = "moe"
+        elif name.startswith("btm"):
+            spec["kind"] = "btm"
+        specs[name] = spec
+    return specs
+
+
 def _fake_result(own: float = 0.6, btx_shift: float = -0.3, noise: float = 0.05) -> dict:
     """A result through the real statistics: per-token log-probs of 40 documents per domain,
     each model's loss a per-domain level plus per-document noise shared by every model (hard
@@ -139,7 +158,8 @@ def _fake_result(own: float = 0.6, btx_shift: float = -0.3, noise: float = 0.05)
         }
         for name, levels in level.items()
     }
-    found = intervals.compute(per_model, sets, {"experts": doms}, replicates=2000)
+    specs = _specs(per_model)
+    found = intervals.compute(per_model, sets, {"experts": doms}, specs, replicates=2000)
     models = {}
     for name, by_domain in per_model.items():
         loss = {d: float(-lp.mean()) for d, lp in by_domain.items()}
@@ -151,7 +171,7 @@ def _fake_result(own: float = 0.6, btx_shift: float = -0.3, noise: float = 0.05)
             "train_flops": 1e9,
             "train_tokens": 100,
             "train_seconds": 1.0,
-            "kind": "dense",
+            **specs[name],
         }
     rest = (1 - own) / 2
     load = {"code": [own, rest, rest], "math": [rest, own, rest]}
@@ -249,6 +269,7 @@ def test_expert_claims_in_the_faithful_setup():
             {m: {d: v[d] for d in domains} for m, v in per_model.items()},
             {d: sets[d] for d in domains},
             groups,
+            _specs(per_model),
             replicates=1000,
         )
         return claims.check_claims({"models": {}, "intervals": found}, None)

@@ -89,8 +89,16 @@ def test_config_md_lists_every_key():
     assert training - listed == set(), "training keys missing from docs/CONFIG.md"
     assert listed - training == set(), "rows of docs/CONFIG.md that are no training key"
 
+    from megatron_btx.merge.settings import run_keys
+    from megatron_btx.pipeline import baselines
+
     run = set(_field_paths(run_config.BTXConfig, "", run_config.StageTrain)) - {"source"}
-    run -= {"domains"}
+    run -= {"domains", "merge.settings", "baselines.enabled", "baselines.train"}
+    run |= {f"merge.{k}" for k in run_keys()}  # the merge's schema: MergeSettings
+    for name in baselines.names():  # the baselines' registry
+        run.add(f"baselines.{name}")
+        if baselines.get(name).trains:
+            run.add(f"baselines.{name}_train")
     run |= {f"domains.<name>.{k}" for k in _field_paths(run_config.DomainConfig, "")}
     run_listed, run_tests = _table_keys("The run config")
     assert run - run_listed == set(), "run keys missing from docs/CONFIG.md"
@@ -908,10 +916,17 @@ def test_run_wide_sections_reach_every_stage(tmp_path, run_raw):
         _plan(raw, write=False)
 
 
+def _merge_settings(stage):
+    """What `btx merge` makes of a planned merge stage's command line."""
+    from megatron_btx.merge.settings import MergeSettings, build_parser
+
+    return MergeSettings.from_args(build_parser().parse_args(stage.argv[1:]))
+
+
 def test_merge_keys_reach_the_merge(tmp_path, run_raw):
-    base = _plan(run_raw)["merge"].argv
-    assert _argv_value(base, "--router-init") == "random" and _argv_value(base, "--top-k") == "2"
-    assert "--seed" in base and "--blend" not in base and "--moe-layers" not in base
+    base = _merge_settings(_plan(run_raw)["merge"])
+    assert base.router_init == "random" and base.top_k is None  # the merge's default: 2
+    assert base.seed is not None and not base.blend and base.moe_layers is None
     raw = json.loads(json.dumps(run_raw))
     raw["merge"] = {
         "seed_as_expert": False,
@@ -919,31 +934,69 @@ def test_merge_keys_reach_the_merge(tmp_path, run_raw):
         "top_k": 1,
         "moe_layers": "1",
         "dense_ffn": "average",
-        "extra_args": ["--router-seed", "7"],
+        "router_seed": 7,
     }
     raw["finetune"]["router"] = {"type": "switch"}  # top-1
     stages = _plan(raw)
-    argv = stages["merge"].argv
-    assert "--seed" not in argv
-    assert (_argv_value(argv, "--router-init"), _argv_value(argv, "--top-k")) == ("zero", "1")
-    assert (_argv_value(argv, "--moe-layers"), _argv_value(argv, "--dense-ffn")) == ("1", "average")
-    assert _argv_value(argv, "--router-seed") == "7"
-    assert stages["upcycle_merge"].argv[-8:] == argv[-8:]  # the same variant flags
+    got = _merge_settings(stages["merge"])
+    assert got.seed is None
+    assert (got.router_init, got.top_k, got.moe_layers, got.router_seed) == ("zero", 1, "1", 7)
+    upcycled = _merge_settings(stages["upcycle_merge"])
+    assert (upcycled.top_k, upcycled.moe_layers, upcycled.router_seed) == (1, "1", 7)
     raw["merge"] = {"blend": True, "moe_layers": "0", "dense_ffn": "seed"}  # 4 sources
-    argv = _plan(raw)["merge"].argv
-    assert "--blend" in argv and _argv_value(argv, "--dense-ffn") == "seed"
+    got = _merge_settings(_plan(raw)["merge"])
+    assert got.blend and got.dense_ffn == "seed"
     raw["merge"] = {"dense_ffn": "seed"}
     with pytest.raises(BTXError, match=r"merge\.dense_ffn has no effect"):
         _plan(raw, write=False)
+    raw["merge"] = {"extra_args": ["--router-seed", "7"]}  # every merge setting is a key now
+    with pytest.raises(BTXError, match=r"unknown key 'merge\.extra_args'"):
+        _plan(raw, write=False)
+
+
+def test_every_merge_setting_a_run_may_choose_reaches_the_merge(tmp_path, run_raw):
+    """Each run key of the merge (MergeSettings' fields marked `run`), set to a value other than
+    its default, comes out of the planned stage's command line as that value."""
+    from megatron_btx.merge.settings import run_keys
+
+    chosen = {
+        "router_init": "zero",
+        "router_std": 0.5,
+        "router_seed": 99,
+        "centroid_tokens": 512,
+        "centroid_seq_len": 32,
+        "top_k": 3,
+        "expert_map": [1, 0, 2, 3],
+        "average_weights": [1.0, 2.0, 1.0, 0.5],
+        "split_chunks": 2,
+        "blend": False,
+        "seed_as_shared_expert": False,
+        "moe_layers": "0",
+        "dense_ffn": "seed",
+        "dtype": "bf16",
+        "verify": True,
+        "verify_hashes": False,
+        "hash_output": False,
+    }
+    assert set(chosen) == set(run_keys())  # a new run key needs a value here
+    for key, value in chosen.items():
+        if value == run_keys()[key]:
+            continue  # covered by its own variant test (blend, the shared expert)
+        raw = json.loads(json.dumps(run_raw))
+        raw["merge"] = {key: value, **({"moe_layers": "0"} if key == "dense_ffn" else {})}
+        got = _merge_settings(_plan(raw, write=False)["merge"])
+        assert getattr(got, key) == value, key
 
 
 def test_centroid_router_init_gives_the_merge_domain_data(tmp_path, run_raw):
     raw = json.loads(json.dumps(run_raw))
     raw["merge"] = {"router_init": "centroid"}
-    argv = _plan(raw)["merge"].argv
-    data = argv[argv.index("--centroid-data") + 1 :]
+    data = _merge_settings(_plan(raw)["merge"]).centroid_data
     run = tmp_path / "run"
     assert data[:3] == [f"{run}/data/{n}_train_text_document" for n in ("alpha", "beta", "gamma")]
+    # the seed's row: a sample of the whole blend (uniform weights here)
+    prefix = f"{run}/data/{{}}_train_text_document"
+    assert data[3] == ",".join(f"{prefix.format(n)}@{1 / 3:g}" for n in ("alpha", "beta", "gamma"))
 
 
 def test_finetune_load_balancing_reaches_the_moe_stages(tmp_path, run_raw):

@@ -56,7 +56,10 @@ ALLOWED_ACROSS = {
     "megatron_btx.merge.plan.plan_for",
     "megatron_btx.merge.settings",
     "megatron_btx.merge.settings.MergeSettings",
+    "megatron_btx.merge.settings.check_run_value",
+    "megatron_btx.merge.settings.run_keys",
     "megatron_btx.merge.cli.build_parser",
+    "megatron_btx.merge.router_inits",
 }
 
 

@@ -145,6 +145,28 @@ def test_upcycling_copies_of_one_model_equal_dense(branches, ids, tmp_path):
     torch.testing.assert_close(out, ref, atol=2e-5, rtol=1e-5)
 
 
+def test_random_router_is_seeded_per_layer(branches, tmp_path):
+    """--router-init random: each layer's rows are normal with std --router-std (the sample std
+    of 4 x hidden values within 4 standard errors of it), different per layer; the same
+    --router-seed gives the same rows, another seed others, another std the same rows scaled;
+    zero gives zeros."""
+
+    def routers(name, **settings):
+        merge(branches[:2], tmp_path / name, seed=branches[3], **settings)
+        return all_tensors(tmp_path / name)["decoder.layers.mlp.router.weight"].float()
+
+    base = routers("a", router_std=0.5, router_seed=11)
+    layers, experts, hidden = base.shape
+    n = experts * hidden
+    for layer in base:
+        assert abs(layer.std().item() - 0.5) < 4 * 0.5 / (2 * (n - 1)) ** 0.5
+    assert not torch.equal(base[0], base[1])
+    torch.testing.assert_close(routers("b", router_std=0.5, router_seed=11), base, rtol=0, atol=0)
+    assert not torch.equal(routers("d", router_std=0.5, router_seed=12), base)
+    torch.testing.assert_close(routers("e", router_std=1.0, router_seed=11), 2 * base)
+    assert not routers("f", router_init="zero").any()
+
+
 @pytest.mark.parametrize("expert", [0, 1, 3])
 def test_one_hot_router_gives_source_logits(branches, ids, tmp_path, expert):
     """Sources share attention, different FFNs; router forced to expert i -> source i's logits."""
@@ -228,7 +250,8 @@ def test_hf_export_matches_megatron_and_manifest(branches, ids, tmp_path):
     assert [s["role"] for s in m["sources"]] == ["expert 0", "expert 1", "expert 2", "seed"]
     assert all(s["sha256"]["model.safetensors"] for s in m["sources"])
     assert all("step" in s for s in m["sources"])
-    assert m["merge"]["router_init"] == "random" and m["merge"]["top_k"] == 2
+    assert m["merge"]["router"] == {"init": "random", "router_std": 0.02, "router_seed": 1234}
+    assert m["merge"]["top_k"] == 2 and m["merge"]["settings"]["router_init"] == "random"
     assert m["verify"]["experts_bit_identical"] == 2 * 4 * 2
     assert m["verify"]["logits"]["upcycled_check"] == "passed"
     cov = m["verify"]["source_keys"]

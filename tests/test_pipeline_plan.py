@@ -55,8 +55,8 @@ def test_plan_stages_and_configs(tmp_path):
         "expert_gamma",
         "merge",
         "finetune",
-        "upcycle_merge",
         "baseline_dense",
+        "upcycle_merge",
         "baseline_sparse_upcycling",
         "evaluate",
     ]
@@ -75,20 +75,27 @@ def test_plan_stages_and_configs(tmp_path):
         assert s.outputs == [
             str(run / "experts" / n / "checkpoints" / "iter_0000008" / "metadata.json")
         ]
-    # the merge keeps the seed as the generalist (last) expert, top-2
-    m = by["merge"].argv
-    assert m[m.index("--seed") + 1].endswith("seed/checkpoints/iter_0000010")
-    assert m[m.index("--top-k") + 1] == "2"
+    # the merge keeps the seed as the generalist (last) expert, top-2 (the merge's default)
+    from megatron_btx.merge.settings import MergeSettings, build_parser
+
+    def settings(stage):
+        return MergeSettings.from_args(build_parser().parse_args(stage.argv[1:]))
+
+    m = settings(by["merge"])
+    assert m.seed.endswith("seed/checkpoints/iter_0000010") and m.top_k is None
     ft = yaml.safe_load(Path(by["finetune"].argv[1]).read_text())
     assert ft["model"]["init_from"] == str(run / "merged")
     assert ft["moe"]["aux_loss_coeff"] == 0.01 and ft["moe"]["router"] == {"type": "topk"}
     assert set(ft["data"]["domains"]) == {"alpha", "beta", "gamma"}
     # sparse upcycling: 4 copies of the seed (same MoE shape as BTX), random router
-    u = by["upcycle_merge"].argv
-    assert u.count(str(run / "seed" / "checkpoints" / "iter_0000010")) == 4
-    assert u[u.index("--router-init") + 1] == "random"
-    # with the BTX merge's flags after the sources: one architecture
-    assert u[u.index("--top-k") :] == m[m.index("--top-k") :]
+    u = settings(by["upcycle_merge"])
+    seed = str(run / "seed" / "checkpoints" / "iter_0000010")
+    assert u.experts == [seed] * 3 and u.seed == seed and u.router_init == "random"
+    # with the BTX merge's settings beside the sources: one architecture
+    sources = ("experts", "seed", "save")
+    assert {k: v for k, v in vars(u).items() if k not in sources} == {
+        k: v for k, v in vars(m).items() if k not in sources
+    }
     # and the finetune's router and load balancing
     up = yaml.safe_load(Path(by["baseline_sparse_upcycling"].argv[1]).read_text())
     assert up["moe"] == ft["moe"]
@@ -163,21 +170,24 @@ def test_general_domain_seed_data_and_mixed_documents(tmp_path):
     assert seed["data"]["domains"] == {"gamma": 1.0}
     finetune = yaml.safe_load(Path(stages["finetune"].argv[1]).read_text())
     assert finetune["data"]["domains"] == {"alpha": 0.4, "beta": 0.4, "gamma": 0.2}
-    merge = stages["merge"].argv
-    experts = merge[merge.index("--experts") + 1 : merge.index("--seed")]
+    from megatron_btx.merge.settings import MergeSettings, build_parser
+
+    merge = MergeSettings.from_args(build_parser().parse_args(stages["merge"].argv[1:]))
+    experts = merge.experts
     assert [Path(e).parts[-3] for e in experts] == ["alpha", "beta"]  # runs/experts/<name>/...
     # the evaluator labels the MoE's routed experts in the merge's order, the seed last; gamma
     # (no expert) is not one of them (it once was: routing tables and the routing claim were
     # read against shifted labels)
-    labels, owners = expert_labels(btx_config.load(raw), None)
+    labels, owners = expert_labels(btx_config.load(raw), None, "seed")
     assert labels == owners == ["alpha", "beta", "seed"]
     with pytest.raises(BTXError, match="seed.domains"):
         plan.build_plan({**raw, "seed": {**raw["seed"], "domains": ["nope"]}}, write=False)
 
 
 def test_merge_variants_change_the_planned_moe(tmp_path):
-    """The merged MoE's shape comes from the merge's own flags: split chunks double the
-    experts at half the size (top-k stays 2), a shared expert adds the seed's FFN."""
+    """The merged MoE's shape comes from the merge's own settings: split chunks double the
+    experts at half the size (top-k doubles by the merge's default, so a token's FFN compute is
+    unchanged), a shared expert adds the seed's FFN."""
     base = plan.build_plan(_config(tmp_path / "a"), write=False)
     split = plan.build_plan(_config(tmp_path / "b", merge={"split_chunks": 2}), write=False)
     shared = plan.build_plan(
@@ -189,8 +199,8 @@ def test_merge_variants_change_the_planned_moe(tmp_path):
     }
     # hidden 32, FFN 64, 2 layers, vocab 300; 3 domains + seed: attention 4,096, output 9,600
     assert active["base"] == 2 * (4_096 + 2 * 3 * 32 * 64 + 32 * 4) + 9_600
-    # 8 experts of FFN 32, top-2
-    assert active["split"] == 2 * (4_096 + 2 * 3 * 32 * 32 + 32 * 8) + 9_600
+    # 8 experts of FFN 32, top-4
+    assert active["split"] == 2 * (4_096 + 4 * 3 * 32 * 32 + 32 * 8) + 9_600
     # 3 routed experts (top-2) + the seed's FFN as the shared expert
     assert active["shared"] == 2 * (4_096 + 3 * 3 * 32 * 64 + 32 * 3) + 9_600
     merge = {s.name: s for s in split}["merge"]

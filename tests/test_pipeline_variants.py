@@ -88,3 +88,28 @@ def test_every_merge_variant_finetunes_and_evaluates(tmp_path, name, merge):
         experts = {"split": 8, "blend": 2}[name]
         assert manifest["model"]["num_local_experts"] == experts
         assert manifest["model"]["intermediate_size"] == {"split": 32, "blend": 128}[name]
+
+
+def test_centroid_routers_with_the_seed_as_an_expert_run_end_to_end(tmp_path):
+    """`merge.router_init: centroid` with the seed as the generalist expert (the default): the
+    planner gives the seed's row a sample of the whole blend (PREFIX@W,...), which the merge
+    reads; every row is a normalised mean hidden state (unit length), and the run finishes
+    through finetune and evaluation."""
+    cfg = _config(
+        tmp_path, {"router_init": "centroid", "centroid_tokens": 256, "centroid_seq_len": 64}
+    )
+    result = btx("run", str(cfg), "--parallel", "2", cwd=tmp_path, timeout=600)
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-3000:]
+    run = tmp_path / "run"
+    merged = {s.name: s for s in plan.read_plan(run)}["merge"].checkpoint
+    record = json.loads((Path(merged) / "btx_manifest.json").read_text())["merge"]
+    assert record["router"]["init"] == "centroid"
+    seed_data = record["router"]["centroid_data"][-1]
+    assert seed_data.count("@") == 3 and seed_data.count(",") == 2  # the blend of 3 domains
+    routers = _tensor(merged, "decoder.layers.mlp.router.weight")
+    assert routers.shape == (TINY_MODEL["num_hidden_layers"], 4, 32)  # 3 experts + the seed
+    for rows in routers:
+        torch.testing.assert_close(rows.float().norm(dim=1), torch.ones(4), atol=1e-5, rtol=0)
+        assert (rows[-1] - rows[0]).abs().max() > 1e-3  # the seed's row is its own
+    results = json.loads((run / "eval" / "results.json").read_text())
+    assert math.isfinite(results["models"]["btx"]["mean"])

@@ -21,8 +21,6 @@ from typing import Any
 
 import numpy as np
 
-from megatron_btx.eval.intervals import RIVALS
-
 
 def _difference(entry: dict[str, Any]) -> dict[str, Any]:
     """A paired difference (loss, nats) for the results: estimate, interval, verdict."""
@@ -45,7 +43,7 @@ def _experts(result: dict[str, Any]) -> dict[str, Any]:
     own = {d: {o: _difference(v) for o, v in e["own_domain"].items()} for d, e in per.items()}
     claims["expert_best_on_own_domain"] = {
         "holds": all(
-            all(v["lower"] for other, v in vs.items() if other != "dense") for vs in own.values()
+            all(own[d][other]["lower"] for other in e["decided_by"]) for d, e in per.items()
         ),
         "decided_by": "the seed and the other experts",
         "per_domain": own,
@@ -88,12 +86,13 @@ def _btx(result: dict[str, Any]) -> dict[str, Any]:
                 },
             }
         }
-    if "btx" not in models:
+    btx = next((n for n, row in models.items() if row.get("role") == "btx"), None)
+    if btx is None:
         return {}
     versus = {
-        k: {"difference": float(np.log(models["btx"]["mean"] / models[k]["mean"]))}
-        for k in RIVALS
-        if k in models
+        k: {"difference": float(np.log(models[btx]["mean"] / row["mean"]))}
+        for k, row in models.items()
+        if row.get("role") == "rival"
     }
     for v in versus.values():
         v["lower"] = v["difference"] < 0

@@ -1,11 +1,13 @@
 """``btx evaluate --run-dir RUN``: the per-domain held-out perplexity table of every model of a
 BTX run, the BTM ensembles, and the routing analysis of the BTX MoE.
 
-Models (those whose checkpoints exist): ``seed``; ``expert_<domain>`` each; ``dense`` (the seed
-continued on the blend); ``btm_top1`` / ``btm_top2`` (the experts kept separate; per held-out
-document the k experts whose training-data tf-idf centroid is closest choose themselves, and their
-next-token distributions are averaged uniformly); ``sparse_upcycling``; ``btx_merge_only`` (the
-MiX checkpoint before finetuning, for reference); ``btx`` (after MoE finetuning).
+Models: those the plan names (plan.json's ``models``, :mod:`megatron_btx.pipeline.models`): the
+seed, each expert, the merge before finetuning, BTX after finetuning, and every baseline's
+(:mod:`megatron_btx.pipeline.baselines`: the dense baseline, sparse upcycling, the BTM ensembles,
+...). Each is scored as its entry says: a dense or MoE checkpoint (routed by its router), or a
+BTM ensemble of the experts (per held-out document the k experts whose training-data tf-idf
+centroid is closest choose themselves, and their next-token distributions are averaged
+uniformly). BTX is compared with every rival.
 
 Outputs in ``RUN/eval/``: ``results.json`` (everything), ``results.md`` (the table, compute per
 model, and the paper's claims checked on these numbers), ``routing.json`` / ``routing.md`` (per
@@ -43,9 +45,8 @@ def _progress(msg: str) -> None:
 # What to evaluate
 # ---------------------------------------------------------------------------------------------
 def run_models(run_dir: Path) -> tuple[Any, list, dict[str, dict[str, Any]]]:
-    """(BTX config, stages, model name -> {checkpoint, stages: [names], kind, ...}), from the
-    run's plan.json: every stage there names the checkpoint it leaves and, for an MoE, its
-    router; the plan names the seed checkpoint."""
+    """(BTX config, stages, model name -> its plan entry as a dict: checkpoint, stages, kind,
+    role, part, domain, router, k, ...), from the run's btx.yaml and plan.json."""
     from megatron_btx.config import read_yaml
     from megatron_btx.pipeline import config as btx_config
     from megatron_btx.pipeline import plan as plan_mod
@@ -55,49 +56,20 @@ def run_models(run_dir: Path) -> tuple[Any, list, dict[str, dict[str, Any]]]:
         raise BTXError(f"{run_dir}: no btx.yaml (not a btx run directory; start it with btx run)")
     cfg = btx_config.load(read_yaml(cfg_path))
     plan = plan_mod.read_plan_file(run_dir)
-    by_name = plan.by_name()
-    models: dict[str, dict[str, Any]] = {}
-    if plan.seed_checkpoint:
-        models["seed"] = {"checkpoint": plan.seed_checkpoint, "stages": [], "kind": "dense"}
-    experts = [f"expert_{n}" for n in cfg.domain_names if f"expert_{n}" in by_name]
-    for name in experts:
-        models[name] = {
-            "checkpoint": by_name[name].checkpoint,
-            "stages": [name],
-            "kind": "dense",
-            "domain": name[len("expert_") :],
-        }
-    if "baseline_dense" in by_name:
-        stage = by_name["baseline_dense"]
-        models["dense"] = {"checkpoint": stage.checkpoint, "stages": [stage.name], "kind": "dense"}
-    if cfg.baselines.btm:
-        for k in cfg.evaluation.btm_top_k:
-            models[f"btm_top{k}"] = {"checkpoint": None, "stages": experts, "kind": "btm", "k": k}
-    finetune_router = by_name["finetune"].router if "finetune" in by_name else None
-    moe_models = (
-        ("sparse_upcycling", "baseline_sparse_upcycling", ["upcycle_merge"], None),
-        ("btx_merge_only", "merge", experts, finetune_router),
-        ("btx", "finetune", [*experts, "merge"], None),
-    )
-    for model, stage_name, before, router in moe_models:
-        stage = by_name.get(stage_name)
-        if stage is not None:
-            models[model] = {
-                "checkpoint": stage.checkpoint,
-                "stages": [*before, stage_name],
-                "kind": "moe",
-                "router": router or stage.router,
-            }
-    return cfg, plan.stages, models
+    return cfg, plan.stages, {m.name: m.to_dict() for m in plan.models}
 
 
-def expert_labels(cfg, merged: str | None) -> tuple[list[str], list[str | None]]:
+def _named(models: dict[str, dict[str, Any]], **want: Any) -> dict[str, dict[str, Any]]:
+    return {n: m for n, m in models.items() if all(m.get(k) == v for k, v in want.items())}
+
+
+def expert_labels(cfg, merged: str | None, seed_label: str):
     """(a label per routed expert of the BTX MoE, the domain its FFN came from), from the merged
     checkpoint's manifest: `code`, or `code.0`, `code.1` with split chunks, `blend0` (no single
-    domain) when blended; the seed's expert is `seed`."""
+    domain) when blended; the seed's expert is `seed_label`."""
     # the merge's sources, in the plan's order: one expert per expert domain, then the seed
     # (a domain with `expert: false`, e.g. general text, is in the blend but has no expert)
-    sources = list(cfg.expert_names) + (["seed"] if cfg.merge.seed_as_expert else [])
+    sources = list(cfg.expert_names) + ([seed_label] if cfg.merge.seed_as_expert else [])
     record: dict[str, Any] = {}
     if merged and Path(merged, "btx_manifest.json").is_file():
         from megatron_btx.checkpoint import manifest
@@ -169,8 +141,9 @@ def _score_btm(models, all_models, names, sets, data_dir, scores, missing) -> di
     from megatron_btx.eval import scoring
     from megatron_btx.eval.tfidf import TfIdf, choose_experts
 
-    btm_models = [k for k, v in models.items() if v["kind"] == "btm"]
-    experts = [f"expert_{n}" for n in names]
+    btm_models = list(_named(models, kind="btm"))
+    by_domain = {m["domain"]: n for n, m in _named(all_models, part="expert").items()}
+    experts = [by_domain.get(n, "") for n in names]
     if not btm_models:
         return {}
     if not all(e in scores.logprobs for e in experts):
@@ -246,7 +219,7 @@ def _rows(models, scores, markers, sets) -> dict[str, dict[str, Any]]:
             "train_flops": sum(float(markers.get(s, {}).get("flops", 0.0)) for s in stages),
             "train_tokens": sum(int(markers.get(s, {}).get("tokens", 0)) for s in stages),
             "train_seconds": sum(float(markers.get(s, {}).get("seconds", 0.0)) for s in stages),
-            "kind": model_info["kind"],
+            **{k: model_info.get(k) for k in ("kind", "role", "part", "domain", "label", "order")},
         }
     return rows
 
@@ -255,14 +228,22 @@ def _diagnostics(models, names, rows, out: Path) -> dict[str, Any] | None:
     """Merge diagnostics (eval/diagnostics.py) when the seed and every expert are there."""
     from megatron_btx.eval import diagnostics
 
-    experts = {n: (models.get(f"expert_{n}") or {}).get("checkpoint") for n in names}
-    seed = (models.get("seed") or {}).get("checkpoint")
+    by_domain = {m["domain"]: n for n, m in _named(models, part="expert").items()}
+    experts = {d: (models.get(by_domain.get(d)) or {}).get("checkpoint") for d in names}
+    seed_name = next(iter(_named(models, part="seed")), None)
+    merged_name = next(iter(_named(models, part="merged")), None)
+    seed = (models.get(seed_name) or {}).get("checkpoint")
     usable = [seed, *experts.values()]
     if not all(c and Path(c, "metadata.json").is_file() for c in usable):
         return None
     t1 = time.time()
     found = diagnostics.parameter_drift(seed, experts)
     losses = {m: r["loss"] for m, r in rows.items()}
+    losses = {
+        "seed": losses.get(seed_name, {}),
+        "merged": losses.get(merged_name, {}),
+        "experts": {d: losses.get(by_domain.get(d), {}) for d in names},
+    }
     found["retention"] = diagnostics.merge_retention(losses, names)
     out.mkdir(parents=True, exist_ok=True)
     if diagnostics.plot(found, found["retention"], out / "diagnostics.png"):
@@ -318,10 +299,8 @@ def evaluate_run(
         + ", ".join(f"{n} {s.n_tokens} tokens/{len(s.docs)} docs" for n, s in sets.items())
     )
     to_load = {k: v for k, v in models.items() if v["kind"] != "btm"}
-    if any(m["kind"] == "btm" for m in models.values()):
-        for n in names:  # BTM ensembles score with the experts
-            to_load.setdefault(f"expert_{n}", all_models.get(f"expert_{n}"))
-        to_load = {k: v for k, v in to_load.items() if v is not None}
+    if _named(models, kind="btm"):  # BTM ensembles score with the experts
+        to_load = {**_named(all_models, part="expert"), **to_load}
     scores, missing = _Scores(), {}
     _score_models(to_load, domains, sets, ev.micro_batch_size, device, scores, missing)
     btm_info = _score_btm(models, to_load, names, sets, data_dir, scores, missing)
@@ -331,8 +310,10 @@ def evaluate_run(
     if intervals.MIXED in sets:
         labels_of_mixed = intervals.segment_labels(data_dir, sets[intervals.MIXED], domains)
     evaluated = {m: lp for m, lp in scores.logprobs.items() if m in models}
-    found = intervals.compute(evaluated, sets, groups, labels_of_mixed, domains)
-    labels, owners = expert_labels(cfg, (all_models.get("btx_merge_only") or {}).get("checkpoint"))
+    found = intervals.compute(evaluated, sets, groups, models, labels_of_mixed, domains)
+    merged = next(iter(_named(all_models, part="merged").values()), {})
+    seed_label = next(iter(_named(all_models, part="seed")), "generalist")
+    labels, owners = expert_labels(cfg, merged.get("checkpoint"), seed_label)
     result = {
         "run_dir": str(run),
         "split": split,

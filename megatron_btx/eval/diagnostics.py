@@ -103,14 +103,15 @@ def _summarise(sums: _Sums, names: list[str]) -> dict[str, Any]:
     return out
 
 
-def merge_retention(losses: dict[str, dict[str, float]], domains: list[str]) -> dict[str, float]:
+def merge_retention(losses: dict[str, Any], domains: list[str]) -> dict[str, float]:
     """Per domain, the share of its expert's loss gain over the seed that the merged model
-    (before finetuning) keeps; None where the expert did not improve on the seed."""
+    (before finetuning) keeps; None where the expert did not improve on the seed. `losses`:
+    {"seed": {domain: loss}, "merged": {...}, "experts": {domain: {domain: loss}}}."""
     out = {}
     for domain in domains:
-        expert = losses.get(f"expert_{domain}", {}).get(domain)
+        expert = losses.get("experts", {}).get(domain, {}).get(domain)
         seed = losses.get("seed", {}).get(domain)
-        merged = losses.get("btx_merge_only", {}).get(domain)
+        merged = losses.get("merged", {}).get(domain)
         if None in (expert, seed, merged) or seed - expert <= 0:
             out[domain] = None
             continue

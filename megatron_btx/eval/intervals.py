@@ -2,8 +2,11 @@
 against each rival, paired (eval/stats.py does the arithmetic; this module decides what is
 compared, in which groups of domains).
 
-Groups: the experts' domains, the general domains (in the seed's and the finetune's data, no
-expert of their own) and the mixed documents (paragraphs of several domains). The headline is the
+Who is compared with whom comes from the plan's models (:mod:`megatron_btx.pipeline.models`):
+the model with role ``btx`` against every ``rival``; each expert (``part: expert``) against the
+seed (``part: seed``) and the other experts. Groups: the experts' domains, the general domains
+(in the seed's and the finetune's data, no expert of their own) and the mixed documents
+(paragraphs of several domains). The headline is the
 mean of the per-domain losses (the geometric mean of the per-domain perplexities), and the goal
 of the paper's ordering is stated on the mean over the groups, each group weighing the same.
 """
@@ -16,9 +19,12 @@ import numpy as np
 
 from megatron_btx.eval import stats
 
-#: BTX's rivals in the paper's claims
-RIVALS = ("seed", "dense", "btm_top1", "btm_top2", "sparse_upcycling")
 MIXED = "mixed"
+
+
+def named(specs: dict[str, dict[str, Any]], **want: Any) -> list[str]:
+    """The models whose spec has every `want`ed value (e.g. ``role="rival"``), in spec order."""
+    return [n for n, s in specs.items() if all(s.get(k) == v for k, v in want.items())]
 
 
 def groups_of(experts: list[str], domains: list[str]) -> dict[str, list[str]]:
@@ -47,26 +53,29 @@ def compute(
     per_model: dict[str, dict[str, np.ndarray]],
     sets,
     groups: dict[str, list[str]],
+    specs: dict[str, dict[str, Any]],
     segment_labels: np.ndarray | None = None,
     segment_domains: list[str] | None = None,
     replicates: int = stats.DEFAULT_REPLICATES,
 ) -> dict[str, Any]:
     """Intervals of every model, and BTX minus each rival (paired); with the mixed documents'
-    segment labels, each model's mixed-document loss split by the domain a segment came from."""
+    segment labels, each model's mixed-document loss split by the domain a segment came from.
+    `specs`: each model's plan entry (role, part, domain, kind)."""
     scores = document_losses(per_model, sets)
     complete = {m: s for m, s in scores.items() if set(s) == set(sets)}
     if not complete:
         return {}
     boot = stats.DocumentBootstrap.for_models(complete, replicates=replicates)
     out: dict[str, Any] = {"groups": groups, **stats.summarize(complete, groups, boot)}
-    if "btx" in complete:
+    btx = next((n for n in named(specs, role="btx") if n in complete), None)
+    if btx is not None:
         out["comparisons"] = {
-            rival: stats.compare(complete, "btx", rival, groups, boot)
-            for rival in RIVALS
+            rival: stats.compare(complete, btx, rival, groups, boot)
+            for rival in named(specs, role="rival")
             if rival in complete
         }
     out["experts"] = _expert_comparisons(
-        complete, groups.get("experts", []), groups.get("general", []), boot
+        complete, specs, groups.get("experts", []), groups.get("general", []), boot
     )
     if segment_labels is not None and MIXED in sets:
         out["mixed_by_segment"] = _mixed_by_segment(
@@ -76,16 +85,18 @@ def compute(
 
 
 def _expert_comparisons(
-    scores, expert_domains: list[str], general_domains: list[str], boot
+    scores, specs, expert_domains: list[str], general_domains: list[str], boot
 ) -> dict[str, Any]:
     """Paired, per expert: minus every other dense model on the expert's own domain (is it the
     best there?), and minus the seed where forgetting shows (did it forget?): on the general
     domains, the seed's own data, when the evaluation has them; else on the other expert
     domains (a seed that never saw those is worse there by construction)."""
-    dense = [m for m in scores if m in ("seed", "dense") or m.startswith("expert_")]
+    dense = [m for m in named(specs, kind="dense") if m in scores]
+    seed = next((m for m in named(specs, part="seed") if m in scores), None)
+    experts = {specs[m].get("domain"): m for m in named(specs, part="expert")}
     out: dict[str, Any] = {}
     for domain in expert_domains:
-        expert = f"expert_{domain}"
+        expert = experts.get(domain)
         if expert not in scores:
             continue
         own = {
@@ -94,12 +105,19 @@ def _expert_comparisons(
             if other != expert
         }
         forgetting = {}
-        if "seed" in scores:
+        if seed is not None:
             forgetting = {
-                d: stats.paired_difference(boot, scores[expert], scores["seed"], [d])
+                d: stats.paired_difference(boot, scores[expert], scores[seed], [d])
                 for d in (general_domains or [e for e in expert_domains if e != domain])
             }
-        out[domain] = {"own_domain": own, "other_domains_vs_seed": forgetting}
+        deciders = [m for m in own if specs[m].get("part") in ("seed", "expert")]
+        out[domain] = {
+            "own_domain": own,
+            # the models of the expert stage decide (the seed, the other experts); the others
+            # (a dense baseline trained on the whole budget) are shown beside them
+            "decided_by": deciders,
+            "other_domains_vs_seed": forgetting,
+        }
     return out
 
 

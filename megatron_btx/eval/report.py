@@ -11,27 +11,35 @@ from typing import Any
 
 import numpy as np
 
-ORDER = ("seed", "expert_", "dense", "btm_top", "sparse_upcycling", "btx_merge_only", "btx")
+
+def sorted_models(models: dict[str, Any], domains: list[str] | None = None, rows=None) -> list[str]:
+    """Model names in table order: each row's planned ``order``, experts by their domain's
+    place, then the plan's order. `rows`: where the orders are (default: `models` itself)."""
+    rows = rows if rows is not None else models
+    doms = list(domains or [])
+    names = list(models)
+
+    def key(name: str) -> tuple[int, int, int]:
+        row = rows.get(name) or {}
+        domain = row.get("domain")
+        return row.get("order", 0), doms.index(domain) if domain in doms else 0, names.index(name)
+
+    return sorted(names, key=key)
 
 
-def _order(name: str, domains: list[str]) -> tuple[int, int, str]:
-    for i, p in enumerate(ORDER):
-        if name == p or (p.endswith("_") or p == "btm_top") and name.startswith(p):
-            suffix = name[len(p) :]
-            return i, domains.index(suffix) if suffix in domains else 0, name
-    return len(ORDER), 0, name
-
-
-def sorted_models(models: dict[str, Any], domains: list[str] | None = None) -> list[str]:
-    return sorted(models, key=lambda n: _order(n, list(domains or [])))
+def btx_name(result: dict[str, Any]) -> str | None:
+    """The model under test (role ``btx``) of an evaluation's results."""
+    return next((n for n, row in result["models"].items() if row.get("role") == "btx"), None)
 
 
 # ---------------------------------------------------------------------------------------------
 # Claims
 # ---------------------------------------------------------------------------------------------
-def routing_matrix(result: dict[str, Any], model: str = "btx") -> dict[str, np.ndarray] | None:
-    """domain -> [layers, experts] share of assignments."""
-    r = result.get("routing", {}).get(model)
+def routing_matrix(
+    result: dict[str, Any], model: str | None = None
+) -> dict[str, np.ndarray] | None:
+    """domain -> [layers, experts] share of assignments (default: of the BTX model)."""
+    r = result.get("routing", {}).get(model or btx_name(result))
     if not r:
         return None
     out = {}
@@ -189,7 +197,8 @@ def claims_md(claims: dict[str, Any]) -> str:
     return "\n".join(out)
 
 
-def routing_md(result: dict[str, Any], model: str = "btx") -> str:
+def routing_md(result: dict[str, Any], model: str | None = None) -> str:
+    model = model or btx_name(result)
     rm = routing_matrix(result, model)
     if not rm:
         return ""
@@ -349,7 +358,7 @@ def lm_eval_md(result: dict[str, Any]) -> str:
     if columns:
         lines.append("| model | " + " | ".join(f"{t} {m}" for t, m in columns) + " |")
         lines.append("|---|" + "---|" * len(columns))
-        for name in sorted_models(scores, result.get("domains")):
+        for name in sorted_models(scores, result.get("domains"), result["models"]):
             cells = [scores[name].get(t, {}).get(m) for t, m in columns]
             lines.append(
                 f"| {name} | " + " | ".join("-" if v is None else f"{v:.3f}" for v in cells) + " |"
@@ -362,7 +371,8 @@ def lm_eval_md(result: dict[str, Any]) -> str:
 # ---------------------------------------------------------------------------------------------
 # Heatmaps
 # ---------------------------------------------------------------------------------------------
-def heatmaps(result: dict[str, Any], out: Path, model: str = "btx") -> list[Path]:
+def heatmaps(result: dict[str, Any], out: Path, model: str | None = None) -> list[Path]:
+    model = model or btx_name(result)
     rm = routing_matrix(result, model)
     if not rm:
         return []
@@ -446,8 +456,10 @@ def write_all(result: dict[str, Any], out: Path, routing: bool = True) -> None:
         parts = [routing_md(result, m) for m in result["routing"]]
         _write(out / "routing.md", "\n".join(parts))
         heatmaps(result, out)
-        if "sparse_upcycling" in result["routing"]:
-            heatmaps_model(result, out, "sparse_upcycling")
+        btx = btx_name(result)
+        for name, row in result["models"].items():  # every other MoE's in a folder of its own
+            if name != btx and name in result["routing"] and row.get("role") == "rival":
+                heatmaps_model(result, out, name)
     write_results(result, out)
 
 

@@ -13,19 +13,22 @@ import contextlib
 import dataclasses
 import json
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from megatron_btx.checkpoint.mapping import ROUTER
 from megatron_btx.errors import BTXError
-from megatron_btx.merge.plan import MergePlan
 from megatron_btx.models.llama import LlamaArgs, MoEVariant, build_for_checkpoint
 
 
 def load_tokens(
     spec: str, tokenizer_path: Path | None, n_tokens: int, seq_len: int
 ) -> torch.Tensor:
-    """[num_seqs, seq_len] token ids from an indexed dataset prefix or a text / jsonl file."""
+    """[num_seqs, seq_len] token ids from an indexed dataset prefix, a text / jsonl file, or a
+    blend of prefixes ``PREFIX@WEIGHT,PREFIX@WEIGHT,...`` (the seed's row in a BTX run)."""
+    if _is_blend(spec):
+        return blend_tokens(spec, tokenizer_path, n_tokens, seq_len)
     if Path(spec + ".idx").is_file() and Path(spec + ".bin").is_file():
         ids = _dataset_tokens(spec, n_tokens, seq_len)
     elif Path(spec).is_file():
@@ -41,7 +44,16 @@ def load_tokens(
     return torch.tensor(ids[: n_seqs * seq_len], dtype=torch.long).reshape(n_seqs, seq_len)
 
 
-def _blend_tokens(spec: str, tokenizer_path, n_tokens: int, seq_len: int) -> torch.Tensor:
+def _is_blend(spec: str) -> bool:
+    """A blend spec, not a path: it has a comma or a weight and names no existing file."""
+    if Path(spec).is_file() or Path(spec + ".idx").is_file():
+        return False
+    return "," in spec or "@" in spec
+
+
+def blend_tokens(spec: str, tokenizer_path, n_tokens: int, seq_len: int) -> torch.Tensor:
+    """Each part's share of `n_tokens`, by its weight (parts too small for one sequence get
+    none), stacked: a sample of the blend."""
     parts = []
     for item in spec.split(","):
         source, _, weight = item.partition("@")
@@ -109,13 +121,19 @@ def _text_tokens(path: Path, tokenizer_path: Path | None, n_tokens: int) -> list
 
 
 class CentroidRouter:
-    """Sets each MoE layer's router rows from the domain samples' hidden states, layer by layer."""
+    """Sets each MoE layer's router rows from the domain samples' hidden states, layer by layer
+    (the :class:`~megatron_btx.merge.router_inits.LayerRouters` of the centroid init)."""
+
+    @classmethod
+    def for_job(cls, job) -> CentroidRouter:
+        """For one merge: each routed source's domain sample, tokenized and checked."""
+        return cls(job.dense, job.out_args, job.plan, job_tokens(job), job.variant)
 
     def __init__(
         self,
         dense_args: LlamaArgs,
         out_args: LlamaArgs,
-        plan: MergePlan,
+        plan: Any,  # the merge's MergePlan
         tokens: dict[int, torch.Tensor],
         variant: MoEVariant,
     ):
@@ -167,7 +185,7 @@ class CentroidRouter:
         return (out[0] if isinstance(out, tuple) else out).detach()
 
     @torch.no_grad()
-    def run_layer(self, layer: int, merged: dict[str, torch.Tensor]) -> torch.Tensor | None:
+    def layer(self, layer, merged, shape=None) -> torch.Tensor | None:
         """Set layer `layer`'s router (MoE layers; returned) and advance every domain's hidden
         states through the merged layer."""
         moe = self.plan.is_moe_layer(layer)
@@ -197,3 +215,32 @@ class CentroidRouter:
             means[s] / means[s].norm().clamp_min(1e-12) for s in self.plan.routed_expert_sources()
         ]
         return torch.stack(rows)
+
+
+def job_tokens(job) -> dict[int, torch.Tensor]:
+    """Each routed source's domain sample [n, S] for a merge's centroid routers."""
+    settings, sources = job.settings, job.sources
+    needed = sorted(set(job.plan.routed_expert_sources()))
+    data = settings.centroid_data
+    if not data or len(data) != len(sources):
+        raise BTXError(
+            f"{settings.name('router_init')} centroid needs {settings.name('centroid_data')} "
+            f"with one entry per source ({len(sources)}: the experts in order, then the seed), "
+            f"each an indexed-dataset prefix, a text/jsonl file or a blend PREFIX@W,PREFIX@W"
+        )
+    # a SentencePiece .model or an HF tokenizer folder; default: the sources' tokenizer
+    tokenizer_path = Path(settings.tokenizer) if settings.tokenizer else None
+    if tokenizer_path is None and job.tokenizer is not None:
+        tokenizer_path = job.tokenizer.folder
+    tokens = {}
+    for source in needed:
+        ids = load_tokens(
+            data[source], tokenizer_path, settings.centroid_tokens, settings.centroid_seq_len
+        )
+        if int(ids.max()) >= job.dense.vocab_size:
+            raise BTXError(
+                f"{settings.name('centroid_data')} {data[source]}: token id {int(ids.max())} >= "
+                f"vocab_size {job.dense.vocab_size}; data tokenized with another tokenizer?"
+            )
+        tokens[source] = ids
+    return tokens

@@ -56,14 +56,6 @@ def expert_tensors(plan: MergePlan, ffns: dict[int, FFN]) -> list[FFN]:
     return [chunk_ffn(*ffns[s], c, chunks) for s in plan.expert_sources for c in range(chunks)]
 
 
-def random_router(plan: MergePlan, layer: int, shape: tuple[int, int]) -> torch.Tensor:
-    """Reproducible per layer (so --verify and re-runs regenerate it exactly)."""
-    if plan.router_init == "zero":
-        return torch.zeros(shape, dtype=torch.float32)
-    generator = torch.Generator().manual_seed(plan.router_seed * 100003 + layer)
-    return torch.randn(shape, generator=generator, dtype=torch.float32) * plan.router_std
-
-
 def accumulate(
     acc: torch.Tensor | None,
     t: torch.Tensor,

@@ -25,9 +25,6 @@ class MergePlan:
     shared_source: int | None = None  # source whose FFN is the shared expert
     moe_layers: list[int] | None = None  # None: every layer
     dense_ffn: str = "average"  # FFN of non-MoE layers: average | seed (last source)
-    router_init: str = "random"
-    router_std: float = 0.02
-    router_seed: int = 1234
     top_k: int = 2
     dtype: str = "bf16"
 
@@ -53,10 +50,7 @@ class MergePlan:
     def routed_expert_sources(self) -> list[int]:
         """The source each routed expert comes from (after splitting)."""
         if self.blend:
-            raise BTXError(
-                "--router-init centroid is not defined with --blend (every expert mixes all "
-                "domains); use random or zero"
-            )
+            raise BTXError("blended experts have no source of their own (each mixes all)")
         return [s for s in self.expert_sources for _ in range(self.split_chunks)]
 
     def output_args(self, dense: LlamaArgs) -> LlamaArgs:
@@ -81,8 +75,9 @@ class MergePlan:
         )
 
 
-def parse_layers(spec: str | None, num_layers: int) -> list[int] | None:
-    """`all` | `0,2,5` | `every:2` (layers 0,2,4,..) | `last:4` -> sorted layers (None: all)."""
+def parse_layers(spec: str | None, num_layers: int, name: str = "--moe-layers") -> list[int] | None:
+    """`all` | `0,2,5` | `every:2` (layers 0,2,4,..) | `last:4` -> sorted layers (None: all);
+    `name`: the setting as the user gave it, for errors."""
     if spec is None or spec == "all":
         return None
     try:
@@ -94,12 +89,12 @@ def parse_layers(spec: str | None, num_layers: int) -> list[int] | None:
         else:
             layers = sorted({int(x) for x in spec.split(",") if x.strip()})
     except ValueError as e:
-        raise BTXError(f"--moe-layers {spec!r}: use all, 0,2,5, every:K or last:K") from e
+        raise BTXError(f"{name} {spec!r}: use all, 0,2,5, every:K or last:K") from e
     bad = [i for i in layers if not 0 <= i < num_layers]
     if bad:
-        raise BTXError(f"--moe-layers {spec!r}: layer {bad[0]} outside 0..{num_layers - 1}")
+        raise BTXError(f"{name} {spec!r}: layer {bad[0]} outside 0..{num_layers - 1}")
     if not layers:
-        raise BTXError(f"--moe-layers {spec!r} selects no layer")
+        raise BTXError(f"{name} {spec!r} selects no layer")
     return None if len(layers) == num_layers else layers
 
 
@@ -109,10 +104,14 @@ def _weights(settings: MergeSettings, n: int) -> list[float]:
     weights = [float(x) for x in settings.average_weights]
     if len(weights) != n:
         raise BTXError(
-            f"--average-weights has {len(weights)} values for {n} sources (experts, then the seed)"
+            f"{settings.name('average_weights')} has {len(weights)} values for {n} sources "
+            f"(experts, then the seed)"
         )
     if any(not math.isfinite(x) or x < 0 for x in weights) or sum(weights) <= 0:
-        raise BTXError("--average-weights must be finite and non-negative, with a positive sum")
+        raise BTXError(
+            f"{settings.name('average_weights')} must be finite and non-negative, with a "
+            f"positive sum"
+        )
     return weights
 
 
@@ -122,7 +121,8 @@ def _expert_map(settings: MergeSettings, n: int, shared: int | None) -> list[int
     emap = [int(x) for x in settings.expert_map]
     if not emap or any(not 0 <= x < n for x in emap):
         raise BTXError(
-            f"--expert-map {list(settings.expert_map)}: indices must be in 0..{n - 1} (experts in "
+            f"{settings.name('expert_map')} {list(settings.expert_map)}: indices must be in "
+            f"0..{n - 1} (experts in "
             f"order, then the seed)"
         )
     return emap
@@ -133,7 +133,10 @@ def _output_dtype(settings: MergeSettings, sources: Sequence[Source]) -> str:
         return DTYPE_NAMES[to_dtype(settings.dtype)]
     dtypes = {s.dtype for s in sources}
     if len(dtypes) > 1:
-        raise BTXError(f"sources have different dtypes ({sorted(map(str, dtypes))}); pass --dtype")
+        raise BTXError(
+            f"sources have different dtypes ({sorted(map(str, dtypes))}); set "
+            f"{settings.name('dtype')}"
+        )
     return DTYPE_NAMES[dtypes.pop()]
 
 
@@ -150,13 +153,15 @@ def plan_for(settings: MergeSettings, dense: LlamaArgs, n: int, dtype: str = "bf
     chunks = settings.split_chunks
     ffn = dense.intermediate_size
     if ffn % chunks:
-        raise BTXError(f"--split-chunks {chunks} does not divide intermediate_size {ffn}")
+        raise BTXError(
+            f"{settings.name('split_chunks')} {chunks} does not divide intermediate_size {ffn}"
+        )
     if settings.blend and chunks == 1:
         chunks = len(emap)
         if ffn % chunks:
             raise BTXError(
-                f"--blend uses {chunks} chunks, which does not divide intermediate_size {ffn}; "
-                f"pass --split-chunks"
+                f"{settings.name('blend')} uses {chunks} chunks, which does not divide "
+                f"intermediate_size {ffn}; set {settings.name('split_chunks')}"
             )
     plan = MergePlan(
         n_sources=n,
@@ -165,22 +170,24 @@ def plan_for(settings: MergeSettings, dense: LlamaArgs, n: int, dtype: str = "bf
         split_chunks=chunks,
         blend=settings.blend,
         shared_source=shared,
-        moe_layers=parse_layers(settings.moe_layers, dense.num_hidden_layers),
+        moe_layers=parse_layers(
+            settings.moe_layers, dense.num_hidden_layers, settings.name("moe_layers")
+        ),
         dense_ffn=settings.dense_ffn,
-        router_init=settings.router_init,
-        router_std=settings.router_std,
-        router_seed=settings.router_seed,
         top_k=0,
         dtype=dtype,
     )
     if settings.dense_ffn == "seed" and settings.seed is None and plan.moe_layers is not None:
-        raise BTXError("--dense-ffn seed needs --seed")
+        raise BTXError(f"{settings.name('dense_ffn')} seed needs {settings.name('seed')}")
     experts = plan.num_experts
     top_k = settings.top_k
     if top_k is None:
         top_k = min(experts, 2 * (1 if settings.blend else chunks))
     if not 1 <= top_k <= experts:
-        raise BTXError(f"--top-k {top_k} must be between 1 and the number of experts ({experts})")
+        raise BTXError(
+            f"{settings.name('top_k')} {top_k} must be between 1 and the number of experts "
+            f"({experts})"
+        )
     plan.top_k = top_k
     return plan
 

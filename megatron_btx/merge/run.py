@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import contextlib
+import dataclasses
 import json
 import logging
 import os
@@ -49,9 +50,9 @@ from megatron_btx.checkpoint.sources import (
     open_source,
 )
 from megatron_btx.errors import BTXError
-from megatron_btx.merge.centroid import CentroidRouter, load_tokens
+from megatron_btx.merge import router_inits
 from megatron_btx.merge.hf_export import HFExport, check_exportable
-from megatron_btx.merge.layer import accumulate, merge_layer, random_router
+from megatron_btx.merge.layer import accumulate, merge_layer
 from megatron_btx.merge.plan import MergePlan, ReadPlan, make_plan
 from megatron_btx.merge.settings import MergeSettings
 from megatron_btx.merge.verify import verify_checkpoint, verify_hf_export
@@ -119,40 +120,11 @@ class MergeJob:
         self.tokenizer: TokenizerInfo | None = next(
             (s.tokenizer for s in sources if s.tokenizer.folder is not None), None
         )
-        self.centroid_tokens = self._centroid_tokens()
+        self.router_init = router_inits.get(settings.router_init)
+        #: the router rows, layer by layer (data-driven inits load their data now)
+        self.routers = self.router_init.start(self)
         self.reads = ReadPlan.of(sources, self.plan)
         self.hash_jobs: dict[int, concurrent.futures.Future] = {}
-
-    # ---- inputs ---------------------------------------------------------------------------
-    def _centroid_tokens(self) -> dict[int, torch.Tensor]:
-        """Each routed source's domain sample [n, S] for --router-init centroid."""
-        settings = self.settings
-        if settings.router_init != "centroid":
-            return {}
-        needed = sorted(set(self.plan.routed_expert_sources()))
-        data = settings.centroid_data
-        if not data or len(data) != len(self.sources):
-            raise BTXError(
-                f"--router-init centroid needs --centroid-data with one entry per source "
-                f"({len(self.sources)}: the experts in order, then the seed), each an "
-                f"indexed-dataset prefix or a text/jsonl file"
-            )
-        # a SentencePiece .model or an HF tokenizer folder; default: the sources' tokenizer
-        tokenizer_path = Path(settings.tokenizer) if settings.tokenizer else None
-        if tokenizer_path is None and self.tokenizer is not None:
-            tokenizer_path = self.tokenizer.folder
-        tokens = {}
-        for source in needed:
-            ids = load_tokens(
-                data[source], tokenizer_path, settings.centroid_tokens, settings.centroid_seq_len
-            )
-            if int(ids.max()) >= self.dense.vocab_size:
-                raise BTXError(
-                    f"--centroid-data {data[source]}: token id {int(ids.max())} >= vocab_size "
-                    f"{self.dense.vocab_size}; data tokenized with another tokenizer?"
-                )
-            tokens[source] = ids
-        return tokens
 
     @contextlib.contextmanager
     def hashing(self) -> Iterator[None]:
@@ -226,6 +198,7 @@ class MergeJob:
                 self.plan,
                 self.out_args,
                 self.variant,
+                lambda layer, shape: self.router_init.expected(self.settings, layer, shape),
                 self.settings.progress,
             )
             if export is not None:
@@ -241,8 +214,9 @@ class MergeJob:
         for read, first in self.reads.first.items():
             if settings.verify_hashes:  # sources with a manifest that records hashes
                 integrity.check_source(self.sources[first].folder, hashes[read])
-        centroid = plan.router_init == "centroid"
         record = {
+            "settings": dataclasses.asdict(settings),
+            "router": self.router_init.record(settings),
             "experts": [str(s.given) for s in self.sources[: len(settings.experts)]],
             "seed": str(self.sources[-1].given) if settings.has_seed else None,
             "expert_sources": plan.expert_sources,
@@ -252,11 +226,6 @@ class MergeJob:
             "shared_expert_source": plan.shared_source,
             "moe_layers": plan.moe_layers,
             "dense_ffn": plan.dense_ffn if plan.moe_layers is not None else None,
-            "router_init": plan.router_init,
-            "router_std": plan.router_std if plan.router_init == "random" else None,
-            "router_seed": plan.router_seed if plan.router_init == "random" else None,
-            "centroid_data": list(settings.centroid_data) if centroid else None,
-            "centroid_tokens": settings.centroid_tokens if centroid else None,
             "top_k": plan.top_k,
             "num_experts": plan.num_experts,
             "averaging": "fp32 weighted mean, cast to output dtype",
@@ -311,11 +280,6 @@ class LayerStream:
         self.export = export
         self.written: set[str] = set()
         self.pool = BufferPool()
-        self.centroid = None
-        if job.plan.router_init == "centroid":
-            self.centroid = CentroidRouter(
-                job.dense, job.out_args, job.plan, job.centroid_tokens, job.variant
-            )
 
     def _source(self, read: int) -> Source:
         return self.job.sources[self.job.reads.first[read]]
@@ -330,8 +294,7 @@ class LayerStream:
         reads = job.reads.reads
         embedding, samples = self._average_global(EMB, lineage=len(reads) > 1)
         lineage = _lineage(samples, [self._source(r) for r in reads]) if samples else [1.0]
-        if self.centroid is not None:
-            self.centroid.embed(embedding[: job.dense.vocab_size].to(job.dtype))
+        job.routers.embed(embedding[: job.dense.vocab_size].to(job.dtype))
         embedding = self.pool.cast("out.emb", embedding, job.dtype)
         self._write_globals({EMB: embedding})
         del embedding
@@ -407,14 +370,11 @@ class LayerStream:
             averaged += [FC1, FC2]
         for name in averaged:
             merged[name] = self.pool.cast("out." + name, merged[name], job.dtype)
-        if plan.is_moe_layer(layer):
-            if self.centroid is not None:
-                router = self.centroid.run_layer(layer, merged)
-            else:
-                router = random_router(plan, layer, (plan.num_experts, job.dense.hidden_size))
+        moe = plan.is_moe_layer(layer)
+        shape = (plan.num_experts, job.dense.hidden_size) if moe else None
+        router = job.routers.layer(layer, merged, shape)
+        if moe:
             merged[ROUTER] = router.to(job.dtype)
-        elif self.centroid is not None:
-            self.centroid.run_layer(layer, merged)
         prefix = tpl.layer_prefix(layer)
         self._write(tpl.entries_under(self.template, prefix), prefix, merged, f"layer {layer}")
         if self.export is not None:

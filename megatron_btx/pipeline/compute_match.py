@@ -9,8 +9,9 @@ at equal hardware time the expert stage trains more tokens than its FLOPs share 
   finetune's training time, plus the merge's wall time; a stage's hardware time is its training
   seconds (from its metrics, start-up and evaluation excluded) times the cores it used (threads x
   processes), so stages that ran two at a time on two cores are counted fairly;
-- each baseline's speed is that of the BTX stage with its architecture, measured in the same run:
-  the dense baseline trains like an expert, sparse upcycling like the finetune;
+- each baseline's speed is that of the BTX stage with its architecture, measured in the same run
+  (its stage's ``time_like``): a dense baseline trains like an expert, an MoE one like the
+  finetune;
 - baseline steps = BTX cost / (cost per token at that speed x tokens per step).
 
 `btx match-compute --run-dir RUN` (the plan's `match_compute` stage, after the BTX stages;
@@ -73,8 +74,9 @@ def _train_config(run_dir: str | Path) -> dict[str, Any]:
 def measure(run_dir: str | Path) -> dict[str, Any]:
     """The BTX cost and each baseline's time-matched steps (see the module docstring)."""
     run = Path(run_dir)
-    stages = read_plan_file(run).by_name()
-    experts = [s for name, s in stages.items() if name.startswith("expert_")]
+    plan = read_plan_file(run)
+    stages = plan.by_name()
+    experts = [stages[n] for m in plan.models if m.part == "expert" for n in m.stages]
     if "finetune" not in stages or not experts:
         raise BTXError(f"{run}: the plan has no experts or finetune to match")
     costs = {s.name: stage_cost(s.workdir) for s in [*experts, stages["finetune"]]}
@@ -82,19 +84,21 @@ def measure(run_dir: str | Path) -> dict[str, Any]:
     merge_seconds = float(merge_marker.get("seconds", 0.0))
     btx = sum(c["core_seconds"] for c in costs.values()) + merge_seconds
     per_token = {
-        "dense": sum(costs[s.name]["core_seconds"] for s in experts)
+        "experts": sum(costs[s.name]["core_seconds"] for s in experts)
         / sum(costs[s.name]["tokens"] for s in experts),
-        "moe": costs["finetune"]["core_seconds"] / costs["finetune"]["tokens"],
+        "finetune": costs["finetune"]["core_seconds"] / costs["finetune"]["tokens"],
     }
     baselines = {}
-    for name, kind in (("baseline_dense", "dense"), ("baseline_sparse_upcycling", "moe")):
-        stage = stages.get(name)
-        if stage is None:
+    for stage in plan.stages:
+        if stage.time_like is None:
             continue
+        if stage.time_like not in per_token:
+            raise BTXError(f"{run}: stage {stage.name} trains like {stage.time_like!r}, unknown")
         config = _yaml(Path(stage.argv[1]))
         tokens_per_step = config["data"]["global_batch_size"] * config["data"]["seq_length"]
-        steps = max(1, int(btx / (per_token[kind] * tokens_per_step)))
-        baselines[name] = {"steps": steps, "core_seconds_per_token": per_token[kind]}
+        rate = per_token[stage.time_like]
+        steps = max(1, int(btx / (rate * tokens_per_step)))
+        baselines[stage.name] = {"steps": steps, "core_seconds_per_token": rate}
     return {
         "btx_core_seconds": btx,
         "merge_seconds": merge_seconds,

@@ -24,19 +24,20 @@ experts:                           # train-stage keys (below), applied to every 
   steps: 150
 merge:
   seed_as_expert: true             # keep the seed as the generalist expert (paper: yes)
-  router_init: random              # random | zero | centroid
-  top_k: 2
-  extra_args: []                   # more `btx merge` flags (e.g. [--split-chunks, 2])
+  router_init: random              # random | zero | centroid (megatron_btx.merge.router_inits)
+  top_k: null                      # and any other `btx merge` setting by its name (split_chunks,
+                                   #   blend, moe_layers, router_std, ...: merge.settings.run_keys)
 finetune:                          # train-stage keys for the MoE finetune, plus:
   steps: 60
   router: {type: topk}             # topk | switch | sample_top1 | soft (megatron_btx.models.routers)
   load_balancing: aux_loss         # aux_loss | none (what the BTX routers implement)
   aux_loss_coeff: 0.01             # alpha
-baselines:
+baselines:                         # one key per baseline (megatron_btx.pipeline.baselines):
   dense: true                      # the seed continued on the blend
   sparse_upcycling: true           # N copies of the seed -> MoE, trained on the blend
   btm: true                        # experts kept separate, tf-idf routed ensembles at eval
   compute_match: flops             # flops | time (measured wall time per stage) | none
+  dense_train: {}                  # <name>_train: train-stage keys over a baseline's defaults
 evaluation:
   split: test                      # held-out split to score (test | valid)
   tokens_per_domain: 65536         # scored tokens per domain (whole sequences of seq_length)
@@ -132,42 +133,103 @@ class SeedConfig:
 
 @dataclass
 class MergeConfig:
-    seed_as_expert: bool = True
-    router_init: str = "random"
-    top_k: int = 2
-    #: merge variants (btx merge flags): the seed's FFN as an always-active shared expert
-    #: instead of a routed one; each FFN split into C experts; blending; MoE in some layers
-    seed_as_shared_expert: bool = False
-    split_chunks: int = 1
-    blend: bool = False
-    moe_layers: str | None = None
-    dense_ffn: str = "average"
-    extra_args: list[str] = field(default_factory=list)
+    """The run's merge: whether the seed is one of its sources, and any `btx merge` setting a
+    run may choose (:func:`megatron_btx.merge.settings.run_keys`: router_init, top_k,
+    split_chunks, blend, moe_layers, ...), by the setting's name. The merge's own schema
+    (:class:`~megatron_btx.merge.settings.MergeSettings`) checks and defaults them."""
 
-    def flags(self) -> list[str]:
-        """The `btx merge` flags of the variant keys (the seed and router flags aside)."""
-        flags = []
-        if self.seed_as_shared_expert:
-            flags.append("--seed-as-shared-expert")
-        if self.split_chunks != 1:
-            flags += ["--split-chunks", str(self.split_chunks)]
-        if self.blend:
-            flags.append("--blend")
-        if self.moe_layers is not None:
-            flags += ["--moe-layers", self.moe_layers, "--dense-ffn", self.dense_ffn]
-        return flags
+    seed_as_expert: bool = True
+    #: the settings the run config gives (the others keep the merge's defaults)
+    settings: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def from_config(cls, data: Any, prefix: str, source: str) -> MergeConfig:
+        from megatron_btx.config import close_match, coerce
+        from megatron_btx.merge.settings import check_run_value, run_keys
+
+        if data is None:
+            data = {}
+        if not isinstance(data, dict):
+            raise BTXError(f"{source}: {prefix.rstrip('.')} must be a mapping")
+        data = dict(data)
+        seed = coerce(data.pop("seed_as_expert", True), bool, f"{prefix}seed_as_expert", source)
+        keys = run_keys()
+        for key, value in data.items():
+            if key not in keys:
+                close = close_match(str(key), {"seed_as_expert", *keys})
+                hint = f" (did you mean {prefix}{close}?)" if close else ""
+                raise BTXError(f"{source}: unknown key {prefix + str(key)!r}{hint}")
+            check_run_value(key, value, source)
+        return cls(seed, data)
+
+    def value(self, key: str) -> Any:
+        """A merge setting: as the run config gives it, else the merge's default."""
+        from megatron_btx.merge.settings import run_keys
+
+        return self.settings[key] if key in self.settings else run_keys()[key]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"seed_as_expert": self.seed_as_expert, **self.settings}
 
 
 @dataclass
 class BaselinesConfig:
-    dense: bool = True
-    sparse_upcycling: bool = True
-    btm: bool = True
+    """``baselines:``: for every registered baseline (:mod:`megatron_btx.pipeline.baselines`)
+    its on/off key and, for those that train, ``<name>_train`` (train-stage keys over its
+    defaults); and how their compute is matched to BTX's."""
+
     #: flops: 6 x active params x tokens; time: measured hardware time (the paper's GPU-days);
     #: none: the baselines' own steps (true/false mean flops/none)
     compute_match: str | bool = "flops"
-    dense_train: StageTrain | None = None
-    sparse_upcycling_train: StageTrain | None = None
+    #: baseline name -> planned or not, as the config gives it (:meth:`on` fills defaults)
+    enabled: dict[str, bool] = field(default_factory=dict)
+    #: baseline name -> its `<name>_train` overrides, when given
+    train: dict[str, StageTrain] = field(default_factory=dict)
+
+    @classmethod
+    def from_config(cls, data: Any, prefix: str, source: str) -> BaselinesConfig:
+        from megatron_btx.config import close_match, coerce
+        from megatron_btx.pipeline import baselines as registry
+
+        if data is None:
+            data = {}
+        if not isinstance(data, dict):
+            raise BTXError(f"{source}: {prefix.rstrip('.')} must be a mapping")
+        out = cls()
+        names = registry.names()
+        keys = {"compute_match", *names}
+        keys |= {f"{n}_train" for n in names if registry.get(n).trains}
+        for key, value in data.items():
+            full = f"{prefix}{key}"
+            if key not in keys:
+                close = close_match(str(key), keys)
+                hint = f" (did you mean {prefix}{close}?)" if close else ""
+                raise BTXError(f"{source}: unknown key {full!r}{hint}")
+            if key == "compute_match":
+                out.compute_match = coerce(value, str | bool, full, source)
+            elif key.endswith("_train"):
+                if value is not None:
+                    out.train[key[: -len("_train")]] = build_dataclass(
+                        StageTrain, value, f"{full}.", source
+                    )
+            else:
+                out.enabled[key] = coerce(value, bool, full, source)
+        return out
+
+    def on(self, name: str) -> bool:
+        """Whether baseline `name` is planned: as the config says, else its default."""
+        from megatron_btx.pipeline import baselines as registry
+
+        return bool(self.enabled.get(name, registry.get(name).default))
+
+    def to_dict(self) -> dict[str, Any]:
+        from megatron_btx.pipeline import baselines as registry
+
+        enabled = {name: self.on(name) for name in registry.names()}
+        raw: dict[str, Any] = {"compute_match": self.compute_match, **enabled}
+        for name, stage in self.train.items():
+            raw[f"{name}_train"] = dataclasses.asdict(stage)
+        return raw
 
 
 @dataclass
@@ -217,6 +279,8 @@ class BTXConfig:
     def to_dict(self) -> dict[str, Any]:
         raw = dataclasses.asdict(self)
         raw.pop("source", None)
+        raw["merge"] = self.merge.to_dict()
+        raw["baselines"] = self.baselines.to_dict()
         return raw
 
     def validate(self) -> None:
@@ -271,17 +335,11 @@ class BTXConfig:
             raise BTXError("domains: every domain has expert: false; at least one needs an expert")
         if self.data.mixed_tokens < 0:
             raise BTXError(f"data.mixed_tokens={self.data.mixed_tokens} must be >= 0 (0 = none)")
-        if self.merge.router_init not in ("random", "zero", "centroid"):
-            raise BTXError(
-                f"merge.router_init={self.merge.router_init!r}: random | zero | centroid"
-            )
-        if self.merge.seed_as_shared_expert and not self.merge.seed_as_expert:
+        if self.merge.value("seed_as_shared_expert") and not self.merge.seed_as_expert:
             raise BTXError(
                 "merge.seed_as_shared_expert needs merge.seed_as_expert: true (the seed's FFN is "
                 "the shared expert instead of a routed one)"
             )
-        if self.merge.dense_ffn not in ("average", "seed"):
-            raise BTXError(f"merge.dense_ffn={self.merge.dense_ffn!r}: average | seed")
         if self.evaluation.split not in ("test", "valid"):
             raise BTXError(f"evaluation.split={self.evaluation.split!r}: test | valid")
         if self.evaluation.tokens_per_domain < self.data.seq_length:
@@ -339,14 +397,13 @@ class BTXConfig:
             self.domain(n).is_builtin for n in self.domain_names
         ):
             raise inert("data.txt_separator", "every domain is builtin, none is text files")
-        if self.merge.dense_ffn != "average" and self.merge.moe_layers is None:
+        if self.merge.value("dense_ffn") != "average" and self.merge.value("moe_layers") is None:
             raise inert("merge.dense_ffn", "every layer is MoE without merge.moe_layers")
         if self.baselines.compute_match != "none":
-            for name in ("dense_train", "sparse_upcycling_train"):
-                stage = getattr(self.baselines, name)
-                if stage is not None and stage.steps is not None:
+            for name, stage in self.baselines.train.items():
+                if stage.steps is not None:
                     raise inert(
-                        f"baselines.{name}.steps",
+                        f"baselines.{name}_train.steps",
                         f"baselines.compute_match={self.baselines.compute_match} chooses them; "
                         f"set it to none to choose the steps",
                     )
@@ -355,8 +412,7 @@ class BTXConfig:
             ("seed.pretrain.", self.seed.pretrain),
             ("experts.", self.experts),
             ("finetune.", self.finetune),
-            ("baselines.dense_train.", self.baselines.dense_train),
-            ("baselines.sparse_upcycling_train.", self.baselines.sparse_upcycling_train),
+            *((f"baselines.{n}_train.", st) for n, st in self.baselines.train.items()),
         )
         for prefix, stage in stages:
             if stage is not None and "steps" in (stage.train or {}):

@@ -50,9 +50,12 @@ import yaml
 
 from megatron_btx import rundir
 from megatron_btx.errors import BTXError
+from megatron_btx.merge.settings import MergeSettings
+from megatron_btx.models.router_settings import COMMON
 from megatron_btx.pipeline import compute_match
 from megatron_btx.pipeline import config as btx_config
 from megatron_btx.pipeline.config import BTXConfig, StageTrain
+from megatron_btx.pipeline.models import BTX, MERGED, SEED, ModelSpec, expert_name
 from megatron_btx.pipeline.plan_checks import KINDS
 from megatron_btx.pipeline.stages import (  # re-exported: the executors' view of a plan
     Plan,
@@ -71,6 +74,7 @@ from megatron_btx.pipeline.stages import (  # re-exported: the executors' view o
 __all__ = [
     "KINDS",
     "Plan",
+    "Planner",
     "Stage",
     "build_plan",
     "final_checkpoint",
@@ -293,25 +297,14 @@ def _train_stage(
     )
 
 
-def _merge_argv(
-    sources: list[str], seed: str | None, save: str, router_init: str, top_k: int, layout
-) -> list[str]:
-    """`btx merge` of `sources` (and the seed) into `save`, checked for the finetune's layout."""
-    tp, pp, ep = layout
-    argv = ["merge", "--experts", *sources]
-    if seed is not None:
-        argv += ["--seed", seed]
-    argv += ["--save", save, "--router-init", router_init, "--top-k", str(top_k)]
-    argv += ["--tp", str(tp), "--ep", str(ep), "--pp", str(pp), "--overwrite", "--no-progress"]
-    return argv
-
-
 # ---------------------------------------------------------------------------------------------
 # The plan
 # ---------------------------------------------------------------------------------------------
-class _Planner:
-    """Builds a run's stages in order; each method adds one part of the plan. Pure: it reads the
-    config (and a given seed's or prepared data's metadata) and writes nothing."""
+class Planner:
+    """Builds a run's stages in order; each method adds one part of the plan, and the baselines
+    (:mod:`megatron_btx.pipeline.baselines`) add theirs through :meth:`stage_like`,
+    :meth:`train_baseline`, :meth:`merge_stage` and :meth:`add_model`. Pure: it reads the config
+    (and a given seed's or prepared data's metadata) and writes nothing."""
 
     def __init__(self, cfg: BTXConfig):
         from megatron_btx.models.compute import active_params
@@ -321,54 +314,87 @@ class _Planner:
         self.names = cfg.expert_names  # one expert each
         self.domains = cfg.domain_names  # prepared, blended, evaluated
         self.stages: list[Stage] = []
+        self.models: list[ModelSpec] = []
         self.train_configs: dict[str, dict[str, Any]] = {}
         self.blend = {n: w for n, w in cfg.weights().items() if w > 0}
         self.dense_args = seed_args(cfg)
         self.dense_active = active_params(self.dense_args)
         finetune_parallel = cfg.finetune.parallel or {}
-        self.moe_layout = tuple(int(finetune_parallel.get(k, 1)) for k in ("tp", "pp", "ep"))
-        self.router = cfg.finetune.router or {"type": "topk"}
+        self.moe_layout = {k: int(finetune_parallel.get(k, 1)) for k in ("tp", "pp", "ep")}
+        self.router = cfg.finetune.router or {"type": COMMON["type"]}
         self.moe_args, self.variant = self._merged_shape()
         self.moe_active = active_params(self.moe_args, self.router, self.variant)
         self.btx_flops = 0.0
         self.data_path = ""
         self.seed_checkpoint = ""
         self.seed_deps: list[str] = []
+        self.expert_stages: list[Stage] = []
+        self.match_deps: list[str] = []
+        self.measured: dict[str, int] = {}
 
-    def _merge_argv(self, experts: list[str], seed: str | None, save: str, router_init: str):
-        """The `btx merge` command line of the BTX merge (or, with every source the seed, of
-        sparse upcycling's): the same variant flags, so both MoEs have one architecture."""
-        merge = self.cfg.merge
-        argv = _merge_argv(experts, seed, save, router_init, merge.top_k, self.moe_layout)
-        return argv + merge.flags() + list(merge.extra_args)
+    # ---- the merge ----------------------------------------------------------------------------
+    def merge_settings(
+        self, experts: list[str], save: str, seed: str | None = None, **choices: Any
+    ) -> MergeSettings:
+        """The `btx merge` settings of a merge of `experts` (and `seed`) into `save`: the run
+        config's merge settings, the finetune's layout, `choices` over them; checked."""
+        settings = MergeSettings.from_choices(
+            {**self.cfg.merge.settings, **choices},
+            experts=list(experts),
+            seed=seed,
+            save=save,
+            overwrite=True,
+            progress=False,
+            **self.moe_layout,
+        )
+        settings.validate()
+        return settings
 
     def _merged_shape(self):
-        """(LlamaArgs, MoEVariant) of the merged MoE, planned by the merge's own command-line
-        parser and plan from the flags the merge stage will get: never out of step with it."""
-        from megatron_btx.merge.cli import build_parser
+        """(LlamaArgs, MoEVariant) of the merged MoE, planned by the merge's own plan from the
+        settings the merge stage will get: never out of step with it."""
         from megatron_btx.merge.plan import plan_for
-        from megatron_btx.merge.settings import MergeSettings
 
         seed = "seed" if self.cfg.merge.seed_as_expert else None
-        argv = self._merge_argv([f"expert_{n}" for n in self.names], seed, "merged", "random")
+        settings = self.merge_settings(
+            [expert_name(n) for n in self.names], "merged", seed, router_init="random"
+        )
         try:
-            ns = build_parser().parse_args(argv[1:])
-        except SystemExit as e:
-            raise BTXError(
-                f"merge.extra_args {self.cfg.merge.extra_args}: not valid flags of btx merge"
-            ) from e
-        settings = MergeSettings.from_args(ns)
-        sources = len(settings.source_paths)
-        try:
-            settings.validate()
-            merge_plan = plan_for(settings, self.dense_args, sources)
+            merge_plan = plan_for(settings, self.dense_args, len(settings.source_paths))
         except BTXError as e:
-            message = str(e)
-            for flag in ("top-k", "split-chunks", "moe-layers", "dense-ffn", "blend"):
-                message = message.replace(f"--{flag}", f"merge.{flag.replace('-', '_')}")
-            raise BTXError(f"{self.cfg.source or 'config'}: {message}") from e
+            raise BTXError(f"{self.cfg.source or 'config'}: {e}") from e
         return merge_plan.output_args(self.dense_args), merge_plan.variant(self.dense_args)
 
+    def merge_stage(
+        self,
+        name: str,
+        experts: list[str],
+        folder: str,
+        deps: list[str],
+        group: str = "btx",
+        **choices: Any,
+    ) -> Stage:
+        """A merge stage of `experts` (and the seed, when the run keeps it as an expert) into
+        RUN/`folder`, with the run's merge settings and `choices` over them."""
+        save = f"{self.run}/{folder}"
+        seed = self.seed_checkpoint if self.cfg.merge.seed_as_expert else None
+        settings = self.merge_settings(experts, save, seed, **choices)
+        stage = Stage(
+            name,
+            "merge",
+            ["merge", *settings.to_argv()],
+            list(deps),
+            1,
+            [f"{save}/metadata.json"],
+            workdir=save,
+            group=group,
+            checkpoint=save,
+            router=self.router,
+        )
+        self.stages.append(stage)
+        return stage
+
+    # ---- training ---------------------------------------------------------------------------
     def train(
         self,
         name: str,
@@ -380,13 +406,48 @@ class _Planner:
         active,
         group: str,
         moe: dict[str, Any] | None = None,
+        time_like: str | None = None,
     ) -> Stage:
         train_cfg = _train_config(self.cfg, run, stage, self.data_path, domains, init_from, moe)
         self.train_configs[name] = train_cfg
         added = _train_stage(name, self.run, train_cfg, deps, stage.nproc, active, group)
+        added.time_like = time_like
         self.stages.append(added)
         return added
 
+    def stage_like(self, which: str, overrides: StageTrain | None) -> StageTrain:
+        """A baseline's training stage: the experts' (``experts``) or the finetune's
+        (``finetune``) stage settings, with the baseline's own over them."""
+        base = {"experts": self.cfg.experts, "finetune": self.cfg.finetune}[which]
+        return _merge_stage(base, overrides)
+
+    def train_baseline(
+        self, name: str, folder: str, stage: StageTrain, init_from: str, deps: list[str], moe: bool
+    ) -> Stage:
+        """A baseline's training stage on the blend, from `init_from`, at BTX's compute
+        (``baselines.compute_match``): a dense model (`moe` false) trains as the experts did and
+        is timed like them; an MoE as the finetune (its router and load balancing)."""
+        active = self.moe_active if moe else self.dense_active
+        self._baseline_steps(name, stage, active)
+        return self.train(
+            name,
+            f"{self.run}/baselines/{folder}",
+            stage,
+            self.blend,
+            init_from,
+            list(deps) + self.match_deps,
+            active,
+            "baseline",
+            self.finetune_moe_section() if moe else None,
+            time_like="finetune" if moe else "experts",
+        )
+
+    def add_model(self, spec: ModelSpec) -> None:
+        if any(m.name == spec.name for m in self.models):
+            raise BTXError(f"two models of the run are called {spec.name!r}")
+        self.models.append(spec)
+
+    # ---- the run's own stages ---------------------------------------------------------------
     def data(self) -> list[str]:
         cfg = self.cfg
         if cfg.data.prepared:
@@ -442,16 +503,17 @@ class _Planner:
     def seed(self, data_deps: list[str]) -> None:
         cfg = self.cfg
         self.seed_deps = list(data_deps)
+        spec = ModelSpec(SEED, "dense", "rival", part="seed", order=0)
+        self.add_model(spec)
         if not cfg.seed.init_from:
             stage = _merge_stage(cfg.seed.pretrain)
             run = f"{self.run}/seed"
             # the seed's own data (the paper's: general text no expert specialises in)
             data = {n: 1.0 for n in cfg.seed.domains} if cfg.seed.domains else self.blend
-            added = self.train(
-                "seed", run, stage, data, None, data_deps, self.dense_active, "shared"
-            )
-            self.seed_checkpoint = added.checkpoint
-            self.seed_deps = ["seed"]
+            added = self.train(SEED, run, stage, data, None, data_deps, self.dense_active, "shared")
+            self.seed_checkpoint = spec.checkpoint = added.checkpoint
+            spec.stage = added.name
+            self.seed_deps = [added.name]
             return
         src = cfg.seed.init_from
         if _is_hf(src):
@@ -471,61 +533,76 @@ class _Planner:
                 )
             )
             self.seed_deps.append("import_seed")
+            spec.checkpoint, spec.stage = self.seed_checkpoint, "import_seed"
             return
-        self.seed_checkpoint = _resolve_checkpoint(src)
+        self.seed_checkpoint = spec.checkpoint = _resolve_checkpoint(src)
         if not rundir.is_checkpoint(self.seed_checkpoint):
             raise BTXError(f"seed.init_from={src}: not a megatron checkpoint or run dir")
 
     def experts(self) -> list[str]:
         checkpoints = []
-        for name in self.names:
-            run = f"{self.run}/experts/{name}"
+        for domain in self.names:
+            name = expert_name(domain)
             added = self.train(
-                f"expert_{name}",
-                run,
+                name,
+                f"{self.run}/experts/{domain}",
                 _merge_stage(self.cfg.experts),
-                [name],
+                [domain],
                 self.seed_checkpoint,
                 self.seed_deps,
                 self.dense_active,
                 "btx",
             )
             self.btx_flops += added.flops
+            self.expert_stages.append(added)
             checkpoints.append(added.checkpoint)
+            self.add_model(
+                ModelSpec(
+                    name,
+                    "dense",
+                    "reference",
+                    checkpoint=added.checkpoint,
+                    stages=[name],
+                    stage=name,
+                    part="expert",
+                    domain=domain,
+                    order=10,
+                    label=f"the {domain} expert",
+                )
+            )
         return checkpoints
 
-    def merge(self, expert_checkpoints: list[str]) -> str:
+    def merge(self, expert_checkpoints: list[str]) -> Stage:
+        """The MiX step; a data-driven router init gets the run's data: each expert its
+        domain's training set, the seed (the generalist) a sample of the whole blend."""
+        from megatron_btx.merge import router_inits
+
         cfg = self.cfg
-        merged = f"{self.run}/merged"
-        seed = self.seed_checkpoint if cfg.merge.seed_as_expert else None
-        argv = self._merge_argv(expert_checkpoints, seed, merged, cfg.merge.router_init)
-        if cfg.merge.router_init == "centroid":
-            domain_data = [f"{self.data_path}/{n}_train_text_document" for n in self.names]
-            argv += ["--centroid-data", *domain_data]
-            if cfg.merge.seed_as_expert:  # the generalist's row: a sample of the whole blend
-                weights = self.blend
-                argv.append(
-                    ",".join(
-                        f"{self.data_path}/{n}_train_text_document@{weights[n]:g}"
-                        for n in self.domains
-                        if n in weights
-                    )
-                )
-        deps = [f"expert_{n}" for n in self.names] + self.seed_deps
-        self.stages.append(
-            Stage(
-                "merge",
-                "merge",
-                argv,
-                deps,
-                1,
-                [f"{merged}/metadata.json"],
-                workdir=merged,
-                checkpoint=merged,
+        prefix = f"{self.data_path}/{{}}_train_text_document"
+        data = [prefix.format(n) for n in self.names]
+        if cfg.merge.seed_as_expert:
+            data.append(",".join(f"{prefix.format(n)}@{w:g}" for n, w in self.blend.items()))
+        init = router_inits.get(cfg.merge.value("router_init"))
+        experts = [s.name for s in self.expert_stages]
+        stage = self.merge_stage(
+            "merge", expert_checkpoints, "merged", experts + self.seed_deps,
+            **init.run_settings(data),
+        )  # fmt: skip
+        self.add_model(
+            ModelSpec(
+                MERGED,
+                "moe",
+                "reference",
+                checkpoint=stage.checkpoint,
+                stages=[*experts, stage.name],
+                stage=stage.name,
+                part="merged",
                 router=self.router,
+                order=90,
+                label="the merge before finetuning",
             )
         )
-        return merged
+        return stage
 
     def finetune_moe_section(self) -> dict[str, Any]:
         finetune = self.cfg.finetune
@@ -535,20 +612,34 @@ class _Planner:
             "router": self.router,
         }
 
-    def finetune(self, merged: str) -> None:
+    def finetune(self, merged: Stage) -> None:
         stage = _merge_stage(self.cfg.finetune)
         added = self.train(
             "finetune",
             f"{self.run}/finetune",
             stage,
             self.blend,
-            merged,
-            ["merge"],
+            merged.checkpoint,
+            [merged.name],
             self.moe_active,
             "btx",
             self.finetune_moe_section(),
         )
         self.btx_flops += added.flops
+        experts = [s.name for s in self.expert_stages]
+        self.add_model(
+            ModelSpec(
+                BTX,
+                "moe",
+                "btx",
+                checkpoint=added.checkpoint,
+                stages=[*experts, merged.name, added.name],
+                stage=added.name,
+                router=self.router,
+                order=100,
+                label="BTX",
+            )
+        )
 
     def _time_matched(self) -> dict[str, int]:
         """Baseline steps measured by `btx match-compute` for these very BTX stages (their
@@ -566,96 +657,42 @@ class _Planner:
             return {}
         return {name: int(entry["steps"]) for name, entry in measured["baselines"].items()}
 
-    def _baseline_steps(self, name: str, stage: StageTrain, active: int, measured) -> None:
+    def _baseline_steps(self, name: str, stage: StageTrain, active: int) -> None:
         mode = self.cfg.baselines.compute_match
         if mode == "none":
             return
-        if mode == "time" and name in measured:
-            stage.steps = measured[name]
+        if mode == "time" and name in self.measured:
+            stage.steps = self.measured[name]
             return
         seq = self.cfg.data.seq_length
         stage.steps = _matched_steps(self.btx_flops, active, _global_batch(stage), seq)
 
-    def baselines(self) -> list[str]:
-        cfg, base = self.cfg, self.cfg.baselines
-        added: list[str] = []
-        if not (base.dense or base.sparse_upcycling):
-            return added
-        matched = self._time_matched() if base.compute_match == "time" else {}
-        upcycled = f"{self.run}/baselines/upcycled"
-        if base.sparse_upcycling:
-            # N copies of the seed, merged with the BTX merge's flags: the same architecture
-            seed = self.seed_checkpoint
-            argv = self._merge_argv(
-                [seed] * len(self.names),
-                seed if cfg.merge.seed_as_expert else None,
-                upcycled,
-                "random",
-            )
-            self.stages.append(
-                Stage(
-                    "upcycle_merge",
-                    "merge",
-                    argv,
-                    list(self.seed_deps),
-                    1,
-                    [f"{upcycled}/metadata.json"],
-                    workdir=upcycled,
-                    group="baseline",
-                    checkpoint=upcycled,
-                    router=self.router,
-                )
-            )
-        waits: list[str] = []
-        if base.compute_match == "time":
-            waits = ["match_compute"]
-            deps = [f"expert_{n}" for n in self.names] + ["merge", "finetune"]
-            deps += ["upcycle_merge"] if base.sparse_upcycling else []
+    def baselines(self) -> None:
+        """Every enabled baseline's stages and models, after the BTX stages they match."""
+        from megatron_btx.pipeline import baselines as registry
+
+        config = self.cfg.baselines
+        enabled = [registry.get(n) for n in registry.names() if config.on(n)]
+        if config.compute_match == "time" and any(b.trains for b in enabled):
+            self.measured = self._time_matched()
+            self.match_deps = ["match_compute"]
             self.stages.append(
                 Stage(
                     "match_compute",
                     "match",
                     ["match-compute", "--run-dir", self.run],
-                    deps,
+                    [*(s.name for s in self.expert_stages), "merge", "finetune"],
                     1,
                     [f"{self.run}/compute_match.json"],
                     group="baseline",
                 )
             )
-        if base.dense:
-            stage = _merge_stage(cfg.experts, base.dense_train)
-            self._baseline_steps("baseline_dense", stage, self.dense_active, matched)
-            self.train(
-                "baseline_dense",
-                f"{self.run}/baselines/dense",
-                stage,
-                self.blend,
-                self.seed_checkpoint,
-                self.seed_deps + waits,
-                self.dense_active,
-                "baseline",
-            )
-            added.append("baseline_dense")
-        if base.sparse_upcycling:
-            stage = _merge_stage(cfg.finetune, base.sparse_upcycling_train)
-            self._baseline_steps("baseline_sparse_upcycling", stage, self.moe_active, matched)
-            # the finetune's router and load balancing: only the initialisation differs
-            self.train(
-                "baseline_sparse_upcycling",
-                f"{self.run}/baselines/sparse_upcycling",
-                stage,
-                self.blend,
-                upcycled,
-                ["upcycle_merge", *waits],
-                self.moe_active,
-                "baseline",
-                self.finetune_moe_section(),
-            )
-            added.append("baseline_sparse_upcycling")
-        return added
+        for baseline in enabled:
+            baseline.plan(self, config.train.get(baseline.name))
 
-    def evaluate(self, deps: list[str]) -> None:
+    def evaluate(self) -> None:
         run = self.run
+        deps = [s.name for s in self.stages]
         self.stages.append(
             Stage(
                 "evaluate",
@@ -680,16 +717,16 @@ def build_plan(
     if run_dir is not None:
         cfg.run_dir = os.fspath(run_dir)
     cfg.run_dir = str(Path(cfg.run_dir).resolve())
-    planner = _Planner(cfg)
+    planner = Planner(cfg)
     planner.seed(planner.data())
     merged = planner.merge(planner.experts())
     planner.finetune(merged)
-    baselines = planner.baselines()
-    experts = [f"expert_{n}" for n in planner.names]
-    planner.evaluate(["finetune", *experts, *planner.seed_deps, *baselines])
+    planner.baselines()
+    planner.evaluate()
     _check(planner.stages)
     if write:
-        write_plan(cfg, Plan(planner.stages, planner.seed_checkpoint), planner.train_configs)
+        plan = Plan(planner.stages, planner.seed_checkpoint, planner.models)
+        write_plan(cfg, plan, planner.train_configs)
     return planner.stages
 
 

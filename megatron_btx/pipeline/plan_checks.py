@@ -76,9 +76,44 @@ def check_stage_entry(entry: Any, path: Path) -> dict[str, Any]:
         raise bad("flops", "is not a number")
     if "resumable" in entry and not isinstance(entry["resumable"], bool):
         raise bad("resumable", "is not true or false")
-    for key in ("workdir", "checkpoint", "group"):
+    for key in ("workdir", "checkpoint", "group", "time_like"):
         if entry.get(key) is not None and not isinstance(entry[key], str):
             raise bad(key, "is not a string")
     if entry.get("router") is not None and not isinstance(entry["router"], dict):
         raise bad("router", "is not a mapping")
     return entry
+
+
+def model_entries(document: dict[str, Any], path: Path, stages: list[Any]) -> list[dict]:
+    """The plan's model entries, each well-formed: a name the results can carry, the stages it
+    names existing in the plan. (Kinds, roles and parts are checked by ModelSpec itself.)"""
+    entries = document.get("models", [])
+    if not isinstance(entries, list):
+        raise BTXError(f"{path}: 'models' is not a list; re-run `btx run` to plan again")
+    names = {s.name for s in stages}
+    seen: set[str] = set()
+    for entry in entries:
+        if not isinstance(entry, dict) or not valid_stage_name(entry.get("name")):
+            raise BTXError(f"{path}: a model entry is not a mapping with a plain name")
+        name = entry["name"]
+
+        def bad(key: str, what: str, entry=entry, name=name) -> BTXError:
+            return BTXError(f"{path}: model {name}: {key}={entry.get(key)!r} {what}")
+
+        if name in seen:
+            raise bad("name", "appears twice")
+        seen.add(name)
+        for key in ("kind", "role"):
+            if not isinstance(entry.get(key), str):
+                raise bad(key, "is not a string")
+        if not _str_list(entry.get("stages", [])) or any(s not in names for s in entry["stages"]):
+            raise bad("stages", "is not a list of the plan's stages")
+        for key in ("checkpoint", "stage", "part", "domain", "label"):
+            if entry.get(key) is not None and not isinstance(entry[key], str):
+                raise bad(key, "is not a string")
+        for key in ("k", "order"):
+            if entry.get(key) is not None and not _is_int(entry[key]):
+                raise bad(key, "is not an integer")
+        if entry.get("router") is not None and not isinstance(entry["router"], dict):
+            raise bad("router", "is not a mapping")
+    return entries

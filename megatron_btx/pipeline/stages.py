@@ -13,9 +13,10 @@ from typing import Any
 
 from megatron_btx import rundir
 from megatron_btx.errors import BTXError
-from megatron_btx.pipeline.plan_checks import check_stage_entry, stage_entries
+from megatron_btx.pipeline.models import ModelSpec
+from megatron_btx.pipeline.plan_checks import check_stage_entry, model_entries, stage_entries
 
-PLAN_FORMAT = 2
+PLAN_FORMAT = 3
 
 
 @dataclass
@@ -37,6 +38,9 @@ class Stage:
     # ---- what it leaves (the evaluator reads these) -------------------------------------
     checkpoint: str | None = None  # the checkpoint folder a model-producing stage leaves
     router: dict[str, Any] | None = None  # an MoE stage's router config
+    #: a baseline's training stage under time matching: the BTX stage whose measured speed
+    #: it trains at ("experts" or "finetune"; megatron_btx.pipeline.compute_match)
+    time_like: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -49,10 +53,12 @@ class Stage:
 
 @dataclass
 class Plan:
-    """A run's stages in execution order, and the seed checkpoint they branch from."""
+    """A run's stages in execution order, the seed checkpoint they branch from, and the models
+    the evaluator scores (:mod:`megatron_btx.pipeline.models`)."""
 
     stages: list[Stage]
     seed_checkpoint: str | None
+    models: list[ModelSpec] = field(default_factory=list)
 
     def by_name(self) -> dict[str, Stage]:
         return {s.name: s for s in self.stages}
@@ -64,6 +70,7 @@ def save_plan(run_dir: str | os.PathLike[str], plan: Plan) -> None:
         "format_version": PLAN_FORMAT,
         "seed_checkpoint": plan.seed_checkpoint,
         "stages": [s.to_dict() for s in plan.stages],
+        "models": [m.to_dict() for m in plan.models],
     }
     rundir.atomic_write_text(Path(run_dir) / "plan.json", json.dumps(document, indent=1))
 
@@ -83,7 +90,8 @@ def read_plan_file(run_dir: str | os.PathLike[str]) -> Plan:
         )
     entries = stage_entries(document, path)
     stages = [Stage.from_dict(check_stage_entry(entry, path)) for entry in entries]
-    return Plan(stages, document.get("seed_checkpoint"))
+    models = [ModelSpec.from_dict(entry) for entry in model_entries(document, path, stages)]
+    return Plan(stages, document.get("seed_checkpoint"), models)
 
 
 def read_plan(run_dir: str | os.PathLike[str]) -> list[Stage]:

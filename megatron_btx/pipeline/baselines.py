@@ -1,0 +1,168 @@
+"""The rivals a BTX run trains beside BTX: one registry entry per baseline.
+
+An entry is named by its run config key (``baselines.<name>: true|false``; a training baseline
+also takes ``baselines.<name>_train``, train-stage keys over its defaults). When enabled, its
+:meth:`Baseline.plan` adds its stages to the plan through the planner
+(:class:`~megatron_btx.pipeline.plan.Planner`: train and merge stages, compute matching) and
+names the models it leaves (:class:`~megatron_btx.pipeline.models.ModelSpec`, role ``rival``),
+which the evaluator scores and compares with BTX like any other. A new baseline is one class
+decorated with :func:`register` (here or in a plugin, :mod:`megatron_btx.plugins`).
+
+The paper's three:
+
+``dense``
+    the seed continued on the blend (the experts' stage settings), at BTX's compute;
+``sparse_upcycling``
+    copies of the seed's FFN merged into an MoE with the BTX merge's settings and a random
+    router, trained on the blend like the finetune (its router and load balancing), at BTX's
+    compute;
+``btm``
+    the experts kept apart and ensembled at evaluation (Branch-Train-Merge): per held-out
+    document the k experts whose training data is closest (tf-idf) average their next-token
+    distributions, for each k of ``evaluation.btm_top_k``; nothing to train.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+from megatron_btx.errors import BTXError
+from megatron_btx.pipeline.models import ModelSpec
+
+__all__ = ["Baseline", "get", "names", "register"]
+
+
+class Baseline:
+    """One baseline (see the module docstring)."""
+
+    name: ClassVar[str] = ""
+    #: planned unless the run config turns it off
+    default: ClassVar[bool] = True
+    #: it trains: ``baselines.<name>_train`` overrides its training stage
+    trains: ClassVar[bool] = True
+    #: its place among the results' rows
+    order: ClassVar[int] = 50
+
+    def plan(self, planner: Any, train: Any) -> None:
+        """Add the baseline's stages and models to the plan, through `planner` (the run's
+        :class:`~megatron_btx.pipeline.plan.Planner`); `train`: the run config's
+        ``baselines.<name>_train`` (a :class:`~megatron_btx.pipeline.config.StageTrain`), or
+        None."""
+        raise NotImplementedError
+
+
+_REGISTRY: dict[str, Baseline] = {}
+
+
+def register(cls: type[Baseline]) -> type[Baseline]:
+    """Class decorator: make `cls` the baseline named ``cls.name``."""
+    if not cls.name or not cls.name.isidentifier() or cls.name.endswith("_train"):
+        raise ValueError(f"baseline {cls.__name__}: name {cls.name!r} is not a usable key")
+    _REGISTRY[cls.name] = cls()
+    return cls
+
+
+def names() -> tuple[str, ...]:
+    from megatron_btx import plugins
+
+    plugins.load()
+    return tuple(_REGISTRY)
+
+
+def get(name: str) -> Baseline:
+    from megatron_btx import plugins
+
+    plugins.load()
+    if name not in _REGISTRY:
+        raise BTXError(f"baseline {name!r} is unknown (known: {', '.join(_REGISTRY)})")
+    return _REGISTRY[name]
+
+
+@register
+class Dense(Baseline):
+    name = "dense"
+    order = 20
+
+    def plan(self, planner, train):
+        stage = planner.stage_like("experts", train)
+        added = planner.train_baseline(
+            "baseline_dense",
+            "dense",
+            stage,
+            init_from=planner.seed_checkpoint,
+            deps=planner.seed_deps,
+            moe=False,
+        )
+        planner.add_model(
+            ModelSpec(
+                self.name,
+                "dense",
+                "rival",
+                checkpoint=added.checkpoint,
+                stages=[added.name],
+                stage=added.name,
+                order=self.order,
+                label="dense",
+            )
+        )
+
+
+@register
+class SparseUpcycling(Baseline):
+    name = "sparse_upcycling"
+    order = 40
+
+    def plan(self, planner, train):
+        # N copies of the seed, merged with the BTX merge's settings: the same architecture
+        merged = planner.merge_stage(
+            "upcycle_merge",
+            [planner.seed_checkpoint] * len(planner.names),
+            "baselines/upcycled",
+            deps=planner.seed_deps,
+            group="baseline",
+            router_init="random",
+        )
+        stage = planner.stage_like("finetune", train)
+        added = planner.train_baseline(
+            "baseline_sparse_upcycling",
+            "sparse_upcycling",
+            stage,
+            init_from=merged.checkpoint,
+            deps=[merged.name],
+            moe=True,  # the finetune's router and load balancing: only the init differs
+        )
+        planner.add_model(
+            ModelSpec(
+                self.name,
+                "moe",
+                "rival",
+                checkpoint=added.checkpoint,
+                stages=[merged.name, added.name],
+                stage=added.name,
+                router=planner.router,
+                order=self.order,
+                label="sparse upcycling",
+            )
+        )
+
+
+@register
+class BTM(Baseline):
+    name = "btm"
+    trains = False
+    order = 30
+
+    def plan(self, planner, train):
+        experts = [s.name for s in planner.expert_stages]
+        for k in planner.cfg.evaluation.btm_top_k:
+            planner.add_model(
+                ModelSpec(
+                    f"btm_top{k}",
+                    "btm",
+                    "rival",
+                    stages=list(experts),
+                    k=int(k),
+                    order=self.order,
+                    label=f"BTM top-{k}",
+                )
+            )
