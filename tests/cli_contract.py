@@ -13,12 +13,15 @@ import train_common as tc  # noqa: E402
 ROOT = tc.ROOT
 
 
-def btx(*args: str, cwd: Path = ROOT, timeout: int = 300) -> subprocess.CompletedProcess:
-    """`python -m megatron_btx ARGS` in a child process (one thread, this checkout first)."""
+def btx(
+    *args: str, cwd: Path = ROOT, timeout: int = 300, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess:
+    """`python -m megatron_btx ARGS` in a child process (one thread, this checkout first;
+    `env`: more environment variables)."""
     return subprocess.run(
         [sys.executable, "-m", "megatron_btx", *args],
         cwd=cwd,
-        env=tc.env(),
+        env=tc.env(**(env or {})),
         capture_output=True,
         text=True,
         timeout=timeout,

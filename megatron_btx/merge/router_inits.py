@@ -66,8 +66,8 @@ class RouterInit:
 
     def start(self, job: Any) -> LayerRouters:
         """The layer-by-layer maker for one merge (`job`: the planned, checked
-        :class:`~megatron_btx.merge.run.MergeJob`)."""
-        raise NotImplementedError
+        :class:`~megatron_btx.merge.run.MergeJob`); by default the rows of :meth:`expected`."""
+        return FixedRows(self, job.settings)
 
     def expected(
         self, settings: MergeSettings, layer: int, shape: tuple[int, int]
@@ -103,7 +103,7 @@ def get(name: str) -> RouterInit:
     return _REGISTRY[name]
 
 
-class _Rows(LayerRouters):
+class FixedRows(LayerRouters):
     """Rows that depend only on the layer: :meth:`RouterInit.expected`."""
 
     def __init__(self, init: RouterInit, settings: MergeSettings):
@@ -121,9 +121,6 @@ class Random(RouterInit):
     name = "random"
     settings = ("router_std", "router_seed")
 
-    def start(self, job):
-        return _Rows(self, job.settings)
-
     def expected(self, settings, layer, shape):
         generator = torch.Generator().manual_seed(settings.router_seed * 100003 + layer)
         return torch.randn(shape, generator=generator, dtype=torch.float32) * settings.router_std
@@ -134,9 +131,6 @@ class Zero(RouterInit):
     """All-zero rows: every expert equally likely until the finetune moves them."""
 
     name = "zero"
-
-    def start(self, job):
-        return _Rows(self, job.settings)
 
     def expected(self, settings, layer, shape):
         return torch.zeros(shape, dtype=torch.float32)

@@ -422,18 +422,26 @@ class Planner:
         return _merge_stage(base, overrides)
 
     def train_baseline(
-        self, name: str, folder: str, stage: StageTrain, init_from: str, deps: list[str], moe: bool
+        self,
+        name: str,
+        folder: str,
+        stage: StageTrain,
+        init_from: str,
+        deps: list[str],
+        moe: bool,
+        domains: list[str] | dict[str, float] | None = None,
     ) -> Stage:
-        """A baseline's training stage on the blend, from `init_from`, at BTX's compute
-        (``baselines.compute_match``): a dense model (`moe` false) trains as the experts did and
-        is timed like them; an MoE as the finetune (its router and load balancing)."""
+        """A baseline's training stage from `init_from` on `domains` (default: the blend), at
+        BTX's compute (``baselines.compute_match``), in RUN/baselines/`folder`: a dense model
+        (`moe` false) trains as the experts did and is timed like them; an MoE as the finetune
+        (its router and load balancing)."""
         active = self.moe_active if moe else self.dense_active
         self._baseline_steps(name, stage, active)
         return self.train(
             name,
             f"{self.run}/baselines/{folder}",
             stage,
-            self.blend,
+            self.blend if domains is None else domains,
             init_from,
             list(deps) + self.match_deps,
             active,
