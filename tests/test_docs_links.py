@@ -63,27 +63,23 @@ def anchors(page: Path) -> set[str]:
 
 def broken_links(page: Path, root: Path = ROOT, pending: set[str] = frozenset()) -> list[str]:
     """'page: link (why)' for each relative link of `page` that does not resolve."""
+    root = root.resolve()
     bad = []
-    for line in prose_lines(page.read_text()):
-        for target in LINK.findall(line):
-            if re.match(r"^[a-z][a-z0-9+.-]*:", target, re.I):  # http:, https:, mailto:
-                continue
-            path, _, anchor = target.partition("#")
-            dest = (page.parent / path).resolve() if path else page
-            where = f"{page.relative_to(root)}: {target}"
-            if not dest.exists():
-                rel = (
-                    dest.relative_to(root.resolve())
-                    if dest.is_relative_to(root.resolve())
-                    else dest
-                )
-                if str(rel) not in pending:
-                    bad.append(f"{where} (no such file)")
-                continue
-            if anchor and (dest.is_dir() or dest.suffix != ".md"):
-                bad.append(f"{where} (an anchor into a file that is not a page)")
-            elif anchor and anchor not in anchors(dest):
-                bad.append(f"{where} (no heading with id {anchor!r})")
+    # the prose as one text: a link's text may wrap onto the next line
+    for target in LINK.findall("\n".join(prose_lines(page.read_text()))):
+        if re.match(r"^[a-z][a-z0-9+.-]*:", target, re.I):  # http:, https:, mailto:
+            continue
+        path, _, anchor = target.partition("#")
+        dest = (page.parent / path).resolve() if path else page
+        where = f"{page.resolve().relative_to(root)}: {target}"
+        if not dest.exists():
+            rel = dest.relative_to(root) if dest.is_relative_to(root) else dest
+            if str(rel) not in pending:
+                bad.append(f"{where} (no such file)")
+        elif anchor and (dest.is_dir() or dest.suffix != ".md"):
+            bad.append(f"{where} (an anchor into a file that is not a page)")
+        elif anchor and anchor not in anchors(dest):
+            bad.append(f"{where} (no heading with id {anchor!r})")
     return bad
 
 
@@ -109,13 +105,14 @@ def test_the_checker_finds_a_missing_file_and_a_missing_anchor(tmp_path):
     page.write_text(
         "[ok](docs/A.md) [ok](docs/A.md#two-words) [ok](docs/A.md#two-words-1) [ok](#top)\n"
         "[web](https://example.org/x.md) [gone](docs/B.md) [no id](docs/A.md#three)\n"
-        "[later](docs/C.md) ![img](docs/A.md)\n"
+        "[later](docs/C.md) ![img](docs/A.md) [wrapped\ntext](docs/D.md)\n"
         "```\n[in code](docs/nothing.md)\n```\n# Top\n"
     )
     bad = broken_links(page, tmp_path, pending={"docs/C.md"})
     assert bad == [
         "README.md: docs/B.md (no such file)",
         "README.md: docs/A.md#three (no heading with id 'three')",
+        "README.md: docs/D.md (no such file)",
     ]
 
 
