@@ -22,8 +22,8 @@ setting keeps the cost to a few hours on 2 cores:
     python benchmarks/regime_study.py --work runs/regime             # all, resumable
     python benchmarks/regime_study.py --work runs/regime --report    # table and plot only
 
-Writes WORK/regime_study.json, WORK/regime_study.md and WORK/regime_study.png (the README copies
-the table and plot to docs/).
+Writes WORK/regime_study.json, WORK/regime_study.md and WORK/regime_study.png (docs/RESULTS.md
+shows the table and plot).
 """
 
 from __future__ import annotations
