@@ -83,7 +83,10 @@ def test_random_megatron_moe_exports_to_mixtral(tmp_path):
             ours = model(ids, torch.arange(24).unsqueeze(0).expand(2, -1), None)[..., :250]
         with atomic_folder(tmp_path / "moe") as tmp:
             save_model(model, tmp)
-            manifest.write(tmp, model=args.to_dict(), dtype="fp32")
+            manifest.write(
+                tmp,
+                manifest.Manifest(kind="megatron_torch_dist", model=args.to_dict(), dtype="fp32"),
+            )
     finally:
         runtime.teardown()
     megatron_to_hf(tmp_path / "moe", tmp_path / "hf")

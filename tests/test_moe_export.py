@@ -261,10 +261,8 @@ def _with_router(ckpt: Path, dest: Path, router: str) -> Path:
     """A copy of `ckpt` whose manifest records `router` under training.router, the field
     `btx train` writes (test_switch_finetune_exports shows a real run writing it)."""
     shutil.copytree(ckpt, dest)
-    fields = manifest.read(dest)
-    fields.pop("format_version"), fields.pop("tool"), fields.pop("tool_version")
-    fields.pop("created")
-    manifest.write(dest, **fields, training={"router": router})
+    record = manifest.read(dest)
+    manifest.rewrite(dest, {**record, "training": {"router": router}})
     return dest
 
 

@@ -29,6 +29,9 @@ from megatron_btx import rundir  # noqa: E402
 from megatron_btx.checkpoint import manifest, megatron_io  # noqa: E402
 from megatron_btx.errors import BTXError  # noqa: E402
 
+#: a manifest for folders that only need one
+_TEST_MANIFEST = manifest.Manifest(kind="test", model={}, dtype="fp32")
+
 
 def start(*args: str, cwd: Path = tc.ROOT) -> subprocess.Popen:
     return subprocess.Popen(
@@ -202,7 +205,7 @@ def test_overwrite_only_replaces_our_outputs(mg_llama, hf_llama, tmp_path):
 
 def _filled(folder: Path, text: str) -> None:
     folder.mkdir()
-    manifest.write(folder, kind="test")
+    manifest.write(folder, _TEST_MANIFEST)
     (folder / "data").write_text(text)
 
 
@@ -226,7 +229,7 @@ def test_killed_between_the_two_renames_recovers(tmp_path, monkeypatch):
 
     with pytest.raises(KeyboardInterrupt):
         with megatron_io.atomic_folder(final, overwrite=True) as tmp:
-            manifest.write(tmp, kind="test")
+            manifest.write(tmp, _TEST_MANIFEST)
             (tmp / "data").write_text("new")
             monkeypatch.setattr(os, "replace", dies_on_second)  # from the commit on
     assert calls[0] == ("out", ".out.old") and not final.exists()  # the crash window
@@ -234,7 +237,7 @@ def test_killed_between_the_two_renames_recovers(tmp_path, monkeypatch):
     swap.recover(final)
     assert (final / "data").read_text() == "old" and not (tmp_path / ".out.old").exists()
     with megatron_io.atomic_folder(final, overwrite=True) as tmp:  # and a new write works
-        manifest.write(tmp, kind="test")
+        manifest.write(tmp, _TEST_MANIFEST)
         (tmp / "data").write_text("new")
     assert (final / "data").read_text() == "new"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
@@ -255,7 +258,7 @@ def test_atomic_swap_where_the_file_system_has_it(tmp_path, monkeypatch):
     assert (final / "data").read_text() == "new" and (tmp / "data").read_text() == "old"
     with megatron_io.atomic_folder(final, overwrite=True) as fresh:
         assert fresh == tmp and not (fresh / "data").exists()  # the stale one was removed
-        manifest.write(fresh, kind="test")
+        manifest.write(fresh, _TEST_MANIFEST)
         (fresh / "data").write_text("newer")
     assert (final / "data").read_text() == "newer" and not tmp.exists()
 

@@ -131,7 +131,12 @@ def test_kill_during_save_keeps_previous_checkpoint(tmp_path, base, data):
         model=dict(tc.MODEL, init_from=str(init)),
         train={"save_interval": 2, "keep_last": 5},
     )
-    proc = tc.run(cfg, BTX_FAULT="kill_in_save@4")
+    fault = str(Path(__file__).parent / "dist" / "fault")  # sitecustomize: SIGKILL in the save
+    proc = tc.run(
+        cfg,
+        BTX_TEST_KILL_IN_SAVE="4",
+        PYTHONPATH=os.pathsep.join([fault, str(tc.ROOT), os.environ.get("PYTHONPATH", "")]),
+    )
     assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
     ckpts = run_dir / "checkpoints"
     assert (ckpts / ".iter_0000004.tmp").is_dir()  # the half-written save

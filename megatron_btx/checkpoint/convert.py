@@ -166,8 +166,7 @@ def hf_to_megatron(
                 shutil.copy2(load / "config.json", tmp / TOKENIZER_DIR / "config.json")
                 tok.append("config.json")
             (tmp / "hf_config.json").write_text(json.dumps(adapter.hf_config(), indent=2))
-            m = manifest.write(
-                tmp,
+            record = manifest.Manifest(
                 kind="megatron_torch_dist",
                 model=args.to_dict(),
                 moe=variant.to_manifest(),
@@ -190,6 +189,7 @@ def hf_to_megatron(
                 },
                 files=integrity.hash_tree(tmp),
             )
+            m = manifest.write(tmp, record)
     log.info("converted %s -> %s in %.1fs", load, save, time.time() - t0)
     return m
 
@@ -277,8 +277,7 @@ def megatron_to_hf(
                 write_hf_config(tmp, adapter.hf_config(), dt)
                 tok_dir = load / TOKENIZER_DIR
                 tok = copy_tokenizer(tok_dir, tmp) if tok_dir.is_dir() else []
-                m = manifest.write(
-                    tmp,
+                record = manifest.Manifest(
                     kind=f"hf_{adapter.family}",
                     model=args.to_dict(),
                     moe=variant.to_manifest(),
@@ -294,6 +293,7 @@ def megatron_to_hf(
                     tokenizer={"files": tok},
                     files=integrity.hash_tree(tmp),
                 )
+                m = manifest.write(tmp, record)
                 source_check.result()  # a changed source file: nothing is committed
         finally:
             source_check.close()

@@ -6,11 +6,13 @@ the layout it was written at and where it came from without loading a tensor.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import hashlib
 import json
 import mmap
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -50,20 +52,69 @@ def sha256_folder(folder: str | Path, pattern: str = "*") -> dict[str, str]:
     return {p.name: sha256_file(p) for p in sorted(Path(folder).glob(pattern)) if p.is_file()}
 
 
-def write(folder: str | Path, **fields: Any) -> dict[str, Any]:
-    """Write the manifest: format version, tool version, date, and the given fields."""
+@dataclass(kw_only=True)
+class Manifest:
+    """What a checkpoint's ``btx_manifest.json`` records. Every writer (training, the merge, the
+    converters and exporters) fills one of these; :func:`write` adds the format and tool
+    versions and the date. Fields left None are not written."""
+
+    #: megatron_torch_dist, or hf_<family> for an HF export
+    kind: str
+    #: the model's hyper-parameters (LlamaArgs.to_dict())
+    model: dict[str, Any]
+    #: the stored dtype (fp32, bf16, fp16)
+    dtype: str
+    #: the MoE shape beyond Mixtral's (MoEVariant.to_manifest()); None for a plain model
+    moe: dict[str, Any] | None = None
+    #: the parallel layout it was written for (tp, pp, ep, ...)
+    layout: dict[str, Any] | None = None
+    padded_vocab_size: int | None = None
+    #: the tokenizer files beside it, their sha256, the tokenizer's kind
+    tokenizer: dict[str, Any] | None = None
+    #: what it was made from (each: path, format, sha256, ...)
+    sources: list[dict[str, Any]] | None = None
+    #: an import's origin (format, quantization, ...)
+    source: dict[str, Any] | None = None
+    #: a merge's record (its settings, plan and router init)
+    merge: dict[str, Any] | None = None
+    #: a training checkpoint's record (run, step, data, router)
+    training: dict[str, Any] | None = None
+    #: an HF export's router (the HF routing it was written with)
+    router: str | None = None
+    step: int | None = None
+    consumed_samples: int | None = None
+    num_tensors: int | None = None
+    #: sha256 of every file (btx verify; checked when a later stage reads it)
+    files: dict[str, str] | None = None
+    #: a merge's --verify report
+    verify: dict[str, Any] | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: v for k, v in dataclasses.asdict(self).items() if v is not None}
+
+
+def write(folder: str | Path, manifest: Manifest) -> dict[str, Any]:
+    """Write `manifest` into `folder` (atomically): format version, tool version, date, and its
+    fields. Returns what was written."""
     m = {
         "format_version": FORMAT_VERSION,
         "tool": "megatron_btx",
         "tool_version": megatron_btx.__version__,
         "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-        **fields,
+        **manifest.to_dict(),
     }
     path = Path(folder) / MANIFEST
     tmp = path.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(m, indent=2, sort_keys=True, default=str))
     os.replace(tmp, path)
     return m
+
+
+def rewrite(folder: str | Path, record: dict[str, Any]) -> dict[str, Any]:
+    """Write a manifest read back from a checkpoint (`record`, as :func:`read` returns it) into
+    `folder` again, as a Manifest: e.g. a resaved copy of a checkpoint at another layout."""
+    known = {f.name for f in dataclasses.fields(Manifest)}
+    return write(folder, Manifest(**{k: v for k, v in record.items() if k in known}))
 
 
 def read(folder: str | Path) -> dict[str, Any]:

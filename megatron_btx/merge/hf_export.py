@@ -10,6 +10,7 @@ the export costs no extra memory and no second pass over the sources.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from pathlib import Path
 
 import torch
@@ -71,11 +72,13 @@ class HFExport:
         for name, tensor in self.adapter.layer_to_hf(layer, merged):
             self.writer.add(name, tensor)
 
-    def finish(self, tokenizer: TokenizerInfo | None, fields: dict) -> None:
-        """Close the shards, write config.json, the tokenizer and the manifest."""
+    def finish(self, tokenizer: TokenizerInfo | None, record: manifest.Manifest) -> None:
+        """Close the shards, write config.json, the tokenizer and the manifest (`record`, the
+        merge's, as this folder's kind)."""
         self.writer.close()
         write_hf_config(self.tmp, self.adapter.hf_config(), self.dtype)
         if tokenizer is not None and tokenizer.folder is not None:
             copy_tokenizer(tokenizer.folder, self.tmp)
         files = integrity.hash_tree(self.tmp) if self.hash_files else None
-        manifest.write(self.tmp, kind=f"hf_{self.adapter.family}", **fields, files=files)
+        kind = f"hf_{self.adapter.family}"
+        manifest.write(self.tmp, dataclasses.replace(record, kind=kind, files=files))

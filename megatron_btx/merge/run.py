@@ -177,18 +177,14 @@ class MergeJob:
             tok_files = copy_tokenizer(self.tokenizer.folder, tmp / TOKENIZER_DIR)
         if self.variant.is_plain:
             (tmp / "hf_config.json").write_text(json.dumps(to_hf(self.out_args), indent=2))
-        fields = self._manifest_fields(tmp, tok_files, lineage)
-        written = manifest.write(tmp, **fields)
+        record = self._manifest(tmp, tok_files, lineage)
+        written = manifest.write(tmp, record)
         if export is not None:
             export.finish(
                 self.tokenizer,
-                {
-                    "model": self.out_args.to_dict(),
-                    "dtype": self.plan.dtype,
-                    "sources": fields["sources"],
-                    "merge": fields["merge"],
-                    "tokenizer": fields["tokenizer"],
-                },
+                dataclasses.replace(
+                    record, moe=None, layout=None, padded_vocab_size=None, files=None
+                ),
             )
         if self.settings.verify:
             report = verify_checkpoint(
@@ -205,10 +201,10 @@ class MergeJob:
                 report["hf_export_tensors_equal"] = verify_hf_export(
                     export.tmp, tmp, export.adapter, self.variant, self.dtype
                 )
-            written = manifest.write(tmp, **fields, verify=report)
+            written = manifest.write(tmp, dataclasses.replace(record, verify=report))
         return written
 
-    def _manifest_fields(self, tmp: Path, tok_files: list[str], lineage) -> dict[str, Any]:
+    def _manifest(self, tmp: Path, tok_files: list[str], lineage) -> manifest.Manifest:
         settings, plan = self.settings, self.plan
         hashes = {read: job.result() for read, job in self.hash_jobs.items()}
         for read, first in self.reads.first.items():
@@ -231,25 +227,25 @@ class MergeJob:
             "averaging": "fp32 weighted mean, cast to output dtype",
             "lineage_cosine": lineage,
         }
-        return {
-            "kind": "megatron_torch_dist",
-            "model": self.out_args.to_dict(),
-            "moe": self.variant.to_manifest(),
-            "dtype": plan.dtype,
-            "layout": {"tp": settings.tp, "pp": settings.pp, "ep": settings.ep, "etp": self.etp},
-            "padded_vocab_size": self.out_args.padded_vocab_size,
-            "sources": [
+        return manifest.Manifest(
+            kind="megatron_torch_dist",
+            model=self.out_args.to_dict(),
+            moe=self.variant.to_manifest(),
+            dtype=plan.dtype,
+            layout={"tp": settings.tp, "pp": settings.pp, "ep": settings.ep, "etp": self.etp},
+            padded_vocab_size=self.out_args.padded_vocab_size,
+            sources=[
                 self._source_entry(index, hashes[self.reads.alias[index]])
                 for index in range(len(self.sources))
             ],
-            "merge": record,
-            "files": integrity.hash_tree(tmp) if settings.hash_output else None,
-            "tokenizer": {
+            merge=record,
+            files=integrity.hash_tree(tmp) if settings.hash_output else None,
+            tokenizer={
                 "files": tok_files,
                 "sha256": manifest.sha256_folder(tmp / TOKENIZER_DIR) if tok_files else {},
                 "model_sha256": self.tokenizer.sha256 if self.tokenizer else None,
             },
-        }
+        )
 
     def _source_entry(self, index: int, sha: dict[str, str]) -> dict[str, Any]:
         source, plan = self.sources[index], self.plan

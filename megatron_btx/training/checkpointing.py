@@ -26,8 +26,8 @@ The manifest (``btx_manifest.json``) records the model args, dtype and layout, s
 
 from __future__ import annotations
 
+import dataclasses
 import logging
-import os
 import random
 from pathlib import Path
 from typing import Any
@@ -190,19 +190,21 @@ OPTIM_METADATA = {
 
 
 def save(
+    *,
     run_dir: Path,
     step: int,
     model: list[torch.nn.Module],
     optimizer: Any,
     scheduler: Any,
     train_state: dict[str, Any],
-    manifest_fields: dict[str, Any],
+    record: manifest.Manifest,
     tokenizer: str | None,
     files: dict[str, str],
     keep_last: int,
-    fault: str | None = None,
 ) -> Path:
-    """Write checkpoint `step` atomically, point `latest` at it, prune old ones. All ranks."""
+    """Write checkpoint `step` atomically, point `latest` at it, prune old ones. All ranks.
+    `record`: its manifest (step, consumed samples and file hashes are filled in here);
+    `files`: more small files written beside it (name -> text)."""
     from megatron_btx.checkpoint.megatron_io import save_model
 
     folder = checkpoint_path(run_dir, step)
@@ -225,18 +227,13 @@ def save(
                 copy_tokenizer_files(tokenizer, tmp / "tokenizer")
             for name, text in files.items():
                 (tmp / name).write_text(text)
-            manifest.write(
-                tmp,
-                **manifest_fields,
+            record = dataclasses.replace(
+                record,
                 step=step,
                 consumed_samples=train_state["consumed_samples"],
                 files=integrity.hash_tree(tmp, known=hashes),
             )
-        if fault == "kill_in_save":
-            _barrier()
-            if _rank() == 0:
-                log.warning("fault injection: SIGKILL inside the save of step %d", step)
-            os.kill(os.getpid(), 9)
+            manifest.write(tmp, record)
     if _rank() == 0:
         write_latest(run_dir, folder.name)
         prune(run_dir, keep_last)

@@ -43,10 +43,6 @@ from megatron_btx.training.logger import MetricsLogger
 
 log = logging.getLogger(__name__)
 
-#: Test hook: ``BTX_FAULT=kill_in_save@STEP`` SIGKILLs the process in the middle of the save of
-#: checkpoint STEP (after the tensors are written, before the folder is renamed into place).
-FAULT_ENV = "BTX_FAULT"
-
 
 @dataclasses.dataclass
 class TrainResult:
@@ -188,7 +184,6 @@ class Trainer:
     def __init__(self, cfg: Config) -> None:
         self.cfg = cfg
         self.run_dir = Path(cfg.run_dir)
-        self.fault = os.environ.get(FAULT_ENV) or None
 
     # ---- set-up ---------------------------------------------------------------------------
     def setup(self) -> None:
@@ -576,20 +571,22 @@ class Trainer:
             "consumed_samples": self.loader.consumed_samples,
             "layout": self.layout(),
         }
-        fields = {
-            "kind": "megatron_torch_dist",
-            "model": self.args.to_dict(),
-            "moe": self.variant.to_manifest(),
-            "dtype": self.dtype_name,
-            "layout": self.layout(),
-            "padded_vocab_size": self.args.padded_vocab_size,
-            "tokenizer": {
+        from megatron_btx.checkpoint.manifest import Manifest
+
+        record = Manifest(
+            kind="megatron_torch_dist",
+            model=self.args.to_dict(),
+            moe=self.variant.to_manifest(),
+            dtype=self.dtype_name,
+            layout=self.layout(),
+            padded_vocab_size=self.args.padded_vocab_size,
+            tokenizer={
                 "files": sorted(self.tokenizer.files()),
                 "sha256": self.tokenizer.sha256,
                 "kind": self.tokenizer.kind,
                 "eos_id": self.tokenizer.eos_id,
             },
-            "training": {
+            training={
                 "run_dir": str(self.run_dir.resolve()),
                 "step": self.step,
                 "consumed_samples": self.loader.consumed_samples,
@@ -597,25 +594,21 @@ class Trainer:
                 "data": [[p, w] for p, w in self.sources.blend],
                 "router": self.router_name,
             },
-        }
-        fault = None
-        if self.fault and self.fault == f"kill_in_save@{self.step}":
-            fault = "kill_in_save"
+        )
         folder = ckpt.save(
-            self.run_dir,
-            self.step,
-            self.model,
-            self.optimizer,
-            self.scheduler,
-            train_state,
-            fields,
-            self.sources.tokenizer,
-            {
+            run_dir=self.run_dir,
+            step=self.step,
+            model=self.model,
+            optimizer=self.optimizer,
+            scheduler=self.scheduler,
+            train_state=train_state,
+            record=record,
+            tokenizer=self.sources.tokenizer,
+            files={
                 "config.yaml": self.cfg.to_yaml(),
                 "hf_config.json": json.dumps(to_hf(self.args), indent=2),
             },
-            self.cfg.train.keep_last,
-            fault=fault,
+            keep_last=self.cfg.train.keep_last,
         )
         dt = time.perf_counter() - t0
         self.logger.event(

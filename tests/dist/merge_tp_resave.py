@@ -39,8 +39,7 @@ def main() -> None:
         m["layout"] = {"tp": world, "pp": 1, "ep": 1}
         m["step"] = 7
         m["files"] = integrity.hash_tree(dst)  # this checkpoint's own files
-        manifest.write(dst, **{k: v for k, v in m.items() if k not in ("tool", "tool_version",
-                                                                        "created")})
+        manifest.rewrite(dst, m)
     runtime.teardown()
 
 

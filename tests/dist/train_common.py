@@ -34,7 +34,7 @@ def env(**extra: str) -> dict[str, str]:
     # 2 cores: one thread per process, or two processes thrash each other.
     e.update(OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", PYTHONWARNINGS="ignore",
              PYTHONPATH=str(ROOT) + os.pathsep + e.get("PYTHONPATH", ""))
-    e.pop("BTX_FAULT", None)
+    e.pop("BTX_TEST_KILL_IN_SAVE", None)
     e.update(extra)
     return e
 
