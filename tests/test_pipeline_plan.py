@@ -351,7 +351,7 @@ def test_run_dry_run_prints_plan(tmp_path, capsys):
 
 
 def test_plan_with_an_hf_seed_imports_it_first(tmp_path):
-    from megatron_btx.models.hf_config import to_hf
+    from megatron_btx.checkpoint.families import to_hf
     from megatron_btx.models.llama import LlamaArgs
 
     hf = tmp_path / "hf_seed"

@@ -15,8 +15,8 @@ import yaml
 from cli_contract import btx, one_error  # noqa: E402
 
 from megatron_btx import config as train_config
+from megatron_btx.checkpoint.families import read_plain_args
 from megatron_btx.errors import BTXError
-from megatron_btx.models.hf_config import read_plain_args
 
 ROOT = Path(__file__).resolve().parents[1]
 BASE = {"run_dir": "runs/x", "data": {"path": "data/small"}}

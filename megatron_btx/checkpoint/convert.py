@@ -9,7 +9,7 @@ layer, not the model. Names and layouts come from the family's adapter (checkpoi
 checkpoint.families). An imported MoE's shape beyond Mixtral's (shared expert, dense layers) is
 recorded in the manifest's ``moe`` entry, from which training and export build the model; the
 export writes the HF family whose function is the checkpoint's, routed as its manifest's
-``training.router`` says (models.hf_config.export_family).
+``training.router`` says (checkpoint.families.export_family).
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ from megatron_btx import progress, runtime
 from megatron_btx.checkpoint import integrity, manifest
 from megatron_btx.checkpoint import template as tpl
 from megatron_btx.checkpoint.dcp_stream import PartialReader, StreamingDCPWriter
-from megatron_btx.checkpoint.families import export_adapter, import_adapter
+from megatron_btx.checkpoint.families import export_adapter, import_adapter, parse
 from megatron_btx.checkpoint.hf import (
     HFReader,
     StreamingSafetensorsWriter,
@@ -42,7 +42,6 @@ from megatron_btx.checkpoint.mapping import EMB
 from megatron_btx.checkpoint.megatron_io import atomic_folder, check_target, read_args
 from megatron_btx.checkpoint.sources import DTYPE_NAMES, TOKENIZER_DIR
 from megatron_btx.errors import BTXError, run_command
-from megatron_btx.models import hf_config
 from megatron_btx.models.llama import (
     LlamaArgs,
     MoEVariant,
@@ -148,7 +147,7 @@ def hf_to_megatron(
     load, save = Path(load), Path(save)
     reader = HFReader(load)
     config_path = reader.config_path()
-    model = hf_config.parse(_read_config(config_path), str(config_path))
+    model = parse(_read_config(config_path), str(config_path))
     args, variant = model.args, model.variant
     check_parallel(args, tp, pp, ep)
     adapter = import_adapter(model, reader.keys())
@@ -223,7 +222,7 @@ def megatron_to_hf(
 ) -> dict:
     """Export a torch_dist checkpoint (dense, a merge of any variant, an import, a finetuned
     MoE) as an HF folder of the family whose function is the checkpoint's: the model's own for a
-    dense one; Mixtral, Qwen2-MoE or Qwen3-MoE for an MoE (models.hf_config.export_family),
+    dense one; Mixtral, Qwen2-MoE or Qwen3-MoE for an MoE (checkpoint.families.export_family),
     routed as the manifest's ``training.router`` says. No exact form: a one-line error.
     With `verify_hashes`, the source's files are checked against its manifest's sha256 on a
     second thread while it is read; a mismatch fails the export before anything is committed."""

@@ -25,7 +25,8 @@ import torch
 from megatron_btx import rundir
 from megatron_btx.checkpoint import manifest, template
 from megatron_btx.checkpoint.dcp_stream import PartialReader, read_metadata
-from megatron_btx.checkpoint.families import export_adapter
+from megatron_btx.checkpoint.families import LlamaAdapter, export_adapter
+from megatron_btx.checkpoint.families import parse as parse_hf_config
 from megatron_btx.checkpoint.hf import ST_DTYPES, TOKENIZER_FILES, HFReader, PreadSafetensors
 from megatron_btx.checkpoint.mapping import (
     EMB,
@@ -36,12 +37,10 @@ from megatron_btx.checkpoint.mapping import (
     LN2,
     PROJ,
     QKV,
-    StateDictAdapter,
     pad_vocab,
     qkv_to_mcore,
 )
 from megatron_btx.errors import BTXError
-from megatron_btx.models.hf_config import parse as parse_hf_config
 from megatron_btx.models.llama import LlamaArgs, build_for_checkpoint, to_dtype
 
 log = logging.getLogger(__name__)
@@ -124,7 +123,7 @@ class Source:
         return str(self.given)
 
     @property
-    def adapter(self) -> StateDictAdapter:
+    def adapter(self) -> LlamaAdapter:
         return export_adapter(self.args)
 
     @property

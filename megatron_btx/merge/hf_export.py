@@ -1,7 +1,7 @@
 """`btx merge --export-hf`: the merged model streamed into an HF checkpoint as it is made.
 
 The same merged tensors that go into the torch_dist checkpoint go, through the adapter of the HF
-family that computes the merged model's function (models.hf_config.export_family: Mixtral for a
+family that computes the merged model's function (checkpoint.families.export_family: Mixtral for a
 plain BTX MoE of Llama or Mistral seeds, Qwen2-MoE for a shared expert, dense layers or Qwen2
 seeds, Qwen3-MoE for Qwen3 seeds), into safetensors shards whose headers are planned up front, so
 the export costs no extra memory and no second pass over the sources.
@@ -16,16 +16,16 @@ from pathlib import Path
 import torch
 
 from megatron_btx.checkpoint import integrity, manifest
-from megatron_btx.checkpoint.families import export_adapter
+from megatron_btx.checkpoint.families import LlamaAdapter, export_adapter
 from megatron_btx.checkpoint.hf import StreamingSafetensorsWriter, copy_tokenizer, write_hf_config
-from megatron_btx.checkpoint.mapping import EMB, OUT, StateDictAdapter
+from megatron_btx.checkpoint.mapping import EMB, OUT
 from megatron_btx.checkpoint.megatron_io import atomic_folder
 from megatron_btx.checkpoint.sources import TokenizerInfo
 from megatron_btx.errors import BTXError
 from megatron_btx.models.llama import LlamaArgs, MoEVariant
 
 
-def check_exportable(args: LlamaArgs, variant: MoEVariant) -> StateDictAdapter:
+def check_exportable(args: LlamaArgs, variant: MoEVariant) -> LlamaAdapter:
     """The adapter of the export, chosen before anything is written; a merge with no exact HF
     form (a shared expert with Qwen3 attention) is refused here, saying why."""
     try:

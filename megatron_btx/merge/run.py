@@ -29,6 +29,7 @@ from megatron_btx import progress, runtime
 from megatron_btx.checkpoint import integrity, manifest
 from megatron_btx.checkpoint import template as tpl
 from megatron_btx.checkpoint.dcp_stream import StreamingDCPWriter
+from megatron_btx.checkpoint.families import to_hf
 from megatron_btx.checkpoint.hf import copy_tokenizer
 from megatron_btx.checkpoint.mapping import (
     EMB,
@@ -56,7 +57,6 @@ from megatron_btx.merge.layer import accumulate, merge_layer
 from megatron_btx.merge.plan import MergePlan, ReadPlan, make_plan
 from megatron_btx.merge.settings import MergeSettings
 from megatron_btx.merge.verify import verify_checkpoint, verify_hf_export
-from megatron_btx.models.hf_config import to_hf
 from megatron_btx.models.llama import (
     LlamaArgs,
     MoEVariant,

@@ -23,13 +23,13 @@ import torch
 from megatron_btx import progress
 from megatron_btx.checkpoint import template as tpl
 from megatron_btx.checkpoint.dcp_stream import PartialReader
+from megatron_btx.checkpoint.families import LlamaAdapter
 from megatron_btx.checkpoint.hf import HFReader, PreadSafetensors
 from megatron_btx.checkpoint.mapping import (
     EMB,
     FINAL_LN,
     OUT,
     ROUTER,
-    StateDictAdapter,
     attention_and_norms,
 )
 from megatron_btx.checkpoint.sources import Source
@@ -277,7 +277,7 @@ def _verify_logits(folder, sources, plan: MergePlan, out_args, variant) -> dict[
 
 
 def verify_hf_export(
-    hf_folder: Path, mcore_folder: Path, adapter: StateDictAdapter, variant: MoEVariant, dtype
+    hf_folder: Path, mcore_folder: Path, adapter: LlamaAdapter, variant: MoEVariant, dtype
 ) -> int:
     """Every tensor of the HF export equals the megatron checkpoint's, through the family's
     adapter (layer by layer); returns the number of tensors compared."""

@@ -3,7 +3,7 @@
 `LlamaArgs` carries the fields of an HF `LlamaConfig` (and `MixtralConfig` for MoE), plus the
 attention extras of the other Llama-architecture families (Qwen2's q/k/v biases, Qwen3's QK-norm),
 so the HF config.json is the one description of a model that every stage shares
-(:mod:`megatron_btx.models.hf_config` reads and writes it for every family).
+(:mod:`megatron_btx.checkpoint.families` reads and writes it for every family).
 """
 
 from __future__ import annotations

@@ -121,7 +121,7 @@ def _model_options() -> set[str]:
 def seed_args(cfg: BTXConfig):
     """The dense architecture (LlamaArgs) of the seed and experts, as far as known at plan time
     (the vocabulary is the tokenizer's; data.vocab_size until the data is prepared)."""
-    from megatron_btx.models.hf_config import read_plain_args
+    from megatron_btx.checkpoint.families import read_plain_args
     from megatron_btx.models.llama import LlamaArgs
 
     if cfg.seed.init_from:

@@ -63,8 +63,8 @@ def resolve_model_args(
 
     A model defined inline takes its vocabulary and ``special_ids`` (BOS, EOS; -1 for none) from
     the tokenizer, so its HF export names the tokenizer's ids (an HF tokenizer's are not 1/2)."""
+    from megatron_btx.checkpoint.families import read_plain_args
     from megatron_btx.checkpoint.megatron_io import read_args
-    from megatron_btx.models.hf_config import read_plain_args
     from megatron_btx.models.llama import LlamaArgs
 
     mc = cfg.model
@@ -563,7 +563,7 @@ class Trainer:
 
     # ---- checkpoints ----------------------------------------------------------------------
     def save(self, reason: str) -> Path:
-        from megatron_btx.models.hf_config import to_hf
+        from megatron_btx.checkpoint.families import to_hf
 
         t0 = time.perf_counter()
         train_state = {

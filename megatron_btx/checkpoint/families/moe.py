@@ -1,4 +1,5 @@
-"""HF MoE families: Mixtral, Qwen2-MoE, Qwen3-MoE, in both expert layouts.
+"""What the HF MoE families (Mixtral, Qwen2-MoE, Qwen3-MoE) share: their tensors in both
+expert layouts, and their attention read as the dense family's.
 
 An MoE layer is a router, E experts and (Qwen2-MoE) a shared expert; a merge variant's dense
 layers (Qwen's ``mlp_only_layers``) keep a dense FFN under Llama's names. Expert layouts:
@@ -27,12 +28,13 @@ from collections.abc import Iterable, Iterator
 
 import torch
 
+from megatron_btx.checkpoint.families.base import Family, get
+from megatron_btx.checkpoint.families.llama import LlamaAdapter
 from megatron_btx.checkpoint.mapping import (
     ROUTER,
     SHARED_FC1,
     SHARED_FC2,
     SHARED_GATE,
-    StateDictAdapter,
     expert_fc1,
     expert_fc2,
     split_fc1,
@@ -59,7 +61,7 @@ def double_exactly(fc2: torch.Tensor, what: str) -> torch.Tensor:
     return doubled
 
 
-class MoEAdapter(StateDictAdapter):
+class MoEAdapter(LlamaAdapter):
     """Common to the MoE families: per layer, a dense FFN (a variant's dense layers) or a router,
     E experts (per-expert or fused names) and an optional shared expert."""
 
@@ -193,30 +195,28 @@ class MoEAdapter(StateDictAdapter):
             yield names["shared.gate_weight"], router.new_zeros((1, hidden))
 
 
-class MixtralAdapter(MoEAdapter):
-    """HF Mixtral: every layer's FFN is `num_local_experts` SwiGLU experts (w1 = gate, w3 = up,
-    w2 = down) and a router (`block_sparse_moe.gate`); transformers 5 renames
-    `block_sparse_moe` to `mlp` in its fused layout."""
+class MoEFamily(Family):
+    """An MoE family: its attention keys are read as its dense attention family's."""
 
-    family = "mixtral"
-    ROUTER_NAME = "block_sparse_moe.gate.weight"
-    EXPERT_PREFIX = "block_sparse_moe.experts."
-    EXPERT_NAMES = ("w1", "w3", "w2")
+    is_moe = True
 
+    def _attention(self) -> Family:
+        return get(self.attention)
 
-class Qwen2MoeAdapter(MoEAdapter):
-    """HF Qwen2-MoE: q/k/v biases, a router (`mlp.gate`), experts of `moe_intermediate_size`,
-    a gated shared expert (`mlp.shared_expert`, `mlp.shared_expert_gate`) and dense layers
-    (`mlp_only_layers`) of `intermediate_size`."""
+    def check(self, cfg, source):
+        self._attention().check(cfg, source)
 
-    family = "qwen2_moe"
-    HF_QKV_BIAS = True
-    HAS_SHARED_EXPERT = True
+    def qkv_bias(self, cfg):
+        return self._attention().qkv_bias(cfg)
+
+    def sliding_window(self, cfg, source):
+        return self._attention().sliding_window(cfg, source)
 
 
-class Qwen3MoeAdapter(MoEAdapter):
-    """HF Qwen3-MoE: QK-norm, a router, experts and dense layers as Qwen2-MoE, no shared
-    expert."""
-
-    family = "qwen3_moe"
-    HF_QK_NORM = True
+def moe_config_fields(args, routing) -> dict:
+    """The routing keys every MoE family's config.json has."""
+    return {
+        "num_experts_per_tok": routing.top_k,
+        "router_aux_loss_coef": args.router_aux_loss_coef,
+        "output_router_logits": False,
+    }
