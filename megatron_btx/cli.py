@@ -7,6 +7,7 @@ import importlib
 import sys
 
 import megatron_btx
+from megatron_btx import lazy_compile
 from megatron_btx.errors import run_command
 
 # name -> (module:function taking argv and returning an exit code, one-line help)
@@ -24,15 +25,15 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "merge N dense checkpoints into one MoE checkpoint (BTX MiX step)",
     ),
     "import-hf": (
-        "megatron_btx.checkpoint.convert:hf_to_megatron_main",
+        "megatron_btx.convert.cli:hf_to_megatron_main",
         "HF Llama/Mixtral safetensors -> megatron-core torch_dist",
     ),
     "export-hf": (
-        "megatron_btx.checkpoint.convert:megatron_to_hf_main",
+        "megatron_btx.convert.cli:megatron_to_hf_main",
         "megatron-core torch_dist -> HF Llama/Mixtral safetensors",
     ),
     "verify": (
-        "megatron_btx.checkpoint.integrity:main",
+        "megatron_btx.convert.cli:verify_main",
         "re-hash a checkpoint's files against the sha256 its manifest records",
     ),
     "launch": (
@@ -81,6 +82,7 @@ def main(argv: list[str] | None = None) -> int:
         print(megatron_btx.__version__)
         return 0
     name, rest = argv[0], argv[1:]
+    lazy_compile.install()  # megatron-core's import-time torch.compile calls, deferred
     if name not in COMMANDS:
         print(f"btx: unknown command {name!r}\n\n{usage()}", file=sys.stderr)
         return 2

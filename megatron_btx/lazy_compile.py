@@ -15,6 +15,8 @@ The same hook pauses the cyclic garbage collector during that import (its full p
 long as the process, to the collector's permanent generation (`gc.freeze`), so that later full
 collections do not walk them again.
 
+Every `btx` command (:func:`megatron_btx.cli.main`, ``python -m megatron_btx.training``)
+installs it first; importing megatron_btx does not (a library user may call :func:`install`).
 Set BTX_LAZY_COMPILE=0 to import megatron-core untouched.
 """
 

@@ -11,6 +11,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from megatron_btx import lazy_compile
+
+lazy_compile.install()  # as every btx command does: megatron-core's compile calls deferred
+
 ROOT = Path(__file__).resolve().parents[1]
 DIST = ROOT / "tests" / "dist"
 

@@ -12,8 +12,9 @@ from conftest import make_hf_llama
 from safetensors.torch import load_file
 
 from megatron_btx.checkpoint import convert, manifest
-from megatron_btx.checkpoint.convert import hf_to_megatron, hf_to_megatron_main, megatron_to_hf
+from megatron_btx.checkpoint.convert import hf_to_megatron, megatron_to_hf
 from megatron_btx.checkpoint.hf import HFReader
+from megatron_btx.convert.cli import hf_to_megatron_main
 
 
 def tensors(folder) -> dict[str, torch.Tensor]:

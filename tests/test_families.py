@@ -27,7 +27,8 @@ from families_common import (
 )
 
 from megatron_btx.checkpoint import manifest
-from megatron_btx.checkpoint.convert import hf_to_megatron, hf_to_megatron_main, megatron_to_hf
+from megatron_btx.checkpoint.convert import hf_to_megatron, megatron_to_hf
+from megatron_btx.convert.cli import hf_to_megatron_main
 from megatron_btx.errors import BTXError
 
 SEED_FAMILIES = ["qwen2", "qwen3", "mistral"]

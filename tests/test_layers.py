@@ -13,7 +13,7 @@ import pytest
 from conftest import ROOT
 
 PACKAGE = ROOT / "megatron_btx"
-STAGES = ("merge", "training", "eval", "pipeline")
+STAGES = ("merge", "training", "eval", "pipeline", "convert")
 LOWER = ("checkpoint", "models", "data", "runtime")
 
 

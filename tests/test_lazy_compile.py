@@ -13,7 +13,9 @@ from megatron_btx import lazy_compile
 
 _PROBE = """
 import json, sys, gc
-import megatron_btx, torch
+import torch
+from megatron_btx import lazy_compile
+lazy_compile.install()  # what every btx command does first
 import megatron.core
 from megatron.core.fusions import fused_bias_swiglu as f
 print(json.dumps({

@@ -499,18 +499,18 @@ def test_torch_threads_leave_a_core_to_the_source_hashing(monkeypatch):
     cores left (on 2 cores its second thread spin-waited on the hashing's core), then restored."""
     import concurrent.futures
 
-    from megatron_btx.merge import run as merge
+    from megatron_btx import runtime
 
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2}, raising=False)
     before = torch.get_num_threads()
     torch.set_num_threads(3)
     try:
         running = concurrent.futures.Future()
-        with merge._threads_beside_hashing({0: running}):
+        with runtime.threads_beside(lambda: not running.done()):
             assert torch.get_num_threads() == 2
         assert torch.get_num_threads() == 3
         running.set_result({})
-        with merge._threads_beside_hashing({0: running}):
+        with runtime.threads_beside(lambda: not running.done()):
             assert torch.get_num_threads() == 3  # hashing done: nothing to leave room for
     finally:
         torch.set_num_threads(before)

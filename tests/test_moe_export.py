@@ -31,7 +31,8 @@ from families_common import (
 )
 
 from megatron_btx.checkpoint import manifest
-from megatron_btx.checkpoint.convert import megatron_to_hf, megatron_to_hf_main
+from megatron_btx.checkpoint.convert import megatron_to_hf
+from megatron_btx.convert.cli import megatron_to_hf_main
 from megatron_btx.errors import BTXError
 
 RTOL = 1e-5

@@ -3,7 +3,7 @@
 
 import sys
 
-from megatron_btx.checkpoint.convert import hf_to_megatron_main
+from megatron_btx.convert.cli import hf_to_megatron_main
 
 if __name__ == "__main__":
     sys.exit(hf_to_megatron_main())

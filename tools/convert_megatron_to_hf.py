@@ -3,7 +3,7 @@
 
 import sys
 
-from megatron_btx.checkpoint.convert import megatron_to_hf_main
+from megatron_btx.convert.cli import megatron_to_hf_main
 
 if __name__ == "__main__":
     sys.exit(megatron_to_hf_main())

@@ -14,12 +14,9 @@ export writes the HF family whose function is the checkpoint's, routed as its ma
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
-import math
 import shutil
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -41,7 +38,7 @@ from megatron_btx.checkpoint.hf import (
 from megatron_btx.checkpoint.mapping import EMB
 from megatron_btx.checkpoint.megatron_io import atomic_folder, check_target, read_args
 from megatron_btx.checkpoint.sources import DTYPE_NAMES, TOKENIZER_DIR
-from megatron_btx.errors import BTXError, run_command
+from megatron_btx.errors import BTXError
 from megatron_btx.models.llama import (
     LlamaArgs,
     MoEVariant,
@@ -299,77 +296,6 @@ def megatron_to_hf(
             reader.close()
     log.info("exported %s -> %s in %.1fs", load, save, time.time() - t0)
     return m
-
-
-# ---- command lines ---------------------------------------------------------------------------
-def _parser(desc: str) -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=desc)
-    p.add_argument("--load", required=True, help="source checkpoint folder")
-    p.add_argument("--save", required=True, help="output folder (written atomically)")
-    p.add_argument("--tp", type=int, default=1, help="tensor-parallel size to check and record")
-    p.add_argument("--pp", type=int, default=1, help="pipeline-parallel size to check and record")
-    p.add_argument("--ep", type=int, default=1, help="expert-parallel size to check and record")
-    p.add_argument(
-        "--dtype",
-        choices=["fp32", "bf16", "fp16"],
-        default=None,
-        help="output dtype (default: the source's)",
-    )
-    p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
-    return p
-
-
-def run_cli(fn, argv: list[str] | None, desc: str, extra=None) -> int:
-    p = _parser(desc)
-    if extra:
-        extra(p)
-    ns = p.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    kwargs = {k: v for k, v in vars(ns).items()}
-    for flag in ("tp", "pp", "ep"):
-        if kwargs[flag] < 1:
-            print(f"error: --{flag} {kwargs[flag]} must be >= 1", file=sys.stderr)
-            return 2
-    if "max_shard_gb" in kwargs:
-        gb = kwargs.pop("max_shard_gb")
-        if not math.isfinite(gb) or gb <= 0:
-            print(f"error: --max-shard-gb {gb} must be a number > 0", file=sys.stderr)
-            return 2
-        kwargs["max_shard_bytes"] = max(1, int(gb * 1024**3))
-
-    def convert() -> int:
-        fn(**kwargs)
-        return 0
-
-    return run_command(convert)
-
-
-def hf_to_megatron_main(argv: list[str] | None = None) -> int:
-    return run_cli(
-        hf_to_megatron,
-        argv,
-        "Convert an HF checkpoint (Llama, Mistral, Qwen2, Qwen3, Mixtral, Qwen2-MoE, Qwen3-MoE) "
-        "to megatron-core torch_dist (loads at any TP/PP/EP).",
-    )
-
-
-def megatron_to_hf_main(argv: list[str] | None = None) -> int:
-    def extra(p):
-        p.add_argument("--max-shard-gb", type=float, default=2.0, help="safetensors shard size")
-        p.add_argument(
-            "--no-verify-hashes",
-            dest="verify_hashes",
-            action="store_false",
-            help="do not check the source's files against its manifest's sha256 (faster)",
-        )
-
-    return run_cli(
-        megatron_to_hf,
-        argv,
-        "Export a megatron-core torch_dist checkpoint (dense or MoE, any merge variant) to HF "
-        "safetensors of the family that computes the same function.",
-        extra,
-    )
 
 
 __all__ = ["hf_to_megatron", "megatron_to_hf"]

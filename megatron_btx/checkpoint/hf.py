@@ -148,9 +148,6 @@ class PreadSafetensors:
     def __contains__(self, key: str) -> bool:
         return key in self._where
 
-    def file_of(self, key: str) -> Path:
-        return self._where[key][0]
-
     def shape(self, key: str) -> list[int]:
         return list(self._where[key][4])
 

@@ -18,16 +18,14 @@ training save hashes each rank's own files on that rank (:func:`gather_rank_hash
 
 from __future__ import annotations
 
-import argparse
 import concurrent.futures
 import os
-import sys
 from pathlib import Path
 from typing import Any
 
 from megatron_btx.checkpoint import manifest
 from megatron_btx.checkpoint.direct_io import written_digest
-from megatron_btx.errors import BTXError, run_command
+from megatron_btx.errors import BTXError
 
 FILES = "files"
 #: files that are never recorded: the manifest itself and the output's lock
@@ -152,31 +150,3 @@ def check_source(folder: str | os.PathLike[str], computed: dict[str, str]) -> No
                 f"{Path(folder) / name}: sha256 differs from its manifest's (the file changed); "
                 f"pass --no-verify-hashes to merge it anyway"
             )
-
-
-def main(argv: list[str] | None = None) -> int:
-    """`btx verify CKPT [CKPT ...]`."""
-    p = argparse.ArgumentParser(
-        prog="btx verify",
-        description="Re-hash every file of megatron_btx checkpoints (torch_dist or HF exports) "
-        "and compare with the sha256 their manifests record: one line per changed, missing or "
-        "unrecorded file; exit code 2 when there is one.",
-    )
-    p.add_argument("checkpoints", nargs="+", metavar="CKPT")
-    args = p.parse_args(argv)
-    return run_command(_verify, args.checkpoints)
-
-
-def _verify(folders: list[str]) -> int:
-    bad = 0
-    for folder in folders:
-        if not Path(folder).is_dir():
-            raise BTXError(f"{folder}: not a folder")
-        recorded = recorded_hashes(folder)
-        found = problems(folder, recorded)
-        for line in found:
-            print(f"error: {line}", file=sys.stderr)
-        if not found:
-            print(f"ok: {folder}: {len(recorded)} files match their sha256")
-        bad += len(found)
-    return 2 if bad else 0

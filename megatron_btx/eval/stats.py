@@ -120,10 +120,6 @@ class Interval:
     low: float
     high: float
 
-    @property
-    def excludes_zero(self) -> bool:
-        return self.low > 0.0 or self.high < 0.0
-
     def exp(self) -> Interval:
         """The interval of exp(statistic): percentile intervals map through monotone functions."""
         return Interval(math.exp(self.estimate), math.exp(self.low), math.exp(self.high))

@@ -17,7 +17,6 @@ import contextlib
 import dataclasses
 import json
 import logging
-import os
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -139,6 +138,10 @@ class MergeJob:
         finally:
             pool.shutdown(wait=False, cancel_futures=True)
 
+    def hashing_runs(self) -> bool:
+        """The sources' sha256 is still being computed on the second thread."""
+        return not all(job.done() for job in self.hash_jobs.values())
+
     # ---- the write --------------------------------------------------------------------------
     def write(self) -> dict[str, Any]:
         """Write the checkpoint (and HF export) under temporary names, verify, commit."""
@@ -165,7 +168,7 @@ class MergeJob:
                         settings.hash_output,
                     )
                 stream = LayerStream(self, template, writer, export)
-                with _threads_beside_hashing(self.hash_jobs):
+                with runtime.threads_beside(self.hashing_runs):
                     lineage = stream.run()
                 stream.check_complete()
                 writer.finish()
@@ -382,23 +385,6 @@ class LayerStream:
             raise RuntimeError(f"merge wrote no data for {missing[0]} ({len(missing)} missing)")
         partial = tpl.partial_keys(self.template) if self.job.plan.moe_layers is not None else ()
         self.writer.check_complete(allow_partial=partial)
-
-
-@contextlib.contextmanager
-def _threads_beside_hashing(hash_jobs: dict[int, concurrent.futures.Future]) -> Iterator[None]:
-    """torch's intra-op threads limited to the cores the sources' hashing leaves free, while it
-    runs. On 2 cores, torch's second thread spin-waited between the loop's many small ops on the
-    core the hashing needs: 3 s of CPU and 1.5 s of a 10 s merge."""
-    old = torch.get_num_threads()
-    if all(job.done() for job in hash_jobs.values()):
-        yield
-        return
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    torch.set_num_threads(max(1, min(old, (cores or 1) - 1)))
-    try:
-        yield
-    finally:
-        torch.set_num_threads(old)
 
 
 def _sha256_files(files: Sequence[Path]) -> dict[str, str]:

@@ -338,11 +338,3 @@ def _optimizer_layout_problem(saved: dict[str, Any], now: dict[str, Any]) -> str
 def _warn_rank0(msg: str) -> None:
     if _rank() == 0:
         log.warning(msg)
-
-
-def read_train_state(folder: Path) -> dict[str, Any]:
-    """The common train_state of a checkpoint without loading tensors."""
-    from megatron_btx.checkpoint import safe_dcp
-
-    common = safe_dcp.load_common(folder)
-    return dict(common.get("train_state") or {})

@@ -13,6 +13,10 @@ import sys
 
 import torch
 
+from megatron_btx import lazy_compile  # noqa: E402
+
+lazy_compile.install()  # as every btx command does: megatron-core's compile calls deferred
+
 
 def main() -> None:
     p = argparse.ArgumentParser()

@@ -7,6 +7,10 @@ from pathlib import Path
 
 import torch
 
+from megatron_btx import lazy_compile  # noqa: E402
+
+lazy_compile.install()  # as every btx command does: megatron-core's compile calls deferred
+
 
 def main() -> None:
     src, dst = Path(sys.argv[1]), Path(sys.argv[2])

@@ -16,6 +16,10 @@ import warnings
 
 import torch
 
+from megatron_btx import lazy_compile  # noqa: E402
+
+lazy_compile.install()  # as every btx command does: megatron-core's compile calls deferred
+
 warnings.filterwarnings("ignore")
 
 from megatron_btx import runtime  # noqa: E402

@@ -13,6 +13,10 @@ from __future__ import annotations
 import warnings
 
 import torch
+
+from megatron_btx import lazy_compile  # noqa: E402
+
+lazy_compile.install()  # as every btx command does: megatron-core's compile calls deferred
 import torch.distributed as dist
 
 warnings.filterwarnings("ignore")

@@ -1,0 +1,1 @@
+"""Conversion between HF and megatron-core checkpoints, from the command line."""
