@@ -31,7 +31,7 @@ def load_for_eval(folder: str, router_cfg: dict[str, Any] | None = None):
     if args.is_moe:
         from megatron_btx.models import routers
 
-        routers.install(model, router_cfg or {"type": "topk"}, model.config)
+        routers.install(model, router_cfg or {}, model.config)  # {}: the default router
         routers.reset_stats(model)
     model.eval()
     return model, args

@@ -18,7 +18,7 @@ from megatron_btx.models import router_types
 MEGATRON_ROUTER = "megatron top-k"
 #: the keys every router type has, and their defaults
 COMMON = {
-    "type": "topk",
+    "type": router_types.DEFAULT,
     #: add the paper's load-balancing loss alpha * N * sum_i u_i p_i (per MoE layer)
     "load_balancing": True,
     "alpha": 0.01,
@@ -31,7 +31,7 @@ COMMON = {
 class RouterSettings:
     """The validated ``router_cfg`` of :func:`~megatron_btx.models.routers.install`."""
 
-    type: str = "topk"
+    type: str = router_types.DEFAULT
     load_balancing: bool = True
     alpha: float = 0.01
     freeze_experts: bool = False

@@ -45,7 +45,10 @@ import torch
 
 from megatron_btx.errors import BTXError
 
-__all__ = ["HFRouting", "RouterType", "get", "names", "register", "temperature_at"]
+__all__ = ["DEFAULT", "HFRouting", "RouterType", "get", "names", "register", "temperature_at"]
+
+#: the router type of a router config that names none (the paper's default: top-k)
+DEFAULT = "topk"
 
 
 @dataclass(frozen=True)

@@ -355,7 +355,7 @@ class Planner:
         settings the merge stage will get: never out of step with it."""
         from megatron_btx.merge.plan import plan_for
 
-        seed = "seed" if self.cfg.merge.seed_as_expert else None
+        seed = SEED if self.cfg.merge.seed_as_expert else None
         settings = self.merge_settings(
             [expert_name(n) for n in self.names], "merged", seed, router_init="random"
         )
