@@ -8,7 +8,7 @@ import logging
 
 from megatron_btx.errors import run_command
 from megatron_btx.merge.run import merge
-from megatron_btx.merge.settings import MergeSettings
+from megatron_btx.merge.settings import ATTENTION, MergeSettings
 
 
 def _expert_map(text: str) -> list[int]:
@@ -140,6 +140,14 @@ def _variants(p: argparse.ArgumentParser) -> None:
         choices=["average", "seed"],
         default="average",
         help="the FFN of non-MoE layers",
+    )
+    p.add_argument(
+        "--attention",
+        choices=list(ATTENTION),
+        default="average",
+        help="the attention: average (BTX), experts (BAM: every source's attention kept as an "
+        "attention expert, mixed per token by a soft router in every layer) or "
+        "experts_shared_kv (BAM with the key/value projections averaged and shared)",
     )
 
 

@@ -36,7 +36,6 @@ from megatron_btx.checkpoint.mapping import (
     FINAL_LN,
     OUT,
     ROUTER,
-    attention_and_norms,
 )
 from megatron_btx.checkpoint.megatron_io import atomic_folder, check_target
 from megatron_btx.checkpoint.sources import (
@@ -49,6 +48,7 @@ from megatron_btx.checkpoint.sources import (
     open_source,
 )
 from megatron_btx.errors import BTXError
+from megatron_btx.merge import attention
 from megatron_btx.merge.centroid import CentroidRouter, load_tokens
 from megatron_btx.merge.hf_export import HFExport, check_exportable
 from megatron_btx.merge.layer import accumulate, merge_layer, random_router
@@ -129,7 +129,8 @@ class MergeJob:
         settings = self.settings
         if settings.router_init != "centroid":
             return {}
-        needed = sorted(set(self.plan.routed_expert_sources()))
+        # the routed experts' domains, and every attention expert's
+        needed = sorted(set(self.plan.routed_expert_sources()) | set(self.plan.attention_sources))
         data = settings.centroid_data
         if not data or len(data) != len(self.sources):
             raise BTXError(
@@ -259,6 +260,8 @@ class MergeJob:
             "centroid_tokens": settings.centroid_tokens if centroid else None,
             "top_k": plan.top_k,
             "num_experts": plan.num_experts,
+            "attention": plan.attention,
+            "attention_sources": plan.attention_sources or None,
             "averaging": "fp32 weighted mean, cast to output dtype",
             "lineage_cosine": lineage,
         }
@@ -401,12 +404,15 @@ class LayerStream:
             layer,
             job.reads.reads,
             self.pool,
+            job.dense,
         )
-        averaged = list(attention_and_norms(job.dense))
+        averaged = list(attention.averaged_names(plan.attention, job.dense))
         if not plan.is_moe_layer(layer) and plan.dense_ffn == "average":
             averaged += [FC1, FC2]
         for name in averaged:
             merged[name] = self.pool.cast("out." + name, merged[name], job.dtype)
+        if plan.attention_sources:
+            merged[attention.ATTENTION_ROUTER] = self._attention_router(layer, merged)
         if plan.is_moe_layer(layer):
             if self.centroid is not None:
                 router = self.centroid.run_layer(layer, merged)
@@ -419,6 +425,19 @@ class LayerStream:
         self._write(tpl.entries_under(self.template, prefix), prefix, merged, f"layer {layer}")
         if self.export is not None:
             self.export.add_layer(layer, merged)
+
+    def _attention_router(self, layer: int, merged: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Layer `layer`'s attention router: random or zero as the FFN routers (a stream of
+        its own), or the domain centroids of the attention's input."""
+        job, plan = self.job, self.job.plan
+        if self.centroid is not None:
+            router = self.centroid.attention_rows(layer, merged)
+        else:
+            shape = (len(plan.attention_sources), job.dense.hidden_size)
+            router = attention.random_attention_router(
+                plan.router_init, plan.router_seed, plan.router_std, layer, shape
+            )
+        return router.to(job.dtype)
 
     def check_complete(self) -> None:
         missing = [k for k in self.template if k not in self.written]

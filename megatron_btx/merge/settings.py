@@ -13,6 +13,8 @@ from megatron_btx.errors import BTXError
 
 ROUTER_INITS = ("random", "zero", "centroid")
 DENSE_FFN = ("average", "seed")
+#: the attention: averaged (BTX) or kept as attention experts (BAM; merge.attention)
+ATTENTION = ("average", "experts", "experts_shared_kv")
 DTYPES = ("fp32", "bf16", "fp16")
 
 
@@ -44,6 +46,8 @@ class MergeSettings:
     seed_as_shared_expert: bool = False
     moe_layers: str | None = None
     dense_ffn: str = "average"
+    #: average (BTX) | experts | experts_shared_kv: each source's attention an attention expert
+    attention: str = "average"
     dtype: str | None = None
     export_hf: str | None = None
     hf_shard_gb: float = 1.0
@@ -72,6 +76,8 @@ class MergeSettings:
             raise BTXError(f"--router-init {self.router_init!r}: use {', '.join(ROUTER_INITS)}")
         if self.dense_ffn not in DENSE_FFN:
             raise BTXError(f"--dense-ffn {self.dense_ffn!r}: use average or seed")
+        if self.attention not in ATTENTION:
+            raise BTXError(f"--attention {self.attention!r}: use {', '.join(ATTENTION)}")
         if self.dtype is not None and self.dtype not in DTYPES:
             raise BTXError(f"--dtype {self.dtype!r}: use {', '.join(DTYPES)}")
         for flag, value in (("--tp", self.tp), ("--pp", self.pp), ("--ep", self.ep)):

@@ -2,6 +2,8 @@
 
 - every expert's FFN is bit-identical to its source's (or the chunk of it);
 - every averaged tensor equals an fp32 recomputation of the average from the sources, cast once;
+- attention experts (BAM) are bit-identical to their source's attention (shared-KV: its query
+  rows; the shared key/value rows are averaged);
 - random / zero routers equal their reproducible init; every router is finite;
 - every checkpoint key is a key of the MoE model and vice versa, and every source key is
   accounted for (expert, shared expert, averaged, or not a model weight);
@@ -29,10 +31,10 @@ from megatron_btx.checkpoint.mapping import (
     OUT,
     ROUTER,
     StateDictAdapter,
-    attention_and_norms,
 )
 from megatron_btx.checkpoint.sources import Source
 from megatron_btx.errors import BTXError
+from megatron_btx.merge import attention
 from megatron_btx.merge.layer import merge_layer, random_router
 from megatron_btx.merge.plan import MergePlan, ReadPlan
 from megatron_btx.models.llama import LlamaArgs, MoEVariant, build_for_checkpoint, to_dtype
@@ -72,20 +74,40 @@ def _fp32_average(
 
 
 def _check_layer(folder, layer, got, sources, reads: ReadPlan, plan: MergePlan, dtype, counts):
+    args = sources[0].args
     want = merge_layer(
-        reads.plan, lambda read: sources[reads.first[read]].layer(layer), layer, reads.reads
+        reads.plan,
+        lambda read: sources[reads.first[read]].layer(layer),
+        layer,
+        reads.reads,
+        args=args,
     )
-    attention = attention_and_norms(sources[0].args)
-    for name in attention:
+    averaged = attention.averaged_names(plan.attention, args)
+    for name in averaged:
         _same(folder, f"layer {layer} {name}", got[name], want[name].to(dtype), "the fp32 average")
         counts["averaged_equal_fp32"] += 1
     for name, tensor in want.items():
-        if name in attention:
+        if name in averaged:
+            continue
+        if name.startswith("self_attention.experts."):
+            _same(folder, f"layer {layer} {name}", got[name], tensor.to(dtype), "its source")
+            if tensor.dtype == dtype:
+                counts["attention_experts_bit_identical"] += 1
             continue
         kind = "its source FFN" if "experts" in name else "the dense FFN"
         _same(folder, f"layer {layer} {name}", got[name], tensor.to(dtype), kind)
         if "experts" in name and tensor.dtype == dtype:
             counts["experts_bit_identical"] += 1
+    if plan.attention_sources:
+        router = got[attention.ATTENTION_ROUTER]
+        if not torch.isfinite(router.float()).all():
+            raise _fail(folder, f"layer {layer} attention router has non-finite values")
+        if plan.router_init in ("random", "zero"):
+            init = attention.random_attention_router(
+                plan.router_init, plan.router_seed, plan.router_std, layer, tuple(router.shape)
+            )
+            _same(folder, f"layer {layer} attention router", router, init.to(dtype), "its init")
+        counts["routers"] += 1
     if plan.is_moe_layer(layer):
         router = got[ROUTER]
         if not torch.isfinite(router.float()).all():
@@ -112,6 +134,8 @@ def verify_checkpoint(
     template = tpl.flat_template(build_for_checkpoint(out_args, dtype, variant, meta=True))
     reader = PartialReader(folder)
     counts = {"experts_bit_identical": 0, "averaged_equal_fp32": 0, "routers": 0}
+    if plan.attention_sources:
+        counts["attention_experts_bit_identical"] = 0
     try:
         for name in [EMB, FINAL_LN] + ([] if out_args.tie_word_embeddings else [OUT]):
             got = tpl.read_prefix(reader, template, name)[name]
@@ -221,7 +245,8 @@ def _dense_reference(source: Source, ids, positions):
 def _verify_logits(folder, sources, plan: MergePlan, out_args, variant) -> dict[str, Any]:
     """(1) the written MoE loads into megatron-core and gives finite logits; (2) sparse upcycling
     as the special case: an MoE whose experts are all source 0's FFN and whose other tensors are
-    source 0's gives source 0's logits (fp32) whatever the router."""
+    source 0's (its attention experts all source 0's attention) gives source 0's logits (fp32)
+    whatever the routers."""
     from megatron_btx.checkpoint.megatron_io import load_model
 
     args = sources[0].args
@@ -240,13 +265,14 @@ def _verify_logits(folder, sources, plan: MergePlan, out_args, variant) -> dict[
         weights=[1.0],
         expert_sources=[0] * len(plan.expert_sources),
         shared_source=None if plan.shared_source is None else 0,
+        attention_sources=[0] * len(plan.attention_sources),
     )
     state = moe.state_dict()
     for key in (EMB, FINAL_LN, OUT):
         if key in state:
             state[key] = dense_state[key]
     for layer in range(args.num_hidden_layers):
-        merged = merge_layer(upcycled, lambda _, i=layer: layers[i], layer, [0])
+        merged = merge_layer(upcycled, lambda _, i=layer: layers[i], layer, [0], args=args)
         for name, tensor in merged.items():
             state[f"{tpl.layer_prefix(layer)}{name}"] = tensor.to(torch.float32)
         if plan.is_moe_layer(layer):

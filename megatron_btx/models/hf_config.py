@@ -282,6 +282,11 @@ def export_family(args: LlamaArgs, variant: MoEVariant, routing: HFRouting | Non
     when it has Mixtral's shape (Llama / Mistral attention, every layer MoE with one expert
     size, no shared expert, renormalised top-k: the form every runtime reads), Qwen2-MoE for
     everything else with Llama, Mistral or Qwen2 attention, Qwen3-MoE for Qwen3 attention."""
+    if variant.attention_experts:
+        raise BTXError(
+            "attention experts (BAM) have no HF form: no transformers architecture mixes "
+            "several attention blocks per layer; evaluate the megatron checkpoint instead"
+        )
     if not args.is_moe:
         return args.model_type
     routing = routing or export_routing(args, None)
