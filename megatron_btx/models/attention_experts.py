@@ -104,9 +104,12 @@ class AttentionRouter(MegatronModule):
         self.weight.sequence_parallel = config.sequence_parallel
         self._stats: dict[str, torch.Tensor] = {}
 
+    def gating(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        """The router logits W x, [s, b, E], in fp32."""
+        return torch.nn.functional.linear(hidden_states.float(), self.weight.float())
+
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        logits = torch.nn.functional.linear(hidden_states.float(), self.weight.float())
-        probs = torch.softmax(logits, dim=-1)
+        probs = torch.softmax(self.gating(hidden_states), dim=-1)
         self._record(probs)
         return probs
 
