@@ -20,6 +20,7 @@ first step's grad norm by 5.6e-4 relative, five times the tolerance.
 
 from __future__ import annotations
 
+import math
 import signal
 import sys
 from pathlib import Path
@@ -96,6 +97,12 @@ def test_tp2_then_resume_at_pp2_and_ep2_match_one_process(tmp_path, base, data):
     assert saved["moe"]["attention_experts"] == 4  # the run's checkpoints keep the variant
     ref = tc.records(ref_dir, "train")
     assert ref[-1]["loss"] < ref[0]["loss"]  # it trains
+    # the attention routers' statistics: 4 weights summing to 1, entropy below log 4
+    for layer in (0, 1):
+        assert sum(ref[0][f"attention_router_weight_l{layer}"]) == pytest.approx(1.0)
+    assert 0 < ref[0]["attention_router_entropy"] < math.log(4)
+    tokens = ref[0]["attention_router_tokens_l0"]
+    assert tokens == 8 * 64  # one step's global batch of 8 sequences of 64
 
     run_dir = tmp_path / "tp2"
     tc.check(
@@ -106,6 +113,10 @@ def test_tp2_then_resume_at_pp2_and_ep2_match_one_process(tmp_path, base, data):
         )
     )
     _compare(ref_dir, run_dir, range(1, 6))
+    # TP ranks route their own slices of the sequence: the statistics count every token once
+    first = tc.records(run_dir, "train")[0]
+    assert first["attention_router_tokens_l1"] == tokens
+    assert first["attention_router_entropy"] == pytest.approx(ref[0]["attention_router_entropy"])
     proc = tc.check(
         tc.run(
             cfg,

@@ -447,3 +447,9 @@ def routing_stats(model: Any, reset: bool = True, group: Any = None) -> dict[int
         if stats is not None:
             out[int(mixture.layer_number) - 1] = stats
     return out
+
+
+def reset_stats(model: Any) -> None:
+    """Forget the attention routers' statistics so far (e.g. after validation forwards)."""
+    for mixture in mixtures(model):
+        mixture.router._stats = {}
