@@ -291,6 +291,37 @@ def test_centroid_attention_router_is_the_mean_normed_embedding(branches, tmp_pa
         torch.testing.assert_close(router[e], row / row.norm(), atol=1e-5, rtol=1e-4)
 
 
+@pytest.mark.parametrize("branches", ["llama"], indirect=True)
+def test_with_the_other_merge_variants(branches, ids, tmp_path):
+    """Attention experts beside MoE in some layers (a dense seed FFN in the others) and a
+    shared expert, and beside split FFN experts: --verify passes (every attention expert is its
+    source's), the model loads and runs, and the per-layer checkpoint keys hold E experts."""
+    from megatron_btx.checkpoint.dcp_stream import read_metadata
+
+    family, sources = branches
+    cases = {
+        "partial": dict(
+            attention="experts_shared_kv",
+            moe_layers="1",
+            dense_ffn="seed",
+            seed_as_shared_expert=True,
+        ),
+        "split": dict(attention="experts", split_chunks=2),
+    }
+    for name, settings in cases.items():
+        written = merge(sources, tmp_path / name, verify=True, **settings)
+        assert written["verify"]["attention_experts_bit_identical"] > 0
+        assert written["moe"]["attention_experts"] == 3
+    index = read_metadata(tmp_path / "partial").state_dict_metadata
+    # heterogeneous layers: megatron-core keys them per layer, the experts stacked
+    size = index["decoder.layers.0.self_attention.experts.linear_q.weight"].size
+    assert tuple(size) == (3, 64, 64)
+    assert tuple(index["decoder.layers.1.self_attention.linear_kv.weight"].size) == (64, 64)
+    with Runtime():
+        for name in cases:
+            assert torch.isfinite(logits_of(load_merged(tmp_path / name), ids)).all(), name
+
+
 # ---- counts ----------------------------------------------------------------------------------
 # The merge of two branches + seed of tests/conftest.py's Llama shape, cut to 2 layers:
 # hidden 64, 4 heads of 16, 2 key-value heads, FFN 96, vocabulary 300 (padded to 384), 3 sources.
@@ -337,12 +368,11 @@ def test_shared_kv_parameter_count_by_hand():
 
 
 # ---- refusals and checks ---------------------------------------------------------------------
+@pytest.mark.parametrize("branches", ["llama"], indirect=True)
 def test_hf_export_is_refused_with_one_line(branches, tmp_path):
     """No `transformers` architecture has attention experts: `btx merge --export-hf` and `btx
     convert` of a BAM checkpoint refuse with one line, and nothing is written."""
     family, sources = branches
-    if family != "llama":
-        pytest.skip("one family is enough")
     proc = btx(
         "merge",
         "--experts",
@@ -364,6 +394,7 @@ def test_hf_export_is_refused_with_one_line(branches, tmp_path):
     assert not (tmp_path / "hf").exists()
 
 
+@pytest.mark.parametrize("branches", ["llama"], indirect=True)
 def test_manifest_claiming_other_attention_experts_is_refused(branches, tmp_path):
     """A manifest edited to claim another number of attention experts (or none) than the
     checkpoint holds is refused before any model is built, naming the tensor."""
@@ -372,8 +403,6 @@ def test_manifest_claiming_other_attention_experts_is_refused(branches, tmp_path
     from megatron_btx.checkpoint.megatron_io import read_args
 
     family, sources = branches
-    if family != "llama":
-        pytest.skip("one family is enough")
     merge(sources, tmp_path / "bam", attention="experts", hash_output=False)
     for claim in (5, 0, "three"):
         folder = tmp_path / f"claim_{claim}"

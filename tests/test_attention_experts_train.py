@@ -125,6 +125,7 @@ def test_tp2_then_resume_at_pp2_and_ep2_match_one_process(tmp_path, base, data):
         )
     )
     assert "resharding model and optimizer state" in proc.stderr
+    assert "4 attention experts (experts)" in proc.stdout + proc.stderr
     _compare(ref_dir, run_dir, range(5, 8))
 
     run_dir = tmp_path / "ep2"

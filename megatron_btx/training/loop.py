@@ -646,6 +646,10 @@ class Trainer:
             if arch.is_moe
             else "dense"
         )
+        if self.variant.attention_experts:
+            kind += (
+                f", {self.variant.attention_experts} attention experts ({self.variant.attention})"
+            )
         from megatron_btx.models.specs import chosen_spec
 
         spec = chosen_spec(None if self.cfg.model.spec == "auto" else self.cfg.model.spec)
