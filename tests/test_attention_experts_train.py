@@ -60,12 +60,14 @@ def bam_init(base: Path, data: Path) -> Path:
     return out
 
 
-def bam_config(base: Path, data: Path, run_dir: Path, name: str, **train) -> Path:
+def bam_config(
+    base: Path, data: Path, run_dir: Path, name: str, model: dict | None = None, **train
+) -> Path:
     return tc.write_config(
         base / f"{name}.yaml",
         run_dir,
         data,
-        model={"init_from": str(bam_init(base, data))},
+        model={"init_from": str(bam_init(base, data)), **(model or {})},
         train={"save_interval": 4, "keep_last": 3, **train},
     )
 
@@ -140,10 +142,12 @@ def test_tp2_then_resume_at_pp2_and_ep2_match_one_process(tmp_path, base, data):
 
 
 def test_kill9_then_resume_gives_the_same_losses(tmp_path, base, data):
-    """SIGKILL a run of the BAM model just after a checkpoint; the resumed run's losses at
-    every step after that checkpoint equal the killed run's."""
+    """SIGKILL a run of the BAM model (with full activation recompute) just after a checkpoint;
+    the resumed run's losses at every step after that checkpoint equal the killed run's."""
     run_dir = tmp_path / "run"
-    cfg = bam_config(base, data, run_dir, "bam_kill", steps=1000, save_interval=5)
+    cfg = bam_config(
+        base, data, run_dir, "bam_kill", model={"recompute": True}, steps=1000, save_interval=5
+    )
 
     def just_after_a_checkpoint() -> bool:
         saved = [r["step"] for r in tc.records(run_dir, "checkpoint")]
@@ -164,3 +168,5 @@ def test_kill9_then_resume_gives_the_same_losses(tmp_path, base, data):
     resumed = tc.losses(run_dir)  # the resumed run's records come last and win
     for s in after:
         assert abs(resumed[s] - killed[s]) <= 1e-6, (s, resumed[s], killed[s])
+    # recompute runs each layer's forward twice; the routing statistics count tokens once
+    assert tc.records(run_dir, "train")[-1]["attention_router_tokens_l0"] == 8 * 64

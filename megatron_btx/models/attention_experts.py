@@ -110,7 +110,11 @@ class AttentionRouter(MegatronModule):
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         probs = torch.softmax(self.gating(hidden_states), dim=-1)
-        self._record(probs)
+        # with full activation recompute, megatron runs a layer's training forward twice: once
+        # without grad (the checkpointed pass) and again in the backward; count the tokens once
+        checkpointed = self.config.recompute_granularity == "full" and self.training
+        if not (checkpointed and not torch.is_grad_enabled()):
+            self._record(probs)
         return probs
 
     @torch.no_grad()
