@@ -210,6 +210,8 @@ def test_one_hot_router_gives_the_source_model(branches, ids, tmp_path, expert):
     assert written["moe"]["attention_experts"] == 3
     assert written["merge"]["attention"] == "experts"
     assert written["verify"]["attention_experts_bit_identical"] > 0
+    destinations = [c["attention_to"] for c in written["verify"]["source_keys"]]
+    assert destinations == ["attention experts 0", "attention experts 1", "attention experts 2"]
     with Runtime():
         model = load_merged(tmp_path / "bam")
         averaged = logits_of(model, ids)

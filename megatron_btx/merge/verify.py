@@ -192,6 +192,11 @@ def source_coverage(sources: list[Source], plan: MergePlan) -> list[dict[str, An
                 "keys": len(keys),
                 "ffn_keys": len(ffn),
                 "ffn_to": _ffn_destination(index, plan),
+                **(
+                    {"attention_to": _attention_destination(index, plan)}
+                    if plan.attention_sources
+                    else {}
+                ),
                 "averaged": averaged if plan.weights[index] else 0,
                 "unused": 0 if plan.weights[index] else averaged,
                 "not_model_weights": others[:20]
@@ -199,6 +204,13 @@ def source_coverage(sources: list[Source], plan: MergePlan) -> list[dict[str, An
             }
         )
     return out
+
+
+def _attention_destination(index: int, plan: MergePlan) -> str:
+    experts = ",".join(str(e) for e, s in enumerate(plan.attention_sources) if s == index)
+    if plan.attention == "experts_shared_kv":
+        return f"attention experts {experts} (queries, output); keys and values averaged"
+    return f"attention experts {experts}"
 
 
 def _ffn_destination(index: int, plan: MergePlan) -> str:
