@@ -162,9 +162,13 @@ def check_fields(m: dict[str, Any], where: str) -> None:
     freq = moe.get("layer_freq")
     if freq is not None and not (isinstance(freq, list) and all(x in (0, 1) for x in freq)):
         raise bad("moe.layer_freq", freq, "is not a list of 0/1 per layer")
-    for key in ("shared_expert_intermediate_size", "dense_ffn_hidden_size"):
+    for key in ("shared_expert_intermediate_size", "dense_ffn_hidden_size", "attention_experts"):
         if moe.get(key) is not None and not _natural(moe[key]):
             raise bad(f"moe.{key}", moe[key], "is not a size")
+    if moe.get("attention_shared_kv") is not None and not isinstance(
+        moe["attention_shared_kv"], bool
+    ):
+        raise bad("moe.attention_shared_kv", moe["attention_shared_kv"], "is not true or false")
     files = m.get("files") or {}
     if any(not (isinstance(k, str) and isinstance(v, str)) for k, v in files.items()):
         raise bad("files", "...", "is not a map of file names to sha256 digests")

@@ -252,11 +252,14 @@ def read_args(folder: str | Path, metadata: Any = None) -> LlamaArgs:
     from megatron_btx.checkpoint.dcp_stream import read_metadata
 
     args = _manifest_args(folder)
-    check_sizes(args, folder, metadata if metadata is not None else read_metadata(folder))
+    metadata = metadata if metadata is not None else read_metadata(folder)
+    check_sizes(args, folder, metadata, read_variant(folder))
     return args
 
 
-def check_sizes(args: LlamaArgs, folder: str | Path, metadata: Any) -> None:
+def check_sizes(
+    args: LlamaArgs, folder: str | Path, metadata: Any, variant: MoEVariant | None = None
+) -> None:
     """The sizes a manifest claims are those of the tensors the checkpoint holds: the
     embedding is padded vocabulary x hidden, and there is one attention weight of the heads'
     shapes per layer (stacked along a first axis of length layers, or one key per layer where
@@ -264,17 +267,19 @@ def check_sizes(args: LlamaArgs, folder: str | Path, metadata: Any) -> None:
     then fails here at once, instead of after minutes and gigabytes spent building a model of
     that size (even on the meta device)."""
     index = metadata.state_dict_metadata
-    h, layers, d = args.hidden_size, args.num_hidden_layers, args.head_dim
-    qkv = ((args.num_attention_heads + 2 * args.num_key_value_heads) * d, h)
-    proj = (h, args.num_attention_heads * d)
+    h, layers = args.hidden_size, args.num_hidden_layers
     found = {"embedding.word_embeddings.weight": _shape(index, "embedding.word_embeddings.weight")}
     want = {"embedding.word_embeddings.weight": (args.padded_vocab_size, h)}
-    for name, shape in (("linear_qkv", qkv), ("linear_proj", proj)):
+    # the attention projections (attention experts stacked on an expert axis: its length is
+    # the manifest's attention_experts)
+    for name, shape in (variant or MoEVariant()).attention_weights(args):
         stacked = f"decoder.layers.self_attention.{name}.weight"
         if stacked in index:
             found[stacked], want[stacked] = _shape(index, stacked), (layers, *shape)
             continue
-        per_layer = re.compile(rf"decoder\.layers\.(\d+)\.self_attention\.{name}\.weight")
+        per_layer = re.compile(
+            rf"decoder\.layers\.(\d+)\.self_attention\.{re.escape(name)}\.weight"
+        )
         shapes = {
             int(m.group(1)): _shape(index, key)
             for key in index

@@ -2,7 +2,8 @@
 over a sample of that expert's own domain.
 
 The router input of layer i is the hidden state after attention and the pre-MLP norm, i.e.
-exactly what the router sees. It is computed through the merged model's earlier layers (with
+exactly what the router sees (an attention router's, with attention experts: the layer's input
+after the input norm). It is computed through the merged model's earlier layers (with
 their routers already set), one layer at a time with megatron-core's own TransformerLayer, so the
 merge still holds one layer at a time.
 """
@@ -19,6 +20,7 @@ import torch
 
 from megatron_btx.checkpoint.mapping import ROUTER
 from megatron_btx.errors import BTXError
+from megatron_btx.merge.attention import ATTENTION_ROUTER
 from megatron_btx.models.llama import LlamaArgs, MoEVariant, build_for_checkpoint
 
 
@@ -145,6 +147,11 @@ class CentroidRouter:
         self.layer_variant = dataclasses.replace(
             variant, layer_freq=None, dense_ffn_hidden_size=None
         )
+        #: one dense layer's (its attention experts, if any)
+        self.dense_variant = MoEVariant(
+            attention_experts=variant.attention_experts,
+            attention_shared_kv=variant.attention_shared_kv,
+        )
         self.hidden: dict[int, torch.Tensor] = {}
 
     def embed(self, embedding: torch.Tensor) -> None:
@@ -156,7 +163,7 @@ class CentroidRouter:
     def _layer_model(self, moe: bool, merged: dict[str, torch.Tensor]):
         """A one-layer model holding the merged layer (a zero router for now)."""
         args = dataclasses.replace(self.out_args if moe else self.dense_args, num_hidden_layers=1)
-        variant = self.layer_variant if moe else None
+        variant = self.layer_variant if moe else self.dense_variant
         model = build_for_checkpoint(
             args, torch.float32, variant, pre_process=False, post_process=False
         )
@@ -165,13 +172,14 @@ class CentroidRouter:
         prefix = "decoder.layers.0."
         for key in list(state):
             short = key[len(prefix) :]
-            if key.endswith("_extra_state") or short == ROUTER:
+            if key.endswith("_extra_state"):
                 continue
-            state[key] = merged[short].to(torch.float32)
-        if moe:
-            state[prefix + ROUTER] = torch.zeros(
-                self.out_args.num_local_experts, self.out_args.hidden_size
-            )
+            if short in merged:
+                state[key] = merged[short].to(torch.float32)
+            elif short in (ROUTER, ATTENTION_ROUTER):  # not set yet
+                state[key] = torch.zeros_like(state[key])
+            else:
+                raise KeyError(f"the merged layer has no {short}")
         model.load_state_dict(state, strict=False)
         return model
 
@@ -198,9 +206,25 @@ class CentroidRouter:
             self.hidden[source] = self._forward(model, hidden)
         return router
 
-    def _router_rows(self, model) -> torch.Tensor:
+    def attention(self, layer, merged, shape) -> torch.Tensor:
+        """The attention router's rows (LayerRouters' hook): :meth:`attention_rows`."""
+        return self.attention_rows(layer, merged)
+
+    @torch.no_grad()
+    def attention_rows(self, layer: int, merged: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Layer `layer`'s attention router (BAM, merge.attention): row e is the normalised
+        mean input of the attention over attention expert e's source's domain sample. Call
+        before :meth:`run_layer`, which then routes with it."""
+        model = self._layer_model(self.plan.is_moe_layer(layer), merged)
+        router = model.decoder.layers[0].self_attention.router
+        return self._router_rows(model, router, self.plan.attention_sources)
+
+    def _router_rows(self, model, router=None, sources=None) -> torch.Tensor:
+        """Rows of `router` (default: the MoE layer's) for `sources` (default: the routed
+        experts'), from the mean input it sees on each source's domain sample."""
         captured: dict[str, torch.Tensor] = {}
-        router = model.decoder.layers[0].mlp.router
+        router = model.decoder.layers[0].mlp.router if router is None else router
+        sources = self.plan.routed_expert_sources() if sources is None else sources
         hook = router.register_forward_pre_hook(
             lambda module, inputs: captured.__setitem__("x", inputs[0].detach().clone())
         )
@@ -211,16 +235,15 @@ class CentroidRouter:
                 means[source] = captured["x"].reshape(-1, hidden.shape[-1]).float().mean(0)
         finally:
             hook.remove()
-        rows = [
-            means[s] / means[s].norm().clamp_min(1e-12) for s in self.plan.routed_expert_sources()
-        ]
+        rows = [means[s] / means[s].norm().clamp_min(1e-12) for s in sources]
         return torch.stack(rows)
 
 
 def job_tokens(job) -> dict[int, torch.Tensor]:
     """Each routed source's domain sample [n, S] for a merge's centroid routers."""
     settings, sources = job.settings, job.sources
-    needed = sorted(set(job.plan.routed_expert_sources()))
+    # the routed experts' domains, and every attention expert's
+    needed = sorted(set(job.plan.routed_expert_sources()) | set(job.plan.attention_sources))
     data = settings.centroid_data
     if not data or len(data) != len(sources):
         raise BTXError(

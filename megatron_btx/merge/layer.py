@@ -2,7 +2,8 @@
 
 In every layer source i's SwiGLU FFN becomes MoE expert i unchanged (or C chunks of it, or
 blended chunks); every other tensor is the fp32 (optionally weighted) average of the sources'
-copies; a new router per layer. No reading or writing happens here: sources arrive through a
+copies, except the attention a BAM merge keeps as attention experts (merge.attention); a new
+router per layer. No reading or writing happens here: sources arrive through a
 callback one at a time, so a layer's memory holds one source's layer plus the accumulators.
 """
 
@@ -22,7 +23,9 @@ from megatron_btx.checkpoint.mapping import (
     expert_fc1,
     expert_fc2,
 )
+from megatron_btx.merge import attention
 from megatron_btx.merge.plan import MergePlan
+from megatron_btx.models.llama import LlamaArgs
 
 if TYPE_CHECKING:
     from megatron_btx.checkpoint.sources import BufferPool
@@ -106,29 +109,39 @@ def merge_layer(
     layer: int,
     sources: Sequence[int],
     pool: BufferPool | None = None,
+    args: LlamaArgs | None = None,
 ) -> dict[str, torch.Tensor]:
     """Layer `layer` of the merged model by short megatron name (fp32 averages, experts in the
-    sources' dtype; the router is not included). `read_source_layer(s)` reads source s's layer.
-    With `pool`, the averages live in its buffers (valid until the next layer's merge)."""
+    sources' dtype; the routers are not included). `read_source_layer(s)` reads source s's
+    layer. With `pool`, the averages live in its buffers (valid until the next layer's merge).
+    `args` (the sources' LlamaArgs) is needed to split the QKV rows for shared-KV attention."""
     avg = Averager(plan.weights, pool)
     ffns: dict[int, FFN] = {}
+    own_attention: dict[int, dict[str, torch.Tensor]] = {}
     moe = plan.is_moe_layer(layer)
     averaged_ffn = not moe and plan.dense_ffn == "average"
     seed = plan.n_sources - 1
     keep_ffn = set(plan.expert_sources) | ({plan.shared_source} - {None}) if moe else set()
     if not moe and plan.dense_ffn == "seed":
         keep_ffn = {seed}
-    attention = list(ATTENTION_AND_NORMS)
+    averaged_names = list(ATTENTION_AND_NORMS)
     for source in sources:
         tensors = read_source_layer(source)
-        # every tensor outside the FFN, with the family's extras (q/k/v biases, QK-norm)
-        attention = [name for name in tensors if name not in (FC1, FC2)]
-        for name in attention + ([FC1, FC2] if averaged_ffn else []):
-            avg.add(source, name, tensors[name])
+        # every tensor outside the FFN, with the family's extras (q/k/v biases, QK-norm): each
+        # averaged, or kept by the source's attention expert
+        averaged, own = attention.source_parts(plan.attention, tensors, args)
+        averaged_names = list(averaged)
+        if averaged_ffn:
+            averaged.update({FC1: tensors[FC1], FC2: tensors[FC2]})
+        for name, tensor in averaged.items():
+            avg.add(source, name, tensor)
+        if source in plan.attention_sources:
+            own_attention[source] = own
         if source in keep_ffn:
             ffns[source] = (tensors[FC1], tensors[FC2])
-        del tensors
-    merged = {name: avg.result(name) for name in attention}
+        del tensors, averaged, own
+    merged = {name: avg.result(name) for name in averaged_names}
+    merged.update(attention.expert_tensors(plan.attention_sources, own_attention))
     if not moe:
         if averaged_ffn:
             merged[FC1], merged[FC2] = avg.result(FC1), avg.result(FC2)

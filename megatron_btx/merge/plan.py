@@ -27,6 +27,10 @@ class MergePlan:
     dense_ffn: str = "average"  # FFN of non-MoE layers: average | seed (last source)
     top_k: int = 2
     dtype: str = "bf16"
+    #: average (BTX) | experts | experts_shared_kv (BAM: merge.attention)
+    attention: str = "average"
+    #: attention expert e <- source attention_sources[e] (every source, in order; [] = average)
+    attention_sources: list[int] = dataclasses.field(default_factory=list)
 
     @property
     def num_experts(self) -> int:
@@ -72,6 +76,8 @@ class MergePlan:
             ),
             layer_freq=layer_freq,
             dense_ffn_hidden_size=dense.intermediate_size if layer_freq is not None else None,
+            attention_experts=len(self.attention_sources),
+            attention_shared_kv=self.attention == "experts_shared_kv",
         )
 
 
@@ -176,6 +182,8 @@ def plan_for(settings: MergeSettings, dense: LlamaArgs, n: int, dtype: str = "bf
         dense_ffn=settings.dense_ffn,
         top_k=0,
         dtype=dtype,
+        attention=settings.attention,
+        attention_sources=[] if settings.attention == "average" else list(range(n)),
     )
     if settings.dense_ffn == "seed" and settings.seed is None and plan.moe_layers is not None:
         raise BTXError(f"{settings.name('dense_ffn')} seed needs {settings.name('seed')}")
@@ -220,6 +228,7 @@ class ReadPlan:
             plan,
             weights=weights,
             expert_sources=[alias[s] for s in plan.expert_sources],
+            attention_sources=[alias[s] for s in plan.attention_sources],
             shared_source=None if shared is None else alias[shared],
             n_sources=len(unique),
         )

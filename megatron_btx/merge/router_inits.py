@@ -42,6 +42,13 @@ class LayerRouters:
         dense layer."""
         raise NotImplementedError
 
+    def attention(
+        self, layer: int, merged: dict[str, torch.Tensor], shape: tuple[int, int]
+    ) -> torch.Tensor:
+        """The attention router's rows (fp32) of layer `layer`, for a merge that keeps attention
+        experts (BAM, ``--attention``); called before :meth:`layer` with the same tensors."""
+        raise NotImplementedError
+
 
 class RouterInit:
     """One initialisation (see the module docstring): set ``name`` and ``settings``, override
@@ -70,9 +77,10 @@ class RouterInit:
         return FixedRows(self, job.settings)
 
     def expected(
-        self, settings: MergeSettings, layer: int, shape: tuple[int, int]
+        self, settings: MergeSettings, layer: int, shape: tuple[int, int], part: str = "ffn"
     ) -> torch.Tensor | None:
-        """The rows it makes for `layer` without data (fp32), or None when they depend on data."""
+        """The rows it makes for `layer`'s router without data (fp32), or None when they depend
+        on data; `part`: the FFN's router (``ffn``) or the attention experts' (``attention``)."""
         return None
 
 
@@ -112,6 +120,9 @@ class FixedRows(LayerRouters):
     def layer(self, layer, merged, shape):
         return None if shape is None else self.init.expected(self.settings, layer, shape)
 
+    def attention(self, layer, merged, shape):
+        return self.init.expected(self.settings, layer, shape, "attention")
+
 
 @register
 class Random(RouterInit):
@@ -121,8 +132,10 @@ class Random(RouterInit):
     name = "random"
     settings = ("router_std", "router_seed")
 
-    def expected(self, settings, layer, shape):
-        generator = torch.Generator().manual_seed(settings.router_seed * 100003 + layer)
+    def expected(self, settings, layer, shape, part="ffn"):
+        # the attention routers draw from a stream of their own
+        offset = 50_000 if part == "attention" else 0
+        generator = torch.Generator().manual_seed(settings.router_seed * 100003 + offset + layer)
         return torch.randn(shape, generator=generator, dtype=torch.float32) * settings.router_std
 
 
@@ -132,7 +145,7 @@ class Zero(RouterInit):
 
     name = "zero"
 
-    def expected(self, settings, layer, shape):
+    def expected(self, settings, layer, shape, part="ffn"):
         return torch.zeros(shape, dtype=torch.float32)
 
 

@@ -37,7 +37,6 @@ from megatron_btx.checkpoint.mapping import (
     FINAL_LN,
     OUT,
     ROUTER,
-    attention_and_norms,
 )
 from megatron_btx.checkpoint.megatron_io import atomic_folder, check_target
 from megatron_btx.checkpoint.sources import (
@@ -50,7 +49,7 @@ from megatron_btx.checkpoint.sources import (
     open_source,
 )
 from megatron_btx.errors import BTXError
-from megatron_btx.merge import router_inits
+from megatron_btx.merge import attention, router_inits
 from megatron_btx.merge.hf_export import HFExport, check_exportable
 from megatron_btx.merge.layer import accumulate, merge_layer
 from megatron_btx.merge.plan import MergePlan, ReadPlan, make_plan
@@ -197,7 +196,9 @@ class MergeJob:
                 self.plan,
                 self.out_args,
                 self.variant,
-                lambda layer, shape: self.router_init.expected(self.settings, layer, shape),
+                lambda layer, shape, part="ffn": self.router_init.expected(
+                    self.settings, layer, shape, part
+                ),
                 self.settings.progress,
             )
             if export is not None:
@@ -227,6 +228,8 @@ class MergeJob:
             "dense_ffn": plan.dense_ffn if plan.moe_layers is not None else None,
             "top_k": plan.top_k,
             "num_experts": plan.num_experts,
+            "attention": plan.attention,
+            "attention_sources": plan.attention_sources or None,
             "averaging": "fp32 weighted mean, cast to output dtype",
             "lineage_cosine": lineage,
         }
@@ -363,12 +366,17 @@ class LayerStream:
             layer,
             job.reads.reads,
             self.pool,
+            job.dense,
         )
-        averaged = list(attention_and_norms(job.dense))
+        averaged = list(attention.averaged_names(plan.attention, job.dense))
         if not plan.is_moe_layer(layer) and plan.dense_ffn == "average":
             averaged += [FC1, FC2]
         for name in averaged:
             merged[name] = self.pool.cast("out." + name, merged[name], job.dtype)
+        if plan.attention_sources:  # attention experts (BAM): their router first
+            shape = (len(plan.attention_sources), job.dense.hidden_size)
+            rows = job.routers.attention(layer, merged, shape)
+            merged[attention.ATTENTION_ROUTER] = rows.to(job.dtype)
         moe = plan.is_moe_layer(layer)
         shape = (plan.num_experts, job.dense.hidden_size) if moe else None
         router = job.routers.layer(layer, merged, shape)

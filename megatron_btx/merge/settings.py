@@ -22,6 +22,8 @@ from typing import Any
 from megatron_btx.errors import BTXError
 
 DENSE_FFN = ("average", "seed")
+#: the attention: averaged (BTX) or kept as attention experts (BAM; merge.attention)
+ATTENTION = ("average", "experts", "experts_shared_kv")
 DTYPES = ("fp32", "bf16", "fp16")
 
 
@@ -182,6 +184,13 @@ class MergeSettings:
         metavar="SPEC",
     )
     dense_ffn: str = option("average", "the FFN of non-MoE layers", choices=DENSE_FFN)
+    attention: str = option(
+        "average",
+        "the attention: averaged (BTX), or each source's kept as an attention expert mixed by a "
+        "soft router per layer (experts: BAM), or so with the key/value projections averaged "
+        "and shared (experts_shared_kv)",
+        choices=ATTENTION,
+    )
     # ---- outputs ------------------------------------------------------------------------------
     dtype: str | None = option(
         None, "output dtype (default: the sources')", choices=DTYPES, group="outputs"
@@ -250,6 +259,8 @@ class MergeSettings:
             )
         if self.dense_ffn not in DENSE_FFN:
             raise BTXError(f"{name('dense_ffn')} {self.dense_ffn!r}: use average or seed")
+        if self.attention not in ATTENTION:
+            raise BTXError(f"{name('attention')} {self.attention!r}: use {', '.join(ATTENTION)}")
         if self.dtype is not None and self.dtype not in DTYPES:
             raise BTXError(f"{name('dtype')} {self.dtype!r}: use {', '.join(DTYPES)}")
         for key in ("tp", "pp", "ep", "split_chunks", "centroid_tokens", "centroid_seq_len"):

@@ -2,6 +2,8 @@
 
 - every expert's FFN is bit-identical to its source's (or the chunk of it);
 - every averaged tensor equals an fp32 recomputation of the average from the sources, cast once;
+- attention experts (BAM) are bit-identical to their source's attention (shared-KV: its query
+  rows; the shared key/value rows are averaged);
 - random / zero routers equal their reproducible init; every router is finite;
 - every checkpoint key is a key of the MoE model and vice versa, and every source key is
   accounted for (expert, shared expert, averaged, or not a model weight);
@@ -30,10 +32,10 @@ from megatron_btx.checkpoint.mapping import (
     FINAL_LN,
     OUT,
     ROUTER,
-    attention_and_norms,
 )
 from megatron_btx.checkpoint.sources import Source
 from megatron_btx.errors import BTXError
+from megatron_btx.merge import attention
 from megatron_btx.merge.layer import merge_layer
 from megatron_btx.merge.plan import MergePlan, ReadPlan
 from megatron_btx.models.llama import LlamaArgs, MoEVariant, build_for_checkpoint, to_dtype
@@ -75,20 +77,38 @@ def _fp32_average(
 def _check_layer(
     folder, layer, got, sources, reads: ReadPlan, plan: MergePlan, dtype, counts, expected_router
 ):
+    args = sources[0].args
     want = merge_layer(
-        reads.plan, lambda read: sources[reads.first[read]].layer(layer), layer, reads.reads
+        reads.plan,
+        lambda read: sources[reads.first[read]].layer(layer),
+        layer,
+        reads.reads,
+        args=args,
     )
-    attention = attention_and_norms(sources[0].args)
-    for name in attention:
+    averaged = attention.averaged_names(plan.attention, args)
+    for name in averaged:
         _same(folder, f"layer {layer} {name}", got[name], want[name].to(dtype), "the fp32 average")
         counts["averaged_equal_fp32"] += 1
     for name, tensor in want.items():
-        if name in attention:
+        if name in averaged:
+            continue
+        if name.startswith("self_attention.experts."):
+            _same(folder, f"layer {layer} {name}", got[name], tensor.to(dtype), "its source")
+            if tensor.dtype == dtype:
+                counts["attention_experts_bit_identical"] += 1
             continue
         kind = "its source FFN" if "experts" in name else "the dense FFN"
         _same(folder, f"layer {layer} {name}", got[name], tensor.to(dtype), kind)
         if "experts" in name and tensor.dtype == dtype:
             counts["experts_bit_identical"] += 1
+    if plan.attention_sources:
+        router = got[attention.ATTENTION_ROUTER]
+        if not torch.isfinite(router.float()).all():
+            raise _fail(folder, f"layer {layer} attention router has non-finite values")
+        init = expected_router(layer, tuple(router.shape), "attention")
+        if init is not None:  # an init that needs no data: made again, bit for bit
+            _same(folder, f"layer {layer} attention router", router, init.to(dtype), "its init")
+        counts["routers"] += 1
     if plan.is_moe_layer(layer):
         router = got[ROUTER]
         if not torch.isfinite(router.float()).all():
@@ -106,7 +126,7 @@ def verify_checkpoint(
     plan: MergePlan,
     out_args: LlamaArgs,
     variant: MoEVariant,
-    expected_router: Callable[[int, tuple[int, int]], torch.Tensor | None],
+    expected_router: Callable[..., torch.Tensor | None],
     show_progress: bool = True,
 ) -> dict[str, Any]:
     """Re-read the written checkpoint layer by layer and check it against the sources (and each
@@ -117,6 +137,8 @@ def verify_checkpoint(
     template = tpl.flat_template(build_for_checkpoint(out_args, dtype, variant, meta=True))
     reader = PartialReader(folder)
     counts = {"experts_bit_identical": 0, "averaged_equal_fp32": 0, "routers": 0}
+    if plan.attention_sources:
+        counts["attention_experts_bit_identical"] = 0
     try:
         for name in [EMB, FINAL_LN] + ([] if out_args.tie_word_embeddings else [OUT]):
             got = tpl.read_prefix(reader, template, name)[name]
@@ -173,6 +195,11 @@ def source_coverage(sources: list[Source], plan: MergePlan) -> list[dict[str, An
                 "keys": len(keys),
                 "ffn_keys": len(ffn),
                 "ffn_to": _ffn_destination(index, plan),
+                **(
+                    {"attention_to": _attention_destination(index, plan)}
+                    if plan.attention_sources
+                    else {}
+                ),
                 "averaged": averaged if plan.weights[index] else 0,
                 "unused": 0 if plan.weights[index] else averaged,
                 "not_model_weights": others[:20]
@@ -180,6 +207,13 @@ def source_coverage(sources: list[Source], plan: MergePlan) -> list[dict[str, An
             }
         )
     return out
+
+
+def _attention_destination(index: int, plan: MergePlan) -> str:
+    experts = ",".join(str(e) for e, s in enumerate(plan.attention_sources) if s == index)
+    if plan.attention == "experts_shared_kv":
+        return f"attention experts {experts} (queries, output); keys and values averaged"
+    return f"attention experts {experts}"
 
 
 def _ffn_destination(index: int, plan: MergePlan) -> str:
@@ -226,7 +260,8 @@ def _dense_reference(source: Source, ids, positions):
 def _verify_logits(folder, sources, plan: MergePlan, out_args, variant) -> dict[str, Any]:
     """(1) the written MoE loads into megatron-core and gives finite logits; (2) sparse upcycling
     as the special case: an MoE whose experts are all source 0's FFN and whose other tensors are
-    source 0's gives source 0's logits (fp32) whatever the router."""
+    source 0's (its attention experts all source 0's attention) gives source 0's logits (fp32)
+    whatever the routers."""
     from megatron_btx.checkpoint.megatron_io import load_model
 
     args = sources[0].args
@@ -245,13 +280,14 @@ def _verify_logits(folder, sources, plan: MergePlan, out_args, variant) -> dict[
         weights=[1.0],
         expert_sources=[0] * len(plan.expert_sources),
         shared_source=None if plan.shared_source is None else 0,
+        attention_sources=[0] * len(plan.attention_sources),
     )
     state = moe.state_dict()
     for key in (EMB, FINAL_LN, OUT):
         if key in state:
             state[key] = dense_state[key]
     for layer in range(args.num_hidden_layers):
-        merged = merge_layer(upcycled, lambda _, i=layer: layers[i], layer, [0])
+        merged = merge_layer(upcycled, lambda _, i=layer: layers[i], layer, [0], args=args)
         for name, tensor in merged.items():
             state[f"{tpl.layer_prefix(layer)}{name}"] = tensor.to(torch.float32)
         if plan.is_moe_layer(layer):

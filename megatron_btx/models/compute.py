@@ -3,7 +3,9 @@
 Training FLOPs are 6 x active parameters x tokens (forward 2, backward 4). The active parameters
 of a model are those in a matrix multiply per token:
 
-- attention: q, k, v and the output projection, in every layer;
+- attention: q, k, v and the output projection, in every layer; with attention experts (BAM,
+  soft routing: every token passes through every expert) each expert's, plus the attention
+  router (shared-KV experts: each expert's q and output projections, the shared k and v once);
 - the feed-forward part, layer by layer: a dense layer's SwiGLU FFN; an MoE layer's router plus
   the experts a token is routed to (as many as the layer's router type says: top-k k; Switch and
   Sample Top-1 1; soft routing all of them; Sample Top-1 routes its first MoE layer softly, so
@@ -50,8 +52,7 @@ def active_params(
     """Parameters in a matrix multiply per token (see the module docstring)."""
     variant = variant or MoEVariant()
     hidden = args.hidden_size
-    attention = hidden * args.head_dim * (args.num_attention_heads + 2 * args.num_key_value_heads)
-    attention += args.num_attention_heads * args.head_dim * hidden
+    attention = attention_active_params(args, variant)
     dense_ffn = variant.dense_ffn_hidden_size or args.intermediate_size
     total = 0
     for routed in experts_per_token(args, router, variant):
@@ -63,3 +64,18 @@ def active_params(
         if variant.shared_expert_intermediate_size:
             total += 3 * hidden * variant.shared_expert_intermediate_size
     return total + args.vocab_size * hidden
+
+
+def attention_active_params(args: LlamaArgs, variant: MoEVariant | None = None) -> int:
+    """One layer's attention parameters a token passes through (see the module docstring)."""
+    variant = variant or MoEVariant()
+    hidden, dim = args.hidden_size, args.head_dim
+    q = o = args.num_attention_heads * dim * hidden
+    kv = 2 * args.num_key_value_heads * dim * hidden
+    experts = variant.attention_experts
+    if not experts:
+        return q + kv + o
+    router = hidden * experts
+    if variant.attention_shared_kv:
+        return experts * (q + o) + kv + router
+    return experts * (q + kv + o) + router

@@ -154,7 +154,8 @@ class MoEVariant:
     """A merged MoE's shape beyond Mixtral's, as a checkpoint manifest's ``moe`` entry records it
     (and megatron-core's TransformerConfig needs it): the seed's FFN as a shared expert, and MoE
     in only some layers with a dense FFN in the others. An imported Qwen2-MoE's shared expert
-    keeps its sigmoid gate (``shared_expert_gate``); a merge's is ungated."""
+    keeps its sigmoid gate (``shared_expert_gate``); a merge's is ungated. A BAM merge keeps
+    the sources' attention blocks as attention experts (``attention_experts``, every layer)."""
 
     shared_expert_intermediate_size: int | None = None
     #: per layer: 1 = MoE, 0 = dense; None = every layer is MoE
@@ -163,6 +164,10 @@ class MoEVariant:
     dense_ffn_hidden_size: int | None = None
     #: the shared expert's output is scaled by sigmoid(gate_weight . x) (HF Qwen2-MoE)
     shared_expert_gate: bool = False
+    #: attention experts per layer (BAM; models.attention_experts): 0 = one attention block
+    attention_experts: int = 0
+    #: the attention experts share their key/value projection (`experts_shared_kv`)
+    attention_shared_kv: bool = False
 
     @classmethod
     def from_manifest(cls, entry: dict[str, Any] | None) -> MoEVariant:
@@ -173,20 +178,65 @@ class MoEVariant:
             layer_freq=tuple(int(x) for x in freq) if freq else None,
             dense_ffn_hidden_size=entry.get("dense_ffn_hidden_size") if freq else None,
             shared_expert_gate=bool(entry.get("shared_expert_gate", False)),
+            attention_experts=int(entry.get("attention_experts") or 0),
+            attention_shared_kv=bool(entry.get("attention_shared_kv", False)),
         )
 
     def to_manifest(self) -> dict[str, Any]:
-        return {
+        out: dict[str, Any] = {
             "shared_expert_intermediate_size": self.shared_expert_intermediate_size,
             "layer_freq": list(self.layer_freq) if self.layer_freq is not None else None,
             "dense_ffn_hidden_size": self.dense_ffn_hidden_size,
             "shared_expert_gate": self.shared_expert_gate,
         }
+        if self.attention_experts:
+            out["attention_experts"] = self.attention_experts
+            out["attention_shared_kv"] = self.attention_shared_kv
+        return out
+
+    def __post_init__(self) -> None:
+        n = self.attention_experts
+        if not isinstance(n, int) or isinstance(n, bool) or n < 0:
+            raise BTXError(
+                f"moe.attention_experts={n!r}: 0 (one attention block) or the number of "
+                f"attention experts"
+            )
+        if self.attention_shared_kv and not n:
+            raise BTXError("moe.attention_shared_kv needs attention experts")
 
     @property
     def is_plain(self) -> bool:
         """A Mixtral-shaped MoE (or a dense model): nothing beyond LlamaArgs."""
-        return self.shared_expert_intermediate_size is None and self.layer_freq is None
+        return (
+            self.shared_expert_intermediate_size is None
+            and self.layer_freq is None
+            and not self.attention_experts
+        )
+
+    @property
+    def attention(self) -> str:
+        """The merge's name of the attention: average | experts | experts_shared_kv."""
+        if not self.attention_experts:
+            return "average"
+        return "experts_shared_kv" if self.attention_shared_kv else "experts"
+
+    def attention_weights(self, args: LlamaArgs) -> list[tuple[str, tuple[int, ...]]]:
+        """A layer's attention projection weights, by name under ``self_attention.`` in a
+        checkpoint, with their global shapes (attention experts stacked on a first axis)."""
+        h, d = args.hidden_size, args.head_dim
+        heads, groups = args.num_attention_heads, args.num_key_value_heads
+        proj = (h, heads * d)
+        if not self.attention_experts:
+            return [("linear_qkv", ((heads + 2 * groups) * d, h)), ("linear_proj", proj)]
+        n = self.attention_experts
+        if not self.attention_shared_kv:
+            qkv = (n, (heads + 2 * groups) * d, h)
+            return [("experts.linear_qkv", qkv), ("experts.linear_proj", (n, *proj))]
+        return [
+            ("linear_kv", (2 * groups * d, h)),
+            ("experts.linear_q", (n, heads * d, h)),
+            ("experts.linear_proj", (n, *proj)),
+        ]
 
     def is_moe_layer(self, layer: int) -> bool:
         return self.layer_freq is None or bool(self.layer_freq[layer])
@@ -200,6 +250,9 @@ class MoEVariant:
         if self.layer_freq is not None:
             overrides["moe_layer_freq"] = list(self.layer_freq)
             overrides["ffn_hidden_size"] = self.dense_ffn_hidden_size
+        if self.attention_experts:
+            overrides["attention_experts"] = self.attention_experts
+            overrides["attention_shared_kv"] = self.attention_shared_kv
         return overrides
 
 
@@ -333,6 +386,10 @@ def transformer_config(
     if variant is not None:
         kw.update(variant.config_overrides())
     kw.update(overrides)
+    if kw.get("attention_experts"):
+        from megatron_btx.models.attention_experts import AttentionExpertsConfig
+
+        return AttentionExpertsConfig(**kw)
     return TransformerConfig(**kw)
 
 

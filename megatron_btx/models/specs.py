@@ -122,7 +122,7 @@ def layer_spec(config, requested: str | None = None, speed=None):
             from megatron_btx.models.grouped_experts import GroupedExperts
 
             spec.submodules.mlp.submodules.experts.module = GroupedExperts
-    return spec
+    return with_attention_experts(spec, config, te)
 
 
 def decoder_spec(config, requested: str | None = None, speed=None):
@@ -142,6 +142,8 @@ def decoder_spec(config, requested: str | None = None, speed=None):
         config, use_transformer_engine=te, normalization="RMSNorm"
     )
     if te:
+        for spec in block.layer_specs:
+            with_attention_experts(spec, config, te)
         return block
     experts = experts_module(config, te, speed.moe_experts) if config.num_moe_experts else None
     for spec in block.layer_specs:
@@ -154,4 +156,40 @@ def decoder_spec(config, requested: str | None = None, speed=None):
             from megatron_btx.models.grouped_experts import GroupedExperts
 
             mlp.experts.module = GroupedExperts
+        with_attention_experts(spec, config, te)
     return block
+
+
+def with_attention_experts(spec, config, te: bool):
+    """A layer spec whose attention becomes a mixture of attention experts when the config has
+    them (models.attention_experts; `spec` itself otherwise). The experts are megatron-core's
+    local attention modules in both specs: with Transformer Engine the layer's input norm,
+    fused into TE's QKV projection, becomes the local spec's norm module, saved under the same
+    checkpoint key."""
+    if not getattr(config, "attention_experts", 0):
+        return spec
+    from megatron_btx.models.attention_experts import MixtureOfAttention, mixture_spec
+
+    sub = spec.submodules
+    attention = sub.self_attention
+    if attention.module is MixtureOfAttention:
+        return spec  # layer specs may be shared between layers
+    if te:
+        from megatron.core.models.gpt import gpt_layer_specs as specs
+
+        local = specs.get_gpt_layer_local_spec(
+            normalization="RMSNorm", qk_layernorm=config.qk_layernorm
+        )
+        attention = local.submodules.self_attention
+        sub.input_layernorm = local.submodules.input_layernorm
+        sub.sharded_state_dict_keys_map = {
+            **sub.sharded_state_dict_keys_map,
+            "input_layernorm.": "self_attention.linear_qkv.layer_norm_",
+        }
+    if config.attention_dropout == 0 and config.context_parallel_size == 1:
+        from megatron_btx.models.attention import TorchSDPAttention
+
+        if hasattr(attention.submodules, "core_attention"):
+            attention.submodules.core_attention = TorchSDPAttention
+    sub.self_attention = mixture_spec(attention, config)
+    return spec

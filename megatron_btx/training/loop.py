@@ -496,35 +496,48 @@ class Trainer:
         return metrics
 
     def routing_stats(self) -> dict[str, Any]:
-        """Per-layer expert load and router entropy from the BTX routers since the last call,
-        summed over data-parallel ranks and gathered over pipeline stages (all ranks call)."""
-        if self.routers is None:
-            return {}
+        """Per-layer expert load and router entropy from the BTX routers since the last call
+        (``router_*``), and the attention experts' routing weights and entropy
+        (``attention_router_*``), summed over data-parallel ranks and gathered over pipeline
+        stages (all ranks call)."""
         from megatron.core import parallel_state as ps
 
-        stats = self.routers.routing_stats(
-            self.model, reset=True, group=ps.get_data_parallel_group()
-        )
+        from megatron_btx.models import attention_experts
+
+        group = ps.get_data_parallel_group()
+        stats: dict[str, dict[int, dict[str, Any]]] = {}
+        if self.routers is not None:
+            stats["router"] = self.routers.routing_stats(self.model, reset=True, group=group)
+        if self.variant.attention_experts:
+            # with sequence parallelism each TP rank routes its own slice of the tokens
+            sp = self.tconf.sequence_parallel
+            every = ps.get_tensor_and_data_parallel_group() if sp else group
+            stats["attention_router"] = attention_experts.routing_stats(self.model, group=every)
+        if not stats:
+            return {}
         if ps.get_pipeline_model_parallel_world_size() > 1:
             parts: list[Any] = [None] * ps.get_pipeline_model_parallel_world_size()
             dist.all_gather_object(parts, stats, group=ps.get_pipeline_model_parallel_group())
-            stats = {k: v for part in parts for k, v in (part or {}).items()}
+            stats = {k: {i: v for part in parts for i, v in part[k].items()} for k in stats}
         out: dict[str, Any] = {}
-        entropies = []
-        for layer in sorted(stats):
-            layer_stats = stats[layer]
-            for key, val in layer_stats.items():
-                if isinstance(val, torch.Tensor):
-                    val = val.tolist()
-                out[f"router_{key}_l{layer}"] = val
-            if isinstance(layer_stats.get("entropy"), (int, float)):
-                entropies.append(float(layer_stats["entropy"]))
-        if entropies:
-            out["router_entropy"] = sum(entropies) / len(entropies)
+        for name, per_layer in stats.items():
+            entropies = []
+            for layer in sorted(per_layer):
+                layer_stats = per_layer[layer]
+                for key, val in layer_stats.items():
+                    if isinstance(val, torch.Tensor):
+                        val = val.tolist()
+                    out[f"{name}_{key}_l{layer}"] = val
+                if isinstance(layer_stats.get("entropy"), (int, float)):
+                    entropies.append(float(layer_stats["entropy"]))
+            if entropies:
+                out[f"{name}_entropy"] = sum(entropies) / len(entropies)
         return out
 
     # ---- validation -----------------------------------------------------------------------
     def evaluate(self) -> dict[str, float]:
+        from megatron_btx.models import attention_experts
+
         data_cfg, train_cfg = self.cfg.data, self.cfg.train
         for m in self.model:
             m.eval()
@@ -557,6 +570,7 @@ class Trainer:
             moe_utils.clear_aux_losses_tracker()
             if self.routers is not None:
                 self.routers.reset_stats(self.model)
+            attention_experts.reset_stats(self.model)
         if out:
             out["all"] = float(total[0] / total[1].clamp(min=1))
         return out
@@ -627,6 +641,10 @@ class Trainer:
             if arch.is_moe
             else "dense"
         )
+        if self.variant.attention_experts:
+            kind += (
+                f", {self.variant.attention_experts} attention experts ({self.variant.attention})"
+            )
         from megatron_btx.models.specs import chosen_spec
 
         spec = chosen_spec(None if self.cfg.model.spec == "auto" else self.cfg.model.spec)

@@ -120,6 +120,11 @@ def export_family(args: LlamaArgs, variant: MoEVariant, routing: HFRouting | Non
     """The HF model_type a model is written as: its own family when dense; for an MoE, the first
     MoE family (by ``export_rank``: Mixtral, the form every runtime reads, then Qwen3-MoE, then
     Qwen2-MoE, the most general) that writes it exactly; an error saying why none does."""
+    if variant.attention_experts:
+        raise BTXError(
+            "attention experts (BAM) have no HF form: no transformers architecture mixes "
+            "several attention blocks per layer; evaluate the megatron checkpoint instead"
+        )
     if not args.is_moe:
         return args.model_type
     routing = routing or export_routing(args, None)
