@@ -973,6 +973,7 @@ def test_every_merge_setting_a_run_may_choose_reaches_the_merge(tmp_path, run_ra
         "seed_as_shared_expert": False,
         "moe_layers": "0",
         "dense_ffn": "seed",
+        "attention": "experts",
         "dtype": "bf16",
         "verify": True,
         "verify_hashes": False,

@@ -113,3 +113,41 @@ def test_centroid_routers_with_the_seed_as_an_expert_run_end_to_end(tmp_path):
         assert (rows[-1] - rows[0]).abs().max() > 1e-3  # the seed's row is its own
     results = json.loads((run / "eval" / "results.json").read_text())
     assert math.isfinite(results["models"]["btx"]["mean"])
+
+
+def test_attention_experts_through_btx_run_and_bam_as_a_rival(tmp_path):
+    """`merge.attention: experts_shared_kv` makes the run's own MoE keep attention experts with
+    shared keys/values; `baselines.bam: true` adds BAM (the experts merged with `attention:
+    experts`, finetuned at BTX's FLOPs) as a rival: its row, its paired difference with BTX,
+    its merge's retention, and its compute from its own (larger) active parameter count."""
+    cfg = _config(tmp_path, {"attention": "experts_shared_kv"})
+    raw = yaml.safe_load(cfg.read_text())
+    raw["baselines"]["bam"] = True
+    cfg.write_text(yaml.safe_dump(raw))
+    result = btx("run", str(cfg), "--parallel", "2", cwd=tmp_path, timeout=900)
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-3000:]
+    run = tmp_path / "run"
+    stages = {s.name: s for s in plan.read_plan(run)}
+    moe = json.loads((Path(stages["finetune"].checkpoint) / "btx_manifest.json").read_text())
+    assert moe["moe"]["attention_experts"] == 4 and moe["moe"]["attention_shared_kv"]
+    bam = json.loads((Path(stages["baseline_bam"].checkpoint) / "btx_manifest.json").read_text())
+    assert bam["moe"]["attention_experts"] == 4 and not bam["moe"].get("attention_shared_kv")
+    # hidden 32, 2 heads of 16, FFN 64, 2 layers, vocab 300, 4 experts top-2:
+    # BAM: 4 x (q, k, v, o) + an attention router (32 x 4) per layer, the FFN MoE as BTX's
+    attention, router = 4 * 32 * 32, 32 * 4
+    ffn = 2 * 3 * 32 * 64 + 32 * 4
+    assert stages["baseline_bam"].active_params == 2 * (4 * attention + router + ffn) + 300 * 32
+    # shared keys/values: 4 x (q, o) + k and v once + the router
+    shared = 4 * 2 * 32 * 32 + 2 * 32 * 32 + router
+    assert stages["finetune"].active_params == 2 * (shared + ffn) + 300 * 32
+    budget = sum(s.flops for n, s in stages.items() if n.startswith("expert_"))
+    budget += stages["finetune"].flops
+    per_step = 6.0 * stages["baseline_bam"].active_params * 4 * 64
+    assert stages["baseline_bam"].steps == max(1, round(budget / per_step))
+    results = json.loads((run / "eval" / "results.json").read_text())
+    assert {"bam", "bam_merge_only", "btx"} <= set(results["models"])
+    diff = results["intervals"]["comparisons"]["bam"]["mean_of_groups"]["loss"]
+    assert diff["low"] <= diff["estimate"] <= diff["high"]
+    retention = results["diagnostics"]["retention_by_merge"]
+    assert set(retention) == {"btx_merge_only", "bam_merge_only"}
+    assert "Merge retention of bam_merge_only" in (run / "eval" / "results.md").read_text()

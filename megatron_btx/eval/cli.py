@@ -63,6 +63,16 @@ def _named(models: dict[str, dict[str, Any]], **want: Any) -> dict[str, dict[str
     return {n: m for n, m in models.items() if all(m.get(k) == v for k, v in want.items())}
 
 
+def btx_merged(models: dict[str, dict[str, Any]]) -> str | None:
+    """The merge BTX was finetuned from: the merged model (``part: merged``) whose stage is one
+    of the BTX model's stages (others, e.g. a BAM merge, are merges of other rivals)."""
+    btx = next(iter(_named(models, role="btx").values()), None)
+    merged = _named(models, part="merged")
+    if btx is not None:
+        return next((n for n, m in merged.items() if m.get("stage") in btx["stages"]), None)
+    return next(iter(merged), None)
+
+
 def expert_labels(cfg, merged: str | None, seed_label: str):
     """(a label per routed expert of the BTX MoE, the domain its FFN came from), from the merged
     checkpoint's manifest: `code`, or `code.0`, `code.1` with split chunks, `blend0` (no single
@@ -231,7 +241,6 @@ def _diagnostics(models, names, rows, out: Path) -> dict[str, Any] | None:
     by_domain = {m["domain"]: n for n, m in _named(models, part="expert").items()}
     experts = {d: (models.get(by_domain.get(d)) or {}).get("checkpoint") for d in names}
     seed_name = next(iter(_named(models, part="seed")), None)
-    merged_name = next(iter(_named(models, part="merged")), None)
     seed = (models.get(seed_name) or {}).get("checkpoint")
     usable = [seed, *experts.values()]
     if not all(c and Path(c, "metadata.json").is_file() for c in usable):
@@ -239,12 +248,20 @@ def _diagnostics(models, names, rows, out: Path) -> dict[str, Any] | None:
     t1 = time.time()
     found = diagnostics.parameter_drift(seed, experts)
     losses = {m: r["loss"] for m, r in rows.items()}
-    losses = {
-        "seed": losses.get(seed_name, {}),
-        "merged": losses.get(merged_name, {}),
-        "experts": {d: losses.get(by_domain.get(d), {}) for d in names},
-    }
-    found["retention"] = diagnostics.merge_retention(losses, names)
+
+    def retention(merged: str | None) -> dict[str, float | None]:
+        return diagnostics.merge_retention(
+            {
+                "seed": losses.get(seed_name, {}),
+                "merged": losses.get(merged, {}),
+                "experts": {d: losses.get(by_domain.get(d), {}) for d in names},
+            },
+            names,
+        )
+
+    found["retention"] = retention(btx_merged(models))  # BTX's merge
+    # every merge's (BTX's, and a rival's such as BAM's), by model
+    found["retention_by_merge"] = {m: retention(m) for m in _named(models, part="merged")}
     out.mkdir(parents=True, exist_ok=True)
     if diagnostics.plot(found, found["retention"], out / "diagnostics.png"):
         found["plot"] = "diagnostics.png"
@@ -311,7 +328,7 @@ def evaluate_run(
         labels_of_mixed = intervals.segment_labels(data_dir, sets[intervals.MIXED], domains)
     evaluated = {m: lp for m, lp in scores.logprobs.items() if m in models}
     found = intervals.compute(evaluated, sets, groups, models, labels_of_mixed, domains)
-    merged = next(iter(_named(all_models, part="merged").values()), {})
+    merged = all_models.get(btx_merged(all_models) or "", {})
     seed_label = next(iter(_named(all_models, part="seed")), "generalist")
     labels, owners = expert_labels(cfg, merged.get("checkpoint"), seed_label)
     result = {

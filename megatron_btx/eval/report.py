@@ -323,14 +323,17 @@ def diagnostics_md(diag: dict[str, Any] | None) -> list[str]:
         lines.append("| mean cosine | " + " | ".join(f"{c:.3f}" for c in cos) + " |")
         kept = [diag["kept_by_average"][g] for g in groups]
         lines.append("| kept by averaging | " + " | ".join(f"{k:.3f}" for k in kept) + " |")
-    retention = diag.get("retention") or {}
-    if retention:
+    by_merge = diag.get("retention_by_merge") or {}
+    if not by_merge and diag.get("retention"):
+        by_merge = {"the merge": diag["retention"]}
+    for merged, retention in by_merge.items():
         shown = ", ".join(
             f"{d} {v:.0%}" if v is not None else f"{d} -" for d, v in retention.items()
         )
         lines += [
             "",
-            f"Merge retention (share of each expert's loss gain the merge keeps): {shown}.",
+            f"Merge retention of {merged} (share of each expert's loss gain the merge keeps "
+            f"before finetuning): {shown}.",
         ]
     if diag.get("plot"):
         return lines + ["", f"Plot: {diag['plot']}."]

@@ -20,6 +20,13 @@ The paper's three:
     the experts kept apart and ensembled at evaluation (Branch-Train-Merge): per held-out
     document the k experts whose training data is closest (tf-idf) average their next-token
     distributions, for each k of ``evaluation.btm_top_k``; nothing to train.
+
+Beyond the paper (off unless turned on):
+
+``bam``
+    Branch-Attend-Mix (Zhang et al. 2024): the same experts merged with their attention kept as
+    attention experts (``merge.attention: experts``), finetuned like BTX at BTX's compute; its
+    merge before finetuning is shown too (``bam_merge_only``, for the merge diagnostics).
 """
 
 from __future__ import annotations
@@ -166,3 +173,51 @@ class BTM(Baseline):
                     label=f"BTM top-{k}",
                 )
             )
+
+
+@register
+class BAM(Baseline):
+    name = "bam"
+    default = False
+    order = 95
+
+    def plan(self, planner, train):
+        choices = {"attention": "experts"}
+        merged = planner.merge_experts("bam_merge", "baselines/bam_merged", "baseline", **choices)
+        experts = [s.name for s in planner.expert_stages]
+        added = planner.train_baseline(
+            "baseline_bam",
+            "bam",
+            planner.stage_like("finetune", train),
+            init_from=merged.checkpoint,
+            deps=[merged.name],
+            moe=True,
+            active=planner.moe_active_of(**choices),
+        )
+        planner.add_model(
+            ModelSpec(
+                "bam_merge_only",
+                "moe",
+                "reference",
+                checkpoint=merged.checkpoint,
+                stages=[*experts, merged.name],
+                stage=merged.name,
+                part="merged",
+                router=planner.router,
+                order=92,
+                label="the BAM merge before finetuning",
+            )
+        )
+        planner.add_model(
+            ModelSpec(
+                self.name,
+                "moe",
+                "rival",
+                checkpoint=added.checkpoint,
+                stages=[*experts, merged.name, added.name],
+                stage=added.name,
+                router=planner.router,
+                order=self.order,
+                label="BAM",
+            )
+        )

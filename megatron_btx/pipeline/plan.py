@@ -350,14 +350,15 @@ class Planner:
         settings.validate()
         return settings
 
-    def _merged_shape(self):
+    def _merged_shape(self, **choices: Any):
         """(LlamaArgs, MoEVariant) of the merged MoE, planned by the merge's own plan from the
-        settings the merge stage will get: never out of step with it."""
+        settings the merge stage will get (`choices` over the run's): never out of step."""
         from megatron_btx.merge.plan import plan_for
 
         seed = SEED if self.cfg.merge.seed_as_expert else None
+        choices = {**choices, "router_init": "random"}  # the shape does not depend on it
         settings = self.merge_settings(
-            [expert_name(n) for n in self.names], "merged", seed, router_init="random"
+            [expert_name(n) for n in self.names], "merged", seed, **choices
         )
         try:
             merge_plan = plan_for(settings, self.dense_args, len(settings.source_paths))
@@ -430,12 +431,15 @@ class Planner:
         deps: list[str],
         moe: bool,
         domains: list[str] | dict[str, float] | None = None,
+        active: int | None = None,
     ) -> Stage:
         """A baseline's training stage from `init_from` on `domains` (default: the blend), at
         BTX's compute (``baselines.compute_match``), in RUN/baselines/`folder`: a dense model
         (`moe` false) trains as the experts did and is timed like them; an MoE as the finetune
-        (its router and load balancing)."""
-        active = self.moe_active if moe else self.dense_active
+        (its router and load balancing). `active`: its active parameters per token, when its
+        shape is not the seed's or the BTX MoE's."""
+        if active is None:
+            active = self.moe_active if moe else self.dense_active
         self._baseline_steps(name, stage, active)
         return self.train(
             name,
@@ -580,29 +584,42 @@ class Planner:
             )
         return checkpoints
 
-    def merge(self, expert_checkpoints: list[str]) -> Stage:
-        """The MiX step; a data-driven router init gets the run's data: each expert its
-        domain's training set, the seed (the generalist) a sample of the whole blend."""
+    def merge_experts(self, name: str, folder: str, group: str = "btx", **choices: Any) -> Stage:
+        """A merge of the run's experts (and the seed, when the run keeps it as an expert) into
+        RUN/`folder`, with the run's merge settings and `choices` over them; a data-driven
+        router init gets the run's data: each expert its domain's training set, the seed (the
+        generalist) a sample of the whole blend."""
         from megatron_btx.merge import router_inits
 
-        cfg = self.cfg
         prefix = f"{self.data_path}/{{}}_train_text_document"
         data = [prefix.format(n) for n in self.names]
-        if cfg.merge.seed_as_expert:
+        if self.cfg.merge.seed_as_expert:
             data.append(",".join(f"{prefix.format(n)}@{w:g}" for n, w in self.blend.items()))
-        init = router_inits.get(cfg.merge.value("router_init"))
+        init = router_inits.get(choices.get("router_init", self.cfg.merge.value("router_init")))
         experts = [s.name for s in self.expert_stages]
-        stage = self.merge_stage(
-            "merge", expert_checkpoints, "merged", experts + self.seed_deps,
-            **init.run_settings(data),
-        )  # fmt: skip
+        checkpoints = [s.checkpoint for s in self.expert_stages]
+        deps = experts + self.seed_deps
+        choices = {**init.run_settings(data), **choices}
+        return self.merge_stage(name, checkpoints, folder, deps, group, **choices)
+
+    def moe_active_of(self, **choices: Any) -> int:
+        """Active parameters per token of the MoE the run's merge makes with `choices` over its
+        settings, routed by the finetune's router (a baseline's MoE of another shape)."""
+        from megatron_btx.models.compute import active_params
+
+        args, variant = self._merged_shape(**choices)
+        return active_params(args, self.router, variant)
+
+    def merge(self) -> Stage:
+        """The MiX step: the experts (and the seed) merged into the BTX MoE."""
+        stage = self.merge_experts("merge", "merged")
         self.add_model(
             ModelSpec(
                 MERGED,
                 "moe",
                 "reference",
                 checkpoint=stage.checkpoint,
-                stages=[*experts, stage.name],
+                stages=[*(s.name for s in self.expert_stages), stage.name],
                 stage=stage.name,
                 part="merged",
                 router=self.router,
@@ -727,8 +744,8 @@ def build_plan(
     cfg.run_dir = str(Path(cfg.run_dir).resolve())
     planner = Planner(cfg)
     planner.seed(planner.data())
-    merged = planner.merge(planner.experts())
-    planner.finetune(merged)
+    planner.experts()
+    planner.finetune(planner.merge())
     planner.baselines()
     planner.evaluate()
     _check(planner.stages)
