@@ -95,13 +95,19 @@ def _run_dir(tmp_path: Path) -> Path:
         ("{", "not valid JSON"),
         (b"\xff\xfe", "not valid JSON"),
         ("[]", "another version"),
-        ('{"format_version": 2, "stages": {"a": 1}}', "'stages' is not a list"),
-        ('{"format_version": 2, "stages": [1]}', "not a mapping"),
-        ('{"format_version": 2, "stages": [{"name": "a", "kind": "data", "argv": "x"}]}', "argv"),
+        ('{"format_version": 3, "stages": {"a": 1}}', "'stages' is not a list"),
+        ('{"format_version": 3, "stages": [1]}', "not a mapping"),
+        ('{"format_version": 3, "stages": [{"name": "a", "kind": "data", "argv": "x"}]}', "argv"),
         (
-            '{"format_version": 2, "stages": [{"name": "a", "kind": "data", "argv": ["x"], '
+            '{"format_version": 3, "stages": [{"name": "a", "kind": "data", "argv": ["x"], '
             '"nproc": "2"}]}',
             "nproc",
+        ),
+        ('{"format_version": 3, "stages": [], "models": [{"name": "a/b"}]}', "plain name"),
+        (
+            '{"format_version": 3, "stages": [], "models": [{"name": "m", "kind": "moe", '
+            '"role": "btx", "stages": ["nope"]}]}',
+            "the plan's stages",
         ),
         ("[" * 100_000, "not valid JSON"),
     ],
@@ -156,7 +162,12 @@ def test_evaluate_the_btx_model_alone(tmp_path, base, data):
     finetune = plan.Stage(
         "finetune", "train", ["train", "x.yaml"], checkpoint=str(moe), router={"type": "topk"}
     )
-    plan.save_plan(run_dir, plan.Plan([finetune], None))
+    from megatron_btx.pipeline.models import ModelSpec
+
+    btx_model = ModelSpec(
+        "btx", "moe", "btx", checkpoint=str(moe), stages=["finetune"], router={"type": "topk"}
+    )
+    plan.save_plan(run_dir, plan.Plan([finetune], None, [btx_model]))
     proc = btx("evaluate", "--run-dir", str(run_dir), "--models", "btx")
     assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
     result = json.loads((run_dir / "eval" / "results.json").read_text())

@@ -149,7 +149,13 @@ def test_planted_seed_is_refused_by_evaluate(init_copy, tmp_path, data):
         "evaluation": {"tokens_per_domain": 256, "btm_top_k": [1]},
     }
     (run_dir / "btx.yaml").write_text(yaml.safe_dump(config))
-    plan = {"format_version": 2, "seed_checkpoint": str(init_copy), "stages": []}
+    seed = {"name": "seed", "kind": "dense", "role": "rival", "part": "seed"}
+    plan = {
+        "format_version": 3,
+        "seed_checkpoint": str(init_copy),
+        "stages": [],
+        "models": [{**seed, "checkpoint": str(init_copy)}],
+    }
     (run_dir / "plan.json").write_text(json.dumps(plan))
     refused(
         btx("evaluate", "--run-dir", str(run_dir), "--models", "seed"), marker, run_dir / "eval"

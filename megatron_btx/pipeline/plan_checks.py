@@ -106,7 +106,8 @@ def model_entries(document: dict[str, Any], path: Path, stages: list[Any]) -> li
         for key in ("kind", "role"):
             if not isinstance(entry.get(key), str):
                 raise bad(key, "is not a string")
-        if not _str_list(entry.get("stages", [])) or any(s not in names for s in entry["stages"]):
+        stages = entry.get("stages", [])
+        if not _str_list(stages) or any(s not in names for s in stages):
             raise bad("stages", "is not a list of the plan's stages")
         for key in ("checkpoint", "stage", "part", "domain", "label"):
             if entry.get(key) is not None and not isinstance(entry[key], str):

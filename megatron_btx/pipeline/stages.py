@@ -90,7 +90,10 @@ def read_plan_file(run_dir: str | os.PathLike[str]) -> Plan:
         )
     entries = stage_entries(document, path)
     stages = [Stage.from_dict(check_stage_entry(entry, path)) for entry in entries]
-    models = [ModelSpec.from_dict(entry) for entry in model_entries(document, path, stages)]
+    try:
+        models = [ModelSpec.from_dict(e) for e in model_entries(document, path, stages)]
+    except BTXError as e:  # a kind, role or part the planner never writes
+        raise e if str(path) in str(e) else BTXError(f"{path}: {e}") from None
     return Plan(stages, document.get("seed_checkpoint"), models)
 
 
