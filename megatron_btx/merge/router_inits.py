@@ -21,6 +21,7 @@ from typing import Any, ClassVar
 import torch
 
 from megatron_btx.errors import BTXError
+from megatron_btx.registry import Registry
 
 #: a :class:`~megatron_btx.merge.settings.MergeSettings` (which lists this registry's names)
 MergeSettings = Any
@@ -84,31 +85,11 @@ class RouterInit:
         return None
 
 
-_REGISTRY: dict[str, RouterInit] = {}
-
-
-def register(cls: type[RouterInit]) -> type[RouterInit]:
-    """Class decorator: make `cls` the router init named ``cls.name``."""
-    if not cls.name or not cls.name.isidentifier():
-        raise ValueError(f"router init {cls.__name__}: name {cls.name!r} is not an identifier")
-    _REGISTRY[cls.name] = cls()
-    return cls
-
-
-def names() -> tuple[str, ...]:
-    from megatron_btx import plugins
-
-    plugins.load()
-    return tuple(_REGISTRY)
-
-
-def get(name: str) -> RouterInit:
-    from megatron_btx import plugins
-
-    plugins.load()
-    if name not in _REGISTRY:
-        raise BTXError(f"router init {name!r} is unknown (known: {', '.join(_REGISTRY)})")
-    return _REGISTRY[name]
+_REGISTRY: Registry[RouterInit] = Registry("router init")
+#: class decorator: make a RouterInit subclass the init named by its ``name``
+register = _REGISTRY.register
+names = _REGISTRY.names
+get = _REGISTRY.get
 
 
 class FixedRows(LayerRouters):

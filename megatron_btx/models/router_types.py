@@ -44,6 +44,7 @@ from typing import Any, ClassVar
 import torch
 
 from megatron_btx.errors import BTXError
+from megatron_btx.registry import Registry
 
 __all__ = ["DEFAULT", "HFRouting", "RouterType", "get", "names", "register", "temperature_at"]
 
@@ -126,32 +127,12 @@ class RouterType:
         return None
 
 
-_REGISTRY: dict[str, RouterType] = {}
-
-
-def register(cls: type[RouterType]) -> type[RouterType]:
-    """Class decorator: make `cls` the router type named ``cls.name``."""
-    if not cls.name or not cls.name.isidentifier():
-        raise ValueError(f"router type {cls.__name__}: name {cls.name!r} is not an identifier")
-    _REGISTRY[cls.name] = cls()
-    return cls
-
-
-def names() -> tuple[str, ...]:
-    from megatron_btx import plugins
-
-    plugins.load()
-    return tuple(_REGISTRY)
-
-
-def get(name: str) -> RouterType:
-    """The router type called `name`; an unknown name is a BTXError listing the known ones."""
-    from megatron_btx import plugins
-
-    plugins.load()
-    if name not in _REGISTRY:
-        raise BTXError(f"router type {name!r} is unknown (known: {', '.join(_REGISTRY)})")
-    return _REGISTRY[name]
+_REGISTRY: Registry[RouterType] = Registry("router type")
+#: class decorator: make a RouterType subclass the router type named by its ``name``
+register = _REGISTRY.register
+names = _REGISTRY.names
+#: the router type called `name` (an unknown name is a BTXError listing the known ones)
+get = _REGISTRY.get
 
 
 def _number(key: str, value: Any, low: float, why: str, strict: bool = True) -> None:

@@ -33,8 +33,8 @@ from __future__ import annotations
 
 from typing import Any, ClassVar
 
-from megatron_btx.errors import BTXError
 from megatron_btx.pipeline.models import ModelSpec
+from megatron_btx.registry import Registry
 
 __all__ = ["Baseline", "get", "names", "register"]
 
@@ -58,31 +58,13 @@ class Baseline:
         raise NotImplementedError
 
 
-_REGISTRY: dict[str, Baseline] = {}
-
-
-def register(cls: type[Baseline]) -> type[Baseline]:
-    """Class decorator: make `cls` the baseline named ``cls.name``."""
-    if not cls.name or not cls.name.isidentifier() or cls.name.endswith("_train"):
-        raise ValueError(f"baseline {cls.__name__}: name {cls.name!r} is not a usable key")
-    _REGISTRY[cls.name] = cls()
-    return cls
-
-
-def names() -> tuple[str, ...]:
-    from megatron_btx import plugins
-
-    plugins.load()
-    return tuple(_REGISTRY)
-
-
-def get(name: str) -> Baseline:
-    from megatron_btx import plugins
-
-    plugins.load()
-    if name not in _REGISTRY:
-        raise BTXError(f"baseline {name!r} is unknown (known: {', '.join(_REGISTRY)})")
-    return _REGISTRY[name]
+_REGISTRY: Registry[Baseline] = Registry(
+    "baseline", valid=lambda name: name.isidentifier() and not name.endswith("_train")
+)
+#: class decorator: make a Baseline subclass the baseline named by its ``name``
+register = _REGISTRY.register
+names = _REGISTRY.names
+get = _REGISTRY.get
 
 
 @register

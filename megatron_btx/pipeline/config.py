@@ -131,6 +131,25 @@ class SeedConfig:
     domains: list[str] | None = None
 
 
+def _section(data: Any, prefix: str, source: str) -> dict[str, Any]:
+    """A config section's mapping (null: empty); anything else is an error naming it."""
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise BTXError(f"{source}: {prefix.rstrip('.')} must be a mapping")
+    return data
+
+
+def _known(key: Any, keys: set[str], prefix: str, source: str) -> None:
+    """`key` is one of `keys`, or an error naming it (with the closest known key)."""
+    from megatron_btx.config import close_match
+
+    if key not in keys:
+        close = close_match(str(key), keys)
+        hint = f" (did you mean {prefix}{close}?)" if close else ""
+        raise BTXError(f"{source}: unknown key {prefix + str(key)!r}{hint}")
+
+
 @dataclass
 class MergeConfig:
     """The run's merge: whether the seed is one of its sources, and any `btx merge` setting a
@@ -144,21 +163,14 @@ class MergeConfig:
 
     @classmethod
     def from_config(cls, data: Any, prefix: str, source: str) -> MergeConfig:
-        from megatron_btx.config import close_match, coerce
+        from megatron_btx.config import coerce
         from megatron_btx.merge.settings import check_run_value, run_keys
 
-        if data is None:
-            data = {}
-        if not isinstance(data, dict):
-            raise BTXError(f"{source}: {prefix.rstrip('.')} must be a mapping")
-        data = dict(data)
+        data = dict(_section(data, prefix, source))
         seed = coerce(data.pop("seed_as_expert", True), bool, f"{prefix}seed_as_expert", source)
         keys = run_keys()
         for key, value in data.items():
-            if key not in keys:
-                close = close_match(str(key), {"seed_as_expert", *keys})
-                hint = f" (did you mean {prefix}{close}?)" if close else ""
-                raise BTXError(f"{source}: unknown key {prefix + str(key)!r}{hint}")
+            _known(key, {"seed_as_expert", *keys}, prefix, source)
             check_run_value(key, value, source)
         return cls(seed, data)
 
@@ -188,23 +200,16 @@ class BaselinesConfig:
 
     @classmethod
     def from_config(cls, data: Any, prefix: str, source: str) -> BaselinesConfig:
-        from megatron_btx.config import close_match, coerce
+        from megatron_btx.config import coerce
         from megatron_btx.pipeline import baselines as registry
 
-        if data is None:
-            data = {}
-        if not isinstance(data, dict):
-            raise BTXError(f"{source}: {prefix.rstrip('.')} must be a mapping")
         out = cls()
         names = registry.names()
         keys = {"compute_match", *names}
         keys |= {f"{n}_train" for n in names if registry.get(n).trains}
-        for key, value in data.items():
+        for key, value in _section(data, prefix, source).items():
             full = f"{prefix}{key}"
-            if key not in keys:
-                close = close_match(str(key), keys)
-                hint = f" (did you mean {prefix}{close}?)" if close else ""
-                raise BTXError(f"{source}: unknown key {full!r}{hint}")
+            _known(key, keys, prefix, source)
             if key == "compute_match":
                 out.compute_match = coerce(value, str | bool, full, source)
             elif key.endswith("_train"):

@@ -16,6 +16,7 @@ from typing import Any, ClassVar
 from megatron_btx.errors import BTXError
 from megatron_btx.models.llama import LlamaArgs, MoEVariant
 from megatron_btx.models.router_types import HFRouting
+from megatron_btx.registry import Registry
 
 
 @dataclasses.dataclass(frozen=True)
@@ -75,37 +76,26 @@ class Family:
         return None if args.model_type == self.model_type else f"it is a {args.model_type}"
 
 
-_REGISTRY: dict[str, Family] = {}
-
-
-def register(cls: type[Family]) -> type[Family]:
-    """Class decorator: make `cls` the family of HF model_type ``cls.model_type``."""
-    if not cls.model_type or not cls.architecture:
-        raise ValueError(f"family {cls.__name__}: model_type and architecture are required")
-    _REGISTRY[cls.model_type] = cls()
-    return cls
-
-
-def names() -> tuple[str, ...]:
-    from megatron_btx import plugins
-
-    plugins.load()
-    return tuple(_REGISTRY)
+_REGISTRY: Registry[Family] = Registry(
+    "HF family",
+    key="model_type",
+    check=lambda cls: None if cls.architecture else "an architecture name is required",
+)
+#: class decorator: make a Family subclass the family of HF model_type ``model_type``
+register = _REGISTRY.register
+names = _REGISTRY.names
 
 
 def get(model_type: Any, source: str = "config.json") -> Family:
     """The family of `model_type`; an unknown one is a BTXError naming the supported ones."""
-    from megatron_btx import plugins
-
-    plugins.load()
-    if model_type not in _REGISTRY:
+    if model_type not in names():
         raise BTXError(
             f"{source}: model_type is {model_type!r}, not a Llama-architecture family "
-            f"(supported: {', '.join(_REGISTRY)})"
+            f"(supported: {', '.join(names())})"
         )
-    return _REGISTRY[model_type]
+    return _REGISTRY.get(model_type)
 
 
 def moe_families() -> list[Family]:
     """The MoE families, in the order an MoE tries to be written as."""
-    return sorted((f for f in (get(n) for n in names()) if f.is_moe), key=lambda f: f.export_rank)
+    return sorted((f for f in _REGISTRY.values() if f.is_moe), key=lambda f: f.export_rank)
