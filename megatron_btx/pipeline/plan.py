@@ -42,7 +42,6 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
@@ -57,6 +56,15 @@ from megatron_btx.pipeline import config as btx_config
 from megatron_btx.pipeline.config import BTXConfig, StageTrain
 from megatron_btx.pipeline.models import BTX, MERGED, SEED, ModelSpec, expert_name
 from megatron_btx.pipeline.plan_checks import KINDS
+from megatron_btx.pipeline.stage_configs import (
+    combine_stages,
+    final_checkpoint,
+    global_batch,
+    matched_steps,
+    model_options,
+    train_config,
+    train_stage,
+)
 from megatron_btx.pipeline.stages import (  # re-exported: the executors' view of a plan
     Plan,
     Stage,
@@ -95,11 +103,6 @@ __all__ = [
 # ---------------------------------------------------------------------------------------------
 # Helpers
 # ---------------------------------------------------------------------------------------------
-def final_checkpoint(run: str | Path, steps: int) -> str:
-    """The checkpoint a finished `btx train` run of `steps` steps leaves."""
-    return str(rundir.checkpoint_path(run, steps))
-
-
 def _resolve_checkpoint(path: str) -> str:
     """A megatron checkpoint folder from a checkpoint, a `checkpoints` folder or a run dir."""
     found = rundir.resolve_checkpoint(path)
@@ -109,13 +112,6 @@ def _resolve_checkpoint(path: str) -> str:
 def _is_hf(path: str) -> bool:
     p = Path(path)
     return (p / "config.json").is_file() and not rundir.is_checkpoint(p)
-
-
-def _model_options() -> set[str]:
-    """The model section's keys that are training options, not architecture (LlamaArgs)."""
-    from megatron_btx.config import LLAMA_FIELDS, ModelConfig
-
-    return {f.name for f in fields(ModelConfig)} - set(LLAMA_FIELDS) - {"init_from", "hf_config"}
 
 
 def seed_args(cfg: BTXConfig):
@@ -131,7 +127,7 @@ def seed_args(cfg: BTXConfig):
         from megatron_btx.checkpoint.megatron_io import read_args
 
         return read_args(_resolve_checkpoint(src))
-    arch = {k: v for k, v in cfg.model.items() if k not in _model_options()}
+    arch = {k: v for k, v in cfg.model.items() if k not in model_options()}
     arch.setdefault("vocab_size", _vocab_size(cfg))
     try:
         return LlamaArgs(**arch)
@@ -157,144 +153,6 @@ def _vocab_size(cfg: BTXConfig) -> int:
         except Exception as e:  # noqa: BLE001 - any other failure is the user's file
             raise BTXError(f"data.tokenizer={cfg.data.tokenizer}: cannot read it ({e})") from e
     return cfg.data.vocab_size
-
-
-# ---------------------------------------------------------------------------------------------
-# Per-stage training configs
-# ---------------------------------------------------------------------------------------------
-def _merge_stage(*parts: StageTrain | None) -> StageTrain:
-    """Later parts override earlier ones field by field."""
-    out = StageTrain()
-    for part in parts:
-        if part is None:
-            continue
-        for key in (
-            "steps",
-            "lr",
-            "warmup_steps",
-            "min_lr_ratio",
-            "micro_batch_size",
-            "global_batch_size",
-        ):
-            if getattr(part, key) is not None:
-                setattr(out, key, getattr(part, key))
-        if part.nproc != 1:
-            out.nproc = part.nproc
-        if part.parallel:
-            out.parallel = {**(out.parallel or {}), **part.parallel}
-        if part.train:
-            out.train = {**(out.train or {}), **part.train}
-    return out
-
-
-def _train_section(cfg: BTXConfig, stage: StageTrain) -> dict[str, Any]:
-    train = {"log_interval": 10, "eval_iters": 2, "keep_last": 1, "device": "auto"}
-    train.update(cfg.train or {})
-    train.update(stage.train or {})
-    train["steps"] = int(stage.steps or 0)
-    for key in ("lr", "warmup_steps", "min_lr_ratio"):
-        if getattr(stage, key) is not None:
-            train[key] = getattr(stage, key)
-    train["warmup_steps"] = min(int(train.get("warmup_steps", 100)), max(train["steps"] // 5, 0))
-    train.setdefault("eval_interval", max(train["steps"], 1))
-    train.setdefault("save_interval", max(train["steps"] // 4, 1))  # resumable when killed
-    train["eval_interval"] = max(1, min(int(train["eval_interval"]), max(train["steps"], 1)))
-    return train
-
-
-def _train_config(
-    cfg: BTXConfig,
-    run: str,
-    stage: StageTrain,
-    data_path: str,
-    domains: list[str] | dict[str, float],
-    init_from: str | None,
-    moe: dict[str, Any] | None = None,
-) -> dict[str, Any]:
-    """The `btx train` config of one stage, built and validated as `btx train` will read it."""
-    data: dict[str, Any] = {
-        "path": data_path,
-        "domains": domains,
-        "valid_domains": cfg.domain_names,
-        "seq_length": cfg.data.seq_length,
-    }
-    if stage.micro_batch_size is not None:
-        data["micro_batch_size"] = stage.micro_batch_size
-    if stage.global_batch_size is not None:
-        data["global_batch_size"] = stage.global_batch_size
-    model: dict[str, Any]
-    if init_from:
-        model = {"init_from": init_from}
-        for key in _model_options():
-            if key in cfg.model:
-                model[key] = cfg.model[key]
-    else:
-        model = dict(cfg.model)
-    raw: dict[str, Any] = {
-        "run_dir": run,
-        "model": model,
-        "parallel": dict(stage.parallel or {}),
-        "data": data,
-        "optimizer": dict(cfg.optimizer or {}),
-        "train": _train_section(cfg, stage),
-        "logging": dict(cfg.logging or {}),
-    }
-    if moe:
-        raw["moe"] = moe
-    from megatron_btx import config as train_config
-
-    built = train_config.Config.from_dict(raw, f"{cfg.source or 'btx config'} (stage {run})")
-    built.validate(world_size=stage.nproc)
-    return built.to_dict()
-
-
-def _tokens(train_cfg: dict[str, Any]) -> int:
-    return (
-        int(train_cfg["train"]["steps"])
-        * int(train_cfg["data"]["global_batch_size"])
-        * int(train_cfg["data"]["seq_length"])
-    )
-
-
-def _global_batch(stage: StageTrain) -> int:
-    from megatron_btx.config import DataConfig
-
-    return stage.global_batch_size or DataConfig().global_batch_size
-
-
-def _matched_steps(budget: float, active: int, global_batch: int, seq: int) -> int:
-    return max(1, int(round(budget / (6.0 * active * global_batch * seq))))
-
-
-def _train_stage(
-    name: str,
-    run: str,
-    train_cfg: dict[str, Any],
-    deps: list[str],
-    nproc: int,
-    active: int,
-    group: str,
-) -> Stage:
-    steps = int(train_cfg["train"]["steps"])
-    tokens = _tokens(train_cfg)
-    checkpoint = final_checkpoint(train_cfg["run_dir"], steps)
-    return Stage(
-        name,
-        "train",
-        ["train", f"{run}/configs/{name}.yaml"],
-        list(deps),
-        nproc,
-        [checkpoint + "/metadata.json"],
-        True,
-        workdir=train_cfg["run_dir"],
-        steps=steps,
-        tokens=tokens,
-        active_params=active,
-        flops=6.0 * active * tokens,
-        group=group,
-        checkpoint=checkpoint,
-        router=(train_cfg.get("moe") or {}).get("router"),
-    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -409,9 +267,9 @@ class Planner:
         moe: dict[str, Any] | None = None,
         time_like: str | None = None,
     ) -> Stage:
-        train_cfg = _train_config(self.cfg, run, stage, self.data_path, domains, init_from, moe)
+        train_cfg = train_config(self.cfg, run, stage, self.data_path, domains, init_from, moe)
         self.train_configs[name] = train_cfg
-        added = _train_stage(name, self.run, train_cfg, deps, stage.nproc, active, group)
+        added = train_stage(name, self.run, train_cfg, deps, stage.nproc, active, group)
         added.time_like = time_like
         self.stages.append(added)
         return added
@@ -420,7 +278,7 @@ class Planner:
         """A baseline's training stage: the experts' (``experts``) or the finetune's
         (``finetune``) stage settings, with the baseline's own over them."""
         base = {"experts": self.cfg.experts, "finetune": self.cfg.finetune}[which]
-        return _merge_stage(base, overrides)
+        return combine_stages(base, overrides)
 
     def train_baseline(
         self,
@@ -518,7 +376,7 @@ class Planner:
         spec = ModelSpec(SEED, "dense", "rival", part="seed", order=0)
         self.add_model(spec)
         if not cfg.seed.init_from:
-            stage = _merge_stage(cfg.seed.pretrain)
+            stage = combine_stages(cfg.seed.pretrain)
             run = f"{self.run}/seed"
             # the seed's own data (the paper's: general text no expert specialises in)
             data = {n: 1.0 for n in cfg.seed.domains} if cfg.seed.domains else self.blend
@@ -558,7 +416,7 @@ class Planner:
             added = self.train(
                 name,
                 f"{self.run}/experts/{domain}",
-                _merge_stage(self.cfg.experts),
+                combine_stages(self.cfg.experts),
                 [domain],
                 self.seed_checkpoint,
                 self.seed_deps,
@@ -638,7 +496,7 @@ class Planner:
         }
 
     def finetune(self, merged: Stage) -> None:
-        stage = _merge_stage(self.cfg.finetune)
+        stage = combine_stages(self.cfg.finetune)
         added = self.train(
             "finetune",
             f"{self.run}/finetune",
@@ -690,7 +548,7 @@ class Planner:
             stage.steps = self.measured[name]
             return
         seq = self.cfg.data.seq_length
-        stage.steps = _matched_steps(self.btx_flops, active, _global_batch(stage), seq)
+        stage.steps = matched_steps(self.btx_flops, active, global_batch(stage), seq)
 
     def baselines(self) -> None:
         """Every enabled baseline's stages and models, after the BTX stages they match."""
