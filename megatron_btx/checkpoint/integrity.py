@@ -35,13 +35,21 @@ UNRECORDED = (manifest.MANIFEST,)
 
 
 def _listed(folder: Path) -> list[str]:
-    """Every regular file under `folder`, as a relative POSIX path (sorted)."""
+    """Every regular file under `folder`, as a relative POSIX path (sorted). A symbolic link is
+    listed as the file it points to when that lies inside the checkpoint, as every reader takes
+    it; a link out of it is refused (:func:`megatron_btx.inputs.inside`), as every reader does."""
+    from megatron_btx.inputs import inside
+
     out = []
     for root, _, names in os.walk(folder):
         for name in names:
             path = Path(root) / name
             rel = path.relative_to(folder).as_posix()
-            if rel not in UNRECORDED and path.is_file() and not path.is_symlink():
+            if rel in UNRECORDED:
+                continue
+            if path.is_symlink():
+                inside(folder, path)
+            if path.is_file():
                 out.append(rel)
     return sorted(out)
 
