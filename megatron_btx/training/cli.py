@@ -137,7 +137,10 @@ def _run_lock(run_dir: str):
     torchrun holds it for all ranks (`--nproc-per-node`); under an external torchrun, rank 0
     takes it, and if another command holds it, rank 0's one-line error ends the job (torchrun
     stops the other ranks)."""
-    if int(os.environ.get("RANK", "0")) != 0 or rundir.held_by_launcher(run_dir):
+    if rundir.held_by_launcher(run_dir):
+        rundir.note_holder(run_dir)  # a refusal then names this worker, not only the launcher
+        return contextlib.nullcontext()
+    if int(os.environ.get("RANK", "0")) != 0:
         return contextlib.nullcontext()
     return rundir.locked(run_dir, "run directory")
 
