@@ -73,11 +73,11 @@ or keys, wrong types and inconsistent settings raise :class:`BTXError` naming th
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import math
 import os
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -561,26 +561,21 @@ def coerce(value: Any, typ: Any, key: str, source: str) -> Any:
         if isinstance(value, float) and value.is_integer():
             return int(value)
         if isinstance(value, str):
-            try:
-                f = float(value)
-            except ValueError:
-                pass
-            else:
-                if f.is_integer():
-                    return int(f)
+            raise _quoted(value, key, source, int)
     elif typ is float:
         number = None
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             number = float(value)
         elif isinstance(value, str):
-            with contextlib.suppress(ValueError):
-                number = float(value)
+            raise _quoted(value, key, source, float)
         if number is not None:
             if not math.isfinite(number):
                 raise BTXError(f"{source}: {key}={value!r} must be a finite number")
             return number
     elif typ is str:
         if isinstance(value, str):
+            if "\0" in value:
+                raise BTXError(f"{source}: {key}={value!r} contains a NUL byte; remove it")
             return value
         if isinstance(value, os.PathLike):
             return os.fspath(value)
@@ -596,6 +591,14 @@ def coerce(value: Any, typ: Any, key: str, source: str) -> Any:
                 for k, v in value.items()
             }
     raise BTXError(f"{source}: {key}={value!r} has the wrong type (expected {_tname(typ)})")
+
+
+def _quoted(value: str, key: str, source: str, typ: type) -> BTXError:
+    """Text where a number is wanted (``steps: '2'`` too): refused, not guessed at."""
+    return BTXError(
+        f"{source}: {key}={value!r} has the wrong type (expected {typ.__name__}; a quoted "
+        f"value is text: write a number without quotes)"
+    )
 
 
 def _tname(typ: Any) -> str:
@@ -619,7 +622,27 @@ class YAMLRefused(yaml.composer.ComposerError):
 class _ConfigLoader(yaml.SafeLoader):
     """PyYAML's safe loader without aliases (`*name`) and with a nesting limit: an alias lets a
     1 KB file ("billion laughs") expand to gigabytes when the config is copied or dumped, and a
-    deep nest overflows the recursion limit. Neither has a use in a config."""
+    deep nest overflows the recursion limit. Neither has a use in a config. A key given twice in
+    one mapping is refused (PyYAML keeps the last silently), and a number in exponent form
+    without a dot (``3e-4``, ``1e6``: a string to YAML 1.1) is a number, so a quoted value is
+    always text and is refused where a number is wanted."""
+
+    def construct_mapping(self, node, deep=False):
+        seen: dict[Any, Any] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            try:
+                if key in seen:
+                    raise YAMLRefused(
+                        None,
+                        None,
+                        f"key {key!r} given twice (the first at {seen[key]})",
+                        key_node.start_mark,
+                    )
+            except TypeError:  # an unhashable key: PyYAML's own error follows
+                break
+            seen[key] = f"line {key_node.start_mark.line + 1}"
+        return super().construct_mapping(node, deep=deep)
 
     def compose_node(self, parent, index):
         event = self.peek_event()
@@ -636,6 +659,13 @@ class _ConfigLoader(yaml.SafeLoader):
             return super().compose_node(parent, index)
         finally:
             self._btx_depth -= 1
+
+
+_ConfigLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?[0-9][0-9_]*(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+    list("-+0123456789"),
+)
 
 
 def parse_yaml(text: str, where: str, invalid_as_text: bool = False) -> Any:
