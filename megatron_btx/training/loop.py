@@ -264,6 +264,7 @@ class Trainer:
             ps.get_data_parallel_world_size(),
             self.device,
             consumed_samples=consumed,
+            vocab_size=self.args.vocab_size,
         )
         from megatron.core.pipeline_parallel import get_forward_backward_func
 
@@ -542,6 +543,7 @@ class Trainer:
                     self.loader.dp_rank,
                     self.loader.dp_size,
                     self.device,
+                    vocab_size=self.args.vocab_size,
                 )
                 iters = min(train_cfg.eval_iters, max(1, len(ds) // data_cfg.global_batch_size))
                 acc = torch.zeros(2, dtype=torch.float64, device=self.device)
