@@ -203,7 +203,13 @@ def load_stages(config: str, run_dir: str | None, overrides: list[str] | None = 
             raise BTXError(
                 f"{config} is a run directory; overrides ({overrides[0]} ...) need the BTX config"
             )
-        return plan_mod.read_plan(path), str(path.resolve())
+        plan = plan_mod.read_plan_file(path)
+        if plan.moved_from:  # its stages' configs still name the old place: they would write there
+            raise BTXError(
+                f"{config}: this run was planned in {plan.moved_from} and has moved; plan it "
+                f"again here: btx launch {Path(config) / 'btx.yaml'} --run-dir {config}"
+            )
+        return plan.stages, str(path.resolve())
     if not path.is_file():
         raise BTXError(f"{config}: no such config file or run directory")
     cfg = cfg_mod.load(str(path), overrides or None)
