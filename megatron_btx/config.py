@@ -53,6 +53,8 @@ train:
   device: auto                    # auto | cpu | cuda
   dtype: auto                     # auto (bf16 on GPU, fp32 on CPU) | fp32 | bf16
   resume: auto                    # auto (if RUN/checkpoints/latest exists) | true | false
+  verify_hashes: true             # re-hash the checkpoint loaded (init_from, resume) against
+                                  #   its manifest's sha256; false skips it (--no-verify-hashes)
 moe:
   dispatcher: alltoall            # alltoall | allgather
   aux_loss_coeff: 0.01
@@ -207,6 +209,7 @@ class TrainConfig:
     device: str = "auto"
     dtype: str = "auto"
     resume: str | bool = "auto"
+    verify_hashes: bool = True
 
 
 @dataclass
@@ -381,6 +384,19 @@ class Config:
         """Ranges of the optimizer's, the MoE's and the model's numbers (each is finite: every
         float key is checked so when it is read, see :func:`coerce`)."""
         o, m = self.optimizer, self.moe
+        for section in ("model", "optimizer", "train", "moe"):
+            for f in dataclasses.fields(getattr(self, section)):
+                value = getattr(getattr(self, section), f.name)
+                if isinstance(value, float) and abs(value) > FLOAT32_MAX:
+                    raise BTXError(
+                        f"{section}.{f.name}={value} is beyond what a float32 holds ("
+                        f"{FLOAT32_MAX:.3g}): training computes in float32 at most"
+                    )
+        if not 0 <= self.train.seed < 2**32:
+            raise BTXError(
+                f"train.seed={self.train.seed} must be in [0, 2**32 - 1] (numpy's and torch's "
+                f"generators take 32-bit seeds)"
+            )
         for key, value in (("adam_beta1", o.adam_beta1), ("adam_beta2", o.adam_beta2)):
             if not 0.0 <= value < 1.0:
                 raise BTXError(f"optimizer.{key}={value} must be in [0, 1)")
@@ -469,6 +485,11 @@ class Config:
             )
         if self.moe.router is not None and not args.is_moe:
             raise BTXError("moe.router is set but the model is dense (num_local_experts = 0)")
+
+
+#: the largest finite float32: every float key reaches torch as one (a learning rate of 1e300
+#: overflowed in the optimizer with a traceback)
+FLOAT32_MAX = 3.4028234663852886e38
 
 
 def _one_of(key: str, value: Any, allowed: tuple) -> None:

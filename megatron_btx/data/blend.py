@@ -29,6 +29,7 @@ from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
 from megatron.core.tokenizers import MegatronTokenizerBase
 
 from megatron_btx import runtime
+from megatron_btx.data.index_cache import guarded
 from megatron_btx.data.indexed_check import check_indexed
 from megatron_btx.data.preprocess import split_prefix
 from megatron_btx.data.splits import SPLITS
@@ -175,7 +176,8 @@ def _build(
         GPTDataset, sizes, is_built_on_rank or (lambda: True), config
     )
     with runtime.single_process_group() if config.path_to_cache else contextlib.nullcontext():
-        return builder.build()
+        with guarded(config.path_to_cache):  # no pickle in the cache megatron-core loads
+            return builder.build()
 
 
 def build_blend_datasets(

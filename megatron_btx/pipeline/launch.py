@@ -231,13 +231,35 @@ def _launch(a: argparse.Namespace, rest: list[str]) -> int:
 
     opts = options_from_args(a)
     check_options(opts)  # before anything is written
-    with rundir.locked(_run_dir_of(a, rest), "run directory"):
-        stages, run_dir = load_stages(a.config, a.run_dir, rest)
-        status = launch(stages, run_dir, opts, dry_run=a.dry_run)
+    target = _run_dir_of(a, rest)
+    rundir.check_path(target, "the run directory")
+    fresh = not os.path.exists(target)
+    with rundir.locked(target, "run directory"):
+        try:
+            stages, run_dir = load_stages(a.config, a.run_dir, rest)
+            status = launch(stages, run_dir, opts, dry_run=a.dry_run)
+        except BaseException:
+            if fresh:  # a refused launch leaves no run directory behind
+                _empty(Path(target))
+            raise
     if not a.dry_run:
         n = sum(1 for v in status.values() if v not in ("done", "dry-run"))
         print(f"{n} job(s) queued; follow them with `squeue -u $USER` and the logs above")
     return 0
+
+
+def _empty(folder: Path) -> None:
+    """Remove what a failed launch planned into `folder`, which it created (its lock stays for
+    rundir.locked to remove with the folder)."""
+    import shutil
+
+    for entry in folder.iterdir():
+        if entry.name == rundir.LOCK_NAME:
+            continue
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry, ignore_errors=True)
+        else:
+            entry.unlink(missing_ok=True)
 
 
 if __name__ == "__main__":

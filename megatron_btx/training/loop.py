@@ -38,6 +38,7 @@ from megatron_btx.config import Config
 from megatron_btx.errors import BTXError
 from megatron_btx.training import checkpointing as ckpt
 from megatron_btx.training import mcore_layouts
+from megatron_btx.training.bounds import check_sizes
 from megatron_btx.training.data import BatchLoader, build_datasets, resolve_sources
 from megatron_btx.training.logger import MetricsLogger
 
@@ -204,6 +205,9 @@ class Trainer:
         self.variant = model_variant(cfg)
         self.router_cfg = cfg.moe.router_settings(cfg.train.steps)
         cfg.validate_model(self.args)
+        on_gpu = t.device == "cuda" or (t.device == "auto" and torch.cuda.is_available())
+        dtype = t.dtype if t.dtype != "auto" else ("bf16" if on_gpu else "fp32")
+        check_sizes(cfg, self.args, world, on_gpu, 2 if dtype == "bf16" else 4)  # before building
 
         # Decide about resuming before the (slow) distributed start-up, so a wrong flag fails fast.
         latest = rundir.read_latest(self.run_dir)
@@ -234,7 +238,10 @@ class Trainer:
         self.loaded_from: str | None = None
         optimizer_loaded = False
         if self.resume_from is not None:
-            state = ckpt.load(self.resume_from, self.model, self.optimizer, self.layout())
+            state = self._verified(
+                self.resume_from,
+                lambda: ckpt.load(self.resume_from, self.model, self.optimizer, self.layout()),
+            )
             self.step = int(state.get("step", 0))
             consumed = int(state.get("consumed_samples", 0))
             if "scheduler" in state:
@@ -244,7 +251,7 @@ class Trainer:
         elif cfg.model.init_from:
             from megatron_btx.checkpoint.megatron_io import load_model
 
-            load_model(self.model, cfg.model.init_from)
+            self._verified(cfg.model.init_from, lambda: load_model(self.model, cfg.model.init_from))
             self.loaded_from = cfg.model.init_from
         if self.loaded_from is not None and not optimizer_loaded:
             # The optimizer's fp32 main parameters were copied from the model when it was built;
@@ -273,6 +280,37 @@ class Trainer:
         if self.rank == 0:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             cfg.save(self.run_dir / "config.yaml")
+
+    def _verified(self, folder: str | Path, load):
+        """`load()` of the checkpoint `folder` while its files are re-hashed against its
+        manifest on a second thread (each process hashes its share of the files); a file that
+        changed fails the run on every rank before it trains. train.verify_hashes: false (or
+        --no-verify-hashes) skips the check."""
+        from megatron_btx.checkpoint import integrity
+
+        world = dist.get_world_size() if dist.is_initialized() else 1
+        check = integrity.BackgroundCheck(
+            folder,
+            self.cfg.train.verify_hashes,
+            (self.rank, world),
+            "--no-verify-hashes (train.verify_hashes: false)",
+        )
+        error: BaseException | None = None
+        try:
+            result = load()
+            check.result()
+        except BTXError as e:
+            error = e
+        finally:
+            check.close()
+        failed = torch.tensor([1 if error is not None else 0], device=self.device)
+        if world > 1:
+            dist.all_reduce(failed, op=dist.ReduceOp.MAX)
+        if error is not None:
+            raise error
+        if int(failed.item()):
+            raise BTXError(f"{folder}: another process found it corrupt (see rank 0's error)")
+        return result
 
     def layout(self) -> dict[str, Any]:
         p = self.cfg.parallel
@@ -482,9 +520,19 @@ class Trainer:
         for m in self.model:
             m.zero_grad_buffer()
         self.optimizer.zero_grad()
-        outputs = self._run_schedule(batch, forward_only=False)
-        self.scheduler.step(1)  # the lr of step s is the schedule at s (1-based)
-        ok, grad_norm, _ = self.optimizer.step()
+        try:
+            outputs = self._run_schedule(batch, forward_only=False)
+            self.scheduler.step(1)  # the lr of step s is the schedule at s (1-based)
+            ok, grad_norm, _ = self.optimizer.step()
+        except RuntimeError as e:  # megatron-core's check of the gradients (check_for_nan_in_grad)
+            text = str(e)
+            if "grad" not in text or not ("NaN" in text or "nan" in text or "Inf" in text):
+                raise
+            first = next((line for line in text.splitlines() if "grad" in line), text)[:200]
+            raise BTXError(
+                f"the gradients are not finite at step {self.step + 1} ({first.strip()}); lower "
+                f"train.lr or check the data"
+            ) from e
         tot = self._reduce_loss(outputs)
         metrics = {
             "loss": float(tot[0] / tot[1].clamp(min=1)),
@@ -623,6 +671,7 @@ class Trainer:
         )
         self.logger.console(f"saved checkpoint {folder} ({reason}, {dt:.1f}s)")
         self.last_saved = self.step
+        self.saved = getattr(self, "saved", 0) + 1
         return folder
 
     # ---- the loop -------------------------------------------------------------------------
@@ -741,13 +790,60 @@ class Trainer:
         self.logger.console(f"validation at step {self.step}: {parts}")
 
 
+#: what a run writes into its run directory besides checkpoints (removed again, or truncated
+#: back, when it fails before its first checkpoint)
+RUN_FILES = ("config.yaml", "metrics.jsonl", "tensorboard", "data_cache")
+
+
+def _snapshot(run_dir: Path) -> dict[str, Any]:
+    """Which of RUN_FILES exist before the run (metrics.jsonl: its size; config.yaml: its
+    text, which the run rewrites)."""
+    out: dict[str, Any] = {}
+    for name in RUN_FILES:
+        path = run_dir / name
+        out[name] = path.stat().st_size if path.is_file() else (0 if path.exists() else None)
+    config = run_dir / "config.yaml"
+    if config.is_file() and not config.is_symlink():
+        out["config.yaml"] = config.read_bytes()
+    return out
+
+
+def _undo(run_dir: Path, before: dict[str, Any]) -> None:
+    """Leave the run directory as a failed run found it: files it created removed, the metrics
+    of this attempt cut off (only called when it saved no checkpoint)."""
+    import shutil
+
+    for name, old in before.items():
+        path = run_dir / name
+        if old is None:
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                path.unlink(missing_ok=True)
+        elif name == "metrics.jsonl" and path.is_file() and path.stat().st_size > old:
+            with open(path, "r+b") as f:
+                f.truncate(old)
+        elif name == "config.yaml" and isinstance(old, bytes):
+            rundir.atomic_write_text(path, old.decode("utf-8", "surrogateescape"))
+
+
 def train(cfg: Config) -> TrainResult:
     """Run (or resume) the training described by `cfg` in this process group; tears the
-    runtime down afterwards."""
+    runtime down afterwards. A run that fails before it saved a checkpoint leaves its run
+    directory as it found it (:func:`_undo`, on rank 0)."""
     trainer = Trainer(cfg)
+    run_dir = Path(cfg.run_dir)
+    before = _snapshot(run_dir)
     try:
         trainer.setup()
         return trainer.run()
+    except BaseException:
+        if getattr(trainer, "saved", 0) == 0 and int(os.environ.get("RANK", "0")) == 0:
+            logger = getattr(trainer, "logger", None)
+            if logger is not None:
+                logger.close()
+            _undo(run_dir, before)
+        raise
     finally:
         try:
             runtime.teardown()
