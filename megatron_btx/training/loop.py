@@ -40,6 +40,7 @@ from megatron_btx.training import checkpointing as ckpt
 from megatron_btx.training import mcore_layouts
 from megatron_btx.training.bounds import check_sizes
 from megatron_btx.training.data import BatchLoader, build_datasets, resolve_sources
+from megatron_btx.training.leftovers import snapshot, undo
 from megatron_btx.training.logger import MetricsLogger
 
 log = logging.getLogger(__name__)
@@ -282,35 +283,9 @@ class Trainer:
             cfg.save(self.run_dir / "config.yaml")
 
     def _verified(self, folder: str | Path, load):
-        """`load()` of the checkpoint `folder` while its files are re-hashed against its
-        manifest on a second thread (each process hashes its share of the files); a file that
-        changed fails the run on every rank before it trains. train.verify_hashes: false (or
-        --no-verify-hashes) skips the check."""
-        from megatron_btx.checkpoint import integrity
-
-        world = dist.get_world_size() if dist.is_initialized() else 1
-        check = integrity.BackgroundCheck(
-            folder,
-            self.cfg.train.verify_hashes,
-            (self.rank, world),
-            "--no-verify-hashes (train.verify_hashes: false)",
-        )
-        error: BaseException | None = None
-        try:
-            result = load()
-            check.result()
-        except BTXError as e:
-            error = e
-        finally:
-            check.close()
-        failed = torch.tensor([1 if error is not None else 0], device=self.device)
-        if world > 1:
-            dist.all_reduce(failed, op=dist.ReduceOp.MAX)
-        if error is not None:
-            raise error
-        if int(failed.item()):
-            raise BTXError(f"{folder}: another process found it corrupt (see rank 0's error)")
-        return result
+        """`load()` of the checkpoint `folder`, its files re-hashed meanwhile (unless
+        train.verify_hashes is false): :func:`~megatron_btx.training.checkpointing.verified`."""
+        return ckpt.verified(folder, load, self.cfg.train.verify_hashes, self.rank, self.device)
 
     def layout(self) -> dict[str, Any]:
         p = self.cfg.parallel
@@ -790,50 +765,13 @@ class Trainer:
         self.logger.console(f"validation at step {self.step}: {parts}")
 
 
-#: what a run writes into its run directory besides checkpoints (removed again, or truncated
-#: back, when it fails before its first checkpoint)
-RUN_FILES = ("config.yaml", "metrics.jsonl", "tensorboard", "data_cache")
-
-
-def _snapshot(run_dir: Path) -> dict[str, Any]:
-    """Which of RUN_FILES exist before the run (metrics.jsonl: its size; config.yaml: its
-    text, which the run rewrites)."""
-    out: dict[str, Any] = {}
-    for name in RUN_FILES:
-        path = run_dir / name
-        out[name] = path.stat().st_size if path.is_file() else (0 if path.exists() else None)
-    config = run_dir / "config.yaml"
-    if config.is_file() and not config.is_symlink():
-        out["config.yaml"] = config.read_bytes()
-    return out
-
-
-def _undo(run_dir: Path, before: dict[str, Any]) -> None:
-    """Leave the run directory as a failed run found it: files it created removed, the metrics
-    of this attempt cut off (only called when it saved no checkpoint)."""
-    import shutil
-
-    for name, old in before.items():
-        path = run_dir / name
-        if old is None:
-            if path.is_dir() and not path.is_symlink():
-                shutil.rmtree(path, ignore_errors=True)
-            else:
-                path.unlink(missing_ok=True)
-        elif name == "metrics.jsonl" and path.is_file() and path.stat().st_size > old:
-            with open(path, "r+b") as f:
-                f.truncate(old)
-        elif name == "config.yaml" and isinstance(old, bytes):
-            rundir.atomic_write_text(path, old.decode("utf-8", "surrogateescape"))
-
-
 def train(cfg: Config) -> TrainResult:
     """Run (or resume) the training described by `cfg` in this process group; tears the
     runtime down afterwards. A run that fails before it saved a checkpoint leaves its run
-    directory as it found it (:func:`_undo`, on rank 0)."""
+    directory as it found it (:func:`~megatron_btx.training.leftovers.undo`, on rank 0)."""
     trainer = Trainer(cfg)
     run_dir = Path(cfg.run_dir)
-    before = _snapshot(run_dir)
+    before = snapshot(run_dir)
     try:
         trainer.setup()
         return trainer.run()
@@ -842,7 +780,7 @@ def train(cfg: Config) -> TrainResult:
             logger = getattr(trainer, "logger", None)
             if logger is not None:
                 logger.close()
-            _undo(run_dir, before)
+            undo(run_dir, before)
         raise
     finally:
         try:
