@@ -47,9 +47,12 @@ def device_memory(on_gpu: bool) -> int:
     return host_memory()
 
 
-def check_sizes(cfg: Any, args: Any, world_size: int, on_gpu: bool, itemsize: int) -> None:
+def check_sizes(
+    cfg: Any, args: Any, world_size: int, on_gpu: bool, itemsize: int, variant: Any = None
+) -> None:
     """Refuse a config whose sizes cannot fit (see the module docstring): `args` the resolved
-    LlamaArgs, `itemsize` the bytes of one weight (2 for bf16, 4 for fp32)."""
+    LlamaArgs (and `variant` the MoE shape of the checkpoint it starts from), `itemsize` the
+    bytes of one weight (2 for bf16, 4 for fp32)."""
     from megatron_btx.checkpoint.bounds import least_params
 
     world_size = max(1, world_size)
@@ -57,7 +60,7 @@ def check_sizes(cfg: Any, args: Any, world_size: int, on_gpu: bool, itemsize: in
     per_device = device_memory(on_gpu)
     # CPU processes of one node share its memory; each GPU has its own
     have = world_size * per_device if on_gpu else max(1, world_size // local) * per_device
-    weights = least_params(args) * itemsize
+    weights = least_params(args, variant) * itemsize
     if weights > have:
         raise BTXError(
             f"model: {args.num_hidden_layers} layers of hidden_size {args.hidden_size} "

@@ -206,9 +206,11 @@ class Trainer:
         self.variant = model_variant(cfg)
         self.router_cfg = cfg.moe.router_settings(cfg.train.steps)
         cfg.validate_model(self.args)
-        on_gpu = t.device == "cuda" or (t.device == "auto" and torch.cuda.is_available())
+        # (device cuda without a GPU is refused by runtime.init below, with its own message)
+        on_gpu = t.device in ("cuda", "auto") and torch.cuda.is_available()
         dtype = t.dtype if t.dtype != "auto" else ("bf16" if on_gpu else "fp32")
-        check_sizes(cfg, self.args, world, on_gpu, 2 if dtype == "bf16" else 4)  # before building
+        itemsize = 2 if dtype == "bf16" else 4
+        check_sizes(cfg, self.args, world, on_gpu, itemsize, self.variant)  # before building
 
         # Decide about resuming before the (slow) distributed start-up, so a wrong flag fails fast.
         latest = rundir.read_latest(self.run_dir)
