@@ -309,7 +309,7 @@ def test_fuzz_metadata_chunk_layouts(mg_llama, tmp_path):
     reader.close()
     rng = random.Random(SEED)
     accepted = refused = 0
-    for _ in range(300):
+    for _ in range(200):
         md = copy.deepcopy(original)
         for _ in range(rng.randint(1, 2)):
             _mutate_chunks(rng, md)
@@ -334,7 +334,7 @@ def test_fuzz_metadata_chunk_layouts(mg_llama, tmp_path):
                 assert torch.equal(got, reference[key].reshape(got.shape)), key
         finally:
             reader.close()
-    assert accepted > 20 and refused > 150, (accepted, refused)
+    assert accepted > 12 and refused > 100, (accepted, refused)
 
 
 def test_fuzz_manifest_sizes(mg_llama, tmp_path):
@@ -357,7 +357,7 @@ def test_fuzz_manifest_sizes(mg_llama, tmp_path):
     rng = random.Random(SEED)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     accepted = refused = 0
-    for _ in range(400):
+    for _ in range(250):
         m = json.loads(json.dumps(base))
         for _ in range(rng.randint(1, 3)):
             if rng.random() < 0.85:
@@ -377,7 +377,7 @@ def test_fuzz_manifest_sizes(mg_llama, tmp_path):
         assert least_params(args, read_variant(folder)) * 4 <= held
     grown = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - peak) / 1024
     assert grown < 100, f"peak memory grew by {grown:.0f} MB"
-    assert accepted > 5 and refused > 300, (accepted, refused)
+    assert accepted > 3 and refused > 180, (accepted, refused)
 
 
 def test_fuzz_indexed_datasets(data, tmp_path):
