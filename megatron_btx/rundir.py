@@ -29,6 +29,9 @@ ITER_RE = re.compile(r"^iter_(\d{7,})$")
 LOCK_NAME = ".btx.lock"
 #: set by hold_for_exec: the lock file the launching process holds for this one
 LOCK_ENV = "BTX_HELD_LOCK"
+#: lock files a parent process holds on behalf of the stages it starts (`btx run`), separated
+#: by os.pathsep: a child writing inside them is part of the command that holds them
+HELD_ENV = "BTX_HELD_LOCKS"
 
 log = logging.getLogger(__name__)
 
@@ -175,9 +178,13 @@ def locked(
     `btx train --nproc-per-node`), which keeps holding it."""
     folder = Path(folder)
     lock_path = Path(lock_file) if lock_file is not None else folder / LOCK_NAME
+    check_path(lock_path, f"the {what}")
     created = not lock_path.parent.exists()
     lock_path.parent.mkdir(parents=True, exist_ok=True)
     key = os.path.abspath(lock_path)
+    if key in _inherited():  # held for us by the process that started this one
+        yield folder
+        return
     if key in _HELD:
         _HELD[key][1] += 1
         try:
@@ -221,6 +228,81 @@ def held_by_launcher(folder: str | os.PathLike[str]) -> bool:
     return os.environ.get(LOCK_ENV) == os.path.abspath(Path(folder) / LOCK_NAME)
 
 
+def _inherited() -> set[str]:
+    """The lock files held for this process by the one that started it."""
+    held = {p for p in os.environ.get(HELD_ENV, "").split(os.pathsep) if p}
+    if os.environ.get(LOCK_ENV):
+        held.add(os.environ[LOCK_ENV])
+    return held
+
+
+def held_env(folder: str | os.PathLike[str]) -> str:
+    """The value of :data:`HELD_ENV` for a child process of a command that holds `folder`'s
+    lock: the child (a stage of `btx run`) may write inside `folder`."""
+    held = _inherited() - {os.environ.get(LOCK_ENV, "")}
+    held.add(os.path.abspath(Path(folder) / LOCK_NAME))
+    return os.pathsep.join(sorted(held))
+
+
+def note_holder(folder: str | os.PathLike[str]) -> None:
+    """Add this process's pid to `folder`'s lock file, which a process that started it holds
+    (:func:`hold_for_exec`): a later refusal names the processes that really hold the lock, even
+    when the one that took it has exited and left them running (an orphaned torchrun worker)."""
+    with contextlib.suppress(OSError):
+        fd = os.open(Path(folder) / LOCK_NAME, os.O_WRONLY | os.O_APPEND)
+        try:
+            os.write(fd, f"{os.getpid()}\n".encode())
+        finally:
+            os.close(fd)
+
+
+@contextlib.contextmanager
+def enclosing_locks(path: str | os.PathLike[str], what: str = "output") -> Iterator[None]:
+    """Hold the lock of every run directory `path` lies inside (a folder above it whose
+    ``.btx.lock`` exists) while the caller writes `path`: a checkpoint inside a run that `btx
+    train` holds is never replaced under it, and the run cannot start while it is written. A
+    run directory locked by another command is one BTXError naming it and the holder."""
+    with contextlib.ExitStack() as stack:
+        for parent in reversed(Path(os.path.abspath(path)).parents):
+            if (parent / LOCK_NAME).exists():
+                stack.enter_context(locked(parent, f"run directory (holding the {what})"))
+        yield
+
+
+def check_path(path: str | os.PathLike[str], what: str = "path") -> None:
+    """A path we create files at has no NUL byte and no line break (the operating system
+    refuses the first with a traceback-worthy ValueError; the second breaks every log and
+    script that names it)."""
+    text = os.fspath(path)
+    bad = next((c for c in text if c in "\0\n\r"), None)
+    if bad is not None:
+        raise BTXError(f"{what} {text!r} contains the character {bad!r}; choose another name")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _holders(text: str) -> str:
+    """Who holds a lock, from its file: the pid that took it and those that noted themselves
+    (:func:`note_holder`), the live ones named first."""
+    pids = [int(w) for w in text.split() if w.isdigit()]
+    if not pids:
+        return "pid unknown"
+    live = [p for p in pids if _alive(p)]
+    if not live or live == pids[:1]:
+        return f"pid {pids[0]}"
+    gone = [p for p in pids if p not in live]
+    note = f"; pid {', '.join(map(str, gone))}, which took it, has exited" if gone else ""
+    return f"pid {', '.join(map(str, live))}{note}"
+
+
 def _acquire(lock_path: Path, folder: Path, what: str) -> int:
     """An exclusive flock on `lock_path`, whose file is the one at that path when we hold it (a
     holder that finished may have removed it after we opened it: then open it again)."""
@@ -229,12 +311,12 @@ def _acquire(lock_path: Path, folder: Path, what: str) -> int:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as e:
-            holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown"
+            holder = _holders(os.pread(fd, 4096, 0).decode(errors="replace"))
             os.close(fd)
             if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
                 raise BTXError(f"{lock_path}: cannot lock ({e.strerror})") from None
             raise BTXError(
-                f"{folder}: this {what} is in use by another btx command (pid {holder}); wait "
+                f"{folder}: this {what} is in use by another btx command ({holder}); wait "
                 f"for it to finish or stop it"
             ) from None
         try:

@@ -382,7 +382,7 @@ def test_router_settings_the_router_cannot_honour_are_errors(args, message):
 
 
 def test_model_args_from_init_from_conflict(mg_llama):
-    from megatron_btx.training.loop import resolve_model_args
+    from megatron_btx.training.model_args import resolve_model_args
 
     ck = mg_llama  # hidden 64, 4 heads, vocabulary 300 (padded 384)
     cfg = load(model={"init_from": str(ck)})

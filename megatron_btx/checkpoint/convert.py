@@ -37,8 +37,9 @@ from megatron_btx.checkpoint.hf import (
 )
 from megatron_btx.checkpoint.mapping import EMB
 from megatron_btx.checkpoint.megatron_io import atomic_folder, check_target, read_args
-from megatron_btx.checkpoint.sources import DTYPE_NAMES, TOKENIZER_DIR
+from megatron_btx.checkpoint.sources import DTYPE_NAMES, TOKENIZER_DIR, check_hf_tensors
 from megatron_btx.errors import BTXError
+from megatron_btx.inputs import inside, read_json
 from megatron_btx.models.llama import (
     LlamaArgs,
     MoEVariant,
@@ -149,12 +150,13 @@ def hf_to_megatron(
     check_parallel(args, tp, pp, ep)
     adapter = import_adapter(model, reader.keys())
     adapter.check_hf_keys(reader.keys(), str(load))
+    check_hf_tensors(reader, adapter.hf_shapes(), load)  # shapes and dtypes, before any write
     src_dtype = ST_DTYPE_NAMES.get(reader.dtype(adapter.global_names()[EMB]), "fp32")
     dt = to_dtype(dtype or src_dtype)
     check_target(save, overwrite, sources=[load])
     with runtime.single_process():
         with atomic_folder(save, overwrite) as tmp:
-            tensors = adapter.import_tensors(reader.get)
+            tensors = adapter.import_tensors(_finite_reader(reader))
             n = stream_to_torch_dist(tensors, args, dt, tmp, str(load), variant)
             tok = copy_tokenizer(load, tmp / TOKENIZER_DIR)
             if "tokenizer.json" in tok and (load / "config.json").is_file():
@@ -191,13 +193,26 @@ def hf_to_megatron(
 
 
 def _read_config(path: Path) -> dict[str, Any]:
-    try:
-        config = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
-        raise BTXError(f"{path}: not a readable JSON config ({e}); re-save it") from e
+    config = read_json(inside(path.parent, path, "config.json"), "config.json")
     if not isinstance(config, dict):
         raise BTXError(f"{path}: the top level is a {type(config).__name__}, not a JSON object")
     return config
+
+
+def _finite_reader(reader: HFReader):
+    """`reader.get` that refuses a tensor holding NaN or infinity (a broken download or
+    training run: it would train and export as NaN), naming the file and the tensor."""
+
+    def get(key: str, out: torch.Tensor | None = None) -> torch.Tensor:
+        tensor = reader.get(key, out)
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise BTXError(
+                f"{reader.file_of(key)}: tensor {key!r} holds NaN or infinite values; the "
+                f"checkpoint is broken"
+            )
+        return tensor
+
+    return get
 
 
 def _expert_layout(adapter) -> str | None:
@@ -271,7 +286,7 @@ def megatron_to_hf(
                     bar.close()
                 writer.close()
                 write_hf_config(tmp, adapter.hf_config(), dt)
-                tok_dir = load / TOKENIZER_DIR
+                tok_dir = inside(load, load / TOKENIZER_DIR, "tokenizer folder")
                 tok = copy_tokenizer(tok_dir, tmp) if tok_dir.is_dir() else []
                 record = manifest.Manifest(
                     kind=f"hf_{adapter.family}",

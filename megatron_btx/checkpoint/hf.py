@@ -22,6 +22,7 @@ import torch
 
 from megatron_btx.checkpoint.direct_io import DirectWriter
 from megatron_btx.errors import BTXError
+from megatron_btx.inputs import inside, open_regular, read_json
 
 TOKENIZER_FILES = (
     "tokenizer.model",
@@ -52,9 +53,10 @@ def _read_header(path: Path) -> tuple[int, dict]:
     """Read and validate the whole header before anything is allocated from it (see
     :func:`check_header`), so a truncated, corrupt or hostile file is named, not mis-read.
     Returns (byte offset of the data, header)."""
+    fd = open_regular(path, "safetensors file")  # not a FIFO or a device: they never end
     try:
-        size = path.stat().st_size
-        with open(path, "rb") as f:
+        size = os.fstat(fd).st_size
+        with os.fdopen(fd, "rb") as f:
             head = f.read(8)
             if len(head) < 8:
                 raise ValueError("file shorter than the 8-byte header length")
@@ -148,6 +150,9 @@ class PreadSafetensors:
     def __contains__(self, key: str) -> bool:
         return key in self._where
 
+    def file_of(self, key: str) -> Path:
+        return self._where[key][0]
+
     def shape(self, key: str) -> list[int]:
         return list(self._where[key][4])
 
@@ -219,8 +224,9 @@ class HFReader(PreadSafetensors):
                 raise BTXError(f"{self.folder}: no model.safetensors or {INDEX_NAME}{hint}")
         self.files = [self.folder / f for f in files]
         for f in self.files:
-            if not f.is_file():
+            if not (f.is_file() or f.is_symlink()):
                 raise BTXError(f"{f}: listed in {INDEX_NAME} but missing; the download is partial")
+            inside(self.folder, f, "weight file")  # a link out of the folder is refused
         super().__init__(self.files)
         if weight_map:
             missing = [k for k in weight_map if k not in self]
@@ -243,10 +249,11 @@ def read_index(index: Path) -> dict[str, str]:
     """The weight map of a sharded checkpoint's index: tensor name -> shard file, every shard a
     relative path inside the index's folder (no absolute path, no `..`), so a hostile index
     cannot make us read (and export) a file from elsewhere."""
+    document = read_json(inside(index.parent, index, INDEX_NAME), INDEX_NAME)
     try:
-        weight_map = json.loads(index.read_bytes().decode("utf-8"))["weight_map"]
-    except (OSError, ValueError, KeyError, TypeError, RecursionError) as e:
-        raise BTXError(f"{index}: not a valid safetensors index ({e})") from e
+        weight_map = document["weight_map"]
+    except (KeyError, TypeError) as e:
+        raise BTXError(f"{index}: not a valid safetensors index (no weight_map)") from e
     if not isinstance(weight_map, dict) or not weight_map:
         raise BTXError(f"{index}: weight_map is not a map of tensor names to shard files")
     for name, shard in weight_map.items():
@@ -259,14 +266,28 @@ def read_index(index: Path) -> dict[str, str]:
     return weight_map
 
 
+def tokenizer_files(src: Path) -> list[str]:
+    """The names of the tokenizer files in `src`; each must be a regular file inside `src` (a
+    link to a file elsewhere is refused: it would be hashed and copied into outputs)."""
+    names = []
+    for name in TOKENIZER_FILES:
+        path = src / name
+        if path.is_file() or path.is_symlink():
+            real = inside(src, path, "tokenizer file")
+            if not real.is_file():
+                raise BTXError(f"{path}: tokenizer file is not a regular file; refusing it")
+            names.append(name)
+    return names
+
+
 def copy_tokenizer(src: Path, dst: Path) -> list[str]:
     """Copy the tokenizer files that exist in `src` to `dst`; return their names."""
     copied = []
-    for name in TOKENIZER_FILES:
-        if (src / name).is_file():
-            dst.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(src / name, dst / name)
-            copied.append(name)
+    for name in tokenizer_files(src):
+        dst.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(os.path.realpath(src / name), dst / name)
+        shutil.copystat(os.path.realpath(src / name), dst / name)
+        copied.append(name)
     return copied
 
 

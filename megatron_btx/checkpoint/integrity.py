@@ -33,13 +33,21 @@ UNRECORDED = (manifest.MANIFEST,)
 
 
 def _listed(folder: Path) -> list[str]:
-    """Every regular file under `folder`, as a relative POSIX path (sorted)."""
+    """Every regular file under `folder`, as a relative POSIX path (sorted). A symbolic link is
+    listed as the file it points to when that lies inside the checkpoint, as every reader takes
+    it; a link out of it is refused (:func:`megatron_btx.inputs.inside`), as every reader does."""
+    from megatron_btx.inputs import inside
+
     out = []
     for root, _, names in os.walk(folder):
         for name in names:
             path = Path(root) / name
             rel = path.relative_to(folder).as_posix()
-            if rel not in UNRECORDED and path.is_file() and not path.is_symlink():
+            if rel in UNRECORDED:
+                continue
+            if path.is_symlink():
+                inside(folder, path)
+            if path.is_file():
                 out.append(rel)
     return sorted(out)
 
@@ -74,22 +82,31 @@ def gather_rank_hashes(folder: str | os.PathLike[str]) -> dict[str, str]:
     return {k: v for part in every for k, v in part.items()} if rank == 0 else {}
 
 
-def problems(folder: str | os.PathLike[str], recorded: dict[str, str] | None = None) -> list[str]:
+def problems(
+    folder: str | os.PathLike[str],
+    recorded: dict[str, str] | None = None,
+    share: tuple[int, int] = (0, 1),
+) -> list[str]:
     """What differs between a checkpoint's files and its manifest's record of them, one line
-    each (empty when everything matches)."""
+    each (empty when everything matches). `share` = (rank, world): this process re-hashes
+    every world-th recorded file from its rank on (the processes of a training job split the
+    work); rank 0 also reports the missing and unrecorded files."""
     folder = Path(folder)
     if recorded is None:
         recorded = recorded_hashes(folder)
+    rank, world = share
     lines = []
     present = set(_listed(folder))
-    for rel, digest in sorted(recorded.items()):
+    for i, (rel, digest) in enumerate(sorted(recorded.items())):
         path = folder / rel
         if rel not in present:
-            lines.append(f"{path}: missing (the manifest records it)")
-        elif manifest.sha256_file(path) != digest:
+            if rank == 0:
+                lines.append(f"{path}: missing (the manifest records it)")
+        elif i % world == rank and manifest.sha256_file(path) != digest:
             lines.append(f"{path}: sha256 differs from the manifest's (the file changed)")
-    for rel in sorted(present - set(recorded)):
-        lines.append(f"{folder / rel}: not recorded in the manifest (added afterwards)")
+    if rank == 0:
+        for rel in sorted(present - set(recorded)):
+            lines.append(f"{folder / rel}: not recorded in the manifest (added afterwards)")
     return lines
 
 
@@ -104,12 +121,17 @@ def recorded_hashes(folder: str | os.PathLike[str]) -> dict[str, str]:
     return recorded
 
 
-def check(folder: str | os.PathLike[str]) -> None:
-    """BTXError naming the first problem (and how many) when the files do not match."""
-    found = problems(folder)
+def check(
+    folder: str | os.PathLike[str],
+    share: tuple[int, int] = (0, 1),
+    flag: str = "--no-verify-hashes",
+) -> None:
+    """BTXError naming the first problem (and how many) when the files do not match (this
+    process's `share` of them, see :func:`problems`); `flag` is how the user skips the check."""
+    found = problems(folder, share=share)
     if found:
         more = f" (and {len(found) - 1} more; see `btx verify {folder}`)" if len(found) > 1 else ""
-        raise BTXError(f"{found[0]}{more}; pass --no-verify-hashes to use it anyway")
+        raise BTXError(f"{found[0]}{more}; pass {flag} to use it anyway")
 
 
 class BackgroundCheck:
@@ -117,12 +139,18 @@ class BackgroundCheck:
     caller reads it (`result` waits and raises); a no-op for a checkpoint without hashes or
     when not `enabled`."""
 
-    def __init__(self, folder: str | os.PathLike[str], enabled: bool = True):
+    def __init__(
+        self,
+        folder: str | os.PathLike[str],
+        enabled: bool = True,
+        share: tuple[int, int] = (0, 1),
+        flag: str = "--no-verify-hashes",
+    ):
         self._pool = None
         self._job = None
         if enabled and manifest.read(folder).get(FILES):
             self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=1)
-            self._job = self._pool.submit(check, folder)
+            self._job = self._pool.submit(check, folder, share, flag)
 
     def result(self) -> None:
         if self._job is not None:

@@ -23,6 +23,8 @@ MANIFEST = "btx_manifest.json"
 #: the dtype names a manifest may record (ours, and the torch names)
 DTYPE_NAMES = ("fp32", "bf16", "fp16", "float32", "bfloat16", "float16")
 FORMAT_VERSION = 1
+#: the largest manifest we read (kilobytes in practice; a file hash per checkpoint file)
+MAX_MANIFEST_BYTES = 16 * 1024 * 1024
 
 
 def sha256_file(path: str | Path, window: int = 64 * 1024 * 1024) -> str:
@@ -48,8 +50,12 @@ def sha256_file(path: str | Path, window: int = 64 * 1024 * 1024) -> str:
 
 
 def sha256_folder(folder: str | Path, pattern: str = "*") -> dict[str, str]:
-    """sha256 of every regular file in `folder` matching `pattern` (not recursive)."""
-    return {p.name: sha256_file(p) for p in sorted(Path(folder).glob(pattern)) if p.is_file()}
+    """sha256 of every regular file in `folder` matching `pattern` (not recursive); a link out
+    of the folder is refused (:func:`megatron_btx.inputs.inside`), never hashed."""
+    from megatron_btx.inputs import inside
+
+    found = sorted(p for p in Path(folder).glob(pattern) if p.is_file() or p.is_symlink())
+    return {p.name: sha256_file(inside(folder, p)) for p in found if inside(folder, p).is_file()}
 
 
 @dataclass(kw_only=True)
@@ -118,12 +124,15 @@ def rewrite(folder: str | Path, record: dict[str, Any]) -> dict[str, Any]:
 
 
 def read(folder: str | Path) -> dict[str, Any]:
+    from megatron_btx.inputs import inside, read_small
+
     path = Path(folder) / MANIFEST
-    if not path.is_file():
+    if not (path.is_file() or path.is_symlink()):
         raise BTXError(f"{folder}: no {MANIFEST}; not a checkpoint written by megatron_btx")
+    raw = read_small(inside(folder, path, "manifest"), "manifest", MAX_MANIFEST_BYTES)
     try:
-        m = json.loads(path.read_bytes().decode("utf-8"))
-    except (OSError, ValueError, RecursionError) as e:  # JSON and UTF-8 errors are ValueErrors
+        m = json.loads(raw.decode("utf-8"))
+    except (ValueError, RecursionError) as e:  # JSON and UTF-8 errors are ValueErrors
         raise BTXError(f"{path}: cannot be read ({e}); the checkpoint's manifest is corrupt") from e
     if not isinstance(m, dict):
         raise BTXError(f"{path}: holds a {type(m).__name__}, not a manifest; it is corrupt")
@@ -139,6 +148,11 @@ def read(folder: str | Path) -> dict[str, Any]:
     return m
 
 
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
 def _natural(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
@@ -148,7 +162,7 @@ def check_fields(m: dict[str, Any], where: str) -> None:
     hand-edited manifest is one line naming the entry, not a traceback where it is used)."""
 
     def bad(key: str, value: Any, what: str) -> BTXError:
-        return BTXError(f"{where}: {key}={value!r} {what}; the manifest is corrupt")
+        return BTXError(f"{where}: {key}={_short(value)} {what}; the manifest is corrupt")
 
     for key in ("model", "layout", "moe", "files"):
         if m.get(key) is not None and not isinstance(m[key], dict):
@@ -160,7 +174,12 @@ def check_fields(m: dict[str, Any], where: str) -> None:
             raise bad(key, m[key], "is not a count")
     moe = m.get("moe") or {}
     freq = moe.get("layer_freq")
-    if freq is not None and not (isinstance(freq, list) and all(x in (0, 1) for x in freq)):
+    layers = (m.get("model") or {}).get("num_hidden_layers")
+    if freq is not None and not (
+        isinstance(freq, list)
+        and all(x in (0, 1) for x in freq)
+        and (not _natural(layers) or len(freq) == layers)
+    ):
         raise bad("moe.layer_freq", freq, "is not a list of 0/1 per layer")
     for key in ("shared_expert_intermediate_size", "dense_ffn_hidden_size", "attention_experts"):
         if moe.get(key) is not None and not _natural(moe[key]):

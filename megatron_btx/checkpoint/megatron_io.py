@@ -36,12 +36,30 @@ def _barrier() -> None:
         dist.barrier()
 
 
+def followed(save: str | Path) -> Path:
+    """The output folder `save` names: itself, or, when it is a symbolic link (an output kept
+    on another disk through a link is common on clusters), the folder the link points to, which
+    is then written and replaced in its place; the link stays as it is. A link to nothing (or a
+    loop of links) is one BTXError."""
+    save = Path(save)
+    if not save.is_symlink():
+        return save
+    try:
+        return save.resolve(strict=True)
+    except (OSError, RuntimeError) as e:
+        raise BTXError(
+            f"--save {save}: is a symbolic link to {os.readlink(save)}, which does not exist; "
+            f"create that folder or remove the link"
+        ) from e
+
+
 def check_target(save: str | Path, overwrite: bool, sources: Iterable[str | Path] = ()) -> Path:
     """Refuse an output folder we must not write or replace: the current directory or one above
     it (`--save .`), a source folder, one inside a source or one holding a source, a file, and
     (without `overwrite`) any non-empty folder; with `overwrite`, only an empty folder or one of
-    our checkpoints (it has a manifest) is replaced, never a folder of other files."""
-    save = Path(save)
+    our checkpoints (it has a manifest) is replaced, never a folder of other files. A symbolic
+    link is followed (:func:`followed`): the checks apply to the folder it points to."""
+    save = followed(save)
     target = save.resolve()
     here = Path.cwd().resolve()
     if target == here or target in here.parents:
@@ -91,13 +109,14 @@ def atomic_folder(final: str | Path, overwrite: bool = False) -> Iterator[Path]:
     (:func:`check_target`). On an exception the temporary folder is removed and `final` is
     untouched. The commit swaps the folders in one step where the file system can
     (:func:`~megatron_btx.checkpoint.swap.replace_folder`), so no moment leaves no output.
-    Collective-safe: every rank gets the same path; rank 0 locks, creates, commits, cleans up."""
-    final = Path(final)
-    lock = (
-        rundir.locked(final, "output folder", rundir.lock_path_beside(final))
-        if _rank() == 0
-        else contextlib.nullcontext()
-    )
+    Collective-safe: every rank gets the same path; rank 0 locks, creates, commits, cleans up.
+    A symbolic link at `final` is followed (:func:`followed`): its folder is replaced, the link
+    kept."""
+    final = followed(final)
+    lock = contextlib.ExitStack()
+    if _rank() == 0:
+        lock.enter_context(rundir.enclosing_locks(final))  # not inside a run another command holds
+        lock.enter_context(rundir.locked(final, "output folder", rundir.lock_path_beside(final)))
     with lock:
         if _rank() == 0:
             swap.recover(final)
@@ -117,8 +136,23 @@ def atomic_folder(final: str | Path, overwrite: bool = False) -> Iterator[Path]:
                 shutil.rmtree(tmp, ignore_errors=True)
             raise
         if _rank() == 0:
-            swap.replace_folder(tmp, final)
+            _commit(tmp, final)
         _barrier()
+
+
+def _commit(tmp: Path, final: Path) -> None:
+    """Put `tmp` in place of `final`; when that fails, remove `tmp`, put back the old output if
+    the replacement was half done, and say which output could not be written."""
+    try:
+        swap.replace_folder(tmp, final)
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        with contextlib.suppress(OSError):
+            swap.recover(final)
+        raise BTXError(
+            f"{final}: the finished output could not be put in place ({e.strerror or e}); "
+            f"nothing was written there"
+        ) from e
 
 
 def save_model(
@@ -249,11 +283,14 @@ def read_args(folder: str | Path, metadata: Any = None) -> LlamaArgs:
     """The model hyper-parameters recorded in a checkpoint's manifest, checked against the
     checkpoint's own tensor index (`metadata`: its DCP metadata, read when not given) before
     anything builds a model of them (:func:`check_sizes`)."""
+    from megatron_btx.checkpoint.bounds import check_model_fits
     from megatron_btx.checkpoint.dcp_stream import read_metadata
 
     args = _manifest_args(folder)
     metadata = metadata if metadata is not None else read_metadata(folder)
-    check_sizes(args, folder, metadata, read_variant(folder))
+    variant = read_variant(folder)
+    check_sizes(args, folder, metadata, variant)
+    check_model_fits(args, variant, folder, metadata)
     return args
 
 

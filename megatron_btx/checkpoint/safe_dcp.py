@@ -31,6 +31,7 @@ from torch.distributed.checkpoint import FileSystemReader
 
 from megatron_btx.checkpoint.safe_pickle import load_dcp_metadata, torch_load
 from megatron_btx.errors import BTXError
+from megatron_btx.inputs import inside, read_json
 
 METADATA_FILE = ".metadata"
 COMMON_FILE = "common.pt"
@@ -60,6 +61,11 @@ def _planner_class():
     from torch.distributed.checkpoint._traverse import set_element
 
     class SafeLoadPlanner(MCoreLoadPlanner):
+        def create_local_plan(self):
+            plan = super().create_local_plan()
+            check_coverage(plan, self.state_dict, getattr(self, "where", "checkpoint"))
+            return plan
+
         def load_bytes(self, read_item, value: io.BytesIO) -> None:
             fqn = read_item.dest_index.fqn
             loaded = torch_load(value, f"checkpoint object {fqn!r}")
@@ -69,6 +75,33 @@ def _planner_class():
                 self.state_dict[fqn] = loaded
 
     return SafeLoadPlanner
+
+
+def check_coverage(plan, state_dict: dict[str, Any], where: str) -> None:
+    """Every tensor this rank loads is covered whole by the checkpoint's chunks: the reads DCP
+    planned for it add up to its volume (the chunks are disjoint, checked when the metadata was
+    read). A gap would leave the model's initial values in place, silently."""
+    import math
+
+    from torch.distributed.checkpoint.planner import LoadItemType
+    from torch.distributed.checkpoint.planner_helpers import _create_chunk_list
+
+    read: dict[tuple[str, tuple[int, ...]], int] = {}
+    for item in plan.items:
+        if item.type != LoadItemType.BYTE_IO:
+            key = (item.dest_index.fqn, tuple(item.dest_index.offset or ()))
+            read[key] = read.get(key, 0) + math.prod(item.lengths)
+    for fqn, value in state_dict.items():
+        if not hasattr(value, "size") or not callable(value.size):
+            continue
+        for chunk in _create_chunk_list(value):
+            want = math.prod(chunk.sizes)
+            got = read.get((fqn, tuple(chunk.offsets)), 0)
+            if got != want:
+                raise BTXError(
+                    f"{where}: tensor {fqn!r}: the stored chunks cover {got} of the {want} "
+                    f"elements at {tuple(chunk.offsets)}; the checkpoint is incomplete"
+                )
 
 
 def _load_sharded(sharded_state_dict, checkpoint_dir) -> dict[str, Any]:
@@ -92,6 +125,7 @@ def _load_sharded(sharded_state_dict, checkpoint_dir) -> dict[str, Any]:
         shapes_validation_sharded_tensors=strict_shapes,
         allow_shape_mismatch_sharded_tensors=loose_shapes,
     )
+    planner.where = str(checkpoint_dir)
     dcp.load_state_dict(pyt_state_dict, reader, planner=planner)
     loaded = {k: mcore_torch._unwrap_pyt_sharded_tensor(v) for k, v in pyt_state_dict.items()}
     loaded = mcore_torch._replace_sharded_keys_with_state_dict_keys(
@@ -110,6 +144,9 @@ def load(sharded_state_dict: dict[str, Any], folder: str | os.PathLike[str]) -> 
     from megatron.core.dist_checkpointing.dict_utils import merge
     from torch.distributed.checkpoint.api import CheckpointException
 
+    config = Path(folder) / "metadata.json"
+    if config.is_file() or config.is_symlink():  # megatron-core parses it: a bounded file first
+        read_json(inside(folder, config, "metadata.json"), "metadata.json", limit=1 << 20)
     if not check_is_distributed_checkpoint(str(folder)):
         raise BTXError(f"{folder}: not a torch_dist checkpoint (no metadata.json)")
     try:
@@ -160,9 +197,12 @@ def load_common(folder: str | os.PathLike[str]) -> dict[str, Any]:
     from megatron.core.dist_checkpointing.mapping import ShardedObject
     from torch.distributed.checkpoint.metadata import BytesStorageMetadata
 
+    from megatron_btx.inputs import open_regular
+
     path = Path(folder) / COMMON_FILE
-    if path.is_file():
-        loaded = torch_load(path, str(path))
+    if path.is_file() or path.is_symlink():
+        with os.fdopen(open_regular(inside(folder, path, COMMON_FILE), COMMON_FILE), "rb") as f:
+            loaded = torch_load(f, str(path))
         where = str(path)
     else:
         obj = ShardedObject(COMMON_STATE_KEY, None, (1,), (0,))

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
 import logging
 import re
 from collections.abc import Iterator, Sequence
@@ -27,7 +26,7 @@ from megatron_btx.checkpoint import manifest, template
 from megatron_btx.checkpoint.dcp_stream import PartialReader, read_metadata
 from megatron_btx.checkpoint.families import LlamaAdapter, export_adapter
 from megatron_btx.checkpoint.families import parse as parse_hf_config
-from megatron_btx.checkpoint.hf import ST_DTYPES, TOKENIZER_FILES, HFReader, PreadSafetensors
+from megatron_btx.checkpoint.hf import ST_DTYPES, HFReader, PreadSafetensors, tokenizer_files
 from megatron_btx.checkpoint.mapping import (
     EMB,
     FC1,
@@ -41,6 +40,7 @@ from megatron_btx.checkpoint.mapping import (
     qkv_to_mcore,
 )
 from megatron_btx.errors import BTXError
+from megatron_btx.inputs import inside, read_json
 from megatron_btx.models.llama import LlamaArgs, build_for_checkpoint, to_dtype
 
 log = logging.getLogger(__name__)
@@ -88,9 +88,9 @@ class TokenizerInfo:
     def of(cls, folder: Path | None) -> TokenizerInfo:
         if folder is None or not folder.is_dir():
             return cls()
-        files = [n for n in TOKENIZER_FILES if (folder / n).is_file()]
+        files = tokenizer_files(folder)  # regular files inside the folder, links refused
         for main_file in ("tokenizer.model", "tokenizer.json"):
-            if (folder / main_file).is_file():
+            if main_file in files:
                 return cls(folder, manifest.sha256_file(folder / main_file), files)
         return cls(folder if files else None, None, files)
 
@@ -301,7 +301,11 @@ def _open_megatron(given: Path, folder: Path) -> Source:
     dtype = (
         emb.properties.dtype if emb is not None else to_dtype(source_manifest.get("dtype", "fp32"))
     )
-    files = sorted(p for p in folder.iterdir() if p.is_file() and p.name != manifest.MANIFEST)
+    files = sorted(
+        p
+        for p in folder.iterdir()
+        if p.name != manifest.MANIFEST and inside(folder, p).is_file()  # links out refused
+    )
     return Source(
         given,
         folder,
@@ -309,7 +313,7 @@ def _open_megatron(given: Path, folder: Path) -> Source:
         args,
         dtype,
         step,
-        TokenizerInfo.of(folder / TOKENIZER_DIR),
+        TokenizerInfo.of(inside(folder, folder / TOKENIZER_DIR, "tokenizer folder")),
         files,
         source_manifest=source_manifest,
         metadata=metadata,
@@ -318,10 +322,7 @@ def _open_megatron(given: Path, folder: Path) -> Source:
 
 def _open_hf(given: Path) -> Source:
     config_path = given / "config.json"
-    try:
-        config = json.loads(config_path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise BTXError(f"{config_path}: not a readable JSON config ({e}); re-save it") from e
+    config = read_json(inside(given, config_path, "config.json"), "config.json")
     hf_model = parse_hf_config(config, str(config_path))
     args = hf_model.args
     if args.is_moe:
@@ -333,13 +334,7 @@ def _open_hf(given: Path) -> Source:
     keys = reader.keys()
     adapter = export_adapter(args)
     adapter.check_hf_keys(keys, str(given))
-    for key, shape in adapter.hf_shapes():
-        got = tuple(reader.shape(key))
-        if got != shape:
-            raise BTXError(
-                f"{given}: tensor {key!r} has shape {got}, config.json implies {shape}; the "
-                f"weights do not match the config"
-            )
+    check_hf_tensors(reader, adapter.hf_shapes(), given)
     emb_key = adapter.global_names()[EMB]
     dtype = ST_DTYPES.get(reader.dtype(emb_key))
     if dtype is None:
@@ -351,7 +346,7 @@ def _open_hf(given: Path) -> Source:
     trainer_state = given / "trainer_state.json"
     if trainer_state.is_file():
         with contextlib.suppress(Exception):
-            step = int(json.loads(trainer_state.read_text()).get("global_step"))
+            step = int(read_json(inside(given, trainer_state), limit=1 << 20).get("global_step"))
     source = Source(
         given,
         given,
@@ -365,6 +360,22 @@ def _open_hf(given: Path) -> Source:
     )
     source._safetensors = PreadSafetensors(reader.files)
     return source
+
+
+def check_hf_tensors(reader: HFReader, shapes, folder: Path) -> None:
+    """Every tensor the config implies has its shape and a dtype we read (F32, BF16, F16)."""
+    for key, shape in shapes:
+        got = tuple(reader.shape(key))
+        if got != tuple(shape):
+            raise BTXError(
+                f"{folder}: tensor {key!r} has shape {got}, config.json implies {tuple(shape)}; "
+                f"the weights do not match the config"
+            )
+        if reader.dtype(key) not in ST_DTYPES:
+            raise BTXError(
+                f"{reader.file_of(key)}: tensor {key!r} has dtype {reader.dtype(key)}; only "
+                f"F32/BF16/F16 are supported"
+            )
 
 
 def check_sources(sources: Sequence[Source]) -> None:

@@ -61,7 +61,7 @@ def exchange(first: Path, second: Path) -> bool:
     err = ctypes.get_errno()
     if err in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.ENOTSUP):
         return False
-    raise OSError(err, f"cannot swap {first} and {second}: {os.strerror(err)}")
+    raise OSError(err, os.strerror(err), str(first), None, str(second))
 
 
 def replace_folder(tmp: Path, final: Path) -> None:

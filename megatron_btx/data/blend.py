@@ -26,10 +26,11 @@ from megatron.core.datasets.blended_megatron_dataset_builder import (
     BlendedMegatronDatasetBuilder,
 )
 from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
-from megatron.core.datasets.indexed_dataset import IndexedDataset
 from megatron.core.tokenizers import MegatronTokenizerBase
 
 from megatron_btx import runtime
+from megatron_btx.data.index_cache import guarded
+from megatron_btx.data.indexed_check import check_indexed
 from megatron_btx.data.preprocess import split_prefix
 from megatron_btx.data.splits import SPLITS
 from megatron_btx.data.tokenizer import load_tokenizer
@@ -113,9 +114,10 @@ def _check_prefix(prefix: str, what: str) -> int:
                 f"{what}: dataset file {prefix + ext} not found; create it with `btx prepare-data` "
                 "(outputs are <prefix>_{train,valid,test}_text_document.{bin,idx}) or fix the prefix"
             )
+    count = check_indexed(prefix)  # the index matches its data before megatron-core reads it
     if os.path.getsize(prefix + ".bin") == 0:  # an empty split: megatron cannot mmap it
         return 0
-    return len(IndexedDataset(prefix).sequence_lengths)
+    return count
 
 
 def _normalise_blend(
@@ -174,7 +176,8 @@ def _build(
         GPTDataset, sizes, is_built_on_rank or (lambda: True), config
     )
     with runtime.single_process_group() if config.path_to_cache else contextlib.nullcontext():
-        return builder.build()
+        with guarded(config.path_to_cache):  # no pickle in the cache megatron-core loads
+            return builder.build()
 
 
 def build_blend_datasets(

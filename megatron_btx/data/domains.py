@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from megatron_btx.data.hf_tokenizer import HFTokenizer
+from megatron_btx.data.names import valid_domain_name
 from megatron_btx.data.preprocess import (
     MANIFEST_FORMAT,
     DataWarning,
@@ -86,9 +87,9 @@ def _check_domain_names(domains: Mapping[str, Sequence[str | os.PathLike[str]]])
             "no domains given; pass --domain NAME=PATH (repeatable) or --builtin-domains all"
         )
     for name in domains:
-        if not name or not all(c.isalnum() or c in "-_" for c in name):
+        if not valid_domain_name(name):
             raise BTXError(
-                f"domain name {name!r} must be letters, digits, '-' or '_' (it names files)"
+                f"domain name {name!r} must be ASCII letters, digits, '-' or '_' (it names files)"
             )
 
 
@@ -272,14 +273,15 @@ def prepare_domains(
             )
             tok_name = "tokenizer.model"
 
-        results = _prepare_each(domains, out, tok, fractions, workers, txt_separator)
+        # every domain's datasets staged too: a domain that fails leaves none of the others
+        results = _prepare_each(domains, staging, tok, fractions, workers, txt_separator)
         mixed = None
         if mixed_tokens:
             from megatron_btx.data.mixed import prepare_mixed
 
             mixed = prepare_mixed(
                 domains,
-                out,
+                staging,
                 tok,
                 fractions,
                 txt_separator,

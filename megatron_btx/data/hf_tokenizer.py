@@ -25,7 +25,6 @@ label is the pad id, which would hide every document end.
 
 from __future__ import annotations
 
-import json
 import os
 import warnings
 from collections.abc import Iterable, Sequence
@@ -35,6 +34,7 @@ from typing import Any
 
 from megatron_btx.data.tokenizer_base import Tokenizer, file_sha256
 from megatron_btx.errors import BTXError
+from megatron_btx.inputs import inside, read_json
 
 #: The files of an HF tokenizer folder that travel with it (into a prepared data folder and a
 #: checkpoint's tokenizer/). config.json is kept for the special ids it defines.
@@ -67,12 +67,9 @@ class SpecialIds:
 
 
 def _read_json(path: Path) -> dict[str, Any]:
-    if not path.is_file():
+    if not (path.is_file() or path.is_symlink()):
         return {}
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise BTXError(f"{path}: not valid JSON ({exc}); restore the seed's copy") from None
+    data = read_json(inside(path.parent, path, "tokenizer file"), "tokenizer file")
     return data if isinstance(data, dict) else {}
 
 
@@ -160,8 +157,9 @@ class HFTokenizer(Tokenizer):
                 f"tokenizer {given} does not exist or has no tokenizer.json; pass an HF seed's "
                 "folder (tokenizer.json + config.json) or a SentencePiece tokenizer.model"
             )
+        real = inside(folder, json_path, "tokenizer file")  # not a link out of the folder
         try:
-            self._backend = BackendTokenizer.from_file(str(json_path))
+            self._backend = BackendTokenizer.from_file(str(real))
         except Exception as exc:  # the Rust side raises a plain Exception on bad files
             raise BTXError(
                 f"{json_path} is not a valid tokenizer.json ({exc}); restore the seed's copy"
@@ -216,4 +214,9 @@ class HFTokenizer(Tokenizer):
 
     def files(self) -> dict[str, Path]:
         folder = Path(self.path)
-        return {name: folder / name for name in HF_TOKENIZER_FILES if (folder / name).is_file()}
+        names = [
+            n for n in HF_TOKENIZER_FILES if (folder / n).is_file() or (folder / n).is_symlink()
+        ]
+        for name in names:  # a link out of the folder is never copied into an output
+            inside(folder, folder / name, "tokenizer file")
+        return {name: folder / name for name in names}

@@ -147,6 +147,10 @@ def read_jsonl(path: Path, rel: str, stats: ReadStats) -> Iterator[tuple[str, st
                 report.warn(where, f"invalid JSON ({exc.msg} at column {exc.colno}); line skipped")
                 stats.skipped += 1
                 continue
+            except RecursionError:  # nested thousands deep: no document is
+                report.warn(where, "JSON nested too deeply; line skipped")
+                stats.skipped += 1
+                continue
             text = record.get("text") if isinstance(record, dict) else None
             if not isinstance(text, str):
                 what = (

@@ -122,7 +122,7 @@ def _iter_documents(source: str | os.PathLike[str]) -> Iterator[str]:
                     continue
                 try:
                     record = json.loads(line)
-                except json.JSONDecodeError:
+                except (json.JSONDecodeError, RecursionError):
                     continue  # preprocess reports bad lines with file:line; here we only sample
                 text = record.get("text") if isinstance(record, dict) else None
                 if isinstance(text, str):

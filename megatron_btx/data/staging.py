@@ -20,8 +20,9 @@ from megatron_btx import rundir
 
 @contextlib.contextmanager
 def staged_tokenizer(out: Path) -> Iterator[Path]:
-    """A temporary folder in `out` for the tokenizer's files: each moved into `out` (replacing
-    what is there) when the block succeeds, all removed when it fails."""
+    """A temporary folder in `out` for the tokenizer's files and every domain's datasets: each
+    moved into `out` (replacing what is there) when the block succeeds, all removed when it
+    fails (a bad second domain leaves nothing of the first)."""
     staging = out / f".tokenizer.tmp{os.getpid()}"
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)

@@ -99,11 +99,14 @@ def expert_labels(cfg, merged: str | None, seed_label: str):
 # ---------------------------------------------------------------------------------------------
 # Evaluation
 # ---------------------------------------------------------------------------------------------
-def _score_models(to_load, names, sets, micro_batch_size, device, scores, missing) -> None:
-    """Per-token log-probs of every checkpoint model on every domain (and MoE routing)."""
+def _score_models(
+    to_load, names, sets, micro_batch_size, device, scores, missing, verify=True
+) -> None:
+    """Per-token log-probs of every checkpoint model on every domain (and MoE routing). With
+    `verify`, each checkpoint's files are re-hashed against its manifest while it loads."""
     from megatron_btx import runtime
     from megatron_btx.checkpoint.megatron_io import read_variant
-    from megatron_btx.eval import scoring
+    from megatron_btx.eval import guard, scoring
     from megatron_btx.models.compute import active_params
 
     runtime.init(device=device)
@@ -115,7 +118,7 @@ def _score_models(to_load, names, sets, micro_batch_size, device, scores, missin
                 _progress(f"skip {name}: {missing[name]}")
                 continue
             t1 = time.time()
-            model, args = scoring.load_for_eval(checkpoint, model_info.get("router"))
+            model, args = guard.load_verified(checkpoint, model_info.get("router"), verify, sets)
             scores.logprobs[name] = {}
             for domain in names:
                 scores.logprobs[name][domain] = scoring.token_logprobs(
@@ -287,8 +290,9 @@ def evaluate_run(
     models_wanted: list[str] | None = None,
     out_dir: str | os.PathLike[str] | None = None,
     device: str = "auto",
+    verify_hashes: bool = True,
 ) -> dict[str, Any]:
-    from megatron_btx.eval import claims, intervals, report
+    from megatron_btx.eval import claims, guard, intervals, report
     from megatron_btx.eval import data as edata
     from megatron_btx.pipeline import plan as plan_mod
 
@@ -319,7 +323,11 @@ def evaluate_run(
     if _named(models, kind="btm"):  # BTM ensembles score with the experts
         to_load = {**_named(all_models, part="expert"), **to_load}
     scores, missing = _Scores(), {}
-    _score_models(to_load, domains, sets, ev.micro_batch_size, device, scores, missing)
+    out = Path(out_dir) if out_dir else run / "eval"
+    guard.check_out(out)
+    _score_models(
+        to_load, domains, sets, ev.micro_batch_size, device, scores, missing, verify_hashes
+    )
     btm_info = _score_btm(models, to_load, names, sets, data_dir, scores, missing)
     markers = {s.name: (plan_mod.read_marker(s, run) or {}) for s in stages}
     groups = intervals.groups_of(names, domains)
@@ -352,7 +360,6 @@ def evaluate_run(
         "seconds": round(time.time() - t0, 1),
     }
     result["claims"] = claims.check_claims(result, report.routing_matrix(result))
-    out = Path(out_dir) if out_dir else run / "eval"
     result["diagnostics"] = _diagnostics(all_models, names, result["models"], out)
     report.write_all(result, out, cfg.evaluation.routing)
     _progress(
@@ -387,6 +394,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--no-table", action="store_true", help="do not print the table at the end")
     p.add_argument(
+        "--no-verify-hashes",
+        dest="verify_hashes",
+        action="store_false",
+        help="do not re-hash each checkpoint against its manifest's sha256 while it loads",
+    )
+    p.add_argument(
         "--lm-eval",
         metavar="TASKS",
         default=None,
@@ -414,7 +427,13 @@ def _evaluate(args: argparse.Namespace) -> int:
 
     lm_tasks = lm_eval.requested_tasks(args.lm_eval, args.lm_eval_tasks_dir)
     res = evaluate_run(
-        args.run_dir, args.tokens_per_domain, args.split, args.models, args.out, args.device
+        args.run_dir,
+        args.tokens_per_domain,
+        args.split,
+        args.models,
+        args.out,
+        args.device,
+        args.verify_hashes,
     )
     out = Path(args.out) if args.out else Path(args.run_dir) / "eval"
     if lm_tasks:  # downstream tasks on each model's HF export

@@ -58,6 +58,9 @@ def _dataset(prefix: str):
 
     if not os.path.isfile(prefix + ".idx"):
         raise BTXError(f"{prefix}.idx: no such dataset (prepare the data with btx prepare-data)")
+    from megatron_btx.data.indexed_check import check_indexed
+
+    check_indexed(prefix)  # the index matches its data before megatron-core reads it
     return IndexedDataset(prefix, mmap=True)
 
 

@@ -24,6 +24,9 @@ POSITIVE_INTS = (
 )
 OPTIONAL_POSITIVE_INTS = ("num_key_value_heads", "head_dim")
 OPTIONAL_TOKEN_IDS = ("bos_token_id", "eos_token_id")
+#: the longest context a model may declare: positions are int32 in attention kernels and in
+#: every HF runtime (the longest released context, 10M tokens, is far below)
+MAX_POSITIONS = 2**31 - 1
 #: llama3 rope scaling: the keys the rotary frequencies are computed from
 LLAMA3_ROPE_KEYS = (
     "factor",
@@ -60,6 +63,25 @@ def check_llama_fields(args: Any) -> None:
         value = getattr(args, field)
         if value is not None and (not is_int(value) or value < 0):
             raise _bad(field, value, "must be a token id >= 0 (or null)")
+        if value is not None and value >= args.vocab_size:
+            raise _bad(
+                field, value, f"is not a token of the vocabulary (vocab_size {args.vocab_size})"
+            )
+    if args.max_position_embeddings > MAX_POSITIONS:
+        raise _bad(
+            "max_position_embeddings",
+            args.max_position_embeddings,
+            f"must be at most {MAX_POSITIONS} (positions are 32-bit integers)",
+        )
+    head_dim = args.head_dim
+    if head_dim is None and args.hidden_size % args.num_attention_heads == 0:
+        head_dim = args.hidden_size // args.num_attention_heads  # what LlamaArgs derives
+    if head_dim is not None and head_dim % 2:
+        raise _bad(
+            "head_dim" if args.head_dim is not None else "hidden_size / num_attention_heads",
+            head_dim,
+            "must be even (rotary embeddings rotate pairs of dimensions)",
+        )
     if not is_int(args.num_local_experts) or args.num_local_experts < 0:
         raise _bad("num_local_experts", args.num_local_experts, "must be an integer >= 0")
     if not is_int(args.num_experts_per_tok) or (
@@ -97,3 +119,9 @@ def check_rope_scaling(scaling: Any) -> None:
     low, high = scaling.get("low_freq_factor", 1.0), scaling.get("high_freq_factor", 4.0)
     if high <= low:
         raise _bad("rope_scaling.high_freq_factor", high, f"must exceed low_freq_factor ({low})")
+
+
+def check_token_id_list(value: Any, field: str, source: str) -> None:
+    """An HF config's list of token ids (e.g. several EOS ids) is a non-empty list of ids."""
+    if not (isinstance(value, list) and value and all(is_int(v) and v >= 0 for v in value)):
+        raise BTXError(f"{source}: {field}={value!r} must be a token id or a list of token ids")

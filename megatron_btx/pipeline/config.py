@@ -63,6 +63,7 @@ from pathlib import Path
 from typing import Any
 
 from megatron_btx.config import build_dataclass, read_yaml  # the same checks as `btx train`
+from megatron_btx.data.names import valid_domain_name
 from megatron_btx.errors import BTXError
 
 BUILTIN = "builtin"
@@ -293,12 +294,11 @@ class BTXConfig:
             raise BTXError(f"{self.source or 'config'}: `domains` must name at least one domain")
         doms: dict[str, DomainConfig] = {}
         for name, spec in self.domains.items():
-            if (
-                not isinstance(name, str)
-                or not name
-                or not all(c.isalnum() or c in "-_" for c in name)
-            ):
-                raise BTXError(f"domains.{name}: a domain name is letters, digits, '-' or '_'")
+            if not valid_domain_name(name):
+                raise BTXError(
+                    f"domains.{name}: a domain name is ASCII letters, digits, '-' or '_' (it "
+                    f"names files, stages and Slurm jobs)"
+                )
             if isinstance(spec, (str, list)):
                 spec = {"source": spec}
             dom = build_dataclass(DomainConfig, spec, f"domains.{name}.", self.source or "config")

@@ -203,7 +203,13 @@ def load_stages(config: str, run_dir: str | None, overrides: list[str] | None = 
             raise BTXError(
                 f"{config} is a run directory; overrides ({overrides[0]} ...) need the BTX config"
             )
-        return plan_mod.read_plan(path), str(path.resolve())
+        plan = plan_mod.read_plan_file(path)
+        if plan.moved_from:  # its stages' configs still name the old place: they would write there
+            raise BTXError(
+                f"{config}: this run was planned in {plan.moved_from} and has moved; plan it "
+                f"again here: btx launch {Path(config) / 'btx.yaml'} --run-dir {config}"
+            )
+        return plan.stages, str(path.resolve())
     if not path.is_file():
         raise BTXError(f"{config}: no such config file or run directory")
     cfg = cfg_mod.load(str(path), overrides or None)
@@ -225,13 +231,35 @@ def _launch(a: argparse.Namespace, rest: list[str]) -> int:
 
     opts = options_from_args(a)
     check_options(opts)  # before anything is written
-    with rundir.locked(_run_dir_of(a, rest), "run directory"):
-        stages, run_dir = load_stages(a.config, a.run_dir, rest)
-        status = launch(stages, run_dir, opts, dry_run=a.dry_run)
+    target = _run_dir_of(a, rest)
+    rundir.check_path(target, "the run directory")
+    fresh = not os.path.exists(target)
+    with rundir.locked(target, "run directory"):
+        try:
+            stages, run_dir = load_stages(a.config, a.run_dir, rest)
+            status = launch(stages, run_dir, opts, dry_run=a.dry_run)
+        except BaseException:
+            if fresh:  # a refused launch leaves no run directory behind
+                _empty(Path(target))
+            raise
     if not a.dry_run:
         n = sum(1 for v in status.values() if v not in ("done", "dry-run"))
         print(f"{n} job(s) queued; follow them with `squeue -u $USER` and the logs above")
     return 0
+
+
+def _empty(folder: Path) -> None:
+    """Remove what a failed launch planned into `folder`, which it created (its lock stays for
+    rundir.locked to remove with the folder)."""
+    import shutil
+
+    for entry in folder.iterdir():
+        if entry.name == rundir.LOCK_NAME:
+            continue
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry, ignore_errors=True)
+        else:
+            entry.unlink(missing_ok=True)
 
 
 if __name__ == "__main__":

@@ -134,6 +134,7 @@ class LocalExecutor:
             env["OMP_NUM_THREADS"] = str(self._threads_for(stage, n_running))
         env.setdefault("PYTHONWARNINGS", "ignore")
         env["PYTHONUNBUFFERED"] = "1"
+        env[rundir.HELD_ENV] = rundir.held_env(self.run)  # the stage writes inside our run
         log = self.run / "logs" / f"{stage.name}.log"
         with open(log, "ab") as f:
             f.write(f"\n==== {_now()} {' '.join(stage_command(stage))}\n".encode())

@@ -474,7 +474,6 @@ def launch(
         {s.name for s in stages if done(s, run_dir)} if done else done_stages(stages, run_dir)
     )
     sdir = Path(run_dir) / "slurm"
-    (sdir / "logs").mkdir(parents=True, exist_ok=True)
     jobs_path = sdir / "jobs.json"
     try:
         previous = json.loads(jobs_path.read_text()) if jobs_path.is_file() else {}
@@ -492,10 +491,18 @@ def launch(
             f"--stage-nodes {unknown[0]}=...: no such stage (stages: "
             f"{', '.join(s.name for s in stages)})"
         )
+    earlier: set[str] = set()
     for s in stages:
         missing = [d for d in s.deps if d not in names]
         if missing:
             raise BTXError(f"stage {s.name} depends on unknown stage(s) {', '.join(missing)}")
+        later = [d for d in s.deps if d not in earlier]
+        if later:  # jobs are submitted in this order, each after the jobs it needs
+            raise BTXError(f"stage {s.name} depends on {later[0]!r}, which comes after it")
+        earlier.add(s.name)
+    # every script rendered (and so checked) before anything is written or submitted
+    texts = {s.name: render_script(s, run_dir, opts) for s in stages if s.name not in finished}
+    (sdir / "logs").mkdir(parents=True, exist_ok=True)
 
     status: dict[str, str] = {}
     scripts: dict[str, Path] = {}
@@ -503,7 +510,7 @@ def launch(
         if s.name in finished:
             status[s.name] = "done"
             continue
-        text = render_script(s, run_dir, opts)
+        text = texts[s.name]
         path = sdir / f"{s.name}.sbatch"
         rundir.atomic_write_text(path, text)
         path.chmod(0o755)

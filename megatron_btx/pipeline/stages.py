@@ -54,20 +54,25 @@ class Stage:
 @dataclass
 class Plan:
     """A run's stages in execution order, the seed checkpoint they branch from, and the models
-    the evaluator scores (:mod:`megatron_btx.pipeline.models`)."""
+    the evaluator scores (:mod:`megatron_btx.pipeline.models`). `moved_from`: where the run
+    was planned, when it has been moved or copied since (its paths inside the run then name
+    the new place, see :func:`read_plan_file`)."""
 
     stages: list[Stage]
     seed_checkpoint: str | None
     models: list[ModelSpec] = field(default_factory=list)
+    moved_from: str | None = None
 
     def by_name(self) -> dict[str, Stage]:
         return {s.name: s for s in self.stages}
 
 
 def save_plan(run_dir: str | os.PathLike[str], plan: Plan) -> None:
-    """RUN/plan.json (atomically)."""
+    """RUN/plan.json (atomically), with the run directory it was planned in (see
+    :func:`read_plan_file`)."""
     document = {
         "format_version": PLAN_FORMAT,
+        "run_dir": os.path.abspath(run_dir),
         "seed_checkpoint": plan.seed_checkpoint,
         "stages": [s.to_dict() for s in plan.stages],
         "models": [m.to_dict() for m in plan.models],
@@ -76,25 +81,72 @@ def save_plan(run_dir: str | os.PathLike[str], plan: Plan) -> None:
 
 
 def read_plan_file(run_dir: str | os.PathLike[str]) -> Plan:
-    """RUN/plan.json: the stages and the seed checkpoint."""
+    """RUN/plan.json: the stages and the seed checkpoint.
+
+    A run directory is relocatable: plan.json records where it was planned, and when it is read
+    from another place (the run was moved or copied), every path it holds inside the old run
+    directory (checkpoints, outputs, work folders, the seed) is read as the same path inside
+    this one, so a copy is evaluated on its own checkpoints, never the original's. The stages'
+    command lines keep the old paths: a moved run is re-planned (`btx run`, or `btx launch
+    CONFIG --run-dir`) before its stages run again (:attr:`Plan.moved_from` says it moved)."""
+    from megatron_btx.inputs import read_json
+
     path = Path(run_dir) / "plan.json"
     if not path.is_file():
         raise BTXError(f"{run_dir}: no plan.json (not a btx run directory; start it with btx run)")
-    try:
-        document = json.loads(path.read_text())
-    except (ValueError, RecursionError) as e:  # JSON and UTF-8 errors are ValueErrors
-        raise BTXError(f"{path}: not valid JSON ({e}); re-run `btx run` to plan again") from e
+    document = read_json(path, "plan.json", limit=PLAN_LIMIT)
     if not isinstance(document, dict) or document.get("format_version") != PLAN_FORMAT:
         raise BTXError(
             f"{path}: written by another version of megatron_btx; re-run `btx run` to plan again"
         )
     entries = stage_entries(document, path)
     stages = [Stage.from_dict(check_stage_entry(entry, path)) for entry in entries]
+    check_order(stages, path)
+    seed = document.get("seed_checkpoint")
+    if seed is not None and not isinstance(seed, str):
+        raise BTXError(f"{path}: seed_checkpoint={seed!r} is not a path")
+    planned_in = document.get("run_dir")
+    if planned_in is not None and not isinstance(planned_in, str):
+        raise BTXError(f"{path}: run_dir={planned_in!r} is not a path")
     try:
         models = [ModelSpec.from_dict(e) for e in model_entries(document, path, stages)]
     except BTXError as e:  # a kind, role or part the planner never writes
         raise e if str(path) in str(e) else BTXError(f"{path}: {e}") from None
-    return Plan(stages, document.get("seed_checkpoint"), models)
+    here = os.path.abspath(run_dir)
+    if planned_in is None or os.path.normpath(planned_in) == here:
+        return Plan(stages, seed, models)
+
+    def moved(value: str | None) -> str | None:
+        if value is None or not (value == planned_in or value.startswith(planned_in + os.sep)):
+            return value
+        return here + value[len(planned_in) :]
+
+    for stage in stages:
+        stage.workdir, stage.checkpoint = moved(stage.workdir), moved(stage.checkpoint)
+        stage.outputs = [moved(p) for p in stage.outputs]
+    for model in models:
+        model.checkpoint = moved(model.checkpoint)
+    return Plan(stages, moved(seed), models, moved_from=planned_in)
+
+
+#: the largest plan.json we read (kilobytes: a few dozen stages)
+PLAN_LIMIT = 16 * 1024 * 1024
+
+
+def check_order(stages: list[Stage], path: Path) -> None:
+    """Each stage's dependencies are stages before it (the order is the order of execution:
+    an executor submits or starts stages in it) and no name is used twice."""
+    seen: set[str] = set()
+    for stage in stages:
+        later = [d for d in stage.deps if d not in seen]
+        if later:
+            raise BTXError(
+                f"{path}: stage {stage.name} depends on {later[0]!r}, which is not a stage "
+                f"before it; re-run `btx run` to plan again"
+            )
+        if stage.name in seen:
+            raise BTXError(f"{path}: stage {stage.name} appears twice; re-run `btx run`")
+        seen.add(stage.name)
 
 
 def read_plan(run_dir: str | os.PathLike[str]) -> list[Stage]:

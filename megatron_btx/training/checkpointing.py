@@ -338,3 +338,32 @@ def _optimizer_layout_problem(saved: dict[str, Any], now: dict[str, Any]) -> str
 def _warn_rank0(msg: str) -> None:
     if _rank() == 0:
         log.warning(msg)
+
+
+def verified(folder: str | Path, load, enabled: bool, rank: int, device: Any):
+    """`load()` of the checkpoint `folder` while its files are re-hashed against its manifest
+    on a second thread, each process of the job hashing its share of them
+    (:class:`~megatron_btx.checkpoint.integrity.BackgroundCheck`); a changed file fails the
+    job on every rank before it trains. Not `enabled` (train.verify_hashes: false,
+    --no-verify-hashes): the load alone."""
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    check = integrity.BackgroundCheck(
+        folder, enabled, (rank, world), "--no-verify-hashes (train.verify_hashes: false)"
+    )
+    error: BaseException | None = None
+    result = None
+    try:
+        result = load()
+        check.result()
+    except BTXError as e:
+        error = e
+    finally:
+        check.close()
+    failed = torch.tensor([1 if error is not None else 0], device=device)
+    if world > 1:
+        dist.all_reduce(failed, op=dist.ReduceOp.MAX)
+    if error is not None:
+        raise error
+    if int(failed.item()):
+        raise BTXError(f"{folder}: another process found it changed (see rank 0's error)")
+    return result

@@ -23,7 +23,7 @@ from megatron_btx.errors import run_command
 
 USAGE = (
     "btx train CONFIG [--resume | --no-resume] [--nproc-per-node N] [--print-config] "
-    "[--section.key VALUE ...]"
+    "[--no-verify-hashes] [--section.key VALUE ...]"
 )
 
 
@@ -59,6 +59,14 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--print-config", action="store_true", help="print the resolved config as YAML and exit"
+    )
+    p.add_argument(
+        "--no-verify-hashes",
+        dest="verify_hashes",
+        action="store_false",
+        default=None,
+        help="do not re-hash the checkpoint it loads (init_from, resume) against its manifest "
+        "(train.verify_hashes: false)",
     )
     return p
 
@@ -118,6 +126,8 @@ def _main(argv: list[str]) -> int:
     cfg = config_mod.load(args.config, rest)
     if args.resume is not None:
         cfg.train.resume = args.resume
+    if args.verify_hashes is not None:
+        cfg.train.verify_hashes = args.verify_hashes
     if args.print_config:
         print(cfg.to_yaml(), end="")
         return 0
@@ -137,7 +147,10 @@ def _run_lock(run_dir: str):
     torchrun holds it for all ranks (`--nproc-per-node`); under an external torchrun, rank 0
     takes it, and if another command holds it, rank 0's one-line error ends the job (torchrun
     stops the other ranks)."""
-    if int(os.environ.get("RANK", "0")) != 0 or rundir.held_by_launcher(run_dir):
+    if rundir.held_by_launcher(run_dir):
+        rundir.note_holder(run_dir)  # a refusal then names this worker, not only the launcher
+        return contextlib.nullcontext()
+    if int(os.environ.get("RANK", "0")) != 0:
         return contextlib.nullcontext()
     return rundir.locked(run_dir, "run directory")
 

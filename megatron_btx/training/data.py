@@ -162,6 +162,7 @@ class BatchLoader:
         dp_size: int,
         device: torch.device,
         consumed_samples: int = 0,
+        vocab_size: int | None = None,
     ) -> None:
         if global_batch_size % (micro_batch_size * dp_size):
             raise BTXError(
@@ -175,6 +176,9 @@ class BatchLoader:
         self.dp_size = dp_size
         self.device = device
         self.consumed_samples = consumed_samples
+        #: token ids must be below this (the model's vocabulary): a dataset written with another
+        #: tokenizer, or edited, is one error naming it, not an index error deep in the model
+        self.vocab_size = vocab_size
 
     @property
     def num_microbatches(self) -> int:
@@ -185,10 +189,31 @@ class BatchLoader:
         micro = []
         for m in range(self.num_microbatches):
             start = consumed + m * self.mbs * self.dp_size + self.dp_rank * self.mbs
-            micro.append(
-                _collate([self.dataset[(start + j) % n] for j in range(self.mbs)], self.device)
-            )
+            samples = [self.dataset[(start + j) % n] for j in range(self.mbs)]
+            if self.vocab_size is not None:
+                self._check_tokens(samples, start)
+            micro.append(_collate(samples, self.device))
         return micro
+
+    def _check_tokens(self, samples: list[dict[str, Any]], start: int) -> None:
+        for j, sample in enumerate(samples):
+            top = max(int(sample["tokens"].max()), int(sample["labels"].max()))
+            low = min(int(sample["tokens"].min()), int(sample["labels"].min()))
+            if top >= self.vocab_size or low < 0:
+                source = getattr(self.dataset, "datasets", None)
+                which = sample.get("dataset_id")
+                if source is not None and which is not None:
+                    where = getattr(source[int(which)].dataset, "path_prefix", "the data")
+                else:
+                    where = getattr(
+                        getattr(self.dataset, "dataset", None), "path_prefix", "the data"
+                    )
+                bad = top if top >= self.vocab_size else low
+                raise BTXError(
+                    f"{where}: sample {start + j} holds token id {bad}, outside the model's "
+                    f"vocabulary of {self.vocab_size}; the dataset was not written with this "
+                    f"tokenizer or has been changed (prepare it again with btx prepare-data)"
+                )
 
     def next(self) -> list[dict[str, torch.Tensor]]:
         batch = self.batch_at(self.consumed_samples)

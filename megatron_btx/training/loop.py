@@ -38,8 +38,16 @@ from megatron_btx.config import Config
 from megatron_btx.errors import BTXError
 from megatron_btx.training import checkpointing as ckpt
 from megatron_btx.training import mcore_layouts
+from megatron_btx.training.bounds import check_sizes
 from megatron_btx.training.data import BatchLoader, build_datasets, resolve_sources
+from megatron_btx.training.leftovers import snapshot, undo
 from megatron_btx.training.logger import MetricsLogger
+from megatron_btx.training.model_args import (
+    install_router,
+    model_variant,
+    resolve_model_args,
+    router_overrides,
+)
 
 log = logging.getLogger(__name__)
 
@@ -54,96 +62,7 @@ class TrainResult:
 
 
 # ---------------------------------------------------------------------------------------------
-# Model architecture
-# ---------------------------------------------------------------------------------------------
-def resolve_model_args(
-    cfg: Config, tokenizer_vocab: int | None, special_ids: tuple[int, int] | None = None
-):
-    """The LlamaArgs of this run (init_from's manifest, an HF config.json, or inline fields).
-
-    A model defined inline takes its vocabulary and ``special_ids`` (BOS, EOS; -1 for none) from
-    the tokenizer, so its HF export names the tokenizer's ids (an HF tokenizer's are not 1/2)."""
-    from megatron_btx.checkpoint.families import read_plain_args
-    from megatron_btx.checkpoint.megatron_io import read_args
-    from megatron_btx.models.llama import LlamaArgs
-
-    mc = cfg.model
-    inline = mc.inline_fields()
-    if mc.init_from:
-        folder = Path(mc.init_from)
-        if not folder.is_dir():
-            raise BTXError(f"model.init_from={mc.init_from}: no such checkpoint folder")
-        args = read_args(folder)
-        for k, v in inline.items():
-            if getattr(args, k) != v:
-                raise BTXError(
-                    f"model.{k}={v!r} conflicts with model.init_from={mc.init_from} "
-                    f"({k}={getattr(args, k)!r}); remove model.{k} or use another checkpoint"
-                )
-    elif mc.hf_config:
-        path = Path(mc.hf_config)
-        if path.is_dir():
-            path = path / "config.json"
-        args = read_plain_args(path)
-        if inline:
-            args = dataclasses.replace(args, **inline)
-    else:
-        fields = dict(inline)
-        if "vocab_size" not in fields:
-            if tokenizer_vocab is None:
-                raise BTXError(
-                    "model.vocab_size is not set and there is no tokenizer to take it from"
-                )
-            fields["vocab_size"] = tokenizer_vocab
-        if special_ids is not None:
-            fields.setdefault("bos_token_id", special_ids[0] if special_ids[0] >= 0 else None)
-            fields.setdefault("eos_token_id", special_ids[1])
-        try:
-            args = LlamaArgs(**fields)
-        except TypeError as e:
-            raise BTXError(f"model: {e}") from e
-    if tokenizer_vocab is not None and tokenizer_vocab > args.padded_vocab_size:
-        raise BTXError(
-            f"the tokenizer has {tokenizer_vocab} tokens but model.vocab_size is "
-            f"{args.vocab_size}; token ids would overflow the embedding"
-        )
-    return args
-
-
-def model_variant(cfg: Config):
-    """The merge variant (shared expert, MoE in some layers) of the checkpoint the run starts
-    from, as its manifest records it; plain for every other model. The model is built from it,
-    as the merge and the evaluator build it, and the run's checkpoints record it in turn."""
-    from megatron_btx.checkpoint.megatron_io import read_variant
-    from megatron_btx.models.llama import MoEVariant
-
-    return read_variant(cfg.model.init_from) if cfg.model.init_from else MoEVariant()
-
-
-def router_overrides(router_cfg: dict[str, Any] | None, num_experts: int) -> dict[str, Any]:
-    """TransformerConfig overrides the configured BTX router asks for before the build."""
-    if router_cfg is None:
-        return {}
-    from megatron_btx.models import routers
-
-    return dict(routers.config_overrides(dict(router_cfg), num_experts=num_experts))
-
-
-def install_router(chunks: list[torch.nn.Module], router_cfg: dict[str, Any] | None, tconf) -> str:
-    """Install the BTX router of ``router_cfg`` in every MoE layer (after the build, before DDP
-    and the optimizer). Without one, megatron-core's own top-k router routes."""
-    from megatron_btx.models import routers
-    from megatron_btx.models.router_settings import MEGATRON_ROUTER
-
-    if router_cfg is None:
-        return MEGATRON_ROUTER
-
-    routers.install(chunks, dict(router_cfg), tconf)
-    return str(router_cfg.get("type"))
-
-
-# ---------------------------------------------------------------------------------------------
-# Signals (Slurm preemption)
+# Preemption
 # ---------------------------------------------------------------------------------------------
 class PreemptionFlag:
     """SIGTERM / SIGUSR1 set a flag; the loop agrees on it across ranks at step boundaries."""
@@ -201,6 +120,11 @@ class Trainer:
         self.variant = model_variant(cfg)
         self.router_cfg = cfg.moe.router_settings(cfg.train.steps)
         cfg.validate_model(self.args)
+        # (device cuda without a GPU is refused by runtime.init below, with its own message)
+        on_gpu = t.device in ("cuda", "auto") and torch.cuda.is_available()
+        dtype = t.dtype if t.dtype != "auto" else ("bf16" if on_gpu else "fp32")
+        itemsize = 2 if dtype == "bf16" else 4
+        check_sizes(cfg, self.args, world, on_gpu, itemsize, self.variant)  # before building
 
         # Decide about resuming before the (slow) distributed start-up, so a wrong flag fails fast.
         latest = rundir.read_latest(self.run_dir)
@@ -231,7 +155,10 @@ class Trainer:
         self.loaded_from: str | None = None
         optimizer_loaded = False
         if self.resume_from is not None:
-            state = ckpt.load(self.resume_from, self.model, self.optimizer, self.layout())
+            state = self._verified(
+                self.resume_from,
+                lambda: ckpt.load(self.resume_from, self.model, self.optimizer, self.layout()),
+            )
             self.step = int(state.get("step", 0))
             consumed = int(state.get("consumed_samples", 0))
             if "scheduler" in state:
@@ -241,7 +168,7 @@ class Trainer:
         elif cfg.model.init_from:
             from megatron_btx.checkpoint.megatron_io import load_model
 
-            load_model(self.model, cfg.model.init_from)
+            self._verified(cfg.model.init_from, lambda: load_model(self.model, cfg.model.init_from))
             self.loaded_from = cfg.model.init_from
         if self.loaded_from is not None and not optimizer_loaded:
             # The optimizer's fp32 main parameters were copied from the model when it was built;
@@ -261,6 +188,7 @@ class Trainer:
             ps.get_data_parallel_world_size(),
             self.device,
             consumed_samples=consumed,
+            vocab_size=self.args.vocab_size,
         )
         from megatron.core.pipeline_parallel import get_forward_backward_func
 
@@ -269,6 +197,11 @@ class Trainer:
         if self.rank == 0:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             cfg.save(self.run_dir / "config.yaml")
+
+    def _verified(self, folder: str | Path, load):
+        """`load()` of the checkpoint `folder`, its files re-hashed meanwhile (unless
+        train.verify_hashes is false): :func:`~megatron_btx.training.checkpointing.verified`."""
+        return ckpt.verified(folder, load, self.cfg.train.verify_hashes, self.rank, self.device)
 
     def layout(self) -> dict[str, Any]:
         p = self.cfg.parallel
@@ -478,9 +411,19 @@ class Trainer:
         for m in self.model:
             m.zero_grad_buffer()
         self.optimizer.zero_grad()
-        outputs = self._run_schedule(batch, forward_only=False)
-        self.scheduler.step(1)  # the lr of step s is the schedule at s (1-based)
-        ok, grad_norm, _ = self.optimizer.step()
+        try:
+            outputs = self._run_schedule(batch, forward_only=False)
+            self.scheduler.step(1)  # the lr of step s is the schedule at s (1-based)
+            ok, grad_norm, _ = self.optimizer.step()
+        except RuntimeError as e:  # megatron-core's check of the gradients (check_for_nan_in_grad)
+            text = str(e)
+            if "grad" not in text or not ("NaN" in text or "nan" in text or "Inf" in text):
+                raise
+            first = next((line for line in text.splitlines() if "grad" in line), text)[:200]
+            raise BTXError(
+                f"the gradients are not finite at step {self.step + 1} ({first.strip()}); lower "
+                f"train.lr or check the data"
+            ) from e
         tot = self._reduce_loss(outputs)
         metrics = {
             "loss": float(tot[0] / tot[1].clamp(min=1)),
@@ -552,6 +495,7 @@ class Trainer:
                     self.loader.dp_rank,
                     self.loader.dp_size,
                     self.device,
+                    vocab_size=self.args.vocab_size,
                 )
                 iters = min(train_cfg.eval_iters, max(1, len(ds) // data_cfg.global_batch_size))
                 acc = torch.zeros(2, dtype=torch.float64, device=self.device)
@@ -630,6 +574,7 @@ class Trainer:
         )
         self.logger.console(f"saved checkpoint {folder} ({reason}, {dt:.1f}s)")
         self.last_saved = self.step
+        self.saved = getattr(self, "saved", 0) + 1
         return folder
 
     # ---- the loop -------------------------------------------------------------------------
@@ -754,11 +699,21 @@ class Trainer:
 
 def train(cfg: Config) -> TrainResult:
     """Run (or resume) the training described by `cfg` in this process group; tears the
-    runtime down afterwards."""
+    runtime down afterwards. A run that fails before it saved a checkpoint leaves its run
+    directory as it found it (:func:`~megatron_btx.training.leftovers.undo`, on rank 0)."""
     trainer = Trainer(cfg)
+    run_dir = Path(cfg.run_dir)
+    before = snapshot(run_dir)
     try:
         trainer.setup()
         return trainer.run()
+    except BaseException:
+        if getattr(trainer, "saved", 0) == 0 and int(os.environ.get("RANK", "0")) == 0:
+            logger = getattr(trainer, "logger", None)
+            if logger is not None:
+                logger.close()
+            undo(run_dir, before)
+        raise
     finally:
         try:
             runtime.teardown()

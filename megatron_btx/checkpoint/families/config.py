@@ -9,12 +9,13 @@ Qwen2's q/k/v biases, activations other than SiLU.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 from megatron_btx.checkpoint.families.base import HFModel, get, moe_families
 from megatron_btx.errors import BTXError
+from megatron_btx.inputs import read_json
+from megatron_btx.models.arg_checks import check_token_id_list
 from megatron_btx.models.llama import LlamaArgs, MoEVariant
 from megatron_btx.models.router_settings import hf_routing
 from megatron_btx.models.router_types import HFRouting
@@ -54,6 +55,7 @@ def parse(cfg: dict[str, Any], source: str = "config.json") -> HFModel:
     fields["bos_token_id"] = cfg.get("bos_token_id", bos)
     fields["eos_token_id"] = cfg.get("eos_token_id", eos)
     if isinstance(fields.get("eos_token_id"), list):
+        check_token_id_list(fields["eos_token_id"], "eos_token_id", source)
         fields["eos_token_id"] = fields["eos_token_id"][0]
     fields.update(
         model_type=attention.model_type,
@@ -97,10 +99,7 @@ def read_plain_args(path: str | Path) -> LlamaArgs:
     path = Path(path)
     if not path.is_file():
         raise BTXError(f"{path}: config.json not found; an HF checkpoint folder needs one")
-    try:
-        cfg = json.loads(path.read_bytes().decode("utf-8"))
-    except (OSError, ValueError, RecursionError) as e:  # JSON and UTF-8 errors
-        raise BTXError(f"{path}: not valid JSON ({e}); re-save the config") from e
+    cfg = read_json(path, "config.json")  # a regular file of bounded size, valid JSON
     if not isinstance(cfg, dict):
         raise BTXError(f"{path}: the top level is a {type(cfg).__name__}, not a JSON object")
     try:
