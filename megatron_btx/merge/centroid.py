@@ -187,13 +187,16 @@ class CentroidRouter:
     @torch.no_grad()
     def layer(self, layer, merged, shape=None) -> torch.Tensor | None:
         """Set layer `layer`'s router (MoE layers; returned) and advance every domain's hidden
-        states through the merged layer."""
+        states through the merged layer (whose router rows in `merged`, when given, come before
+        the new ones: experts added to a trained MoE)."""
         moe = self.plan.is_moe_layer(layer)
         model = self._layer_model(moe, merged)
         router = None
         if moe:
             router = self._router_rows(model)
-            model.decoder.layers[0].mlp.router.weight.copy_(router)
+            kept = merged.get(ROUTER)  # rows that stay first (an MoE's own, under --into)
+            rows = router if kept is None else torch.cat([kept.to(torch.float32), router])
+            model.decoder.layers[0].mlp.router.weight.copy_(rows)
         for source, hidden in self.hidden.items():
             self.hidden[source] = self._forward(model, hidden)
         return router
