@@ -67,6 +67,7 @@ def merge_into(settings: MergeSettings) -> dict[str, Any]:
     """Add the dense sources' FFNs to the MoE ``settings.into`` as new experts; returns the
     manifest written (see the module docstring)."""
     t0 = time.time()
+    settings.validate()
     given = [*settings.source_paths, Path(settings.into)]
     check_target(settings.save, settings.overwrite, given)
     if settings.export_hf is not None:
