@@ -398,6 +398,20 @@ def test_into_centroid_rows_and_a_shared_expert(family, tmp_path):
             assert torch.equal(layer.mlp.router.weight[:2].detach(), old[ROUTER.format(i)])
 
 
+def test_into_with_the_seed_adds_it_last(family, tmp_path):
+    """--seed under --into is one more new source, the last (the generalist, as in a merge):
+    the MoE's 3 experts, then the new branch's FFN, then the seed's; top-k as given."""
+    m = merge([family["b2"]], tmp_path / "ext", into=family["moe"], seed=family["seed"], top_k=3)
+    assert m["model"]["num_local_experts"] == 5 and m["model"]["num_experts_per_tok"] == 3
+    assert [s["role"] for s in m["sources"]][1:] == ["expert 0", "seed"]
+    got = state(tmp_path / "ext")
+    for layer in range(2):
+        for expert, source in ((3, "b2"), (4, "seed")):
+            fc1, fc2 = hf_ffn(family[source], layer)
+            assert torch.equal(got[EXPERT.format(layer, expert, 1)], fc1)
+            assert torch.equal(got[EXPERT.format(layer, expert, 2)], fc2)
+
+
 def test_into_errors_name_the_setting(family, tmp_path, capsys):
     """Choices the MoE decides, a width that does not fit, a dense model given as the MoE and
     --shared without --into: one line naming the setting, nothing written."""
@@ -412,6 +426,9 @@ def test_into_errors_name_the_setting(family, tmp_path, capsys):
     ]  # fmt: skip
     for extra, needle in cases:
         _one_error(capsys, ["--experts", b2, "--save", save, *extra], needle)
+    merge([family["b0"], family["b1"]], tmp_path / "bf16", dtype="bf16")
+    argv = ["--experts", b2, "--save", save, "--into", str(tmp_path / "bf16")]
+    _one_error(capsys, argv, "is bf16, the new sources fp32; set --dtype")
     merge([family["b0"], family["b1"]], tmp_path / "split", split_chunks=2)
     argv = ["--experts", b2, "--save", save, "--into", str(tmp_path / "split")]
     _one_error(capsys, argv, "its experts are 48 wide, the new sources' FFNs 96")

@@ -42,7 +42,7 @@ from megatron_btx.checkpoint.mapping import (
     expert_fc2,
 )
 from megatron_btx.checkpoint.megatron_io import check_target
-from megatron_btx.checkpoint.sources import Source, check_sources, open_source
+from megatron_btx.checkpoint.sources import DTYPE_NAMES, Source, check_sources, open_source
 from megatron_btx.errors import BTXError
 from megatron_btx.merge.layer import Averager
 from megatron_btx.merge.plan import MergePlan, ReadPlan, make_plan
@@ -130,6 +130,12 @@ class IntoJob(MergeJob):
         planning = copy.copy(self.settings)
         planning.top_k = None  # the top-k is the extended model's, checked below
         plan = make_plan(self.sources, planning)
+        moe_dtype = DTYPE_NAMES[self.moe.dtype]
+        if self.settings.dtype is None and moe_dtype != plan.dtype:
+            raise BTXError(
+                f"{self.settings.name('into')} {self.settings.into} is {moe_dtype}, the new "
+                f"sources {plan.dtype}; set {self.settings.name('dtype')}"
+            )
         freq = self.moe.variant.layer_freq
         plan.moe_layers = None if freq is None else [i for i, f in enumerate(freq) if f]
         experts = self.n_old + plan.num_experts
