@@ -239,3 +239,18 @@ def test_family_rows_and_paired_differences_in_one_tiny_run(tmp_path):
         (Path(stages["granular_merge"].checkpoint) / "btx_manifest.json").read_text()
     )["model"]
     assert (granular["num_local_experts"], granular["intermediate_size"]) == (8, 32)
+
+
+def test_small_extend_example_adds_legal_at_the_small_runs_weights():
+    """examples/small_extend.yaml (run after the small run, on its data and seed): code, math
+    and prose experts with the seed, legal added afterwards; the blend with legal is the small
+    run's own blend (examples/small_btx.yaml's weights), and BTX's finetune blend lacks legal."""
+    from megatron_btx.pipeline import config as btx_config
+
+    root = Path(__file__).resolve().parents[1] / "examples"
+    extend = btx_config.load(root / "small_extend.yaml")
+    small = btx_config.load(root / "small_btx.yaml")
+    assert extend.expert_names == ["code", "math", "prose"]
+    assert extend.new_domain_names == ["legal"] and "legal" not in extend.weights()
+    assert extend.extended_weights() == pytest.approx(small.weights())
+    assert extend.extend.router_init == "zero" and extend.extend.finetune.steps == 225 // 4
