@@ -438,7 +438,7 @@ class BTXConfig:
 
     def _validate_extend(self) -> None:
         from megatron_btx.merge import router_inits
-        from megatron_btx.merge.settings import SHARED
+        from megatron_btx.merge import settings as merge_settings
 
         ext = self.extend
         if not isinstance(ext.domains, dict) or not ext.domains:
@@ -452,8 +452,8 @@ class BTXConfig:
             if not dom.expert:
                 raise BTXError(f"extend.domains.{name}.expert: an added domain gets an expert")
             self._new_domains[name] = dom
-        if ext.shared not in SHARED:
-            raise BTXError(f"extend.shared={ext.shared!r}: {' | '.join(SHARED)}")
+        if ext.shared not in merge_settings.SHARED:
+            raise BTXError(f"extend.shared={ext.shared!r}: {' | '.join(merge_settings.SHARED)}")
         if ext.router_init is not None and ext.router_init not in router_inits.names():
             raise BTXError(
                 f"extend.router_init={ext.router_init!r}: {' | '.join(router_inits.names())}"
