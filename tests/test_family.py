@@ -10,13 +10,13 @@ export, and megatron-core's forward of the written model for centroid rows.
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from cli_contract import btx, one_error
 from conftest import DIST
 from test_merge import (
     KW,
@@ -191,9 +191,26 @@ def test_drop_ratio_on_the_command_line_and_its_errors(family, tmp_path, capsys)
     argv = ["--experts", seed, seed, "--save", str(tmp_path / "x"), "--drop-ratio", "1.5"]
     _one_error(capsys, argv, "--drop-ratio 1.5 must be a number in [0, 1]")
     assert not (tmp_path / "x").exists()
-    # through the tool's own entry point, in a process of its own
-    proc = btx("merge", *argv[:-2], "--drop-ratio", "-0.1")
-    one_error(proc, "--drop-ratio -0.1 must be a number in [0, 1]")
+
+
+@pytest.mark.slow
+def test_the_dense_to_moe_tool_takes_the_drop_ratio(family, tmp_path):
+    """tools/convert_dense_to_moe.py, in a process of its own, has the flag (the error
+    contract for a bad value: test_drop_ratio_on_the_command_line_and_its_errors)."""
+    import subprocess
+    import sys
+
+    from cli_contract import ROOT, tc
+
+    tool = [sys.executable, str(ROOT / "tools" / "convert_dense_to_moe.py")]
+    seed = str(family["seed"])
+    argv = ["--experts", seed, seed, "--save", str(tmp_path / "x"), "--no-progress"]
+    proc = subprocess.run(
+        [*tool, *argv, "--drop-ratio", "0.25"], env=tc.env(), capture_output=True, text=True
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    record = json.loads((tmp_path / "x" / "btx_manifest.json").read_text())["merge"]
+    assert record["settings"]["drop_ratio"] == 0.25
 
 
 # =============================================================================================
