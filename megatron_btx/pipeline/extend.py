@@ -113,9 +113,10 @@ def _merge_into(planner: Any, added: list[Stage]) -> Stage:
     init = router_inits.get(ext.router_init or cfg.merge.value("router_init"))
     save = f"{planner.run}/extend/merged"
     choices = {k: v for k, v in cfg.merge.settings.items() if k in INTO_KEYS}
+    choices["router_init"] = init.name
+    choices.update(init.run_settings([_data(planner, d) for d in cfg.new_domain_names]))
     settings = MergeSettings.from_choices(
-        {**choices, "router_init": init.name, **init.run_settings([_data(planner, d) for d in
-                                                                   cfg.new_domain_names])},
+        choices,
         experts=[s.checkpoint for s in added],
         save=save,
         into=finetuned.checkpoint,
@@ -123,7 +124,7 @@ def _merge_into(planner: Any, added: list[Stage]) -> Stage:
         overwrite=True,
         progress=False,
         **planner.moe_layout,
-    )  # fmt: skip
+    )
     settings.validate()
     experts = planner.moe_args.num_local_experts + len(added)
     args = dataclasses.replace(planner.moe_args, num_local_experts=experts)
