@@ -93,12 +93,19 @@ def test_config_md_lists_every_key():
     from megatron_btx.pipeline import baselines
 
     run = set(_field_paths(run_config.BTXConfig, "", run_config.StageTrain)) - {"source"}
-    run -= {"domains", "merge.settings", "baselines.enabled", "baselines.train"}
+    run -= {
+        "domains",
+        "merge.settings",
+        "baselines.enabled",
+        "baselines.train",
+        "baselines.options",
+    }
     run |= {f"merge.{k}" for k in run_keys()}  # the merge's schema: MergeSettings
     for name in baselines.names():  # the baselines' registry
         run.add(f"baselines.{name}")
         if baselines.get(name).trains:
             run.add(f"baselines.{name}_train")
+        run |= {f"baselines.{name}.{option}" for option in baselines.get(name).options}
     run |= {f"domains.<name>.{k}" for k in _field_paths(run_config.DomainConfig, "")}
     run_listed, run_tests = _table_keys("The run config")
     assert run - run_listed == set(), "run keys missing from docs/CONFIG.md"
@@ -848,7 +855,31 @@ STAGES = {
         "baseline_sparse_upcycling",
         ("baselines", "sparse_upcycling_train"),
     ),
+    "baselines.drop_upcycling_train": (
+        "baseline_drop_upcycling",
+        ("baselines", "drop_upcycling_train"),
+    ),
+    "baselines.granular_upcycling_train": (
+        "baseline_granular_upcycling",
+        ("baselines", "granular_upcycling_train"),
+    ),
+    "extend.finetune": ("finetune_extend", ("extend", "finetune")),
 }
+
+
+def _with_stage(raw: dict, stage: str, tmp_path: Path) -> dict:
+    """`raw` with the optional part of the run `stage` belongs to turned on (a baseline that is
+    off by default; the extend experiment, with a domain to add)."""
+    raw = json.loads(json.dumps(raw))
+    name = stage.split(".")[-1].removesuffix("_train")
+    if stage.startswith("baselines.") and name in ("drop_upcycling", "granular_upcycling"):
+        raw.setdefault("baselines", {})[name] = True
+    if stage.startswith("extend."):
+        folder = tmp_path / "text" / "delta"
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "doc.txt").write_text("delta document\n" * 20)
+        raw.setdefault("extend", {})["domains"] = {"delta": {"source": str(folder)}}
+    return raw
 
 
 @pytest.mark.parametrize("stage", sorted(STAGES))
@@ -867,8 +898,10 @@ def test_stage_keys_reach_their_stage(tmp_path, run_raw, stage):
         "parallel": {"tp": 2},
         "train": {"log_interval": 7},
     }
+    run_raw = _with_stage(run_raw, stage, tmp_path)
     raw = json.loads(json.dumps(run_raw))
-    raw["baselines"] = {"compute_match": "none"}  # else compute matching chooses their steps
+    # else compute matching chooses their steps
+    raw["baselines"] = {**run_raw.get("baselines", {}), "compute_match": "none"}
     node = raw
     for part in path[:-1]:
         node = node.setdefault(part, {})
@@ -974,6 +1007,9 @@ def test_every_merge_setting_a_run_may_choose_reaches_the_merge(tmp_path, run_ra
         "moe_layers": "0",
         "dense_ffn": "seed",
         "attention": "experts",
+        "drop_ratio": 0.5,
+        "drop_seed": 7,
+        "upcycling_scale": "topk",
         "dtype": "bf16",
         "verify": True,
         "verify_hashes": False,

@@ -41,7 +41,7 @@ from megatron_btx.checkpoint.mapping import (
 )
 from megatron_btx.errors import BTXError
 from megatron_btx.inputs import inside, read_json
-from megatron_btx.models.llama import LlamaArgs, build_for_checkpoint, to_dtype
+from megatron_btx.models.llama import LlamaArgs, MoEVariant, build_for_checkpoint, to_dtype
 
 log = logging.getLogger(__name__)
 
@@ -117,6 +117,8 @@ class Source:
     _reader: PartialReader | None = None
     _pool: BufferPool | None = None
     _saved_dtypes: dict[str, torch.dtype] | None = None
+    #: an MoE source's shape beyond Mixtral's (:func:`open_source` with ``moe=True``)
+    variant: MoEVariant | None = None
 
     @property
     def name(self) -> str:
@@ -132,7 +134,7 @@ class Source:
         meta device on first use, inside a runtime)."""
         if self._template is None:
             self._template = template.flat_template(
-                build_for_checkpoint(self.args, self.dtype, meta=True)
+                build_for_checkpoint(self.args, self.dtype, self.variant, meta=True)
             )
             _check_megatron_keys(self)
         return self._template
@@ -152,7 +154,8 @@ class Source:
 
     def layer(self, layer: int) -> dict[str, torch.Tensor]:
         """Layer `layer`'s tensors by short megatron name (mapping.DENSE_LAYER, plus the
-        family's attention extras: mapping.attention_and_norms)."""
+        family's attention extras: mapping.attention_and_norms; an MoE source's experts, router
+        and shared expert instead of the FFN)."""
         if self.fmt == "megatron":
             prefix = template.layer_prefix(layer)
             return template.read_prefix(
@@ -264,14 +267,20 @@ class Source:
             self._reader.close()
 
 
-def open_source(path: str | Path) -> Source:
-    """Open and validate one source (no tensor is read)."""
+def open_source(path: str | Path, moe: bool = False) -> Source:
+    """Open and validate one source (no tensor is read): a dense model, or with `moe` an MoE
+    megatron checkpoint (the one `btx merge --into` adds experts to)."""
     given = Path(path)
     if not given.exists():
         raise BTXError(f"{given}: source checkpoint does not exist")
     folder = rundir.resolve_checkpoint(given)
     if folder is not None:
-        return _open_megatron(given, folder)
+        return _open_megatron(given, folder, moe)
+    if moe:
+        raise BTXError(
+            f"{given}: not a megatron MoE checkpoint (no metadata.json, no checkpoints/latest); "
+            f"import an HF MoE first with `btx import-hf`"
+        )
     if not given.is_dir():
         raise BTXError(f"{given}: not a folder")
     if not (given / "config.json").is_file():
@@ -282,13 +291,15 @@ def open_source(path: str | Path) -> Source:
     return _open_hf(given)
 
 
-def _open_megatron(given: Path, folder: Path) -> Source:
+def _open_megatron(given: Path, folder: Path, moe: bool = False) -> Source:
     from megatron_btx.checkpoint.megatron_io import read_args
 
     source_manifest = manifest.read(folder)
     metadata = read_metadata(folder)
     args = read_args(folder, metadata)  # checked against the metadata: before any model is built
-    if args.is_moe:
+    if moe and not args.is_moe:
+        raise BTXError(f"{given}: is a dense model; experts are added to an MoE checkpoint")
+    if args.is_moe and not moe:
         raise BTXError(
             f"{given}: is already an MoE ({args.num_local_experts} experts); every source must "
             f"be a dense model"
@@ -317,6 +328,7 @@ def _open_megatron(given: Path, folder: Path) -> Source:
         files,
         source_manifest=source_manifest,
         metadata=metadata,
+        variant=MoEVariant.from_manifest(source_manifest.get("moe")) if moe else None,
     )
 
 
@@ -378,11 +390,12 @@ def check_hf_tensors(reader: HFReader, shapes, folder: Path) -> None:
             )
 
 
-def check_sources(sources: Sequence[Source]) -> None:
-    """Same architecture, vocabulary and tokenizer everywhere; else name the sources and key."""
+def check_sources(sources: Sequence[Source], ignore: Sequence[str] = ()) -> None:
+    """Same architecture, vocabulary and tokenizer everywhere; else name the sources and key
+    (`ignore`: LlamaArgs fields allowed to differ, e.g. an MoE's expert fields)."""
     ref = sources[0]
     for source in sources[1:]:
-        for field in ARCH_FIELDS:
+        for field in (f for f in ARCH_FIELDS if f not in ignore):
             mine, theirs = getattr(ref.args, field), getattr(source.args, field)
             if mine != theirs:
                 what = "vocabularies differ" if field == "vocab_size" else "architectures differ"

@@ -12,7 +12,10 @@ evaluation without them), the point estimates decide and the claim says so.
 - BTX best on average: BTX lower than every rival (seed, dense, BTM top-1/2, sparse upcycling)
   on the mean over the evaluation's groups (each group weighing the same), and per group;
 - routing specialises: each expert domain's tokens go mostly to its own expert(s) (a share of
-  the top-k assignments, descriptive; no interval).
+  the top-k assignments, descriptive; no interval);
+- domains added to the finetuned MoE (the run's ``extend``; models of part ``extension``, not
+  in the equal-compute claim above): the extended MoE higher than BTX on the old expert domains
+  (forgetting) and lower on the added ones (gain), each paired.
 """
 
 from __future__ import annotations
@@ -63,9 +66,35 @@ def _experts(result: dict[str, Any]) -> dict[str, Any]:
     return claims
 
 
-def _btx(result: dict[str, Any]) -> dict[str, Any]:
+def _extensions(result: dict[str, Any]) -> set[str]:
+    return {n for n, row in result["models"].items() if row.get("part") == "extension"}
+
+
+def _extension(result: dict[str, Any]) -> dict[str, Any]:
+    """Per model of the ``extend`` experiment, BTX minus it on the old expert domains
+    (forgetting: BTX lower) and on the added domains (gain: BTX higher)."""
     comparisons = result.get("intervals", {}).get("comparisons") or {}
-    models = result["models"]
+    found = {}
+    for name in sorted(_extensions(result) & set(comparisons)):
+        groups = comparisons[name]["groups"]
+        if "experts" not in groups or "new" not in groups:
+            continue
+        old, new = _difference(groups["experts"]), _difference(groups["new"])
+        found[name] = {
+            "forgetting_on_old_domains": {"holds": old["lower"], **old},
+            "gain_on_new_domains": {"holds": new["higher"], **new},
+        }
+    return {"added_domains": found} if found else {}
+
+
+def _btx(result: dict[str, Any]) -> dict[str, Any]:
+    extensions = _extensions(result)
+    comparisons = {
+        k: v
+        for k, v in (result.get("intervals", {}).get("comparisons") or {}).items()
+        if k not in extensions
+    }
+    models = {k: v for k, v in result["models"].items() if k not in extensions}
     if comparisons:
         key = (
             "mean_of_groups" if any("mean_of_groups" in c for c in comparisons.values()) else "mean"
@@ -139,4 +168,9 @@ def _routing(result: dict[str, Any], matrix: dict[str, np.ndarray] | None) -> di
 
 def check_claims(result: dict[str, Any], routing: dict[str, np.ndarray] | None) -> dict[str, Any]:
     """Every claim that the evaluation's models allow (see the module docstring)."""
-    return {**_experts(result), **_btx(result), **_routing(result, routing)}
+    return {
+        **_experts(result),
+        **_btx(result),
+        **_routing(result, routing),
+        **_extension(result),
+    }

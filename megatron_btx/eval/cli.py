@@ -308,7 +308,7 @@ def evaluate_run(
     split = split or ev.split
     data_dir = cfg.data.prepared or str(run / "data")
     names = cfg.expert_names
-    domains = cfg.domain_names + ([intervals.MIXED] if _has_mixed(data_dir) else [])
+    domains = cfg.all_domain_names + ([intervals.MIXED] if _has_mixed(data_dir) else [])
     t0 = time.time()
     tokens = tokens_per_domain or ev.tokens_per_domain
     sets = {
@@ -330,7 +330,7 @@ def evaluate_run(
     )
     btm_info = _score_btm(models, to_load, names, sets, data_dir, scores, missing)
     markers = {s.name: (plan_mod.read_marker(s, run) or {}) for s in stages}
-    groups = intervals.groups_of(names, domains)
+    groups = intervals.groups_of(names, domains, cfg.new_domain_names)
     labels_of_mixed = None
     if intervals.MIXED in sets:
         labels_of_mixed = intervals.segment_labels(data_dir, sets[intervals.MIXED], domains)

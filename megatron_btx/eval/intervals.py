@@ -27,14 +27,20 @@ def named(specs: dict[str, dict[str, Any]], **want: Any) -> list[str]:
     return [n for n, s in specs.items() if all(s.get(k) == v for k, v in want.items())]
 
 
-def groups_of(experts: list[str], domains: list[str]) -> dict[str, list[str]]:
-    """{"experts": the expert domains, "general": the others, "mixed": the mixed documents}."""
+def groups_of(
+    experts: list[str], domains: list[str], new: list[str] | None = None
+) -> dict[str, list[str]]:
+    """{"experts": the expert domains, "general": the others, "mixed": the mixed documents,
+    "new": the domains added after the finetune (the run's ``extend``)}."""
+    new = list(new or [])
     groups = {"experts": [d for d in domains if d in experts]}
-    general = [d for d in domains if d not in experts and d != MIXED]
+    general = [d for d in domains if d not in experts and d != MIXED and d not in new]
     if general:
         groups["general"] = general
     if MIXED in domains:
         groups["mixed"] = [MIXED]
+    if new:
+        groups["new"] = [d for d in domains if d in new]
     return groups
 
 

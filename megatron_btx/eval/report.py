@@ -182,6 +182,13 @@ def claims_md(claims: dict[str, Any]) -> str:
         for group, g in (c.get("per_group") or {}).items():
             parts = [f"vs {k} {_diff(v)}" for k, v in g["versus"].items()]
             out.append(f"  - {group}: **{mark(g['holds'])}** ({'; '.join(parts)})")
+    for model, c in (claims.get("added_domains") or {}).items():
+        old, new = c["forgetting_on_old_domains"], c["gain_on_new_domains"]
+        out.append(
+            f"- {model} against BTX, which never saw the added domains (BTX minus it): worse on "
+            f"the old expert domains (forgetting) **{mark(old['holds'])}** ({_diff(old)}); "
+            f"better on the added domains (gain) **{mark(new['holds'])}** ({_diff(new)})"
+        )
     c = claims.get("routing_to_own_expert")
     if c and c["per_domain"]:
         parts = [

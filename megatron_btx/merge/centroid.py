@@ -174,10 +174,11 @@ class CentroidRouter:
             short = key[len(prefix) :]
             if key.endswith("_extra_state"):
                 continue
-            if short in merged:
-                state[key] = merged[short].to(torch.float32)
-            elif short in (ROUTER, ATTENTION_ROUTER):  # not set yet
+            if short == ROUTER or (short == ATTENTION_ROUTER and short not in merged):
+                # set once their rows are known (an MoE's own rows under --into come first)
                 state[key] = torch.zeros_like(state[key])
+            elif short in merged:
+                state[key] = merged[short].to(torch.float32)
             else:
                 raise KeyError(f"the merged layer has no {short}")
         model.load_state_dict(state, strict=False)
@@ -195,13 +196,16 @@ class CentroidRouter:
     @torch.no_grad()
     def layer(self, layer, merged, shape=None) -> torch.Tensor | None:
         """Set layer `layer`'s router (MoE layers; returned) and advance every domain's hidden
-        states through the merged layer."""
+        states through the merged layer (whose router rows in `merged`, when given, come before
+        the new ones: experts added to a trained MoE)."""
         moe = self.plan.is_moe_layer(layer)
         model = self._layer_model(moe, merged)
         router = None
         if moe:
             router = self._router_rows(model)
-            model.decoder.layers[0].mlp.router.weight.copy_(router)
+            kept = merged.get(ROUTER)  # rows that stay first (an MoE's own, under --into)
+            rows = router if kept is None else torch.cat([kept.to(torch.float32), router])
+            model.decoder.layers[0].mlp.router.weight.copy_(rows)
         for source, hidden in self.hidden.items():
             self.hidden[source] = self._forward(model, hidden)
         return router

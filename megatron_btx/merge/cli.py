@@ -8,7 +8,7 @@ import argparse
 import logging
 
 from megatron_btx.errors import run_command
-from megatron_btx.merge.run import merge
+from megatron_btx.merge import merge
 from megatron_btx.merge.settings import MergeSettings, build_parser
 
 __all__ = ["build_parser", "main"]

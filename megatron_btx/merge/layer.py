@@ -25,6 +25,7 @@ from megatron_btx.checkpoint.mapping import (
 )
 from megatron_btx.merge import attention
 from megatron_btx.merge.plan import MergePlan
+from megatron_btx.merge.upcycling import transform_expert
 from megatron_btx.models.llama import LlamaArgs
 
 if TYPE_CHECKING:
@@ -149,6 +150,8 @@ def merge_layer(
             merged[FC1], merged[FC2] = ffns[seed]
         return merged
     for expert, (fc1, fc2) in enumerate(expert_tensors(plan, ffns)):
+        # Drop-Upcycling and granular upcycling's scale, when the plan asks
+        fc1, fc2 = transform_expert(plan, layer, expert, fc1, fc2)
         merged[expert_fc1(expert)] = fc1
         merged[expert_fc2(expert)] = fc2
     if plan.shared_source is not None:

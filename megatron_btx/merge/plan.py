@@ -31,6 +31,11 @@ class MergePlan:
     attention: str = "average"
     #: attention expert e <- source attention_sources[e] (every source, in order; [] = average)
     attention_sources: list[int] = dataclasses.field(default_factory=list)
+    #: Drop-Upcycling of the routed experts (merge.upcycling): ratio and seed
+    drop_ratio: float = 0.0
+    drop_seed: int = 0
+    #: the factor on every routed expert's weights (granular upcycling's scale; 1: none)
+    expert_scale: float = 1.0
 
     @property
     def num_experts(self) -> int:
@@ -197,6 +202,12 @@ def plan_for(settings: MergeSettings, dense: LlamaArgs, n: int, dtype: str = "bf
             f"({experts})"
         )
     plan.top_k = top_k
+    plan.drop_ratio, plan.drop_seed = float(settings.drop_ratio), settings.drop_seed
+    if settings.upcycling_scale != "none":
+        from megatron_btx.merge.upcycling import weight_scale
+
+        pre_softmax = settings.upcycling_scale == "pre_softmax"
+        plan.expert_scale = weight_scale(chunks, experts, top_k, pre_softmax)
     return plan
 
 
@@ -223,6 +234,8 @@ class ReadPlan:
         weights = [0.0] * len(unique)
         for i, u in enumerate(alias):
             weights[u] += plan.weights[i]
+        if len(unique) == 1:
+            weights = [1.0]  # copies of one model: its own tensors, not (n x t) / n in fp32
         shared = plan.shared_source
         read_plan = dataclasses.replace(
             plan,

@@ -7,9 +7,11 @@ merge (:class:`LayerRouters`, which sees every merged layer in order, so data-dr
 carry hidden states through the merged model). :meth:`RouterInit.expected` gives the rows an
 init makes without data, which ``--verify`` checks bit for bit.
 
-The three here: ``random`` (normal, std ``router_std``, seeded per layer by ``router_seed``),
-``zero`` (every expert equally likely at the start: all logits 0), ``centroid`` (each expert's
-row the normalised mean router input of its own domain, the seed's row that of a blend sample).
+The four here: ``random`` (normal, std ``router_std``, seeded per layer by ``router_seed``),
+``zero`` (every expert equally likely at the start: all logits 0), ``virtual_group``
+(megatron-core's granular-upcycling init: the shards of one FFN share a random row),
+``centroid`` (each expert's row the normalised mean router input of its own domain, the seed's
+row that of a blend sample).
 A new initialisation is one class decorated with :func:`register` (here or in a plugin,
 :mod:`megatron_btx.plugins`).
 """
@@ -128,6 +130,29 @@ class Zero(RouterInit):
 
     def expected(self, settings, layer, shape, part="ffn"):
         return torch.zeros(shape, dtype=torch.float32)
+
+
+@register
+class VirtualGroup(RouterInit):
+    """megatron-core's granular-upcycling router (``upcycling_utils``, arXiv 2410.07524): the
+    experts made from one copy of an FFN (its G = ``split_chunks`` shards, consecutive) form a
+    virtual group with one router row: the first E/G rows of the ``random`` init, each repeated
+    G times, so a group's shards are chosen together and at equal weight at the start."""
+
+    name = "virtual_group"
+    settings = ("router_std", "router_seed", "split_chunks")
+
+    def check(self, settings):
+        if settings.blend:
+            raise BTXError(
+                f"{settings.name('router_init')} virtual_group groups the shards of one FFN; it "
+                f"is not defined with {settings.name('blend')}"
+            )
+
+    def expected(self, settings, layer, shape, part="ffn"):
+        group = settings.split_chunks
+        rows = Random().expected(settings, layer, shape)
+        return rows[: shape[0] // group].repeat_interleave(group, dim=0)
 
 
 @register

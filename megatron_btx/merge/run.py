@@ -70,6 +70,8 @@ def merge(settings: MergeSettings) -> dict[str, Any]:
     """Merge dense sources into one MoE torch_dist checkpoint; returns the manifest written."""
     t0 = time.time()
     settings.validate()
+    if settings.into is not None:
+        raise ValueError("experts added to an MoE: megatron_btx.merge.into.merge_into")
     check_target(settings.save, settings.overwrite, settings.source_paths)
     if settings.export_hf is not None:
         check_target(settings.export_hf, settings.overwrite, settings.source_paths)
@@ -102,9 +104,10 @@ class MergeJob:
         self.settings = settings
         self.sources = sources
         self.dense = sources[0].args
-        self.plan: MergePlan = make_plan(sources, settings)
-        self.out_args: LlamaArgs = self.plan.output_args(self.dense)
-        self.variant: MoEVariant = self.plan.variant(self.dense)
+        self.plan: MergePlan = self._plan()
+        self.out_args: LlamaArgs
+        self.variant: MoEVariant
+        self.out_args, self.variant = self._output_shape()
         self.dtype = to_dtype(self.plan.dtype)
         self.etp = settings.tp if settings.etp is None else settings.etp
         check_parallel(self.out_args, settings.tp, settings.pp, settings.ep)
@@ -122,15 +125,25 @@ class MergeJob:
         #: the router rows, layer by layer (data-driven inits load their data now)
         self.routers = self.router_init.start(self)
         self.reads = ReadPlan.of(sources, self.plan)
-        self.hash_jobs: dict[int, concurrent.futures.Future] = {}
+        self.hash_jobs: dict[Any, concurrent.futures.Future] = {}
+
+    def _plan(self) -> MergePlan:
+        return make_plan(self.sources, self.settings)
+
+    def _output_shape(self) -> tuple[LlamaArgs, MoEVariant]:
+        """The merged MoE's hyper-parameters and variant."""
+        return self.plan.output_args(self.dense), self.plan.variant(self.dense)
+
+    def _hashed_files(self) -> dict[Any, list[Path]]:
+        """The files whose sha256 the manifest records, by read."""
+        return {read: self.sources[first].hash_files for read, first in self.reads.first.items()}
 
     @contextlib.contextmanager
     def hashing(self) -> Iterator[None]:
         """sha256 of the sources' files on a second core while the merge runs."""
         pool = concurrent.futures.ThreadPoolExecutor(max_workers=1)
         self.hash_jobs = {
-            read: pool.submit(_sha256_files, self.sources[first].hash_files)
-            for read, first in self.reads.first.items()
+            key: pool.submit(_sha256_files, files) for key, files in self._hashed_files().items()
         }
         try:
             yield
@@ -166,12 +179,15 @@ class MergeJob:
                         self.variant,
                         settings.hash_output,
                     )
-                stream = LayerStream(self, template, writer, export)
+                stream = self._stream(template, writer, export)
                 with runtime.threads_beside(self.hashing_runs):
                     lineage = stream.run()
                 stream.check_complete()
                 writer.finish()
                 return self._finish(tmp, export, lineage)
+
+    def _stream(self, template, writer: StreamingDCPWriter, export) -> LayerStream:
+        return LayerStream(self, template, writer, export)
 
     def _finish(self, tmp: Path, export: HFExport | None, lineage: list[float]) -> dict[str, Any]:
         tok_files = []
@@ -189,24 +205,27 @@ class MergeJob:
                 ),
             )
         if self.settings.verify:
-            report = verify_checkpoint(
-                tmp,
-                self.sources,
-                self.reads,
-                self.plan,
-                self.out_args,
-                self.variant,
-                lambda layer, shape, part="ffn": self.router_init.expected(
-                    self.settings, layer, shape, part
-                ),
-                self.settings.progress,
-            )
+            report = self._verify(tmp)
             if export is not None:
                 report["hf_export_tensors_equal"] = verify_hf_export(
                     export.tmp, tmp, export.adapter, self.variant, self.dtype
                 )
             written = manifest.write(tmp, dataclasses.replace(record, verify=report))
         return written
+
+    def _verify(self, tmp: Path) -> dict[str, Any]:
+        return verify_checkpoint(
+            tmp,
+            self.sources,
+            self.reads,
+            self.plan,
+            self.out_args,
+            self.variant,
+            lambda layer, shape, part="ffn": self.router_init.expected(
+                self.settings, layer, shape, part
+            ),
+            self.settings.progress,
+        )
 
     def _manifest(self, tmp: Path, tok_files: list[str], lineage) -> manifest.Manifest:
         settings, plan = self.settings, self.plan

@@ -25,6 +25,10 @@ DENSE_FFN = ("average", "seed")
 #: the attention: averaged (BTX) or kept as attention experts (BAM; merge.attention)
 ATTENTION = ("average", "experts", "experts_shared_kv")
 DTYPES = ("fp32", "bf16", "fp16")
+#: megatron-core's granular-upcycling weight scale, by how the router normalises (merge.upcycling)
+UPCYCLING_SCALES = ("none", "topk", "pre_softmax")
+#: what an MoE given to --into keeps outside its FFNs
+SHARED = ("keep", "average")
 
 
 def _expert_map(text: str) -> list[int]:
@@ -109,6 +113,25 @@ class MergeSettings:
         run=False,
         group="sources",
     )
+    #: a trained MoE the sources' FFNs are added to as new experts (megatron_btx.merge.into)
+    into: str | None = option(
+        None,
+        "add the sources' FFNs as new experts to this MoE checkpoint (experts N+1...): its "
+        "experts and router rows are kept bit for bit; the new experts' rows come from "
+        "--router-init",
+        metavar="MOE",
+        run=False,
+        group="sources",
+    )
+    shared: str = option(
+        "keep",
+        "with --into: the MoE's tensors outside its experts (attention, norms, embeddings, dense "
+        "FFNs) are kept (keep) or averaged with the new sources' (average: weights n/(n+k) and "
+        "k/(n+k) for n old and k new experts)",
+        choices=SHARED,
+        run=False,
+        group="sources",
+    )
     # ---- routers ------------------------------------------------------------------------------
     router_init: str = option(
         "random",
@@ -190,6 +213,25 @@ class MergeSettings:
         "soft router per layer (experts: BAM), or so with the key/value projections averaged "
         "and shared (experts_shared_kv)",
         choices=ATTENTION,
+    )
+    drop_ratio: float = option(
+        0.0,
+        "Drop-Upcycling (arXiv 2502.19261): in every routed expert, re-initialise round(R x F) "
+        "of its F intermediate units (rows of gate and up, columns of down) from a normal with "
+        "the mean and std of that matrix; each expert its own random subset",
+        kind=float,
+        metavar="R",
+    )
+    drop_seed: int = option(
+        0, "RNG seed of --drop-ratio's subsets and values (per layer and expert)", kind=int
+    )
+    upcycling_scale: str = option(
+        "none",
+        "scale every routed expert's fc1 and fc2 by megatron-core's MoE activation scale ^ 1/3 "
+        "(granular upcycling, arXiv 2410.07524; G = --split-chunks, E experts, top-k k): "
+        "topk for a router that takes the softmax over the top-k (scale G), pre_softmax for one "
+        "that takes it before (scale E x G / k)",
+        choices=UPCYCLING_SCALES,
     )
     # ---- outputs ------------------------------------------------------------------------------
     dtype: str | None = option(
@@ -277,12 +319,53 @@ class MergeSettings:
             raise BTXError(f"{name('router_seed')} {self.router_seed!r} must be an integer")
         if self.seed_as_shared_expert and self.seed is None:
             raise BTXError(f"{name('seed_as_shared_expert')} needs {name('seed')}")
+        self._validate_family()
         router_inits.get(self.router_init).check(self)
         if self.export_hf is not None:
             export, save = Path(self.export_hf).resolve(), Path(self.save).resolve()
             if export == save or save in export.parents or export in save.parents:
                 raise BTXError(
                     f"{name('export_hf')} must be a folder apart from {name('save')} (not in it)"
+                )
+
+    def _validate_family(self) -> None:
+        """Drop-Upcycling, the granular-upcycling scale and --into (merge.upcycling, merge.into)."""
+        name = self.name
+        if not _finite(self.drop_ratio) or not 0 <= self.drop_ratio <= 1:
+            raise BTXError(f"{name('drop_ratio')} {self.drop_ratio} must be a number in [0, 1]")
+        if isinstance(self.drop_seed, bool) or not isinstance(self.drop_seed, int):
+            raise BTXError(f"{name('drop_seed')} {self.drop_seed!r} must be an integer")
+        if self.upcycling_scale not in UPCYCLING_SCALES:
+            raise BTXError(
+                f"{name('upcycling_scale')} {self.upcycling_scale!r}: use "
+                f"{', '.join(UPCYCLING_SCALES)}"
+            )
+        if self.upcycling_scale != "none" and self.blend:
+            raise BTXError(
+                f"{name('upcycling_scale')} scales copies of one FFN's shards; it is not defined "
+                f"with {name('blend')}"
+            )
+        if self.shared not in SHARED:
+            raise BTXError(f"{name('shared')} {self.shared!r}: use {', '.join(SHARED)}")
+        if self.into is None:
+            if self.shared != "keep":
+                raise BTXError(f"{name('shared')} applies only with {name('into')}")
+            return
+        fixed = {  # the MoE given to --into decides these
+            "split_chunks": 1,
+            "blend": False,
+            "expert_map": None,
+            "average_weights": None,
+            "seed_as_shared_expert": False,
+            "moe_layers": None,
+            "dense_ffn": "average",
+            "upcycling_scale": "none",
+        }
+        for key, default in fixed.items():
+            if getattr(self, key) != default:
+                raise BTXError(
+                    f"{name(key)} does not apply with {name('into')}: the MoE's own experts, "
+                    f"layers and shared expert are kept; remove it"
                 )
 
     # ---- the command line -----------------------------------------------------------------

@@ -89,6 +89,7 @@ def _check_layer(
     for name in averaged:
         _same(folder, f"layer {layer} {name}", got[name], want[name].to(dtype), "the fp32 average")
         counts["averaged_equal_fp32"] += 1
+    transformed = plan.drop_ratio > 0 or plan.expert_scale != 1.0
     for name, tensor in want.items():
         if name in averaged:
             continue
@@ -98,6 +99,8 @@ def _check_layer(
                 counts["attention_experts_bit_identical"] += 1
             continue
         kind = "its source FFN" if "experts" in name else "the dense FFN"
+        if transformed and "local_experts" in name:
+            kind += " (Drop-Upcycled / scaled as planned)"
         _same(folder, f"layer {layer} {name}", got[name], tensor.to(dtype), kind)
         if "experts" in name and tensor.dtype == dtype:
             counts["experts_bit_identical"] += 1
@@ -298,8 +301,10 @@ def _verify_logits(folder, sources, plan: MergePlan, out_args, variant) -> dict[
             state[f"{tpl.layer_prefix(layer)}{ROUTER}"] = router
     moe.load_state_dict(state, strict=False)
     diff = (moe(ids, positions, None)[..., : args.vocab_size] - reference).abs().max().item()
-    # shared expert / splitting / blending change the function by construction
+    # shared expert / splitting / blending / dropping / scaling change the function by
+    # construction
     exact_case = plan.shared_source is None and plan.split_chunks == 1 and not plan.blend
+    exact_case = exact_case and plan.drop_ratio == 0 and plan.expert_scale == 1.0
     if exact_case and diff > 1e-4 * max(1.0, reference.abs().max().item()):
         raise BTXError(
             f"--verify failed: an MoE of N copies of {sources[0].name} does not reproduce its "

@@ -38,6 +38,12 @@ baselines:                         # one key per baseline (megatron_btx.pipeline
   btm: true                        # experts kept separate, tf-idf routed ensembles at eval
   compute_match: flops             # flops | time (measured wall time per stage) | none
   dense_train: {}                  # <name>_train: train-stage keys over a baseline's defaults
+extend:                            # optional: experts added to the finetuned MoE (btx merge --into)
+  domains: {legal: builtin}        #   new domains (the forms of `domains`), an expert each
+  shared: keep                     #   keep | average: the MoE's non-expert tensors
+  router_init: null                #   the new router rows (default: merge.router_init)
+  finetune: {steps: 20}            #   a brief finetune on the blend with them (default: 1/4)
+  scratch: true                    #   and BTX trained from scratch with every expert
 evaluation:
   split: test                      # held-out split to score (test | valid)
   tokens_per_domain: 65536         # scored tokens per domain (whole sequences of seq_length)
@@ -198,6 +204,8 @@ class BaselinesConfig:
     enabled: dict[str, bool] = field(default_factory=dict)
     #: baseline name -> its `<name>_train` overrides, when given
     train: dict[str, StageTrain] = field(default_factory=dict)
+    #: baseline name -> its own options, when given (``baselines.<name>: {KEY: VALUE}``)
+    options: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     @classmethod
     def from_config(cls, data: Any, prefix: str, source: str) -> BaselinesConfig:
@@ -218,9 +226,18 @@ class BaselinesConfig:
                     out.train[key[: -len("_train")]] = build_dataclass(
                         StageTrain, value, f"{full}.", source
                     )
+            elif isinstance(value, dict):  # the baseline's own options: it is on
+                out.options[key] = _baseline_options(registry.get(key), value, full, source)
+                out.enabled[key] = True
             else:
                 out.enabled[key] = coerce(value, bool, full, source)
         return out
+
+    def options_of(self, name: str) -> dict[str, Any]:
+        """Baseline `name`'s options: as the config gives them over the baseline's defaults."""
+        from megatron_btx.pipeline import baselines as registry
+
+        return {**registry.get(name).options, **self.options.get(name, {})}
 
     def on(self, name: str) -> bool:
         """Whether baseline `name` is planned: as the config says, else its default."""
@@ -231,11 +248,45 @@ class BaselinesConfig:
     def to_dict(self) -> dict[str, Any]:
         from megatron_btx.pipeline import baselines as registry
 
-        enabled = {name: self.on(name) for name in registry.names()}
+        enabled: dict[str, Any] = {name: self.on(name) for name in registry.names()}
+        for name, options in self.options.items():
+            if enabled[name]:
+                enabled[name] = dict(options)
         raw: dict[str, Any] = {"compute_match": self.compute_match, **enabled}
         for name, stage in self.train.items():
             raw[f"{name}_train"] = dataclasses.asdict(stage)
         return raw
+
+
+def _baseline_options(baseline: Any, value: dict, full: str, source: str) -> dict[str, Any]:
+    """``baselines.<name>: {KEY: VALUE}``: known keys, values the baseline can use."""
+    from megatron_btx.config import close_match
+
+    for key in value:
+        if key not in baseline.options:
+            close = close_match(str(key), set(baseline.options))
+            hint = f" (did you mean {full}.{close}?)" if close else ""
+            known = ", ".join(baseline.options) or "none"
+            raise BTXError(f"{source}: unknown key {full}.{key!r}{hint} (its options: {known})")
+    baseline.check_options({**baseline.options, **value}, source)
+    return dict(value)
+
+
+@dataclass
+class ExtendConfig:
+    """``extend:``: domains added after the BTX MoE is finetuned. Each gets an expert branched
+    from the seed (the experts' stage settings); they are added to the finetuned MoE as experts
+    N+1... (``btx merge --into``, ``shared`` and ``router_init`` its settings), which is then
+    finetuned briefly on the blend with them (``finetune``: train-stage keys over the
+    finetune's; default a quarter of its steps). The evaluation compares it with the MoE it
+    extends (forgetting on the old domains, gain on the new ones) and, with ``scratch``, with
+    BTX trained from scratch with every expert (its merge and whole finetune on that blend)."""
+
+    domains: dict[str, Any] = field(default_factory=dict)
+    shared: str = "keep"
+    router_init: str | None = None
+    finetune: StageTrain | None = None
+    scratch: bool = True
 
 
 @dataclass
@@ -261,6 +312,7 @@ class BTXConfig:
     merge: MergeConfig = field(default_factory=MergeConfig)
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
     baselines: BaselinesConfig = field(default_factory=BaselinesConfig)
+    extend: ExtendConfig | None = None
     evaluation: EvalConfig = field(default_factory=EvalConfig)
     train: dict[str, Any] = field(default_factory=dict)
     optimizer: dict[str, Any] = field(default_factory=dict)
@@ -270,7 +322,17 @@ class BTXConfig:
 
     # ---- derived --------------------------------------------------------------------------
     def domain(self, name: str) -> DomainConfig:
-        return self._domains[name]
+        return self._domains[name] if name in self._domains else self._new_domains[name]
+
+    @property
+    def new_domain_names(self) -> list[str]:
+        """The domains ``extend`` adds (none without it)."""
+        return list(self._new_domains)
+
+    @property
+    def all_domain_names(self) -> list[str]:
+        """Every domain prepared and evaluated: the run's, then those ``extend`` adds."""
+        return [*self._domains, *self._new_domains]
 
     @property
     def domain_names(self) -> list[str]:
@@ -292,36 +354,11 @@ class BTXConfig:
     def validate(self) -> None:
         if not self.domains:
             raise BTXError(f"{self.source or 'config'}: `domains` must name at least one domain")
-        doms: dict[str, DomainConfig] = {}
-        for name, spec in self.domains.items():
-            if not valid_domain_name(name):
-                raise BTXError(
-                    f"domains.{name}: a domain name is ASCII letters, digits, '-' or '_' (it "
-                    f"names files, stages and Slurm jobs)"
-                )
-            if isinstance(spec, (str, list)):
-                spec = {"source": spec}
-            dom = build_dataclass(DomainConfig, spec, f"domains.{name}.", self.source or "config")
-            if dom.weight is not None and dom.weight < 0:
-                raise BTXError(f"domains.{name}.weight={dom.weight} must be >= 0")
-            if not dom.is_builtin:
-                dom.source = [self._resolve(p) for p in dom.paths]
-                for p in dom.source:
-                    if not os.path.exists(p):
-                        raise BTXError(
-                            f"domains.{name}.source: {p} does not exist (give a folder or files "
-                            f"of text, or `builtin` for a built-in corpus)"
-                        )
-            else:
-                from megatron_btx.data.corpora import DOMAINS
-
-                if name not in DOMAINS and self.data.prepared is None:
-                    raise BTXError(
-                        f"domains.{name}: `builtin` only exists for {', '.join(DOMAINS)}; give "
-                        f"a folder or files of text as domains.{name}.source"
-                    )
-            doms[name] = dom
+        doms = {name: self._domain(name, spec, "domains") for name, spec in self.domains.items()}
         self._domains = doms
+        self._new_domains: dict[str, DomainConfig] = {}
+        if self.extend is not None:
+            self._validate_extend()
         weights = [d.weight for d in doms.values()]
         if any(w is not None for w in weights) and not any(w for w in weights if w):
             raise BTXError("domains: at least one weight must be positive")
@@ -377,6 +414,61 @@ class BTXConfig:
         if self.seed.pretrain is not None and self.seed.pretrain.steps is None:
             raise BTXError("seed.pretrain.steps must be set")
         self._reject_inert_keys()
+
+    def _domain(self, name: Any, spec: Any, section: str) -> DomainConfig:
+        """One entry of `domains` (or ``extend.domains``), checked."""
+        if not valid_domain_name(name):
+            raise BTXError(
+                f"{section}.{name}: a domain name is ASCII letters, digits, '-' or '_' (it "
+                f"names files, stages and Slurm jobs)"
+            )
+        if isinstance(spec, (str, list)):
+            spec = {"source": spec}
+        dom = build_dataclass(DomainConfig, spec, f"{section}.{name}.", self.source or "config")
+        if dom.weight is not None and dom.weight < 0:
+            raise BTXError(f"{section}.{name}.weight={dom.weight} must be >= 0")
+        if not dom.is_builtin:
+            dom.source = [self._resolve(p) for p in dom.paths]
+            for p in dom.source:
+                if not os.path.exists(p):
+                    raise BTXError(
+                        f"{section}.{name}.source: {p} does not exist (give a folder or files "
+                        f"of text, or `builtin` for a built-in corpus)"
+                    )
+        else:
+            from megatron_btx.data.corpora import DOMAINS
+
+            if name not in DOMAINS and self.data.prepared is None:
+                raise BTXError(
+                    f"{section}.{name}: `builtin` only exists for {', '.join(DOMAINS)}; give "
+                    f"a folder or files of text as {section}.{name}.source"
+                )
+        return dom
+
+    def _validate_extend(self) -> None:
+        from megatron_btx.merge import router_inits
+        from megatron_btx.merge import settings as merge_settings
+
+        ext = self.extend
+        if not isinstance(ext.domains, dict) or not ext.domains:
+            raise BTXError("extend.domains must name at least one domain to add")
+        for name, spec in ext.domains.items():
+            if name in self._domains:
+                raise BTXError(
+                    f"extend.domains.{name}: already a domain of the run; name a new one"
+                )
+            dom = self._domain(name, spec, "extend.domains")
+            if not dom.expert:
+                raise BTXError(f"extend.domains.{name}.expert: an added domain gets an expert")
+            self._new_domains[name] = dom
+        if ext.shared not in merge_settings.SHARED:
+            raise BTXError(f"extend.shared={ext.shared!r}: {' | '.join(merge_settings.SHARED)}")
+        if ext.router_init is not None and ext.router_init not in router_inits.names():
+            raise BTXError(
+                f"extend.router_init={ext.router_init!r}: {' | '.join(router_inits.names())}"
+            )
+        if ext.finetune is not None and (ext.finetune.steps or 0) < 0:
+            raise BTXError("extend.finetune.steps must be >= 0")
 
     def _reject_inert_keys(self) -> None:
         """Keys that another key makes inert are errors, not silently ignored (docs/CONFIG.md)."""
@@ -437,13 +529,28 @@ class BTXConfig:
         """Finetune (and dense-baseline) sampling weights: the given ones (a domain without one
         gets 0 when any is given), else uniform; normalised to sum to 1. Deliberately not derived
         from the prepared data, so the plan is the same before and after preparation."""
+        return _normalised(self._raw_weights())
+
+    def _raw_weights(self) -> dict[str, float]:
         given = {n: d.weight for n, d in self._domains.items()}
         if any(w is not None for w in given.values()):
-            w = {n: float(v or 0.0) for n, v in given.items()}
-        else:
-            w = {n: 1.0 for n in self._domains}
-        tot = sum(w.values()) or 1.0
-        return {n: v / tot for n, v in w.items()}
+            return {n: float(v or 0.0) for n, v in given.items()}
+        return {n: 1.0 for n in self._domains}
+
+    def extended_weights(self) -> dict[str, float]:
+        """The blend with the domains ``extend`` adds: each at its given weight (on the scale of
+        the run's given weights), else at the mean weight of the run's expert domains;
+        normalised to sum to 1."""
+        raw = self._raw_weights()
+        mean = sum(raw[n] for n in self.expert_names) / len(self.expert_names)
+        for name, dom in self._new_domains.items():
+            raw[name] = float(dom.weight) if dom.weight is not None else mean
+        return _normalised(raw)
+
+
+def _normalised(weights: dict[str, float]) -> dict[str, float]:
+    total = sum(weights.values()) or 1.0
+    return {n: v / total for n, v in weights.items()}
 
 
 def from_dict(raw: dict[str, Any], source: str | None = None) -> BTXConfig:

@@ -15,7 +15,9 @@ Roles:
 - ``reference``: shown, not compared with BTX: the experts (``part: expert``, with their
   ``domain``) and the merge before finetuning (``part: merged``).
 
-The seed has role ``rival`` and ``part: seed``: the experts' claims compare against it.
+The seed has role ``rival`` and ``part: seed``: the experts' claims compare against it. The
+``extend`` experiment's models are rivals of ``part: extension``: compared with BTX (the MoE they
+extend), outside the claim that BTX is best at equal compute.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ from megatron_btx.errors import BTXError
 
 KINDS = ("dense", "moe", "btm")
 ROLES = ("btx", "rival", "reference")
-PARTS = ("seed", "expert", "merged")
+PARTS = ("seed", "expert", "merged", "extension")
 
 #: the names of the models every run has (baselines name their own)
 SEED = "seed"

@@ -170,7 +170,7 @@ class Planner:
         self.cfg = cfg
         self.run = cfg.run_dir
         self.names = cfg.expert_names  # one expert each
-        self.domains = cfg.domain_names  # prepared, blended, evaluated
+        self.domains = cfg.all_domain_names  # prepared and evaluated (with extend's)
         self.stages: list[Stage] = []
         self.models: list[ModelSpec] = []
         self.train_configs: dict[str, dict[str, Any]] = {}
@@ -180,6 +180,8 @@ class Planner:
         finetune_parallel = cfg.finetune.parallel or {}
         self.moe_layout = {k: int(finetune_parallel.get(k, 1)) for k in ("tp", "pp", "ep")}
         self.router = cfg.finetune.router or {"type": COMMON["type"]}
+        #: (LlamaArgs, MoEVariant) of the MoE each merge stage writes, by stage name
+        self.shapes: dict[str, Any] = {}
         self.moe_args, self.variant = self._merged_shape()
         self.moe_active = active_params(self.moe_args, self.router, self.variant)
         self.btx_flops = 0.0
@@ -211,18 +213,30 @@ class Planner:
     def _merged_shape(self, **choices: Any):
         """(LlamaArgs, MoEVariant) of the merged MoE, planned by the merge's own plan from the
         settings the merge stage will get (`choices` over the run's): never out of step."""
-        from megatron_btx.merge.plan import plan_for
 
         seed = SEED if self.cfg.merge.seed_as_expert else None
         choices = {**choices, "router_init": "random"}  # the shape does not depend on it
         settings = self.merge_settings(
             [expert_name(n) for n in self.names], "merged", seed, **choices
         )
+        return self.shape_of(settings)
+
+    def shape_of(self, settings: MergeSettings):
+        """(LlamaArgs, MoEVariant) of the MoE a merge with these settings writes."""
+        from megatron_btx.merge.plan import plan_for
+
         try:
             merge_plan = plan_for(settings, self.dense_args, len(settings.source_paths))
         except BTXError as e:
             raise BTXError(f"{self.cfg.source or 'config'}: {e}") from e
         return merge_plan.output_args(self.dense_args), merge_plan.variant(self.dense_args)
+
+    def active_of(self, merge: Stage) -> int:
+        """Active parameters of the MoE merge stage `merge` leaves, under the run's router."""
+        from megatron_btx.models.compute import active_params
+
+        args, variant = self.shapes[merge.name]
+        return active_params(args, self.router, variant)
 
     def merge_stage(
         self,
@@ -231,13 +245,17 @@ class Planner:
         folder: str,
         deps: list[str],
         group: str = "btx",
+        with_seed: bool | None = None,
         **choices: Any,
     ) -> Stage:
-        """A merge stage of `experts` (and the seed, when the run keeps it as an expert) into
-        RUN/`folder`, with the run's merge settings and `choices` over them."""
+        """A merge stage of `experts` (and the seed, when the run keeps it as an expert, or as
+        `with_seed` says) into RUN/`folder`, with the run's merge settings and `choices` over
+        them."""
         save = f"{self.run}/{folder}"
-        seed = self.seed_checkpoint if self.cfg.merge.seed_as_expert else None
+        with_seed = self.cfg.merge.seed_as_expert if with_seed is None else with_seed
+        seed = self.seed_checkpoint if with_seed else None
         settings = self.merge_settings(experts, save, seed, **choices)
+        self.shapes[name] = self.shape_of(settings)
         stage = Stage(
             name,
             "merge",
@@ -294,8 +312,8 @@ class Planner:
         """A baseline's training stage from `init_from` on `domains` (default: the blend), at
         BTX's compute (``baselines.compute_match``), in RUN/baselines/`folder`: a dense model
         (`moe` false) trains as the experts did and is timed like them; an MoE as the finetune
-        (its router and load balancing). `active`: its active parameters per token, when its
-        shape is not the seed's or the BTX MoE's."""
+        (its router and load balancing). `active`: its active parameters, when not BTX's MoE's
+        (or the dense model's) shape (:meth:`active_of` a merge stage)."""
         if active is None:
             active = self.moe_active if moe else self.dense_active
         self._baseline_steps(name, stage, active)
@@ -460,14 +478,6 @@ class Planner:
         choices = {**init.run_settings(data), **choices}
         return self.merge_stage(name, checkpoints, folder, deps, group, **choices)
 
-    def moe_active_of(self, **choices: Any) -> int:
-        """Active parameters per token of the MoE the run's merge makes with `choices` over its
-        settings, routed by the finetune's router (a baseline's MoE of another shape)."""
-        from megatron_btx.models.compute import active_params
-
-        args, variant = self._merged_shape(**choices)
-        return active_params(args, self.router, variant)
-
     def merge(self) -> Stage:
         """The MiX step: the experts (and the seed) merged into the BTX MoE."""
         stage = self.merge_experts("merge", "merged")
@@ -605,6 +615,10 @@ def build_plan(
     planner.experts()
     planner.finetune(planner.merge())
     planner.baselines()
+    if cfg.extend is not None:  # domains added to the finetuned MoE
+        from megatron_btx.pipeline.extend import plan_extend
+
+        plan_extend(planner)
     planner.evaluate()
     _check(planner.stages)
     if write:
