@@ -154,8 +154,9 @@ def test_drop_upcycling_merge_gives_each_expert_its_own_subset(family, tmp_path)
     from safetensors.torch import load_file
 
     hf = load_file(str(seed / "model.safetensors"))
-    assert torch.equal(got["embedding.word_embeddings.weight"][: KW["vocab_size"]],
-                       hf["model.embed_tokens.weight"])  # fmt: skip
+    assert torch.equal(
+        got["embedding.word_embeddings.weight"][: KW["vocab_size"]], hf["model.embed_tokens.weight"]
+    )
     again = merge([seed] * 4, tmp_path / "again", drop_ratio=0.5, drop_seed=3)
     other = merge([seed] * 4, tmp_path / "other", drop_ratio=0.5, drop_seed=4)
     assert again["merge"]["settings"]["drop_seed"] == 3 and other
@@ -308,9 +309,13 @@ def test_into_keeps_the_moe_and_adds_the_new_ffns(family, ids, tmp_path):
 
     out = tmp_path / "ext"
     m = merge(
-        [family["b2"]], out, into=family["moe"], router_init="zero", verify=True,
+        [family["b2"]],
+        out,
+        into=family["moe"],
+        router_init="zero",
+        verify=True,
         export_hf=tmp_path / "ext_hf",
-    )  # fmt: skip
+    )
     assert m["model"]["num_local_experts"] == 4 and m["merge"]["num_experts"] == 4
     assert m["merge"]["into"]["old_experts"] == 3 and m["merge"]["into"]["new_experts"] == [3]
     assert m["sources"][0]["role"].startswith("moe") and m["sources"][1]["role"] == "expert 0"
@@ -347,9 +352,14 @@ def test_into_shared_average_weighs_n_over_n_plus_k(family, tmp_path):
     out = tmp_path / "avg"
     other = make_llama(tmp_path / "other", 9)  # attention of its own: the average moves
     m = merge(
-        [other, family["b0"]], out, into=family["moe"], shared="average",
-        router_init="random", router_std=0.5, verify=True,
-    )  # fmt: skip
+        [other, family["b0"]],
+        out,
+        into=family["moe"],
+        shared="average",
+        router_init="random",
+        router_std=0.5,
+        verify=True,
+    )
     assert m["merge"]["into"]["weights"] == {"moe": 0.6, "new": 0.4}
     old, new = state(family["moe"]), state(out)
     hf = [load_file(str(p / "model.safetensors")) for p in (other, family["b0"])]
@@ -357,7 +367,7 @@ def test_into_shared_average_weighs_n_over_n_plus_k(family, tmp_path):
         "embedding.word_embeddings.weight": "model.embed_tokens.weight",
         "decoder.layers.1.self_attention.linear_proj.weight": "model.layers.1.self_attn.o_proj.weight",
         "decoder.layers.0.input_layernorm.weight": "model.layers.0.input_layernorm.weight",
-    }  # fmt: skip
+    }
     for key, hf_key in pairs.items():
         moe = old[key].float()
         rows = hf[0][hf_key].shape[0]
@@ -385,13 +395,21 @@ def test_into_centroid_rows_and_a_shared_expert(family, tmp_path):
         builder.add_document(torch.randint(100, 160, (40,), generator=g).numpy(), [40])
     builder.finalize(prefix + ".idx")
     merge(
-        [family["b0"], family["b1"]], tmp_path / "shared", seed=family["seed"],
+        [family["b0"], family["b1"]],
+        tmp_path / "shared",
+        seed=family["seed"],
         seed_as_shared_expert=True,
-    )  # fmt: skip
+    )
     merge(
-        [family["b2"]], tmp_path / "ext", into=tmp_path / "shared", router_init="centroid",
-        centroid_data=[prefix], centroid_tokens=256, centroid_seq_len=32, verify=True,
-    )  # fmt: skip
+        [family["b2"]],
+        tmp_path / "ext",
+        into=tmp_path / "shared",
+        router_init="centroid",
+        centroid_data=[prefix],
+        centroid_tokens=256,
+        centroid_seq_len=32,
+        verify=True,
+    )
     old, new = state(tmp_path / "shared"), state(tmp_path / "ext")
     shared = [k for k in old if "shared_experts" in k]
     assert len(shared) == 4 and all(torch.equal(new[k], old[k]) for k in shared)
@@ -438,9 +456,12 @@ def test_into_errors_name_the_setting(family, tmp_path, capsys):
         (["--into", moe, "--split-chunks", "2"], "--split-chunks does not apply with --into"),
         (["--into", b2], "not a megatron MoE checkpoint"),
         (["--shared", "average"], "--shared applies only with --into"),
-        (["--into", moe, "--top-k", "9"], "--top-k 9 must be between 1 and the number of experts (4)"),
+        (
+            ["--into", moe, "--top-k", "9"],
+            "--top-k 9 must be between 1 and the number of experts (4)",
+        ),
         (["--into", moe, "--ep", "3"], "EP=3"),
-    ]  # fmt: skip
+    ]
     for extra, needle in cases:
         _one_error(capsys, ["--experts", b2, "--save", save, *extra], needle)
     merge([family["b0"], family["b1"]], tmp_path / "bf16", dtype="bf16")

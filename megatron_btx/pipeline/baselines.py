@@ -181,9 +181,16 @@ class SparseUpcycling(Baseline):
     def plan(self, planner, train):
         # copies of the seed, merged with the BTX merge's settings: the same architecture
         _upcycled(
-            self, planner, train, "upcycle_merge", "baselines/upcycled", _btx_sources(planner),
-            "sparse upcycling", router_init="random", **_PLAIN,
-        )  # fmt: skip
+            self,
+            planner,
+            train,
+            "upcycle_merge",
+            "baselines/upcycled",
+            _btx_sources(planner),
+            "sparse upcycling",
+            router_init="random",
+            **_PLAIN,
+        )
 
 
 @register
@@ -204,9 +211,16 @@ class DropUpcycling(Baseline):
     def plan(self, planner, train):
         ratio = float(planner.cfg.baselines.options_of(self.name)["drop_ratio"])
         _upcycled(
-            self, planner, train, "drop_merge", "baselines/drop_upcycled", _btx_sources(planner),
-            f"Drop-Upcycling r={ratio:g}", router_init="random", **{**_PLAIN, "drop_ratio": ratio},
-        )  # fmt: skip
+            self,
+            planner,
+            train,
+            "drop_merge",
+            "baselines/drop_upcycled",
+            _btx_sources(planner),
+            f"Drop-Upcycling r={ratio:g}",
+            router_init="random",
+            **{**_PLAIN, "drop_ratio": ratio},
+        )
 
 
 @register
@@ -253,12 +267,23 @@ class GranularUpcycling(Baseline):
             )
         kind = router_types.get(type_name(planner.router) or router_types.DEFAULT)
         _upcycled(
-            self, planner, train, "granular_merge", "baselines/granular_upcycled",
-            experts // granularity, f"granular upcycling G={granularity} E={experts}",
-            router_init="virtual_group", split_chunks=granularity, top_k=int(top_k), blend=False,
-            expert_map=None, average_weights=None, seed_as_shared_expert=False, drop_ratio=0.0,
+            self,
+            planner,
+            train,
+            "granular_merge",
+            "baselines/granular_upcycled",
+            experts // granularity,
+            f"granular upcycling G={granularity} E={experts}",
+            router_init="virtual_group",
+            split_chunks=granularity,
+            top_k=int(top_k),
+            blend=False,
+            expert_map=None,
+            average_weights=None,
+            seed_as_shared_expert=False,
+            drop_ratio=0.0,
             upcycling_scale="pre_softmax" if kind.pre_softmax else "topk",
-        )  # fmt: skip
+        )
 
 
 @register
