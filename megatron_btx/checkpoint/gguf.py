@@ -143,6 +143,9 @@ class GGUFSource:
         self.config = self._hf_config()
         self.config_name = f"{self.path} (GGUF metadata)"
         self._check_shapes()
+        from megatron_btx.checkpoint.gguf_tokenizer import build_tokenizer
+
+        self._tokenizer = build_tokenizer(self.meta, str(self.path))  # refused before a write
 
     # ---- metadata ------------------------------------------------------------------------
     def _key(self, name: str) -> str:
@@ -358,7 +361,7 @@ class GGUFSource:
         from megatron_btx.checkpoint.gguf_tokenizer import write_tokenizer
 
         folder.mkdir(parents=True, exist_ok=True)
-        names = write_tokenizer(self.meta, folder, str(self.path))
+        names = write_tokenizer(self._tokenizer, self.meta, folder)
         (folder / "config.json").write_text(json.dumps(self.config, indent=2))
         return [*names, "config.json"]
 

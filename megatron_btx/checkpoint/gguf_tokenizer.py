@@ -126,9 +126,9 @@ def _special(meta: dict[str, Any], tokens: list[str], name: str) -> str | None:
     return None
 
 
-def write_tokenizer(meta: dict[str, Any], folder: Path, source: str) -> list[str]:
-    """tokenizer.json and tokenizer_config.json (special tokens, chat template) into `folder`."""
-    tokenizer = build_tokenizer(meta, source)
+def write_tokenizer(tokenizer, meta: dict[str, Any], folder: Path) -> list[str]:
+    """`tokenizer` (:func:`build_tokenizer`'s) as tokenizer.json, and tokenizer_config.json
+    (special tokens, chat template), into `folder`."""
     tokenizer.save(str(folder / "tokenizer.json"))
     tokens = meta["tokenizer.ggml.tokens"]
     config: dict[str, Any] = {
