@@ -176,9 +176,12 @@ def test_four_experts_merged_export_equals_megatron(seed, reference, ids, tmp_pa
     from megatron_btx.merge import merge as run_merge
 
     domains = ("code", "math", "prose", "legal")
-    corpora = fetch_corpora(list(domains), max_mb=0.3)
+    corpora = fetch_corpora(list(domains), out_dir=tmp_path / "corpora", max_mb=0.3)
     data = tmp_path / "data"
-    prepare_domains({d: [corpora[d]] for d in domains}, data, tokenizer=seed / "tokenizer")
+    splits = "valid=0.2,test=0"  # a few documents each: every domain gets a valid split
+    prepare_domains(
+        {d: [corpora[d]] for d in domains}, data, tokenizer=seed / "tokenizer", split=splits
+    )
     experts = [_expert(seed, data, d, tmp_path) for d in domains]
     run_merge(
         MergeSettings(
