@@ -7,9 +7,10 @@
   clipping) in fp32, and in bf16 autocast over fp32 weights (plain PyTorch's mixed precision);
 - the same at a small size (hidden 256, 4 layers), which is what decides `train.dtype: auto`;
 - the MoE finetune's memory: the seed merged with 4 copies of itself (5 experts, top-2, 453M
-  parameters), a few steps of `btx train` each way: fp32; bf16; fp32 with the distributed
-  optimizer over 2 ranks (EP=1, DP=2); peak resident memory of all its processes together and
-  of the largest one, sampled every 0.2 s.
+  parameters), a few steps of `btx train` each way: fp32 and bf16, each with and without full
+  activation recompute (model.recompute), and fp32 with the distributed optimizer over 2 ranks
+  (DP=2, each rank half the batch); peak memory of all its processes together (PSS) and of the
+  largest one (RSS), sampled every 0.2 s.
 
 Every child runs alone, one after the other, with the same threads, and the throughput arms
 alternate over `--rounds` rounds: on a shared machine another job's load only ever adds time,
@@ -71,10 +72,10 @@ def worker_hf(a: argparse.Namespace) -> dict:
     g = torch.Generator().manual_seed(0)
     vocab = model.config.vocab_size
     batches = [torch.randint(0, vocab, (a.batch, a.seq + 1), generator=g) for _ in range(4)]
-    times = []
+    times, cpu = [], []
     for i in range(a.warmup + a.steps):
         x = batches[i % len(batches)]
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=a.dtype == "bf16"):
             loss = model(input_ids=x[:, :-1], labels=x[:, :-1]).loss
         loss.backward()
@@ -84,19 +85,23 @@ def worker_hf(a: argparse.Namespace) -> dict:
         loss.item()
         if i >= a.warmup:
             times.append(time.perf_counter() - t0)
-    return {"tokens_per_step": a.batch * a.seq, "step_s": times}
+            cpu.append(time.process_time() - c0)
+    return {"tokens_per_step": a.batch * a.seq, "step_s": times, "cpu_s": cpu}
 
 
 # ---- ours: btx train (child processes) ----------------------------------------------------------
 class PeakRSS:
-    """Peak resident memory of a process tree, sampled every 0.2 s: the sum over its processes
-    and the largest one."""
+    """Peak memory of a process tree, sampled every 0.2 s: the sum of its processes'
+    proportional set sizes (PSS: a page shared by n processes counts 1/n in each, so forked
+    data-loader workers are not counted twice) and the largest process's resident set."""
 
     def __init__(self, pid: int):
         import psutil
 
         self.root = psutil.Process(pid)
         self.total = self.largest = 0
+        self.timeline: list[tuple[float, float]] = []  # (wall time, CPU seconds of the tree)
+        self._cpu_done: dict[int, float] = {}  # CPU seconds of processes seen, by pid
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
@@ -107,13 +112,18 @@ class PeakRSS:
         while not self._stop.is_set():
             try:
                 procs = [self.root, *self.root.children(recursive=True)]
-                rss = []
+                rss, pss = [], []
                 for proc in procs:
                     try:
-                        rss.append(proc.memory_info().rss)
+                        info = proc.memory_full_info()
+                        cpu = proc.cpu_times()
                     except psutil.Error:
-                        pass
-                self.total = max(self.total, sum(rss))
+                        continue
+                    rss.append(info.rss)
+                    pss.append(getattr(info, "pss", info.rss))
+                    self._cpu_done[proc.pid] = cpu.user + cpu.system
+                self.timeline.append((time.time(), sum(self._cpu_done.values())))
+                self.total = max(self.total, sum(pss))
                 self.largest = max(self.largest, max(rss, default=0))
             except psutil.Error:
                 pass
@@ -123,9 +133,14 @@ class PeakRSS:
         self._stop.set()
         self._thread.join()
         return {
-            "peak_rss_gb_total": self.total / 2**30,
+            "peak_pss_gb_total": self.total / 2**30,
             "peak_rss_gb_largest": self.largest / 2**30,
         }
+
+    def cpu_between(self, start: float, end: float) -> float:
+        """CPU seconds the tree used between two wall times (interpolated samples)."""
+        wall, cpu = np.array(self.timeline).T
+        return float(np.interp(end, wall, cpu) - np.interp(start, wall, cpu))
 
 
 def run_ours(a, name: str, config: dict, nproc: int = 1) -> dict:
@@ -169,9 +184,14 @@ def run_ours(a, name: str, config: dict, nproc: int = 1) -> dict:
     steps = [r for r in records if r["event"] == "train"]
     tokens = config["data"]["global_batch_size"] * config["data"]["seq_length"]
     step_s = [tokens / r["tokens_per_s"] for r in steps[a.warmup :]]
+    # CPU seconds per step: between consecutive train events (one per step: log_interval 1)
+    ends = [r["time"] for r in steps]
+    cpu_s = [sampler.cpu_between(t0, t1) for t0, t1 in zip(ends, ends[1:])]
+    cpu_s = cpu_s[max(0, a.warmup - 1) :]
     return {
         "tokens_per_step": tokens,
         "step_s": step_s,
+        "cpu_s": cpu_s,
         **memory,
         "first_loss": steps[0]["loss"] if steps else None,
     }
@@ -298,6 +318,7 @@ def summary(runs: list[dict]) -> dict:
     if not ok:
         return {"error": errors[-1] if errors else "no run"}
     steps = [s for r in ok for s in r["step_s"]]
+    cpu = [c for r in ok for c in r.get("cpu_s", []) if c > 0]
     tokens = ok[0]["tokens_per_step"]
     tps = np.array([tokens / s for s in steps])
     half = 0.0
@@ -305,7 +326,7 @@ def summary(runs: list[dict]) -> dict:
         from scipy import stats as st
 
         half = float(st.t.ppf(0.975, tps.size - 1) * tps.std(ddof=1) / np.sqrt(tps.size))
-    keep = ("peak_rss_gb_total", "peak_rss_gb_largest")
+    keep = ("peak_pss_gb_total", "peak_rss_gb_largest")
     return {
         "tokens_per_step": tokens,
         "step_s": steps,
@@ -314,6 +335,8 @@ def summary(runs: list[dict]) -> dict:
         "tokens_per_s_mean": float(tps.mean()),
         "tokens_per_s_mean_ci95": [float(tps.mean() - half), float(tps.mean() + half)],
         "round_medians": [float(np.median([tokens / s for s in r["step_s"]])) for r in ok],
+        "cpu_s": cpu,
+        "tokens_per_cpu_s_median": float(np.median([tokens / c for c in cpu])) if cpu else None,
         **{k: max(r[k] for r in ok) for k in keep if all(k in r for r in ok)},
         "load_average": [r.get("load_average") for r in ok],
         "first_loss": ok[0].get("first_loss"),
@@ -332,7 +355,20 @@ def ratio(num: dict, den: dict, rng=None) -> dict | None:
     boots = [
         np.median(rng.choice(a, a.size)) / np.median(rng.choice(b, b.size)) for _ in range(2000)
     ]
+    cpu_ratio = None
+    if num.get("cpu_s") and den.get("cpu_s"):
+        ca = np.array([num["tokens_per_step"] / c for c in num["cpu_s"]])
+        cb = np.array([den["tokens_per_step"] / c for c in den["cpu_s"]])
+        cboots = [
+            np.median(rng.choice(ca, ca.size)) / np.median(rng.choice(cb, cb.size))
+            for _ in range(2000)
+        ]
+        cpu_ratio = {
+            "median_ratio": float(np.median(ca) / np.median(cb)),
+            "ci95": [float(np.percentile(cboots, 2.5)), float(np.percentile(cboots, 97.5))],
+        }
     return {
+        "per_cpu_second": cpu_ratio,
         "median_ratio": float(np.median(a) / np.median(b)),
         "ci95": [float(np.percentile(boots, 2.5)), float(np.percentile(boots, 97.5))],
         "best_ratio": float(a.max() / b.max()),
@@ -389,12 +425,15 @@ def main() -> int:
         make_moe(paths)
         moe = {"init_from": paths["moe"]}
         a_moe = argparse.Namespace(**{**vars(a), "warmup": 1})
-        for name, dtype, par, nproc in (
-            ("moe_fp32", "fp32", {}, 1),
-            ("moe_bf16", "bf16", {}, 1),
-            ("moe_fp32_distopt_dp2", "fp32", {"distributed_optimizer": True}, 2),
+        for name, dtype, recompute, par, nproc in (
+            ("moe_fp32", "fp32", False, {}, 1),
+            ("moe_fp32_recompute", "fp32", True, {}, 1),
+            ("moe_bf16", "bf16", False, {}, 1),
+            ("moe_bf16_recompute", "bf16", True, {}, 1),
+            ("moe_fp32_distopt_dp2", "fp32", False, {"distributed_optimizer": True}, 2),
         ):
-            cfg = _config(a_moe, paths["data"], moe, dtype, a.moe_steps, **par)
+            model = dict(moe, recompute=recompute)
+            cfg = _config(a_moe, paths["data"], model, dtype, a.moe_steps, **par)
             if nproc == 2:
                 cfg["data"]["global_batch_size"] = 2 * a.batch
             runs[name] = [run_ours(a_moe, name, cfg, nproc)]
@@ -425,21 +464,25 @@ def main() -> int:
     }
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     Path(a.out).write_text(json.dumps(report, indent=2))
-    print(f"{'run':<22} {'median tok/s':>12} {'best':>8} {'peak RSS GB (all/largest)':>26}")
+    head = f"{'run':<22} {'median tok/s':>12} {'best':>8} {'tok/CPU-s':>10}"
+    print(f"{head} {'PSS all / RSS largest, GB':>26}")
     for name, r in results.items():
         if "step_s" not in r:
             print(f"{name:<22} error: {(r.get('error') or '').strip().splitlines()[-1:]}")
             continue
-        mem = f"{r.get('peak_rss_gb_total', 0):.2f} / {r.get('peak_rss_gb_largest', 0):.2f}"
+        mem = f"{r.get('peak_pss_gb_total', 0):.2f} / {r.get('peak_rss_gb_largest', 0):.2f}"
         med, best = r["tokens_per_s_median"], r["tokens_per_s_best"]
-        print(f"{name:<22} {med:>12.1f} {best:>8.1f} {mem:>26}")
+        per_cpu = r.get("tokens_per_cpu_s_median") or 0.0
+        print(f"{name:<22} {med:>12.1f} {best:>8.1f} {per_cpu:>10.1f} {mem:>26}")
     for name, r in ratios.items():
         if r:
             lo, hi = r["ci95"]
-            print(
-                f"{name:<36} median {r['median_ratio']:.2f} [{lo:.2f}, {hi:.2f}]"
-                f"  best {r['best_ratio']:.2f}"
-            )
+            line = f"{name:<36} wall: median {r['median_ratio']:.2f} [{lo:.2f}, {hi:.2f}]"
+            line += f" best {r['best_ratio']:.2f}"
+            if r["per_cpu_second"]:
+                c = r["per_cpu_second"]
+                line += f" | per CPU-s: {c['median_ratio']:.2f} [{c['ci95'][0]:.2f}, {c['ci95'][1]:.2f}]"
+            print(line)
     print(f"wrote {a.out}")
     return 0
 

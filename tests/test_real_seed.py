@@ -8,8 +8,8 @@ reference:
 - logits equal transformers' to 1e-4 at TP1, TP3 (9 heads, 3 KV heads: one group per rank)
   and PP2 (15 layers a stage);
 - `btx train` from the seed: the loss of its first step equals transformers' loss on the batch;
-- four experts, each trained 2 steps on its own domain, merged and exported: transformers'
-  Mixtral logits equal the megatron MoE's;
+- four experts, each trained 2 steps in bf16 on its own domain, merged and exported:
+  transformers' Mixtral logits equal the megatron MoE's;
 - an MoE of four identical experts equals the dense seed, with the same greedy continuation.
 
 Marked `real` (run with `--real -m real`; .ci/run runs the group after the default suite). The
@@ -144,7 +144,7 @@ def test_train_first_step_loss_equals_transformers(seed, reference, tmp_path):
             "micro_batch_size": 1,
             "global_batch_size": 1,
         },
-        train={"steps": 1, "lr": 1e-5, "warmup_steps": 0},
+        train={"steps": 1, "lr": 1e-5, "warmup_steps": 0, "dtype": "fp32"},  # auto: bf16 here
     )
     tc.check(tc.run(cfg, timeout=600))
     loss = tc.records(tmp_path / "run", "train")[0]["loss"]
@@ -163,7 +163,9 @@ def _expert(seed: Path, data: Path, domain: str, root: Path) -> Path:
         data,
         model={"init_from": str(seed)},
         data={"domains": [domain], "seq_length": 64, "micro_batch_size": 1, "global_batch_size": 2},
-        train={"steps": 2, "lr": 1e-4, "warmup_steps": 0, "save_interval": 2},
+        # bf16 with fp32 master weights, as `auto` picks on a CPU with bf16 units: the merge
+        # and the export read what it saved
+        train={"steps": 2, "lr": 1e-4, "warmup_steps": 0, "save_interval": 2, "dtype": "bf16"},
     )
     tc.check(tc.run(cfg, timeout=600))
     return root / domain
