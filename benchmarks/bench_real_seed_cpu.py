@@ -27,6 +27,7 @@ Writes JSON to --out (default benchmarks/results_real_seed_cpu.json).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -102,6 +103,8 @@ class PeakRSS:
         self.total = self.largest = 0
         self.timeline: list[tuple[float, float]] = []  # (wall time, CPU seconds of the tree)
         self._cpu_done: dict[int, float] = {}  # CPU seconds of processes seen, by pid
+        self.floor = 1.5 * 2**30  # bytes of available memory below which the run is ended
+        self.killed_for_memory = False
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
@@ -123,6 +126,13 @@ class PeakRSS:
                     pss.append(getattr(info, "pss", info.rss))
                     self._cpu_done[proc.pid] = cpu.user + cpu.system
                 self.timeline.append((time.time(), sum(self._cpu_done.values())))
+                if psutil.virtual_memory().available < self.floor:
+                    # a shared machine: end our own run rather than let the kernel's OOM killer
+                    # choose a process (perhaps someone else's)
+                    self.killed_for_memory = True
+                    for proc in reversed(procs):
+                        with contextlib.suppress(psutil.Error):
+                            proc.kill()
                 self.total = max(self.total, sum(pss))
                 self.largest = max(self.largest, max(rss, default=0))
             except psutil.Error:
@@ -133,6 +143,7 @@ class PeakRSS:
         self._stop.set()
         self._thread.join()
         return {
+            "killed_for_memory": self.killed_for_memory,
             "peak_pss_gb_total": self.total / 2**30,
             "peak_rss_gb_largest": self.largest / 2**30,
         }

@@ -180,6 +180,7 @@ def _main(capsys, load: Path, save: Path) -> tuple[int, str]:
         (dict(meta={"tokenizer.ggml.model": "llama"}), "tokenizer.ggml.model is 'llama'"),
         (dict(meta={"llama.block_count": None}), "metadata llama.block_count is missing"),
         (dict(meta={"llama.attention.head_count_kv": 3}), "4 attention heads do not split"),
+        (dict(meta={"llama.vocab_size": 100}), "300 tokens for a vocabulary of 100"),
         (
             dict(extra_tensors={"blk.0.attn_sinks.weight": np.zeros(4, np.float32)}),
             "tensor 'blk.0.attn_sinks.weight' has no place in an HF llama model",

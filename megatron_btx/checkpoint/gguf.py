@@ -217,7 +217,12 @@ class GGUFSource:
         tokens = self.meta.get("tokenizer.ggml.tokens")
         vocab = self._int(self._key("vocab_size"), len(tokens) if tokens else None)
         if vocab is None:
-            vocab = self._raw_shape("token_embd.weight")[-1]
+            vocab = self._raw_shape("token_embd.weight")[0]
+        if tokens and len(tokens) > vocab:
+            raise BTXError(
+                f"{self.path}: {len(tokens)} tokens for a vocabulary of {vocab} "
+                f"({self._key('vocab_size')}); the file is inconsistent"
+            )
         special = {
             f"{name}_token_id": self._int(f"tokenizer.ggml.{key}_token_id")
             for name, key in (("bos", "bos"), ("eos", "eos"), ("pad", "padding"))
