@@ -53,6 +53,7 @@ def _args() -> argparse.ArgumentParser:
     p.add_argument("--rounds", type=int, default=2, help="alternate the arms this many times")
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--moe-steps", type=int, default=3)
+    p.add_argument("--moe-variants", default=None, help="comma-separated: only these MoE runs")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--parts", default="dense,small,moe")
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results_real_seed_cpu.json"))
@@ -154,7 +155,7 @@ class PeakRSS:
         return float(np.interp(end, wall, cpu) - np.interp(start, wall, cpu))
 
 
-def run_ours(a, name: str, config: dict, nproc: int = 1) -> dict:
+def run_ours(a, name: str, config: dict, nproc: int = 1, extra_env=None) -> dict:
     """`btx train` with `config`; step times from its metrics, peak RSS sampled."""
     import yaml
 
@@ -181,6 +182,7 @@ def run_ours(a, name: str, config: dict, nproc: int = 1) -> dict:
         PYTHONWARNINGS="ignore",
         PYTHONPATH=str(ROOT),
     )
+    env.update(extra_env or {})
     log = open(Path(a.work) / f"{name}.log", "w")
     proc = subprocess.Popen(
         train, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL
@@ -190,7 +192,7 @@ def run_ours(a, name: str, config: dict, nproc: int = 1) -> dict:
     memory = sampler.stop()
     log.close()
     if code:
-        return {"error": (Path(a.work) / f"{name}.log").read_text()[-3000:]}
+        return {"error": (Path(a.work) / f"{name}.log").read_text()[-3000:], **memory}
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     steps = [r for r in records if r["event"] == "train"]
     tokens = config["data"]["global_batch_size"] * config["data"]["seq_length"]
@@ -327,7 +329,8 @@ def summary(runs: list[dict]) -> dict:
     errors = [r["error"] for r in runs if "error" in r]
     ok = [r for r in runs if "step_s" in r]
     if not ok:
-        return {"error": errors[-1] if errors else "no run"}
+        killed = any(r.get("killed_for_memory") for r in runs)
+        return {"error": errors[-1] if errors else "no run", "killed_for_memory": killed}
     steps = [s for r in ok for s in r["step_s"]]
     cpu = [c for r in ok for c in r.get("cpu_s", []) if c > 0]
     tokens = ok[0]["tokens_per_step"]
@@ -442,12 +445,17 @@ def main() -> int:
             ("moe_bf16", "bf16", False, {}, 1),
             ("moe_bf16_recompute", "bf16", True, {}, 1),
             ("moe_fp32_distopt_dp2", "fp32", False, {"distributed_optimizer": True}, 2),
+            ("moe_fp32_recompute_fixed_mmap", "fp32", True, {}, 1),
         ):
+            if a.moe_variants and name not in a.moe_variants.split(","):
+                continue
             model = dict(moe, recompute=recompute)
             cfg = _config(a_moe, paths["data"], model, dtype, a.moe_steps, **par)
             if nproc == 2:
                 cfg["data"]["global_batch_size"] = 2 * a.batch
-            runs[name] = [run_ours(a_moe, name, cfg, nproc)]
+            # glibc's mmap threshold fixed (freed tensors go back to the system at once)
+            fixed = {"MALLOC_MMAP_THRESHOLD_": "131072"} if name.endswith("fixed_mmap") else {}
+            runs[name] = [run_ours(a_moe, name, cfg, nproc, fixed)]
     results = {k: summary(v) for k, v in runs.items()}
     ratios = {
         f"{num} / {den}": ratio(results[num], results[den])
