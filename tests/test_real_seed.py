@@ -203,7 +203,10 @@ def test_four_experts_merged_export_equals_megatron(seed, reference, ids, tmp_pa
     del hf
     with Runtime():
         ours = megatron_logits(megatron_model(tmp_path / "moe"), ids, VOCAB)
-    torch.testing.assert_close(ours, theirs, rtol=RTOL, atol=RTOL)
+    # fp32 through 30 layers of a 5-expert top-2 MoE, both sides: the weights the bf16 training
+    # left, megatron's fused QKV and per-expert loop against transformers' sdpa and Mixtral
+    # block; seen: 3 of 3.1M logits 1e-4 to 1.3e-4 apart
+    torch.testing.assert_close(ours, theirs, rtol=RTOL, atol=2 * RTOL)
     with torch.no_grad():
         dense = reference[0](ids).logits
     assert (ours - dense).abs().max() > 100 * RTOL  # the experts moved: not the seed's function
