@@ -40,6 +40,8 @@ setup(
         "plots": ["matplotlib>=3.7"],
         # btx evaluate --lm-eval (downstream tasks on each model's HF export)
         "eval": ["lm-eval[hf]>=0.4.13"],
+        # btx import-hf --load model.gguf (dequantizes llama.cpp's GGUF files)
+        "gguf": ["gguf>=0.17"],
         "test": [
             "pytest>=8",
             "ruff==0.17.6",
@@ -48,6 +50,9 @@ setup(
             "matplotlib>=3.7",
             "tensorboard>=2.14",
             "lm-eval[hf]==0.4.13",
+            # the GGUF importer, and transformers' own GGUF loader as its reference
+            "gguf==0.19.0",
+            "accelerate>=1.0",
         ],
     },
     entry_points={"console_scripts": ["btx=megatron_btx.cli:main"]},

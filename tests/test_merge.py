@@ -514,3 +514,44 @@ def test_torch_threads_leave_a_core_to_the_source_hashing(monkeypatch):
             assert torch.get_num_threads() == 3  # hashing done: nothing to leave room for
     finally:
         torch.set_num_threads(before)
+
+
+def test_a_source_saved_in_two_dtypes_is_read_as_saved(tmp_path):
+    """A checkpoint holding bf16 and fp32 tensors, as bf16 training leaves them, is read a
+    layer at a time in the dtypes it was saved in (megatron-core refused the read: the template's
+    entries named fp32 for the bf16 tensors, and BTX from bf16-trained experts failed)."""
+    from megatron_btx import runtime
+    from megatron_btx.checkpoint import manifest
+    from megatron_btx.checkpoint.mapping import FC1, LN1
+    from megatron_btx.checkpoint.megatron_io import atomic_folder, save_model
+    from megatron_btx.checkpoint.sources import open_source
+    from megatron_btx.models.llama import LlamaArgs, build_model
+
+    args = LlamaArgs(
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        vocab_size=256,
+    )
+    runtime.init(device="cpu", seed=3)
+    try:
+        model = build_model(args, spec="local")
+        for layer in model.decoder.layers:  # one stacked checkpoint tensor: every layer's
+            norm = layer.input_layernorm.weight
+            norm.data = (norm.data + torch.randn_like(norm.data)).to(torch.bfloat16)
+        norm = model.decoder.layers[0].input_layernorm.weight
+        with atomic_folder(tmp_path / "mixed") as tmp:
+            save_model(model, tmp)
+            record = manifest.Manifest(
+                kind="megatron_torch_dist", model=args.to_dict(), dtype="fp32"
+            )
+            manifest.write(tmp, record)
+        source = open_source(tmp_path / "mixed")
+        layer = source.layer(0)
+        source.close()
+    finally:
+        runtime.teardown()
+    assert layer[LN1].dtype == torch.bfloat16 and torch.equal(layer[LN1], norm.data)
+    assert layer[FC1].dtype == torch.float32
+    assert torch.equal(layer[FC1], model.decoder.layers[0].mlp.linear_fc1.weight.data)

@@ -25,7 +25,7 @@ from typing import Any
 import torch
 
 from megatron_btx import progress, runtime
-from megatron_btx.checkpoint import integrity, manifest
+from megatron_btx.checkpoint import gguf, integrity, manifest, seeds
 from megatron_btx.checkpoint import template as tpl
 from megatron_btx.checkpoint.dcp_stream import PartialReader, StreamingDCPWriter
 from megatron_btx.checkpoint.families import export_adapter, import_adapter, parse
@@ -139,13 +139,13 @@ def hf_to_megatron(
     dtype: str | None = None,
     overwrite: bool = False,
 ) -> dict:
-    """Convert an HF folder of a supported family (dense or MoE, either expert layout) to a
-    torch_dist checkpoint; return the manifest."""
+    """Convert an HF folder of a supported family (dense or MoE, either expert layout), a dense
+    GGUF file or a named seed (``gguf:NAME``, :mod:`.seeds`) to a torch_dist checkpoint; return
+    the manifest."""
     t0 = time.time()
-    load, save = Path(load), Path(save)
-    reader = HFReader(load)
-    config_path = reader.config_path()
-    model = parse(_read_config(config_path), str(config_path))
+    load, save = seeds.resolve(load), Path(save)  # gguf:NAME: a seed a wheel ships
+    reader = _open_import_source(load)
+    model = parse(reader.config, reader.config_name)
     args, variant = model.args, model.variant
     check_parallel(args, tp, pp, ep)
     adapter = import_adapter(model, reader.keys())
@@ -158,11 +158,7 @@ def hf_to_megatron(
         with atomic_folder(save, overwrite) as tmp:
             tensors = adapter.import_tensors(_finite_reader(reader))
             n = stream_to_torch_dist(tensors, args, dt, tmp, str(load), variant)
-            tok = copy_tokenizer(load, tmp / TOKENIZER_DIR)
-            if "tokenizer.json" in tok and (load / "config.json").is_file():
-                # an HF tokenizer's special ids: config.json names the ones the model trained with
-                shutil.copy2(load / "config.json", tmp / TOKENIZER_DIR / "config.json")
-                tok.append("config.json")
+            tok = reader.write_tokenizer(tmp / TOKENIZER_DIR)
             (tmp / "hf_config.json").write_text(json.dumps(adapter.hf_config(), indent=2))
             record = manifest.Manifest(
                 kind="megatron_torch_dist",
@@ -172,15 +168,7 @@ def hf_to_megatron(
                 layout={"tp": tp, "pp": pp, "ep": ep},
                 padded_vocab_size=args.padded_vocab_size,
                 num_tensors=n,
-                sources=[
-                    {
-                        "path": str(load.resolve()),
-                        "format": "hf_safetensors",
-                        "model_type": model.model_type,
-                        "expert_layout": _expert_layout(adapter),
-                        "sha256": manifest.sha256_folder(load, "*.safetensors"),
-                    }
-                ],
+                sources=[reader.record(model.model_type, _expert_layout(adapter))],
                 tokenizer={
                     "files": tok,
                     "sha256": manifest.sha256_folder(tmp / TOKENIZER_DIR) if tok else {},
@@ -190,6 +178,42 @@ def hf_to_megatron(
             m = manifest.write(tmp, record)
     log.info("converted %s -> %s in %.1fs", load, save, time.time() - t0)
     return m
+
+
+class _HFFolderSource(HFReader):
+    """An HF folder as an import source: its config.json, tokenizer files and provenance."""
+
+    def __init__(self, folder: Path):
+        super().__init__(folder)
+        self.config_name = str(self.config_path())
+        self.config = _read_config(self.config_path())
+
+    def write_tokenizer(self, dst: Path) -> list[str]:
+        tok = copy_tokenizer(self.folder, dst)
+        if "tokenizer.json" in tok and self.config_path().is_file():
+            # an HF tokenizer's special ids: config.json names the ones the model trained with
+            shutil.copy2(self.config_path(), dst / "config.json")
+            tok.append("config.json")
+        return tok
+
+    def record(self, model_type: str, expert_layout: str | None) -> dict[str, Any]:
+        return {
+            "path": str(self.folder.resolve()),
+            "format": "hf_safetensors",
+            "model_type": model_type,
+            "expert_layout": expert_layout,
+            "sha256": manifest.sha256_folder(self.folder, "*.safetensors"),
+        }
+
+
+def _open_import_source(load: Path):
+    """The one place a GGUF file joins the HF import: a GGUF file is read as an HF checkpoint
+    (config, tensors under HF names, tokenizer) by checkpoint.gguf; a folder is an HF folder."""
+    if gguf.is_gguf(load):
+        return gguf.GGUFSource(load)
+    if load.is_file():
+        raise BTXError(f"{load}: neither an HF checkpoint folder nor a GGUF file")
+    return _HFFolderSource(load)
 
 
 def _read_config(path: Path) -> dict[str, Any]:

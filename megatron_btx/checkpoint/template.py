@@ -81,7 +81,12 @@ def read_prefix(
     part = {}
     for key, entry in tensor_entries(entries_under(template, prefix)).items():
         dtype = entry.data.dtype if dtypes is None else dtypes[entry.key]
-        part[key] = dataclasses.replace(entry, data=torch.empty(entry.data.shape, dtype=dtype))
+        # the entry's dtype too: megatron-core checks that it is its data's (a checkpoint trained
+        # in bf16 holds tensors of both dtypes)
+        changes: dict[str, Any] = {"data": torch.empty(entry.data.shape, dtype=dtype)}
+        if any(field.name == "dtype" for field in dataclasses.fields(entry)):
+            changes["dtype"] = dtype  # a ShardedTensor; a factory has no dtype of its own
+        part[key] = dataclasses.replace(entry, **changes)
     if not part:
         raise KeyError(prefix)
     loaded = reader.load(part)

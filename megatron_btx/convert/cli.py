@@ -18,7 +18,9 @@ from megatron_btx.errors import BTXError, run_command
 
 def _parser(desc: str) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=desc)
-    p.add_argument("--load", required=True, help="source checkpoint folder")
+    p.add_argument(
+        "--load", required=True, help="source checkpoint folder (import-hf: or a .gguf file)"
+    )
     p.add_argument("--save", required=True, help="output folder (written atomically)")
     p.add_argument("--tp", type=int, default=1, help="tensor-parallel size to check and record")
     p.add_argument("--pp", type=int, default=1, help="pipeline-parallel size to check and record")
@@ -63,7 +65,8 @@ def hf_to_megatron_main(argv: list[str] | None = None) -> int:
         hf_to_megatron,
         argv,
         "Convert an HF checkpoint (Llama, Mistral, Qwen2, Qwen3, Mixtral, Qwen2-MoE, Qwen3-MoE) "
-        "to megatron-core torch_dist (loads at any TP/PP/EP).",
+        "or a dense Llama-family GGUF file (dequantized) to megatron-core torch_dist (loads at "
+        "any TP/PP/EP).",
     )
 
 

@@ -109,7 +109,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--cache-dir",
         default=None,
-        help="with --builtin-domains: download cache (default $BTX_DATA_CACHE or <repo>/data_cache)",
+        help="with --builtin-domains: download cache (default $BTX_DATA_CACHE, else the user cache: $BTX_CACHE or $XDG_CACHE_HOME/megatron_btx)",
     )
     parser.add_argument(
         "--force", action="store_true", help="redo work even if outputs are up to date"

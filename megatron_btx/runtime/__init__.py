@@ -55,6 +55,27 @@ def use_gpu(requested: str = "auto") -> bool:
     return torch.cuda.is_available()
 
 
+#: On a CPU with bf16 matrix units, the narrowest model (hidden size) that trains faster in bf16
+#: (with fp32 master weights) than in fp32; narrower ones stay fp32, where bf16's casts cost more
+#: than its matrix products save (benchmarks/bench_real_seed_cpu.py, BENCHMARKS.md).
+CPU_BF16_MIN_HIDDEN = 512
+
+
+def cpu_has_bf16_matmul() -> bool:
+    """The CPU multiplies bf16 matrices in hardware (Intel AMX tiles, or AVX-512 BF16)."""
+    cpu = getattr(torch, "cpu", None)
+    checks = ("_is_amx_tile_supported", "_is_avx512_bf16_supported")
+    return any(bool(getattr(cpu, name, lambda: False)()) for name in checks)
+
+
+def auto_dtype(on_gpu: bool, hidden_size: int) -> str:
+    """`train.dtype: auto`: bf16 on a GPU; on a CPU, bf16 where it was measured faster (bf16
+    matrix units and a model at least :data:`CPU_BF16_MIN_HIDDEN` wide), fp32 otherwise."""
+    if on_gpu:
+        return "bf16"
+    return "bf16" if cpu_has_bf16_matmul() and hidden_size >= CPU_BF16_MIN_HIDDEN else "fp32"
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

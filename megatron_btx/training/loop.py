@@ -142,7 +142,11 @@ class Trainer:
         )
         self.device = self.rt.device
         self.rank = self.rt.rank
-        self.dtype_name = t.dtype if t.dtype != "auto" else ("bf16" if self.rt.on_gpu else "fp32")
+        self.dtype_name = (
+            t.dtype
+            if t.dtype != "auto"
+            else runtime.auto_dtype(self.rt.on_gpu, self.args.hidden_size)
+        )
         torch.manual_seed(t.seed)
         if self.rank == 0:
             rundir.clean_stale(self.run_dir)  # a save killed half-way left a temporary folder
