@@ -7,7 +7,7 @@
 #   branch    one dense expert per domain, continued on its own domain (two at a time)
 #   MiX       merge: the experts' FFNs + the seed's as MoE experts, the rest averaged, new routers
 #   finetune  the top-2 MoE on the blend of all domains, 19% general (load balancing, alpha 0.01)
-#   baselines dense (the seed continued), sparse upcycling, Drop-Upcycling and granular upcycling
+#   baselines dense (the seed continued), sparse upcycling, Drop-Upcycling, granular upcycling, BAM
 #             at the same training FLOPs; BTM
 #   evaluate  held-out perplexity of every model per domain and group with 95% intervals, the
 #             paper's claims, merge diagnostics, routing tables and heatmaps
