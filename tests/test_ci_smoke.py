@@ -24,6 +24,7 @@ def smoke_ids() -> list[str]:
     return [line for line in lines if line and not line.startswith("#")]
 
 
+@pytest.mark.slow
 def test_smoke_ids_name_existing_tests():
     ids = smoke_ids()
     areas = ("convert", "merge", "train_runs", "train_parallel", "pipeline_e2e", "evaluate")
