@@ -46,8 +46,9 @@ PIP=("$VENV/bin/python" -m pip --disable-pip-version-check)
 
 MCORE="${MCORE_VERSION:-}"
 if [ -z "$MCORE" ]; then
+  # `|| true`: under pipefail a failed query would otherwise end the script here, silently
   MCORE="$("${PIP[@]}" index versions megatron-core 2>/dev/null \
-    | sed -n 's/^megatron-core (\(.*\))$/\1/p')"
+    | sed -n 's/^megatron-core (\(.*\))$/\1/p' || true)"
   if [ -z "$MCORE" ]; then
     echo "error: cannot ask the package index for megatron-core's versions; set MCORE_VERSION" >&2
     exit 2
@@ -85,6 +86,9 @@ export NO_VCS_VERSION=1
 "$VENV/bin/python" -W ignore -c "import sys, torch, megatron.core as m; print('[newest-mcore] python', sys.version.split()[0], '| torch', torch.__version__, '| cuda available', torch.cuda.is_available(), '| megatron-core', m.__version__)"
 
 cd "$ROOT"
+# This checkout's code, also in subprocesses started elsewhere, even where $VENV's editable
+# install points at another checkout (VENV312=/elsewhere/.venv312).
+export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}" PYTHONWARNINGS="${PYTHONWARNINGS:-ignore}"
 if [ "$#" -eq 0 ]; then
   set -- -m "not slurm"

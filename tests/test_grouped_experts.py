@@ -178,6 +178,90 @@ def test_moe_experts_key_chooses_the_module(tmp_path, key, expected):
     assert all(type(layer.mlp.experts).__name__ == expected for layer in model.decoder.layers)
 
 
+def test_moe_experts_key_reaches_the_moe_layers_of_a_partial_moe():
+    """With MoE in some layers only (a per-layer moe_layer_freq: megatron-core's decoder block
+    spec), `grouped` builds GroupedExperts in the MoE layers and leaves the dense MLPs alone."""
+    from megatron_btx.models.llama import MoEVariant, build_model
+    from megatron_btx.models.speedups import SpeedOptions
+
+    variant = MoEVariant(layer_freq=(1, 0), dense_ffn_hidden_size=FFN)
+    model = build_model(moe_args(), speed=SpeedOptions(moe_experts="grouped"), variant=variant)
+    moe, dense = (layer.mlp for layer in model.decoder.layers)
+    assert type(moe.experts) is GroupedExperts and len(moe.experts.local_experts) == E
+    assert type(dense).__name__ == "MLP" and not hasattr(dense, "experts")
+
+
+def _layer_specs():
+    """One MoE layer spec in each form megatron-core has used: ModuleSpecs all the way down
+    (<= 0.16) and the MLP and experts as `functools.partial` builders (0.17+), built here from
+    the installed megatron-core's classes whichever version it is."""
+    import functools
+
+    from megatron.core.transformer.mlp import MLP, MLPSubmodules
+    from megatron.core.transformer.moe.experts import SequentialMLP
+    from megatron.core.transformer.moe.moe_layer import MoELayer, MoESubmodules
+    from megatron.core.transformer.spec_utils import ModuleSpec
+    from megatron.core.transformer.transformer_layer import (
+        TransformerLayer,
+        TransformerLayerSubmodules,
+    )
+
+    linears = MLPSubmodules(linear_fc1="fc1", linear_fc2="fc2")
+    as_spec = ModuleSpec(
+        module=MoELayer,
+        submodules=MoESubmodules(experts=ModuleSpec(module=SequentialMLP, submodules=linears)),
+    )
+    as_partial = functools.partial(
+        MoELayer,
+        submodules=MoESubmodules(experts=functools.partial(SequentialMLP, submodules=linears)),
+    )
+    dense = ModuleSpec(module=MLP, submodules=linears)
+    dense_partial = functools.partial(MLP, submodules=linears)
+    return {
+        name: ModuleSpec(module=TransformerLayer, submodules=TransformerLayerSubmodules(mlp=mlp))
+        for name, mlp in [
+            ("spec", as_spec),
+            ("partial", as_partial),
+            ("dense", dense),
+            ("dense_partial", dense_partial),
+        ]
+    }, linears
+
+
+@pytest.mark.parametrize("form", ["spec", "partial"])
+def test_experts_module_replaced_in_both_spec_forms(form):
+    from megatron.core.transformer.moe.moe_layer import MoELayer
+
+    from megatron_btx.errors import BTXError
+    from megatron_btx.models.specs import with_experts_module
+
+    specs, linears = _layer_specs()
+    layer = specs[form]
+    before = layer.submodules.mlp
+    assert with_experts_module(layer, GroupedExperts)
+    mlp = layer.submodules.mlp
+    if form == "partial":
+        assert mlp.func is MoELayer and mlp is not before
+        experts = mlp.keywords["submodules"].experts
+        assert experts.func is GroupedExperts and experts.keywords == {"submodules": linears}
+        # the original builder is not changed under whoever else holds it
+        assert before.keywords["submodules"].experts.func.__name__ == "SequentialMLP"
+    else:
+        assert mlp.module is MoELayer
+        experts = mlp.submodules.experts
+        assert experts.module is GroupedExperts and experts.submodules is linears
+        assert before.submodules.experts.module.__name__ == "SequentialMLP"
+    assert with_experts_module(layer, GroupedExperts)  # again (layer specs may be shared)
+    # a dense layer has no experts: nothing to change
+    for dense in ("dense", "dense_partial"):
+        unchanged = specs[dense].submodules.mlp
+        assert not with_experts_module(specs[dense], GroupedExperts)
+        assert specs[dense].submodules.mlp is unchanged
+    # a module that is not the spec's experts class (nor extends it) is refused by name
+    with pytest.raises(BTXError, match="cannot build the MoE experts with Linear"):
+        with_experts_module(_layer_specs()[0][form], torch.nn.Linear)
+
+
 def test_moe_experts_key_is_validated(tmp_path):
     from megatron_btx.config import Config
     from megatron_btx.errors import BTXError

@@ -58,11 +58,21 @@ def test_whole_experts_beside_tp2_reduce_their_gradients():
     """At TP=2, expert-TP=1 each rank's experts see half the tokens: after DDP's sync every
     expert gradient is the sum of both halves. Tolerance 1e-7: DDP adds the same two fp32
     tensors as the reference all-reduce (gradient scale exactly 1 at data parallel 1), so the
-    sums agree to rounding; the partial gradients differ from each other by ~1e-3."""
+    sums agree to rounding; the partial gradients differ from each other by ~1e-3.
+
+    megatron-core <= 0.16 marks none of the expert weights at EP=1 (they reduce over the dense
+    group of 1: nothing summed) and route_expert_grads marks all 8; 0.17+ marks all 8 itself
+    (and reduces them right), and route_expert_grads then marks none."""
     for line in _rank_lines("expert_dp_grads.py", "ours"):
         assert line["experts"] == 8 and line["expert_dp"] == 2 and line["dense_dp"] == 1, line
         assert line["partial_differs"] > 1e-4, line  # the halves differ: a lost sum shows
         assert line["reduced_err"] <= 1e-7, line
+        assert line["marked_by_megatron"] + line["marked_by_us"] == 8, line
     for line in _rank_lines("expert_dp_grads.py", "megatron"):
-        # megatron-core at EP=1 reduces the experts over the dense group (of 1): nothing summed
-        assert line["unreduced_err"] == 0.0 and line["reduced_err"] > 1e-4, line
+        assert line["marked_by_megatron"] in (0, 8), line  # all or none, never some
+        if line["marked_by_megatron"] == 0:
+            # the experts reduce over the dense group (of 1): nothing summed
+            assert line["unreduced_err"] == 0.0 and line["reduced_err"] > 1e-4, line
+        else:
+            # megatron-core routes them to the expert-data-parallel group itself
+            assert line["reduced_err"] <= 1e-7 and line["unreduced_err"] > 1e-4, line

@@ -93,6 +93,29 @@ def test_local_dispatch_hands_device_counts_to_the_experts():
     assert int(counts.sum()) == 2 * 24 * 2
 
 
+def test_local_dispatch_equals_alltoall_when_tokens_are_dropped():
+    """With a capacity factor (0.5: each expert takes at most half its even share) the router
+    drops routed copies, so the dispatcher must count the copies that remain rather than
+    tokens x top-k; the local dispatcher still gives the all-to-all dispatcher's step."""
+    from megatron_btx.models.llama import MoEOptions, build_model
+
+    dropping = MoEOptions(capacity_factor=0.5)
+
+    def build_dropping(local: bool):
+        torch.manual_seed(0)
+        speed = SpeedOptions(moe_experts="sequential", local_dispatch=local)
+        return build_model(tiny_args(), speed=speed, moe=dropping)
+
+    reference, local = build_dropping(False), build_dropping(True)
+    seen = []
+    experts = local.decoder.layers[0].mlp.experts
+    experts.register_forward_pre_hook(lambda mod, inputs: seen.append(inputs[1]))
+    assert_same_training_step(reference, local)
+    # 2 x 24 tokens x top-2 = 96 copies; capacity 0.5 x 96 / 4 experts = 12 per expert at most
+    (counts,) = seen
+    assert int(counts.max()) <= 12 and int(counts.sum()) < 96, counts
+
+
 def test_local_dispatch_key_is_validated_against_the_layout(tmp_path):
     from megatron_btx.config import Config
 

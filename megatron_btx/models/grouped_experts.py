@@ -60,8 +60,11 @@ class GroupedExperts(SequentialMLP):
 
     kernel: str | None = None
 
-    def __init__(self, num_local_experts, config, submodules, pg_collection=None):
-        super().__init__(num_local_experts, config, submodules, pg_collection=pg_collection)
+    def __init__(self, num_local_experts, config, submodules, pg_collection=None, **kwargs):
+        # kwargs: what newer megatron-core releases pass SequentialMLP besides (0.17+: `name`)
+        super().__init__(
+            num_local_experts, config, submodules, pg_collection=pg_collection, **kwargs
+        )
         self._unsupported = self._unsupported_config()
         self._logged: set[str] = set()
         self.last_kernel: str | None = None  # what the latest forward used (tests, benchmarks)

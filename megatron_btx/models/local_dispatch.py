@@ -56,8 +56,20 @@ class LocalTokenDispatcher(MoETokenDispatcher):
         self.tokens_shape = tokens.shape
         self.routing_map = routing_map
         self.tokens_per_expert = routing_map.sum(dim=0).long()  # stays on the device
-        permuted, permuted_probs, self.sorted_indices = permute(tokens, routing_map, probs=probs)
+        # megatron-core 0.17+ sorts with a fixed-size argsort and needs the number of routed
+        # copies (0.16 ignores it); it returns five values where 0.16 returned three
+        permuted, permuted_probs, self.sorted_indices = permute(
+            tokens, routing_map, probs=probs, num_out_tokens=self._routed_copies(routing_map)
+        )[:3]
         return permuted, permuted_probs
+
+    def _routed_copies(self, routing_map):
+        """How many (token, expert) pairs `routing_map` holds: top-k per token without token
+        dropping (a Python int, no host sync), else its sum (a device scalar), as megatron-core's
+        all-to-all dispatcher counts them."""
+        if self.config.moe_expert_capacity_factor is None:
+            return routing_map.shape[0] * self.config.moe_router_topk
+        return routing_map.sum()
 
     def token_dispatch(self, hidden_states, probs):
         return hidden_states, probs

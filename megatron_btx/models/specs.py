@@ -5,8 +5,11 @@ Chosen once per process and logged, so a run's log says which implementation it 
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import importlib.util
 import logging
+from typing import Any
 
 import torch
 
@@ -121,7 +124,7 @@ def layer_spec(config, requested: str | None = None, speed=None):
         if experts == "grouped":
             from megatron_btx.models.grouped_experts import GroupedExperts
 
-            spec.submodules.mlp.submodules.experts.module = GroupedExperts
+            with_experts_module(spec, GroupedExperts)
     return with_attention_experts(spec, config, te)
 
 
@@ -151,13 +154,59 @@ def decoder_spec(config, requested: str | None = None, speed=None):
             from megatron_btx.models.attention import TorchSDPAttention
 
             spec.submodules.self_attention.submodules.core_attention = TorchSDPAttention
-        mlp = getattr(spec.submodules.mlp, "submodules", None)
-        if experts == "grouped" and getattr(mlp, "experts", None) is not None:
+        if experts == "grouped":
             from megatron_btx.models.grouped_experts import GroupedExperts
 
-            mlp.experts.module = GroupedExperts
+            with_experts_module(spec, GroupedExperts)  # the MoE layers; dense ones unchanged
         with_attention_experts(spec, config, te)
     return block
+
+
+def _builder_parts(builder) -> tuple[Any, Any]:
+    """(module class, submodules) of a megatron-core layer builder: a ``ModuleSpec``
+    (megatron-core <= 0.16) or a ``functools.partial`` of the class with a ``submodules``
+    keyword (0.17 and later hold builders where 0.16 held specs)."""
+    if isinstance(builder, functools.partial):
+        return builder.func, builder.keywords.get("submodules")
+    return getattr(builder, "module", None), getattr(builder, "submodules", None)
+
+
+def _with_module(builder, module: type):
+    """`builder` building `module` instead of its class (same arguments and submodules)."""
+    if isinstance(builder, functools.partial):
+        return functools.partial(module, *builder.args, **builder.keywords)
+    return dataclasses.replace(builder, module=module)
+
+
+def with_experts_module(spec, module: type) -> bool:
+    """Make the MoE layer of the layer spec `spec` build its experts with `module` (a subclass
+    of the experts class megatron-core's spec names: same constructor, same submodules), in
+    place. Returns False, changing nothing, when the layer's MLP has no experts (a dense layer).
+
+    The MLP entry is a ``ModuleSpec`` whose ``submodules.experts`` is a ``ModuleSpec`` in
+    megatron-core 0.16, and a ``partial(MoELayer, submodules=MoESubmodules(experts=partial(
+    SequentialMLP, submodules=...)))`` from 0.17; both are rebuilt rather than mutated, so a
+    spec shared with other code is not changed under it."""
+    mlp = spec.submodules.mlp
+    _, moe = _builder_parts(mlp)
+    experts = getattr(moe, "experts", None)
+    if experts is None:
+        return False
+    current, _ = _builder_parts(experts)
+    if not (isinstance(current, type) and issubclass(module, current)):
+        raise BTXError(
+            f"cannot build the MoE experts with {module.__name__}: megatron-core's layer spec "
+            f"builds them with {current!r}, which it does not extend; set model.moe_experts: "
+            "sequential"
+        )
+    moe = dataclasses.replace(moe, experts=_with_module(experts, module))
+    if isinstance(mlp, functools.partial):
+        spec.submodules.mlp = functools.partial(
+            mlp.func, *mlp.args, **{**mlp.keywords, "submodules": moe}
+        )
+    else:
+        spec.submodules.mlp = dataclasses.replace(mlp, submodules=moe)
+    return True
 
 
 def with_attention_experts(spec, config, te: bool):

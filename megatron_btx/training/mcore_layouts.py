@@ -23,7 +23,10 @@ attention) each TP rank holds a full replica of every expert and computes its gr
 own sequence-parallel share of the tokens; the replicas form the expert-data-parallel group and
 their gradients must be summed over it, which the dense reduction (over a group without them)
 never does: each replica steps with a partial gradient and the replicas drift apart. With
-expert-TP > TP the dense group would even sum different shards of an expert.
+expert-TP > TP the dense group would even sum different shards of an expert. megatron-core 0.17
+and later mark the experts themselves whenever expert-TP differs from TP (``use_expert_pgs`` in
+``tensor_parallel.layers``); ``route_expert_grads`` marks only the weights still unmarked, so it
+changes nothing there (the mark is a flag, so marking twice could not double-count either).
 """
 
 from __future__ import annotations
@@ -50,7 +53,8 @@ def expert_grads_need_expert_dp(ep: int, etp: int, tp: int) -> bool:
 def route_expert_grads(chunks: list[torch.nn.Module], ep: int, etp: int, tp: int) -> int:
     """Mark every expert weight of `chunks` expert-parallel (``allreduce = False``), as
     megatron-core itself does at EP > 1, where the layout needs it; call before wrapping the
-    chunks in DDP and building the optimizer. Returns how many weights were marked."""
+    chunks in DDP and building the optimizer. Returns how many weights this marked: 0 where
+    megatron-core had marked them all already (0.17 and later)."""
     if not expert_grads_need_expert_dp(ep, etp, tp):
         return 0
     from megatron.core.transformer.moe.moe_layer import MoELayer
@@ -60,6 +64,7 @@ def route_expert_grads(chunks: list[torch.nn.Module], ep: int, etp: int, tp: int
         for module in chunk.modules():
             if isinstance(module, MoELayer):
                 for param in module.experts.parameters():
-                    param.allreduce = False
-                    marked += 1
+                    if getattr(param, "allreduce", True):
+                        param.allreduce = False
+                        marked += 1
     return marked

@@ -8,9 +8,10 @@ experts see only its sequence-parallel half of the tokens, so the gradients it a
 (read before the reduction) are partial. After ``finish_grad_sync`` each expert gradient should be
 the sum of both ranks' partial gradients (a plain all-reduce of the copies read before, DDP's
 gradient scale being 1 at data parallel 1) on both ranks. Prints one JSON line per rank:
-{"rank", "experts", "expert_dp", "dense_dp", "partial_differs", "reduced_err", "unreduced_err"}
-(largest absolute differences of the expert gradients after the sync from the expected sums and
-from the partial gradients).
+{"rank", "experts", "expert_dp", "dense_dp", "marked_by_megatron", "marked_by_us",
+"partial_differs", "reduced_err", "unreduced_err"} (how many expert weights megatron-core's build
+and route_expert_grads marked expert-parallel; the largest absolute differences of the expert
+gradients after the sync from the expected sums and from the partial gradients).
 """
 
 from __future__ import annotations
@@ -53,8 +54,9 @@ def main() -> None:
 
     config = transformer_config(ARGS, tp=2, etp=1)
     model = build_model(ARGS, config)
-    if mode == "ours":
-        route_expert_grads([model], ep=1, etp=1, tp=2)
+    built = [p for n, p in model.named_parameters() if ".experts." in n]
+    marked_by_megatron = sum(not getattr(p, "allreduce", True) for p in built)
+    marked_by_us = route_expert_grads([model], ep=1, etp=1, tp=2) if mode == "ours" else 0
     ddp = DistributedDataParallel(
         config=config,
         ddp_config=DistributedDataParallelConfig(grad_reduce_in_fp32=True),
@@ -85,6 +87,8 @@ def main() -> None:
         "experts": len(experts),
         "expert_dp": ps.get_expert_data_parallel_world_size(),
         "dense_dp": ps.get_data_parallel_world_size(),
+        "marked_by_megatron": marked_by_megatron,
+        "marked_by_us": marked_by_us,
         "partial_differs": differs,
         "reduced_err": max(
             float((p.main_grad - expected[n]).abs().max()) for n, p in experts.items()
