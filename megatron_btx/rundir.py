@@ -154,6 +154,19 @@ def atomic_write_text(path: str | os.PathLike[str], text: str, durable: bool = F
 _HELD: dict[str, list[int]] = {}
 
 
+def _drop_held_in_child() -> None:
+    """In a process forked from a holder (megatron-core's checkpoint writer forks a helper per
+    save), close the inherited lock descriptors: an flock belongs to the open file, so a helper
+    outliving a killed holder would otherwise keep the run directory locked against its resume."""
+    for fd, _ in _HELD.values():
+        with contextlib.suppress(OSError):
+            os.close(fd)
+    _HELD.clear()
+
+
+os.register_at_fork(after_in_child=_drop_held_in_child)
+
+
 def lock_path_beside(path: str | os.PathLike[str]) -> Path:
     """The lock file of an output that is replaced as a whole (a checkpoint folder renamed into
     place): ``.NAME.lock`` beside it, which outlives the folder's replacement."""

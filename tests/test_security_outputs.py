@@ -144,6 +144,36 @@ def test_lock_is_reentrant_and_survives_a_removed_file(tmp_path):
     assert not (folder / rundir.LOCK_NAME).exists() and not folder.exists()  # nothing left
 
 
+def test_a_forked_helper_does_not_keep_a_killed_holders_lock(tmp_path):
+    """megatron-core's checkpoint writer forks a helper process per save; a run killed mid-save
+    must not leave that helper holding the run directory's lock, or the resume that follows at
+    once is refused while the orphan finishes its write."""
+    folder = tmp_path / "run"
+    script = (
+        "import os, sys, time\n"
+        "from megatron_btx import rundir\n"
+        "with rundir.locked(sys.argv[1]):\n"
+        "    if os.fork() == 0:\n"  # the orphaned helper, still writing
+        "        open(sys.argv[2], 'w').write(str(os.getpid()))\n"
+        "        time.sleep(30)\n"
+        "        os._exit(0)\n"
+        "    while not os.path.exists(sys.argv[2]):\n"
+        "        time.sleep(0.01)\n"
+        "    os.kill(os.getpid(), 9)\n"
+    )
+    helper_pid = tmp_path / "helper.pid"
+    holder = subprocess.run([sys.executable, "-c", script, str(folder), str(helper_pid)],
+                            env=tc.env(), timeout=60)
+    assert holder.returncode == -signal.SIGKILL
+    helper = int(helper_pid.read_text())
+    try:
+        os.kill(helper, 0)  # the helper outlives the holder
+        with rundir.locked(folder):  # the holder is gone: the lock is free at once
+            assert (folder / rundir.LOCK_NAME).read_text().strip() == str(os.getpid())
+    finally:
+        os.kill(helper, signal.SIGKILL)
+
+
 # ---- --overwrite --------------------------------------------------------------------------------
 def test_save_next_to_sources_is_refused(mg_llama, hf_llama, tmp_path):
     """--save equal to a source, inside one or around one is refused by merge, import-hf and

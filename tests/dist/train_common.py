@@ -63,8 +63,10 @@ def start(config: Path, overrides: list[str] | None = None, log: Path | None = N
           **extra_env: str) -> subprocess.Popen:
     """A background one-process run; output goes to `log` (a file, never a pipe we must drain)."""
     out = open(log, "w") if log else subprocess.DEVNULL
-    return subprocess.Popen(command(config, overrides or []), cwd=ROOT, env=env(**extra_env),
+    proc = subprocess.Popen(command(config, overrides or []), cwd=ROOT, env=env(**extra_env),
                             stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+    proc.log_path = log  # wait_for quotes its tail when the run dies early
+    return proc
 
 
 # ---- data ---------------------------------------------------------------------------------------
@@ -151,7 +153,9 @@ def wait_for(predicate, timeout: float, proc: subprocess.Popen | None = None,
         if predicate():
             return
         if proc is not None and proc.poll() is not None:
-            raise AssertionError(f"process exited ({proc.returncode}) before {what}")
+            log = getattr(proc, "log_path", None)
+            tail = Path(log).read_text()[-3000:] if log and Path(log).is_file() else ""
+            raise AssertionError(f"process exited ({proc.returncode}) before {what}\n{tail}")
         time.sleep(0.2)
     raise AssertionError(f"timed out after {timeout}s waiting for {what}")
 
