@@ -1088,6 +1088,43 @@ def test_btm_keys_choose_the_evaluated_ensembles(tmp_path, run_raw):
     assert ensembles(raw) == []
 
 
+def test_lm_eval_keys_reach_the_evaluate_stage(tmp_path, run_raw):
+    """evaluation.lm_eval: none by default; its tasks, tasks_dir (resolved), limit and
+    batch_size become the evaluate stage's --lm-eval flags (what they do there:
+    tests/test_lm_eval.py::test_run_config_lm_eval_keys_reach_btx_evaluate); keys without tasks
+    and bad values are refused with the key named."""
+    assert not any(a.startswith("--lm-eval") for a in _plan(run_raw)["evaluate"].argv)
+    tasks = tmp_path / "tasks"
+    tasks.mkdir()
+    raw = json.loads(json.dumps(run_raw))
+    lm = {"tasks": ["one", "two"], "tasks_dir": str(tasks), "limit": 7, "batch_size": 4}
+    raw["evaluation"] = {"lm_eval": lm}
+    argv = _plan(raw)["evaluate"].argv
+    assert _argv_value(argv, "--lm-eval") == "one,two"
+    assert _argv_value(argv, "--lm-eval-tasks-dir") == str(tasks)
+    assert _argv_value(argv, "--lm-eval-limit") == "7"
+    assert _argv_value(argv, "--lm-eval-batch-size") == "4"
+    raw["evaluation"] = {"lm_eval": {"tasks": ["one"]}}  # lm-eval's own tasks, every document
+    argv = _plan(raw)["evaluate"].argv
+    assert argv[argv.index("--lm-eval") :] == ["--lm-eval", "one"]
+    refused = {
+        "evaluation.lm_eval.tasks_dir has no effect": {"tasks_dir": str(tasks)},
+        "evaluation.lm_eval.limit has no effect": {"limit": 3},
+        "evaluation.lm_eval.batch_size has no effect": {"batch_size": 2},
+        r"evaluation.lm_eval.tasks\[0\]='a,b': one lm-eval task name": {"tasks": ["a,b"]},
+        "evaluation.lm_eval.limit=0 must be >= 1": {"tasks": ["a"], "limit": 0},
+        "evaluation.lm_eval.batch_size=0 must be >= 1": {"tasks": ["a"], "batch_size": 0},
+        "evaluation.lm_eval.tasks_dir: .*absent is not a folder": {
+            "tasks": ["a"],
+            "tasks_dir": str(tmp_path / "absent"),
+        },
+    }
+    for message, section in refused.items():
+        raw["evaluation"] = {"lm_eval": section}
+        with pytest.raises(BTXError, match=message):
+            _plan(raw, write=False)
+
+
 # ---- evaluation: `btx evaluate` of the seed of a tiny run ---------------------------------------
 def _evaluate(tmp_path: Path, data: Path, seed: Path, name: str, **evaluation) -> dict:
     from megatron_btx.eval.cli import evaluate_run

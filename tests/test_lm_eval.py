@@ -51,7 +51,9 @@ def _task_yaml(name: str, data: Path, body: str) -> str:
     )
 
 
-def _write_mc_task(folder: Path) -> None:
+def _write_mc_task(folder: Path, relative: bool = False) -> None:
+    """The multiple-choice task; `relative`: its YAML names the data file relative to the tasks
+    folder, as examples/smol_mc/ does."""
     data = folder / "mc.jsonl"
     data.write_text(
         "".join(
@@ -68,7 +70,9 @@ def _write_mc_task(folder: Path) -> None:
         "  - {metric: acc, aggregation: mean, higher_is_better: true}\n"
         "  - {metric: acc_norm, aggregation: mean, higher_is_better: true}\n"
     )
-    (folder / "btx_mc.yaml").write_text(_task_yaml("btx_mc", data, body))
+    (folder / "btx_mc.yaml").write_text(
+        _task_yaml("btx_mc", Path(data.name) if relative else data, body)
+    )
 
 
 def _write_gen_task(folder: Path, answers: list[str]) -> None:
@@ -176,6 +180,55 @@ def test_multiple_choice_scores_equal_transformers_loglikelihoods(family, tokeni
     assert limited["btx_mc"]["acc"] == pytest.approx(_expected_mc(hf_dir, 3)["acc"], abs=1e-12)
 
 
+def _forward_passes(run) -> int:
+    """How many times a transformers causal LM's forward ran during `run()` (a torch global
+    forward hook; nothing is replaced)."""
+    calls = []
+
+    def hook(module, args, output):
+        if type(module).__name__.endswith("ForCausalLM"):
+            calls.append(type(module).__name__)
+
+    handle = torch.nn.modules.module.register_module_forward_hook(hook)
+    try:
+        run()
+    finally:
+        handle.remove()
+    return len(calls)
+
+
+def test_relative_data_path_and_batch_size(tokenizer_dir, tmp_path, monkeypatch):
+    """A task YAML's relative data file is read from the tasks folder, whatever the working
+    directory (which is restored); batch_size groups requests into fewer forward passes with
+    the same scores as transformers' one sequence at a time."""
+    vocab = len(json.loads((tokenizer_dir / "tokenizer.json").read_text())["model"]["vocab"])
+    hf_dir = make_hf_llama(tmp_path / "hf", seed=3, vocab_size=vocab, **_special_ids(tokenizer_dir))
+    export = _exported(_with_tokenizer(hf_dir, tokenizer_dir), tmp_path)
+    tasks = tmp_path / "tasks"
+    tasks.mkdir()
+    _write_mc_task(tasks, relative=True)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    expected = _expected_mc(hf_dir)
+    got: dict[int, dict] = {}
+    passes = {
+        bs: _forward_passes(
+            lambda bs=bs: got.update(
+                {bs: btx_lm_eval.evaluate_hf_model(export, ["btx_mc"], "../tasks", batch_size=bs)}
+            )
+        )
+        for bs in (1, 4)
+    }
+    assert Path.cwd() == elsewhere
+    for bs in (1, 4):
+        assert got[bs]["btx_mc"]["acc"] == pytest.approx(expected["acc"], abs=1e-12)
+        assert got[bs]["btx_mc"]["acc_norm"] == pytest.approx(expected["acc_norm"], abs=1e-12)
+    requests = sum(len(c) for _, c, _ in QUESTIONS)  # one per (question, choice)
+    assert passes[1] == requests
+    assert passes[4] == -(-requests // 4)
+
+
 def test_generation_exact_match_equals_greedy_decoding(tokenizer_dir, tmp_path):
     vocab = len(json.loads((tokenizer_dir / "tokenizer.json").read_text())["model"]["vocab"])
     hf_dir = make_hf_llama(tmp_path / "hf", seed=5, vocab_size=vocab, **_special_ids(tokenizer_dir))
@@ -274,3 +327,54 @@ def test_without_lm_eval_it_is_skipped_with_one_line(monkeypatch, tmp_path, caps
         "btx evaluate: --lm-eval skipped: lm-eval is not installed (No module named "
         "'lm_eval'); pip install 'megatron-btx[eval]'"
     ]
+
+
+def test_run_config_lm_eval_keys_reach_btx_evaluate(tokenizer_dir, tmp_path):
+    """`evaluation.lm_eval` of a run config: `btx run`'s evaluate stage (its planned command,
+    run as it is) scores the seed on the tasks of `tasks_dir` (relative to the config's folder),
+    `limit` documents each, `batch_size` at a time, and records them in results.json."""
+    import yaml
+
+    from megatron_btx.checkpoint.convert import hf_to_megatron
+    from megatron_btx.cli import main as btx
+    from megatron_btx.pipeline import plan
+
+    vocab = len(json.loads((tokenizer_dir / "tokenizer.json").read_text())["model"]["vocab"])
+    hf_dir = make_hf_llama(tmp_path / "hf", seed=3, vocab_size=vocab, **_special_ids(tokenizer_dir))
+    hf_to_megatron(_with_tokenizer(hf_dir, tokenizer_dir), tmp_path / "seed")
+    for name in ("alpha", "beta"):  # two domains of text the tokenizer knows
+        (tmp_path / name).mkdir()
+        for i in range(40):
+            words = [q for q, _, _ in QUESTIONS[i % 8 :]] + PROMPTS[: i % 6]
+            (tmp_path / name / f"doc{i}.txt").write_text(" ".join(words) + "\n")
+    folder = tmp_path / "config"
+    (folder / "tasks").mkdir(parents=True)
+    _write_mc_task(folder / "tasks", relative=True)
+    raw = {
+        "run_dir": str(tmp_path / "run"),
+        "data": {
+            "tokenizer": str(tmp_path / "seed" / "tokenizer"),
+            "seq_length": 32,
+            "mixed_tokens": 0,
+        },
+        "domains": {n: {"source": str(tmp_path / n)} for n in ("alpha", "beta")},
+        "seed": {"init_from": str(tmp_path / "seed")},
+        "experts": {"steps": 1},
+        "finetune": {"steps": 1},
+        "baselines": {"dense": False, "sparse_upcycling": False, "btm": False},
+        "evaluation": {
+            "tokens_per_domain": 32,
+            "lm_eval": {"tasks": ["btx_mc"], "tasks_dir": "tasks", "limit": 5, "batch_size": 3},
+        },
+    }
+    (folder / "run.yaml").write_text(yaml.safe_dump(raw))
+    stages = {s.name: s for s in plan.build_plan(folder / "run.yaml")}
+    argv = stages["evaluate"].argv
+    assert argv[argv.index("--lm-eval-tasks-dir") + 1] == str(folder / "tasks")
+    assert btx(stages["prepare_data"].argv) == 0
+    assert btx([*argv, "--models", "seed"]) == 0
+    saved = json.loads((tmp_path / "run" / "eval" / "results.json").read_text())["lm_eval"]
+    assert (saved["tasks"], saved["limit"], saved["batch_size"]) == (["btx_mc"], 5, 3)
+    expected = _expected_mc(hf_dir, limit=5)
+    assert saved["scores"]["seed"]["btx_mc"]["acc"] == pytest.approx(expected["acc"], abs=1e-12)
+    assert saved["scores"]["seed"]["btx_mc"]["sample_len"] == 5

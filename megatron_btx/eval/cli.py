@@ -415,6 +415,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--lm-eval-limit", type=int, default=None, metavar="N", help="at most N documents per task"
     )
+    p.add_argument(
+        "--lm-eval-batch-size",
+        type=int,
+        default=1,
+        metavar="N",
+        help="requests per forward pass of lm-eval's HF model (speed; the same scores)",
+    )
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     for name in ("megatron", "megatron.core"):
@@ -425,6 +432,8 @@ def main(argv: list[str] | None = None) -> int:
 def _evaluate(args: argparse.Namespace) -> int:
     from megatron_btx.eval import lm_eval  # --lm-eval: checked before the perplexity eval
 
+    if args.lm_eval_batch_size < 1:
+        raise BTXError(f"--lm-eval-batch-size {args.lm_eval_batch_size}: must be >= 1")
     lm_tasks = lm_eval.requested_tasks(args.lm_eval, args.lm_eval_tasks_dir)
     res = evaluate_run(
         args.run_dir,
@@ -439,7 +448,14 @@ def _evaluate(args: argparse.Namespace) -> int:
     if lm_tasks:  # downstream tasks on each model's HF export
         models = run_models(Path(args.run_dir).resolve())[2]
         lm_eval.evaluate_run_models(
-            res, models, out, lm_tasks, args.lm_eval_tasks_dir, args.lm_eval_limit, _progress
+            res,
+            models,
+            out,
+            lm_tasks,
+            args.lm_eval_tasks_dir,
+            args.lm_eval_limit,
+            _progress,
+            batch_size=args.lm_eval_batch_size,
         )
     if not args.no_table:
         print((out / "results.md").read_text())

@@ -9,9 +9,10 @@ and metric to ``results.json`` and a table in ``results.md``.
 Offline: the hub is never asked (``HF_HUB_OFFLINE``, ``HF_DATASETS_OFFLINE`` and
 ``TRANSFORMERS_OFFLINE`` are set for the duration). Tasks come from local YAML files in
 ``--lm-eval-tasks-dir`` whose data are local too, e.g. ``dataset_path: json`` with
-``dataset_kwargs: {data_files: {test: /abs/path/test.jsonl}}``; only that folder is indexed. Without
-a tasks folder lm-eval's built-in tasks are used, which work only when their datasets are already
-in the local HF datasets cache.
+``dataset_kwargs: {data_files: {test: test.jsonl}}``; only that folder is indexed, and lm-eval runs
+with it as the working directory, so a relative data path is relative to the tasks folder
+(``examples/smol_mc/`` is such a folder). Without a tasks folder lm-eval's built-in tasks are
+used, which work only when their datasets are already in the local HF datasets cache.
 
 lm-eval is the optional ``eval`` extra (``pip install 'megatron-btx[eval]'``); without it
 ``--lm-eval`` is skipped with one line saying so (:func:`missing`).
@@ -62,6 +63,21 @@ def requested_tasks(spec: str | None, tasks_dir: str | os.PathLike[str] | None) 
     with offline():
         task_manager(tasks, tasks_dir)
     return tasks
+
+
+@contextlib.contextmanager
+def working_dir(folder: str | os.PathLike[str] | None) -> Iterator[None]:
+    """The process's working directory set to `folder` for the duration (unchanged for None):
+    a task's relative ``data_files`` are relative to its tasks folder."""
+    if folder is None:
+        yield
+        return
+    before = os.getcwd()
+    os.chdir(folder)
+    try:
+        yield
+    finally:
+        os.chdir(before)
 
 
 @contextlib.contextmanager
@@ -136,12 +152,15 @@ def evaluate_hf_model(
     seed: int = 1234,
 ) -> dict[str, dict[str, float]]:
     """Run lm-eval on an HF model folder (Llama or Mixtral safetensors with its tokenizer) on the
-    CPU in fp32, offline; return {task: {metric: value}}. ``limit`` caps documents per task."""
+    CPU in fp32, offline; return {task: {metric: value}}. ``limit`` caps documents per task;
+    ``batch_size`` is lm-eval's requests per forward pass (the same scores, fewer passes)."""
     why = missing()
     if why:
         raise BTXError(why)
     if not (Path(model_dir) / "config.json").is_file():
         raise BTXError(f"{model_dir}: not an HF model folder (no config.json)")
+    model_dir = Path(model_dir).resolve()  # lm-eval runs in the tasks folder
+    tasks_dir = Path(tasks_dir).resolve() if tasks_dir is not None else None
     with offline():
         from lm_eval import simple_evaluate
         from lm_eval.models.huggingface import HFLM
@@ -150,19 +169,20 @@ def evaluate_hf_model(
         model = HFLM(
             pretrained=str(model_dir), device="cpu", dtype="float32", batch_size=batch_size
         )
-        output = simple_evaluate(
-            model=model,
-            tasks=tasks,
-            task_manager=manager,
-            limit=limit,
-            num_fewshot=num_fewshot,
-            bootstrap_iters=0,
-            log_samples=False,
-            random_seed=seed,
-            numpy_random_seed=seed,
-            torch_random_seed=seed,
-            fewshot_random_seed=seed,
-        )
+        with working_dir(tasks_dir):  # the tasks' datasets are read here
+            output = simple_evaluate(
+                model=model,
+                tasks=tasks,
+                task_manager=manager,
+                limit=limit,
+                num_fewshot=num_fewshot,
+                bootstrap_iters=0,
+                log_samples=False,
+                random_seed=seed,
+                numpy_random_seed=seed,
+                torch_random_seed=seed,
+                fewshot_random_seed=seed,
+            )
     if output is None:  # only on non-zero ranks of a distributed run
         raise BTXError("lm-eval returned no results")
     return scores_of(output)
@@ -198,10 +218,12 @@ def evaluate_run_models(
     tasks_dir: str | os.PathLike[str] | None = None,
     limit: int | None = None,
     progress: Any = print,
+    batch_size: int = 1,
 ) -> dict[str, Any]:
     """Export and evaluate every model of ``result["models"]`` (``models`` gives each one's
-    checkpoint, kind and router), put ``result["lm_eval"]`` = {tasks, limit, scores: {model:
-    {task: {metric: value}}}, skipped: {model: why}} and rewrite results.json / results.md."""
+    checkpoint, kind and router), put ``result["lm_eval"]`` = {tasks, limit, batch_size, scores:
+    {model: {task: {metric: value}}}, skipped: {model: why}} and rewrite results.json /
+    results.md. ``batch_size``: lm-eval's requests per forward pass."""
     from megatron_btx.eval import report
 
     out = Path(out_dir)
@@ -219,7 +241,7 @@ def evaluate_run_models(
             skipped[name] = f"no HF export: {exc}"
             progress(f"lm-eval: skip {name}: {skipped[name]}")
             continue
-        scores[name] = evaluate_hf_model(hf_dir, tasks, tasks_dir, limit)
+        scores[name] = evaluate_hf_model(hf_dir, tasks, tasks_dir, limit, batch_size)
         progress(
             f"lm-eval {name}: "
             + " | ".join(f"{t} {report.headline(s):.3f}" for t, s in scores[name].items())
@@ -228,6 +250,7 @@ def evaluate_run_models(
         "tasks": tasks,
         "tasks_dir": str(tasks_dir) if tasks_dir else None,
         "limit": limit,
+        "batch_size": batch_size,
         "scores": scores,
         "skipped": skipped,
     }

@@ -49,6 +49,11 @@ evaluation:
   tokens_per_domain: 65536         # scored tokens per domain (whole sequences of seq_length)
   btm_top_k: [1, 2]
   routing: true                    # routing tables and heatmaps for the BTX MoE
+  lm_eval:                         # downstream tasks on each model's HF export (btx evaluate
+    tasks: []                      #   --lm-eval): lm-evaluation-harness task names; [] = none
+    tasks_dir: null                #   a folder of task YAML files (e.g. examples/smol_mc)
+    limit: null                    #   at most this many documents per task
+    batch_size: 1                  #   requests per forward pass (speed only)
 train: {}                          # defaults for every train stage: any key of the training
                                    #   config's train section (eval_interval, log_interval, ...)
 optimizer: {}                      # the training config's optimizer section, for every stage
@@ -290,6 +295,32 @@ class ExtendConfig:
 
 
 @dataclass
+class LmEvalSection:
+    """``evaluation.lm_eval``: lm-evaluation-harness tasks run by the evaluate stage on each
+    model's HF export (its ``--lm-eval`` flags; megatron_btx/eval/lm_eval.py)."""
+
+    tasks: list[str] = field(default_factory=list)
+    #: a folder of task YAML files with local data (only it is indexed); null: lm-eval's own
+    tasks_dir: str | None = None
+    limit: int | None = None
+    #: requests per forward pass of lm-eval's HF model (speed; the same scores)
+    batch_size: int = 1
+
+    def argv(self) -> list[str]:
+        """The evaluate stage's flags ([] without tasks)."""
+        if not self.tasks:
+            return []
+        out = ["--lm-eval", ",".join(self.tasks)]
+        if self.tasks_dir is not None:
+            out += ["--lm-eval-tasks-dir", self.tasks_dir]
+        if self.limit is not None:
+            out += ["--lm-eval-limit", str(self.limit)]
+        if self.batch_size != 1:
+            out += ["--lm-eval-batch-size", str(self.batch_size)]
+        return out
+
+
+@dataclass
 class EvalConfig:
     split: str = "test"
     tokens_per_domain: int = 65536
@@ -299,6 +330,7 @@ class EvalConfig:
     btm_route_tokens: int = 128
     routing: bool = True
     micro_batch_size: int = 8
+    lm_eval: LmEvalSection = field(default_factory=LmEvalSection)
 
 
 @dataclass
@@ -401,6 +433,7 @@ class BTXConfig:
         for k in self.evaluation.btm_top_k:
             if not 1 <= k <= len(doms):
                 raise BTXError(f"evaluation.btm_top_k: {k} must be in 1..{len(doms)}")
+        self._validate_lm_eval()
         for key, st in (
             ("experts", self.experts),
             ("finetune", self.finetune),
@@ -470,6 +503,26 @@ class BTXConfig:
         if ext.finetune is not None and (ext.finetune.steps or 0) < 0:
             raise BTXError("extend.finetune.steps must be >= 0")
 
+    def _validate_lm_eval(self) -> None:
+        lm = self.evaluation.lm_eval
+        for i, task in enumerate(lm.tasks):
+            if not task.strip() or "," in task or task != task.strip():
+                raise BTXError(
+                    f"evaluation.lm_eval.tasks[{i}]={task!r}: one lm-eval task name per entry "
+                    f"(no commas or surrounding spaces)"
+                )
+        if lm.limit is not None and lm.limit < 1:
+            raise BTXError(f"evaluation.lm_eval.limit={lm.limit} must be >= 1 (null: every one)")
+        if lm.batch_size < 1:
+            raise BTXError(f"evaluation.lm_eval.batch_size={lm.batch_size} must be >= 1")
+        if lm.tasks_dir is not None and lm.tasks:  # without tasks: refused as inert
+            lm.tasks_dir = self._resolve(lm.tasks_dir)
+            if not os.path.isdir(lm.tasks_dir):
+                raise BTXError(
+                    f"evaluation.lm_eval.tasks_dir: {lm.tasks_dir} is not a folder (give the "
+                    f"folder of task YAML files, relative to the config's folder or absolute)"
+                )
+
     def _reject_inert_keys(self) -> None:
         """Keys that another key makes inert are errors, not silently ignored (docs/CONFIG.md)."""
         from megatron_btx.config import LLAMA_FIELDS
@@ -504,6 +557,11 @@ class BTXConfig:
                         f"baselines.compute_match={self.baselines.compute_match} chooses them; "
                         f"set it to none to choose the steps",
                     )
+        lm = self.evaluation.lm_eval
+        if not lm.tasks:
+            for key, default in (("tasks_dir", None), ("limit", None), ("batch_size", 1)):
+                if getattr(lm, key) != default:
+                    raise inert(f"evaluation.lm_eval.{key}", "evaluation.lm_eval.tasks is empty")
         stages = (
             ("", self),
             ("seed.pretrain.", self.seed.pretrain),

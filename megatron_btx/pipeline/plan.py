@@ -590,7 +590,7 @@ class Planner:
             Stage(
                 "evaluate",
                 "eval",
-                ["evaluate", "--run-dir", run, "--no-table"],
+                ["evaluate", "--run-dir", run, "--no-table", *self.cfg.evaluation.lm_eval.argv()],
                 deps,
                 1,
                 [f"{run}/eval/results.json", f"{run}/eval/results.md"],
