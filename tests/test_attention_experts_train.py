@@ -89,6 +89,7 @@ def _compare(ref_dir: Path, run_dir: Path, steps: range) -> None:
         assert got_n[s] == pytest.approx(ref_n[s], rel=NORM_RTOL), (s, got_n[s], ref_n[s])
 
 
+@pytest.mark.long
 def test_tp2_then_resume_at_pp2_and_ep2_match_one_process(tmp_path, base, data):
     """TP=2 (5 steps, saving at step 4) and EP=2 equal the one-process run; the TP=2 checkpoint
     (model and optimizer state resharded from TP=2 to PP=2) continues the same curve."""

@@ -112,7 +112,7 @@ def test_smoke_step_without_the_package_index_fails_loudly(tmp_path):
 def test_ci_runs_both_steps_and_exits_with_the_first_failure(tmp_path, suite, smoke, status):
     """.ci/run itself, in a copy whose steps are scripts that record that they ran (and with
     which arguments) and exit with the given status (the real steps take 20 minutes and more):
-    scripts/test.sh runs twice (the default suite, then the real-seed group)."""
+    scripts/test.sh runs three times (the default suite, the real-seed group, the long group)."""
     (tmp_path / ".ci").mkdir()
     shutil.copy(ROOT / ".ci" / "run", tmp_path / ".ci" / "run")
     (tmp_path / "scripts").mkdir()
@@ -122,9 +122,11 @@ def test_ci_runs_both_steps_and_exits_with_the_first_failure(tmp_path, suite, sm
         ["bash", ".ci/run"], cwd=tmp_path, capture_output=True, text=True, timeout=60
     )
     assert r.returncode == status, r.stdout + r.stderr
-    assert (tmp_path / "test.sh.log").read_text() == "ran \nran --real -m real\n"
+    assert (tmp_path / "test.sh.log").read_text() == (
+        "ran \nran --real -m real\nran --long -m long\n"
+    )
     assert (tmp_path / "smoke_newest_mcore.sh.log").read_text() == "ran \n"
     errors = [line for line in r.stderr.splitlines() if line.startswith("error:")]
-    assert len(errors) == 2 * (suite != 0) + (smoke != 0), r.stderr
+    assert len(errors) == 3 * (suite != 0) + (smoke != 0), r.stderr
     if suite:
         assert f"default suite (scripts/test.sh) failed (exit {suite})" in errors[0]

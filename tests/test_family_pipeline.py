@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from pathlib import Path
 
 import pytest
@@ -165,10 +164,7 @@ def _tensor(checkpoint: str, key: str) -> torch.Tensor:
         reader.close()
 
 
-@pytest.mark.slow
-@pytest.mark.skipif(
-    os.environ.get("BTX_SLOW") != "1", reason="2.5 minutes of both cores; set BTX_SLOW=1 to run it"
-)
+@pytest.mark.long  # 2.5 minutes of both cores
 def test_family_rows_and_paired_differences_in_one_tiny_run(tmp_path):
     """A tiny `btx run` with Drop-Upcycling, granular upcycling and a fourth domain added after
     the finetune: every new model is scored, compared with BTX (paired intervals per group, the

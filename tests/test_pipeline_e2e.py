@@ -127,6 +127,7 @@ def reference_losses(checkpoint: str, run: Path, hf_dir: Path) -> dict[str, floa
     return losses
 
 
+@pytest.mark.long
 def test_btx_run_end_to_end_killed_and_resumed(tmp_path):
     cfg = tiny_config(tmp_path)
     run = tmp_path / "run"

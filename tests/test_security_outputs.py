@@ -162,8 +162,9 @@ def test_a_forked_helper_does_not_keep_a_killed_holders_lock(tmp_path):
         "    os.kill(os.getpid(), 9)\n"
     )
     helper_pid = tmp_path / "helper.pid"
-    holder = subprocess.run([sys.executable, "-c", script, str(folder), str(helper_pid)],
-                            env=tc.env(), timeout=60)
+    holder = subprocess.run(
+        [sys.executable, "-c", script, str(folder), str(helper_pid)], env=tc.env(), timeout=60
+    )
     assert holder.returncode == -signal.SIGKILL
     helper = int(helper_pid.read_text())
     try:

@@ -214,6 +214,7 @@ def check_plan_completed(run: Path, jobs: dict[str, str], env: dict[str, str]) -
     assert results
 
 
+@pytest.mark.long
 def test_launch_runs_the_plan(slurm, data, tmp_path):
     """The tiny BTX plan as six dependent jobs: experts are 2-process `srun torchrun` (gloo)
     jobs that run side by side; merge, finetune and evaluation each start after what they need
@@ -248,6 +249,7 @@ def test_launch_runs_the_plan(slurm, data, tmp_path):
     print(f"plan of 6 jobs completed in {elapsed:.0f}s")
 
 
+@pytest.mark.long
 def test_preempted_expert_requeues_and_resumes(slurm, data, tmp_path):
     """USR1 to a running expert job (as Slurm sends before a preemption or the time limit): the
     trainers checkpoint and exit, the job requeues itself, restarts from that checkpoint (step

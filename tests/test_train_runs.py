@@ -226,10 +226,7 @@ def test_init_from_converted_hf_checkpoint(tmp_path, data):
     assert m["training"]["init_from"] == str(tmp_path / "mg")
 
 
-@pytest.mark.slow
-@pytest.mark.skipif(
-    os.environ.get("BTX_SLOW") != "1", reason="minutes on a CPU; set BTX_SLOW=1 to run it"
-)
+@pytest.mark.long
 def test_example_small_dense_learns(tmp_path):
     """The shipped example (the default small budget) on the built-in code corpus, unchanged but
     for its run and data directories: validation loss falls by >= 1 nat."""
