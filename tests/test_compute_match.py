@@ -117,3 +117,39 @@ def test_time_matched_run_end_to_end(tmp_path):
     assert (Path(stage.checkpoint) / "metadata.json").is_file()
     results = json.loads((run / "eval" / "results.json").read_text())
     assert results["models"]["dense"]["train_tokens"] == steps * 4 * 64
+
+
+def test_bam_trains_for_what_is_left_after_the_experts_it_shares(tmp_path):
+    """BAM merges BTX's own experts, so their compute is spent already: its finetune gets BTX's
+    budget less the experts', at its own (larger) active parameters, by FLOPs and by time."""
+    raw = _config(tmp_path / "flops", baselines={"bam": True})
+    stages = {s.name: s for s in plan.build_plan(raw, write=False)}
+    experts = [stages[n] for n in ("expert_alpha", "expert_beta", "expert_gamma")]
+    bam, finetune = stages["baseline_bam"], stages["finetune"]
+    assert bam.builds_on == [s.name for s in experts]
+    assert bam.active_params > finetune.active_params  # 4 attention experts per layer
+    per_step = 6.0 * bam.active_params * 4 * 64  # global batch 4, sequence 64
+    assert bam.steps == max(1, round(finetune.flops / per_step))
+    # BAM's whole cost (the shared experts + its finetune) is BTX's to within one step
+    assert abs(bam.flops - finetune.flops) <= per_step / 2
+
+    raw = _config(tmp_path / "time", baselines={"bam": True, "compute_match": "time"})
+    stages = {s.name: s for s in plan.build_plan(raw)}
+    run = Path(raw["run_dir"])
+    for name in ("expert_alpha", "expert_beta", "expert_gamma"):
+        _fake_training(stages[name], 0.5, 1)
+    _fake_training(stages["finetune"], 2.0, 2)
+    (run / "stages").mkdir(exist_ok=True)
+    (run / "stages" / "merge.done").write_text(json.dumps({"seconds": 3.0}))
+    measured = compute_match.measure(run)
+    # as above: BTX 39 core-seconds, of which the experts 12; the finetune 24 / (6 x 256) per
+    # token, BAM's per token that times its active parameters over the finetune's
+    tokens = 4 * 64
+    rate = (
+        24.0
+        / (6 * tokens)
+        * stages["baseline_bam"].active_params
+        / (stages["finetune"].active_params)
+    )
+    assert measured["baselines"]["baseline_bam"]["steps"] == int((39 - 12) / (rate * tokens))
+    assert measured["baselines"]["baseline_sparse_upcycling"]["steps"] == int(39 / (24.0 / 6))

@@ -118,7 +118,7 @@ def test_centroid_routers_with_the_seed_as_an_expert_run_end_to_end(tmp_path):
 def test_attention_experts_through_btx_run_and_bam_as_a_rival(tmp_path):
     """`merge.attention: experts_shared_kv` makes the run's own MoE keep attention experts with
     shared keys/values; `baselines.bam: true` adds BAM (the experts merged with `attention:
-    experts`, finetuned at BTX's FLOPs) as a rival: its row, its paired difference with BTX,
+    experts`, finetuned for what is left of BTX's FLOPs after the experts it shares) as a rival: its row, its paired difference with BTX,
     its merge's retention, and its compute from its own (larger) active parameter count."""
     cfg = _config(tmp_path, {"attention": "experts_shared_kv"})
     raw = yaml.safe_load(cfg.read_text())
@@ -140,10 +140,10 @@ def test_attention_experts_through_btx_run_and_bam_as_a_rival(tmp_path):
     # shared keys/values: 4 x (q, o) + k and v once + the router
     shared = 4 * 2 * 32 * 32 + 2 * 32 * 32 + router
     assert stages["finetune"].active_params == 2 * (shared + ffn) + 300 * 32
-    budget = sum(s.flops for n, s in stages.items() if n.startswith("expert_"))
-    budget += stages["finetune"].flops
+    # BAM shares BTX's experts: its finetune gets what is left of BTX's FLOPs, the finetune's
     per_step = 6.0 * stages["baseline_bam"].active_params * 4 * 64
-    assert stages["baseline_bam"].steps == max(1, round(budget / per_step))
+    assert stages["baseline_bam"].steps == max(1, round(stages["finetune"].flops / per_step))
+    assert stages["baseline_bam"].builds_on == [n for n in stages if n.startswith("expert_")]
     results = json.loads((run / "eval" / "results.json").read_text())
     assert {"bam", "bam_merge_only", "btx"} <= set(results["models"])
     diff = results["intervals"]["comparisons"]["bam"]["mean_of_groups"]["loss"]

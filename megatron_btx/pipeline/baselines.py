@@ -37,7 +37,8 @@ Beyond the paper, the family around BTX (off unless the run config turns them on
 
 ``bam``
     Branch-Attend-Mix (Zhang et al. 2024): the same experts merged with their attention kept as
-    attention experts (``merge.attention: experts``), finetuned like BTX at BTX's compute; its
+    attention experts (``merge.attention: experts``), finetuned like BTX for what is left of BTX's
+    compute after the experts they share (at its own, larger, active parameters); its
     merge before finetuning is shown too (``bam_merge_only``, for the merge diagnostics).
 """
 
@@ -326,6 +327,7 @@ class BAM(Baseline):
             deps=[merged.name],
             moe=True,
             active=planner.active_of(merged),
+            builds_on=planner.expert_stages,
         )
         planner.add_model(
             ModelSpec(

@@ -11,8 +11,11 @@ at equal hardware time the expert stage trains more tokens than its FLOPs share 
   processes), so stages that ran two at a time on two cores are counted fairly;
 - each baseline's speed is that of the BTX stage with its architecture, measured in the same run
   (its stage's ``time_like``): a dense baseline trains like an expert, an MoE one like the
-  finetune;
-- baseline steps = BTX cost / (cost per token at that speed x tokens per step).
+  finetune; a baseline with more (or fewer) active parameters than that stage (BAM's attention
+  experts) costs proportionally more (less) per token;
+- a baseline that starts from BTX's own stages (its stage's ``builds_on``: BAM merges BTX's
+  experts) has their cost spent already: its budget is the BTX cost less theirs;
+- baseline steps = budget / (cost per token at that speed x tokens per step).
 
 `btx match-compute --run-dir RUN` (the plan's `match_compute` stage, after the BTX stages;
 :func:`megatron_btx.pipeline.cli.match_compute_main`) writes `RUN/compute_match.json` with
@@ -88,16 +91,22 @@ def measure(run_dir: str | Path) -> dict[str, Any]:
         / sum(costs[s.name]["tokens"] for s in experts),
         "finetune": costs["finetune"]["core_seconds"] / costs["finetune"]["tokens"],
     }
+    like = {"experts": experts[0], "finetune": stages["finetune"]}
     baselines = {}
     for stage in plan.stages:
         if stage.time_like is None:
             continue
         if stage.time_like not in per_token:
             raise BTXError(f"{run}: stage {stage.name} trains like {stage.time_like!r}, unknown")
+        if any(n not in costs for n in stage.builds_on):
+            raise BTXError(f"{run}: stage {stage.name} builds on a stage BTX's cost does not count")
         config = _yaml(Path(stage.argv[1]))
         tokens_per_step = config["data"]["global_batch_size"] * config["data"]["seq_length"]
-        rate = per_token[stage.time_like]
-        steps = max(1, int(btx / (rate * tokens_per_step)))
+        reference = like[stage.time_like].active_params
+        scale = stage.active_params / reference if reference and stage.active_params else 1.0
+        rate = per_token[stage.time_like] * scale
+        budget = btx - sum(costs[n]["core_seconds"] for n in stage.builds_on)
+        steps = max(1, int(budget / (rate * tokens_per_step)))
         baselines[stage.name] = {"steps": steps, "core_seconds_per_token": rate}
     return {
         "btx_core_seconds": btx,

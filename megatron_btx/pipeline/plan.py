@@ -308,16 +308,20 @@ class Planner:
         moe: bool,
         domains: list[str] | dict[str, float] | None = None,
         active: int | None = None,
+        builds_on: list[Stage] | None = None,
     ) -> Stage:
         """A baseline's training stage from `init_from` on `domains` (default: the blend), at
         BTX's compute (``baselines.compute_match``), in RUN/baselines/`folder`: a dense model
         (`moe` false) trains as the experts did and is timed like them; an MoE as the finetune
         (its router and load balancing). `active`: its active parameters, when not BTX's MoE's
-        (or the dense model's) shape (:meth:`active_of` a merge stage)."""
+        (or the dense model's) shape (:meth:`active_of` a merge stage). `builds_on`: BTX's own
+        stages the baseline starts from (BAM: the experts); their compute is part of its
+        budget, so it trains for what is left of BTX's."""
         if active is None:
             active = self.moe_active if moe else self.dense_active
-        self._baseline_steps(name, stage, active)
-        return self.train(
+        spent = sum(s.flops for s in builds_on or [])
+        self._baseline_steps(name, stage, active, self.btx_flops - spent)
+        added = self.train(
             name,
             f"{self.run}/baselines/{folder}",
             stage,
@@ -329,6 +333,8 @@ class Planner:
             self.finetune_moe_section() if moe else None,
             time_like="finetune" if moe else "experts",
         )
+        added.builds_on = [s.name for s in builds_on or []]
+        return added
 
     def add_model(self, spec: ModelSpec) -> None:
         if any(m.name == spec.name for m in self.models):
@@ -550,7 +556,7 @@ class Planner:
             return {}
         return {name: int(entry["steps"]) for name, entry in measured["baselines"].items()}
 
-    def _baseline_steps(self, name: str, stage: StageTrain, active: int) -> None:
+    def _baseline_steps(self, name: str, stage: StageTrain, active: int, budget: float) -> None:
         mode = self.cfg.baselines.compute_match
         if mode == "none":
             return
@@ -558,7 +564,9 @@ class Planner:
             stage.steps = self.measured[name]
             return
         seq = self.cfg.data.seq_length
-        stage.steps = matched_steps(self.btx_flops, active, global_batch(stage), seq)
+        if budget <= 0:
+            raise BTXError(f"{name}: the stages it builds on already spend BTX's whole compute")
+        stage.steps = matched_steps(budget, active, global_batch(stage), seq)
 
     def baselines(self) -> None:
         """Every enabled baseline's stages and models, after the BTX stages they match."""

@@ -61,11 +61,12 @@ def check_stage_entry(entry: Any, path: Path) -> dict[str, Any]:
         raise bad("kind", f"is not one of {', '.join(KINDS)}")
     if not _str_list(entry.get("argv")) or not entry["argv"]:
         raise bad("argv", "is not a non-empty list of strings")
-    for key in ("deps", "outputs"):
+    for key in ("deps", "outputs", "builds_on"):
         if key in entry and not _str_list(entry[key]):
             raise bad(key, "is not a list of strings")
-    if any(not valid_stage_name(d) for d in entry.get("deps", [])):
-        raise bad("deps", "names a stage that is not a plain name")
+    for key in ("deps", "builds_on"):
+        if any(not valid_stage_name(d) for d in entry.get(key, [])):
+            raise bad(key, "names a stage that is not a plain name")
     if "nproc" in entry and (not _is_int(entry["nproc"]) or entry["nproc"] < 1):
         raise bad("nproc", "is not a process count >= 1")
     for key in ("steps", "tokens", "active_params"):

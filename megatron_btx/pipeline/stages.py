@@ -41,6 +41,9 @@ class Stage:
     #: a baseline's training stage under time matching: the BTX stage whose measured speed
     #: it trains at ("experts" or "finetune"; megatron_btx.pipeline.compute_match)
     time_like: str | None = None
+    #: a baseline's training stage that starts from BTX's own stages (BAM merges BTX's experts):
+    #: those stages, whose cost is part of its budget (megatron_btx.pipeline.compute_match)
+    builds_on: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
