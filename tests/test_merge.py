@@ -215,6 +215,26 @@ def test_experts_bit_identical_and_averages_fp32(branches, tmp_path):
     assert not t["embedding.word_embeddings.weight"][V:].any()  # vocab padding stays zero
 
 
+def test_bf16_experts_beside_an_fp32_seed_merge_in_fp32(tmp_path):
+    """Experts trained in bf16 (train.dtype auto on a CPU with bf16 units) beside an fp32 seed
+    (an imported one): without --dtype the merge writes fp32, which holds both exactly: each
+    expert's FFN is its bf16 bytes widened, the seed's its fp32 bytes."""
+    from safetensors.torch import load_file
+
+    root = tmp_path / "mixed"
+    seed = make_llama(root / "s", 0, dtype=torch.float32)
+    srcs = [make_llama(root / f"e{i}", 20 + i, dtype=torch.bfloat16) for i in range(2)]
+    merge(srcs, tmp_path / "moe", seed=seed, progress=False)
+    t = all_tensors(tmp_path / "moe")
+    fc2 = t["decoder.layers.mlp.experts.experts.linear_fc2.weight"]
+    assert fc2.dtype == torch.float32
+    for e, path in enumerate([*srcs, seed]):
+        down = load_file(str(path / "model.safetensors"))["model.layers.0.mlp.down_proj.weight"]
+        assert torch.equal(fc2[0, e], down.float())
+    record = json.loads((tmp_path / "moe" / "btx_manifest.json").read_text())
+    assert record["dtype"] == "fp32"
+
+
 def test_hf_export_matches_megatron_and_manifest(branches, ids, tmp_path):
     """--export-hf: transformers' MixtralForCausalLM gives our megatron MoE's logits; both
     manifests record sources (path, sha256, step), settings and tokenizer hash."""

@@ -7,6 +7,8 @@ import dataclasses
 import math
 from collections.abc import Sequence
 
+import torch
+
 from megatron_btx.checkpoint.sources import DTYPE_NAMES, Source
 from megatron_btx.errors import BTXError
 from megatron_btx.merge.settings import MergeSettings
@@ -142,13 +144,10 @@ def _expert_map(settings: MergeSettings, n: int, shared: int | None) -> list[int
 def _output_dtype(settings: MergeSettings, sources: Sequence[Source]) -> str:
     if settings.dtype is not None:
         return DTYPE_NAMES[to_dtype(settings.dtype)]
-    dtypes = {s.dtype for s in sources}
-    if len(dtypes) > 1:
-        raise BTXError(
-            f"sources have different dtypes ({sorted(map(str, dtypes))}); set "
-            f"{settings.name('dtype')}"
-        )
-    return DTYPE_NAMES[dtypes.pop()]
+    widest = sources[0].dtype
+    for source in sources[1:]:  # bf16 and fp16 promote to fp32, which holds both exactly
+        widest = torch.promote_types(widest, source.dtype)
+    return DTYPE_NAMES[widest]
 
 
 def make_plan(sources: Sequence[Source], settings: MergeSettings) -> MergePlan:

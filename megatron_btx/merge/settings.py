@@ -235,7 +235,11 @@ class MergeSettings:
     )
     # ---- outputs ------------------------------------------------------------------------------
     dtype: str | None = option(
-        None, "output dtype (default: the sources')", choices=DTYPES, group="outputs"
+        None,
+        "output dtype (default: the sources'; the widest of them when they differ, e.g. "
+        "experts trained in bf16 beside an fp32 seed give fp32, which holds both exactly)",
+        choices=DTYPES,
+        group="outputs",
     )
     export_hf: str | None = option(
         None, "also write an HF checkpoint", metavar="DIR", run=False, group="outputs"
