@@ -27,6 +27,16 @@ def _fake_training(stage: plan.Stage, seconds_per_step: float, threads: int) -> 
     (run / "metrics.jsonl").write_text("\n".join(json.dumps(e) for e in events) + "\n")
 
 
+def _fake_btx(stages: dict[str, plan.Stage], run: Path) -> None:
+    """BTX's stages as measured: experts 8 steps at 0.5 s on 1 thread, the finetune 6 steps at
+    2.0 s on 2 threads, the merge 3 s."""
+    for name in ("expert_alpha", "expert_beta", "expert_gamma"):
+        _fake_training(stages[name], 0.5, 1)
+    _fake_training(stages["finetune"], 2.0, 2)
+    (run / "stages").mkdir(exist_ok=True)
+    (run / "stages" / "merge.done").write_text(json.dumps({"seconds": 3.0}))
+
+
 def test_time_matching_by_hand(tmp_path):
     raw = _config(tmp_path, baselines={"compute_match": "time"})
     stages = {s.name: s for s in plan.build_plan(raw)}
@@ -38,12 +48,7 @@ def test_time_matching_by_hand(tmp_path):
     assert "match_compute" in stages["baseline_sparse_upcycling"].deps
     flops_steps = stages["baseline_dense"].steps  # until measured: the FLOPs-matched steps
 
-    # experts: 8 steps at 0.5 s on 1 thread; finetune: 6 steps at 2.0 s on 2 threads
-    for name in ("expert_alpha", "expert_beta", "expert_gamma"):
-        _fake_training(stages[name], 0.5, 1)
-    _fake_training(stages["finetune"], 2.0, 2)
-    (run / "stages").mkdir(exist_ok=True)
-    (run / "stages" / "merge.done").write_text(json.dumps({"seconds": 3.0}))
+    _fake_btx(stages, run)
     measured = compute_match.measure(run)
     # BTX: 3 x 8 x 0.5 + 6 x 2.0 x 2 + merge 3 = 12 + 24 + 3 = 39 core-seconds
     assert measured["btx_core_seconds"] == 39.0
@@ -136,11 +141,7 @@ def test_bam_trains_for_what_is_left_after_the_experts_it_shares(tmp_path):
     raw = _config(tmp_path / "time", baselines={"bam": True, "compute_match": "time"})
     stages = {s.name: s for s in plan.build_plan(raw)}
     run = Path(raw["run_dir"])
-    for name in ("expert_alpha", "expert_beta", "expert_gamma"):
-        _fake_training(stages[name], 0.5, 1)
-    _fake_training(stages["finetune"], 2.0, 2)
-    (run / "stages").mkdir(exist_ok=True)
-    (run / "stages" / "merge.done").write_text(json.dumps({"seconds": 3.0}))
+    _fake_btx(stages, run)
     measured = compute_match.measure(run)
     # as above: BTX 39 core-seconds, of which the experts 12; the finetune 24 / (6 x 256) per
     # token, BAM's per token that times its active parameters over the finetune's
