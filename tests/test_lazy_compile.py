@@ -82,3 +82,51 @@ def test_deferring_compile_defers_functions_only_and_restores():
     x = torch.arange(4.0)
     eager = lazy_compile.deferred(real, lambda t: t * 3 + 1, {"backend": "eager"})
     assert torch.equal(eager(x), x * 3 + 1)
+
+
+def test_the_tools_defer_megatron_cores_compiles_as_btx_does(tmp_path):
+    """tools/*.py run the stages' command lines as `btx` does: with megatron-core's
+    import-time torch.compile calls deferred (TorchDynamo and Inductor not imported: 1.3 s of
+    every merge, conversion and export started from the script). Each tool does real work on a
+    tiny Llama, so megatron-core is imported."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    shape = dict(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        vocab_size=64,
+    )
+    for i in range(2):
+        torch.manual_seed(i)
+        LlamaForCausalLM(LlamaConfig(**shape)).save_pretrained(tmp_path / f"hf{i}")
+    probe = (
+        "import json, runpy, sys\n"
+        "sys.argv = sys.argv[1:]\n"
+        "try:\n"
+        "    runpy.run_path(sys.argv[0], run_name='__main__')\n"
+        "except SystemExit as e:\n"
+        "    assert not e.code, e.code\n"
+        "print(json.dumps({'megatron': 'megatron.core' in sys.modules,\n"
+        "                  'dynamo': 'torch._dynamo' in sys.modules}))\n"
+    )
+    runs = {
+        "convert_dense_to_moe": ["--experts", tmp_path / "hf0", tmp_path / "hf1"],
+        "convert_hf_to_megatron": ["--load", tmp_path / "hf0"],
+        "convert_megatron_to_hf": ["--load", tmp_path / "convert_hf_to_megatron"],
+    }
+    for tool, args in runs.items():
+        argv = [os.path.join(root, "tools", f"{tool}.py"), *map(str, args)]
+        argv += ["--save", str(tmp_path / tool)]
+        out = subprocess.run(
+            [sys.executable, "-c", probe, *argv],
+            env={**os.environ, "PYTHONPATH": root, "OMP_NUM_THREADS": "1"},
+            capture_output=True,
+            text=True,
+        )
+        assert out.returncode == 0, out.stderr[-3000:]
+        got = json.loads(out.stdout.strip().splitlines()[-1])
+        assert got == {"megatron": True, "dynamo": False}, (tool, got)

@@ -3,7 +3,15 @@
 
 import sys
 
-from megatron_btx.merge.cli import main
+
+def _main() -> int:
+    from megatron_btx import lazy_compile
+
+    lazy_compile.install()  # as `btx` does first: megatron-core's import-time compiles deferred
+    from megatron_btx.merge.cli import main
+
+    return main()
+
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(_main())

@@ -3,7 +3,15 @@
 
 import sys
 
-from megatron_btx.convert.cli import hf_to_megatron_main
+
+def _main() -> int:
+    from megatron_btx import lazy_compile
+
+    lazy_compile.install()  # as `btx` does first: megatron-core's import-time compiles deferred
+    from megatron_btx.convert.cli import hf_to_megatron_main
+
+    return hf_to_megatron_main()
+
 
 if __name__ == "__main__":
-    sys.exit(hf_to_megatron_main())
+    sys.exit(_main())
