@@ -18,6 +18,8 @@ or JSON file of bounded size.
 from __future__ import annotations
 
 import errno
+import hashlib
+import mmap
 import os
 import stat
 from pathlib import Path
@@ -134,3 +136,25 @@ def read_json(path: str | os.PathLike[str], what: str = "file", limit: int = SMA
     except (ValueError, RecursionError) as e:  # UTF-8 and JSON errors are ValueErrors
         first = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise BTXError(f"{path}: {what} is not valid JSON ({first})") from e
+
+
+def sha256_file(path: str | Path, window: int = 64 * 1024 * 1024) -> str:
+    """sha256 of a file, hashed straight from the page cache through a sliding memory map: no
+    copy into a buffer, and at most one window (64 MiB) mapped at a time, so resident memory does
+    not grow with the file (a whole-file map would count every page read in RSS)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        try:
+            for off in range(0, size, window):  # a multiple of the allocation granularity
+                n = min(window, size - off)
+                with mmap.mmap(f.fileno(), n, access=mmap.ACCESS_READ, offset=off) as m:
+                    with memoryview(m) as v:
+                        h.update(v)
+        except OSError:  # a file system without mmap: plain reads into one buffer
+            h = hashlib.sha256()
+            f.seek(0)
+            buf = bytearray(1024 * 1024)
+            while n := f.readinto(buf):
+                h.update(memoryview(buf)[:n])
+    return h.hexdigest()

@@ -8,9 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
-import hashlib
 import json
-import mmap
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +16,7 @@ from typing import Any
 
 import megatron_btx
 from megatron_btx.errors import BTXError
+from megatron_btx.inputs import sha256_file  # noqa: F401  (checkpoint.manifest.sha256_file)
 
 MANIFEST = "btx_manifest.json"
 #: the dtype names a manifest may record (ours, and the torch names)
@@ -25,28 +24,6 @@ DTYPE_NAMES = ("fp32", "bf16", "fp16", "float32", "bfloat16", "float16")
 FORMAT_VERSION = 1
 #: the largest manifest we read (kilobytes in practice; a file hash per checkpoint file)
 MAX_MANIFEST_BYTES = 16 * 1024 * 1024
-
-
-def sha256_file(path: str | Path, window: int = 64 * 1024 * 1024) -> str:
-    """sha256 of a file, hashed straight from the page cache through a sliding memory map: no
-    copy into a buffer, and at most one window (64 MiB) mapped at a time, so resident memory does
-    not grow with the file (a whole-file map would count every page read in RSS)."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        size = os.fstat(f.fileno()).st_size
-        try:
-            for off in range(0, size, window):  # a multiple of the allocation granularity
-                n = min(window, size - off)
-                with mmap.mmap(f.fileno(), n, access=mmap.ACCESS_READ, offset=off) as m:
-                    with memoryview(m) as v:
-                        h.update(v)
-        except OSError:  # a file system without mmap: plain reads into one buffer
-            h = hashlib.sha256()
-            f.seek(0)
-            buf = bytearray(1024 * 1024)
-            while n := f.readinto(buf):
-                h.update(memoryview(buf)[:n])
-    return h.hexdigest()
 
 
 def sha256_folder(folder: str | Path, pattern: str = "*") -> dict[str, str]:

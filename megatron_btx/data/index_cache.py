@@ -88,7 +88,7 @@ def _read_record(folder: Path) -> dict[str, str]:
 
 def check_cache(folder: str | os.PathLike[str]) -> None:
     """Every index file in the cache `folder` is a plain array file and matches its record."""
-    from megatron_btx.checkpoint.manifest import sha256_file
+    from megatron_btx.inputs import sha256_file
 
     folder = Path(folder)
     if not folder.is_dir():
@@ -107,7 +107,7 @@ def check_cache(folder: str | os.PathLike[str]) -> None:
 def record_cache(folder: str | os.PathLike[str]) -> None:
     """Record the sha256 of the index files in `folder` that have none yet (under a lock on
     the record: runs sharing one cache folder record their own files)."""
-    from megatron_btx.checkpoint.manifest import sha256_file
+    from megatron_btx.inputs import sha256_file
     from megatron_btx.rundir import atomic_write_text
 
     folder = Path(folder)
