@@ -39,7 +39,8 @@ SMOKE=(
 REPORT="$(mktemp)"
 trap 'rm -f "$REPORT"' EXIT
 cd "$ROOT"
-bash "$ROOT/scripts/test_newest_mcore.sh" -rs --junitxml="$REPORT" "${SMOKE[@]}" "$@"
+# --long: the smoke ids include tests of the long group, which the default suite deselects
+bash "$ROOT/scripts/test_newest_mcore.sh" -rs --long --junitxml="$REPORT" "${SMOKE[@]}" "$@"
 python3 - "$REPORT" <<'PY'
 import sys
 import xml.etree.ElementTree as ET

@@ -30,7 +30,8 @@ def test_smoke_ids_name_existing_tests():
     areas = ("convert", "merge", "train_runs", "train_parallel", "pipeline_e2e", "evaluate")
     assert all(any(area in i for i in ids) for area in areas), ids
     r = subprocess.run(
-        [sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider", *ids],
+        [sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider"]
+        + ["--long", *ids],
         cwd=ROOT,
         capture_output=True,
         text=True,

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
 import yaml
 from cli_contract import btx
 from test_pipeline_plan import _config
@@ -97,6 +98,7 @@ def test_compute_match_none_and_flops_and_booleans(tmp_path):
     assert flops["baseline_dense"].steps != 5 and "match_compute" not in flops
 
 
+@pytest.mark.long
 def test_time_matched_run_end_to_end(tmp_path):
     """`btx run` with compute_match: time measures after the BTX stages, re-plans, and the
     baseline trains the measured steps (its final checkpoint is the re-planned one)."""

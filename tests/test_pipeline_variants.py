@@ -17,6 +17,8 @@ from test_pipeline_e2e import TINY_MODEL, make_text_domains
 
 from megatron_btx.pipeline import plan
 
+pytestmark = pytest.mark.long  # each test a whole `btx run`: half a minute of both cores
+
 
 def _config(tmp_path: Path, merge: dict) -> Path:
     doms = make_text_domains(tmp_path / "text", n_files=20, words=200)
