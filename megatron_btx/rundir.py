@@ -292,7 +292,8 @@ def check_path(path: str | os.PathLike[str], what: str = "path") -> None:
         raise BTXError(f"{what} {text!r} contains the character {bad!r}; choose another name")
 
 
-def _alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether process `pid` exists (one we may not signal counts as alive)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -308,7 +309,7 @@ def _holders(text: str) -> str:
     pids = [int(w) for w in text.split() if w.isdigit()]
     if not pids:
         return "pid unknown"
-    live = [p for p in pids if _alive(p)]
+    live = [p for p in pids if pid_alive(p)]
     if not live or live == pids[:1]:
         return f"pid {pids[0]}"
     gone = [p for p in pids if p not in live]

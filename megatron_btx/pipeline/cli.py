@@ -95,16 +95,6 @@ def _run_locked(args: argparse.Namespace, cfg, local, plan) -> int:
 # ---------------------------------------------------------------------------------------------
 # status
 # ---------------------------------------------------------------------------------------------
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def _progress(stage, run_dir: Path) -> str:
     """'step 40/80' from a train stage's metrics.jsonl."""
     if stage.kind != "train" or not stage.workdir:
@@ -155,7 +145,10 @@ def stage_states(run_dir: str | os.PathLike[str]) -> list[dict]:
         elif running:
             pid = running.get("pid")
             alive = running.get("host") != socket.gethostname() or (
-                isinstance(pid, int) and not isinstance(pid, bool) and pid > 0 and _pid_alive(pid)
+                isinstance(pid, int)
+                and not isinstance(pid, bool)
+                and pid > 0
+                and rundir.pid_alive(pid)
             )
             start_time = _number(running.get("start_time"))
             row.update(
