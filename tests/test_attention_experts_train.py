@@ -21,7 +21,6 @@ first step's grad norm by 5.6e-4 relative, five times the tolerance.
 from __future__ import annotations
 
 import math
-import signal
 import sys
 from pathlib import Path
 
@@ -150,21 +149,9 @@ def test_kill9_then_resume_gives_the_same_losses(tmp_path, base, data):
         base, data, run_dir, "bam_kill", model={"recompute": True}, steps=1000, save_interval=5
     )
 
-    def just_after_a_checkpoint() -> bool:
-        saved = [r["step"] for r in tc.records(run_dir, "checkpoint")]
-        done = max(tc.losses(run_dir), default=0)
-        return bool(saved) and saved[-1] + 1 <= done
-
-    p1 = tc.start(cfg, log=tmp_path / "run1.log")
-    try:
-        tc.wait_for(just_after_a_checkpoint, 180, p1, "a checkpoint and one more step")
-    finally:
-        rc = tc.stop(p1, signal.SIGKILL)
-    assert rc == -signal.SIGKILL
-    killed = tc.losses(run_dir)
-    resumed_from = int(tc.latest(run_dir).split("_")[1])
-    after = [s for s in killed if s > resumed_from]
-    assert after, ("the kill landed right after a save; nothing to compare", sorted(killed))
+    killed, resumed_from, after = tc.kill_just_after_a_checkpoint(
+        cfg, run_dir, tmp_path / "run1.log"
+    )
     tc.check(tc.run(cfg, ["--train.exit_after", str(max(killed) + 1)]))
     resumed = tc.losses(run_dir)  # the resumed run's records come last and win
     for s in after:

@@ -21,7 +21,6 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
 
 sys.path.insert(0, str(Path(__file__).parent / "dist"))
 import train_common as tc  # noqa: E402
@@ -137,26 +136,7 @@ def test_planted_checkpoint_is_refused_on_resume(tmp_path, base, data, where):
 def test_planted_seed_is_refused_by_evaluate(init_copy, tmp_path, data):
     marker = tmp_path / "marker"
     plant_metadata(init_copy, marker)
-    run_dir = tmp_path / "run"
-    run_dir.mkdir()
-    config = {
-        "run_dir": str(run_dir),
-        "data": {"prepared": str(data), "seq_length": 64},
-        "domains": {"code": "builtin"},
-        "seed": {"init_from": str(init_copy)},
-        "experts": {"steps": 1},
-        "finetune": {"steps": 1},
-        "evaluation": {"tokens_per_domain": 256, "btm_top_k": [1]},
-    }
-    (run_dir / "btx.yaml").write_text(yaml.safe_dump(config))
-    seed = {"name": "seed", "kind": "dense", "role": "rival", "part": "seed"}
-    plan = {
-        "format_version": 3,
-        "seed_checkpoint": str(init_copy),
-        "stages": [],
-        "models": [{**seed, "checkpoint": str(init_copy)}],
-    }
-    (run_dir / "plan.json").write_text(json.dumps(plan))
+    run_dir = tc.seed_only_run(tmp_path, data, init_copy)
     refused(
         btx("evaluate", "--run-dir", str(run_dir), "--models", "seed"), marker, run_dir / "eval"
     )

@@ -23,7 +23,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import yaml
 
 sys.path.insert(0, str(Path(__file__).parent / "dist"))
 import train_common as tc  # noqa: E402
@@ -106,33 +105,9 @@ def test_train_resume_verifies_the_checkpoint(tmp_path, base, data):
     assert tc.latest(run) == "iter_0000010"
 
 
-def _seed_only_run(tmp_path: Path, data: Path, seed: Path) -> Path:
-    run = tmp_path / "run"
-    run.mkdir()
-    config = {
-        "run_dir": str(run),
-        "data": {"prepared": str(data), "seq_length": 64},
-        "domains": {"code": "builtin"},
-        "seed": {"init_from": str(seed)},
-        "experts": {"steps": 1},
-        "finetune": {"steps": 1},
-        "evaluation": {"tokens_per_domain": 256, "btm_top_k": [1]},
-    }
-    (run / "btx.yaml").write_text(yaml.safe_dump(config))
-    model = {"name": "seed", "kind": "dense", "role": "rival", "part": "seed"}
-    plan = {
-        "format_version": 3,
-        "seed_checkpoint": str(seed),
-        "stages": [],
-        "models": [{**model, "checkpoint": str(seed)}],
-    }
-    (run / "plan.json").write_text(json.dumps(plan))
-    return run
-
-
 @pytest.mark.slow
 def test_evaluate_verifies_each_checkpoint_and_keeps_out_of_them(tmp_path, data, flipped):
-    run = _seed_only_run(tmp_path, data, flipped)
+    run = tc.seed_only_run(tmp_path, data, flipped)
     proc = btx("evaluate", "--run-dir", str(run), "--models", "seed")
     one_error(proc, "sha256 differs from the manifest's")
     assert not (run / "eval").exists()

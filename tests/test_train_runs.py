@@ -79,21 +79,9 @@ def test_kill9_then_resume_matches_and_sigterm_saves(tmp_path, base, data):
         train={"steps": 1000, "save_interval": 6, "keep_last": 2},
     )
 
-    def just_after_a_checkpoint() -> bool:
-        saved = [r["step"] for r in tc.records(run_dir, "checkpoint")]
-        done = max(tc.losses(run_dir), default=0)
-        return bool(saved) and saved[-1] + 1 <= done
-
-    p1 = tc.start(cfg, log=tmp_path / "run1.log")
-    try:
-        tc.wait_for(just_after_a_checkpoint, 180, p1, "a checkpoint and one more step")
-    finally:
-        rc = tc.stop(p1, signal.SIGKILL)
-    assert rc == -signal.SIGKILL
-    killed = tc.losses(run_dir)
-    resumed_from = int(tc.latest(run_dir).split("_")[1])
-    after = [s for s in killed if s > resumed_from]
-    assert after, ("the kill landed right after a save; nothing to compare", sorted(killed))
+    killed, resumed_from, after = tc.kill_just_after_a_checkpoint(
+        cfg, run_dir, tmp_path / "run1.log"
+    )
 
     p2 = tc.start(cfg, log=tmp_path / "run2.log")
     try:

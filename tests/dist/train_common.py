@@ -191,3 +191,52 @@ def reference_run(base: Path, data: Path, moe: bool = False) -> tuple[Path, Path
     if not any(r["event"] == "end" for r in records(base / name)):
         check(run(cfg))
     return cfg, base / name
+
+
+def seed_only_run(tmp_path: Path, data: Path, seed: Path) -> Path:
+    """A run directory whose plan holds only the seed (checkpoint `seed`), for `btx evaluate`."""
+    run = tmp_path / "run"
+    run.mkdir()
+    config = {
+        "run_dir": str(run),
+        "data": {"prepared": str(data), "seq_length": 64},
+        "domains": {"code": "builtin"},
+        "seed": {"init_from": str(seed)},
+        "experts": {"steps": 1},
+        "finetune": {"steps": 1},
+        "evaluation": {"tokens_per_domain": 256, "btm_top_k": [1]},
+    }
+    (run / "btx.yaml").write_text(yaml.safe_dump(config))
+    model = {"name": "seed", "kind": "dense", "role": "rival", "part": "seed"}
+    plan = {
+        "format_version": 3,
+        "seed_checkpoint": str(seed),
+        "stages": [],
+        "models": [{**model, "checkpoint": str(seed)}],
+    }
+    (run / "plan.json").write_text(json.dumps(plan))
+    return run
+
+
+
+def kill_just_after_a_checkpoint(cfg: Path, run_dir: Path, log: Path) -> tuple[dict[int, float], int, list[int]]:
+    """Start a run, SIGKILL it one or two steps after a checkpoint; return the killed run's
+    losses (step -> loss), the step of the checkpoint a resume starts from, and the logged steps
+    after it (asserted not empty: else there is nothing to compare)."""
+
+    def just_after_a_checkpoint() -> bool:
+        saved = [r["step"] for r in records(run_dir, "checkpoint")]
+        done = max(losses(run_dir), default=0)
+        return bool(saved) and saved[-1] + 1 <= done
+
+    proc = start(cfg, log=log)
+    try:
+        wait_for(just_after_a_checkpoint, 180, proc, "a checkpoint and one more step")
+    finally:
+        rc = stop(proc, signal.SIGKILL)
+    assert rc == -signal.SIGKILL
+    killed = losses(run_dir)
+    resumed_from = int(latest(run_dir).split("_")[1])
+    after = [s for s in killed if s > resumed_from]
+    assert after, ("the kill landed right after a save; nothing to compare", sorted(killed))
+    return killed, resumed_from, after
