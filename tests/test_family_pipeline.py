@@ -15,6 +15,7 @@ import yaml
 from cli_contract import btx
 from test_pipeline_e2e import TINY_MODEL, make_text_domains
 from test_pipeline_plan import _config
+from test_pipeline_variants import _tensor
 
 from megatron_btx.errors import BTXError
 from megatron_btx.pipeline import plan
@@ -153,17 +154,6 @@ def test_extend_errors_name_the_key(tmp_path):
 # =============================================================================================
 # One tiny run, end to end
 # =============================================================================================
-def _tensor(checkpoint: str, key: str) -> torch.Tensor:
-    from megatron_btx.checkpoint.dcp_stream import PartialReader
-
-    reader = PartialReader(checkpoint)
-    try:
-        size = reader.md.state_dict_metadata[key].size
-        return reader.read_region(key, [0] * len(size), list(size))
-    finally:
-        reader.close()
-
-
 @pytest.mark.long  # 2.5 minutes of both cores
 def test_family_rows_and_paired_differences_in_one_tiny_run(tmp_path):
     """A tiny `btx run` with Drop-Upcycling, granular upcycling and a fourth domain added after
